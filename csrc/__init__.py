@@ -1,0 +1,1 @@
+"""Kernel sources (device code, split by role). Shipped as package data."""

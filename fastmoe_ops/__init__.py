@@ -1,0 +1,19 @@
+"""fastmoe-ops: hand-written CUDA/PTX kernels and communication for DeepSeek-style MoE.
+
+Three engines sit behind one launcher path per op: `cuda` (CUDA tensors, kernels compiled
+at run time and launched through CuPy on torch's stream), `sim` (CPU tensors, the same
+kernel source run on the CPU SIMT simulator) and `reference` (CPU tensors, plain PyTorch).
+"""
+from .errors import (  # noqa: F401
+    BackendError,
+    CommError,
+    CommTimeoutError,
+    CompileError,
+    FmoError,
+    InputError,
+    LaunchError,
+    SimError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"

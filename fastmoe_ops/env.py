@@ -1,0 +1,91 @@
+"""The FMO_* environment namespace: every variable is declared and read here, nowhere else.
+
+Values are read at call time (not import time) so a test or a launcher script can change
+them in-process. `CODEGEN_VARIABLES` lists those that change generated code; the kernel
+cache key includes their values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    doc: str
+    changes_codegen: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("FMO_BACKEND", "", "Engine for CPU tensors: `sim` (kernel source on the CPU SIMT simulator) or `reference` (plain PyTorch). Default: `sim` where the simulator is built, else `reference`. CUDA tensors always use `cuda`."),
+    Variable("FMO_CACHE_DIR", "~/.cache/fastmoe_ops", "Disk cache of compiled kernels (cubins and host modules)."),
+    Variable("FMO_DEBUG_DUMP", "", "Directory: write each compiled kernel's stub, PTX and SASS there."),
+    Variable("FMO_PTXAS_VERBOSE", "0", "1: pass `-Xptxas -v` and print ptxas' register/spill report for every compile.", True),
+    Variable("FMO_NVCC", "", "Path to nvcc for offline builds (default: `$CUDA_HOME/bin/nvcc`, then PATH)."),
+    Variable("FMO_COMM_SMS", "20", "SMs reserved for communication kernels (the default SM budget)."),
+    Variable("FMO_COMM_TIMEOUT", "60", "Seconds a rank waits for a peer before raising CommTimeoutError."),
+    Variable("FMO_SIM_RACECHECK", "0", "1: simulator checks shared-memory races (instrumented build of the kernel).", True),
+    Variable("FMO_SIM_MEMCHECK", "0", "1: simulator checks every global access against the launch's tensors (instrumented build).", True),
+    Variable("FMO_SIM_SEQUENTIAL", "0", "1: simulator runs one CTA at a time, in order (deterministic debugging)."),
+    Variable("FMO_SIM_WORKERS", "", "Simulator: most CTAs resident at once (OS worker threads). Default: the whole grid, up to 128."),
+    Variable("FMO_SIM_TIMEOUT", "120", "Simulator: seconds a launch may run before it is stopped as hung."),
+    Variable("FMO_SIM_CXX", "", "Host C++ compiler for simulator modules (default: $CXX, then g++)."),
+    Variable("FMO_TRACE", "0", "1: kernels record start/end per CTA into a trace buffer (overlap proof)."),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+CODEGEN_VARIABLES = tuple(v.name for v in VARIABLES if v.changes_codegen)
+
+
+def raw(name: str) -> str:
+    """The variable's value, or its default. Unknown names are a programming error."""
+    var = _BY_NAME[name]
+    return os.environ.get(name, var.default)
+
+
+def flag(name: str) -> bool:
+    return raw(name).strip().lower() in ("1", "true", "yes", "on")
+
+
+def integer(name: str) -> int:
+    value = raw(name).strip()
+    try:
+        return int(value)
+    except ValueError:
+        from .errors import InputError
+
+        raise InputError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def number(name: str) -> float:
+    value = raw(name).strip()
+    try:
+        return float(value)
+    except ValueError:
+        from .errors import InputError
+
+        raise InputError(f"{name}: expected a number, got {value!r}") from None
+
+
+def path(name: str) -> Path | None:
+    value = raw(name).strip()
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    return path("FMO_CACHE_DIR")  # type: ignore[return-value]
+
+
+def codegen_snapshot() -> dict[str, str]:
+    """Values of every codegen-changing variable: part of each kernel's cache key."""
+    return {name: raw(name) for name in CODEGEN_VARIABLES}
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for v in VARIABLES:
+        rows.append(f"| `{v.name}` | `{v.default}` | {v.doc} |")
+    return "\n".join(rows)

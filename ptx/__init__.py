@@ -1,0 +1,1 @@
+"""Inline-PTX wrappers with their CPU emulation. Shipped as package data."""
