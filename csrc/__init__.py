@@ -1,1 +1,0 @@
-"""Kernel sources (device code, split by role). Shipped as package data."""

@@ -1,1 +1,0 @@
-"""Inline-PTX wrappers with their CPU emulation. Shipped as package data."""
