@@ -91,6 +91,9 @@ class DiskCache:
             build(tmp)
             if not tmp.exists() or tmp.stat().st_size == 0:
                 raise RuntimeError(f"cache build for {final.name} produced no output")
+            # Sidecars (`<name>.log` ...) land first: the artefact's presence implies theirs.
+            for side in sorted(Path(tmpdir).glob(final.name + ".*")):
+                _atomic_write(final.with_name(side.name), side.read_bytes())
             _atomic_write(final, tmp.read_bytes())
 
     def clear_memory(self) -> None:

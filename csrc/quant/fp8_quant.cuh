@@ -1,0 +1,101 @@
+// FP8 (e4m3) quantisation per 1 x GROUP group of a row (DeepSeek-V3's activation recipe).
+//
+// Computes, for x [rows, cols] (bf16/fp16/fp32, row stride x_row_stride elements):
+//   xs[r, g] = max(amax_finite(x[r, g*GROUP : (g+1)*GROUP]), min_amax) / 448   (fp32)
+//              rounded up to a power of two when POW2 (UE8M0 scales)
+//   xq[r, c] = e4m3_rn_satfinite(x[r, c] / xs[r, c / GROUP])                     (contiguous)
+// so that x ~= xq * xs. Non-finite policy: amax ignores NaN and +-inf; +-inf saturates to
+// +-448 and NaN stays NaN (cvt .satfinite). min_amax > 0 gives an all-zero group a tiny
+// positive scale instead of 0 (which would make 0/0 = NaN).
+//
+// Roles: a team of TEAM = min(32, GROUP/VEC) lanes owns one group; each lane loads
+// GROUP/(TEAM*VEC) chunks of VEC contiguous elements (one 16-byte access when VEC*sizeof(T)
+// == 16), the team reduces amax with xor-shuffles, lane 0 of the team writes the scale.
+// One pass over x: every element is read once, written once. No shared memory.
+// Constraints: GROUP is a multiple of 32, cols % VEC == 0 and x/xq 16-byte aligned when
+// VEC > 1 (the launcher picks VEC = 1 otherwise).
+#pragma once
+
+#include "csrc/common/types.cuh"
+
+namespace fmo {
+
+struct Fp8GroupQuantParams {
+    const void* x;         // [rows, cols] T, row stride x_row_stride elements
+    void* xq;              // [rows, cols] __nv_fp8_e4m3, contiguous
+    float* xs;             // [rows, groups] fp32, contiguous
+    int64_t rows;
+    int64_t cols;
+    int64_t x_row_stride;
+    int64_t groups;        // ceil(cols / GROUP)
+    float min_amax;
+    int32_t reserved;      // keeps the struct's size a multiple of 8 on every compiler
+};
+
+// Smallest power of two >= s, for a positive normal s (exact: bit manipulation, no log2).
+__device__ __forceinline__ float round_up_pow2(float s) {
+    uint32_t bits = __float_as_uint(s);
+    if ((bits & 0x7fffffu) != 0) bits = (bits & 0xff800000u) + 0x00800000u;
+    return __uint_as_float(bits & 0x7f800000u);
+}
+
+template <typename T, int GROUP, int VEC, bool POW2, int BLOCK>
+__device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams& p) {
+    static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+    constexpr int TEAM = (GROUP / VEC) < 32 ? (GROUP / VEC) : 32;
+    constexpr int CHUNKS = GROUP / (TEAM * VEC);
+    static_assert(CHUNKS * TEAM * VEC == GROUP, "GROUP must split evenly into TEAM lanes x VEC elements");
+    static_assert(BLOCK % 32 == 0 && BLOCK % TEAM == 0, "BLOCK must be whole warps of whole teams");
+    constexpr int GROUPS_PER_BLOCK = BLOCK / TEAM;
+
+    const int team_lane = threadIdx.x % TEAM;
+    const int64_t group = int64_t(blockIdx.x) * GROUPS_PER_BLOCK + threadIdx.x / TEAM;
+    const bool active = group < p.rows * p.groups;  // whole teams are active or not
+    // Out-of-range teams still take part in the shuffles below with neutral values, so
+    // every lane of the warp reaches them (full-mask collectives need all 32 lanes).
+    const int64_t row = active ? group / p.groups : 0;
+    const int64_t col0 = active ? (group % p.groups) * GROUP : 0;
+
+    const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
+    float vals[CHUNKS][VEC];
+    float amax = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t col = col0 + (int64_t(c) * TEAM + team_lane) * VEC;
+        if (active && col < p.cols) {  // VEC > 1 implies cols % VEC == 0: all or none
+            const Vec<T, VEC> v = load_vec<T, VEC>(x + col);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                vals[c][i] = to_float(v.v[i]);
+                const float a = fabsf(vals[c][i]);
+                if (a <= 3.402823466e38f) amax = fmaxf(amax, a);  // false for NaN and inf
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) vals[c][i] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int offset = TEAM / 2; offset > 0; offset /= 2)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+
+    float scale = fmaxf(amax, p.min_amax) / kE4M3Max;
+    if (POW2) scale = round_up_pow2(scale);
+    if (!active) return;
+
+    __nv_fp8_e4m3* xq = static_cast<__nv_fp8_e4m3*>(p.xq) + row * p.cols;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t col = col0 + (int64_t(c) * TEAM + team_lane) * VEC;
+        if (col < p.cols) {
+            Vec<__nv_fp8_storage_t, VEC> q;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i)
+                q.v[i] = __nv_cvt_float_to_fp8(vals[c][i] / scale, __NV_SATFINITE, __NV_E4M3);
+            store_vec<__nv_fp8_storage_t, VEC>(reinterpret_cast<__nv_fp8_storage_t*>(xq) + col, q);
+        }
+    }
+    if (team_lane == 0) p.xs[row * p.groups + col0 / GROUP] = scale;
+}
+
+}  // namespace fmo

@@ -1,0 +1,103 @@
+"""Engine selection: `cuda` for CUDA tensors; `sim` or `reference` for CPU tensors.
+
+The engine follows the tensors' device. For CPU tensors the choice is, in order: the
+innermost `use_backend(...)` context, then FMO_BACKEND, then `sim` where the simulator is
+built (so the kernels' own source is what runs), else `reference`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+
+from . import env
+from .errors import BackendError, InputError
+
+ENGINES = ("cuda", "sim", "reference")
+CPU_ENGINES = ("sim", "reference")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fmo_backend", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sim_available() -> bool:
+    try:
+        from . import sim
+    except ImportError:
+        return False
+    return bool(sim.available())
+
+
+def available_backends() -> list[str]:
+    """The engines this machine can run, in preference order."""
+    out = []
+    if _cuda_available():
+        out.append("cuda")
+    if _sim_available():
+        out.append("sim")
+    out.append("reference")
+    return out
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in CPU_ENGINES:
+        raise InputError(f"{where}: expected one of {CPU_ENGINES} (the engines for CPU tensors), got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run CPU tensors through engine `name` ('sim' or 'reference') inside the block."""
+    _check_name(name, "use_backend(name)")
+    if name == "sim" and not _sim_available():
+        raise BackendError("use_backend('sim'): the simulator extension is not built here (pip install -e . builds it)")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def cpu_engine() -> str:
+    name = _override.get()
+    if name is not None:
+        return name
+    requested = env.raw("FMO_BACKEND").strip()
+    if requested:
+        _check_name(requested, "FMO_BACKEND")
+        if requested == "sim" and not _sim_available():
+            raise BackendError("FMO_BACKEND=sim: the simulator extension is not built here (pip install -e . builds it)")
+        return requested
+    return "sim" if _sim_available() else "reference"
+
+
+def engine_for(**tensors: torch.Tensor) -> str:
+    """The engine for an op whose tensor arguments are `tensors` (name -> tensor).
+
+    All must live on one device; CUDA tensors need CuPy."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if not devices:
+        raise InputError("engine_for: expected at least one tensor argument")
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise InputError(f"{name}: expected a tensor on {first} (like {first_name}), got one on {dev}")
+    if first.type == "cuda":
+        if not _cuda_available():
+            raise BackendError(f"{first_name}: CUDA tensor given but CuPy is not installed (pip install 'fastmoe-ops[cuda]')")
+        return "cuda"
+    if first.type != "cpu":
+        raise InputError(f"{first_name}: expected a CPU or CUDA tensor, got device {first}")
+    return cpu_engine()

@@ -1,0 +1,3 @@
+"""FP8 with DeepSeek's fine-grained scaling: public functions (`fmo.fp8.*`)."""
+from .ops.fp8_quant import quantize_per_token_group  # noqa: F401
+from .reference.fp8 import dequantize_per_token_group  # noqa: F401

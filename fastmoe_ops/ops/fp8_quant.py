@@ -1,0 +1,126 @@
+"""Launcher of the per-token-group FP8 quantisation kernel (csrc/quant/fp8_quant.cuh).
+
+x: [M, K] bf16 | fp16 | fp32, last dim contiguous (rows may be strided)
+-> xq: [M, K] float8_e4m3fn contiguous, xs: [M, ceil(K / group_size)] fp32 contiguous.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import backends
+from ..errors import InputError, UnsupportedError, expect
+from ..reference import fp8 as reference
+from ..runtime.launch import LaunchConfig, launch
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+
+BLOCK_THREADS = 256
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class Fp8GroupQuantParams(Params):
+    cpp_name = "fmo::Fp8GroupQuantParams"
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("xq", ctypes.c_void_p),
+        ("xs", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("x_row_stride", ctypes.c_int64),
+        ("groups", ctypes.c_int64),
+        ("min_amax", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+@dataclass(frozen=True)
+class Fp8GroupQuantSpec(KernelSpec):
+    dtype: str            # input element type: bf16 | fp16 | fp32
+    group_size: int       # elements per scale (power of two, 32..1024)
+    vec_width: int        # elements per access: 16 bytes when aligned, else 1
+    pow2_scale: bool      # UE8M0 scales (powers of two)
+
+    op: ClassVar[str] = "fp8_quant_token_group"
+    header: ClassVar[str] = "csrc/quant/fp8_quant.cuh"
+    params: ClassVar[type[Params]] = Fp8GroupQuantParams
+
+    def check(self) -> None:
+        super().check()
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if not (32 <= self.group_size <= 1024 and self.group_size & (self.group_size - 1) == 0):
+            raise UnsupportedError(f"{self.op}: group_size must be a power of two in [32, 1024], got {self.group_size}")
+        elem = 4 if self.dtype == "fp32" else 2
+        if self.vec_width not in (1, 16 // elem):
+            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+
+    def block_threads(self) -> int:
+        return BLOCK_THREADS
+
+    def team(self) -> int:
+        return min(32, self.group_size // self.vec_width)
+
+    def device_call(self) -> str:
+        return (
+            f"fmo::fp8_quant_token_group<{CUDA_TYPE[self.dtype]}, {self.group_size}, {self.vec_width}, "
+            f"{'true' if self.pow2_scale else 'false'}, {BLOCK_THREADS}>(p)"
+        )
+
+
+def choose_spec(x: torch.Tensor, group_size: int, pow2_scale: bool) -> Fp8GroupQuantSpec:
+    """Pure function of (dtype, shape, strides, alignment): identical on every rank."""
+    dtype = _DTYPES[x.dtype]
+    vec = 16 // x.element_size()
+    aligned = x.shape[1] % vec == 0 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
+    return Fp8GroupQuantSpec(dtype=dtype, group_size=group_size, vec_width=vec if aligned else 1, pow2_scale=pow2_scale)
+
+
+@register_op("fp8_quant_token_group")
+def standard_specs():
+    """Every variant the heuristic picks for the standard shapes (DeepSeek: group 128)."""
+    for dtype in ("bf16", "fp16", "fp32"):
+        for vec in (1, 16 // (4 if dtype == "fp32" else 2)):
+            for pow2 in (False, True):
+                yield Fp8GroupQuantSpec(dtype=dtype, group_size=128, vec_width=vec, pow2_scale=pow2)
+
+
+def _validate(x, group_size, eps) -> None:
+    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
+    expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", f"shape {tuple(x.shape)}")
+    expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
+    expect(x.shape[1] == 0 or x.stride(1) == 1, "x", "a contiguous last dimension (stride 1)", f"strides {x.stride()}")
+    expect(x.shape[0] <= 1 or x.stride(0) >= x.shape[1], "x", "non-overlapping rows (stride(0) >= K)", f"strides {x.stride()}")
+    expect(isinstance(group_size, int) and 32 <= group_size <= 1024 and group_size & (group_size - 1) == 0,
+           "group_size", "a power of two in [32, 1024]", group_size)
+    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+
+
+def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
+    """Quantise activations to e4m3 with one fp32 scale per 1 x group_size group.
+
+    x: [M, K] bf16/fp16/fp32 -> (xq [M, K] float8_e4m3fn, xs [M, ceil(K/group_size)] fp32),
+    x ~= xq * xs. Scale = max(finite amax, eps) / 448 (rounded up to a power of two with
+    pow2_scale); +-inf saturates to +-448, NaN stays NaN."""
+    _validate(x, group_size, eps)
+    engine = backends.engine_for(x=x)
+    if engine == "reference":
+        return reference.quantize_per_token_group(x, group_size, pow2_scale=pow2_scale, eps=eps)
+    m, k = x.shape
+    groups = -(-k // group_size)
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    xs = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if m * groups == 0:
+        return xq, xs
+    spec = choose_spec(x, group_size, pow2_scale)
+    params = Fp8GroupQuantParams(
+        x=x.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), rows=m, cols=k,
+        x_row_stride=x.stride(0), groups=groups, min_amax=eps, reserved=0,
+    )
+    groups_per_block = BLOCK_THREADS // spec.team()
+    config = LaunchConfig.make(grid=-(-(m * groups) // groups_per_block), block=BLOCK_THREADS)
+    launch(spec, config, params, engine=engine, tensors=(x, xq, xs))
+    return xq, xs

@@ -1,0 +1,172 @@
+"""Launch a compiled kernel variant on the `cuda` or `sim` engine, from one description.
+
+Both engines receive the same Params bytes, grid, block and shared-memory size, so only
+the engine differs. A warm launch is one dictionary lookup (spec -> loaded function) plus
+the launch itself; compilation and module loading happen once per (spec, device).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .. import env
+from ..errors import BackendError, InputError, LaunchError
+from .compiler import compile_nvcc, compile_nvrtc, include_options
+from .spec import KernelSpec, Params
+
+MAX_BLOCK_THREADS = 1024
+MAX_DYNAMIC_SMEM = 227 * 1024  # Hopper's per-CTA opt-in maximum
+DEFAULT_DYNAMIC_SMEM = 48 * 1024  # above this a kernel must opt in (cudaFuncSetAttribute)
+
+
+def _dim3(value, what: str) -> tuple[int, int, int]:
+    dims = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and d >= 1 for d in dims):
+        raise InputError(f"{what}: expected 1 to 3 positive ints, got {value!r}")
+    return tuple(dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int = 0
+
+    @staticmethod
+    def make(grid, block, shared_mem: int = 0) -> "LaunchConfig":
+        g = _dim3(grid, "grid")
+        b = _dim3(block, "block")
+        threads = b[0] * b[1] * b[2]
+        if threads > MAX_BLOCK_THREADS:
+            raise InputError(f"block: expected at most {MAX_BLOCK_THREADS} threads, got {threads}")
+        if g[1] > 65535 or g[2] > 65535 or g[0] > 2**31 - 1:
+            raise InputError(f"grid: expected x < 2^31 and y, z <= 65535, got {g}")
+        if not 0 <= shared_mem <= MAX_DYNAMIC_SMEM:
+            raise InputError(f"shared_mem: expected 0..{MAX_DYNAMIC_SMEM} bytes, got {shared_mem}")
+        return LaunchConfig(g, b, int(shared_mem))
+
+
+# ---------------------------------------------------------------------------- cuda engine
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    # Hopper's architecture-specific features (wgmma, TMA multicast, setmaxnreg) need `a`.
+    return f"sm_{major}{minor}{'a' if major == 9 else ''}"
+
+
+class _CudaFunction:
+    __slots__ = ("name", "module", "function", "ptr", "max_smem_set")
+
+    def __init__(self, name: str, cubin_path):
+        import cupy  # type: ignore
+
+        self.name = name
+        self.module = cupy.RawModule(path=str(cubin_path))
+        self.function = self.module.get_function(name)
+        self.ptr = self.function.ptr
+        self.max_smem_set = DEFAULT_DYNAMIC_SMEM
+
+    def launch(self, config: LaunchConfig, params: Params, stream: int) -> None:
+        from cupy_backends.cuda.api import driver  # type: ignore
+
+        if config.shared_mem > self.max_smem_set:
+            self.function.max_dynamic_shared_size_bytes = config.shared_mem
+            self.max_smem_set = config.shared_mem
+        arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        try:
+            driver.launchKernel(
+                self.ptr, *config.grid, *config.block, config.shared_mem, stream,
+                ctypes.addressof(arg_ptrs), 0,
+            )
+        except Exception as e:  # CUDADriverError: name the kernel
+            raise LaunchError(f"{self.name}: launch failed: {e}") from None
+
+
+_cuda_functions: dict[tuple[KernelSpec, int], _CudaFunction] = {}
+_lock = threading.Lock()
+
+
+def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (spec, index)
+    fn = _cuda_functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _cuda_functions.get(key)
+        if fn is None:
+            arch = device_arch(torch.device("cuda", index))
+            name = spec.entry_name()
+            try:
+                result = compile_nvrtc(spec.stub(), name, arch)
+            except Exception:
+                if env.path("FMO_NVCC") is None:
+                    raise
+                result = compile_nvcc(spec.stub(), name, arch)
+            with torch.cuda.device(index):
+                fn = _CudaFunction(name, result.cubin)
+            _cuda_functions[key] = fn
+    return fn
+
+
+# ----------------------------------------------------------------------------- sim engine
+
+_sim_functions: dict[KernelSpec, object] = {}
+
+
+def sim_function(spec: KernelSpec):
+    fn = _sim_functions.get(spec)
+    if fn is not None:
+        return fn
+    try:
+        from .. import sim
+    except ImportError as e:
+        raise BackendError(f"{spec.entry_name()}: simulator not available: {e}") from None
+    if not sim.available():
+        raise BackendError(f"{spec.entry_name()}: simulator not built here (pip install -e . builds it)")
+    with _lock:
+        fn = _sim_functions.get(spec)
+        if fn is None:
+            options = tuple(o for o in include_options())
+            module = sim.RawModule(code=spec.stub(), options=options)
+            fn = module.get_function(spec.entry_name())
+            _sim_functions[spec] = fn
+    return fn
+
+
+# ------------------------------------------------------------------------------- launch
+
+
+def _tensor_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return (t.data_ptr(), 0)
+    # Byte span the view can reach: from the lowest to the highest addressed element.
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return (t.data_ptr(), span * t.element_size())
+
+
+def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: str, tensors: tuple[torch.Tensor, ...]) -> None:
+    """Run `spec` with `params` on `engine` ('cuda' or 'sim').
+
+    `tensors` are every tensor the Params point into: the simulator's memory checker
+    allows accesses inside them and nothing else; on CUDA they fix the device."""
+    if engine == "cuda":
+        device = tensors[0].device
+        fn = cuda_function(spec, device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        fn.launch(config, params, stream)
+        if env.flag("FMO_SYNC_CHECK"):
+            try:
+                torch.cuda.synchronize(device)
+            except Exception as e:
+                raise LaunchError(f"{fn.name}: kernel failed: {e}") from None
+    elif engine == "sim":
+        fn = sim_function(spec)
+        fn(config.grid, config.block, (params,), shared_mem=config.shared_mem,
+           extra_ranges=tuple(_tensor_range(t) for t in tensors))
+    else:
+        raise InputError(f"engine: expected 'cuda' or 'sim' for a kernel launch, got {engine!r}")
