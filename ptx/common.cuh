@@ -1,0 +1,87 @@
+// ptx/common.cuh: shared definitions for the inline-PTX wrappers under ptx/.
+//
+// Every inline PTX statement of the project lives in a wrapper in ptx/<family>.cuh. Each
+// wrapper has two bodies: the `asm volatile` one for the GPU, and a CPU emulation written
+// from the PTX ISA's definition of the instruction, selected by `FMO_SIM` (defined when a
+// kernel is compiled for the host SIMT simulator, whose prelude csrc/sim/fmo_sim.h is
+// force-included before these headers and provides namespace `fmo_sim`).
+//
+// Kernels include these headers and call `fmo::ptx::...`; they never write PTX themselves.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#ifdef FMO_SIM
+// Host build: plain inline functions. `__device__` is not relied upon here (the prelude
+// may or may not define it) so that these headers compile with any host compiler.
+#define FMO_DEVICE inline
+#else
+#define FMO_DEVICE __device__ __forceinline__
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fastmoe-ops ptx/ wrappers target sm_80+ (cp.async, bf16 mma); fp8 mma needs sm_89+"
+#endif
+#endif
+
+namespace fmo {
+namespace ptx {
+
+// Memory-consistency scope of an operation (PTX ISA 9.0 §8.5 "Scope").
+enum class Scope { cta, gpu, sys };
+
+// Memory-ordering semantics of an atomic or a load/store (PTX ISA §8.4 "Memory operations",
+// §9.7.13.5 atom, §9.7.13.6 red).
+enum class Sem { relaxed, acquire, release, acq_rel };
+
+// Bit casts without UB (memcpy is folded into register moves on both sides).
+template <typename To, typename From>
+FMO_DEVICE To bit_cast(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To t;
+  memcpy(&t, &f, sizeof(To));
+  return t;
+}
+
+#ifdef FMO_SIM
+namespace sim_detail {
+// std::memory_order-style constant for the GCC/Clang __atomic builtins. In the simulator
+// all threads share one process, so every scope maps to the same (strongest needed) host
+// ordering; the scope only matters on the GPU.
+constexpr int host_order(Sem s) {
+  return s == Sem::relaxed   ? __ATOMIC_RELAXED
+         : s == Sem::acquire ? __ATOMIC_ACQUIRE
+         : s == Sem::release ? __ATOMIC_RELEASE
+                             : __ATOMIC_ACQ_REL;
+}
+
+inline void require_aligned(const void* p, size_t align, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % align != 0)
+    fmo_sim::fail("%s: address %p is not %zu-byte aligned (misaligned address on the GPU)",
+                  what, p, align);
+}
+}  // namespace sim_detail
+#else
+// 32-bit shared-memory address of a generic pointer into shared memory (for the
+// `.shared` state-space forms, whose address operand is a shared-window offset).
+FMO_DEVICE uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+}  // namespace ptx
+}  // namespace fmo
+
+// Emits one of three `asm volatile` statements that differ only in a `.cta`/`.gpu`/`.sys`
+// qualifier chosen at compile time; PTX qualifiers must be literal text. Usage:
+//   FMO_PTX_SCOPED(S, "ld.acquire", ".b32 %0, [%1];", : "=r"(v) : "l"(p) : "memory");
+#define FMO_PTX_SCOPED(SCOPE, HEAD, TAIL, ...)                           \
+  do {                                                                   \
+    if constexpr ((SCOPE) == ::fmo::ptx::Scope::cta) {                   \
+      asm volatile(HEAD ".cta" TAIL __VA_ARGS__);                        \
+    } else if constexpr ((SCOPE) == ::fmo::ptx::Scope::gpu) {            \
+      asm volatile(HEAD ".gpu" TAIL __VA_ARGS__);                        \
+    } else {                                                             \
+      asm volatile(HEAD ".sys" TAIL __VA_ARGS__);                        \
+    }                                                                    \
+  } while (0)

@@ -1,0 +1,209 @@
+// ptx/mma.cuh: warp-level tensor-core MMA, mma.sync (PTX ISA 9.0 §9.7.14.5.14 "mma").
+//
+//   D[16x8] = A[16xK] * B[Kx8] + C[16x8], f32 accumulate, A row-major, B column-major.
+//   m16n8k16: A, B are bf16 or f16, 2 elements per .b32 register   (sm_80+)
+//   m16n8k32: A, B are e4m3 or e5m2, 4 elements per .b32 register  (sm_89+)
+//
+// Fragment layouts (ISA §9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point
+// type", §9.7.14.5.10 "Matrix Fragments for mma.m16n8k32"), g = lane >> 2 (groupID),
+// t = lane % 4 (threadID_in_group); element i of a fragment sits in register i / (elements
+// per register), lower-indexed element in the lower bits:
+//   16-bit A: a0..a7   row = g + 8 * ((i / 2) % 2)   col = 2t + (i % 2) + 8 * (i >= 4)
+//   16-bit B: b0..b3   row = 2t + (i % 2) + 8 * (i >= 2)          col = g
+//    8-bit A: a0..a15  row = g + 8 * ((i / 4) % 2)   col = 4t + (i % 4) + 16 * (i >= 8)
+//    8-bit B: b0..b7   row = 4t + (i % 4) + 16 * (i >= 4)         col = g
+//   f32 C/D:  c0..c3   row = g + 8 * (i >= 2)        col = 2t + (i % 2)
+//
+// Emulation (FMO_SIM): the warp's fragments are exchanged with fmo_sim::warp_allgather and
+// every lane rebuilds A and B and computes its own four outputs. Every bf16/f16/e4m3/e5m2
+// value is exact in fp32, and each product a*b is formed exactly (in double) and rounded
+// once to fp32, which is exact for f16/fp8 products and for bf16 products in fp32's range.
+// Summation order: acc = c; for k = 0 .. K-1: acc = fp32(acc + fp32(a[k] * b[k])), each add
+// rounded to nearest even. Hardware accumulates in an unspecified order with its own
+// internal precision, so for sums that are not exactly representable the last bits may
+// differ; sums of exactly representable partial results agree bit for bit.
+#pragma once
+
+#include "ptx/common.cuh"
+
+namespace fmo {
+namespace ptx {
+
+#ifdef FMO_SIM
+namespace sim_detail {
+
+// Element decoders: exact values of the 16- and 8-bit float formats.
+inline float decode_bf16(uint32_t bits) { return bit_cast<float>(bits << 16); }
+
+inline float decode_f16(uint32_t h) {  // IEEE binary16: 1-5-10, bias 15
+  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float mag;
+  if (exp == 0)
+    mag = static_cast<float>(man) * 0x1p-24f;  // subnormal: man * 2^-24, exact
+  else if (exp == 31)
+    mag = man ? bit_cast<float>(0x7fc00000u | (man << 13)) : __builtin_inff();
+  else
+    mag = bit_cast<float>(((exp - 15 + 127) << 23) | (man << 13));
+  return sign ? -mag : mag;
+}
+
+inline float decode_e4m3(uint32_t b) {  // OCP FP8 E4M3: 1-4-3, bias 7, no inf, S.1111.111 = NaN
+  const uint32_t sign = (b >> 7) & 1u, exp = (b >> 3) & 0xfu, man = b & 7u;
+  float mag;
+  if (exp == 15 && man == 7)
+    mag = __builtin_nanf("");
+  else if (exp == 0)
+    mag = static_cast<float>(man) * 0x1p-9f;
+  else
+    mag = bit_cast<float>(((exp - 7 + 127) << 23) | (man << 20));
+  return sign ? -mag : mag;
+}
+
+inline float decode_e5m2(uint32_t b) {  // OCP FP8 E5M2: 1-5-2, bias 15, IEEE-style inf/NaN
+  const uint32_t sign = (b >> 7) & 1u, exp = (b >> 2) & 0x1fu, man = b & 3u;
+  float mag;
+  if (exp == 31)
+    mag = man ? __builtin_nanf("") : __builtin_inff();
+  else if (exp == 0)
+    mag = static_cast<float>(man) * 0x1p-16f;
+  else
+    mag = bit_cast<float>(((exp - 15 + 127) << 23) | (man << 21));
+  return sign ? -mag : mag;
+}
+
+enum class MmaInput { bf16, f16, e4m3, e5m2 };
+
+template <MmaInput In>
+struct MmaTraits {
+  static constexpr bool k32 = (In == MmaInput::e4m3 || In == MmaInput::e5m2);
+  static constexpr int K = k32 ? 32 : 16;
+  static constexpr int bits = k32 ? 8 : 16;
+  static float decode(uint32_t v) {
+    if constexpr (In == MmaInput::bf16) return decode_bf16(v);
+    if constexpr (In == MmaInput::f16) return decode_f16(v);
+    if constexpr (In == MmaInput::e4m3) return decode_e4m3(v);
+    if constexpr (In == MmaInput::e5m2) return decode_e5m2(v);
+  }
+  // ISA fragment layouts (see the table at the top of this file).
+  static int a_row(int g, int i) { return k32 ? g + 8 * ((i / 4) % 2) : g + 8 * ((i / 2) % 2); }
+  static int a_col(int t, int i) {
+    return k32 ? 4 * t + (i % 4) + 16 * (i >= 8) : 2 * t + (i % 2) + 8 * (i >= 4);
+  }
+  static int b_row(int t, int i) {
+    return k32 ? 4 * t + (i % 4) + 16 * (i >= 4) : 2 * t + (i % 2) + 8 * (i >= 2);
+  }
+};
+
+struct MmaFragments {  // one lane's operands, as exchanged across the warp
+  uint32_t a[4];
+  uint32_t b[2];
+};
+
+template <MmaInput In>
+inline void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                        const float (&c)[4]) {
+  using Tr = MmaTraits<In>;
+  constexpr int K = Tr::K, per_reg = 32 / Tr::bits;
+  constexpr uint32_t elem_mask = (Tr::bits == 16) ? 0xffffu : 0xffu;
+  MmaFragments mine, all[32];
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  fmo_sim::warp_allgather(0xffffffffu, &mine, all, sizeof(MmaFragments));
+
+  const int lane = static_cast<int>(fmo_sim::lane_id());
+  const int g = lane >> 2, t = lane & 3;
+  // This lane's outputs are rows g and g+8, columns 2t and 2t+1: gather only those
+  // rows of A and columns of B, scanning every lane's fragment with the ISA's maps.
+  float arow[2][K], bcol[2][K];
+  for (int src = 0; src < 32; ++src) {
+    const int sg = src >> 2, st = src & 3;
+    if (sg == g) {
+      for (int i = 0; i < 4 * per_reg; ++i) {
+        const uint32_t v = (all[src].a[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
+        arow[Tr::a_row(sg, i) >= 8][Tr::a_col(st, i)] = Tr::decode(v);
+      }
+    }
+    if (sg == 2 * t || sg == 2 * t + 1) {  // B column n = sg
+      for (int i = 0; i < 2 * per_reg; ++i) {
+        const uint32_t v = (all[src].b[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
+        bcol[sg - 2 * t][Tr::b_row(st, i)] = Tr::decode(v);
+      }
+    }
+  }
+  float out[4];
+  for (int i = 0; i < 4; ++i) {  // c_i: row g + 8 * (i >= 2), col 2t + (i % 2)
+    const float* ar = arow[i >= 2];
+    const float* bc = bcol[i % 2];
+    float acc = c[i];
+    for (int k = 0; k < K; ++k)
+      acc += static_cast<float>(static_cast<double>(ar[k]) * static_cast<double>(bc[k]));
+    out[i] = acc;
+  }
+  std::memcpy(d, out, sizeof(out));  // d may alias c
+}
+
+}  // namespace sim_detail
+#endif  // FMO_SIM
+
+// d = a * b + c; a: 4 regs (8 bf16), b: 2 regs (4 bf16), c/d: 4 f32. d may alias c.
+FMO_DEVICE void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
+                                  const uint32_t (&b)[2], const float (&c)[4]) {
+#ifdef FMO_SIM
+  sim_detail::mma_emulate<sim_detail::MmaInput::bf16>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// d = a * b + c with f16 inputs (same fragment layout as bf16).
+FMO_DEVICE void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4],
+                                 const uint32_t (&b)[2], const float (&c)[4]) {
+#ifdef FMO_SIM
+  sim_detail::mma_emulate<sim_detail::MmaInput::f16>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// d = a * b + c; a: 4 regs (16 e4m3), b: 2 regs (8 e4m3). sm_89+.
+FMO_DEVICE void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4],
+                                  const uint32_t (&b)[2], const float (&c)[4]) {
+#ifdef FMO_SIM
+  sim_detail::mma_emulate<sim_detail::MmaInput::e4m3>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// d = a * b + c with e5m2 inputs. sm_89+.
+FMO_DEVICE void mma_m16n8k32_e5m2(float (&d)[4], const uint32_t (&a)[4],
+                                  const uint32_t (&b)[2], const float (&c)[4]) {
+#ifdef FMO_SIM
+  sim_detail::mma_emulate<sim_detail::MmaInput::e5m2>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e5m2.e5m2.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+}  // namespace ptx
+}  // namespace fmo
