@@ -37,7 +37,8 @@ def _sim_available() -> bool:
         from . import sim
     except ImportError:
         return False
-    return bool(sim.available())
+    available = getattr(sim, "available", None)
+    return bool(available and available())
 
 
 def available_backends() -> list[str]:
