@@ -14,8 +14,10 @@
 //
 // Emulation (FMO_SIM): fences are __atomic_thread_fence (seq_cst for .sc, acq_rel for
 // .acq_rel) - the simulator is one process, so scopes coincide. Named barriers keep
-// per-CTA state (arrival count, phase) in a process-wide table keyed by the CTA's linear
-// index; waiters call fmo_sim::yield() until their phase completes. Arrivals are counted
+// per-CTA state (arrival count, phase) in thread_local storage of the CTA's worker thread;
+// waiters call fmo_sim::yield() until their phase completes. They are the simulator
+// runtime's barriers only for id 0 via __syncthreads: the runtime has no "arrive", so
+// racecheck builds do not see named-barrier phases as synchronisation (see README). Arrivals are counted
 // per thread (hardware counts a warp as 32 when it arrives, which is the same when whole
 // warps arrive, as .aligned requires). A phase whose arrivals disagree on n fails the
 // launch, as do ids >= 16 and n not a positive multiple of 32.
@@ -23,20 +25,27 @@
 
 #include "ptx/common.cuh"
 
-#ifdef FMO_SIM
-#include <mutex>
-#include <unordered_map>
-#endif
-
 namespace fmo {
 namespace ptx {
+
+#ifdef FMO_SIM
+namespace sim_detail {
+// Not instrumented: TSan does not model standalone fences (-Wtsan).
+FMO_SIM_EMU void thread_fence(bool sc) {
+  if (sc)
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  else
+    __atomic_thread_fence(__ATOMIC_ACQ_REL);
+}
+}  // namespace sim_detail
+#endif
 
 // fence.acq_rel.{scope}: a lightweight fence; with relaxed accesses on both sides it gives
 // release/acquire synchronisation (the "fence + relaxed flag" pattern).
 template <Scope S = Scope::gpu>
 FMO_DEVICE void fence_acq_rel() {
 #ifdef FMO_SIM
-  __atomic_thread_fence(__ATOMIC_ACQ_REL);
+  sim_detail::thread_fence(false);
 #else
   FMO_PTX_SCOPED(S, "fence.acq_rel", ";\n", ::: "memory");
 #endif
@@ -47,7 +56,7 @@ FMO_DEVICE void fence_acq_rel() {
 template <Scope S = Scope::gpu>
 FMO_DEVICE void fence_sc() {
 #ifdef FMO_SIM
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  sim_detail::thread_fence(true);
 #else
   FMO_PTX_SCOPED(S, "fence.sc", ";\n", ::: "memory");
 #endif
@@ -56,45 +65,36 @@ FMO_DEVICE void fence_sc() {
 #ifdef FMO_SIM
 namespace sim_detail {
 struct NamedBarrier {
-  std::mutex mu;
-  unsigned arrived = 0;     // arrivals in the current phase
-  unsigned expected = 0;    // n of the current phase (0: no arrival yet)
-  unsigned phase = 0;       // completed phases; waiters watch it change
-};
-struct CtaBarriers {
-  NamedBarrier bar[16];
+  unsigned arrived = 0;   // arrivals in the current phase
+  unsigned expected = 0;  // n of the current phase (0: no arrival yet)
+  unsigned phase = 0;     // completed phases; waiters watch it change
 };
 
-inline CtaBarriers& cta_barriers() {
-  static std::mutex table_mu;
-  static std::unordered_map<unsigned long long, CtaBarriers> table;  // nodes never move
-  const unsigned long long key =
-      blockIdx.x + static_cast<unsigned long long>(gridDim.x) *
-                       (blockIdx.y + static_cast<unsigned long long>(gridDim.y) * blockIdx.z);
-  std::lock_guard<std::mutex> lock(table_mu);
-  return table[key];
+// A CTA's fibers all run on one OS worker thread, one CTA at a time per worker (the
+// simulator's `__shared__` is thread_local for the same reason), so per-worker state is
+// per-CTA state and needs no lock. Phases that complete leave arrived = expected = 0, so
+// the next CTA on this worker starts clean.
+FMO_SIM_EMU NamedBarrier* cta_barriers() {
+  static thread_local NamedBarrier bars[16];
+  return bars;
 }
 
-inline void named_barrier(unsigned id, unsigned n, bool wait, const char* what) {
+FMO_SIM_EMU void named_barrier(unsigned id, unsigned n, bool wait, const char* what) {
   if (id >= 16) fmo_sim::fail("%s: barrier id %u is not in 0..15", what, id);
   if (n == 0 || n % 32 != 0)
     fmo_sim::fail("%s %u: thread count %u is not a positive multiple of the warp size", what,
                   id, n);
-  NamedBarrier& b = cta_barriers().bar[id];
-  unsigned my_phase;
-  {
-    std::lock_guard<std::mutex> lock(b.mu);
-    if (b.expected == 0) b.expected = n;
-    if (b.expected != n)
-      fmo_sim::fail("%s %u: thread count %u differs from %u given by other threads of this "
-                    "phase", what, id, n, b.expected);
-    my_phase = b.phase;
-    if (++b.arrived == n) {  // last arrival completes the phase
-      b.arrived = 0;
-      b.expected = 0;
-      __atomic_store_n(&b.phase, b.phase + 1, __ATOMIC_RELEASE);
-      return;
-    }
+  NamedBarrier& b = cta_barriers()[id];
+  if (b.expected == 0) b.expected = n;
+  if (b.expected != n)
+    fmo_sim::fail("%s %u: thread count %u differs from %u given by other threads of this "
+                  "phase", what, id, n, b.expected);
+  const unsigned my_phase = b.phase;
+  if (++b.arrived == n) {  // the last arrival completes the phase
+    b.arrived = 0;
+    b.expected = 0;
+    __atomic_store_n(&b.phase, my_phase + 1, __ATOMIC_RELEASE);
+    return;
   }
   if (!wait) return;
   while (__atomic_load_n(&b.phase, __ATOMIC_ACQUIRE) == my_phase) fmo_sim::yield();

@@ -13,15 +13,21 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef FMO_SIM
-// Host build: plain inline functions. `__device__` is not relied upon here (the prelude
-// may or may not define it) so that these headers compile with any host compiler.
-#define FMO_DEVICE inline
-#else
+// Device functions, in both builds (the simulator's prelude maps `__device__` to nothing
+// and `__forceinline__` to `inline __attribute__((always_inline))`).
 #define FMO_DEVICE __device__ __forceinline__
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "fastmoe-ops ptx/ wrappers target sm_80+ (cp.async, bf16 mma); fp8 mma needs sm_89+"
+
+#ifdef FMO_SIM
+// Emulation helpers (namespace sim_detail) touch memory on behalf of the emulated
+// instruction: they are not sanitizer-instrumented (checking builds instrument user code
+// with -fsanitize=thread) and report their accesses explicitly with fmo_sim::check_access.
+// Not always_inline: GCC refuses to force-inline across differing sanitizer attributes.
+#ifndef FMO_SIM_NOTSAN
+#define FMO_SIM_NOTSAN __attribute__((no_sanitize_thread))
 #endif
+#define FMO_SIM_EMU inline FMO_SIM_NOTSAN
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fastmoe-ops ptx/ wrappers target sm_80+ (cp.async, bf16 mma); fp8 mma needs sm_89+"
 #endif
 
 namespace fmo {
@@ -34,9 +40,15 @@ enum class Scope { cta, gpu, sys };
 // §9.7.13.5 atom, §9.7.13.6 red).
 enum class Sem { relaxed, acquire, release, acq_rel };
 
-// Bit casts without UB (memcpy is folded into register moves on both sides).
+// Bit casts without UB (memcpy is folded into register moves on both sides). Plain
+// `inline` in sim builds so that the non-instrumented emulation helpers may use it.
 template <typename To, typename From>
-FMO_DEVICE To bit_cast(const From& f) {
+#ifdef FMO_SIM
+inline
+#else
+FMO_DEVICE
+#endif
+To bit_cast(const From& f) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
   To t;
   memcpy(&t, &f, sizeof(To));
@@ -55,7 +67,7 @@ constexpr int host_order(Sem s) {
                              : __ATOMIC_ACQ_REL;
 }
 
-inline void require_aligned(const void* p, size_t align, const char* what) {
+FMO_SIM_EMU void require_aligned(const void* p, size_t align, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % align != 0)
     fmo_sim::fail("%s: address %p is not %zu-byte aligned (misaligned address on the GPU)",
                   what, p, align);

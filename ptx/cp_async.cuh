@@ -22,7 +22,7 @@ namespace ptx {
 
 #ifdef FMO_SIM
 namespace sim_detail {
-inline void cp_async_emulate(void* dst, const void* src, unsigned bytes, unsigned src_bytes,
+FMO_SIM_EMU void cp_async_emulate(void* dst, const void* src, unsigned bytes, unsigned src_bytes,
                              const char* what) {
   if (!fmo_sim::is_shared(dst))
     fmo_sim::fail("%s: destination %p is not in shared memory", what, dst);

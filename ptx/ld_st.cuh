@@ -48,7 +48,7 @@ namespace ptx {
 #ifdef FMO_SIM
 namespace sim_detail {
 template <typename T>
-inline void plain_access(const void* p, bool is_write, int space, const char* what) {
+FMO_SIM_EMU void plain_access(const void* p, bool is_write, int space, const char* what) {
   // space: 0 global, 1 shared
   const bool shared = fmo_sim::is_shared(p);
   if (space == 0 && shared) fmo_sim::fail("%s: %p is a shared-memory address", what, p);
@@ -57,20 +57,20 @@ inline void plain_access(const void* p, bool is_write, int space, const char* wh
   fmo_sim::check_access(p, sizeof(T), is_write);
 }
 template <typename T>
-inline T plain_load(const void* p, int space, const char* what) {
+FMO_SIM_EMU T plain_load(const void* p, int space, const char* what) {
   plain_access<T>(p, false, space, what);
   T v;
   std::memcpy(&v, p, sizeof(T));
   return v;
 }
 template <typename T>
-inline void plain_store(void* p, const T& v, int space, const char* what) {
+FMO_SIM_EMU void plain_store(void* p, const T& v, int space, const char* what) {
   plain_access<T>(p, true, space, what);
   std::memcpy(p, &v, sizeof(T));
 }
 
 template <typename T>
-inline void atomic_access(const void* p, bool is_write, const char* what) {
+FMO_SIM_EMU void atomic_access(const void* p, bool is_write, const char* what) {
   require_aligned(p, sizeof(T), what);
   if (!fmo_sim::is_shared(p)) fmo_sim::check_access(p, sizeof(T), is_write);
 }
@@ -85,13 +85,15 @@ constexpr int fail_order(Sem m) {  // a failed CAS is a load: no release part
 
 // atom/red .add.f32 round to nearest even and flush subnormal inputs and results to
 // sign-preserving zero (ISA §9.7.13.5 atom, "Semantics"/notes on .f32).
-inline float ftz(float x) {
+FMO_SIM_EMU float ftz(float x) {
   return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
 }
 
 // Read-modify-write through a CAS loop: new = f(old). Returns old.
 template <Sem M, typename T, typename F>
-inline T atomic_rmw_cas(T* p, F f) {
+FMO_SIM_EMU T atomic_rmw_cas(T* p, F f, bool returns, const char* what) {
+  if (returns) fmo_sim::yield();  // atom (not red): its result may be polled in a loop
+  atomic_access<T>(p, true, what);
   using W = word_t<T>;
   W* w = reinterpret_cast<W*>(p);
   W old = __atomic_load_n(w, __ATOMIC_RELAXED);
@@ -100,6 +102,28 @@ inline T atomic_rmw_cas(T* p, F f) {
     if (__atomic_compare_exchange_n(w, &old, next, false, host_order(M), fail_order(M)))
       return bit_cast<T>(old);
   }
+}
+
+template <Sem M, typename T>
+FMO_SIM_EMU T atomic_cas(T* p, T cmp, T val, const char* what) {
+  fmo_sim::yield();
+  atomic_access<T>(p, true, what);
+  T expected = cmp;
+  __atomic_compare_exchange_n(p, &expected, val, false, host_order(M), fail_order(M));
+  return expected;
+}
+
+template <Sem M, typename T>
+FMO_SIM_EMU T ordered_load(const T* p, const char* what) {
+  fmo_sim::yield();  // spin loops on this load must let the writer run
+  atomic_access<T>(p, false, what);
+  return bit_cast<T>(__atomic_load_n(reinterpret_cast<const word_t<T>*>(p), host_order(M)));
+}
+
+template <Sem M, typename T>
+FMO_SIM_EMU void ordered_store(T* p, T v, const char* what) {
+  atomic_access<T>(p, true, what);
+  __atomic_store_n(reinterpret_cast<word_t<T>*>(p), bit_cast<word_t<T>>(v), host_order(M));
 }
 }  // namespace sim_detail
 #endif  // FMO_SIM
@@ -257,10 +281,7 @@ FMO_DEVICE T ld_ordered(const T* p) {
   FMO_CHECK_ORDERED_TYPE(T);
   static_assert(M == Sem::relaxed || M == Sem::acquire, "ld: .relaxed or .acquire");
 #ifdef FMO_SIM
-  fmo_sim::yield();  // spin loops on this load must let the writer run
-  sim_detail::atomic_access<T>(p, false, M == Sem::acquire ? "ld.acquire" : "ld.relaxed");
-  using W = sim_detail::word_t<T>;
-  return bit_cast<T>(__atomic_load_n(reinterpret_cast<const W*>(p), sim_detail::host_order(M)));
+  return sim_detail::ordered_load<M>(p, M == Sem::acquire ? "ld.acquire" : "ld.relaxed");
 #else
   if constexpr (sizeof(T) == 4) {
     uint32_t r;
@@ -279,9 +300,7 @@ FMO_DEVICE void st_ordered(T* p, T v) {
   FMO_CHECK_ORDERED_TYPE(T);
   static_assert(M == Sem::relaxed || M == Sem::release, "st: .relaxed or .release");
 #ifdef FMO_SIM
-  sim_detail::atomic_access<T>(p, true, M == Sem::release ? "st.release" : "st.relaxed");
-  using W = sim_detail::word_t<T>;
-  __atomic_store_n(reinterpret_cast<W*>(p), bit_cast<W>(v), sim_detail::host_order(M));
+  sim_detail::ordered_store<M>(p, v, M == Sem::release ? "st.release" : "st.relaxed");
 #else
   if constexpr (sizeof(T) == 4) {
     FMO_PTX_SEM_SCOPED(M, S, "st", ".b32 [%0], %1;\n",
@@ -313,27 +332,21 @@ FMO_DEVICE void st_relaxed(T* p, T v) { detail::st_ordered<Sem::relaxed, S>(p, v
 // ---------------------------------------------------------------------------------------
 // Reductions (red: no result) and atomics (atom: returns the old value).
 // ---------------------------------------------------------------------------------------
-#ifdef FMO_SIM
-#define FMO_ATOM_SIM_BODY(M, T, p, what, ...)                                            \
-  fmo_sim::yield();                                                                      \
-  sim_detail::atomic_access<T>(p, true, what);                                           \
-  return sim_detail::atomic_rmw_cas<M>(p, [&](T old) -> T { return __VA_ARGS__; });
-#endif
-
 // One atom/red overload per (operation, type); PTXT is the PTX type suffix, RC the
 // register constraint of T ("r" 32-bit integer, "l" 64-bit, "f" f32).
 #ifdef FMO_SIM
 #define FMO_DEFINE_ATOM(NAME, OPSTR, T, PTXT, RC, EXPR)                                  \
   template <Sem M = Sem::relaxed, Scope S = Scope::gpu>                                  \
   FMO_DEVICE T NAME(T* p, T v) {                                                         \
-    FMO_ATOM_SIM_BODY(M, T, p, "atom" OPSTR PTXT, EXPR)                                  \
+    return sim_detail::atomic_rmw_cas<M>(                                                \
+        p, [v](T old) -> T { (void)old; return EXPR; }, true, "atom" OPSTR PTXT);                   \
   }
 #define FMO_DEFINE_RED(NAME, OPSTR, T, PTXT, RC, EXPR)                                   \
   template <Sem M = Sem::relaxed, Scope S = Scope::gpu>                                  \
   FMO_DEVICE void NAME(T* p, T v) {                                                      \
     static_assert(M == Sem::relaxed || M == Sem::release, "red: .relaxed or .release");  \
-    sim_detail::atomic_access<T>(p, true, "red" OPSTR PTXT);                             \
-    sim_detail::atomic_rmw_cas<M>(p, [&](T old) -> T { return EXPR; });                  \
+    sim_detail::atomic_rmw_cas<M>(                                                       \
+        p, [v](T old) -> T { (void)old; return EXPR; }, false, "red" OPSTR PTXT);                   \
   }
 #else
 #define FMO_DEFINE_ATOM(NAME, OPSTR, T, PTXT, RC, EXPR)                                  \
@@ -389,13 +402,7 @@ FMO_DEFINE_RED(red_add, ".add", float, ".f32", "f",
     FMO_CAS_BODY(T, PTXT, RC)                                                            \
   }
 #ifdef FMO_SIM
-#define FMO_CAS_BODY(T, PTXT, RC)                                                        \
-  fmo_sim::yield();                                                                      \
-  sim_detail::atomic_access<T>(p, true, "atom.cas" PTXT);                                \
-  T expected = cmp;                                                                      \
-  __atomic_compare_exchange_n(p, &expected, val, false, sim_detail::host_order(M),       \
-                              sim_detail::fail_order(M));                                \
-  return expected;
+#define FMO_CAS_BODY(T, PTXT, RC) return sim_detail::atomic_cas<M>(p, cmp, val, "atom.cas" PTXT);
 #else
 #define FMO_CAS_BODY(T, PTXT, RC)                                                        \
   T old;                                                                                 \

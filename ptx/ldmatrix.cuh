@@ -22,7 +22,7 @@ namespace ptx {
 #ifdef FMO_SIM
 namespace sim_detail {
 template <int N, bool Trans>
-inline void ldmatrix_emulate(uint32_t* r, const void* row_addr) {
+FMO_SIM_EMU void ldmatrix_emulate(uint32_t* r, const void* row_addr) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix: .x1, .x2 or .x4");
   const unsigned char* addrs[32];
   const unsigned char* mine = static_cast<const unsigned char*>(row_addr);

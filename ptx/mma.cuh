@@ -33,9 +33,9 @@ namespace ptx {
 namespace sim_detail {
 
 // Element decoders: exact values of the 16- and 8-bit float formats.
-inline float decode_bf16(uint32_t bits) { return bit_cast<float>(bits << 16); }
+FMO_SIM_EMU float decode_bf16(uint32_t bits) { return bit_cast<float>(bits << 16); }
 
-inline float decode_f16(uint32_t h) {  // IEEE binary16: 1-5-10, bias 15
+FMO_SIM_EMU float decode_f16(uint32_t h) {  // IEEE binary16: 1-5-10, bias 15
   const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   float mag;
   if (exp == 0)
@@ -47,7 +47,7 @@ inline float decode_f16(uint32_t h) {  // IEEE binary16: 1-5-10, bias 15
   return sign ? -mag : mag;
 }
 
-inline float decode_e4m3(uint32_t b) {  // OCP FP8 E4M3: 1-4-3, bias 7, no inf, S.1111.111 = NaN
+FMO_SIM_EMU float decode_e4m3(uint32_t b) {  // OCP FP8 E4M3: 1-4-3, bias 7, no inf, S.1111.111 = NaN
   const uint32_t sign = (b >> 7) & 1u, exp = (b >> 3) & 0xfu, man = b & 7u;
   float mag;
   if (exp == 15 && man == 7)
@@ -59,7 +59,7 @@ inline float decode_e4m3(uint32_t b) {  // OCP FP8 E4M3: 1-4-3, bias 7, no inf, 
   return sign ? -mag : mag;
 }
 
-inline float decode_e5m2(uint32_t b) {  // OCP FP8 E5M2: 1-5-2, bias 15, IEEE-style inf/NaN
+FMO_SIM_EMU float decode_e5m2(uint32_t b) {  // OCP FP8 E5M2: 1-5-2, bias 15, IEEE-style inf/NaN
   const uint32_t sign = (b >> 7) & 1u, exp = (b >> 2) & 0x1fu, man = b & 3u;
   float mag;
   if (exp == 31)
@@ -78,7 +78,7 @@ struct MmaTraits {
   static constexpr bool k32 = (In == MmaInput::e4m3 || In == MmaInput::e5m2);
   static constexpr int K = k32 ? 32 : 16;
   static constexpr int bits = k32 ? 8 : 16;
-  static float decode(uint32_t v) {
+  FMO_SIM_NOTSAN static float decode(uint32_t v) {
     if constexpr (In == MmaInput::bf16) return decode_bf16(v);
     if constexpr (In == MmaInput::f16) return decode_f16(v);
     if constexpr (In == MmaInput::e4m3) return decode_e4m3(v);
@@ -100,7 +100,7 @@ struct MmaFragments {  // one lane's operands, as exchanged across the warp
 };
 
 template <MmaInput In>
-inline void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+FMO_SIM_EMU void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                         const float (&c)[4]) {
   using Tr = MmaTraits<In>;
   constexpr int K = Tr::K, per_reg = 32 / Tr::bits;
