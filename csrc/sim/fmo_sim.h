@@ -177,6 +177,13 @@ FMO_SIM_NOTSAN inline unsigned __match_all_sync(unsigned mask, T v, int* pred) {
 
 // ---- atomics: GCC builtins, then a yield so spin loops on atomics make progress ----------
 namespace fmo_sim {
+FMO_SIM_NOTSAN inline void check_atomic(const void* p, std::size_t bytes) {
+#if defined(FMO_SIM_CHECKING)
+  g_api->check_access(p, bytes, kAtomic);
+#else
+  (void)p; (void)bytes;
+#endif
+}
 template <class T, class F>
 FMO_SIM_NOTSAN inline T cas_loop(T* p, F f) {  // for types without a native fetch-op
   using U = std::conditional_t<sizeof(T) == 2, unsigned short,
@@ -189,14 +196,14 @@ FMO_SIM_NOTSAN inline T cas_loop(T* p, F f) {  // for types without a native fet
     T n = f(o);
     std::memcpy(&want, &n, sizeof(T));
     if (__atomic_compare_exchange_n(q, &old, want, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-      check_access(p, sizeof(T), true);
+      check_atomic(p, sizeof(T));
       yield();
       return o;
     }
   }
 }
 template <class T>
-FMO_SIM_NOTSAN inline T after_atomic(T* p, T old) { check_access(p, sizeof(T), true); yield(); return old; }
+FMO_SIM_NOTSAN inline T after_atomic(T* p, T old) { check_atomic(p, sizeof(T)); yield(); return old; }
 }  // namespace fmo_sim
 
 #define FMO_SIM_ATOMIC_INT(NAME, BUILTIN, T)                                  \
