@@ -1,0 +1,1 @@
+"""fastmoe-ops benchmarks: `python -m bench` (see bench/README.md)."""
