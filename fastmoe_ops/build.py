@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -58,30 +57,12 @@ def _load_register_info(log: str, name: str) -> dict:
     return info
 
 
-def find_cuobjdump() -> Path | None:
-    home = compiler.cuda_home()
-    if home is not None and (home / "bin" / "cuobjdump").exists():
-        return home / "bin" / "cuobjdump"
-    try:
-        import nvidia  # type: ignore
-
-        for base in nvidia.__path__:
-            for cand in sorted(Path(base).glob("cu*/bin/cuobjdump")):
-                return cand
-    except ImportError:
-        pass
-    found = shutil.which("cuobjdump")
-    return Path(found) if found else None
-
-
 def sass_counts(cubin: Path, cuobjdump: Path | None) -> dict:
     if cuobjdump is None:
         return {}
-    out = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise FmoError(f"cuobjdump failed on {cubin}: {out.stderr.strip()}")
+    sass = compiler.disassemble(cubin)
     counts: Counter = Counter()
-    for line in out.stdout.splitlines():
+    for line in sass.splitlines():
         m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if not m:
             continue
@@ -92,7 +73,7 @@ def sass_counts(cubin: Path, cuobjdump: Path | None) -> dict:
 
 
 def build_all(arch: str, op_filter: str | None = None) -> list[KernelReport]:
-    cuobjdump = find_cuobjdump()
+    cuobjdump = compiler.find_cuobjdump()
     reports = []
     for spec in registered_specs():
         if op_filter and spec.op != op_filter:
@@ -142,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nFAILED {r.name}:\n{r.error}", file=sys.stderr)
     for r in spilled:
         print(f"SPILLS {r.name}: {r.spill_stores} bytes stored, {r.spill_loads} bytes loaded", file=sys.stderr)
-    if find_cuobjdump() is None:
+    if compiler.find_cuobjdump() is None:
         print("note: cuobjdump not found (pip install nvidia-cuda-cuobjdump): SASS counts omitted", file=sys.stderr)
     print(f"\n{len(reports)} kernels for {args.arch}: {len(reports) - len(failed)} compiled, {len(failed)} failed, {len(spilled)} spill")
     if args.json:

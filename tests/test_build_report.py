@@ -28,7 +28,7 @@ def test_build_report_all_kernels_sm90a(tmp_path):
     for r in rows:
         assert r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["registers"] > 0, f"{r['name']}: register count not parsed"
-    if build.find_cuobjdump() is not None:
+    if compiler.find_cuobjdump() is not None:
         quant = [r for r in rows if r["name"].startswith("fmo_fp8_quant")]
         assert all(r["sass"]["LDG"] >= 1 and r["sass"]["STG"] >= 2 and r["sass"]["SHFL"] >= 1 for r in quant), quant
     assert "kernels for sm_90a" in proc.stdout

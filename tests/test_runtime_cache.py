@@ -132,3 +132,15 @@ def test_truncated_cubin_detected():
     elf[0x3C:0x3E] = (2).to_bytes(2, "little")
     with pytest.raises(CompileError, match="truncated"):
         compiler._check_elf(bytes(elf), "k")
+
+
+@needs_nvcc
+def test_debug_dump_writes_stub_ptx_and_sass(fresh_cache, tmp_path, monkeypatch):
+    dump = tmp_path / "dump"
+    monkeypatch.setenv("FMO_DEBUG_DUMP", str(dump))
+    compiler.compile_nvcc(SPEC.stub(), SPEC.entry_name(), "sm_90a")
+    name = SPEC.entry_name()
+    assert (dump / f"{name}.cu").read_text() == SPEC.stub()
+    assert ".entry " + name in (dump / f"{name}.ptx").read_text()
+    if compiler.find_cuobjdump() is not None:
+        assert "Function : " + name in (dump / f"{name}.sass").read_text()

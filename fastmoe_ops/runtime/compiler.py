@@ -101,6 +101,34 @@ def nvrtc_version() -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=None)
+def find_cuobjdump() -> Path | None:
+    """cuobjdump from the toolkit, else from the `nvidia-cuda-cuobjdump` wheel, else PATH."""
+    home = cuda_home()
+    if home is not None and (home / "bin" / "cuobjdump").exists():
+        return home / "bin" / "cuobjdump"
+    try:
+        import nvidia  # type: ignore
+
+        for base in nvidia.__path__:
+            for cand in sorted(Path(base).glob("cu*/bin/cuobjdump")):
+                return cand
+    except ImportError:
+        pass
+    found = shutil.which("cuobjdump")
+    return Path(found) if found else None
+
+
+def disassemble(cubin: Path) -> str:
+    tool = find_cuobjdump()
+    if tool is None:
+        raise CompileError("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    proc = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CompileError(f"cuobjdump failed on {cubin}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
 def include_options() -> list[str]:
     opts = [f"-I{d}" for d in sources.include_dirs()]
     inc = cuda_include_dir()
@@ -165,6 +193,8 @@ def compile_nvcc(stub: str, name: str, arch: str, extra_options: tuple[str, ...]
                 capture_output=True, text=True, check=False,
             )
             _dump(name, ".ptx", ptx.stdout)
+            if find_cuobjdump() is not None:
+                _dump(name, ".sass", disassemble(out))
 
     path = default_cache().get_or_build("cubin", key, ".cubin", build)
     log_path = Path(str(path) + ".log")
@@ -199,6 +229,8 @@ def compile_nvrtc(stub: str, name: str, arch: str, extra_options: tuple[str, ...
             out.write_bytes(cubin)
             _dump(name, ".cu", stub)
             _dump(name, ".ptx", nvrtc.getPTX(prog))
+            if env.path("FMO_DEBUG_DUMP") is not None and find_cuobjdump() is not None:
+                _dump(name, ".sass", disassemble(out))
         finally:
             nvrtc.destroyProgram(prog)
 
