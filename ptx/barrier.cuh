@@ -72,11 +72,24 @@ struct NamedBarrier {
 
 // A CTA's fibers all run on one OS worker thread, one CTA at a time per worker (the
 // simulator's `__shared__` is thread_local for the same reason), so per-worker state is
-// per-CTA state and needs no lock. Phases that complete leave arrived = expected = 0, so
-// the next CTA on this worker starts clean.
+// per-CTA state and needs no lock. The state remembers which CTA owns it and starts clean
+// when another CTA uses it: a CTA may exit with a phase half-arrived (a consumer's last
+// bar.arrive with no producer left to sync), as hardware allows.
+struct CtaBarriers {
+  unsigned owner[3] = {~0u, ~0u, ~0u};
+  NamedBarrier bar[16];
+};
+
 FMO_SIM_EMU NamedBarrier* cta_barriers() {
-  static thread_local NamedBarrier bars[16];
-  return bars;
+  static thread_local CtaBarriers state;
+  const uint3 b = blockIdx;
+  if (state.owner[0] != b.x || state.owner[1] != b.y || state.owner[2] != b.z) {
+    state = CtaBarriers{};
+    state.owner[0] = b.x;
+    state.owner[1] = b.y;
+    state.owner[2] = b.z;
+  }
+  return state.bar;
 }
 
 FMO_SIM_EMU void named_barrier(unsigned id, unsigned n, bool wait, const char* what) {

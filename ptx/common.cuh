@@ -9,9 +9,16 @@
 // Kernels include these headers and call `fmo::ptx::...`; they never write PTX themselves.
 #pragma once
 
+#ifdef __CUDACC_RTC__
+// NVRTC has no C++ standard library headers; CCCL's (CUDA's include/cccl, which must be on
+// the include path) define the fixed-width types. memcpy is a device builtin.
+#include <cuda/std/cstddef>
+#include <cuda/std/cstdint>
+#else
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#endif
 
 // Device functions, in both builds (the simulator's prelude maps `__device__` to nothing
 // and `__forceinline__` to `inline __attribute__((always_inline))`).

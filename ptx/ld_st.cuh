@@ -23,9 +23,9 @@
 
 #include "ptx/common.cuh"
 
-#include <type_traits>
 #ifdef FMO_SIM
 #include <cmath>
+#include <type_traits>
 #endif
 
 // Like FMO_PTX_SCOPED, with a `.relaxed/.acquire/.release/.acq_rel` qualifier first.
@@ -366,20 +366,22 @@ FMO_DEVICE void st_relaxed(T* p, T v) { detail::st_ordered<Sem::relaxed, S>(p, v
   }
 #endif
 
-// uint64_t (unsigned long on LP64) and unsigned long long (CUDA's atomicAdd type) both
-// get overloads. Integer arithmetic wraps (two's complement), as on the GPU; computed unsigned on the
+// 64-bit overloads for both `unsigned long` and `unsigned long long` (64-bit each on LP64,
+// and distinct types), so uint64_t matches whichever it is (unsigned long with glibc,
+// unsigned long long under NVRTC) and CUDA's atomicAdd type matches too.
+// Integer arithmetic wraps (two's complement), as on the GPU; computed unsigned on the
 // host so that signed overflow is not undefined behaviour there.
 #define FMO_WRAP_ADD(T) static_cast<T>(static_cast<std::make_unsigned_t<T>>(old) + \
                                        static_cast<std::make_unsigned_t<T>>(v))
 
 FMO_DEFINE_ATOM(atom_add, ".add", uint32_t, ".u32", "r", FMO_WRAP_ADD(uint32_t))
 FMO_DEFINE_ATOM(atom_add, ".add", int32_t, ".s32", "r", FMO_WRAP_ADD(int32_t))
-FMO_DEFINE_ATOM(atom_add, ".add", uint64_t, ".u64", "l", old + v)
+FMO_DEFINE_ATOM(atom_add, ".add", unsigned long, ".u64", "l", old + v)
 FMO_DEFINE_ATOM(atom_add, ".add", unsigned long long, ".u64", "l", old + v)
 FMO_DEFINE_ATOM(atom_add, ".add", float, ".f32", "f",
                 sim_detail::ftz(sim_detail::ftz(old) + sim_detail::ftz(v)))
 FMO_DEFINE_ATOM(atom_exch, ".exch", uint32_t, ".b32", "r", v)
-FMO_DEFINE_ATOM(atom_exch, ".exch", uint64_t, ".b64", "l", v)
+FMO_DEFINE_ATOM(atom_exch, ".exch", unsigned long, ".b64", "l", v)
 FMO_DEFINE_ATOM(atom_exch, ".exch", unsigned long long, ".b64", "l", v)
 FMO_DEFINE_ATOM(atom_max, ".max", uint32_t, ".u32", "r", old > v ? old : v)
 FMO_DEFINE_ATOM(atom_max, ".max", int32_t, ".s32", "r", old > v ? old : v)
@@ -390,7 +392,7 @@ FMO_DEFINE_ATOM(atom_and, ".and", uint32_t, ".b32", "r", old & v)
 
 FMO_DEFINE_RED(red_add, ".add", uint32_t, ".u32", "r", FMO_WRAP_ADD(uint32_t))
 FMO_DEFINE_RED(red_add, ".add", int32_t, ".s32", "r", FMO_WRAP_ADD(int32_t))
-FMO_DEFINE_RED(red_add, ".add", uint64_t, ".u64", "l", old + v)
+FMO_DEFINE_RED(red_add, ".add", unsigned long, ".u64", "l", old + v)
 FMO_DEFINE_RED(red_add, ".add", unsigned long long, ".u64", "l", old + v)
 FMO_DEFINE_RED(red_add, ".add", float, ".f32", "f",
                sim_detail::ftz(sim_detail::ftz(old) + sim_detail::ftz(v)))
@@ -411,7 +413,7 @@ FMO_DEFINE_RED(red_add, ".add", float, ".f32", "f",
   return old;
 #endif
 FMO_DEFINE_CAS(uint32_t, ".b32", "r")
-FMO_DEFINE_CAS(uint64_t, ".b64", "l")
+FMO_DEFINE_CAS(unsigned long, ".b64", "l")
 FMO_DEFINE_CAS(unsigned long long, ".b64", "l")
 
 }  // namespace ptx
