@@ -258,13 +258,14 @@ def test_by_value_struct_argument():
     assert f.signature == ((32, 8), (2, 2))
     y = np.full(n, np.nan, np.float32)
     p = Params(x.ctypes.data, y.ctypes.data, n, 2.0, 0.25)
-    f((3,), (128,), (p, np.int16(3)), extra_ranges=[(x.ctypes.data, x.nbytes), (y.ctypes.data, y.nbytes)])
+    ranges = [(x.ctypes.data, x.nbytes), (y.ctypes.data, y.nbytes)]  # pointers inside Params: memcheck
+    f((3,), (128,), (p, np.int16(3)), extra_ranges=ranges)
     np.testing.assert_allclose(y, 2 * x + 0.25 + 3, rtol=1e-6)
     # the same through a numpy structured scalar
     dt = np.dtype([("x", "<u8"), ("y", "<u8"), ("n", "<i4"), ("alpha", "<f4"), ("beta", "<f8")], align=True)
     y[:] = np.nan
     rec = np.array([(x.ctypes.data, y.ctypes.data, n, -1.0, 0.0)], dtype=dt)[0]
-    f((3,), (128,), (rec, np.int16(0)))
+    f((3,), (128,), (rec, np.int16(0)), extra_ranges=ranges)
     np.testing.assert_allclose(y, -x, rtol=1e-6)
 
 
