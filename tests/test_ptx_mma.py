@@ -61,9 +61,10 @@ MMA_KERNEL(mma_e5m2, uint8_t, 32, mma_m16n8k32_e5m2)
 // 16-bit inputs through ldmatrix: A [16][16] and B^T [8][16] (n, k) staged in shared memory
 // with a 48-byte row pitch (rows stay 16-byte aligned, not contiguous); ldmatrix.x4 gives
 // A's fragment, ldmatrix.x2 of B^T (= B column-major) gives B's.
+extern __shared__ __align__(16) unsigned char smem[];
+
 template <bool BF16>
 __device__ void mma_ldmatrix(const uint16_t* A, const uint16_t* Bt, const float* C, float* D) {
-  extern __shared__ __align__(16) unsigned char smem[];
   constexpr int pitch = 48;
   unsigned char* sa = smem;
   unsigned char* sb = smem + 16 * pitch;
