@@ -65,26 +65,35 @@ FMO_DEVICE void fence_sc() {
 #ifdef FMO_SIM
 namespace sim_detail {
 struct NamedBarrier {
-  unsigned arrived = 0;   // arrivals in the current phase
-  unsigned expected = 0;  // n of the current phase (0: no arrival yet)
-  unsigned phase = 0;     // completed phases; waiters watch it change
+  unsigned arrived;   // arrivals in the current phase
+  unsigned expected;  // n of the current phase (0: no arrival yet)
+  unsigned phase;     // completed phases; waiters watch it change
 };
 
 // A CTA's fibers all run on one OS worker thread, one CTA at a time per worker (the
 // simulator's `__shared__` is thread_local for the same reason), so per-worker state is
-// per-CTA state and needs no lock. The state remembers which CTA owns it and starts clean
-// when another CTA uses it: a CTA may exit with a phase half-arrived (a consumer's last
-// bar.arrive with no producer left to sync), as hardware allows.
+// per-CTA state and needs no lock. It must start clean in every CTA: a CTA may exit with a
+// phase half-arrived (a consumer's last bar.arrive with no producer left to sync), which
+// hardware allows. The state lives in the module's TLS block, which the runtime re-poisons
+// (0xFF) at every CTA start, so `owner` never matches a real blockIdx then and the state is
+// cleared; a change of blockIdx on the worker clears it too. Plain data, zero-initialised:
+// no TLS guard variable.
 struct CtaBarriers {
-  unsigned owner[3] = {~0u, ~0u, ~0u};
+  unsigned owner[3];
   NamedBarrier bar[16];
 };
 
+// Internal linkage on purpose: a function-local static of an inline function would be one
+// object shared by every loaded module (GNU_UNIQUE), outside the launching module's TLS.
+namespace {
+thread_local CtaBarriers cta_barrier_state;
+}  // namespace
+
 FMO_SIM_EMU NamedBarrier* cta_barriers() {
-  static thread_local CtaBarriers state;
+  CtaBarriers& state = cta_barrier_state;
   const uint3 b = blockIdx;
   if (state.owner[0] != b.x || state.owner[1] != b.y || state.owner[2] != b.z) {
-    state = CtaBarriers{};
+    std::memset(&state, 0, sizeof(state));
     state.owner[0] = b.x;
     state.owner[1] = b.y;
     state.owner[2] = b.z;
