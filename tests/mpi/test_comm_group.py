@@ -1,0 +1,91 @@
+"""fmo.comm.Group across real MPI ranks: bootstrap collectives, the host transport, and a
+peer that never arrives (CommTimeoutError naming it, on a communicator of its own)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+
+from mpi_util import all_agree, need_ranks
+
+
+def outcome(fn):
+    try:
+        return True, repr(fn())
+    except Exception as e:  # gathered, then asserted on every rank
+        return False, f"{type(e).__name__}: {e}"
+
+
+def test_bootstrap_collectives(comm):
+    need_ranks(comm, 2)
+    g = fmo.comm.Group(comm)
+    r, n = g.rank, g.size
+
+    def body():
+        got = g.allgather({"rank": r, "blob": list(range(r))})
+        assert got == [{"rank": p, "blob": list(range(p))} for p in range(n)], got
+        arr = g.allgather_array(np.array([r, 10 * r], np.int64))
+        assert arr.tolist() == [[p, 10 * p] for p in range(n)]
+        for root in range(n):
+            assert g.bcast(("root", root, "x" * 100000) if r == root else None, root=root) == ("root", root, "x" * 100000)
+        g.barrier()
+        return "ok"
+
+    all_agree(comm, *outcome(body))
+
+
+def test_host_alltoallv_rows(comm):
+    need_ranks(comm, 2)
+    g = fmo.comm.Group(comm)
+    r, n = g.rank, g.size
+    send_counts = [(r + p) % 3 for p in range(n)]          # ragged, some zero
+    recv_counts = [(p + r) % 3 for p in range(n)]
+    send = torch.cat([torch.full((c, 5), float(r * 100 + p), dtype=torch.bfloat16) for p, c in enumerate(send_counts)])
+    recv = torch.full((sum(recv_counts), 5), float("nan"), dtype=torch.bfloat16)
+
+    def body():
+        g.wait([g.ialltoallv(send, send_counts, recv, recv_counts, "test")])
+        want = torch.cat([torch.full((c, 5), float(p * 100 + r), dtype=torch.bfloat16) for p, c in enumerate(recv_counts)])
+        assert torch.equal(recv, want), (recv, want)
+        return "ok"
+
+    all_agree(comm, *outcome(body))
+
+
+def test_missing_peer_times_out_naming_it(comm, monkeypatch):
+    """The last rank skips the exchange: the others raise CommTimeoutError naming it within
+    about FMO_COMM_TIMEOUT; the broken group then refuses use; the world stays usable."""
+    need_ranks(comm, 2)
+    monkeypatch.setenv("FMO_COMM_TIMEOUT", "0.5")
+    sub = comm.Dup()           # the time-out leaves stray messages here, not on the world
+    g = fmo.comm.Group(sub)
+    last = g.size - 1
+    if g.rank == last:
+        ok, detail = True, "skipped"
+    else:
+        t0 = time.monotonic()
+        try:
+            g.barrier()
+            ok, detail = False, "barrier returned without the last rank"
+        except fmo.CommTimeoutError as e:
+            elapsed = time.monotonic() - t0
+            ok = f"rank(s) [{last}]" in str(e) and elapsed < 10
+            detail = f"{e} after {elapsed:.2f} s"
+            try:
+                g.barrier()
+                ok, detail = False, "a broken group was used again"
+            except fmo.CommError as e2:
+                ok = ok and "unusable" in str(e2)
+    all_agree(comm, ok, detail)
+    # The world communicator is untouched: a fresh group over it works at once.
+    all_agree(comm, *outcome(lambda: fmo.comm.Group(comm).allgather(comm.Get_rank())))
+
+
+def test_bad_root_and_comm():
+    with pytest.raises(fmo.InputError, match="comm: expected an mpi4py communicator"):
+        fmo.comm.Group(object())
