@@ -86,13 +86,13 @@ class _CudaFunction:
             raise LaunchError(f"{self.name}: launch failed: {e}") from None
 
 
-_cuda_functions: dict[tuple[KernelSpec, int], _CudaFunction] = {}
+_cuda_functions: dict[tuple, _CudaFunction] = {}
 _lock = threading.Lock()
 
 
 def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (spec, index)
+    key = (spec, index, *map(env.raw, env.CODEGEN_VARIABLES))
     fn = _cuda_functions.get(key)
     if fn is not None:
         return fn
@@ -115,11 +115,14 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
 
 # ----------------------------------------------------------------------------- sim engine
 
-_sim_functions: dict[KernelSpec, object] = {}
+_sim_functions: dict[tuple, object] = {}
 
 
 def sim_function(spec: KernelSpec):
-    fn = _sim_functions.get(spec)
+    # Codegen-changing variables (FMO_SIM_RACECHECK/MEMCHECK select an instrumented build)
+    # are part of the in-process key, as they are of the disk key.
+    key = (spec, *map(env.raw, env.CODEGEN_VARIABLES))
+    fn = _sim_functions.get(key)
     if fn is not None:
         return fn
     try:
@@ -129,12 +132,11 @@ def sim_function(spec: KernelSpec):
     if not sim.available():
         raise BackendError(f"{spec.entry_name()}: simulator not built here (pip install -e . builds it)")
     with _lock:
-        fn = _sim_functions.get(spec)
+        fn = _sim_functions.get(key)
         if fn is None:
-            options = tuple(o for o in include_options())
-            module = sim.RawModule(code=spec.stub(), options=options)
+            module = sim.RawModule(code=spec.stub(), options=tuple(include_options()))
             fn = module.get_function(spec.entry_name())
-            _sim_functions[spec] = fn
+            _sim_functions[key] = fn
     return fn
 
 
