@@ -11,6 +11,7 @@
 #include <deque>
 #include <functional>
 #include <new>
+#include <stdexcept>
 #include <thread>
 
 namespace fmo_sim {
@@ -20,6 +21,9 @@ thread_local Worker* tl_worker = nullptr;
 
 // ---- fiber stacks: aligned to their size so the fiber is `rsp & ~(kStackBytes-1)` --------
 constexpr std::size_t kPage = 4096;
+constexpr std::size_t kGuardedStacks = 16384;
+constexpr std::size_t kChunk = 64;
+std::size_t g_guarded = 0;  // under g_stack_mutex
 static_assert(sizeof(Fiber) <= kPage, "Fiber control block must fit its page");
 std::mutex g_stack_mutex;
 std::vector<Fiber*>* g_free_stacks = new std::vector<Fiber*>();  // leaked: outlives workers
@@ -61,26 +65,34 @@ class Pool {
 Pool* g_pool = new Pool();  // leaked: detached threads wait on it until exit
 }  // namespace
 
+// Stacks come in chunks of kChunk adjacent regions, so unguarded ones merge into one mapping.
 Fiber* alloc_fiber() {
-  {
-    std::lock_guard<std::mutex> g(g_stack_mutex);
-    if (!g_free_stacks->empty()) {
-      Fiber* f = g_free_stacks->back();
-      g_free_stacks->pop_back();
-      return f;
+  std::lock_guard<std::mutex> g(g_stack_mutex);
+  if (g_free_stacks->empty()) {
+    std::size_t len = (kChunk + 1) * kStackBytes;
+    void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED)
+      throw std::runtime_error("cannot map fiber stacks (too many threads in flight? lower FMO_SIM_WORKERS)");
+    std::uintptr_t r = reinterpret_cast<std::uintptr_t>(raw);
+    std::uintptr_t base = (r + kStackBytes - 1) & ~(std::uintptr_t)(kStackBytes - 1);
+    if (base > r) munmap(raw, base - r);
+    std::uintptr_t end = base + kChunk * kStackBytes;
+    if (r + len > end) munmap(reinterpret_cast<void*>(end), r + len - end);
+    for (std::size_t i = kChunk; i-- > 0;) {
+      std::uintptr_t b = base + i * kStackBytes;
+      // Guard page between the control block and the stack, which grows down towards it.
+      // Each guard splits the mapping (vm.max_map_count is ~65530 per process), so only the
+      // first kGuardedStacks stacks get one.
+      if (g_guarded < kGuardedStacks) {
+        g_guarded++;
+        mprotect(reinterpret_cast<void*>(b + kPage), kPage, PROT_NONE);
+      }
+      g_free_stacks->push_back(new (reinterpret_cast<void*>(b)) Fiber());
     }
   }
-  std::size_t len = 2 * kStackBytes;
-  void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (raw == MAP_FAILED) throw std::bad_alloc();
-  std::uintptr_t r = reinterpret_cast<std::uintptr_t>(raw);
-  std::uintptr_t base = (r + kStackBytes - 1) & ~(std::uintptr_t)(kStackBytes - 1);
-  if (base > r) munmap(raw, base - r);
-  std::uintptr_t end = base + kStackBytes;
-  if (r + len > end) munmap(reinterpret_cast<void*>(end), r + len - end);
-  // guard page between the control block and the stack, which grows down towards it
-  mprotect(reinterpret_cast<void*>(base + kPage), kPage, PROT_NONE);
-  return new (reinterpret_cast<void*>(base)) Fiber();
+  Fiber* f = g_free_stacks->back();
+  g_free_stacks->pop_back();
+  return f;
 }
 
 void free_fibers(std::vector<Fiber*>& fibers) {
