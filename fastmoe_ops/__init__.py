@@ -21,3 +21,4 @@ from .backends import available_backends, use_backend  # noqa: F401,E402
 from .budget import SmBudget, comm_sms, set_comm_sms, sm_budget  # noqa: F401,E402
 from . import fp8  # noqa: F401,E402
 from . import comm  # noqa: F401,E402
+from . import moe  # noqa: F401,E402

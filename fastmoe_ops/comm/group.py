@@ -13,6 +13,7 @@ old tags), so the group refuses further use: make a new one (e.g. over `comm.Dup
 """
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -196,8 +197,8 @@ class Group:
         segments, `recv` [sum(recv_counts), ...] receives rank-major segments. Both contiguous
         CPU tensors with the same row size in bytes. Returns the request (see `wait`)."""
         self._check_usable(what)
-        row_bytes = send[0].numel() * send.element_size() if send.dim() > 1 else send.element_size()
-        recv_row = recv[0].numel() * recv.element_size() if recv.dim() > 1 else recv.element_size()
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        recv_row = math.prod(recv.shape[1:]) * recv.element_size()
         if row_bytes != recv_row or row_bytes == 0:
             raise InputError(f"{what}: expected equal, non-zero row sizes, got send {row_bytes} B and recv {recv_row} B")
         if not (send.is_contiguous() and recv.is_contiguous()):

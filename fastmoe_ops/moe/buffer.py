@@ -1,0 +1,288 @@
+"""`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
+
+Host transport (CPU tensors): per call, one per-peer metadata handshake (validation,
+counts, FMO_COMM_TIMEOUT), then MPI Ialltoallv of the payload rows on host buffers.
+
+    recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
+    out = buf.combine(y, handle)
+
+Shapes on rank r of R, E experts, rank r owning experts [r*E/R, (r+1)*E/R):
+  x [T, H] bf16 | fp16 | fp32 | fp64, or the FP8 pair (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32)
+  topk_idx [T, k] int64 in [-1, E), topk_weights [T, k] fp32 (or None)
+  recv_x [N, H] (N = num_worst_tokens rows when set), rows by source rank then source token
+  recv_topk_idx [N, k] local expert or -1, recv_topk_weights [N, k] (0 elsewhere)
+  tokens_per_expert [E/R] int64: (token, slot) pairs per local expert
+  combine: y [N, H] -> out [T, H], the ascending-rank sum of every received copy of t.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..comm import Group
+from ..errors import CommError, InputError
+from . import autograd, kernels
+
+_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
+_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+_OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
+_OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
+# Metadata every rank sends every peer before an exchange (int64), then R counts.
+_META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error")
+SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What combine (and the backward passes) need from one dispatch.
+
+    send_src [S] int64: the source token of each sent row (rank-major segments);
+    combine_index [T, R] int64: for each token and rank, its row in the combine receive
+    buffer (which mirrors the send layout) or -1; counts per peer, in rows."""
+
+    buffer_id: int
+    num_tokens: int
+    num_recv: int
+    num_recv_rows: int            # rows of recv_x (num_worst_tokens when set, else num_recv)
+    hidden: int
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+    send_src: torch.Tensor
+    combine_index: torch.Tensor
+
+
+def _same(values, what: str) -> None:
+    if len(set(values)) != 1:
+        raise InputError(f"{what}: expected the same value on every rank, got {dict(enumerate(values))}")
+
+
+class Buffer:
+    """Dispatch/combine across `group`: `Buffer(group, hidden=H, num_experts=E)`.
+
+    num_worst_tokens > 0 fixes the received row count (static shapes): recv tensors have
+    that many rows (padding rows: zeros, topk_idx -1) and a dispatch that would receive
+    more raises InputError on every rank. Collective: every rank constructs it alike.
+    Owns a duplicate of the group's communicator, freed by destroy() or on collection."""
+
+    _next_id = 0
+
+    def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0):
+        if not isinstance(group, Group):
+            raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
+        for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InputError(f"{name}: expected an int >= {low}, got {value!r}")
+        if num_experts % group.size != 0:
+            raise InputError(f"num_experts: expected a multiple of the group size {group.size} "
+                             f"(each rank owns num_experts / ranks experts), got {num_experts}")
+        config = group.allgather((hidden, num_experts, num_worst_tokens), "Buffer()")
+        for i, name in enumerate(("hidden", "num_experts", "num_worst_tokens")):
+            _same([c[i] for c in config], f"Buffer({name})")
+        self.rank, self.num_ranks = group.rank, group.size
+        self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
+        self.num_local_experts = num_experts // group.size
+        self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
+        Buffer._next_id += 1
+        self.id = Buffer._next_id
+        self._finalizer = weakref.finalize(self, _release, self.group)
+
+    def __repr__(self) -> str:
+        return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
+                f"num_worst_tokens={self.num_worst_tokens}{', destroyed' if not self.alive else ''})")
+
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive
+
+    def destroy(self) -> None:
+        """Free the communicator and datatypes (idempotent; also runs on collection)."""
+        self._finalizer()
+
+    # ------------------------------------------------------------------ public API
+    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None):
+        """Send each token once to every rank owning one of its experts.
+
+        Returns (recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle);
+        recv_x is a pair (recv_xq, recv_xs) when x is. Differentiable in x and topk_weights:
+        the backward is a combine."""
+        self._check_alive("dispatch")
+        if isinstance(x, (tuple, list)):
+            return self._dispatch(x, topk_idx, topk_weights, fp8=True)
+        return autograd.DispatchFn.run(self, x, topk_idx, topk_weights)
+
+    def combine(self, y: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """out [T, H]: for each source token, the ascending-rank sum of its received rows.
+        Differentiable in y: the backward is a dispatch with the saved handle."""
+        self._check_alive("combine")
+        return autograd.CombineFn.run(self, y, handle)
+
+    # ------------------------------------------------------------------ validation
+    def _check_alive(self, what: str) -> None:
+        if not self.alive:
+            raise CommError(f"{what}: this Buffer was destroyed")
+
+    def _local_dispatch_error(self, x, topk_idx, topk_weights, fp8: bool) -> str | None:
+        try:
+            if fp8:
+                if len(x) != 2:
+                    raise InputError(f"x: expected a pair (xq, xs), got {len(x)} items")
+                xq, xs = x
+                _tensor("x[0] (xq)", xq, (torch.float8_e4m3fn,))
+                _tensor("x[1] (xs)", xs, (torch.float32,))
+                groups = -(-self.hidden // SCALE_GROUP)
+                if tuple(xs.shape) != (xq.shape[0], groups):
+                    raise InputError(f"x[1] (xs): expected shape ({xq.shape[0]}, {groups}) (one scale per 1x{SCALE_GROUP} group), got {tuple(xs.shape)}")
+                x = xq
+            else:
+                _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
+            if x.shape[1] != self.hidden:
+                raise InputError(f"x: expected hidden size {self.hidden} (Buffer(hidden=...)), got shape {tuple(x.shape)}")
+            _tensor("topk_idx", topk_idx, (torch.int64,))
+            t, k = topk_idx.shape
+            if t != x.shape[0] or k < 1:
+                raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
+            if t and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.num_experts):
+                bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.num_experts)][0].item()
+                raise InputError(f"topk_idx: expected expert ids in [-1, {self.num_experts}), got {bad}")
+            if topk_weights is not None:
+                _tensor("topk_weights", topk_weights, (torch.float32,))
+                if topk_weights.shape != topk_idx.shape:
+                    raise InputError(f"topk_weights: expected shape {tuple(topk_idx.shape)} like topk_idx, got {tuple(topk_weights.shape)}")
+        except InputError as e:
+            return str(e)
+        return None
+
+    def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts):
+        """Every rank's metadata and send counts (one small per-peer exchange); refuses on
+        every rank alike if any rank refused its input or the ranks disagree."""
+        meta = np.zeros(len(_META) + self.num_ranks, np.int64)
+        meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights), int(error is not None))
+        if error is None:
+            meta[len(_META):] = counts
+        table = self.group.allgather_array(meta, _OP_NAME[op])
+        col = {name: table[:, i].tolist() for i, name in enumerate(_META)}
+        if any(col["error"]):
+            messages = self.group.allgather(error, _OP_NAME[op])
+            first = next(r for r, m in enumerate(messages) if m is not None)
+            raise InputError(f"{_OP_NAME[op]} refused on rank {first}: {messages[first]}")
+        if len(set(col["op"])) != 1:
+            raise CommError(f"ranks called different operations: { {r: _OP_NAME.get(o, o) for r, o in enumerate(col['op'])} }")
+        _same(col["hidden"], "x: hidden size")
+        _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
+        _same(col["topk"], "topk_idx: k")
+        _same(col["has_weights"], "topk_weights: given or None")
+        return table[:, len(_META):]                                # [R, R] send counts
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, x, topk_idx, topk_weights, fp8: bool = False):
+        error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8)
+        xq = x[0] if fp8 else x
+        r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
+        counts = pos = None
+        if error is None:
+            counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)   # [R], [T, R]
+        dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
+        k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
+        matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
+                                 counts.numpy() if counts is not None else None)
+        send_counts = matrix[r].tolist()
+        recv_counts = matrix[:, r].tolist()
+        received = matrix.sum(0)
+        if self.num_worst_tokens and int(received.max()) > self.num_worst_tokens:
+            worst = int(received.argmax())
+            raise InputError(f"dispatch: rank {worst} would receive {int(received[worst])} tokens, more than "
+                             f"num_worst_tokens={self.num_worst_tokens}")
+        num_recv = int(received[r])
+        rows = self.num_worst_tokens or num_recv
+
+        t = xq.shape[0]
+        offsets = torch.zeros(ranks, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        combine_index = torch.where(pos >= 0, pos + offsets, -1)                # [T, R]
+        send_src = torch.empty(int(counts.sum()), dtype=torch.int64)
+        sent = combine_index >= 0
+        send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64)[:, None].expand(t, ranks)[sent]
+
+        payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
+        recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype) for p in payloads]
+        self._exchange(payloads, send_src, send_counts, recvs, recv_counts, "dispatch payload")
+        for out in recvs:
+            out[num_recv:].view(torch.uint8).zero_()  # padding rows (num_worst_tokens)
+
+        recv_idx = recvs[-2] if topk_weights is not None else recvs[-1]
+        recv_idx[num_recv:] = -1
+        mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
+        recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
+        recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
+        tokens_per_expert, _ = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)
+        handle = Handle(self.id, t, num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts), send_src, combine_index)
+        recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
+        return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
+
+    def _exchange(self, payloads, send_src, send_counts, recvs, recv_counts, what: str) -> None:
+        """Gather each payload's rows into send order and exchange them (all in flight at once)."""
+        pending = []
+        for i, (p, out) in enumerate(zip(payloads, recvs)):
+            send = kernels.gather_rows(p.contiguous() if not p.is_contiguous() else p, send_src)
+            pending.append(self.group.ialltoallv(send, send_counts, out, recv_counts, f"{what} {i}"))
+        self.group.wait(pending, peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
+
+    def _dispatch_rows(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
+        self._check_handle(handle, "combine backward")
+        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
+        out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype)
+        self._exchange([g.contiguous()], handle.send_src, handle.send_counts, [out], handle.recv_counts, "combine backward payload")
+        out[handle.num_recv:].zero_()
+        return out
+
+    # ------------------------------------------------------------------ combine
+    def _check_handle(self, handle, what: str) -> None:
+        if not isinstance(handle, Handle):
+            raise InputError(f"handle: expected the Handle from this Buffer's dispatch, got {type(handle).__name__}")
+        if handle.buffer_id != self.id:
+            raise InputError(f"handle: expected a Handle from this Buffer (id {self.id}), got one from Buffer {handle.buffer_id}")
+
+    def _combine(self, y: torch.Tensor, handle: Handle, check_hidden: bool = True) -> torch.Tensor:
+        """check_hidden=False: rows of any width (the topk-weight gradients)."""
+        self._check_handle(handle, "combine")
+        error = None
+        width = self.hidden if check_hidden else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
+        try:
+            _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
+            if y.shape[0] not in (handle.num_recv, handle.num_recv_rows) or y.shape[1] != width:
+                raise InputError(f"y: expected shape ({handle.num_recv_rows}, {width}) like dispatch's recv_x, got {tuple(y.shape)}")
+        except InputError as e:
+            error = str(e)
+        dtype = y.dtype if isinstance(y, torch.Tensor) else None
+        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64))
+        y = y[: handle.num_recv].contiguous()
+        back = torch.empty(len(handle.send_src), width, dtype=y.dtype)
+        pending = self.group.ialltoallv(y, handle.recv_counts, back, handle.send_counts, "combine payload")
+        self.group.wait([pending], peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
+        return kernels.gather_reduce(back, handle.combine_index)       # ascending rank: fixed order
+
+
+def _tensor(name: str, t, dtypes) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise InputError(f"{name}: expected a CPU tensor (the host transport), got one on {t.device}")
+    if t.dim() != 2:
+        raise InputError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _release(group: Group) -> None:
+    group.free()
+    try:
+        from mpi4py import MPI
+
+        if not MPI.Is_finalized():
+            group.comm.Free()
+    except Exception:  # interpreter shutdown
+        pass

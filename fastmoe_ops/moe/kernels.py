@@ -1,0 +1,44 @@
+"""Engine choice for the MoE building blocks: the kernels (csrc/moe/) on `cuda`/`sim`, the
+PyTorch reference on `reference`. Every caller in fastmoe_ops.moe goes through here."""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..reference import moe as reference
+
+
+def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: int, once: bool):
+    """See reference.moe.bucket_layout: (counts [B] int64, pos [T, B] or [T, k] int64)."""
+    engine = backends.engine_for(topk_idx=topk_idx)
+    if engine == "reference" or topk_idx.shape[0] == 0 or not _have("moe_layout"):
+        return reference.bucket_layout(topk_idx, num_buckets, experts_per_bucket, once)
+    from ..ops import moe_layout
+
+    return moe_layout.bucket_layout(topk_idx, num_buckets, experts_per_bucket, once, engine=engine)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[i] = src[index[i]] (zeros for -1): [M, ...] like src."""
+    engine = backends.engine_for(src=src, index=index)
+    if engine == "reference" or index.shape[0] == 0 or not _have("moe_permute"):
+        return reference.gather_rows(src, index)
+    from ..ops import moe_permute
+
+    return moe_permute.gather_rows(src, index, engine=engine)
+
+
+def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[m] = sum_j w[m, j] * y[index[m, j]] in a fixed order: [M, H] y.dtype."""
+    engine = backends.engine_for(y=y, index=index)
+    if engine == "reference" or index.shape[0] == 0 or not _have("moe_permute"):
+        return reference.gather_reduce(y, index, weights)
+    from ..ops import moe_permute
+
+    return moe_permute.gather_reduce(y, index, weights, engine=engine)
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"fastmoe_ops.ops.{module}") is not None
