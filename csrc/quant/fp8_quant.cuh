@@ -13,10 +13,10 @@
 // == 16), the team reduces amax with xor-shuffles, lane 0 of the team writes the scale.
 // One pass over x: every element is read once, written once. No shared memory.
 // Constraints: GROUP is a multiple of 32, cols % VEC == 0 and x/xq 16-byte aligned when
-// VEC > 1 (the launcher picks VEC = 1 otherwise).
+// VEC > 1 (the launcher picks VEC = 1 otherwise). Scale policy: csrc/quant/fp8_scale.cuh.
 #pragma once
 
-#include "csrc/common/types.cuh"
+#include "csrc/quant/fp8_scale.cuh"
 
 namespace fmo {
 
@@ -31,13 +31,6 @@ struct Fp8GroupQuantParams {
     float min_amax;
     int32_t reserved;      // keeps the struct's size a multiple of 8 on every compiler
 };
-
-// Smallest power of two >= s, for a positive normal s (exact: bit manipulation, no log2).
-__device__ __forceinline__ float round_up_pow2(float s) {
-    uint32_t bits = __float_as_uint(s);
-    if ((bits & 0x7fffffu) != 0) bits = (bits & 0xff800000u) + 0x00800000u;
-    return __uint_as_float(bits & 0x7f800000u);
-}
 
 template <typename T, int GROUP, int VEC, bool POW2, int BLOCK>
 __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams& p) {
@@ -67,8 +60,7 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
                 vals[c][i] = to_float(v.v[i]);
-                const float a = fabsf(vals[c][i]);
-                if (a <= 3.402823466e38f) amax = fmaxf(amax, a);  // false for NaN and inf
+                amax = fold_finite_amax(amax, vals[c][i]);
             }
         } else {
 #pragma unroll
@@ -79,8 +71,7 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
     for (int offset = TEAM / 2; offset > 0; offset /= 2)
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
 
-    float scale = fmaxf(amax, p.min_amax) / kE4M3Max;
-    if (POW2) scale = round_up_pow2(scale);
+    const float scale = fp8_scale_from_amax<POW2>(amax, p.min_amax);
     if (!active) return;
 
     __nv_fp8_e4m3* xq = static_cast<__nv_fp8_e4m3*>(p.xq) + row * p.cols;
@@ -91,7 +82,7 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
             Vec<__nv_fp8_storage_t, VEC> q;
 #pragma unroll
             for (int i = 0; i < VEC; ++i)
-                q.v[i] = __nv_cvt_float_to_fp8(vals[c][i] / scale, __NV_SATFINITE, __NV_E4M3);
+                q.v[i] = fp8_quantize(vals[c][i], scale);
             store_vec<__nv_fp8_storage_t, VEC>(reinterpret_cast<__nv_fp8_storage_t*>(xq) + col, q);
         }
     }

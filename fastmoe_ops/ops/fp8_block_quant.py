@@ -1,0 +1,116 @@
+"""Launcher of the per-block FP8 quantisation kernel (csrc/quant/fp8_block_quant.cuh).
+
+w: [N, K] bf16 | fp16 | fp32, last dim contiguous (rows may be strided)
+-> wq: [N, K] float8_e4m3fn contiguous, ws: [ceil(N / block_size), ceil(K / block_size)] fp32.
+Same scale policy as the per-token-group quantisation (csrc/quant/fp8_scale.cuh).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import backends
+from ..errors import UnsupportedError, expect
+from ..reference import fp8 as reference
+from ..runtime.launch import LaunchConfig, launch
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+BLOCK_SIZES = (32, 64, 128)
+
+
+class Fp8BlockQuantParams(Params):
+    cpp_name = "fmo::Fp8BlockQuantParams"
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("wq", ctypes.c_void_p),
+        ("ws", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("w_row_stride", ctypes.c_int64),
+        ("min_amax", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+@dataclass(frozen=True)
+class Fp8BlockQuantSpec(KernelSpec):
+    dtype: str            # input element type: bf16 | fp16 | fp32
+    block_size: int       # BLOCK x BLOCK elements per scale
+    vec_width: int        # elements per access: 16 bytes when aligned, else 1
+    pow2_scale: bool      # UE8M0 scales (powers of two)
+
+    op: ClassVar[str] = "fp8_quant_block"
+    header: ClassVar[str] = "csrc/quant/fp8_block_quant.cuh"
+    params: ClassVar[type[Params]] = Fp8BlockQuantParams
+
+    def check(self) -> None:
+        super().check()
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise UnsupportedError(f"{self.op}: block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        elem = 4 if self.dtype == "fp32" else 2
+        if self.vec_width not in (1, 16 // elem):
+            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+
+    def block_threads(self) -> int:  # mirrors BlockQuantShape::kThreads
+        return min(256, self.block_size * self.block_size // self.vec_width)
+
+    def device_call(self) -> str:
+        return (f"fmo::fp8_quant_block<{CUDA_TYPE[self.dtype]}, {self.block_size}, {self.vec_width}, "
+                f"{'true' if self.pow2_scale else 'false'}>(p)")
+
+
+def choose_spec(w: torch.Tensor, block_size: int, pow2_scale: bool) -> Fp8BlockQuantSpec:
+    """Pure function of (dtype, shape, strides, alignment): identical on every rank."""
+    vec = 16 // w.element_size()
+    aligned = w.shape[1] % vec == 0 and w.stride(0) % vec == 0 and w.data_ptr() % 16 == 0
+    return Fp8BlockQuantSpec(dtype=_DTYPES[w.dtype], block_size=block_size, vec_width=vec if aligned else 1,
+                             pow2_scale=pow2_scale)
+
+
+@register_op("fp8_quant_block")
+def standard_specs():
+    """Every variant the heuristic picks for the standard shapes (DeepSeek: 128 x 128 blocks)."""
+    for dtype in ("bf16", "fp32"):
+        for pow2 in (False, True):
+            yield Fp8BlockQuantSpec(dtype=dtype, block_size=128, vec_width=16 // (4 if dtype == "fp32" else 2), pow2_scale=pow2)
+
+
+def _validate(w, block_size, eps) -> None:
+    expect(isinstance(w, torch.Tensor), "w", "a torch.Tensor", type(w).__name__)
+    expect(w.dim() == 2, "w", "a 2-D tensor [N, K]", f"shape {tuple(w.shape)}")
+    expect(w.dtype in _DTYPES, "w", "dtype bfloat16, float16 or float32", w.dtype)
+    expect(w.shape[1] == 0 or w.stride(1) == 1, "w", "a contiguous last dimension (stride 1)", f"strides {w.stride()}")
+    expect(w.shape[0] <= 1 or w.stride(0) >= w.shape[1], "w", "non-overlapping rows (stride(0) >= K)", f"strides {w.stride()}")
+    expect(block_size in BLOCK_SIZES, "block_size", f"one of {BLOCK_SIZES}", block_size)
+    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+
+
+def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
+    """Quantise weights to e4m3 with one fp32 scale per block_size x block_size block.
+
+    w: [N, K] bf16/fp16/fp32 -> (wq [N, K] float8_e4m3fn, ws [ceil(N/bs), ceil(K/bs)] fp32),
+    w ~= wq * ws[n // bs, k // bs]. Scale = max(finite amax, eps) / 448 (a power of two with
+    pow2_scale); +-inf saturates to +-448, NaN stays NaN (and does not spread)."""
+    _validate(w, block_size, eps)
+    engine = backends.engine_for(w=w)
+    if engine == "reference":
+        return reference.quantize_per_block(w, block_size, pow2_scale=pow2_scale, eps=eps)
+    n, k = w.shape
+    nb, kb = -(-n // block_size), -(-k // block_size)
+    wq = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    ws = torch.empty(nb, kb, dtype=torch.float32, device=w.device)
+    if nb * kb == 0:
+        return wq, ws
+    spec = choose_spec(w, block_size, pow2_scale)
+    params = Fp8BlockQuantParams(w=w.data_ptr(), wq=wq.data_ptr(), ws=ws.data_ptr(), rows=n, cols=k,
+                                 w_row_stride=w.stride(0), min_amax=eps, reserved=0)
+    expect(nb <= 65535, "w", "at most 65535 * block_size rows", n)
+    launch(spec, LaunchConfig.make(grid=(kb, nb), block=spec.block_threads()), params, engine=engine, tensors=(w, wq, ws))
+    return wq, ws
