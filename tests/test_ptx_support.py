@@ -116,8 +116,8 @@ class CudaRunner(SimRunner):
 
         opts = [f"-arch={arch}", "-std=c++17", f"-I{sources.kernel_root()}"]
         inc = cuda_include_dir()
-        if inc is not None:
-            opts.append(f"-I{inc}")
+        if inc is not None:  # NVRTC has no C++ standard headers: ptx/ uses CCCL's (include/cccl)
+            opts += [f"-I{inc}", f"-I{inc / 'cccl'}"]
         self.cupy = cupy
         self.module = cupy.RawModule(code=HEADERS + source, options=tuple(opts))
 
