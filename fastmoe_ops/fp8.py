@@ -2,3 +2,5 @@
 from .ops.fp8_block_quant import quantize_per_block  # noqa: F401
 from .ops.fp8_quant import quantize_per_token_group  # noqa: F401
 from .reference.fp8 import dequantize_per_block, dequantize_per_token_group  # noqa: F401
+from .ops.fp8_gemm import contiguous_alignment, gemm  # noqa: F401
+from .reference.fp8 import calc_diff  # noqa: F401

@@ -1,3 +1,4 @@
 """Imports every op module so each registers its kernel specs (build report, benchmarks)."""
 from . import fp8_quant  # noqa: F401
 from . import fp8_block_quant  # noqa: F401
+from . import fp8_gemm  # noqa: F401

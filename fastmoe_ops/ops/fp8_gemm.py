@@ -1,0 +1,232 @@
+"""Launcher of the FP8 GEMM with DeepSeek's fine-grained scaling (csrc/gemm/fp8_gemm.cuh).
+
+    y [M, N] = (xq * xs) @ (wq * ws)^T, promoted to fp32 at every 128 of K
+xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32 (1 x 128 groups)
+wq: [N, K] float8_e4m3fn, ws: [ceil(N/128), ceil(K/128)] fp32 (128 x 128 blocks)
+                       or ws: [N, ceil(K/128)] fp32 (1 x 128 groups: the wgrad layout)
+All contiguous; K % 16 == 0 (16-byte rows for cp.async: pad K with zeros otherwise).
+The grouped variants (fp8_gemm_grouped.py) share the spec, the heuristic and the kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import backends
+from ..budget import sm_budget
+from ..errors import UnsupportedError, expect
+from ..reference import fp8 as reference
+from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+
+BLOCK_K = 128                       # the scale block along K (one promotion per block)
+MODES = ("dense", "contiguous", "masked")
+OUT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+B_SCALES = {"blk128": 128, "row": 1}  # b-scale granularity: 128 x 128 blocks or 1 x 128 rows
+
+
+class Fp8GemmParams(Params):
+    cpp_name = "fmo::Fp8GemmParams"
+    _fields_ = [
+        ("a", ctypes.c_void_p),
+        ("a_scale", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("b_scale", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("m_indices", ctypes.c_void_p),
+        ("masked_m", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("k_blocks", ctypes.c_int64),
+        ("b_scale_rows", ctypes.c_int64),
+        ("num_groups", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class Fp8GemmSpec(KernelSpec):
+    mode: str        # dense | contiguous | masked
+    out: str         # bf16 | fp32
+    b_scale: str     # blk128 (weights) | row (1 x 128 groups, wgrad)
+    block_m: int
+    block_n: int
+    warps_m: int
+    warps_n: int
+    stages: int
+
+    op: ClassVar[str] = "fp8_gemm"
+    header: ClassVar[str] = "csrc/gemm/fp8_gemm.cuh"
+    params: ClassVar[type[Params]] = Fp8GemmParams
+
+    def check(self) -> None:
+        super().check()
+        def refuse(msg):
+            raise UnsupportedError(f"{self.op} {self}: {msg}")
+        if self.mode not in MODES:
+            refuse(f"mode must be one of {MODES}")
+        if self.out not in ("bf16", "fp32"):
+            refuse("out must be bf16 or fp32")
+        if self.b_scale not in B_SCALES:
+            refuse(f"b_scale must be one of {tuple(B_SCALES)}")
+        wm, wn = self.block_m // max(self.warps_m, 1), self.block_n // max(self.warps_n, 1)
+        if self.warps_m * self.warps_n not in (4, 8, 16) or wm * self.warps_m != self.block_m or wn * self.warps_n != self.block_n:
+            refuse("4, 8 or 16 warps must tile block_m x block_n")
+        if wm % 16 or wn % 16:
+            refuse("each warp's tile must be a multiple of 16 x 16 (m16 MMA rows, ldmatrix.x4 pairs of n8 tiles)")
+        if self.block_m > self.threads() or (self.block_m * 8) % self.threads() or (self.block_n * 8) % self.threads():
+            refuse("the loads must split evenly over the threads")
+        if self.b_scale == "blk128" and 128 % self.block_n:
+            refuse("with 128 x 128 b-scale blocks, block_n must divide 128")
+        if self.mode == "contiguous" and contiguous_alignment() % self.block_m:
+            refuse(f"block_m must divide the contiguous alignment {contiguous_alignment()}")
+        if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
+            refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    def block_threads(self) -> int:
+        return self.threads()
+
+    def smem_bytes(self) -> int:  # mirrors MainloopShape::kSmemBytes
+        b_scales = 1 if B_SCALES[self.b_scale] % self.block_n == 0 else self.block_n
+        return self.stages * (BLOCK_K * (self.block_m + self.block_n) + 4 * (self.block_m + b_scales))
+
+    def device_call(self) -> str:
+        mode = {"dense": "kDense", "contiguous": "kContiguous", "masked": "kMasked"}[self.mode]
+        return (f"fmo::fp8_gemm<fmo::gemm::{mode}, {self.block_m}, {self.block_n}, {self.warps_m}, {self.warps_n}, "
+                f"{self.stages}, {B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}>(p)")
+
+
+def contiguous_alignment() -> int:
+    """Rows per aligned segment of the grouped contiguous layout: every group's rows start
+    at a multiple of this (pad with m_indices = -1 rows). A multiple of every block_m."""
+    return 128
+
+
+# Tile configs the heuristic picks from: (block_m, block_n, warps_m, warps_n, stages).
+# LARGE's warps own 64 x 32 outputs (64 fp32 accumulators + 64 per-K-block partial sums per
+# thread: ~250 of 255 registers on sm_90a, no spills); a 16-warp 128 x 128 tile would cap
+# threads at 128 registers and spill. The others' warps own 32 x 32.
+LARGE = (128, 128, 2, 4, 3)   # 8 warps: the throughput tile
+WIDE = (64, 128, 2, 4, 4)     # 8 warps: small M (decode, few tokens per expert)
+SMALL = (64, 64, 2, 2, 4)     # 4 warps: more CTAs when tiles are fewer than SMs
+CONFIGS = (LARGE, WIDE, SMALL)
+
+
+def choose_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
+                compute_sms: int | None = None) -> Fp8GemmSpec:
+    """Pure heuristic of (shape, SM budget): the largest tile that still gives every SM a
+    tile, else the one with the most tiles. m is the rows per group (masked: Mmax)."""
+    sms = sm_budget().compute_sms if compute_sms is None else compute_sms
+
+    def tiles(cfg):
+        return groups * -(-m // cfg[0]) * -(-n // cfg[1])
+
+    candidates = [c for c in CONFIGS if not (m <= 64 and c[0] > 64)]
+    if b_scale == "blk128":
+        candidates = [c for c in candidates if 128 % c[1] == 0]
+    chosen = next((c for c in candidates if tiles(c) >= sms), candidates[-1])
+    bm, bn, wm, wn, st = chosen
+    return Fp8GemmSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, warps_m=wm, warps_n=wn, stages=st)
+
+
+@register_op("fp8_gemm")
+def standard_specs():
+    """The variants the heuristic picks for the standard shapes (DeepSeek-V3 layers, grouped
+    MoE with 8-32 experts, wgrad with 1 x 128 b scales)."""
+    seen = set()
+    shapes = [(128, 7168, 2048), (4096, 7168, 2048), (128, 2048, 7168), (4096, 4096, 7168), (4096, 7168, 18432), (16, 4096, 7168)]
+    for m, n, k in shapes:
+        for out in ("bf16", "fp32"):
+            seen.add(choose_spec("dense", m, n, k, out, "blk128"))
+        seen.add(choose_spec("dense", n, k, m, "fp32", "row"))      # wgrad: [N, M] x [K, M]^T
+        seen.add(choose_spec("contiguous", m, n, k, "bf16", "blk128"))
+        for g in (8, 32):
+            seen.add(choose_spec("masked", max(m // g, 1), n, k, "bf16", "blk128", groups=g))
+    yield from sorted(seen, key=lambda s: s.entry_name())
+
+
+def _is_e4m3(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.float8_e4m3fn
+
+
+def validate_operand(q, s, name_q: str, name_s: str, lead: tuple, rows: int, k: int, scale_rows: tuple) -> None:
+    """q: [*lead, rows, K] e4m3 contiguous; s: [*lead, r, ceil(K/128)] fp32 contiguous, r in scale_rows."""
+    expect(_is_e4m3(q), name_q, "a float8_e4m3fn tensor", getattr(q, "dtype", type(q).__name__))
+    expect(tuple(q.shape) == (*lead, rows, k), name_q, f"shape {(*lead, rows, k)}", tuple(q.shape))
+    expect(q.is_contiguous(), name_q, "a contiguous tensor", f"strides {q.stride()}")
+    expect(isinstance(s, torch.Tensor) and s.dtype == torch.float32, name_s, "a float32 tensor", getattr(s, "dtype", type(s).__name__))
+    kb = -(-k // BLOCK_K)
+    want = " or ".join(str((*lead, r, kb)) for r in scale_rows)
+    expect(s.dim() == len(lead) + 2 and tuple(s.shape[:-2]) == lead and s.shape[-2] in scale_rows and s.shape[-1] == kb,
+           name_s, f"shape {want}", tuple(s.shape))
+    expect(s.is_contiguous(), name_s, "a contiguous tensor", f"strides {s.stride()}")
+    expect(s.device == q.device, name_s, f"a tensor on {q.device} (like {name_q})", s.device)
+
+
+def validate_common(k: int, out_dtype) -> None:
+    expect(k % 16 == 0, "K", "a multiple of 16 (rows of 16-byte chunks for cp.async; pad K with zeros)", k)
+    expect(out_dtype in OUT_DTYPES, "out_dtype", "torch.bfloat16 or torch.float32", out_dtype)
+
+
+def b_scale_kind(ws: torch.Tensor, n: int) -> str:
+    """[.., ceil(N/128), kb] -> blk128; [.., N, kb] -> row (the same when N <= 1)."""
+    return "blk128" if ws.shape[-2] == -(-n // 128) else "row"
+
+
+def run_kernel(spec: Fp8GemmSpec, *, grid, a, a_scale, b, b_scale, out, m, n, k, groups=1, m_indices=None, masked_m=None,
+               engine: str) -> None:
+    params = Fp8GemmParams(
+        a=a.data_ptr(), a_scale=a_scale.data_ptr(), b=b.data_ptr(), b_scale=b_scale.data_ptr(), out=out.data_ptr(),
+        m_indices=m_indices.data_ptr() if m_indices is not None else 0,
+        masked_m=masked_m.data_ptr() if masked_m is not None else 0,
+        m=m, n=n, k=k, k_blocks=-(-k // BLOCK_K), b_scale_rows=b_scale.shape[-2], num_groups=groups,
+    )
+    tensors = tuple(t for t in (a, a_scale, b, b_scale, out, m_indices, masked_m) if t is not None)
+    launch(spec, LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes()), params,
+           engine=engine, tensors=tensors)
+
+
+def validate_out(out, shape: tuple, out_dtype, device) -> None:
+    expect(isinstance(out, torch.Tensor) and out.dtype == out_dtype, "out", f"a {out_dtype} tensor", getattr(out, "dtype", type(out).__name__))
+    expect(tuple(out.shape) == shape and out.is_contiguous(), "out", f"a contiguous tensor of shape {shape}", f"shape {tuple(out.shape)}, strides {out.stride()}")
+    expect(out.device == device, "out", f"a tensor on {device}", out.device)
+
+
+def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype=torch.bfloat16, *,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = (xq * xs) @ (wq * ws)^T with fp32 promotion per 128-wide K block.
+
+    xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32; wq: [N, K] float8_e4m3fn,
+    ws: [ceil(N/128), ceil(K/128)] fp32 (weight blocks) or [N, ceil(K/128)] (1 x 128 groups).
+    K % 16 == 0. out_dtype: bfloat16 or float32; `out` (optional): a preallocated [M, N]."""
+    expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
+    expect(_is_e4m3(wq) and wq.dim() == 2, "wq", "a 2-D float8_e4m3fn tensor [N, K]", f"{getattr(wq, 'dtype', type(wq))} {tuple(getattr(wq, 'shape', ()))}")
+    m, k = xq.shape
+    n = wq.shape[0]
+    validate_operand(xq, xs, "xq", "xs", (), m, k, (m,))
+    validate_operand(wq, ws, "wq", "ws", (), n, k, (-(-n // 128), n))
+    validate_common(k, out_dtype)
+    engine = backends.engine_for(xq=xq, xs=xs, wq=wq, ws=ws)
+    kind = b_scale_kind(ws, n)
+    if out is not None:
+        validate_out(out, (m, n), out_dtype, xq.device)
+    if engine == "reference":
+        y = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, b_scale_rows=B_SCALES[kind])
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m * n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    spec = choose_spec("dense", m, n, k, OUT_DTYPES[out_dtype], kind)
+    grid = (-(-n // spec.block_n), -(-m // spec.block_m))
+    expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows", m)
+    run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine=engine)
+    return out

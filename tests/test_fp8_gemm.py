@@ -1,0 +1,164 @@
+"""FP8 GEMM with fine-grained scaling: the kernel on the simulator against the float64
+oracle on the dequantised inputs (calc_diff < 1e-5 and an elementwise bound), structured
+inputs that must match exactly, ragged shapes, poisoned outputs, memcheck/racecheck, and the
+reference GEMM against the same oracle.
+
+Tolerances: the kernel and the oracle see the same e4m3 values and scales, so the only
+differences are fp32 accumulation (MMA partial sums, promotion) and the output rounding:
+fp32 out: |y - o| <= 1e-5 * max|o|; bf16 out: plus half a bf16 ulp (2^-8 |o|)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+from fastmoe_ops.ops import fp8_gemm as launcher
+from fastmoe_ops.reference import fp8 as ref
+
+from conftest import cpu_engines, poison_
+
+SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
+
+
+def quantised_operands(m, n, k, seed, *, b_rows=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]
+    w = torch.randn(n, k, generator=g) * 0.2
+    xq, xs = ref.quantize_per_token_group(x)
+    wq, ws = ref.quantize_per_token_group(w) if b_rows else ref.quantize_per_block(w)
+    return xq, xs, wq, ws
+
+
+def assert_close_to_oracle(y, oracle, what, seed):
+    diff = ref.calc_diff(y, oracle)
+    assert diff < 1e-5, f"{what}: calc_diff {diff:.3g} >= 1e-5 (seed {seed})"
+    bound = 1e-5 * oracle.abs().max() + (2.0**-8 * oracle.abs() if y.dtype == torch.bfloat16 else 0)
+    err = (y.double() - oracle).abs()
+    bad = err > bound
+    if bool(bad.any()) or bool(torch.isnan(y).any()):
+        i, j = divmod(int(torch.argmax(err - bound if not torch.isnan(y).any() else torch.isnan(y).double())), y.shape[1])
+        raise AssertionError(f"{what}: worst at {(i, j)}: got {y[i, j].item()}, oracle {oracle[i, j].item()} "
+                             f"(shape {tuple(y.shape)}, seed {seed})")
+
+
+def run_gemm(engine, *args, **kw):
+    with fmo.use_backend(engine):
+        return fmo.fp8.gemm(*args, **kw)
+
+
+def test_reference_gemm_matches_oracle():
+    for m, n, k in [(5, 7, 128), (33, 130, 400)]:
+        xq, xs, wq, ws = quantised_operands(m, n, k, 1)
+        y = ref.fp8_gemm(xq, xs, wq, ws, torch.float32)
+        assert ref.calc_diff(y, ref.fp8_gemm_oracle(xq, xs, wq, ws)) < 1e-10
+
+
+def test_calc_diff():
+    x = torch.randn(10, 10, dtype=torch.float64)
+    assert ref.calc_diff(x, x) < 1e-15 and abs(ref.calc_diff(x, -x) - 2) < 1e-12
+    assert ref.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+@SIM
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_structured_inputs_exact(out_dtype):
+    """Small integers (exact in e4m3) and power-of-two scales: every partial sum is exact,
+    so any layout, swizzle or fragment bug shows as a wrong element, not as noise."""
+    m, n, k = 70, 136, 272  # ragged in M, N and K (two full K blocks + 16)
+    mi, ki, ni = torch.arange(m)[:, None], torch.arange(k)[None, :], torch.arange(n)[:, None]
+    xq = (((mi * 3 + ki) % 7) - 3).float().to(torch.float8_e4m3fn)
+    wq = (((ni + 2 * ki) % 5) - 2).float().to(torch.float8_e4m3fn)
+    xs = 2.0 ** ((torch.arange(m)[:, None] + torch.arange(3)[None, :]) % 4 - 2).float()
+    ws = 2.0 ** ((torch.arange(2)[:, None] * 2 + torch.arange(3)[None, :]) % 3 - 1).float()
+    oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws)
+    out = poison_(torch.empty(m, n, dtype=out_dtype))
+    y = run_gemm("sim", xq, xs, wq, ws, out_dtype, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    want = oracle.to(out_dtype)
+    bad = (y != want)
+    assert not bool(bad.any()), f"first mismatch at {tuple(bad.nonzero()[0].tolist())}: got {y[bad][0].item()}, want {want[bad][0].item()}"
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8, 16), (64, 64, 128), (100, 72, 272), (129, 200, 400), (16, 300, 144)])
+def test_gemm_vs_oracle(engine, out_dtype, shape):
+    m, n, k = shape
+    seed = m * 131 + n * 7 + k
+    xq, xs, wq, ws = quantised_operands(m, n, k, seed)
+    out = poison_(torch.empty(m, n, dtype=out_dtype))
+    y = run_gemm(engine, xq, xs, wq, ws, out_dtype, out=out)
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), f"gemm {engine} {out_dtype}", seed)
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_gemm_row_scaled_b(engine):
+    """b scaled per 1 x 128 group (ws [N, kb]): the wgrad layout."""
+    m, n, k = 40, 136, 160
+    xq, xs, wq, ws = quantised_operands(m, n, k, 8, b_rows=True)
+    assert ws.shape == (n, 2)
+    y = run_gemm(engine, xq, xs, wq, ws, torch.float32)
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), f"row-scaled b ({engine})", 8)
+
+
+@SIM
+def test_gemm_large_tile_config():
+    """Force the 128 x 128 (8-warp) tile with a tiny SM budget, on a ragged shape."""
+    m, n, k = 150, 130, 144
+    xq, xs, wq, ws = quantised_operands(m, n, k, 3)
+    spec = launcher.choose_spec("dense", m, n, k, "fp32", "blk128", compute_sms=1)
+    assert (spec.block_m, spec.block_n) == (128, 128)
+    out = poison_(torch.empty(m, n))
+    launcher.run_kernel(spec, grid=(2, 2), a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine="sim")
+    assert_close_to_oracle(out, ref.fp8_gemm_oracle(xq, xs, wq, ws), "128x128 tile", 3)
+
+
+@SIM
+def test_gemm_under_memcheck_and_racecheck(monkeypatch):
+    m, n, k = 33, 72, 176
+    xq, xs, wq, ws = quantised_operands(m, n, k, 5)
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
+    y = run_gemm("sim", xq, xs, wq, ws, torch.bfloat16)
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), "checked build", 5)
+
+
+def test_heuristic_is_pure_and_budget_aware():
+    a = launcher.choose_spec("dense", 4096, 7168, 2048, "bf16", "blk128", compute_sms=132)
+    assert a == launcher.choose_spec("dense", 4096, 7168, 2048, "bf16", "blk128", compute_sms=132)
+    assert (a.block_m, a.block_n) == (128, 128)
+    small = launcher.choose_spec("dense", 128, 2048, 7168, "bf16", "blk128", compute_sms=132)
+    assert (small.block_m, small.block_n) == (64, 64), "few tiles: the smaller tile fills more SMs"
+    assert launcher.choose_spec("dense", 16, 4096, 7168, "bf16", "blk128", compute_sms=16).block_m == 64
+    for spec in launcher.standard_specs():
+        spec.check()
+
+
+def test_empty_and_zero_k():
+    for engine in cpu_engines():
+        xq = torch.zeros(0, 32).to(torch.float8_e4m3fn)
+        y = run_gemm(engine, xq, torch.ones(0, 1), torch.zeros(8, 32).to(torch.float8_e4m3fn), torch.ones(1, 1))
+        assert y.shape == (0, 8)
+        y = run_gemm(engine, torch.zeros(4, 0).to(torch.float8_e4m3fn), torch.ones(4, 0),
+                     torch.zeros(8, 0).to(torch.float8_e4m3fn), torch.ones(1, 0))
+        assert y.shape == (4, 8) and torch.all(y == 0)
+
+
+def _bad_cases():
+    xq, xs, wq, ws = quantised_operands(8, 16, 128, 0)
+    yield "xq", "float8_e4m3fn", (xq.float(), xs, wq, ws), {}
+    yield "xs", "shape", (xq, xs[:, :0], wq, ws), {}
+    yield "ws", "shape", (xq, xs, wq, torch.ones(3, 1)), {}
+    yield "xs", "float32", (xq, xs.double(), wq, ws), {}
+    yield "wq", "contiguous", (xq, xs, torch.cat([wq, wq], 1)[:, ::2], ws), {}
+    xq2, xs2, wq2, ws2 = quantised_operands(8, 16, 40, 0)
+    yield "K", "multiple of 16", (xq2, xs2, wq2, ws2), {}
+    yield "out_dtype", "bfloat16", (xq, xs, wq, ws), {"out_dtype": torch.float16}
+    yield "out", "shape", (xq, xs, wq, ws), {"out": torch.empty(8, 15, dtype=torch.bfloat16)}
+
+
+@pytest.mark.parametrize("case", list(range(8)))
+def test_bad_input_refused(case):
+    arg, fragment, args, kw = list(_bad_cases())[case]
+    with pytest.raises(fmo.InputError, match=rf"^{arg}: expected .*{fragment}"):
+        fmo.fp8.gemm(*args, **kw)
