@@ -32,7 +32,10 @@ def _cuda_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _sim_available() -> bool:
+    """Whether the simulator can run here; fixed for the life of the process (cached: the
+    check looks for a host compiler and must not sit on every launch's path)."""
     try:
         from . import sim
     except ImportError:
@@ -88,6 +91,10 @@ def engine_for(**tensors: torch.Tensor) -> str:
     """The engine for an op whose tensor arguments are `tensors` (name -> tensor).
 
     All must live on one device; CUDA tensors need CuPy."""
+    if len(tensors) == 1:  # the common case, without the bookkeeping below
+        (name, t), = tensors.items()
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            return cpu_engine()
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if not devices:
         raise InputError("engine_for: expected at least one tensor argument")

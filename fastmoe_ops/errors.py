@@ -44,6 +44,9 @@ class CommTimeoutError(CommError, TimeoutError):
 
 
 def expect(cond: bool, arg: str, expected: str, got) -> None:
-    """Raise InputError naming the argument, the expectation and what came."""
+    """Raise InputError naming the argument, the expectation and what came.
+
+    `got` may be a zero-argument callable, called only on failure, so a check on the hot
+    path formats nothing when it passes."""
     if not cond:
-        raise InputError(f"{arg}: expected {expected}, got {got}")
+        raise InputError(f"{arg}: expected {expected}, got {got() if callable(got) else got}")

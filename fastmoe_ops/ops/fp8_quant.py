@@ -6,6 +6,7 @@ x: [M, K] bf16 | fp16 | fp32, last dim contiguous (rows may be strided)
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -15,7 +16,7 @@ import torch
 from .. import backends
 from ..errors import InputError, UnsupportedError, expect
 from ..reference import fp8 as reference
-from ..runtime.launch import LaunchConfig, launch
+from ..runtime.launch import LaunchConfig, Plan
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 
 BLOCK_THREADS = 256
@@ -73,10 +74,15 @@ class Fp8GroupQuantSpec(KernelSpec):
 
 def choose_spec(x: torch.Tensor, group_size: int, pow2_scale: bool) -> Fp8GroupQuantSpec:
     """Pure function of (dtype, shape, strides, alignment): identical on every rank."""
-    dtype = _DTYPES[x.dtype]
     vec = 16 // x.element_size()
     aligned = x.shape[1] % vec == 0 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
-    return Fp8GroupQuantSpec(dtype=dtype, group_size=group_size, vec_width=vec if aligned else 1, pow2_scale=pow2_scale)
+    return _spec(_DTYPES[x.dtype], group_size, vec if aligned else 1, pow2_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(dtype: str, group_size: int, vec_width: int, pow2_scale: bool) -> Fp8GroupQuantSpec:
+    """One spec object per variant: later lookups keyed by it hash a cached instance."""
+    return Fp8GroupQuantSpec(dtype=dtype, group_size=group_size, vec_width=vec_width, pow2_scale=pow2_scale)
 
 
 @register_op("fp8_quant_token_group")
@@ -89,14 +95,31 @@ def standard_specs():
 
 
 def _validate(x, group_size, eps) -> None:
-    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
-    expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", f"shape {tuple(x.shape)}")
+    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", lambda: type(x).__name__)
+    expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", lambda: f"shape {tuple(x.shape)}")
     expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
-    expect(x.shape[1] == 0 or x.stride(1) == 1, "x", "a contiguous last dimension (stride 1)", f"strides {x.stride()}")
-    expect(x.shape[0] <= 1 or x.stride(0) >= x.shape[1], "x", "non-overlapping rows (stride(0) >= K)", f"strides {x.stride()}")
-    expect(isinstance(group_size, int) and 32 <= group_size <= 1024 and group_size & (group_size - 1) == 0,
+    m, k = x.shape
+    row_stride, col_stride = x.stride()
+    expect(k == 0 or col_stride == 1, "x", "a contiguous last dimension (stride 1)", lambda: f"strides {x.stride()}")
+    expect(m <= 1 or row_stride >= k, "x", "non-overlapping rows (stride(0) >= K)", lambda: f"strides {x.stride()}")
+    expect(group_size.__class__ is int and 32 <= group_size <= 1024 and group_size & (group_size - 1) == 0,
            "group_size", "a power of two in [32, 1024]", group_size)
-    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+    expect(eps.__class__ is float and 0.0 < eps < math.inf, "eps", "a positive finite float", eps)
+
+
+def plan_quantize_per_token_group(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, group_size: int,
+                                  pow2_scale: bool, eps: float) -> Plan:
+    """Host side of one launch (inputs already validated, outputs allocated)."""
+    m, k = x.shape
+    groups = xs.shape[1]
+    spec = choose_spec(x, group_size, pow2_scale)
+    params = Fp8GroupQuantParams(
+        x=x.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), rows=m, cols=k,
+        x_row_stride=x.stride(0), groups=groups, min_amax=eps, reserved=0,
+    )
+    groups_per_block = BLOCK_THREADS // spec.team()
+    config = LaunchConfig.make(grid=-(-(m * groups) // groups_per_block), block=BLOCK_THREADS)
+    return Plan(spec, config, params, (x, xq, xs))
 
 
 def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
@@ -115,12 +138,5 @@ def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_sca
     xs = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m * groups == 0:
         return xq, xs
-    spec = choose_spec(x, group_size, pow2_scale)
-    params = Fp8GroupQuantParams(
-        x=x.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), rows=m, cols=k,
-        x_row_stride=x.stride(0), groups=groups, min_amax=eps, reserved=0,
-    )
-    groups_per_block = BLOCK_THREADS // spec.team()
-    config = LaunchConfig.make(grid=-(-(m * groups) // groups_per_block), block=BLOCK_THREADS)
-    launch(spec, config, params, engine=engine, tensors=(x, xq, xs))
+    plan_quantize_per_token_group(x, xq, xs, group_size, pow2_scale, eps).run(engine)
     return xq, xs

@@ -29,7 +29,7 @@ def _dim3(value, what: str) -> tuple[int, int, int]:
     return tuple(dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses cost microseconds per construction
 class LaunchConfig:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
@@ -37,6 +37,9 @@ class LaunchConfig:
 
     @staticmethod
     def make(grid, block, shared_mem: int = 0) -> "LaunchConfig":
+        if grid.__class__ is int and block.__class__ is int and 1 <= grid < 2**31 and 1 <= block <= MAX_BLOCK_THREADS \
+                and shared_mem.__class__ is int and 0 <= shared_mem <= MAX_DYNAMIC_SMEM:
+            return LaunchConfig((grid, 1, 1), (block, 1, 1), shared_mem)  # the common 1-D case
         g = _dim3(grid, "grid")
         b = _dim3(block, "block")
         threads = b[0] * b[1] * b[2]
@@ -149,6 +152,22 @@ def _tensor_range(t: torch.Tensor) -> tuple[int, int]:
     # Byte span the view can reach: from the lowest to the highest addressed element.
     span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
     return (t.data_ptr(), span * t.element_size())
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything one launch needs, prepared on the host: what an op's `plan_*` returns.
+
+    Separating preparation (validation, heuristics, Params) from the launch lets benchmarks
+    measure the host overhead of a warm call on any machine."""
+
+    spec: KernelSpec
+    config: LaunchConfig
+    params: Params
+    tensors: tuple[torch.Tensor, ...]
+
+    def run(self, engine: str) -> None:
+        launch(self.spec, self.config, self.params, engine=engine, tensors=self.tensors)
 
 
 def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: str, tensors: tuple[torch.Tensor, ...]) -> None:
