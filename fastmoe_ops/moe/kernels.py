@@ -11,7 +11,7 @@ from ..reference import moe as reference
 def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: int, once: bool):
     """See reference.moe.bucket_layout: (counts [B] int64, pos [T, B] or [T, k] int64)."""
     engine = backends.engine_for(topk_idx=topk_idx)
-    if engine == "reference" or topk_idx.shape[0] == 0 or not _have("moe_layout"):
+    if engine == "reference" or topk_idx.shape[0] == 0:
         return reference.bucket_layout(topk_idx, num_buckets, experts_per_bucket, once)
     from ..ops import moe_layout
 
@@ -21,7 +21,7 @@ def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[i] = src[index[i]] (zeros for -1): [M, ...] like src."""
     engine = backends.engine_for(src=src, index=index)
-    if engine == "reference" or index.shape[0] == 0 or not _have("moe_permute"):
+    if engine == "reference" or index.shape[0] == 0:
         return reference.gather_rows(src, index)
     from ..ops import moe_permute
 
@@ -31,14 +31,9 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[m] = sum_j w[m, j] * y[index[m, j]] in a fixed order: [M, H] y.dtype."""
     engine = backends.engine_for(y=y, index=index)
-    if engine == "reference" or index.shape[0] == 0 or not _have("moe_permute"):
-        return reference.gather_reduce(y, index, weights)
+    if engine == "reference" or index.shape[0] == 0 or y.dtype == torch.float64:
+        return reference.gather_reduce(y, index, weights)   # fp64: the oracle's dtype, no kernel
     from ..ops import moe_permute
 
     return moe_permute.gather_reduce(y, index, weights, engine=engine)
 
-
-def _have(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(f"fastmoe_ops.ops.{module}") is not None

@@ -2,3 +2,4 @@
 from . import fp8_quant  # noqa: F401
 from . import fp8_block_quant  # noqa: F401
 from . import fp8_gemm  # noqa: F401
+from . import moe_layout, moe_permute  # noqa: F401
