@@ -1,8 +1,8 @@
 // ptx/barrier.cuh: memory fences and named CTA barriers.
 //
-//   fence_acq_rel<S>()    fence.acq_rel.{cta,gpu,sys}   (PTX ISA 9.0 §9.7.13.4 "membar/fence")
+//   fence_acq_rel<S>()    fence.acq_rel.{cta,gpu,sys}   (PTX ISA, "membar / fence")
 //   fence_sc<S>()         fence.sc.{cta,gpu,sys}
-//   bar_sync(id, n)       bar.sync id, n     (§9.7.13.1 "bar/barrier"; = barrier.sync.aligned)
+//   bar_sync(id, n)       bar.sync id, n     (PTX ISA, "bar, barrier"; = barrier.sync.aligned)
 //   bar_arrive(id, n)     bar.arrive id, n   (= barrier.arrive.aligned)
 //
 // Named barriers: 16 per CTA (id 0..15), n threads, n a multiple of the warp size (32).

@@ -40,11 +40,11 @@
 namespace fmo {
 namespace ptx {
 
-// Memory-consistency scope of an operation (PTX ISA 9.0 §8.5 "Scope").
+// Memory-consistency scope of an operation (PTX ISA, Memory Consistency Model, "Scope").
 enum class Scope { cta, gpu, sys };
 
-// Memory-ordering semantics of an atomic or a load/store (PTX ISA §8.4 "Memory operations",
-// §9.7.13.5 atom, §9.7.13.6 red).
+// Memory-ordering semantics of an atomic or a load/store (PTX ISA, Memory Consistency
+// Model, "Memory Operations"; instructions "ld", "st", "atom", "red").
 enum class Sem { relaxed, acquire, release, acq_rel };
 
 // Bit casts without UB (memcpy is folded into register moves on both sides). Plain

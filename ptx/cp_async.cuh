@@ -1,5 +1,5 @@
-// ptx/cp_async.cuh: asynchronous global -> shared copies (PTX ISA 9.0 §9.7.9.25.3.1
-// "cp.async", §9.7.9.25.3.2 "cp.async.commit_group", §9.7.9.25.3.3 "cp.async.wait_group /
+// ptx/cp_async.cuh: asynchronous global -> shared copies (PTX ISA, Data Movement
+// and Conversion Instructions, "cp.async", "cp.async.commit_group", "cp.async.wait_group /
 // cp.async.wait_all"), sm_80+.
 //
 //   cp.async.ca.shared.global [dst], [src], cp-size, src-size;   cp-size in {4, 8, 16}

@@ -1,13 +1,13 @@
 // ptx/ld_st.cuh: loads, stores and atomics with explicit caching and memory-model semantics.
 //
-//   ld_nc<T>, ld_nc_na<T>        ld.global.nc[.L1::no_allocate.L2::128B]    (§9.7.9.8 ld.global.nc)
-//   ld_global<T>, st_global<T>,  ld.global / st.global[.L1::no_allocate]    (§9.7.9.8 ld, §9.7.9.10 st)
+//   ld_nc<T>, ld_nc_na<T>        ld.global.nc[.L1::no_allocate.L2::128B]    (ISA "ld.global.nc")
+//   ld_global<T>, st_global<T>,  ld.global / st.global[.L1::no_allocate]    (ISA "ld", "st")
 //   st_global_na<T>
 //   ld_shared<T>, st_shared<T>   ld.shared / st.shared
-//   ld_acquire<S>, ld_relaxed<S> ld.acquire / ld.relaxed .{cta,gpu,sys}     (§9.7.9.8, §8 memory model)
+//   ld_acquire<S>, ld_relaxed<S> ld.acquire / ld.relaxed .{cta,gpu,sys}     (ISA "ld"/"st", Memory Model)
 //   st_release<S>, st_relaxed<S> st.release / st.relaxed .{cta,gpu,sys}
-//   red_add<M,S>                 red{.relaxed,.release}.{scope}.add         (§9.7.13.6 red)
-//   atom_{add,exch,max,min,or,and,cas}<M,S>  atom{.sem}.{scope}.op          (§9.7.13.5 atom)
+//   red_add<M,S>                 red{.relaxed,.release}.{scope}.add         (ISA "red")
+//   atom_{add,exch,max,min,or,and,cas}<M,S>  atom{.sem}.{scope}.op          (ISA "atom")
 // T is any trivially copyable type of 4, 8 or 16 bytes (uint32_t, float, uint2, uint4,
 // float4, int4, ...); vector forms are used for 8 and 16 bytes, so the address must be
 // aligned to sizeof(T). Ordered loads/stores are 4 or 8 bytes. Atomics and ordered
@@ -84,7 +84,8 @@ constexpr int fail_order(Sem m) {  // a failed CAS is a load: no release part
 }
 
 // atom/red .add.f32 round to nearest even and flush subnormal inputs and results to
-// sign-preserving zero (ISA §9.7.13.5 atom, "Semantics"/notes on .f32).
+// sign-preserving zero (PTX ISA "atom" and "red", notes on .add.f32; the sm_90 SASS is
+// ATOM.E.ADD.F32.FTZ.RN).
 FMO_SIM_EMU float ftz(float x) {
   return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
 }

@@ -1,6 +1,6 @@
 // ptx/ldmatrix.cuh: warp-collective 8x8 b16 matrix loads from shared memory,
-// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16 (PTX ISA 9.0 §9.7.14.5.15
-// "ldmatrix"), sm_75+.
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16 (PTX ISA, Warp Level
+// Matrix Multiply-Accumulate Instructions, "ldmatrix"), sm_75+.
 //
 // Addresses: lanes 8j .. 8j+7 each give the address of one 16-byte row (row = lane % 8) of
 // matrix j (j < 1, 2, 4 for .x1, .x2, .x4); the other lanes' addresses are ignored. Each

@@ -1,11 +1,12 @@
-// ptx/mma.cuh: warp-level tensor-core MMA, mma.sync (PTX ISA 9.0 §9.7.14.5.14 "mma").
+// ptx/mma.cuh: warp-level tensor-core MMA, mma.sync (PTX ISA, Warp Level Matrix
+// Multiply-Accumulate Instructions, "mma").
 //
 //   D[16x8] = A[16xK] * B[Kx8] + C[16x8], f32 accumulate, A row-major, B column-major.
 //   m16n8k16: A, B are bf16 or f16, 2 elements per .b32 register   (sm_80+)
 //   m16n8k32: A, B are e4m3 or e5m2, 4 elements per .b32 register  (sm_89+)
 //
-// Fragment layouts (ISA §9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point
-// type", §9.7.14.5.10 "Matrix Fragments for mma.m16n8k32"), g = lane >> 2 (groupID),
+// Fragment layouts (ISA "Matrix Fragments for mma.m16n8k16 with floating point type",
+// "Matrix Fragments for mma.m16n8k32"), g = lane >> 2 (groupID),
 // t = lane % 4 (threadID_in_group); element i of a fragment sits in register i / (elements
 // per register), lower-indexed element in the lower bits:
 //   16-bit A: a0..a7   row = g + 8 * ((i / 2) % 2)   col = 2t + (i % 2) + 8 * (i >= 4)

@@ -1,5 +1,5 @@
-"""ptx/barrier.cuh: named barriers (bar.sync / bar.arrive, PTX ISA 9.0 §9.7.13.1) and
-fences (fence.acq_rel / fence.sc, §9.7.13.4) on the simulator.
+"""ptx/barrier.cuh: named barriers (bar.sync / bar.arrive, PTX ISA "bar, barrier") and
+fences (fence.acq_rel / fence.sc, PTX ISA "membar / fence") on the simulator.
 
 Models: a producer/consumer pipeline over two named barriers must hand every phase's data
 over intact (each consumer reads a producer's value of the same phase, never a stale or a

@@ -1,6 +1,6 @@
 """ptx/cp_async.cuh: cp.async.{ca,cg}.shared.global with src-size zero-fill, commit_group,
-wait_group N and wait_all, on the simulator against a bitwise model (PTX ISA 9.0
-§9.7.9.25.3): destination bytes [0, src-size) are the source's, [src-size, cp-size) zero.
+wait_group N and wait_all, on the simulator against a bitwise model (PTX ISA
+"cp.async"): destination bytes [0, src-size) are the source's, [src-size, cp-size) zero.
 
 After the retiring wait and a barrier, every thread reads another thread's chunk, so the
 copies must be visible CTA-wide. A kernel that omits the wait must read the simulator's

@@ -1,6 +1,6 @@
 """ptx/ld_st.cuh: cached / non-coherent loads and stores (bitwise), ld.acquire / st.release
-message passing at every scope, and red / atom against numpy models of PTX ISA 9.0
-§9.7.13.5-6 (atom returns the old value; the set of old values of n unit increments of one
+message passing at every scope, and red / atom against numpy models of PTX ISA
+"atom" / "red" (atom returns the old value; the set of old values of n unit increments of one
 counter is 0..n-1 in some order; integer adds wrap; .add.f32 flushes subnormal inputs and
 results to sign-preserving zero, which the GPU's SASS, ATOM.E.ADD.F32.FTZ.RN, confirms).
 """

@@ -1,5 +1,5 @@
 """ptx/ldmatrix.cuh: ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16 on the
-simulator against a bitwise numpy model of PTX ISA 9.0 §9.7.14.5.15.
+simulator against a bitwise numpy model of PTX ISA "ldmatrix".
 
 Model: lanes 8j..8j+7 give the addresses of rows 0..7 of matrix j; lane l receives, per
 matrix j, one .b32 holding M_j[l/4][2(l%4)] (low half) and M_j[l/4][2(l%4)+1] (high half),
@@ -64,7 +64,7 @@ extern "C" __global__ void ldm_global_address(const uint16_t* src, uint32_t* out
 
 
 def model(src: np.ndarray, n: int, trans: bool) -> np.ndarray:
-    """[32, n] uint32: what each lane's registers hold (ISA §9.7.14.5.15)."""
+    """[32, n] uint32: what each lane's registers hold (PTX ISA "ldmatrix")."""
     m = src.reshape(4, 8, 8)  # [matrix, row, col] b16
     out = np.empty((32, n), np.uint32)
     for lane in range(32):

@@ -2,8 +2,8 @@
 on the simulator against a float64 model D = A @ B + C.
 
 Two kinds of kernels feed the wrappers: one builds the fragments from global memory with
-the ISA's fragment maps (PTX ISA 9.0 §9.7.14.5.8 / §9.7.14.5.10), the other loads them
-with ldmatrix from shared memory (a layout specified separately, in §9.7.14.5.15), so a
+the ISA's fragment maps (PTX ISA "Matrix Fragments for mma.m16n8k16 / m16n8k32"), the other loads them
+with ldmatrix from shared memory (a layout specified separately, in PTX ISA "ldmatrix"), so a
 misread fragment map cannot pass both. Inputs are exactly representable small integers
 times powers of two (every partial sum exact in fp32: results must match bit for bit),
 then random normal data, checked with the bound of sequential fp32 accumulation.
