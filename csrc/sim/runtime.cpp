@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -358,6 +359,8 @@ static std::string describe_stall(Worker* w) {
   return head + "no thread of the CTA can run: " + s;
 }
 
+static void grow(Launch* L);
+
 static void run_cta(Worker* w, unsigned cta) {
   Launch* L = w->L;
   w->cta = cta;
@@ -401,7 +404,7 @@ static void run_cta(Worker* w, unsigned cta) {
     start_fiber(f);
   }
   unsigned alive = n;
-  unsigned idle_rounds = 0;
+  unsigned spin_rounds = 0;
   while (alive) {
     bool ran = false, only_yields = true;
     for (unsigned t = 0; t < n; ++t) {
@@ -433,15 +436,33 @@ static void run_cta(Worker* w, unsigned cta) {
       L->set_error(where(w, nullptr) + ": " + describe_stall(w));
       return;
     }
-    if (only_yields) {
-      // every live thread spins: let other workers (CTAs, processes) run
-      sched_yield();
-      if ((++idle_rounds & 63) == 0 && now_s() > L->deadline) {
-        L->set_error(where(w, nullptr) + ": timed out after FMO_SIM_TIMEOUT seconds; threads still spin");
-        return;
-      }
+    if (!only_yields) {
+      spin_rounds = 0;
+      continue;
+    }
+    // Every live thread yielded: after a few such rounds the CTA spins. Let other workers
+    // (CTAs, processes) run, and let waiting CTAs become resident.
+    ++spin_rounds;
+    if (spin_rounds >= 2) sched_yield();
+    if (spin_rounds >= 8 && (spin_rounds & 7) == 0) grow(L);
+    if ((spin_rounds & 63) == 0 && now_s() > L->deadline) {
+      L->set_error(where(w, nullptr) + ": timed out after FMO_SIM_TIMEOUT seconds; threads still spin");
+      return;
     }
   }
+}
+
+static void worker_main(std::shared_ptr<Launch> L);
+
+// A CTA only spins: if CTAs still wait to start, add a worker so they become resident (a
+// CTA may spin on a flag that a later CTA sets, as on a GPU where all of them fit).
+static void grow(Launch* L) {
+  std::lock_guard<std::mutex> g(L->m);
+  if (L->workers >= L->max_workers || L->next_cta.load() >= L->nctas || L->abort.load()) return;
+  std::shared_ptr<Launch> sp = L->self.lock();
+  if (!sp) return;
+  L->workers++;
+  g_pool->submit([sp] { worker_main(sp); });
 }
 
 static void worker_main(std::shared_ptr<Launch> L) {
@@ -474,10 +495,14 @@ static void worker_main(std::shared_ptr<Launch> L) {
 std::string launch(std::shared_ptr<Launch> L, unsigned workers, double timeout_s) {
   if (workers < 1) workers = 1;
   if (workers > L->nctas) workers = L->nctas;
-  L->workers = workers;
+  unsigned start = std::max(1u, std::thread::hardware_concurrency());
+  if (start > workers) start = workers;
+  L->max_workers = workers;
+  L->self = L;
   L->deadline = now_s() + timeout_s;
-  for (unsigned i = 0; i < workers; ++i) g_pool->submit([L] { worker_main(L); });
   std::unique_lock<std::mutex> g(L->m);
+  L->workers = start;
+  for (unsigned i = 0; i < start; ++i) g_pool->submit([L] { worker_main(L); });
   auto done = [&] { return L->finished == L->workers; };
   if (!L->cv.wait_for(g, std::chrono::duration<double>(timeout_s), done)) {
     if (L->error.empty())

@@ -134,6 +134,9 @@ struct Launch {
   std::mutex m;
   std::condition_variable cv;
   unsigned workers = 0, finished = 0;
+  unsigned max_workers = 1;   // the launch starts with one worker per core and grows up to
+                              // this while CTAs spin and others still wait to become resident
+  std::weak_ptr<Launch> self;
   std::string error;  // first failure
 
   void set_error(const std::string& msg);
