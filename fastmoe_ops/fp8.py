@@ -4,3 +4,4 @@ from .ops.fp8_quant import quantize_per_token_group  # noqa: F401
 from .reference.fp8 import dequantize_per_block, dequantize_per_token_group  # noqa: F401
 from .ops.fp8_gemm import contiguous_alignment, gemm  # noqa: F401
 from .reference.fp8 import calc_diff  # noqa: F401
+from .ops.fp8_gemm_grouped import grouped_gemm_contiguous, grouped_gemm_masked  # noqa: F401

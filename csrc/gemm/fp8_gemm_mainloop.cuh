@@ -118,13 +118,7 @@ struct Mainloop {
         // fragment and its f16 unpack on sm_90 and costs ~100 registers).
 #pragma unroll 1
         for (int ks = 0; ks < kBlockK / 32; ++ks) {
-            uint32_t af[MI][4], bf[NI][2];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                // x4: matrices (rows 0-7 | 8-15) x (k bytes 0-15 | 16-31) = the 8-bit A fragment.
-                const int row = warp_m * Shape::WM + mi * 16 + lane % 8 + 8 * ((lane / 8) % 2);
-                ptx::ldmatrix_x4(af[mi], tile_a(stage) + swizzle(row, 2 * ks + lane / 16));
-            }
+            uint32_t bf[NI][2];
 #pragma unroll
             for (int nj = 0; nj < NI / 2; ++nj) {
                 // x4: (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31).
@@ -136,10 +130,17 @@ struct Mainloop {
                 bf[2 * nj + 1][0] = r[2];
                 bf[2 * nj + 1][1] = r[3];
             }
+            // A one m16 row-tile at a time: only one A fragment (and, on sm_90, its f16
+            // unpack) is live, against all of B's.
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
+            for (int mi = 0; mi < MI; ++mi) {
+                // x4: matrices (rows 0-7 | 8-15) x (k bytes 0-15 | 16-31) = the 8-bit A fragment.
+                const int row = warp_m * Shape::WM + mi * 16 + lane % 8 + 8 * ((lane / 8) % 2);
+                uint32_t af[4];
+                ptx::ldmatrix_x4(af, tile_a(stage) + swizzle(row, 2 * ks + lane / 16));
 #pragma unroll
-                for (int ni = 0; ni < NI; ++ni) ptx::mma_m16n8k32_e4m3(partial[mi][ni], af[mi], bf[ni], partial[mi][ni]);
+                for (int ni = 0; ni < NI; ++ni) ptx::mma_m16n8k32_e4m3(partial[mi][ni], af, bf[ni], partial[mi][ni]);
+            }
         }
     }
 

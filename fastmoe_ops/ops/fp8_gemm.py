@@ -128,6 +128,8 @@ def choose_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, gr
         return groups * -(-m // cfg[0]) * -(-n // cfg[1])
 
     candidates = [c for c in CONFIGS if not (m <= 64 and c[0] > 64)]
+    if mode == "masked":  # decode-sized groups; its 128 x 128 variant spills on sm_90a (255 registers)
+        candidates = [c for c in candidates if c[0] <= 64]
     if b_scale == "blk128":
         candidates = [c for c in candidates if 128 % c[1] == 0]
     chosen = next((c for c in candidates if tiles(c) >= sms), candidates[-1])
