@@ -103,23 +103,24 @@ class SimRunner:
 
 
 class CudaRunner(SimRunner):
-    """The same source through cupy.RawModule (NVRTC) on the current CUDA device.
-    Tensors are torch CUDA tensors passed to the kernel as raw 64-bit pointers."""
+    """The same source on the current CUDA device: compiled for `arch` by the project's NVRTC
+    path (CuPy's NVRTC binding, disk-cached) and loaded with cupy.RawModule(path=cubin).
+    cupy.RawModule(code=...) is not used because it appends its own `-arch=sm_XY`, which
+    would clash with `-arch=sm_90a`. Tensors are torch CUDA tensors passed as raw pointers."""
 
     engine = "cuda"
 
     def __init__(self, source: str, arch: str):
         import cupy
 
-        from fastmoe_ops.runtime import sources
-        from fastmoe_ops.runtime.compiler import cuda_include_dir
+        from fastmoe_ops.runtime.compiler import compile_nvrtc, cuda_include_dir
 
-        opts = [f"-arch={arch}", "-std=c++17", f"-I{sources.kernel_root()}"]
+        extra = []
         inc = cuda_include_dir()
         if inc is not None:  # NVRTC has no C++ standard headers: ptx/ uses CCCL's (include/cccl)
-            opts += [f"-I{inc}", f"-I{inc / 'cccl'}"]
-        self.cupy = cupy
-        self.module = cupy.RawModule(code=HEADERS + source, options=tuple(opts))
+            extra.append(f"-I{inc / 'cccl'}")
+        self.cubin = compile_nvrtc(HEADERS + source, "ptx_conformance", arch, tuple(extra)).cubin
+        self.module = cupy.RawModule(path=str(self.cubin))
 
     def to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a).copy()).cuda()
