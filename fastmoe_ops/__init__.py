@@ -22,3 +22,4 @@ from .budget import SmBudget, comm_sms, set_comm_sms, sm_budget  # noqa: F401,E4
 from . import fp8  # noqa: F401,E402
 from . import comm  # noqa: F401,E402
 from . import moe  # noqa: F401,E402
+from . import nn  # noqa: F401,E402

@@ -121,7 +121,7 @@ def fp8_gemm_oracle(xq, xs, wq, ws, *, b_scale_rows: int = 128) -> torch.Tensor:
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """1 - 2<x, y> / (|x|^2 + |y|^2), in float64: 0 for equal tensors, ~ |x - y|^2 / (2|x|^2)."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denom = (x * x + y * y).sum()
     if denom == 0:
         return 0.0

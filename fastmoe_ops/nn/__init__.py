@@ -1,0 +1,2 @@
+"""`fmo.nn`: torch.nn modules built on the library's kernels."""
+from .fp8_linear import FP8Linear  # noqa: F401
