@@ -176,3 +176,16 @@ def test_compile_error_names_kernel_and_log():
     from fastmoe_ops.errors import CompileError
     with pytest.raises(CompileError, match=r"broken(.|\n)*error"):
         sim.RawModule(code='extern "C" __global__ void broken(int* x) { x[0] = undefined_name; }').get_function("broken")
+
+
+def test_spin_without_yield_is_stopped_and_the_simulator_recovers(monkeypatch):
+    monkeypatch.setenv("FMO_SIM_TIMEOUT", "1")
+    src = r'''
+    extern "C" __global__ void vspin(volatile int* flag) { while (*flag == 0) {} }
+    extern "C" __global__ void ok(int* x) { x[threadIdx.x] = threadIdx.x; }'''
+    mod = sim.RawModule(code=src)
+    with pytest.raises(SimError, match="vspin: timed out"):
+        mod.get_function("vspin")((2,), (32,), (np.zeros(1, np.int32),))
+    x = np.full(32, -1, np.int32)
+    mod.get_function("ok")((1,), (32,), (x,))
+    np.testing.assert_array_equal(x, np.arange(32))

@@ -2,7 +2,9 @@
 // See runtime.h for the execution model.
 #include "runtime.h"
 
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -454,6 +456,32 @@ static void run_cta(Worker* w, unsigned cta) {
 
 static void worker_main(std::shared_ptr<Launch> L);
 
+// Stopping a thread that spins without ever yielding (a volatile spin in a plain build): on
+// time-out the launcher signals each worker; the handler, running on the spinning fiber's
+// stack, switches straight back to the scheduler, which sees the abort and ends the CTA. The
+// handler frame is abandoned with the fiber (SA_NODEFER: the signal stays unblocked).
+static int abort_signal() { return SIGRTMIN + 7; }
+
+static void on_abort_signal(int) {
+  Worker* w = tl_worker;
+  if (!w || !w->current || !w->L->abort.load()) return;
+  Fiber* f = w->current;
+  f->state = FState::Exited;
+  to_scheduler(f, Why::Dead);
+}
+
+static void install_abort_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_abort_signal;
+    sa.sa_flags = SA_NODEFER | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(abort_signal(), &sa, nullptr);
+  });
+}
+
 // A CTA only spins: if CTAs still wait to start, add a worker so they become resident (a
 // CTA may spin on a flag that a later CTA sets, as on a GPU where all of them fit).
 static void grow(Launch* L) {
@@ -469,6 +497,10 @@ static void worker_main(std::shared_ptr<Launch> L) {
   Worker w;
   w.L = L.get();
   tl_worker = &w;
+  {
+    std::lock_guard<std::mutex> g(L->m);
+    L->threads.push_back(pthread_self());
+  }
   Module* mod = L->mod;
   w.dyn_lo = mod->dynamic_smem();  // also allocates this thread's TLS block of the module
   extern unsigned char* module_tls_block(Module*);
@@ -489,6 +521,7 @@ static void worker_main(std::shared_ptr<Launch> L) {
   tl_worker = nullptr;
   std::lock_guard<std::mutex> g(L->m);
   L->finished++;
+  L->threads.erase(std::find(L->threads.begin(), L->threads.end(), pthread_self()));
   L->cv.notify_all();
 }
 
@@ -498,6 +531,7 @@ std::string launch(std::shared_ptr<Launch> L, unsigned workers, double timeout_s
   unsigned start = std::max(1u, std::thread::hardware_concurrency());
   if (start > workers) start = workers;
   L->max_workers = workers;
+  install_abort_handler();
   L->self = L;
   L->deadline = now_s() + timeout_s;
   std::unique_lock<std::mutex> g(L->m);
@@ -511,6 +545,7 @@ std::string launch(std::shared_ptr<Launch> L, unsigned workers, double timeout_s
                  "fmo_sim::yield()) or waits for a CTA that cannot become resident";
     L->abort.store(true);
     // threads that spin through yields notice the abort; give them a moment
+    for (pthread_t t : L->threads) pthread_kill(t, abort_signal());
     L->cv.wait_for(g, std::chrono::seconds(2), done);
   }
   return L->error;

@@ -137,6 +137,7 @@ struct Launch {
   unsigned max_workers = 1;   // the launch starts with one worker per core and grows up to
                               // this while CTAs spin and others still wait to become resident
   std::weak_ptr<Launch> self;
+  std::vector<unsigned long> threads;  // pthread_t of the workers running now
   std::string error;  // first failure
 
   void set_error(const std::string& msg);
