@@ -1,5 +1,11 @@
 """FP8 benchmarks. Quantisation: our kernel against the same computation in PyTorch ops
-(what a user would write), same inputs, same run; GB/s of bytes actually moved."""
+(what a user would write), same inputs, same run; GB/s of bytes actually moved.
+GEMM (dense, grouped contiguous, masked): TFLOP/s (2 M N K per problem). On a GPU the
+baseline is torch._scaled_mm on the same e4m3 operands (blockwise 1x128 / 128x128 scales
+where the installed torch takes them, else rowwise) and the ceiling is _scaled_mm's rate on
+an 8192^3 problem measured in the same run; the bf16 torch.matmul time rides in `extra`.
+On the CPU: small shapes through `sim` / `reference` against torch.matmul in fp32 on the
+dequantised operands (simulator throughput, not GPU speed)."""
 from __future__ import annotations
 
 import torch
@@ -13,12 +19,25 @@ from .harness import Row
 GPU_SHAPES = [(128, 7168), (4096, 7168), (4096, 2048), (16384, 7168)]
 CPU_SHAPES = [(16, 512), (64, 2048)]
 
+# DeepSeek-V3 GEMMs: M tokens x (N x K) weights; grouped: experts x tokens per expert.
+GPU_GEMM_SHAPES = [(m, n, k) for m in (128, 4096) for n, k in ((7168, 2048), (2048, 7168), (4096, 7168), (7168, 18432))]
+GPU_GROUPED = [(8, 512, 4096, 7168), (32, 128, 4096, 7168), (32, 256, 7168, 2048)]  # (experts, rows each, N, K)
+CPU_GEMM_SHAPES = [(64, 128, 256), (128, 256, 512)]
+CPU_GROUPED = [(2, 128, 128, 256)]  # rows per expert: a multiple of contiguous_alignment()
+
 
 def quant_bytes(m: int, k: int, elem: int, group: int = 128) -> int:
     return m * k * elem + m * k + m * (-(-k // group)) * 4
 
 
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
+    """Quantisation rows, then the GEMM rows."""
+    rows = run_quant(device, engine, quick, copy_gbps)
+    ceiling = fp8_ceiling_flops(device) if device.type == "cuda" else 0.0
+    return rows + run_gemm(device, engine, quick, ceiling)
+
+
+def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     rows = []
     shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -41,4 +60,124 @@ def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> lis
         rows.append(Row(op="fp8_quant_token_group", shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
                         baseline="torch ops (reference)", baseline_s=t_base.median_s, bytes_moved=quant_bytes(m, k, 2),
                         ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    return rows
+
+
+# ------------------------------------------------------------------------------ GEMM
+
+
+def _gemm_operands(m, n, k, device, gen):
+    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device=device) * 0.05).to(torch.bfloat16)
+    return x, w, ref.quantize_per_token_group(x), ref.quantize_per_block(w)
+
+
+def scaled_mm_baseline(xq, xs, wq, ws):
+    """torch._scaled_mm on the same e4m3 operands: blockwise scales if this torch/GPU takes
+    them, else rowwise (per-row x scale, per-row w scale: the closest it offers). Returns
+    (callable, label)."""
+    b = wq.t()  # [K, N] column-major, as _scaled_mm wants
+    attempts = [("blockwise 1x128/128x128", xs.t().contiguous().t(), ws.t().contiguous().t()),
+                ("blockwise 1x128/128x128", xs, ws)]
+    for label, sa, sb in attempts:
+        try:
+            torch._scaled_mm(xq, b, sa, sb, out_dtype=torch.bfloat16)
+            return (lambda sa=sa, sb=sb: torch._scaled_mm(xq, b, sa, sb, out_dtype=torch.bfloat16)), label
+        except Exception:
+            continue
+    sa = xs.amax(dim=1, keepdim=True).float().contiguous()
+    sb = ws.amax().reshape(1, 1).expand(1, wq.shape[0]).float().contiguous()
+    return (lambda: torch._scaled_mm(xq, b, sa, sb, out_dtype=torch.bfloat16)), "rowwise"
+
+
+def fp8_ceiling_flops(device) -> float:
+    """FP8 rate of torch._scaled_mm (per-tensor scales) at 8192^3, measured now."""
+    n = 8192
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    t = time_fn(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), device=device, reps=10)
+    return 2 * n**3 / t.median_s
+
+
+def _check(y, oracle, what):
+    d = ref.calc_diff(y.float(), oracle)
+    if not d < 1e-5:  # benchmarks print, tests assert: still, never time a wrong kernel
+        raise RuntimeError(f"{what}: calc_diff {d:.3g} vs the float64 oracle: not timing it")
+
+
+def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: float = 0.0) -> list[Row]:
+    rows = []
+    gpu = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(0)
+    reps = 20 if gpu else 3
+    shapes = GPU_GEMM_SHAPES if gpu else CPU_GEMM_SHAPES
+    if quick:
+        shapes = shapes[:2] if gpu else shapes[:1]
+    ctx = (lambda: torch.no_grad()) if gpu else (lambda: fmo.use_backend(engine))
+    for m, n, k in shapes:
+        x, w, (xq, xs), (wq, ws) = _gemm_operands(m, n, k, device, gen)
+
+        def ours():
+            with ctx():
+                return fmo.fp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
+
+        _check(ours(), ref.fp8_gemm_oracle(xq, xs, wq, ws), f"fp8_gemm ({engine}) at {m}x{n}x{k}")
+        t_ours = time_fn(ours, device=device, reps=reps)
+        extra = {}
+        if gpu:
+            base, label = scaled_mm_baseline(xq, xs, wq, ws)
+            baseline = f"torch._scaled_mm {label}"
+            t_base = time_fn(base, device=device, reps=reps)
+            extra["bf16_matmul_s"] = time_fn(lambda: x @ w.t(), device=device, reps=reps).median_s
+        else:
+            a, b = ref.dequantize_per_token_group(xq, xs).float(), ref.dequantize_per_block(wq, ws).float()
+            baseline = "torch.matmul fp32 (dequantised)"
+            t_base = time_fn(lambda: a @ b.t(), device=device, reps=reps)
+        rows.append(Row(op="fp8_gemm", shape=f"{m}x{n}x{k}", engine=engine, ours_s=t_ours.median_s, baseline=baseline,
+                        baseline_s=t_base.median_s, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if gpu else "",
+                        ceiling_rate=ceiling_flops, extra=extra))
+    rows += _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx)
+    return rows
+
+
+def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[Row]:
+    rows = []
+    gpu = device.type == "cuda"
+    shapes = GPU_GROUPED if gpu else CPU_GROUPED
+    for g, per, n, k in (shapes[:1] if quick else shapes):
+        w = (torch.randn(g, n, k, generator=gen, device=device) * 0.05).to(torch.bfloat16)
+        q = [ref.quantize_per_block(w[i]) for i in range(g)]
+        wq3, ws3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
+        x = torch.randn(g * per, k, generator=gen, device=device).to(torch.bfloat16)
+        xq, xs = ref.quantize_per_token_group(x)
+        m_indices = torch.arange(g, device=device, dtype=torch.int32).repeat_interleave(per)
+        xq3, xs3 = xq.view(g, per, k), xs.view(g, per, -1)
+        masked_m = torch.full((g,), per, dtype=torch.int32, device=device)
+
+        def contiguous():
+            with ctx():
+                return fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices)
+
+        def masked():
+            with ctx():
+                return fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m)
+
+        oracle = torch.cat([ref.fp8_gemm_oracle(xq3[i], xs3[i], wq3[i], ws3[i]) for i in range(g)])
+        _check(contiguous(), oracle, f"grouped contiguous ({engine}) {g}x{per}x{n}x{k}")
+        _check(masked().reshape(g * per, n), oracle, f"grouped masked ({engine}) {g}x{per}x{n}x{k}")
+        if gpu:  # what users would otherwise run: one GEMM per expert
+            base, label = scaled_mm_baseline(xq3[0], xs3[0], wq3[0], ws3[0])
+            baseline = f"{g} x torch._scaled_mm {label}"
+            t_base = time_fn(lambda: [base() for _ in range(g)], device=device, reps=reps)
+        else:
+            a = torch.stack([ref.dequantize_per_token_group(xq3[i], xs3[i]) for i in range(g)]).float()
+            b = torch.stack([ref.dequantize_per_block(wq3[i], ws3[i]) for i in range(g)]).float()
+            baseline = "torch.bmm fp32 (dequantised)"
+            t_base = time_fn(lambda: torch.bmm(a, b.transpose(1, 2)), device=device, reps=reps)
+        for op, fn in (("fp8_grouped_contiguous", contiguous), ("fp8_grouped_masked", masked)):
+            t = time_fn(fn, device=device, reps=reps)
+            rows.append(Row(op=op, shape=f"{g}x{per}x{n}x{k}", engine=engine, ours_s=t.median_s, baseline=baseline,
+                            baseline_s=t_base.median_s, flops=2.0 * g * per * n * k,
+                            ceiling="_scaled_mm 8192^3" if gpu else "", ceiling_rate=ceiling_flops))
     return rows
