@@ -12,7 +12,7 @@
 
 namespace fmo_sim {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 constexpr std::size_t kStackBytes = 256 * 1024;       // fiber stack region, a power of two
 constexpr std::size_t kDynamicSmemBytes = 228 * 1024;  // Hopper's largest shared memory per CTA
 constexpr unsigned kWarpSize = 32;
@@ -36,8 +36,9 @@ enum AccessKind : int { kRead = 0, kWrite = 1, kAtomic = 2 };
 struct RuntimeApi {
   int abi_version;
   // Barrier `id` over `nthreads` threads (0: the whole CTA). Returns how many arrivals had
-  // pred != 0. `file`/`line` name the call site (divergence diagnostics).
-  int (*barrier)(unsigned id, unsigned nthreads, int pred, const char* file, int line);
+  // pred != 0. `file`/`line` name the call site (divergence diagnostics; line 0: none).
+  // arrive_only: count this thread's arrival and go on (bar.arrive).
+  int (*barrier)(unsigned id, unsigned nthreads, int pred, const char* file, int line, int arrive_only);
   void (*warp_allgather)(unsigned mask, const void* in, void* out, std::size_t bytes);
   void (*yield)();
   [[noreturn]] void (*fail)(const char* message);

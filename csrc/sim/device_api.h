@@ -28,7 +28,12 @@
 //   // an instrumented access; otherwise compiles to nothing.
 //   void check_access(const void* p, size_t bytes, bool is_write);
 //
-// All are in namespace fmo_sim, defined inline in this header.
+// All are in namespace fmo_sim, defined inline in this header. The prelude (fmo_sim.h) adds
+// named barriers, which racecheck and the deadlock diagnostics understand:
+//   void named_barrier(unsigned id, unsigned nthreads);         // bar.sync id, n (0: all threads)
+//   void named_barrier_arrive(unsigned id, unsigned nthreads);  // bar.arrive id, n
+// Note: module-level `thread_local` variables live in the module's TLS block, which is the
+// CTA's shared memory: they are per worker = per CTA in flight and poisoned at each CTA start.
 #pragma once
 #include <cstdarg>
 #include <cstddef>

@@ -71,10 +71,16 @@ static constexpr int warpSize = 32;
 // ---- barriers ------------------------------------------------------------------------------
 namespace fmo_sim {
 FMO_SIM_NOTSAN inline int barrier_at(unsigned id, unsigned n, int pred, const char* file, int line) {
-  return g_api->barrier(id, n, pred, file, line);
+  return g_api->barrier(id, n, pred, file, line, 0);
 }
-// bar.sync id, nthreads (nthreads = 0: the whole CTA).
-FMO_SIM_NOTSAN inline void named_barrier(unsigned id, unsigned nthreads) { barrier_at(id, nthreads, 0, "named_barrier", 0); }
+// bar.sync id, nthreads (nthreads = 0: the whole CTA): wait until nthreads threads arrived.
+FMO_SIM_NOTSAN inline void named_barrier(unsigned id, unsigned nthreads) {
+  g_api->barrier(id, nthreads, 0, "named barrier", 0, 0);
+}
+// bar.arrive id, nthreads: count this thread towards the phase and go on.
+FMO_SIM_NOTSAN inline void named_barrier_arrive(unsigned id, unsigned nthreads) {
+  g_api->barrier(id, nthreads, 0, "named barrier", 0, 1);
+}
 }  // namespace fmo_sim
 #define __syncthreads() ((void)::fmo_sim::barrier_at(0, 0, 0, __FILE__, __LINE__))
 #define __syncthreads_count(p) (::fmo_sim::barrier_at(0, 0, (p) ? 1 : 0, __FILE__, __LINE__))

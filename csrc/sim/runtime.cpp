@@ -156,7 +156,7 @@ static void api_yield() {
 
 [[noreturn]] static void api_fail(const char* msg) { fail_current(msg); }
 
-static int api_barrier(unsigned id, unsigned nthreads, int pred, const char* file, int line) {
+static int api_barrier(unsigned id, unsigned nthreads, int pred, const char* file, int line, int arrive_only) {
   Worker* w = tl_worker;
   Fiber* f = w->current;
   if (id >= 16) fail_current("barrier id " + std::to_string(id) + " out of range (0..15)");
@@ -173,7 +173,7 @@ static int api_barrier(unsigned id, unsigned nthreads, int pred, const char* fil
     if (b.expected != n)
       fail_current("barrier " + std::to_string(id) + " used with thread counts " + std::to_string(b.expected) +
                    " and " + std::to_string(n));
-    if (line > 0 && b.line > 0 && (b.line != line || std::strcmp(b.file, file) != 0))
+    if (line > 0 && b.line > 0 && !b.waiters.empty() && (b.line != line || std::strcmp(b.file, file) != 0))
       fail_current(std::string("divergent __syncthreads: this thread waits at ") + file + ":" + std::to_string(line) +
                    " while thread " + tid_str(b.waiters.front()) + " waits at " + b.file + ":" +
                    std::to_string(b.line));
@@ -193,6 +193,7 @@ static int api_barrier(unsigned id, unsigned nthreads, int pred, const char* fil
     w->epoch++;
     return result;
   }
+  if (arrive_only) return 0;
   b.waiters.push_back(f);
   f->state = FState::Blocked;
   f->wait_kind = 1;
@@ -227,12 +228,12 @@ static void api_warp_allgather(unsigned mask, const void* in, void* out, std::si
   if (eff & ws.exited)
     fail_current("warp collective with mask " + mask_str(mask) + " names lane(s) " + lanes_str(eff & ws.exited) +
                  " of warp " + std::to_string(f->abi.warp) + ", which already exited");
+  // Join the pending collective with the same mask; collectives with other (even overlapping)
+  // masks may be pending at the same time, as when half-warps shuffle on their own before a
+  // whole-warp shuffle. Mismatched masks that can never complete end as a reported stall.
   Collective* c = nullptr;
   for (Collective& a : ws.active) {
-    if (a.mask & eff) {
-      if (a.mask != eff)
-        fail_current("warp collective with mask " + mask_str(eff) + " overlaps a pending one with mask " +
-                     mask_str(a.mask) + " in warp " + std::to_string(f->abi.warp));
+    if (a.mask == eff && !(a.arrived & bit)) {
       if (a.bytes != bytes)
         fail_current("warp collective of " + std::to_string(bytes) + " bytes per lane meets one of " +
                      std::to_string(a.bytes) + " bytes (lanes of the mask called different collectives)");
@@ -349,7 +350,7 @@ static std::string describe_stall(Worker* w) {
     bool sync = id == 0 && b.line > 0;
     s += std::to_string(b.arrived) + " of " + std::to_string(b.expected) + " threads wait at " +
          (sync ? "__syncthreads" : "barrier " + std::to_string(id)) + (b.line > 0 ? std::string(" at ") + b.file + ":" + std::to_string(b.line) : "") +
-         " (first: thread " + tid_str(b.waiters.front()) + "); ";
+         (b.waiters.empty() ? std::string("; ") : " (first: thread " + tid_str(b.waiters.front()) + "); ");
   }
   for (std::size_t wi = 0; wi < w->warps.size(); ++wi)
     for (Collective& c : w->warps[wi].active)
