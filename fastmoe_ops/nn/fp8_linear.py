@@ -6,8 +6,10 @@ Layouts (x [M, K] = in_features K, W [N, K] = out_features N, M = tokens):
            W^T's block quantisation is the transpose of W's (same blocks), so it is wq.t()
            with ws.t(): no second quantisation of the weight.
   wgrad    dW [N, K] = gemm(dy^T per 1x128 group along M, x^T per 1x128 group along M)
-           (b scaled per row: the GEMM's 1 x 128 b-scale mode); M is zero-padded to a
-           multiple of 16 (the GEMM's K), zeros add nothing. Out fp32, cast to W's dtype.
+           (b scaled per row: the GEMM's 1 x 128 b-scale mode), both quantised by one kernel
+           pass that transposes through shared memory (quantize_per_token_group_transposed);
+           M is zero-padded to a multiple of 16 (the GEMM's K), zeros add nothing. Out fp32,
+           cast to W's dtype.
   bias     db = dy.sum(0) in fp32.
 All three GEMMs accumulate in fp32 with promotion per 128 of their K. Requirements:
 in_features % 16 == 0 and out_features % 16 == 0 (they are the GEMMs' K).
@@ -25,7 +27,7 @@ import math
 import torch
 
 from ..errors import expect
-from ..ops.fp8_block_quant import quantize_per_block
+from ..ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_transposed
 from ..ops.fp8_gemm import gemm
 from ..ops.fp8_quant import quantize_per_token_group
 
@@ -35,17 +37,6 @@ _OUT = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.floa
 def _grads(*grads, inputs: int):
     """The backward's tuple: the given gradients, then None for the remaining inputs."""
     return grads + (None,) * (inputs - len(grads))
-
-
-def _quantize_transposed_rows(t: torch.Tensor):
-    """t [M, C] -> t^T [C, Mp] quantised per 1 x 128 group along M (Mp = M rounded up to 16,
-    zero-padded): wgrad's operand layout. Plan for a fused kernel: one CTA per 128 x 64 tile,
-    transposing through shared memory, would save this copy."""
-    m, c = t.shape
-    mp = -(-m // 16) * 16
-    tt = torch.zeros(c, mp, dtype=t.dtype, device=t.device)
-    tt[:, :m] = t.t()
-    return quantize_per_token_group(tt, 128)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -70,8 +61,8 @@ class _FP8LinearFunction(torch.autograd.Function):
             dyq, dys = quantize_per_token_group(dy, 128)
             dx = gemm(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), out_dtype=_OUT[x.dtype]).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dyq_t, dys_t = _quantize_transposed_rows(dy)   # [N, Mp], [N, ceil(Mp/128)]
-            xq_t, xs_t = _quantize_transposed_rows(x)      # [K, Mp], [K, ceil(Mp/128)]: b per row
+            dyq_t, dys_t = quantize_per_token_group_transposed(dy, 128)  # [N, Mp], [N, ceil(M/128)]
+            xq_t, xs_t = quantize_per_token_group_transposed(x, 128)     # [K, Mp], [K, ceil(M/128)]: b per row
             dw = gemm(dyq_t, dys_t, xq_t, xs_t, out_dtype=torch.float32).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(x.dtype)

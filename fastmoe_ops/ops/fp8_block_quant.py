@@ -1,4 +1,5 @@
-"""Launcher of the per-block FP8 quantisation kernel (csrc/quant/fp8_block_quant.cuh).
+"""Launchers of the backward's FP8 quantisations: per block (csrc/quant/fp8_block_quant.cuh)
+and x^T per token group (csrc/quant/fp8_quant_transposed.cuh, at the end of this module).
 
 w: [N, K] bf16 | fp16 | fp32, last dim contiguous (rows may be strided)
 -> wq: [N, K] float8_e4m3fn contiguous, ws: [ceil(N / block_size), ceil(K / block_size)] fp32.
@@ -114,3 +115,90 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
     expect(nb <= 65535, "w", "at most 65535 * block_size rows", n)
     launch(spec, LaunchConfig.make(grid=(kb, nb), block=spec.block_threads()), params, engine=engine, tensors=(w, wq, ws))
     return wq, ws
+
+
+# --------------------------------------------- transposed per-token-group (wgrad operands)
+
+
+class Fp8TransposedQuantParams(Params):
+    cpp_name = "fmo::Fp8TransposedQuantParams"
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("xq_t", ctypes.c_void_p),
+        ("xs_t", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("x_row_stride", ctypes.c_int64),
+        ("out_cols", ctypes.c_int64),
+        ("groups", ctypes.c_int64),
+        ("min_amax", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+TRANSPOSED_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Fp8TransposedQuantSpec(KernelSpec):
+    dtype: str            # input element type: bf16 | fp16 | fp32
+    group_size: int       # rows of x per scale
+    pow2_scale: bool
+
+    op: ClassVar[str] = "fp8_quant_token_group_transposed"
+    header: ClassVar[str] = "csrc/quant/fp8_quant_transposed.cuh"
+    params: ClassVar[type[Params]] = Fp8TransposedQuantParams
+
+    def check(self) -> None:
+        super().check()
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.group_size not in TRANSPOSED_GROUPS:
+            raise UnsupportedError(f"{self.op}: group_size must be one of {TRANSPOSED_GROUPS}, got {self.group_size}")
+
+    def tile_cols(self) -> int:  # 256 threads x 16-byte stores cover the tile exactly
+        return max(64, 4096 // self.group_size)
+
+    def block_threads(self) -> int:
+        return 256
+
+    def device_call(self) -> str:
+        return (f"fmo::fp8_quant_token_group_transposed<{CUDA_TYPE[self.dtype]}, {self.group_size}, {self.tile_cols()}, "
+                f"{'true' if self.pow2_scale else 'false'}>(p)")
+
+
+@register_op("fp8_quant_token_group_transposed")
+def standard_transposed_specs():
+    for dtype in ("bf16", "fp32"):
+        yield Fp8TransposedQuantSpec(dtype=dtype, group_size=128, pow2_scale=False)
+
+
+def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
+    """Quantise x^T per 1 x group_size group along x's rows (tokens), without forming x^T.
+
+    x: [M, K] bf16/fp16/fp32 (last dim contiguous) -> (xq_t [K, Mp] float8_e4m3fn,
+    xs_t [K, ceil(M/group_size)] fp32) with Mp = M rounded up to 16 and zero columns past M:
+    bit-identical to quantize_per_token_group(x.t().contiguous()) on the first M columns.
+    The wgrad operands of FP8Linear (dW = dy^T x)."""
+    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
+    expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", f"shape {tuple(x.shape)}")
+    expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
+    expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "a contiguous last dimension (stride 1)", f"strides {x.stride()}")
+    expect(group_size in TRANSPOSED_GROUPS, "group_size", f"one of {TRANSPOSED_GROUPS}", group_size)
+    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+    engine = backends.engine_for(x=x)
+    if engine == "reference":
+        return reference.quantize_per_token_group_transposed(x, group_size, pow2_scale=pow2_scale, eps=eps)
+    m, k = x.shape
+    mp, groups = -(-m // 16) * 16, -(-m // group_size)
+    xq_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=x.device)
+    xs_t = torch.empty(k, groups, dtype=torch.float32, device=x.device)
+    if m * k == 0:
+        return xq_t, xs_t
+    expect(groups <= 65535, "x", f"at most {65535 * group_size} rows", m)
+    spec = Fp8TransposedQuantSpec(dtype=_DTYPES[x.dtype], group_size=group_size, pow2_scale=pow2_scale)
+    params = Fp8TransposedQuantParams(x=x.data_ptr(), xq_t=xq_t.data_ptr(), xs_t=xs_t.data_ptr(), rows=m, cols=k,
+                                      x_row_stride=x.stride(0), out_cols=mp, groups=groups, min_amax=eps, reserved=0)
+    grid = (-(-k // spec.tile_cols()), groups)
+    launch(spec, LaunchConfig.make(grid=grid, block=256), params, engine=engine, tensors=(x, xq_t, xs_t))
+    return xq_t, xs_t

@@ -66,8 +66,14 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
 
 def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
     """x [M, K] -> x^T quantised per 1 x group_size group along M (wgrad's layout):
-    (xq_t [K, M] float8_e4m3fn, xs_t [K, ceil(M/group_size)] fp32)."""
-    return quantize_blocks(x.t(), 1, group_size, pow2_scale=pow2_scale, eps=eps)
+    (xq_t [K, Mp] float8_e4m3fn, xs_t [K, ceil(M/group_size)] fp32), Mp = M rounded up to 16,
+    columns M..Mp-1 zero (the consuming GEMM's K must be a multiple of 16)."""
+    m, k = x.shape
+    q, s = quantize_blocks(x.t(), 1, group_size, pow2_scale=pow2_scale, eps=eps)
+    mp = -(-m // 16) * 16
+    out = torch.zeros(k, mp, dtype=torch.float8_e4m3fn, device=x.device)
+    out[:, :m] = q
+    return out, s
 
 
 def dequantize_per_token_group(xq: torch.Tensor, xs: torch.Tensor, group_size: int = 128) -> torch.Tensor:
