@@ -3,8 +3,9 @@
 // The extension is loaded RTLD_LOCAL, so a module cannot link against it: the runtime hands
 // the module a table of function pointers (`RuntimeApi`) through the module's exported
 // `fmo_sim_bind`. Hot paths (thread/block indices) do not go through the table: each fiber
-// keeps a `FiberAbi` at the base of its stack region, which is aligned to `kStackBytes`, so
-// the current thread is `rsp & ~(kStackBytes - 1)` -- one AND, no TLS lookup.
+// keeps a `FiberAbi` at the top of its stack region (the stack grows down from below it, so
+// both share the hot page), and the region is aligned to `kStackBytes`: the current thread is
+// `(rsp & ~(kStackBytes - 1)) + kCtlOffset` -- an AND and an add, no TLS lookup.
 // Bump kAbiVersion whenever anything in this file changes (it is part of the cache key).
 #pragma once
 #include <cstddef>
@@ -12,12 +13,14 @@
 
 namespace fmo_sim {
 
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 constexpr std::size_t kStackBytes = 256 * 1024;       // fiber stack region, a power of two
+constexpr std::size_t kCtlBytes = 1024;                // fiber control block, top of the region
+constexpr std::size_t kCtlOffset = kStackBytes - kCtlBytes;
 constexpr std::size_t kDynamicSmemBytes = 228 * 1024;  // Hopper's largest shared memory per CTA
 constexpr unsigned kWarpSize = 32;
 
-// Lives at the lowest address of each fiber's stack region (a guard page sits above it).
+// Lives at the top of each fiber's stack region (a guard page is the region's lowest page).
 struct FiberAbi {
   unsigned tid[3];
   unsigned bid[3];

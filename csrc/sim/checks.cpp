@@ -113,8 +113,8 @@ void check_access(const void* p, std::size_t bytes, int kind) {
     return;
   }
   if (!L->memcheck) return;
-  std::uintptr_t base = reinterpret_cast<std::uintptr_t>(f);
-  if (a >= base && a + bytes <= base + kStackBytes) return;
+  std::uintptr_t base = reinterpret_cast<std::uintptr_t>(f) & ~(std::uintptr_t)(kStackBytes - 1);
+  if (a >= base && a + bytes <= base + kStackBytes) return;  // this thread's stack
   for (const Range& r : L->ranges)
     if (a >= r.lo && a + bytes <= r.hi) return;
   for (auto& s : L->mod->segments)

@@ -52,7 +52,7 @@ inline const RuntimeApi* g_api = nullptr;
 FMO_SIM_NOTSAN inline FiberAbi* cur() {
   std::uintptr_t sp;
   asm("mov %%rsp, %0" : "=r"(sp));
-  return reinterpret_cast<FiberAbi*>(sp & ~(std::uintptr_t)(kStackBytes - 1));
+  return reinterpret_cast<FiberAbi*>((sp & ~(std::uintptr_t)(kStackBytes - 1)) + kCtlOffset);
 }
 
 FMO_SIM_NOTSAN inline unsigned lane_id() { return cur()->lane; }

@@ -22,12 +22,13 @@ namespace fmo_sim {
 namespace {
 thread_local Worker* tl_worker = nullptr;
 
-// ---- fiber stacks: aligned to their size so the fiber is `rsp & ~(kStackBytes-1)` --------
+// ---- fiber stacks: aligned to their size; the Fiber sits at the top (abi.h: kCtlOffset) --
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kGuardedStacks = 16384;
 constexpr std::size_t kChunk = 64;
 std::size_t g_guarded = 0;  // under g_stack_mutex
-static_assert(sizeof(Fiber) <= kPage, "Fiber control block must fit its page");
+static_assert(sizeof(Fiber) <= kCtlBytes, "Fiber control block must fit kCtlBytes");
+static_assert(offsetof(Fiber, abi) == 0, "modules read FiberAbi at the control block's start");
 std::mutex g_stack_mutex;
 std::vector<Fiber*>* g_free_stacks = new std::vector<Fiber*>();  // leaked: outlives workers
 
@@ -83,14 +84,13 @@ Fiber* alloc_fiber() {
     if (r + len > end) munmap(reinterpret_cast<void*>(end), r + len - end);
     for (std::size_t i = kChunk; i-- > 0;) {
       std::uintptr_t b = base + i * kStackBytes;
-      // Guard page between the control block and the stack, which grows down towards it.
-      // Each guard splits the mapping (vm.max_map_count is ~65530 per process), so only the
-      // first kGuardedStacks stacks get one.
+      // Guard page at the bottom, where the stack overflows. Each guard splits the mapping
+      // (vm.max_map_count is ~65530 per process), so only the first kGuardedStacks get one.
       if (g_guarded < kGuardedStacks) {
         g_guarded++;
-        mprotect(reinterpret_cast<void*>(b + kPage), kPage, PROT_NONE);
+        mprotect(reinterpret_cast<void*>(b), kPage, PROT_NONE);
       }
-      g_free_stacks->push_back(new (reinterpret_cast<void*>(b)) Fiber());
+      g_free_stacks->push_back(new (reinterpret_cast<void*>(b + kCtlOffset)) Fiber());
     }
   }
   Fiber* f = g_free_stacks->back();
@@ -316,7 +316,7 @@ static void fiber_main(Fiber* f) {
 
 static void start_fiber(Fiber* f) {
   // initial frame popped by fmo_sim_switch: [mxcsr|fcw] r15 r14 r13 r12 rbx rbp ret
-  std::uintptr_t top = reinterpret_cast<std::uintptr_t>(f) + kStackBytes;
+  std::uintptr_t top = reinterpret_cast<std::uintptr_t>(f);  // the stack grows down below the Fiber
   std::uint64_t* sp = reinterpret_cast<std::uint64_t*>(top);
   *--sp = reinterpret_cast<std::uint64_t>(&fmo_sim_fiber_start);  // at top-8: rsp is 16-aligned after ret
   *--sp = 0;                                                        // rbp

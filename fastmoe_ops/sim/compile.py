@@ -28,7 +28,7 @@ from ..errors import BackendError, CompileError
 from ..runtime import sources
 from ..runtime.cache import default_cache, make_key
 
-ABI_VERSION = 4  # keep equal to fmo_sim::kAbiVersion (csrc/sim/abi.h); checked at load
+ABI_VERSION = 5  # keep equal to fmo_sim::kAbiVersion (csrc/sim/abi.h); checked at load
 DYNAMIC_SMEM_BYTES = 228 * 1024
 
 _BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-w")
