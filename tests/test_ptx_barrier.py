@@ -193,7 +193,7 @@ def test_fence_sc_forbids_store_buffering(runner):
 
 @pytest.mark.parametrize("kernel,match", [("bad_count", "multiple of the warp size"),
                                           ("bad_id", "not in 0..15"),
-                                          ("mismatched_count", "differs")])
+                                          ("mismatched_count", "thread counts")])
 def test_named_barrier_invalid_use_fails(runner, kernel, match):
     from fastmoe_ops.errors import SimError
 
