@@ -81,7 +81,7 @@ def test_structured_inputs_exact(out_dtype):
 
 @pytest.mark.parametrize("engine", cpu_engines())
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 8, 16), (64, 64, 128), (100, 72, 272), (129, 200, 400), (16, 300, 144)])
+@pytest.mark.parametrize("shape", [(1, 8, 16), (64, 64, 128), (100, 72, 272), (129, 200, 400), (16, 300, 144), (40, 72, 1040)])
 def test_gemm_vs_oracle(engine, out_dtype, shape):
     m, n, k = shape
     seed = m * 131 + n * 7 + k
@@ -103,8 +103,9 @@ def test_gemm_row_scaled_b(engine):
 
 @SIM
 def test_gemm_large_tile_config():
-    """Force the 128 x 128 (8-warp) tile with a tiny SM budget, on a ragged shape."""
-    m, n, k = 150, 130, 144
+    """Force the 128 x 128 (8-warp) tile with a tiny SM budget, on a ragged shape with more
+    K blocks (5) than pipeline stages (3), so the stage ring wraps."""
+    m, n, k = 150, 130, 592
     xq, xs, wq, ws = quantised_operands(m, n, k, 3)
     spec = launcher.choose_spec("dense", m, n, k, "fp32", "blk128", compute_sms=1)
     assert (spec.block_m, spec.block_n) == (128, 128)
