@@ -189,3 +189,10 @@ def test_spin_without_yield_is_stopped_and_the_simulator_recovers(monkeypatch):
     x = np.full(32, -1, np.int32)
     mod.get_function("ok")((1,), (32,), (x,))
     np.testing.assert_array_equal(x, np.arange(32))
+
+
+def test_function_follows_checking_flags_set_after_get_function(monkeypatch):
+    f = sim.RawModule(code=OOB, options=("-DPLANT_BUG",)).get_function("fill")
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    with pytest.raises(SimError, match="out-of-bounds global write"):
+        f((2,), (64,), (np.zeros(100, np.float32), np.int32(100)))

@@ -91,7 +91,7 @@ class RawModule:
             names = tuple(self._names)
         mod = self._module_for(names)
         index = names.index(name)
-        return Function(name, mod, index, mod.signature(index))
+        return Function(name, mod, index, mod.signature(index), owner=self, checking=_compile.checking_build())
 
     def get_global(self, name: str) -> np.ndarray:
         """A writable uint8 view of a `__device__`/`__constant__` variable (use `.view(dtype)`)."""

@@ -134,12 +134,12 @@ def _dynamic_tu(names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run(cmd: list[str], what: str, kernel: str, source: Path) -> str:
+def _run(cmd: list[str], what: str, kernel: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CompileError(
-            f"simulator host compile of {kernel} failed ({what}); source {source}\n"
-            f"command: {' '.join(cmd)}\n{proc.stderr[-8000:]}")
+            f"simulator host compile of {kernel} failed ({what}; `kernel.cu:LINE` is a line of the "
+            f"module's code)\ncommand: {' '.join(cmd)}\n{proc.stderr[-8000:]}")
     return proc.stdout
 
 
@@ -162,10 +162,10 @@ def build_module(code: str, options, names: tuple[str, ...]) -> Path:
         main_cpp, main_o = d / "kernel.cpp", d / "kernel.o"
         dyn_cpp, dyn_o = d / "dynamic_smem.cpp", d / "dynamic_smem.o"
         main_cpp.write_text(src)
-        _run([cxx, *flags, *includes, *user, "-c", str(main_cpp), "-o", str(main_o)], "compile", kernel, main_cpp)
-        syms = _run(["readelf", "-sW", str(main_o)], "readelf", kernel, main_cpp)
+        _run([cxx, *flags, *includes, *user, "-c", str(main_cpp), "-o", str(main_o)], "compile", kernel)
+        syms = _run(["readelf", "-sW", str(main_o)], "readelf", kernel)
         dyn_cpp.write_text(_dynamic_tu(_undefined_tls(syms)))
-        _run([cxx, *_BASE_FLAGS, "-c", str(dyn_cpp), "-o", str(dyn_o)], "compile dynamic shared memory", kernel, dyn_cpp)
-        _run([cxx, "-shared", "-o", str(out), str(main_o), str(dyn_o)], "link", kernel, main_cpp)
+        _run([cxx, *_BASE_FLAGS, "-c", str(dyn_cpp), "-o", str(dyn_o)], "compile dynamic shared memory", kernel)
+        _run([cxx, "-shared", "-o", str(out), str(main_o), str(dyn_o)], "link", kernel)
 
     return default_cache().get_or_build("sim", key, ".so", build)

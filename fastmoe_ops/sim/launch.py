@@ -111,11 +111,13 @@ def pack_args(kernel: str, signature, args) -> tuple[bytes, list[tuple[int, int,
 class Function:
     """A kernel of a simulated module: `f(grid, block, args, shared_mem=0)` as in CuPy."""
 
-    def __init__(self, name: str, module, index: int, signature):
+    def __init__(self, name: str, module, index: int, signature, owner=None, checking: bool = False):
         self.name = name
         self._module = module  # _simrt.Module
         self._index = index
         self.signature = tuple(tuple(s) for s in signature)  # ((size, align), ...)
+        self._owner = owner  # the RawModule: rebuilds when FMO_SIM_RACECHECK/MEMCHECK change
+        self._checking = checking
 
     @property
     def num_params(self) -> int:
@@ -130,6 +132,12 @@ class Function:
         shared_mem = int(shared_mem)
         if not 0 <= shared_mem <= MAX_SHARED:
             raise InputError(f"{self.name}: shared_mem: expected 0..{MAX_SHARED} bytes, got {shared_mem}")
+        from .compile import checking_build
+
+        if self._owner is not None and checking_build() != self._checking:
+            # the checking flags changed since get_function: use the matching build
+            f = self._owner.get_function(self.name)
+            self._module, self._index, self._checking = f._module, f._index, f._checking
         data, ranges = pack_args(self.name, self.signature, args)
         for lo, n in extra_ranges:
             ranges.append((int(lo), int(lo) + int(n), -1))
