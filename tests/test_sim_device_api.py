@@ -125,3 +125,23 @@ def test_shared_atomics_do_not_race(monkeypatch):
     out = np.zeros(8, np.int32)
     sim.RawModule(code=src).get_function("hist")((4,), (128,), (keys, out))
     np.testing.assert_array_equal(out, np.bincount(keys, minlength=8))
+
+
+def test_extern_shared_arrays_alias_one_buffer_and_printf():
+    src = r'''
+    #include <cstdio>
+    namespace detail { extern __shared__ __align__(16) unsigned char raw[]; }
+    extern "C" __global__ void alias(unsigned long long* out) {
+      extern __shared__ float f[];
+      f[threadIdx.x] = 1.0f;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        out[0] = (unsigned long long)(void*)detail::raw == (unsigned long long)(void*)f;
+        out[1] = (unsigned long long)(void*)f % 1024;
+        out[2] = detail::raw[4 * 3 + 3];   // high byte of 1.0f
+        printf("alias kernel: block %d\n", (int)blockIdx.x);
+      }
+    }'''
+    out = np.full(3, 99, np.uint64)
+    sim.RawModule(code=src).get_function("alias")((1,), (8,), (out,), shared_mem=32)
+    np.testing.assert_array_equal(out, [1, 0, 0x3F])
