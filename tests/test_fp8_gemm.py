@@ -163,3 +163,14 @@ def test_bad_input_refused(case):
     arg, fragment, args, kw = list(_bad_cases())[case]
     with pytest.raises(fmo.InputError, match=rf"^{arg}: expected .*{fragment}"):
         fmo.fp8.gemm(*args, **kw)
+
+
+def test_custom_op_traces_under_torch_compile():
+    """torch.ops.fmo.fp8_gemm: opcheck's fake-tensor check, and a fullgraph compile."""
+    xq, xs, wq, ws = quantised_operands(16, 32, 160, 4)
+    with fmo.use_backend("reference"):
+        torch.library.opcheck(torch.ops.fmo.fp8_gemm, (xq, xs, wq, ws, torch.float32),
+                              test_utils=("test_faketensor",))  # test_schema does arithmetic e4m3 lacks on CPU
+        fn = torch.compile(lambda *a: torch.ops.fmo.fp8_gemm(*a, torch.float32) * 2, backend="eager", fullgraph=True)
+        y = fn(xq, xs, wq, ws)
+    assert_close_to_oracle(y / 2, ref.fp8_gemm_oracle(xq, xs, wq, ws), "custom op", 4)

@@ -232,3 +232,14 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows", m)
     run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine=engine)
     return out
+
+
+# torch.library registration, so torch.compile traces the GEMM as one opaque op (fullgraph).
+@torch.library.custom_op("fmo::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm(xq, xs, wq, ws, out_dtype)
+
+
+@_fp8_gemm_op.register_fake
+def _(xq, xs, wq, ws, out_dtype):
+    return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)
