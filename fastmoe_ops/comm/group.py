@@ -14,6 +14,7 @@ old tags), so the group refuses further use: make a new one (e.g. over `comm.Dup
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -43,9 +44,7 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
 
 def poll(requests, deadline: float, what: str, names) -> None:
     """Wait for `requests` (MPI requests) until `deadline` (time.monotonic()); on time-out
-    raise CommTimeoutError naming `names[i]` for every request i still pending.
-
-    Spins briefly, then sleeps with a growing back-off: ranks often outnumber cores."""
+    raise CommTimeoutError naming `names[i]` for every request i still pending."""
     MPI = _mpi()
     pending = list(range(len(requests)))
     spins = 0
@@ -61,9 +60,14 @@ def poll(requests, deadline: float, what: str, names) -> None:
             raise CommTimeoutError(
                 f"{what}: timed out after FMO_COMM_TIMEOUT={env.number('FMO_COMM_TIMEOUT'):g} s waiting for "
                 f"rank(s) {missing}")
+        # Nonblocking collectives progress only inside MPI calls, so keep testing; yield
+        # the core between tests (ranks may outnumber cores), and back off to sleeping
+        # only after a long wait.
         spins += 1
-        if spins > 200:
-            time.sleep(min(1e-3, 1e-6 * (spins - 200)))
+        if spins < 20000:
+            os.sched_yield()
+        else:
+            time.sleep(1e-4)
 
 
 @dataclass

@@ -49,11 +49,16 @@ def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[i] = src[index[i]], zeros where index[i] == -1. Any dtype (bytes are copied)."""
-    out = torch.zeros((index.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype)
-    keep = index >= 0
-    if bool(keep.any()):
-        out.view(torch.uint8)[keep] = src.view(torch.uint8)[index[keep]]
-    return out
+    shape = (index.shape[0],) + tuple(src.shape[1:])
+    if src.shape[0] == 0 or index.shape[0] == 0:
+        return torch.zeros(shape, dtype=src.dtype)
+    rows = src.reshape(src.shape[0], -1)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = rows.view(torch.uint8).index_select(0, index.clamp(min=0))
+    missing = index < 0
+    if bool(missing.any()):
+        out[missing] = 0
+    return out.view(src.dtype).reshape(shape)
 
 
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,10 +73,13 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     for j in range(index.shape[1]):
         col = index[:, j]
         keep = col >= 0
-        rows = y[col.clamp(min=0)].to(acc_t)
+        if not bool(keep.any()):
+            continue
+        sel = keep.nonzero().squeeze(1)
+        rows = y.index_select(0, col[sel]).to(acc_t)
         if weights is not None:
-            rows = weights[:, j].to(acc_t)[:, None] * rows        # rounded product, then the sum
-        acc = torch.where(keep[:, None], acc + rows, acc)
+            rows.mul_(weights[sel, j].to(acc_t)[:, None])        # rounded product, then the sum
+        acc.index_add_(0, sel, rows)                             # distinct rows: one add each
     return acc.to(y.dtype)
 
 
