@@ -121,7 +121,12 @@ CONFIGS = (LARGE, WIDE, SMALL)
 def choose_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
                 compute_sms: int | None = None) -> Fp8GemmSpec:
     """Pure heuristic of (shape, SM budget): the largest tile that still gives every SM a
-    tile, else the one with the most tiles. m is the rows per group (masked: Mmax)."""
+    tile, else the one with the most tiles. m is the rows per group (masked: Mmax).
+
+    Seam for the Hopper kernel (wgmma/QGMMA + TMA, persistent; a later issue): a second spec
+    class with its own header, returned here for sm_90a. It reuses Fp8GemmParams, the problem
+    views (resolve_tile) and the epilogue; TileScheduler becomes a loop over tiles with a grid
+    of budget.compute_sms CTAs (and a CTA barrier between tiles before the next prologue)."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
 
     def tiles(cfg):
