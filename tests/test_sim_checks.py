@@ -35,7 +35,8 @@ def test_missing_syncthreads_is_a_race(monkeypatch):
     msg = str(e.value)
     assert "reverse" in msg and "shared-memory race" in msg and "block (0,0,0)" in msg
     # threads run in order, so thread 64's write meets thread 63's earlier read of s[64]
-    assert "write of 4 bytes" in msg and "conflicts with a read by thread (63,0,0)" in msg
+    assert "write of 4 bytes at shared variable `reverse::s` byte offset 256" in msg
+    assert "conflicts with a read by thread (63,0,0)" in msg
 
 
 def test_same_warp_without_syncwarp_is_a_race_and_syncwarp_fixes_it(monkeypatch):

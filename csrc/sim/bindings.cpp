@@ -1,7 +1,13 @@
 // Python bindings of the SIMT simulator runtime: load a host-compiled module, read its
 // kernels' parameter layouts, launch (with the GIL released), and look up its globals.
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -40,6 +46,45 @@ int phdr_cb(struct dl_phdr_info* info, size_t, void* data) {
   return 1;
 }
 
+// Static __shared__ variables are TLS symbols of the module's .symtab (local ones too): read
+// them so race reports can name the variable.
+std::vector<TlsSymbol> read_shared_vars(const std::string& path) {
+  std::vector<TlsSymbol> out;
+  int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return out;
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    close(fd);
+    return out;
+  }
+  void* map = mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  if (map == MAP_FAILED) return out;
+  auto* base = static_cast<const unsigned char*>(map);
+  auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(base);
+  auto* sh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff);
+  for (int i = 0; i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB) continue;
+    auto* syms = reinterpret_cast<const ElfW(Sym)*>(base + sh[i].sh_offset);
+    const char* strs = reinterpret_cast<const char*>(base + sh[sh[i].sh_link].sh_offset);
+    std::size_t n = sh[i].sh_size / sizeof(ElfW(Sym));
+    for (std::size_t k = 0; k < n; ++k) {
+      if (ELF64_ST_TYPE(syms[k].st_info) != STT_TLS || syms[k].st_size == 0) continue;
+      std::string name = strs + syms[k].st_name;
+      if (name == "fmo_sim_dynamic_smem_buf") continue;
+      int status = 0;
+      char* dm = abi::__cxa_demangle(name.c_str(), nullptr, nullptr, &status);
+      if (dm) {
+        name = dm;
+        std::free(dm);
+      }
+      out.push_back(TlsSymbol{syms[k].st_value, syms[k].st_size, name});
+    }
+  }
+  munmap(map, st.st_size);
+  return out;
+}
+
 class PyModule {
  public:
   explicit PyModule(const std::string& path) {
@@ -59,6 +104,7 @@ class PyModule {
     PhdrQuery q{lm->l_addr, &m_};
     dl_iterate_phdr(phdr_cb, &q);
     if (!m_.tls_size) throw std::runtime_error("module has no TLS segment (shared memory): " + path);
+    m_.shared_vars = read_shared_vars(path);
   }
 
   py::list signature(int index) {

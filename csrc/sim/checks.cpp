@@ -40,7 +40,11 @@ static std::string thread_of(const Worker* w, unsigned tid) {
 static std::string smem_place(const Worker* w, const unsigned char* p) {
   if (p >= w->dyn_lo && p < w->dyn_lo + kDynamicSmemBytes)
     return "dynamic shared memory offset " + std::to_string(p - w->dyn_lo);
-  return "static shared memory offset " + std::to_string(p - w->tls_lo) + " of the module's shared block";
+  std::size_t off = p - w->tls_lo;
+  for (const TlsSymbol& s : w->L->mod->shared_vars)
+    if (off >= s.offset && off < s.offset + s.size)
+      return "shared variable `" + s.name + "` byte offset " + std::to_string(off - s.offset);
+  return "static shared memory offset " + std::to_string(off) + " of the module's shared block";
 }
 
 static inline bool conflicts(const Worker* w, const ShadowRec& r, unsigned tid, unsigned warp) {

@@ -110,8 +110,14 @@ struct Range {
   int index;  // argument index (-1: extra range)
 };
 
+struct TlsSymbol {  // a static __shared__ variable: offset in the module's TLS block
+  std::size_t offset, size;
+  std::string name;
+};
+
 struct Module {
   void* handle = nullptr;
+  std::vector<TlsSymbol> shared_vars;
   std::string path;
   std::size_t tls_size = 0;
   unsigned char* (*dynamic_smem)() = nullptr;
