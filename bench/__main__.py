@@ -1,6 +1,6 @@
 """The main job: every op's benchmark, side by side with what users would otherwise call.
 
-    python -m bench [--quick] [--json FILE] [--engine sim|reference]
+    python -m bench [--quick] [--json FILE] [--plot DIR] [--results] [--engine sim|reference]
 
 On a GPU: CUDA events, cold L2, medians, the device copy bandwidth measured in the same run
 as the ceiling. On a CPU-only machine: small shapes through the `sim` engine (the kernels'
@@ -19,7 +19,8 @@ import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
 from . import bench_fp8
-from .harness import format_table, write_json
+from .harness import format_table, plot, write_json
+from .report import save_results
 
 AREAS = {"fp8": bench_fp8}
 
@@ -35,12 +36,43 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     return 2 * n / t.median_s / 1e9
 
 
+def matmul_tflops(device: torch.device) -> float:
+    """bf16 torch.matmul rate at 8192^3 on random data: the tensor-core ceiling."""
+    if device.type != "cuda":
+        return 0.0
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = time_fn(lambda: a @ b, device=device, reps=10)
+    return 2 * n**3 / t.median_s / 1e12
+
+
+def host_overhead_us() -> float | None:
+    """Median host overhead of a warm call (bench/overhead_bench.py, pytest-benchmark)."""
+    import json
+    import tempfile
+
+    import pytest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "overhead.json"
+        rc = pytest.main([str(Path(__file__).with_name("overhead_bench.py")), "--benchmark-only", "-q",
+                          "--benchmark-disable-gc", f"--benchmark-json={out}", "-p", "no:cacheprovider"])
+        if rc != 0 or not out.exists():
+            return None
+        stats = json.loads(out.read_text())["benchmarks"][0]["stats"]
+        return stats["median"] * 1e6
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a short subset of shapes")
     p.add_argument("--json", type=Path, help="write all rows and the environment to this file")
     p.add_argument("--engine", choices=["sim", "reference"], help="CPU engine (default: every available one)")
     p.add_argument("--only", choices=sorted(AREAS), action="append", help="run only these areas")
+    p.add_argument("--plot", type=Path, help="write PNG plots (rate against size, ours and baselines) here")
+    p.add_argument("--results", action="store_true",
+                   help="keep the run: bench/results/<device>-<date>.json + .md, and regenerate README's performance section")
     args = p.parse_args(argv)
 
     if torch.cuda.is_available() and "cuda" in fmo.available_backends():
@@ -53,17 +85,36 @@ def main(argv=None) -> int:
     copy = copy_bandwidth_gbps(device)
     if copy:
         print(f"device copy bandwidth (measured now): {copy:.0f} GB/s")
+    ceilings = {"copy_gbps": copy, "bf16_matmul_tflops": matmul_tflops(device)}
+    if ceilings["bf16_matmul_tflops"]:
+        print(f"bf16 matmul 8192^3 (measured now): {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s")
     rows = []
-    for name, module in AREAS.items():
-        if args.only and name not in args.only:
-            continue
-        for engine in engines:
-            rows += module.run(device, engine, args.quick, copy)
+    jobs = [(name, module, engine) for name, module in AREAS.items() if not args.only or name in args.only for engine in engines]
+    for name, module, engine in _progress(jobs):
+        rows += module.run(device, engine, args.quick, copy)
     print(format_table(rows))
+    overhead = host_overhead_us()
+    if overhead is not None:
+        print(f"host overhead per warm call (fp8 quantisation, pytest-benchmark median): {overhead:.1f} us")
+    extra = {"ceilings": ceilings, "host_overhead_us": overhead}
     if args.json:
-        write_json(args.json, rows, device)
+        write_json(args.json, rows, device, extra)
         print(f"wrote {args.json}")
+    if args.plot:
+        for path in plot(rows, args.plot):
+            print(f"wrote {path}")
+    if args.results:
+        for path in save_results(rows, device, extra):
+            print(f"wrote {path}")
     return 0
+
+
+def _progress(jobs):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return jobs
+    return tqdm(jobs, desc="benchmarks", unit="area", disable=not sys.stderr.isatty())
 
 
 if __name__ == "__main__":

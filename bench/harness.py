@@ -87,10 +87,51 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def write_json(path: Path, rows: list[Row], device: torch.device) -> None:
-    payload = {
+def payload(rows: list[Row], device: torch.device, extra: dict | None = None) -> dict:
+    return {
         "environment": environment(device),
+        **(extra or {}),
         "rows": [dict(asdict(r), speedup=r.speedup, gbps=r.gbps, tflops=r.tflops, pct_of_ceiling=r.pct_of_ceiling) for r in rows],
     }
+
+
+def write_json(path: Path, rows: list[Row], device: torch.device, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path.write_text(json.dumps(payload(rows, device, extra), indent=2, default=str))
+
+
+def plot(rows: list[Row], directory: Path) -> list[Path]:
+    """One PNG per (op, engine): rate against problem size, ours and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for op in sorted({r.op for r in rows}):
+        for engine in sorted({r.engine for r in rows if r.op == op}):
+            sel = [r for r in rows if r.op == op and r.engine == engine]
+            use_flops = all(r.flops for r in sel)
+            size = [r.flops if use_flops else r.bytes_moved for r in sel]
+            if not all(size):
+                continue
+            unit = 1e12 if use_flops else 1e9
+            ours = [s / r.ours_s / unit for s, r in zip(size, sel)]
+            base = [s / r.baseline_s / unit for s, r in zip(size, sel)]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(size, ours, "o-", label=f"fastmoe-ops ({engine})")
+            ax.plot(size, base, "s--", label=sel[0].baseline)
+            ax.set_xscale("log")
+            ax.set_yscale("log")  # simulator and GPU rates differ by orders of magnitude
+            ax.set_xlabel("FLOP per call" if use_flops else "bytes moved per call")
+            ax.set_ylabel("TFLOP/s" if use_flops else "GB/s")
+            ax.set_title(f"{op} [{engine}]")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            path = directory / f"{op}-{engine}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
