@@ -273,7 +273,10 @@ FMO_SIM_NOTSAN inline void __threadfence_block() { __atomic_thread_fence(__ATOMI
 FMO_SIM_NOTSAN inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); ::fmo_sim::yield(); }
 FMO_SIM_NOTSAN inline void __nanosleep(unsigned) { ::fmo_sim::yield(); }
 FMO_SIM_NOTSAN inline long long clock64() { return (long long)::fmo_sim::g_api->nanotime(); }
-FMO_SIM_NOTSAN inline unsigned long long fmo_sim_globaltimer() { return ::fmo_sim::g_api->nanotime(); }
+namespace fmo_sim {
+// %globaltimer: nanoseconds of a steady clock shared by all CTAs (and processes on the machine)
+FMO_SIM_NOTSAN inline unsigned long long globaltimer() { return g_api->nanotime(); }
+}  // namespace fmo_sim
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 template <class T> inline T __ldca(const T* p) { return *p; }
