@@ -1,7 +1,11 @@
 """`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
 
-Host transport (CPU tensors): per call, one per-peer metadata handshake (validation,
-counts, FMO_COMM_TIMEOUT), then MPI Ialltoallv of the payload rows on host buffers.
+Every call starts with one per-peer metadata handshake (validation, counts,
+FMO_COMM_TIMEOUT), then moves the payload rows by one of two transports:
+  host (default; CPU tensors): MPI Ialltoallv of the payload rows on host buffers;
+  ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
+       write rows straight into peers' buffers (fastmoe_ops.moe.ipc); on CPU tensors this
+       runs on the `sim` engine over POSIX shared memory (other engines use the host path).
 
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
     out = buf.combine(y, handle)
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import backends
 from ..comm import Group
 from ..errors import CommError, InputError
+from ..ops import moe_ipc
 from . import autograd, kernels
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
@@ -31,7 +37,8 @@ _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
 _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
 # Metadata every rank sends every peer before an exchange (int64), then R counts.
-_META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error")
+_META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
+_IPC_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
 
 
@@ -52,6 +59,7 @@ class Handle:
     recv_counts: tuple[int, ...]
     send_src: torch.Tensor
     combine_index: torch.Tensor
+    count_matrix: tuple[tuple[int, ...], ...] = ()   # [src][dst] rows, every rank's
 
 
 def _same(values, what: str) -> None:
@@ -65,11 +73,15 @@ class Buffer:
     num_worst_tokens > 0 fixes the received row count (static shapes): recv tensors have
     that many rows (padding rows: zeros, topk_idx -1) and a dispatch that would receive
     more raises InputError on every rank. Collective: every rank constructs it alike.
-    Owns a duplicate of the group's communicator, freed by destroy() or on collection."""
+    transport='ipc' (ranks of one node) maps every rank's buffer in every rank: sized for
+    max_tokens_per_rank tokens sent from one rank to another, k <= max_topk.
+    Owns a duplicate of the group's communicator (and the IPC buffers), freed by destroy()
+    or on collection."""
 
     _next_id = 0
 
-    def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0):
+    def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0,
+                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8):
         if not isinstance(group, Group):
             raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
         for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -78,16 +90,28 @@ class Buffer:
         if num_experts % group.size != 0:
             raise InputError(f"num_experts: expected a multiple of the group size {group.size} "
                              f"(each rank owns num_experts / ranks experts), got {num_experts}")
-        config = group.allgather((hidden, num_experts, num_worst_tokens), "Buffer()")
-        for i, name in enumerate(("hidden", "num_experts", "num_worst_tokens")):
+        if transport not in ("host", "ipc"):
+            raise InputError(f"transport: expected 'host' or 'ipc', got {transport!r}")
+        if transport == "ipc" and not (isinstance(max_tokens_per_rank, int) and max_tokens_per_rank >= 1
+                                       and isinstance(max_topk, int) and max_topk >= 1):
+            raise InputError(f"max_tokens_per_rank, max_topk: expected ints >= 1 with transport='ipc', "
+                             f"got {max_tokens_per_rank!r}, {max_topk!r}")
+        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk")
+        config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk), "Buffer()")
+        for i, name in enumerate(names):
             _same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
         self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
         self.num_local_experts = num_experts // group.size
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
+        self._ipc = None
+        if transport == "ipc":
+            from .ipc import IpcTransport
+
+            self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk)
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group)
+        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -155,11 +179,20 @@ class Buffer:
             return str(e)
         return None
 
-    def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts):
+    def _use_ipc(self, tensor, dtype) -> bool:
+        """This call's transport: ipc where the Buffer has one, the engine is `sim` and the
+        dtype is one the kernels move (the handshake checks that every rank agrees)."""
+        if self._ipc is None or not isinstance(tensor, torch.Tensor) or dtype not in _IPC_DTYPES:
+            return False
+        return backends.engine_for(x=tensor) == "sim"
+
+    def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
+                   ipc: bool = False):
         """Every rank's metadata and send counts (one small per-peer exchange); refuses on
         every rank alike if any rank refused its input or the ranks disagree."""
         meta = np.zeros(len(_META) + self.num_ranks, np.int64)
-        meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights), int(error is not None))
+        meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
+                              int(error is not None), int(ipc), moe_ipc.comm_grid() if ipc else 0)
         if error is None:
             meta[len(_META):] = counts
         table = self.group.allgather_array(meta, _OP_NAME[op])
@@ -174,6 +207,8 @@ class Buffer:
         _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
         _same(col["topk"], "topk_idx: k")
         _same(col["has_weights"], "topk_weights: given or None")
+        _same(col["transport"], "transport of this call (1: ipc on the sim engine, 0: host)")
+        _same(col["comm_sms"], "sm_budget().comm_sms (the transport kernels' grid)")
         return table[:, len(_META):]                                # [R, R] send counts
 
     # ------------------------------------------------------------------ dispatch
@@ -186,8 +221,9 @@ class Buffer:
             counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)   # [R], [T, R]
         dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
+        ipc = error is None and self._use_ipc(xq, dtype)
         matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
-                                 counts.numpy() if counts is not None else None)
+                                 counts.numpy() if counts is not None else None, ipc)
         send_counts = matrix[r].tolist()
         recv_counts = matrix[:, r].tolist()
         received = matrix.sum(0)
@@ -208,7 +244,10 @@ class Buffer:
 
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype) for p in payloads]
-        self._exchange(payloads, send_src, send_counts, recvs, recv_counts, "dispatch payload")
+        if ipc:
+            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, pos, matrix, moe_ipc.comm_grid(), "sim")
+        else:
+            self._exchange(payloads, send_src, send_counts, recvs, recv_counts, "dispatch payload")
         for out in recvs:
             out[num_recv:].view(torch.uint8).zero_()  # padding rows (num_worst_tokens)
 
@@ -218,7 +257,8 @@ class Buffer:
         recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
         recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
         tokens_per_expert, _ = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)
-        handle = Handle(self.id, t, num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts), send_src, combine_index)
+        handle = Handle(self.id, t, num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts), send_src,
+                        combine_index, tuple(tuple(int(c) for c in row) for row in matrix))
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
@@ -258,8 +298,14 @@ class Buffer:
         except InputError as e:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
-        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64))
+        ipc = error is None and self._use_ipc(y, dtype) and dtype != torch.float8_e4m3fn
+        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), ipc)
         y = y[: handle.num_recv].contiguous()
+        if ipc:
+            out = torch.empty(handle.num_tokens, width, dtype=y.dtype)
+            self._ipc.combine(y, out, handle.combine_index, np.array(handle.count_matrix, np.int64).reshape(self.num_ranks, self.num_ranks),
+                              moe_ipc.comm_grid(), "sim")
+            return out
         back = torch.empty(len(handle.send_src), width, dtype=y.dtype)
         pending = self.group.ialltoallv(y, handle.recv_counts, back, handle.send_counts, "combine payload")
         self.group.wait([pending], peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
@@ -277,7 +323,9 @@ def _tensor(name: str, t, dtypes) -> None:
         raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def _release(group: Group) -> None:
+def _release(group: Group, ipc) -> None:
+    if ipc is not None:
+        ipc.close()
     group.free()
     try:
         from mpi4py import MPI

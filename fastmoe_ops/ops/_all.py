@@ -2,5 +2,5 @@
 from . import fp8_quant  # noqa: F401
 from . import fp8_block_quant  # noqa: F401
 from . import fp8_gemm  # noqa: F401
-from . import moe_layout, moe_permute  # noqa: F401
+from . import moe_ipc, moe_layout, moe_permute  # noqa: F401
 from . import fp8_gemm_grouped  # noqa: F401

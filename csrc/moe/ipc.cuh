@@ -1,0 +1,134 @@
+// Intra-node MoE dispatch/combine over peers' buffers (CUDA IPC on a GPU; POSIX shared
+// memory between MPI processes in the simulator).
+//
+// Every rank owns one buffer, mapped by every peer: R dispatch counters, R combine counters
+// (int64, monotonically increasing: no reset between calls), then a dispatch region of R
+// slots x slot_rows packed rows (slot s holds what rank s sent here), then a combine region
+// of rows coming back (in this rank's send order).
+//
+// moe_ipc_dispatch: (1) send: CTA c takes tokens c, c+G, ...; for each destination r with
+//   send_pos[t, r] >= 0 it writes the token's packed row (up to 4 streams: x, FP8 scales,
+//   topk ids, weights, each at a 16-byte aligned offset) into slot `rank` of r's dispatch
+//   region. (2) signal: bar.sync, then thread 0 makes the CTA's writes visible system-wide
+//   (fence.acq_rel.sys; cumulative over the barrier) and adds 1 to its counter at every
+//   destination (red.release.sys). (3) wait: thread 0 spins with ld.acquire.sys until every
+//   source's counter here reaches `expected` (= calls so far x G), bar.sync. (4) receive:
+//   the CTAs copy the received rows out of the slots into the contiguous outputs, ordered
+//   by source rank, then by token.
+// moe_ipc_combine: (1) each received row i from source s goes back to s's combine region
+//   at row back_offset[s] + i, (2)-(3) as above with the combine counters, (4) the fixed
+//   ascending-rank gather-reduce of this rank's combine region (moe_gather_reduce).
+//
+// Grid: exactly the communication SM budget (G persistent CTAs, all co-resident: the wait
+// in (3) needs every CTA of every rank to reach (2)). No shared memory. Constraints: at
+// most kMaxRanks ranks; rows, offsets, strides and pointers multiples of sizeof(Chunk).
+#pragma once
+
+#include "csrc/common/types.cuh"
+#include "csrc/moe/permute.cuh"
+#include "ptx/barrier.cuh"
+#include "ptx/ld_st.cuh"
+
+namespace fmo {
+
+constexpr int kMaxRanks = 8;
+constexpr int kMaxStreams = 4;
+
+struct MoeIpcParams {
+    void* peers[kMaxRanks];              // every rank's buffer base, mapped here (own one at [rank])
+    const void* src[kMaxStreams];        // dispatch: stream rows on this rank; combine: y
+    void* out[kMaxStreams];              // dispatch: receive outputs; combine: out [T, H]
+    int64_t src_stride[kMaxStreams];     // bytes between source rows
+    int64_t seg_bytes[kMaxStreams];      // bytes of a stream's row
+    int64_t seg_offset[kMaxStreams];     // offset inside the packed row
+    int64_t recv_counts[kMaxRanks];      // rows received from each source
+    int64_t back_offset[kMaxRanks];      // combine: this rank's first row in source s's send order
+    const int64_t* send_pos;             // dispatch: [tokens, ranks] row in the destination slot or -1
+    const int64_t* combine_index;        // combine: [tokens, ranks] row of the combine region or -1
+    int64_t tokens;
+    int64_t rank;
+    int64_t ranks;
+    int64_t num_streams;
+    int64_t row_stride;                  // bytes of a packed row
+    int64_t slot_rows;                   // rows per source slot
+    int64_t dispatch_region;             // byte offsets inside each buffer
+    int64_t combine_region;
+    int64_t expected;                    // counter value that completes this call
+    int64_t hidden;                      // combine: elements per row
+};
+
+template <typename Chunk, int BLOCK>
+__device__ __forceinline__ void copy_bytes(void* dst, const void* src, int64_t bytes) {
+    Chunk* d = static_cast<Chunk*>(dst);
+    const Chunk* s = static_cast<const Chunk*>(src);
+    for (int64_t c = threadIdx.x; c < bytes / int64_t(sizeof(Chunk)); c += BLOCK) store_stream(d + c, load_stream(s + c));
+}
+
+// (2) + (3): publish this CTA's writes to every peer's counter `which`, then wait for all.
+template <int BLOCK>
+__device__ __forceinline__ void signal_and_wait(const MoeIpcParams& p, int which) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ptx::fence_acq_rel<ptx::Scope::sys>();
+        for (int64_t r = 0; r < p.ranks; ++r) {
+            auto* counters = static_cast<unsigned long long*>(p.peers[r]) + which * p.ranks;
+            ptx::red_add<ptx::Sem::release, ptx::Scope::sys>(counters + p.rank, 1ull);
+        }
+        const auto* mine = static_cast<const unsigned long long*>(p.peers[p.rank]) + which * p.ranks;
+        for (int64_t s = 0; s < p.ranks; ++s)
+            while (ptx::ld_acquire<ptx::Scope::sys>(mine + s) < static_cast<unsigned long long>(p.expected)) {
+            }
+    }
+    __syncthreads();
+}
+
+template <typename Chunk, int BLOCK>
+__device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
+    // (1) send: packed rows into slot `rank` of each destination.
+    for (int64_t t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+        for (int64_t r = 0; r < p.ranks; ++r) {
+            const int64_t pos = p.send_pos[t * p.ranks + r];
+            if (pos < 0) continue;
+            char* row = static_cast<char*>(p.peers[r]) + p.dispatch_region + (p.rank * p.slot_rows + pos) * p.row_stride;
+            for (int64_t s = 0; s < p.num_streams; ++s)
+                copy_bytes<Chunk, BLOCK>(row + p.seg_offset[s], static_cast<const char*>(p.src[s]) + t * p.src_stride[s], p.seg_bytes[s]);
+        }
+    }
+    signal_and_wait<BLOCK>(p, 0);
+    // (4) receive: slot s row i -> output row (rows from earlier sources) + i.
+    int64_t first = 0;
+    for (int64_t s = 0; s < p.ranks; ++s) {
+        for (int64_t i = blockIdx.x; i < p.recv_counts[s]; i += gridDim.x) {
+            const char* row = static_cast<const char*>(p.peers[p.rank]) + p.dispatch_region + (s * p.slot_rows + i) * p.row_stride;
+            for (int64_t k = 0; k < p.num_streams; ++k)
+                copy_bytes<Chunk, BLOCK>(static_cast<char*>(p.out[k]) + (first + i) * p.seg_bytes[k], row + p.seg_offset[k], p.seg_bytes[k]);
+        }
+        first += p.recv_counts[s];
+    }
+}
+
+template <typename T, typename Chunk, int VEC, int BLOCK>
+__device__ __forceinline__ void moe_ipc_combine(const MoeIpcParams& p) {
+    // (1) received row i from source s -> row back_offset[s] + i of s's combine region.
+    int64_t first = 0;
+    for (int64_t s = 0; s < p.ranks; ++s) {
+        char* region = static_cast<char*>(p.peers[s]) + p.combine_region;
+        for (int64_t i = blockIdx.x; i < p.recv_counts[s]; i += gridDim.x)
+            copy_bytes<Chunk, BLOCK>(region + (p.back_offset[s] + i) * p.row_stride,
+                                     static_cast<const char*>(p.src[0]) + (first + i) * p.src_stride[0], p.seg_bytes[0]);
+        first += p.recv_counts[s];
+    }
+    signal_and_wait<BLOCK>(p, 1);
+    // (4) out[t] = ascending-rank sum of the rows that came back for t.
+    MoeGatherReduceParams q;
+    q.y = static_cast<const char*>(p.peers[p.rank]) + p.combine_region;
+    q.out = p.out[0];
+    q.index = p.combine_index;
+    q.weights = nullptr;
+    q.rows = p.tokens;
+    q.hidden = p.hidden;
+    q.fanin = p.ranks;
+    moe_gather_reduce<T, VEC, false, BLOCK>(q);
+}
+
+}  // namespace fmo

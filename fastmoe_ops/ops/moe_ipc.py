@@ -1,0 +1,135 @@
+"""Launchers of the intra-node MoE transport kernels (csrc/moe/ipc.cuh).
+
+Both launch exactly `sm_budget().comm_sms` persistent CTAs inside
+`communication_in_flight()`, so compute kernels size their grids around them.
+dispatch: packed rows of up to 4 streams (x, FP8 scales, topk ids, weights) into peers'
+buffers, then out of this rank's buffer into the receive tensors.
+combine:  rows y [N, H] back into their sources' buffers, then the fixed-order sum
+-> out [T, H] (bf16 | fp16 | fp32).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..budget import communication_in_flight, sm_budget
+from ..errors import UnsupportedError
+from ..runtime.launch import LaunchConfig, launch
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+
+BLOCK_THREADS = 128
+MAX_RANKS = 8
+MAX_STREAMS = 4
+_CHUNKS = {16: "fmo::Vec<uint32_t, 4>", 8: "fmo::Vec<uint32_t, 2>", 4: "fmo::Vec<uint32_t, 1>",
+           2: "fmo::Vec<uint16_t, 1>", 1: "fmo::Vec<uint8_t, 1>"}
+_I64R = ctypes.c_int64 * MAX_RANKS
+_I64S = ctypes.c_int64 * MAX_STREAMS
+
+
+class MoeIpcParams(Params):
+    cpp_name = "fmo::MoeIpcParams"
+    _fields_ = [
+        ("peers", ctypes.c_void_p * MAX_RANKS),
+        ("src", ctypes.c_void_p * MAX_STREAMS),
+        ("out", ctypes.c_void_p * MAX_STREAMS),
+        ("src_stride", _I64S),
+        ("seg_bytes", _I64S),
+        ("seg_offset", _I64S),
+        ("recv_counts", _I64R),
+        ("back_offset", _I64R),
+        ("send_pos", ctypes.c_void_p),
+        ("combine_index", ctypes.c_void_p),
+        ("tokens", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("ranks", ctypes.c_int64),
+        ("num_streams", ctypes.c_int64),
+        ("row_stride", ctypes.c_int64),
+        ("slot_rows", ctypes.c_int64),
+        ("dispatch_region", ctypes.c_int64),
+        ("combine_region", ctypes.c_int64),
+        ("expected", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class MoeIpcDispatchSpec(KernelSpec):
+    chunk_bytes: int       # bytes per access (16 when every row, offset and pointer allows)
+
+    op: ClassVar[str] = "moe_ipc_dispatch"
+    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    params: ClassVar[type[Params]] = MoeIpcParams
+
+    def check(self) -> None:
+        super().check()
+        if self.chunk_bytes not in _CHUNKS:
+            raise UnsupportedError(f"{self.op}: chunk_bytes must be one of {sorted(_CHUNKS)}, got {self.chunk_bytes}")
+
+    def block_threads(self) -> int:
+        return BLOCK_THREADS
+
+    def device_call(self) -> str:
+        return f"fmo::moe_ipc_dispatch<{_CHUNKS[self.chunk_bytes]}, {BLOCK_THREADS}>(p)"
+
+
+@dataclass(frozen=True)
+class MoeIpcCombineSpec(KernelSpec):
+    dtype: str             # bf16 | fp16 | fp32
+    chunk_bytes: int       # bytes per access of the send phase
+    vec_width: int         # elements per access of the reduce phase
+
+    op: ClassVar[str] = "moe_ipc_combine"
+    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    params: ClassVar[type[Params]] = MoeIpcParams
+
+    def check(self) -> None:
+        super().check()
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.chunk_bytes not in _CHUNKS:
+            raise UnsupportedError(f"{self.op}: chunk_bytes must be one of {sorted(_CHUNKS)}, got {self.chunk_bytes}")
+        elem = 4 if self.dtype == "fp32" else 2
+        if self.vec_width not in (1, 16 // elem):
+            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+
+    def block_threads(self) -> int:
+        return BLOCK_THREADS
+
+    def device_call(self) -> str:
+        return (f"fmo::moe_ipc_combine<{CUDA_TYPE[self.dtype]}, {_CHUNKS[self.chunk_bytes]}, {self.vec_width}, "
+                f"{BLOCK_THREADS}>(p)")
+
+
+@register_op("moe_ipc_dispatch")
+def dispatch_specs():
+    for chunk in (4, 16):
+        yield MoeIpcDispatchSpec(chunk_bytes=chunk)
+
+
+@register_op("moe_ipc_combine")
+def combine_specs():
+    for dtype, vec in (("bf16", 8), ("fp32", 4)):
+        yield MoeIpcCombineSpec(dtype=dtype, chunk_bytes=16, vec_width=vec)
+
+
+def chunk_bytes(*values: int) -> int:
+    return next(c for c in (16, 8, 4, 2, 1) if all(v % c == 0 for v in values))
+
+
+def comm_grid() -> int:
+    """The grid of every transport kernel: the communication SM budget (the caller checks
+    that all ranks agree: the completion counters count CTAs)."""
+    return sm_budget().comm_sms
+
+
+def run(spec: KernelSpec, params: MoeIpcParams, grid: int, *, engine: str, tensors) -> None:
+    """Launch `spec` with `grid` (= comm_grid()) persistent CTAs while communication is in flight."""
+    with communication_in_flight():
+        launch(spec, LaunchConfig.make(grid=grid, block=BLOCK_THREADS), params, engine=engine, tensors=tuple(tensors))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
