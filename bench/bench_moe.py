@@ -40,14 +40,16 @@ def timed(comm, fn, reps: int) -> float:
     return statistics.median(np.max(np.array(comm.allgather(samples)), axis=0).tolist())
 
 
-def run_shape(comm, engine: str, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int) -> Row:
+def run_shape(comm, engine: str, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
+              transport: str = "host") -> Row:
     rank, world = comm.Get_rank(), comm.Get_size()
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
     w = torch.rand(tokens, k, generator=g)
     xin = fmo.fp8.quantize_per_token_group(x, 128) if payload == "fp8" else x
-    buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts)
+    extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k) if transport == "ipc" else {}
+    buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
 
     with fmo.use_backend(engine):
         recv_x, _, _, _, handle = buf.dispatch(xin, idx, w)
@@ -81,7 +83,7 @@ def run_shape(comm, engine: str, tokens: int, hidden: int, experts: int, k: int,
     t_raw = timed(comm, raw, reps)
     moved = sum(comm.allgather(a_send.size + b_send.size))
     buf.destroy()
-    return Row(op="moe_dispatch_combine", shape=f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload}", engine=engine,
+    return Row(op="moe_dispatch_combine", shape=f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload} {transport}", engine=engine,
                ours_s=t_ours, baseline="MPI Alltoallv x2 (same bytes)", baseline_s=t_raw, bytes_moved=moved)
 
 
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mpirun -n 4 python -m bench.bench_moe", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the first shape only, fewer repetitions")
     p.add_argument("--engine", choices=["sim", "reference"], action="append", help="CPU engines (default: every available one)")
+    p.add_argument("--no-ipc", action="store_true", help="skip the transport='ipc' row (simulated intra-node kernels)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -101,9 +104,12 @@ def main(argv=None) -> int:
     shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
     reps = 5 if args.quick else 15
     rows = [run_shape(comm, engine, *shape, reps=reps) for shape in shapes for engine in engines]
+    if "sim" in engines and not args.no_ipc:   # the intra-node kernels, simulated across processes
+        rows += [run_shape(comm, "sim", *shape, reps=reps, transport="ipc") for shape in shapes[:1]]
     if comm.Get_rank() == 0:
         print(f"{comm.Get_size()} ranks, CPU tensors, host transport; `sim` rows run the layout/gather/reduce kernels "
-              "on the SIMT simulator, `reference` rows the PyTorch path. Speedup < 1: slower than the raw Alltoallv.")
+              "on the SIMT simulator, `reference` rows the PyTorch path; `ipc` rows run the intra-node transport kernels on the "
+              "simulator over shared memory (simulator speed, not GPU speed). Speedup < 1: slower than the raw Alltoallv.")
         print(format_table(rows))
         if args.json:
             write_json(args.json, rows, torch.device("cpu"))
