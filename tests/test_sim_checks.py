@@ -197,3 +197,23 @@ def test_function_follows_checking_flags_set_after_get_function(monkeypatch):
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     with pytest.raises(SimError, match="out-of-bounds global write"):
         f((2,), (64,), (np.zeros(100, np.float32), np.int32(100)))
+
+
+def test_race_on_a_shared_scalar(monkeypatch):
+    monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
+    src = r'''
+    extern "C" __global__ void scalar(int* out) {
+      __shared__ int leader;
+    #ifdef FIX
+      if (threadIdx.x == 0)
+    #endif
+      leader = threadIdx.x;      // planted: every thread writes it
+      __syncthreads();
+      out[threadIdx.x] = leader;
+    }'''
+    out = np.full(64, -1, np.int32)
+    sim.RawModule(code=src, options=("-DFIX",)).get_function("scalar")((1,), (64,), (out,))
+    assert (out == 0).all()
+    with pytest.raises(SimError, match=r"write of 4 bytes at shared variable `scalar::leader` byte offset 0 .*"
+                                       r"conflicts with a write by thread \(0,0,0\)"):
+        sim.RawModule(code=src).get_function("scalar")((1,), (64,), (out,))

@@ -31,7 +31,10 @@ from ..runtime.cache import default_cache, make_key
 ABI_VERSION = 5  # keep equal to fmo_sim::kAbiVersion (csrc/sim/abi.h); checked at load
 DYNAMIC_SMEM_BYTES = 228 * 1024
 
-_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-w")
+# -fno-ipa-reference-addressable: GCC may otherwise drop stores to a function-local static
+# (a __shared__ variable) that it proves this "thread" never reads back; other fibers of the
+# CTA do read it, and checking builds must see every access.
+_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-ipa-reference-addressable", "-w")
 _CHECK_FLAGS = (
     "-fsanitize=thread",
     "--param=tsan-instrument-func-entry-exit=0",
