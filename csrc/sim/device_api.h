@@ -7,8 +7,9 @@
 //
 //   // All lanes in `mask` call it with the same mask and size; returns after all arrived.
 //   // `out` receives 32*bytes: slot i = lane i's `in` (slots of lanes not in mask: unspecified).
-//   // Lanes past the end of a partial last warp are dropped from `mask`; a mask naming a lane
-//   // that exited, or a different mask overlapping this one, stops the launch with SimError.
+//   // Lanes past the end of a partial last warp are dropped from `mask`. A mask naming a lane
+//   // that exited stops the launch with SimError; collectives with other masks may be pending
+//   // at the same time, and ones that can never complete end as a reported deadlock.
 //   void warp_allgather(unsigned mask, const void* in, void* out, size_t bytes);
 //
 //   void yield();         // call inside spin loops: lets other threads and CTAs run
