@@ -48,29 +48,45 @@ FMO_SIM_EMU float decode_f16(uint32_t h) {  // IEEE binary16: 1-5-10, bias 15
   return sign ? -mag : mag;
 }
 
-FMO_SIM_EMU float decode_e4m3(uint32_t b) {  // OCP FP8 E4M3: 1-4-3, bias 7, no inf, S.1111.111 = NaN
-  const uint32_t sign = (b >> 7) & 1u, exp = (b >> 3) & 0xfu, man = b & 7u;
-  float mag;
-  if (exp == 15 && man == 7)
-    mag = __builtin_nanf("");
-  else if (exp == 0)
-    mag = static_cast<float>(man) * 0x1p-9f;
-  else
-    mag = bit_cast<float>(((exp - 7 + 127) << 23) | (man << 20));
-  return sign ? -mag : mag;
+// FP8 decoding by table: 256 exact values per format, built at compile time (constant
+// initialisation: no guard, no start-up cost) from the format definitions:
+//   E4M3 (OCP FP8): 1-4-3, bias 7, subnormals m * 2^-9, no infinities, S.1111.111 = NaN
+//   E5M2 (OCP FP8): 1-5-2, bias 15, subnormals m * 2^-16, S.11111.00 = inf, S.11111.mm = NaN
+constexpr float pow2(int e) {  // exact for the exponents used here
+  float r = 1.0f;
+  for (; e > 0; --e) r *= 2.0f;
+  for (; e < 0; ++e) r *= 0.5f;
+  return r;
 }
-
-FMO_SIM_EMU float decode_e5m2(uint32_t b) {  // OCP FP8 E5M2: 1-5-2, bias 15, IEEE-style inf/NaN
-  const uint32_t sign = (b >> 7) & 1u, exp = (b >> 2) & 0x1fu, man = b & 3u;
-  float mag;
-  if (exp == 31)
+constexpr float fp8_value(unsigned b, bool e4m3) {
+  const unsigned mbits = e4m3 ? 3 : 2, ebits = e4m3 ? 4 : 5;
+  const int bias = e4m3 ? 7 : 15;
+  const unsigned sign = (b >> 7) & 1u, exp = (b >> mbits) & ((1u << ebits) - 1);
+  const unsigned man = b & ((1u << mbits) - 1);
+  float mag = 0.0f;
+  if (e4m3 && exp == 15 && man == 7)
+    mag = __builtin_nanf("");
+  else if (!e4m3 && exp == 31)
     mag = man ? __builtin_nanf("") : __builtin_inff();
   else if (exp == 0)
-    mag = static_cast<float>(man) * 0x1p-16f;
+    mag = static_cast<float>(man) * pow2(1 - bias - static_cast<int>(mbits));
   else
-    mag = bit_cast<float>(((exp - 15 + 127) << 23) | (man << 21));
+    mag = (1.0f + static_cast<float>(man) * pow2(-static_cast<int>(mbits))) *
+          pow2(static_cast<int>(exp) - bias);
   return sign ? -mag : mag;
 }
+template <bool E4M3>
+struct Fp8Table {
+  float v[256];
+  constexpr Fp8Table() : v() {
+    for (unsigned b = 0; b < 256; ++b) v[b] = fp8_value(b, E4M3);
+  }
+};
+inline constexpr Fp8Table<true> kE4M3{};
+inline constexpr Fp8Table<false> kE5M2{};
+
+FMO_SIM_EMU float decode_e4m3(uint32_t b) { return kE4M3.v[b & 0xffu]; }
+FMO_SIM_EMU float decode_e5m2(uint32_t b) { return kE5M2.v[b & 0xffu]; }
 
 enum class MmaInput { bf16, f16, e4m3, e5m2 };
 
@@ -86,11 +102,11 @@ struct MmaTraits {
     if constexpr (In == MmaInput::e5m2) return decode_e5m2(v);
   }
   // ISA fragment layouts (see the table at the top of this file).
-  static int a_row(int g, int i) { return k32 ? g + 8 * ((i / 4) % 2) : g + 8 * ((i / 2) % 2); }
-  static int a_col(int t, int i) {
+  static constexpr int a_row(int g, int i) { return k32 ? g + 8 * ((i / 4) % 2) : g + 8 * ((i / 2) % 2); }
+  static constexpr int a_col(int t, int i) {
     return k32 ? 4 * t + (i % 4) + 16 * (i >= 8) : 2 * t + (i % 2) + 8 * (i >= 4);
   }
-  static int b_row(int t, int i) {
+  static constexpr int b_row(int t, int i) {
     return k32 ? 4 * t + (i % 4) + 16 * (i >= 4) : 2 * t + (i % 2) + 8 * (i >= 2);
   }
 };
@@ -113,21 +129,23 @@ FMO_SIM_EMU void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32
 
   const int lane = static_cast<int>(fmo_sim::lane_id());
   const int g = lane >> 2, t = lane & 3;
-  // This lane's outputs are rows g and g+8, columns 2t and 2t+1: gather only those
-  // rows of A and columns of B, scanning every lane's fragment with the ISA's maps.
+  // This lane's outputs are rows g and g+8, columns 2t and 2t+1. By the ISA's maps, rows g
+  // and g+8 of A live in lanes 4g..4g+3 and column n of B in lanes 4n..4n+3 (groupID = the
+  // row / column); gather just those, placing each element with the fragment maps.
   float arow[2][K], bcol[2][K];
-  for (int src = 0; src < 32; ++src) {
-    const int sg = src >> 2, st = src & 3;
-    if (sg == g) {
-      for (int i = 0; i < 4 * per_reg; ++i) {
-        const uint32_t v = (all[src].a[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
-        arow[Tr::a_row(sg, i) >= 8][Tr::a_col(st, i)] = Tr::decode(v);
-      }
+  for (int st = 0; st < 4; ++st) {
+    const MmaFragments& f = all[4 * g + st];
+    for (int i = 0; i < 4 * per_reg; ++i) {
+      const uint32_t v = (f.a[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
+      arow[Tr::a_row(0, i) >= 8][Tr::a_col(st, i)] = Tr::decode(v);
     }
-    if (sg == 2 * t || sg == 2 * t + 1) {  // B column n = sg
+  }
+  for (int j = 0; j < 2; ++j) {
+    for (int st = 0; st < 4; ++st) {
+      const MmaFragments& f = all[4 * (2 * t + j) + st];
       for (int i = 0; i < 2 * per_reg; ++i) {
-        const uint32_t v = (all[src].b[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
-        bcol[sg - 2 * t][Tr::b_row(st, i)] = Tr::decode(v);
+        const uint32_t v = (f.b[i / per_reg] >> (Tr::bits * (i % per_reg))) & elem_mask;
+        bcol[j][Tr::b_row(st, i)] = Tr::decode(v);
       }
     }
   }

@@ -150,6 +150,25 @@ def mma_ldmatrix_case(fmt: str, seed: int) -> Case:
                 check=lambda outs: assert_equal_bits(outs[0], want, what, seed), shared_mem=24 * 48)
 
 
+def fp8_all_codes_case(fmt: str, part: int) -> Case:
+    """Finite fp8 codes 128 * part .. 128 * part + 127 of the format (wrapping), one per
+    output: B selects column k = 4n of A for output column n (a single 1, zeros elsewhere),
+    so D[i, n] = A[i, 4n] exactly. Parts 0 and 1 cover every finite code: subnormals, both
+    zeros, the largest values."""
+    codes = np.array([c for c in range(256) if np.isfinite(decode_bits(np.array([c], np.uint8), fmt)[0])], np.uint8)
+    chunk = codes[(128 * part + np.arange(128)) % codes.size].reshape(8, 16)  # [n, row]
+    a = np.zeros((16, 32), np.uint8)
+    a[:, 4 * np.arange(8)] = chunk.T
+    b = np.zeros((32, 8), np.uint8)
+    b[4 * np.arange(8), np.arange(8)] = encode(np.array([1.0]), fmt)[0]
+    c = np.zeros((16, 8), np.float32)
+    want = model(a, b, c, fmt).astype(np.float32)  # = A[i, 4n], except -0 + 0 = +0 (IEEE)
+    what = f"{WRAPPER[fmt]} finite codes part {part}"
+    return Case(name=what, kernel=f"mma_{fmt}", grid=(1,), block=(32,),
+                args=[a, b, c, poisoned((16, 8), np.float32), np.int32(1)], outputs=[3],
+                check=lambda outs: assert_equal_bits(outs[0], want, what))
+
+
 def cases(seed: int = 0) -> list[Case]:
     """Every mma case, for the GPU conformance test (deterministic ones are compared bitwise)."""
     out = []
@@ -159,6 +178,7 @@ def cases(seed: int = 0) -> list[Case]:
         out.append(mma_case(fmt, seed + i, ksteps=2))
         out.append(mma_case(fmt, seed + i, exact=False))
     out += [mma_ldmatrix_case(fmt, seed + 7) for fmt in ("bf16", "f16")]
+    out += [fp8_all_codes_case(fmt, part) for fmt in ("e4m3", "e5m2") for part in (0, 1)]
     return out
 
 
@@ -191,6 +211,13 @@ def test_mma_random_inputs_within_fp32_accumulation_bound(runner, fmt, seed):
 @pytest.mark.parametrize("fmt", ["bf16", "f16"])
 def test_mma_fed_by_ldmatrix(runner, fmt):
     case = mma_ldmatrix_case(fmt, 5)
+    case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("part", [0, 1])
+def test_mma_fp8_every_finite_code(runner, fmt, part):
+    case = fp8_all_codes_case(fmt, part)
     case.check(runner.run(case))
 
 
