@@ -17,8 +17,9 @@
 //   kMasked      a [G, Mmax, K], grid.z = G; rows >= masked_m[g] are neither read nor written.
 // Roles: one CTA per output tile (TileScheduler: the seam where a persistent, SM-budget-aware
 // scheduler goes with the wgmma/TMA version); every warp computes and loads.
-// Epilogue: fp32 -> out_dtype straight from the MMA fragments, two adjacent columns per store
-// when N is even. Shared memory: see the mainloop (STAGES * (128 (BM + BN) + 4 (BM + B_SCALES))).
+// Epilogue: fp32 -> out_dtype staged through the (then idle) pipeline smem, written out in
+// coalesced 16-byte row chunks. Shared memory: the mainloop's
+// STAGES * (128 (BM + BN) + 4 (BM + B_SCALES)) bytes, which also holds the BM x (BN + 16 B) tile.
 // Constraints: K % 16 == 0 (launcher), contiguous operands.
 #pragma once
 
@@ -99,47 +100,62 @@ FMO_DEVICE TileKind resolve_tile(const Fp8GemmParams& p, const Tile& tile, TileO
     return kind;
 }
 
-template <typename OutT>
-FMO_DEVICE void store_pair(OutT* dst, float v0, float v1, bool two, bool vector) {
-    if (two && vector) {
-        if constexpr (sizeof(OutT) == 2) {
-            *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
-        } else {
-            *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
-        }
-    } else {
-        dst[0] = OutT(v0);
-        if (two) dst[1] = OutT(v1);
-    }
-}
-
+// Epilogue, through shared memory (the pipeline's, free once the mainloop is done):
+// (1) each warp writes its fp32 fragments, converted to OutT and with the row policy applied
+//     (contiguous padding rows 0, a bad group NaN), into a BM x BN staging tile whose rows
+//     are padded by 16 bytes (a fragment store's 8 rows then hit different banks);
+// (2) the CTA copies the tile out in 16-byte row chunks, coalesced; ragged columns, or rows
+//     not 16-byte aligned in global memory, fall back to element stores.
 // Fragment c_i of MMA tile (mi, ni) sits at row g + 8 (i >= 2), column 2t + (i % 2).
 template <int MODE, class Shape, typename OutT>
 FMO_DEVICE void epilogue(const Fp8GemmParams& p, const Tile& tile, const TileOperands& t,
-                         const float (&acc)[Shape::MI][Shape::NI][4], bool nan_rows) {
+                         const float (&acc)[Shape::MI][Shape::NI][4], bool nan_rows, uint8_t* smem) {
+    constexpr int kVec = 16 / sizeof(OutT);
+    constexpr int kRowElems = Shape::BN + kVec;  // + 16 bytes
+    static_assert(Shape::BM * kRowElems * sizeof(OutT) <= Shape::kSmemBytes, "the staging tile must fit the pipeline's smem");
+    static_assert(Shape::BN % kVec == 0, "whole 16-byte chunks per staging row");
+    OutT* stage = reinterpret_cast<OutT*>(smem);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warp_m = warp / Shape::WARPS_N, warp_n = warp % Shape::WARPS_N;
     const int g = lane / 4, tq = lane % 4;
-    OutT* out = static_cast<OutT*>(p.out) + (MODE == kMasked ? tile.group * p.m * p.n : 0);
-    const bool vector = p.n % 2 == 0;
+
+    __syncthreads();  // every warp is done reading the last stage: the smem is reused here
 #pragma unroll
     for (int mi = 0; mi < Shape::MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int64_t r = warp_m * Shape::WM + mi * 16 + g + 8 * h;
-            if (r >= t.rows_a) continue;
-            const int64_t m = tile.m0 + r;
-            const bool zero = MODE == kContiguous && p.m_indices[m] < 0;
+            const int r = warp_m * Shape::WM + mi * 16 + g + 8 * h;
+            const bool zero = MODE == kContiguous && r < t.rows_a && p.m_indices[tile.m0 + r] < 0;
 #pragma unroll
             for (int ni = 0; ni < Shape::NI; ++ni) {
-                const int64_t c = warp_n * Shape::WN + ni * 8 + 2 * tq;
-                if (c >= t.rows_b) continue;
+                const int c = warp_n * Shape::WN + ni * 8 + 2 * tq;
                 float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
                 if (zero) v0 = v1 = 0.0f;
                 if (nan_rows) v0 = v1 = __int_as_float(0x7fc00000);
-                store_pair(out + m * p.n + tile.n0 + c, v0, v1, c + 1 < t.rows_b, vector);
+                OutT* dst = stage + r * kRowElems + c;  // c even, kRowElems even: pair-aligned
+                if constexpr (sizeof(OutT) == 2) {
+                    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+                } else {
+                    *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+                }
             }
         }
+    __syncthreads();
+
+    OutT* out = static_cast<OutT*>(p.out) + (MODE == kMasked ? tile.group * p.m * p.n : 0);
+    const bool rows_aligned = p.n % kVec == 0 && reinterpret_cast<unsigned long long>(out) % 16 == 0;
+    constexpr int kChunks = Shape::BN / kVec;
+    for (int i = threadIdx.x; i < Shape::BM * kChunks; i += Shape::kThreads) {
+        const int r = i / kChunks, c = (i % kChunks) * kVec;
+        if (r >= t.rows_a || c >= t.rows_b) continue;
+        const OutT* src = stage + r * kRowElems + c;
+        OutT* dst = out + (tile.m0 + r) * p.n + tile.n0 + c;
+        if (rows_aligned && c + kVec <= t.rows_b) {
+            store_vec<OutT, kVec>(dst, load_vec<OutT, kVec>(src));
+        } else {
+            for (int j = 0; j < kVec && c + j < t.rows_b; ++j) dst[j] = src[j];
+        }
+    }
 }
 
 }  // namespace gemm
@@ -162,7 +178,7 @@ __device__ __forceinline__ void fp8_gemm(const Fp8GemmParams& p) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     gemm::Mainloop<Shape>{fmo_fp8_gemm_smem}.run(t, acc);
-    gemm::epilogue<MODE, Shape, OutT>(p, tile, t, acc, kind == gemm::TileKind::kInvalidGroup);
+    gemm::epilogue<MODE, Shape, OutT>(p, tile, t, acc, kind == gemm::TileKind::kInvalidGroup, fmo_fp8_gemm_smem);
 }
 
 }  // namespace fmo
