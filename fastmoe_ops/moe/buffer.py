@@ -309,7 +309,7 @@ class Buffer:
         back = torch.empty(len(handle.send_src), width, dtype=y.dtype)
         pending = self.group.ialltoallv(y, handle.recv_counts, back, handle.send_counts, "combine payload")
         self.group.wait([pending], peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
-        return kernels.gather_reduce(back, handle.combine_index)       # ascending rank: fixed order
+        return kernels.combine_reduce(back, handle.combine_index, handle.send_src, handle.send_counts)  # fixed order
 
 
 def _tensor(name: str, t, dtypes) -> None:

@@ -5,6 +5,10 @@ In the simulator the buffers are POSIX shared memory (`fastmoe_ops.sim.ipc`, the
 stand-in for CUDA IPC handles): handles are exchanged over the Group once, in the Buffer's
 constructor. Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x
 slot_rows packed rows | combine region: R * slot_rows rows of hidden fp32-sized elements].
+
+Reuse between calls is safe without extra flags: every dispatch/combine starts with the
+Buffer's host handshake, which completes only once every peer has entered the same call,
+i.e. has finished reading its regions in the previous one.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ class IpcTransport:
         self.dispatch_region = _align(2 * r * 8)
         self.combine_region = self.dispatch_region + _align(r * slot_rows * self.max_row)
         nbytes = self.combine_region + _align(r * slot_rows * hidden * 4)
-        handle, self.mine = shm.create(nbytes)
-        handles = group.allgather(handle, "Buffer(transport='ipc')")
+        self.handle, self.mine = shm.create(nbytes)
+        handles = group.allgather(self.handle, "Buffer(transport='ipc')")
         self.peers = [self.mine if p == group.rank else shm.open(h) for p, h in enumerate(handles)]
         group.barrier("Buffer(transport='ipc')")   # every peer has mapped every buffer
         self.expected = [0, 0]                       # counter targets: dispatch, combine

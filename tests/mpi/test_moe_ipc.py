@@ -5,6 +5,8 @@ completion counters never reset), FP8 pairs, the grid equal to the communication
 budget, and a run under the simulator's memory checker."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -97,4 +99,7 @@ def test_ipc_capacity_refused_alike(comm):
         msg = str(e)
     messages = comm.allgather(msg)
     all_agree(comm, "more than max_tokens_per_rank=2" in msg and len(set(messages)) == 1, msg)
+    path = buf._ipc.handle.path
     buf.destroy()
+    comm.Barrier()
+    all_agree(comm, not os.path.exists(path), f"{path} still exists after destroy()")
