@@ -52,3 +52,16 @@ def test_bad_input():
         fmo.fp8.quantize_per_token_group_transposed(torch.randn(4, 4), 100)
     with pytest.raises(fmo.InputError, match="^x: expected a contiguous last dimension"):
         fmo.fp8.quantize_per_token_group_transposed(torch.randn(8, 4).t())
+
+
+@pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+def test_sim_vector_and_scalar_loads(layout):
+    """16-byte loads for aligned rows; a 2-byte-misaligned view takes the scalar path."""
+    base = torch.randn(140, 200, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    x = base[:, :136].contiguous() if layout == "contiguous" else base[:, 1:137]
+    with fmo.use_backend("sim"):
+        xq_t, xs_t = fmo.fp8.quantize_per_token_group_transposed(x)
+    rq, rs = ref.quantize_per_token_group_transposed(x)
+    assert_bitwise_equal(xs_t, rs, f"scales ({layout})", 6)
+    assert_bitwise_equal(xq_t, rq, f"values ({layout})", 6)

@@ -9,12 +9,14 @@
 // policy: csrc/quant/fp8_scale.cuh, identical to the per-token-group kernel's, so the result
 // equals quantize_per_token_group(x^T) bit for bit, without materialising x^T.
 //
-// Roles: one CTA (256 threads) per GROUP x TILE_C tile of x. (1) coalesced loads along
-// cols into shared memory (fp32, rows padded by one float so column walks spread over
+// Roles: one CTA (256 threads) per GROUP x TILE_C tile of x. (1) coalesced, vectorised loads
+// along cols into shared memory (fp32, rows padded by one float so column walks spread over
 // banks); (2) four threads per column reduce its amax (xor-shuffles), one writes the scale;
 // (3) each thread packs 16 consecutive rows of one column into one 16-byte store of xq_t.
 // Shared memory: GROUP * (TILE_C + 1) * 4 + TILE_C * 4 bytes (128 x 64: 33,536 B).
-// Constraints: GROUP a multiple of 16 and <= 128, out_cols % 16 == 0 (xq_t rows 16-byte aligned).
+// Constraints: GROUP a multiple of 16 and <= 128, out_cols % 16 == 0 (xq_t rows 16-byte
+// aligned); cols % VEC == 0, x_row_stride % VEC == 0 and x 16-byte aligned when VEC > 1
+// (the launcher picks VEC = 1 otherwise).
 #pragma once
 
 #include "csrc/quant/fp8_scale.cuh"
@@ -34,7 +36,7 @@ struct Fp8TransposedQuantParams {
     int32_t reserved;
 };
 
-template <typename T, int GROUP, int TILE_C, bool POW2>
+template <typename T, int GROUP, int TILE_C, int VEC, bool POW2>
 __device__ __forceinline__ void fp8_quant_token_group_transposed(const Fp8TransposedQuantParams& p) {
     constexpr int kThreads = 256;
     constexpr int kPerCol = kThreads / TILE_C;  // threads reducing one column
@@ -42,6 +44,7 @@ __device__ __forceinline__ void fp8_quant_token_group_transposed(const Fp8Transp
     static_assert(kThreads % TILE_C == 0 && (kPerCol & (kPerCol - 1)) == 0 && kPerCol <= 32 && GROUP % kPerCol == 0,
                   "TILE_C must split 256 threads into power-of-two teams per column");
     static_assert((TILE_C * GROUP / 16) % kThreads == 0, "whole 16-byte stores per thread");
+    static_assert(TILE_C % VEC == 0, "whole vectors per tile row");
     __shared__ float tile[GROUP][TILE_C + 1];
     __shared__ float scales[TILE_C];
 
@@ -49,11 +52,20 @@ __device__ __forceinline__ void fp8_quant_token_group_transposed(const Fp8Transp
     const int64_t c0 = int64_t(blockIdx.x) * TILE_C;
     const T* x = static_cast<const T*>(p.x);
 
-    // (1) load: consecutive threads read consecutive columns of one row.
-    for (int i = threadIdx.x; i < GROUP * TILE_C; i += kThreads) {
-        const int r = i / TILE_C, c = i % TILE_C;
+    // (1) load: consecutive threads read consecutive VEC-element pieces of one row (one
+    // 16-byte access each when VEC * sizeof(T) == 16).
+    constexpr int kRowVecs = TILE_C / VEC;
+    for (int i = threadIdx.x; i < GROUP * kRowVecs; i += kThreads) {
+        const int r = i / kRowVecs, c = (i % kRowVecs) * VEC;
         const int64_t gr = r0 + r, gc = c0 + c;
-        tile[r][c] = (gr < p.rows && gc < p.cols) ? to_float(x[gr * p.x_row_stride + gc]) : 0.0f;
+        if (gr < p.rows && gc < p.cols) {  // VEC > 1 implies cols % VEC == 0: all or none
+            const Vec<T, VEC> v = load_vec<T, VEC>(x + gr * p.x_row_stride + gc);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) tile[r][c + j] = to_float(v.v[j]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) tile[r][c + j] = 0.0f;
+        }
     }
     __syncthreads();
 

@@ -143,6 +143,7 @@ TRANSPOSED_GROUPS = (32, 64, 128)
 class Fp8TransposedQuantSpec(KernelSpec):
     dtype: str            # input element type: bf16 | fp16 | fp32
     group_size: int       # rows of x per scale
+    vec_width: int        # elements per load: 16 bytes when aligned, else 1
     pow2_scale: bool
 
     op: ClassVar[str] = "fp8_quant_token_group_transposed"
@@ -155,6 +156,9 @@ class Fp8TransposedQuantSpec(KernelSpec):
             raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if self.group_size not in TRANSPOSED_GROUPS:
             raise UnsupportedError(f"{self.op}: group_size must be one of {TRANSPOSED_GROUPS}, got {self.group_size}")
+        elem = 4 if self.dtype == "fp32" else 2
+        if self.vec_width not in (1, 16 // elem):
+            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
 
     def tile_cols(self) -> int:  # 256 threads x 16-byte stores cover the tile exactly
         return max(64, 4096 // self.group_size)
@@ -164,13 +168,13 @@ class Fp8TransposedQuantSpec(KernelSpec):
 
     def device_call(self) -> str:
         return (f"fmo::fp8_quant_token_group_transposed<{CUDA_TYPE[self.dtype]}, {self.group_size}, {self.tile_cols()}, "
-                f"{'true' if self.pow2_scale else 'false'}>(p)")
+                f"{self.vec_width}, {'true' if self.pow2_scale else 'false'}>(p)")
 
 
 @register_op("fp8_quant_token_group_transposed")
 def standard_transposed_specs():
     for dtype in ("bf16", "fp32"):
-        yield Fp8TransposedQuantSpec(dtype=dtype, group_size=128, pow2_scale=False)
+        yield Fp8TransposedQuantSpec(dtype=dtype, group_size=128, vec_width=16 // (4 if dtype == "fp32" else 2), pow2_scale=False)
 
 
 def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
@@ -196,7 +200,10 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     if m * k == 0:
         return xq_t, xs_t
     expect(groups <= 65535, "x", f"at most {65535 * group_size} rows", m)
-    spec = Fp8TransposedQuantSpec(dtype=_DTYPES[x.dtype], group_size=group_size, pow2_scale=pow2_scale)
+    vec = 16 // x.element_size()
+    aligned = k % vec == 0 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
+    spec = Fp8TransposedQuantSpec(dtype=_DTYPES[x.dtype], group_size=group_size, vec_width=vec if aligned else 1,
+                                  pow2_scale=pow2_scale)
     params = Fp8TransposedQuantParams(x=x.data_ptr(), xq_t=xq_t.data_ptr(), xs_t=xs_t.data_ptr(), rows=m, cols=k,
                                       x_row_stride=x.stride(0), out_cols=mp, groups=groups, min_amax=eps, reserved=0)
     grid = (-(-k // spec.tile_cols()), groups)
