@@ -9,9 +9,10 @@
 // Problem views (MODE), sharing one mainloop (csrc/gemm/fp8_gemm_mainloop.cuh):
 //   kDense       one problem.
 //   kContiguous  a [M, K] holds G groups' rows back to back; m_indices[m] names row m's group
-//                (b[g] = [N, K]); -1 marks padding rows, whose output rows are 0. Each BM-row
-//                tile lies inside one aligned segment (the launcher requires segments aligned
-//                to a multiple of BM), whose group is m_indices[m0] (padding at segment ends).
+//                (b[g] = [N, K]); -1 marks padding rows, whose output rows are 0. Groups start
+//                at multiples of contiguous_alignment() (128, a multiple of every BM) and pad
+//                at their end, so a BM-row tile lies in one group's segment and its group is
+//                m_indices[m0] (the launcher's debug mode checks this layout).
 //                A group index outside [-1, G) makes the tile's rows NaN (never a wild read;
 //                the launcher's debug mode names the bad row).
 //   kMasked      a [G, Mmax, K], grid.z = G; rows >= masked_m[g] are neither read nor written.
