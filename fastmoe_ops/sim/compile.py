@@ -146,6 +146,35 @@ def _run(cmd: list[str], what: str, kernel: str) -> str:
     return proc.stdout
 
 
+def _prelude_pch(cxx: str, flags: list[str], includes: list[str]) -> list[str]:
+    """`-I` flags that put a precompiled prelude (`sim/fmo_sim.h.gch`) first on the include
+    path: it saves ~0.4 s of CUDA-header parsing per module. GCC checks a PCH's flags and
+    silently falls back to the header when they differ; any failure here just means no PCH."""
+    key = make_key({
+        "pch": 1, "flags": flags, "cxx": cxx, "cxx_version": compiler_version(cxx),
+        "kernels": sources.fingerprint(), "abi": ABI_VERSION, "cuda_include": str(cuda_include()),
+        "codegen": env.codegen_snapshot(),
+    })
+    header = sources.kernel_root() / "csrc" / "sim" / "fmo_sim.h"
+
+    def build(out: Path) -> None:
+        _run([cxx, *flags, *includes, "-x", "c++-header", str(header), "-o", str(out)], "precompile", "the prelude")
+
+    try:
+        gch = default_cache().get_or_build("sim-pch", key, ".gch", build)
+        inc = gch.parent / f"{key}.inc"
+        link = inc / "sim" / "fmo_sim.h.gch"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.symlink(gch, link)
+            except FileExistsError:
+                pass
+        return [f"-I{inc}"]
+    except (OSError, CompileError, RuntimeError):
+        return []
+
+
 def build_module(code: str, options, names: tuple[str, ...]) -> Path:
     """Compile and link (or find in the cache) the host module for `names`; returns the .so path."""
     cxx = compiler()
@@ -159,16 +188,22 @@ def build_module(code: str, options, names: tuple[str, ...]) -> Path:
         "cuda_include": str(cuda_include()),
     })
     kernel = ", ".join(names) or "<no kernels>"
+    pch: list[str] = []
 
     def build(out: Path) -> None:
         d = out.parent
         main_cpp, main_o = d / "kernel.cpp", d / "kernel.o"
         dyn_cpp, dyn_o = d / "dynamic_smem.cpp", d / "dynamic_smem.o"
         main_cpp.write_text(src)
-        _run([cxx, *flags, *includes, *user, "-c", str(main_cpp), "-o", str(main_o)], "compile", kernel)
+        _run([cxx, *flags, *pch, *includes, *user, "-c", str(main_cpp), "-o", str(main_o)], "compile", kernel)
         syms = _run(["readelf", "-sW", str(main_o)], "readelf", kernel)
         dyn_cpp.write_text(_dynamic_tu(_undefined_tls(syms)))
         _run([cxx, *_BASE_FLAGS, "-c", str(dyn_cpp), "-o", str(dyn_o)], "compile dynamic shared memory", kernel)
         _run([cxx, "-shared", "-o", str(out), str(main_o), str(dyn_o)], "link", kernel)
 
-    return default_cache().get_or_build("sim", key, ".so", build)
+    cache = default_cache()
+    if not cache.path_for("sim", key, ".so").exists() and not any(o.startswith("-std=") for o in user):
+        # before the module's get_or_build, which holds the cache's (non-reentrant) lock;
+        # a PCH is valid for one -std only
+        pch = _prelude_pch(cxx, flags, includes)
+    return cache.get_or_build("sim", key, ".so", build)
