@@ -144,3 +144,19 @@ def test_debug_dump_writes_stub_ptx_and_sass(fresh_cache, tmp_path, monkeypatch)
     assert ".entry " + name in (dump / f"{name}.ptx").read_text()
     if compiler.find_cuobjdump() is not None:
         assert "Function : " + name in (dump / f"{name}.sass").read_text()
+
+
+def test_a_build_may_use_the_cache_for_another_artefact(fresh_cache):
+    """A module build that needs a second artefact (its precompiled header) gets it from the
+    same cache without deadlocking."""
+    c = cache.DiskCache()
+
+    def build_inner(out: Path):
+        out.write_bytes(b"inner")
+
+    def build_outer(out: Path):
+        inner = c.get_or_build("test", "i" * 64, ".bin", build_inner)
+        out.write_bytes(b"outer+" + inner.read_bytes())
+
+    outer = c.get_or_build("test", "o" * 64, ".bin", build_outer)
+    assert outer.read_bytes() == b"outer+inner"

@@ -48,7 +48,8 @@ class DiskCache:
     def __init__(self, root: Path | None = None):
         self._root = root
         self._memory: dict[tuple[str, str, str], Path] = {}
-        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._lock = threading.Lock()  # guards _key_locks only
 
     @property
     def root(self) -> Path:
@@ -66,7 +67,12 @@ class DiskCache:
         hit = self._memory.get(mem_key)
         if hit is not None:
             return hit
+        # One lock per artefact, not one for the cache: a build may itself ask the cache for
+        # another artefact (a module build needs its precompiled header), and threads
+        # building different artefacts should not wait for each other.
         with self._lock:
+            key_lock = self._key_locks.setdefault(mem_key, threading.Lock())
+        with key_lock:
             hit = self._memory.get(mem_key)
             if hit is not None:
                 return hit
