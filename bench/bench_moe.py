@@ -103,9 +103,14 @@ def main(argv=None) -> int:
     engines = args.engine or [e for e in ("sim", "reference") if e in fmo.available_backends()]
     shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
     reps = 5 if args.quick else 15
-    rows = [run_shape(comm, engine, *shape, reps=reps) for shape in shapes for engine in engines]
+    runs = [(shape, engine, "host") for shape in shapes for engine in engines]
     if "sim" in engines and not args.no_ipc:   # the intra-node kernels, simulated across processes
-        rows += [run_shape(comm, "sim", *shape, reps=reps, transport="ipc") for shape in shapes[:1]]
+        runs += [(shape, "sim", "ipc") for shape in shapes[:1]]
+    rows = []
+    for shape, engine, transport in runs:
+        rows.append(run_shape(comm, engine, *shape, reps=reps, transport=transport))
+        if comm.Get_rank() == 0:
+            print(f"done: {rows[-1].shape} {engine}", file=sys.stderr, flush=True)
     if comm.Get_rank() == 0:
         print(f"{comm.Get_size()} ranks, CPU tensors, host transport; `sim` rows run the layout/gather/reduce kernels "
               "on the SIMT simulator, `reference` rows the PyTorch path; `ipc` rows run the intra-node transport kernels on the "
