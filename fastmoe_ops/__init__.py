@@ -23,3 +23,4 @@ from . import fp8  # noqa: F401,E402
 from . import comm  # noqa: F401,E402
 from . import moe  # noqa: F401,E402
 from . import nn  # noqa: F401,E402
+from .attention import flash_attn, flash_attn_varlen  # noqa: F401,E402

@@ -288,10 +288,10 @@ class Buffer:
 
     def _combine(self, y: torch.Tensor, handle: Handle, check_hidden: bool = True) -> torch.Tensor:
         """check_hidden=False: rows of any width (the topk-weight gradients)."""
-        self._check_handle(handle, "combine")
         error = None
         width = self.hidden if check_hidden else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
         try:
+            self._check_handle(handle, "combine")   # refused in the handshake: no rank left waiting
             _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
             if y.shape[0] not in (handle.num_recv, handle.num_recv_rows) or y.shape[1] != width:
                 raise InputError(f"y: expected shape ({handle.num_recv_rows}, {width}) like dispatch's recv_x, got {tuple(y.shape)}")

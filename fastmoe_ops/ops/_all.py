@@ -4,3 +4,4 @@ from . import fp8_block_quant  # noqa: F401
 from . import fp8_gemm  # noqa: F401
 from . import moe_ipc, moe_layout, moe_permute  # noqa: F401
 from . import fp8_gemm_grouped  # noqa: F401
+from . import attention  # noqa: F401

@@ -80,15 +80,38 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = Fals
 
 def attention_backward(dout, q, k, v, *, causal: bool, softmax_scale: float, compute_dtype=torch.float32,
                        cu_seqlens_q=None, cu_seqlens_k=None):
-    """(dq, dk, dv) in the inputs' dtypes by autograd through the reference (the CPU
-    fallback's backward; GQA gradients summed over the query heads sharing a key head)."""
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().to(compute_dtype).requires_grad_(True) for t in (q, k, v))
-        if cu_seqlens_q is None:
-            out, _ = attention(qd, kd, vd, causal=causal, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
-        else:
-            out, _ = attention_varlen(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                                      softmax_scale=softmax_scale, compute_dtype=compute_dtype)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), dout.to(out.dtype), allow_unused=True)
-    zero = torch.zeros_like
-    return tuple((g if g is not None else zero(t)).to(t.dtype) for g, t in zip((dq, dk, dv), (q, k, v)))
+    """(dq, dk, dv) in the inputs' dtypes: the CPU fallback's backward, written out (it runs
+    inside a custom op, below autograd). GQA: dk/dv summed over the query heads sharing a
+    key head. Varlen: per sequence."""
+    if cu_seqlens_q is not None:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b in range(len(cq) - 1):
+            qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            g = attention_backward(dout[qs][None], q[qs][None], k[ks][None], v[ks][None], causal=causal,
+                                   softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+            dq[qs], dk[ks], dv[ks] = g[0][0], g[1][0], g[2][0]
+        return dq, dk, dv
+    cd = compute_dtype
+    b, sq, hq, _ = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qc, do = q.to(cd), dout.to(cd)
+    kc = k.to(cd).repeat_interleave(group, dim=2)
+    vc = v.to(cd).repeat_interleave(group, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", qc, kc) * softmax_scale
+    s = s.masked_fill(~visible(sq, sk, causal, q.device), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if sk else s.new_zeros(b, hq, sq, 1)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l > 0, l, torch.ones_like(l))                  # [B, Hq, Sq, Sk]
+    out = torch.einsum("bhij,bjhd->bihd", p, vc)
+    dv = torch.einsum("bhij,bihd->bjhd", p, do)                       # [B, Sk, Hq, D]
+    dp = torch.einsum("bihd,bjhd->bhij", do, vc)
+    delta = (do * out).sum(-1).transpose(1, 2)[..., None]             # [B, Hq, Sq, 1]
+    ds = p * (dp - delta) * softmax_scale
+    dq = torch.einsum("bhij,bjhd->bihd", ds, kc)
+    dk = torch.einsum("bhij,bihd->bjhd", ds, qc)
+    dk = dk.reshape(b, sk, hkv, group, k.shape[-1]).sum(3)
+    dv = dv.reshape(b, sk, hkv, group, v.shape[-1]).sum(3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -216,6 +216,9 @@ def test_errors_raised_alike_on_every_rank(comm):
     small = fmo.moe.Buffer(group, hidden=32, num_experts=world, num_worst_tokens=3)
     expect_same_error(comm, lambda: small.dispatch(x, idx, w), fmo.InputError,
                       "rank 0 would receive")
+    _, _, _, _, handle = buf.dispatch(x, idx, w)
+    expect_same_error(comm, lambda: buf.combine(torch.zeros(handle.num_recv, 32), handle if rank else "not a handle"),
+                      fmo.InputError, "combine refused on rank 0: handle: expected the Handle")
     # The buffers still work after refusing (nothing was exchanged but metadata).
     run_all(comm, lambda: buf.dispatch(x, idx, w)[0].shape)
     buf.destroy()

@@ -1,0 +1,153 @@
+"""Fused attention: public functions, autograd, and the torch.library custom ops.
+
+    out = fmo.flash_attn(q, k, v, causal=False, softmax_scale=None)
+    out, lse = fmo.flash_attn(q, k, v, causal=True, return_lse=True)
+    out = fmo.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False)
+
+q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] (varlen: [total, H, D] with int32 cu_seqlens
+[B + 1]); bf16 or fp16; Hq % Hkv == 0; D in {64, 128}; softmax_scale defaults to 1/sqrt(D).
+out: like q; lse: fp32 natural log, dense [B, Hq, Sq], varlen [Hq, total_q]. Causal masks
+align to the bottom right (query i sees key j <= i + Sk - Sq); a row that sees no key gives
+zeros and lse = -inf. Differentiable in q, k, v (lse is not: its gradient is ignored).
+
+Autograd: each op is a `torch.library.custom_op` (`fmo::flash_attn_fwd`, `fmo::flash_attn_bwd`,
+and their varlen twins) with a fake (meta) implementation, and `register_autograd` makes
+the forward op's backward the backward op. torch builds the autograd.Function from that,
+so eager mode, torch.compile (which traces the ops as opaque nodes, fullgraph) and
+torch.library.opcheck all see one definition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import expect
+from .ops import attention as launcher
+
+Tensor = torch.Tensor
+
+
+def _scale(q: Tensor, softmax_scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+# ------------------------------------------------------------------------------ dense
+
+
+@torch.library.custom_op("fmo::flash_attn_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = launcher.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return out, lse
+
+
+@_fwd.register_fake
+def _(q, k, v, causal, softmax_scale):
+    b, sq, hq, _ = q.shape
+    return q.new_empty(b, sq, hq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fmo::flash_attn_bwd", mutates_args=())
+def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+         softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = launcher.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+    return dq, dk, dv
+
+
+@_bwd.register_fake
+def _(dout, q, k, v, out, lse, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+
+
+def _fwd_backward(ctx, dout, dlse):
+    # lse is an output for callers (and the backward), not a differentiable one: dlse ignored.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fmo.flash_attn_bwd(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("fmo::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_scale: float | None = None, *,
+               return_lse: bool = False):
+    """Fused softmax(q k^T * scale) v without materialising the scores.
+
+    q: [B, Sq, Hq, D], k, v: [B, Sk, Hkv, D] bf16/fp16 -> out [B, Sq, Hq, D]
+    (and lse [B, Hq, Sq] fp32 with return_lse)."""
+    launcher.validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
+    expect(isinstance(causal, bool), "causal", "a bool", causal)
+    out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, causal, _scale(q, softmax_scale))
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- varlen
+
+
+@torch.library.custom_op("fmo::flash_attn_varlen_fwd", mutates_args=())
+def _vfwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+          max_seqlen_k: int, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = launcher.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return out, lse
+
+
+@_vfwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fmo::flash_attn_varlen_bwd", mutates_args=())
+def _vbwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+          softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = launcher.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return dq, dk, dv
+
+
+@_vbwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write
+
+
+def _vfwd_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+
+
+def _vfwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fmo.flash_attn_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens,
+                                                     ctx.causal, ctx.softmax_scale)
+    return (dq, dk, dv) + (None,) * 6  # cu_seqlens x2, max_seqlen x2, causal, softmax_scale
+
+
+torch.library.register_autograd("fmo::flash_attn_varlen_fwd", _vfwd_backward, setup_context=_vfwd_setup)
+
+
+def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                      max_seqlen_k: int, causal: bool = False, softmax_scale: float | None = None, *,
+                      return_lse: bool = False):
+    """Packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens int32 [B + 1]
+    (non-decreasing from 0; empty sequences allowed) -> out [total_q, Hq, D]
+    (and lse [Hq, total_q] fp32 with return_lse). Sequence b attends only within itself."""
+    launcher.validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    expect(isinstance(causal, bool), "causal", "a bool", causal)
+    out, lse = torch.ops.fmo.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                                   int(max_seqlen_k), causal, _scale(q, softmax_scale))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,336 @@
+"""Launchers of the fused-attention kernels (csrc/attention/): forward, and the backward's
+delta, dQ and dK/dV passes. Shapes:
+
+dense   q: [B, Sq, Hq, D], k: [B, Sk, Hkv, D], v: [B, Sk, Hkv, D] -> out [B, Sq, Hq, D],
+        lse [B, Hq, Sq] fp32 (natural log)
+varlen  q: [total_q, Hq, D], k/v: [total_k, Hkv, D], cu_seqlens_q/k: [B + 1] int32
+        -> out [total_q, Hq, D], lse [Hq, total_q] fp32
+bf16 or fp16, Hq % Hkv == 0, D in {64, 128}, last dim contiguous (other strides are
+made contiguous here). The kernels see both layouts as rows of [rows, H, D].
+
+Seam for the Hopper kernel (wgmma + TMA, warp-specialised; a later issue): a second spec
+class with its own header, returned by `choose_config` for sm_90a, reusing AttnParams,
+the validation and the backward passes. Seam for Dqk != Dv (MLA prefill, 192 / 128): the
+spec and every template already carry head_dim and head_dim_v separately; `check` and the
+validation refuse them unequal until that variant is tested.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import backends
+from ..errors import UnsupportedError, expect
+from ..reference import attention as reference
+from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, Plan
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+HEAD_DIMS = (64, 128)
+KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv")
+DELTA_WARPS = 4
+
+
+class AttnParams(Params):
+    cpp_name = "fmo::AttnParams"
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("o", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p), ("dout", ctypes.c_void_p), ("delta", ctypes.c_void_p),
+        ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+        ("cu_seqlens_q", ctypes.c_void_p), ("cu_seqlens_k", ctypes.c_void_p),
+        ("batch", ctypes.c_int64), ("seqlen_q", ctypes.c_int64), ("seqlen_k", ctypes.c_int64),
+        ("rows_q", ctypes.c_int64), ("heads_q", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
+        ("q_row_stride", ctypes.c_int64), ("k_row_stride", ctypes.c_int64), ("v_row_stride", ctypes.c_int64),
+        ("o_row_stride", ctypes.c_int64), ("lse_batch_stride", ctypes.c_int64), ("lse_head_stride", ctypes.c_int64),
+        ("softmax_scale", ctypes.c_float), ("scale_log2", ctypes.c_float),
+    ]
+
+
+@dataclass(frozen=True)
+class AttnSpec(KernelSpec):
+    kernel: str        # fwd | bwd_delta | bwd_dq | bwd_dkdv
+    dtype: str         # bf16 | fp16
+    head_dim: int      # Dqk
+    head_dim_v: int    # Dv
+    block_m: int       # query rows per tile
+    block_n: int       # key rows per tile
+    causal: bool
+
+    op: ClassVar[str] = "attn"
+    header: ClassVar[str] = "csrc/attention/attention.cuh"
+    params: ClassVar[type[Params]] = AttnParams
+
+    def entry_name(self) -> str:
+        """e.g. fmo_attn_fwd_bf16_d128_bm64_bn64_causal (d192v128 when Dqk != Dv)."""
+        d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+        if self.kernel == "bwd_delta":
+            return f"fmo_attn_bwd_delta_{self.dtype}_d{self.head_dim_v}"
+        return f"fmo_attn_{self.kernel}_{self.dtype}_{d}_bm{self.block_m}_bn{self.block_n}" + ("_causal" if self.causal else "")
+
+    def check(self) -> None:
+        super().check()
+        def refuse(msg):
+            raise UnsupportedError(f"{self.op} {self}: {msg}")
+        if self.kernel not in KERNELS:
+            refuse(f"kernel must be one of {KERNELS}")
+        if self.dtype not in ("bf16", "fp16"):
+            refuse("dtype must be bf16 or fp16")
+        if self.head_dim not in HEAD_DIMS or self.head_dim_v != self.head_dim:
+            refuse(f"head dims must be equal and in {HEAD_DIMS} (Dqk != Dv, MLA's 192/128, is the next step)")
+        if self.block_m % 16 or self.block_n % 16 or not 16 <= self.block_m <= 128 or not 16 <= self.block_n <= 128:
+            refuse("block_m and block_n must be multiples of 16 in [16, 128]")
+        if self.smem_bytes() > MAX_DYNAMIC_SMEM:
+            refuse(f"needs {self.smem_bytes()} bytes of shared memory, more than {MAX_DYNAMIC_SMEM}")
+
+    def block_threads(self) -> int:
+        if self.kernel == "bwd_delta":
+            return 32 * DELTA_WARPS
+        return 32 * ((self.block_n if self.kernel == "bwd_dkdv" else self.block_m) // 16)
+
+    def smem_bytes(self) -> int:  # mirrors FwdShape / BwdShape in csrc/attention
+        bm, bn, dqk, dv = self.block_m, self.block_n, self.head_dim, self.head_dim_v
+        if self.kernel == "fwd":
+            return 2 * bm * dqk + 2 * 2 * bn * (dqk + dv)
+        if self.kernel == "bwd_dq":
+            return 2 * bm * (dqk + dv) + 2 * 2 * bn * (dqk + dv)
+        if self.kernel == "bwd_dkdv":
+            return 2 * bn * (dqk + dv) + 2 * (2 * bm * (dqk + dv) + 8 * bm)
+        return 0
+
+    def device_call(self) -> str:
+        t = CUDA_TYPE[self.dtype]
+        if self.kernel == "bwd_delta":
+            return f"fmo::attn::attn_bwd_delta<{t}, {self.head_dim_v}, {DELTA_WARPS}>(p)"
+        return (f"fmo::attn::attn_{self.kernel}<{t}, {self.block_m}, {self.block_n}, {self.head_dim}, "
+                f"{self.head_dim_v}, {'true' if self.causal else 'false'}>(p)")
+
+
+# Tiles (block_m, block_n) per kernel and head dim: 4 warps of 16 rows each. The dK/dV
+# kernel keeps dK and dV (2 x 16 x D fp32 per warp) in registers, so at D = 128 it walks
+# 32-query tiles to stay under 255 registers without spills.
+TILES = {
+    ("fwd", 64): (64, 64), ("fwd", 128): (64, 64),
+    ("bwd_dq", 64): (64, 64), ("bwd_dq", 128): (64, 64),
+    ("bwd_dkdv", 64): (64, 64), ("bwd_dkdv", 128): (32, 64),
+    ("bwd_delta", 64): (16, 16), ("bwd_delta", 128): (16, 16),
+}
+
+
+def choose_spec(kernel: str, dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AttnSpec:
+    """Pure function of (kernel, dtype, head dims, causal): identical on every rank."""
+    bm, bn = TILES[(kernel, head_dim)]
+    return AttnSpec(kernel=kernel, dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, block_m=bm, block_n=bn,
+                    causal=causal and kernel != "bwd_delta")
+
+
+@register_op("attn")
+def standard_specs():
+    """Every variant: 4 kernels x {bf16, fp16} x D {64, 128} x causal or not."""
+    seen = set()
+    for kernel in KERNELS:
+        for dtype in ("bf16", "fp16"):
+            for d in HEAD_DIMS:
+                for causal in (False, True):
+                    seen.add(choose_spec(kernel, dtype, d, d, causal))
+    yield from sorted(seen, key=lambda s: s.entry_name())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _dtype_name(t) -> str:
+    return str(getattr(t, "dtype", type(t).__name__))
+
+
+def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+             softmax_scale=None) -> None:
+    """Refuse bad input before any launch, naming the argument, the expectation and what came."""
+    dims = 3 if varlen else 4
+    layout = "[total, H, D]" if varlen else "[B, S, H, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        expect(isinstance(t, torch.Tensor), name, "a torch.Tensor", lambda: type(t).__name__)
+        expect(t.dim() == dims, name, f"a {dims}-D tensor {layout}", lambda: f"shape {tuple(t.shape)}")
+        expect(t.dtype in DTYPES, name, "dtype bfloat16 or float16", t.dtype)
+        expect(t.dtype == q.dtype, name, f"the dtype of q ({q.dtype})", t.dtype)
+        expect(t.device == q.device, name, f"a tensor on {q.device} (like q)", t.device)
+        expect(t.shape[-1] == 0 or t.stride(-1) == 1, name, "a contiguous last dimension (stride 1)", lambda: f"strides {t.stride()}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    expect(v.shape[-2] == hkv, "v", f"{hkv} heads (like k)", v.shape[-2])
+    expect(hkv > 0 and hq % hkv == 0, "q", f"a number of heads divisible by k's {hkv} (GQA/MQA)", hq)
+    expect(v.shape[:-2] == k.shape[:-2], "v", f"leading dims {tuple(k.shape[:-2])} (like k)", tuple(v.shape[:-2]))
+    if not varlen:
+        expect(k.shape[0] == q.shape[0], "k", f"batch {q.shape[0]} (like q)", k.shape[0])
+    d = q.shape[-1]
+    expect(d in HEAD_DIMS, "q", f"head dim in {HEAD_DIMS}", d)
+    expect(k.shape[-1] == d, "k", f"head dim {d} (like q)", k.shape[-1])
+    expect(v.shape[-1] == d, "v", f"head dim {d} (like q; Dqk != Dv is not supported yet)", v.shape[-1])
+    if softmax_scale is not None:
+        expect(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale), "softmax_scale",
+               "a finite float", softmax_scale)
+    if varlen:
+        for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            expect(isinstance(cu, torch.Tensor) and cu.dtype == torch.int32 and cu.dim() == 1 and cu.numel() >= 2,
+                   name, "a 1-D int32 tensor [B + 1]", lambda: f"{_dtype_name(cu)} {tuple(getattr(cu, 'shape', ()))}")
+            expect(cu.device == q.device, name, f"a tensor on {q.device}", cu.device)
+            # One small device-to-host copy: a bad prefix sum would read out of bounds.
+            c = cu.tolist()
+            expect(c[0] == 0 and all(a <= b for a, b in zip(c, c[1:])), name,
+                   "non-decreasing offsets starting at 0", c if len(c) <= 16 else f"{c[:16]}...")
+            expect(c[-1] == total, name, f"last offset {total} (rows of the packed tensor)", c[-1])
+            longest = max(b - a for a, b in zip(c, c[1:]))
+            expect(isinstance(mx, int) and mx >= longest, name.replace("cu_seqlens", "max_seqlen"),
+                   f"an int >= the longest sequence ({longest})", mx)
+        expect(cu_seqlens_k.numel() == cu_seqlens_q.numel(), "cu_seqlens_k", f"{cu_seqlens_q.numel()} offsets (like cu_seqlens_q)",
+               cu_seqlens_k.numel())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., H, D] -> a contiguous, 16-byte aligned [rows, H, D] (a view when it already is)."""
+    t = t.reshape(-1, t.shape[-2], t.shape[-1])
+    if not t.is_contiguous() or t.data_ptr() % 16:
+        t = t.contiguous() if t.data_ptr() % 16 == 0 or not t.is_contiguous() else t.clone()
+    return t
+
+
+@dataclass
+class Problem:
+    """Everything the launches share, resolved once per call."""
+
+    q: torch.Tensor          # [rows_q, Hq, D]
+    k: torch.Tensor          # [rows_k, Hkv, D]
+    v: torch.Tensor
+    cu_q: torch.Tensor | None
+    cu_k: torch.Tensor | None
+    batch: int
+    seqlen_q: int            # dense Sq or max_seqlen_q
+    seqlen_k: int
+    causal: bool
+    scale: float
+    lse_shape: tuple
+
+    @property
+    def dtype(self) -> str:
+        return DTYPES[self.q.dtype]
+
+    def params(self, **ptrs) -> AttnParams:
+        hq, d = self.q.shape[1], self.q.shape[2]
+        varlen = self.cu_q is not None
+        p = AttnParams(
+            q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(),
+            cu_seqlens_q=self.cu_q.data_ptr() if varlen else 0, cu_seqlens_k=self.cu_k.data_ptr() if varlen else 0,
+            batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, rows_q=self.q.shape[0],
+            heads_q=hq, heads_kv=self.k.shape[1], q_row_stride=hq * d, k_row_stride=self.k.shape[1] * d,
+            v_row_stride=self.v.shape[1] * self.v.shape[2], o_row_stride=hq * self.v.shape[2],
+            lse_batch_stride=0 if varlen else hq * self.seqlen_q,
+            lse_head_stride=self.q.shape[0] if varlen else self.seqlen_q,
+            softmax_scale=self.scale, scale_log2=self.scale * math.log2(math.e),
+        )
+        for name, t in ptrs.items():
+            setattr(p, name, t.data_ptr())
+        return p
+
+    def plan(self, kernel: str, grid, tensors, **ptrs) -> Plan:
+        spec = choose_spec(kernel, self.dtype, self.q.shape[2], self.v.shape[2], self.causal)
+        config = LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes())
+        cu = tuple(t for t in (self.cu_q, self.cu_k) if t is not None)
+        return Plan(spec, config, self.params(**ptrs), (self.q, self.k, self.v, *cu, *tensors))
+
+
+def problem(q, k, v, *, causal, softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+            max_seqlen_k=None) -> Problem:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    hq = q.shape[-2]
+    if cu_seqlens_q is None:
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        return Problem(_rows(q), _rows(k), _rows(v), None, None, b, sq, sk, causal, scale, (b, hq, sq))
+    return Problem(_rows(q), _rows(k), _rows(v), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                   cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k), causal, scale, (hq, q.shape[0]))
+
+
+def _grid(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def forward(pb: Problem, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [rows_q, Hq, Dv], lse in pb.lse_shape) on a kernel engine."""
+    hq = pb.q.shape[1]
+    out = torch.empty(pb.q.shape[0], hq, pb.v.shape[2], dtype=pb.q.dtype, device=pb.q.device)
+    lse = torch.empty(pb.lse_shape, dtype=torch.float32, device=pb.q.device)
+    if out.numel() == 0 or pb.batch == 0 or pb.seqlen_q == 0:
+        return out, lse
+    bm = TILES[("fwd", pb.q.shape[2])][0]
+    pb.plan("fwd", (_grid(pb.seqlen_q, bm), hq, pb.batch), (out, lse), o=out, lse=lse).run(engine)
+    return out, lse
+
+
+def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str):
+    """(dq, dk, dv) as [rows, H, D] on a kernel engine: delta, then dQ, then dK/dV."""
+    dout = _rows(dout)
+    out = _rows(out)
+    lse = lse.contiguous()
+    dq = torch.empty_like(pb.q)
+    dk = torch.empty_like(pb.k)
+    dv = torch.empty_like(pb.v)
+    hq, hkv, d = pb.q.shape[1], pb.k.shape[1], pb.q.shape[2]
+    if pb.batch == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    grads = dict(o=out, lse=lse, dout=dout, delta=delta)
+    tensors = (out, lse, dout, delta)
+    if pb.q.shape[0] * hq > 0:
+        pb.plan("bwd_delta", _grid(pb.q.shape[0] * hq, DELTA_WARPS), tensors, **grads).run(engine)
+    if pb.q.shape[0] > 0 and pb.seqlen_q > 0:
+        bm = TILES[("bwd_dq", d)][0]
+        pb.plan("bwd_dq", (_grid(pb.seqlen_q, bm), hq, pb.batch), tensors + (dq,), dq=dq, **grads).run(engine)
+    if pb.k.shape[0] > 0 and pb.seqlen_k > 0:
+        bn = TILES[("bwd_dkdv", d)][1]
+        pb.plan("bwd_dkdv", (_grid(pb.seqlen_k, bn), hkv, pb.batch), tensors + (dk, dv), dk=dk, dv=dv,
+                **grads).run(engine)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def attention_forward(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q=None, max_seqlen_k=None):
+    """(out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, total_q]); validated here."""
+    varlen = cu_seqlens_q is not None
+    validate(q, k, v, varlen=varlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    engine = backends.engine_for(q=q, k=k, v=v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if engine == "reference":  # contiguous, as the kernels' outputs (and the fake impls) are
+        if varlen:
+            out, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale)
+        else:
+            out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale)
+        return out.contiguous(), lse.contiguous()
+    pb = problem(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    out, lse = forward(pb, engine)
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
+                       cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """(dq, dk, dv) shaped like q, k, v; GQA: dk/dv summed over the query heads of a key head."""
+    expect(isinstance(dout, torch.Tensor) and dout.shape == out.shape and dout.dtype == out.dtype, "dout",
+           f"a {out.dtype} tensor of shape {tuple(out.shape)} (like out)",
+           lambda: f"{_dtype_name(dout)} {tuple(getattr(dout, 'shape', ()))}")
+    engine = backends.engine_for(q=q, k=k, v=v, dout=dout)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if engine == "reference":
+        grads = reference.attention_backward(dout, q, k, v, causal=causal, softmax_scale=scale,
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        return tuple(g.contiguous() for g in grads)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    pb = problem(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    dq, dk, dv = backward(pb, dout, out, lse, engine)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

@@ -1,0 +1,23 @@
+"""The attention kernels (every registered variant) compile offline for sm_90a with no
+spills and no stack frame, and their SASS holds HMMA (mma.sync), LDSM (ldmatrix) and
+LDGSTS (cp.async); the delta kernel is a plain reduction (no MMA)."""
+from __future__ import annotations
+
+import pytest
+
+from fastmoe_ops import build
+from fastmoe_ops.ops import _all  # noqa: F401  (registers the specs)
+from fastmoe_ops.runtime import compiler
+
+pytestmark = pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")
+
+
+def test_attention_kernels_build_without_spills():
+    reports = build.build_all("sm_90a", "attn")
+    assert len(reports) == 28
+    for r in reports:
+        assert r.ok, r.error
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.name} spills: {r}"
+        assert 0 < r.registers <= 255
+        if compiler.find_cuobjdump() is not None and "delta" not in r.name:
+            assert r.sass["HMMA"] > 0 and r.sass["LDSM"] > 0 and r.sass["LDGSTS"] > 0, f"{r.name}: {r.sass}"
