@@ -18,11 +18,11 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
-from . import bench_fp8
+from . import bench_attention, bench_fp8
 from .harness import format_table, plot, write_json
 from .report import save_results
 
-AREAS = {"fp8": bench_fp8}
+AREAS = {"fp8": bench_fp8, "attention": bench_attention}
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
