@@ -101,6 +101,29 @@ def _poisoned_outputs(monkeypatch):
     yield
 
 
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_structured_uniform_attention(causal):
+    """q = 0: every visible key gets the same weight, so out[i, h] is the mean of v over the
+    keys row i sees, and v[j, hk, d] = j + 64 hk (exact in bf16) makes a wrong row, head,
+    column, mask or tile boundary show as a wrong integer-ish value, not as noise."""
+    b, sq, sk, hq, hkv, d = 1, 70, 100, 4, 2, 64
+    q = torch.zeros(b, sq, hq, d, dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hkv, d).to(torch.bfloat16)
+    v = (torch.arange(sk)[:, None, None] + 64 * torch.arange(hkv)[None, :, None]).expand(sk, hkv, d)
+    v = v[None].to(torch.bfloat16).contiguous()
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
+    out, lse = launcher.forward(pb, "sim")
+    out = out.reshape(b, sq, hq, d)
+    for i in range(sq):
+        n = min(sk, i + sk - sq + 1) if causal else sk
+        for h in range(hq):
+            want = (n - 1) / 2 + 64 * (h // 2)
+            got = out[0, i, h].float()
+            assert torch.all((got - want).abs() <= 2.0**-8 * abs(want) + 1e-6), f"row {i} head {h}: got {got[0].item()}, want {want}"
+            assert abs(lse[0, h, i].item() - math.log(n)) < 1e-5, f"lse row {i} head {h}"
+
+
 # (B, Sq, Sk, Hq, Hkv, D, causal, dtype): every axis of the issue's grid appears, kept small.
 CASES = [
     (1, 1, 1, 1, 1, 64, False, torch.bfloat16),
