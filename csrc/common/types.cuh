@@ -4,7 +4,7 @@
 // compile for both (the simulator's prelude is force-included before this file on the CPU).
 #pragma once
 
-#include <cstdint>
+#include "ptx/common.cuh"  // fixed-width integer types under nvcc, NVRTC and the simulator
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>

@@ -134,6 +134,8 @@ def include_options() -> list[str]:
     inc = cuda_include_dir()
     if inc is not None:
         opts.append(f"-I{inc}")
+        if (inc / "cccl").is_dir():  # CCCL's <cuda/std/...>: NVRTC has no C++ standard headers
+            opts.append(f"-I{inc / 'cccl'}")
     return opts
 
 
