@@ -248,3 +248,32 @@ def test_spec_refuses_unsupported_and_names_kernels():
     with pytest.raises(fmo.UnsupportedError, match="Dqk != Dv"):
         launcher.AttnSpec(kernel="fwd", dtype="bf16", head_dim=192, head_dim_v=128, block_m=64, block_n=64, causal=False).stub()
     assert len(list(launcher.standard_specs())) == 28
+
+
+@SIM
+@pytest.mark.parametrize("b, sq, sk", [(2, 5, 0), (2, 0, 5), (0, 3, 3)])
+def test_empty_shapes(b, sq, sk):
+    """No keys: out 0, lse -inf, gradients 0 (never NaN); no queries: dk = dv = 0; B = 0."""
+    q = torch.randn(b, sq, 2, 64).bfloat16().requires_grad_(True)
+    k = torch.randn(b, sk, 1, 64).bfloat16().requires_grad_(True)
+    v = torch.randn(b, sk, 1, 64).bfloat16().requires_grad_(True)
+    with fmo.use_backend("sim"):
+        out, lse = fmo.flash_attn(q, k, v, causal=True, return_lse=True)
+        out.float().sum().backward()
+    assert out.shape == (b, sq, 2, 64) and lse.shape == (b, 2, sq)
+    assert bool((out == 0).all()) and bool((lse == -math.inf).all())
+    assert all(bool((t.grad == 0).all()) for t in (q, k, v))
+
+
+@SIM
+def test_misaligned_and_strided_inputs():
+    """A 16-byte-misaligned q and a strided (non-contiguous, last dim contiguous) k."""
+    base = torch.randn(9 * 2 * 64 + 3).bfloat16()
+    q = base[3:].view(1, 9, 2, 64)                                  # data_ptr % 16 == 6
+    k = torch.randn(1, 2, 9, 64).bfloat16().transpose(1, 2)        # [1, 9, 2, 64], strided
+    v = torch.randn(1, 9, 2, 64).bfloat16()
+    with fmo.use_backend("sim"):
+        out = fmo.flash_attn(q, k, v)
+    want, _ = ref.attention(q, k, v, compute_dtype=torch.float64)
+    pt, _ = ref.attention(q, k, v, compute_dtype=torch.bfloat16)
+    assert_within_rule("out", out, want, pt, torch.bfloat16, "misaligned q, strided k")

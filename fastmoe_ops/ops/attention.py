@@ -192,8 +192,8 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., H, D] -> a contiguous, 16-byte aligned [rows, H, D] (a view when it already is)."""
     t = t.reshape(-1, t.shape[-2], t.shape[-1])
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        t = t.contiguous() if t.data_ptr() % 16 == 0 or not t.is_contiguous() else t.clone()
+    if not t.is_contiguous() or t.data_ptr() % 16:  # cp.async moves 16-byte chunks
+        t = t.clone(memory_format=torch.contiguous_format)
     return t
 
 
