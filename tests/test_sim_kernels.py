@@ -288,3 +288,21 @@ def test_get_global_and_sequential_mode():
 
 def test_context_switch_is_cheap():
     assert sim.switch_ns(200_000) < 200
+
+
+def test_extern_shared_inside_a_function_template():
+    """`extern __shared__` declared in a device function template aliases the one dynamic
+    shared buffer like any other (it once called a null TLS-init wrapper)."""
+    src = r'''
+    template <int N> __device__ void rotate(float* out) {
+      extern __shared__ float buf[];
+      buf[threadIdx.x] = N * 100 + threadIdx.x;
+      __syncthreads();
+      out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
+    }
+    extern "C" __global__ void rotate3(float* out) { rotate<3>(out); }
+    '''
+    out = torch.full((64,), float("nan"))
+    sim.RawModule(code=src).get_function("rotate3")((1,), (64,), (out,), shared_mem=64 * 4)
+    want = torch.tensor([300.0 + (i + 1) % 64 for i in range(64)])
+    assert torch.equal(out, want)

@@ -34,7 +34,9 @@ DYNAMIC_SMEM_BYTES = 228 * 1024
 # -fno-ipa-reference-addressable: GCC may otherwise drop stores to a function-local static
 # (a __shared__ variable) that it proves this "thread" never reads back; other fibers of the
 # CTA do read it, and checking builds must see every access.
-_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-ipa-reference-addressable", "-w")
+# -fno-extern-tls-init: `extern __shared__` arrays are extern thread_locals here, and inside a
+# template GCC would call their (never defined) dynamic-init wrapper through a null pointer.
+_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-ipa-reference-addressable", "-fno-extern-tls-init", "-w")
 _CHECK_FLAGS = (
     "-fsanitize=thread",
     "--param=tsan-instrument-func-entry-exit=0",
