@@ -92,6 +92,7 @@ class IpcTransport:
         if row > self.hidden * 4:
             raise InputError(f"combine: y rows of {row} bytes exceed the Buffer's {self.hidden * 4} (fp32 at most)")
         p = self._params(out.shape[0], rank, grid, 1)
+        p.hidden = y.shape[1]            # the rows' width (k for the topk-weight gradients)
         p.src[0], p.out[0], p.src_stride[0], p.seg_bytes[0], p.num_streams, p.row_stride = y.data_ptr(), out.data_ptr(), row, row, 1, row
         p.combine_index = combine_index.data_ptr()
         for s in range(self.group.size):

@@ -70,6 +70,7 @@ CASES = [  # (name, tokens per rank (None: 5 + 3r), k, E, H, dtype, options)
     ("skew_expert0", None, 3, 8, 128, torch.bfloat16, dict(skew=True)),
     ("rank1_empty", "rank1_empty", 4, 8, 72, torch.float32, dict(minus_one=0.3)),
     ("all_minus_one", None, 2, 8, 64, torch.bfloat16, dict(minus_one=1.0)),
+    ("k5_k6_k7", None, 6, 12, 40, torch.float32, dict(minus_one=0.1)),
 ]
 
 
@@ -139,7 +140,8 @@ def test_fp8_pairs_and_capacity(comm, engine):
     run_all(comm, body)
 
 
-def test_autograd_against_dense_float64(comm):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_autograd_against_dense_float64(comm, engine):
     """grad x and grad topk_weights through dispatch -> experts -> combine, against the
     same model computed densely in one process in float64."""
     need_ranks(comm, 2)
@@ -166,10 +168,11 @@ def test_autograd_against_dense_float64(comm):
         buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts)
         x = xs[rank].clone().requires_grad_()
         w = ws[rank].clone().requires_grad_()
-        recv_x, recv_idx, recv_w, _, handle = buf.dispatch(x, idxs[rank], w)
-        y = recv_x * (rank + 1) * recv_w.sum(1, keepdim=True).double()
-        out = buf.combine(y, handle)
-        (out * gs[rank]).sum().backward()
+        with fmo.use_backend(engine):
+            recv_x, recv_idx, recv_w, _, handle = buf.dispatch(x, idxs[rank], w)
+            y = recv_x * (rank + 1) * recv_w.sum(1, keepdim=True).double()
+            out = buf.combine(y, handle)
+            (out * gs[rank]).sum().backward()
         err_x = (x.grad - dx[rank].grad).abs().max().item() if x.numel() else 0.0
         err_w = (w.grad.double() - dw[rank].grad).abs().max().item() if w.numel() else 0.0
         assert err_x < 1e-6 and err_w < 1e-4, f"grad x err {err_x}, grad w err {err_w}"

@@ -103,3 +103,31 @@ def test_ipc_capacity_refused_alike(comm):
     buf.destroy()
     comm.Barrier()
     all_agree(comm, not os.path.exists(path), f"{path} still exists after destroy()")
+
+
+def test_ipc_gradients_equal_host_gradients(comm):
+    """Backward through the ipc transport (dispatch's backward combines on it) gives the
+    host transport's gradients bit for bit."""
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, experts, k = 48, 2 * world, 3
+    xs, idxs, ws = inputs(world, 71, [6 + r for r in range(world)], k, experts, hidden, torch.float32, minus_one=0.2)
+
+    def grads(transport):
+        extra = dict(transport="ipc", max_tokens_per_rank=16, max_topk=k) if transport == "ipc" else {}
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
+        x = xs[rank].clone().requires_grad_()
+        w = ws[rank].clone().requires_grad_()
+        with fmo.use_backend("sim"):
+            recv_x, _, recv_w, _, handle = buf.dispatch(x, idxs[rank], w)
+            out = buf.combine(recv_x * recv_w.sum(1, keepdim=True) * (rank + 2), handle)
+            (out * torch.arange(hidden, dtype=torch.float32)).sum().backward()
+        buf.destroy()
+        return out.detach(), x.grad, w.grad
+
+    def body():
+        for a, b, what in zip(grads("ipc"), grads("host"), ("out", "grad x", "grad w")):
+            bitwise(a, b, f"ipc vs host: {what}")
+        return "ok"
+
+    run_all(comm, body)
