@@ -57,11 +57,13 @@ struct MoeIpcParams {
     int64_t hidden;                      // combine: elements per row
 };
 
-template <typename Chunk, int BLOCK>
+// NC: the source is read-only during the kernel (this rank's payloads); the receive
+// regions are written by peers' kernels running concurrently and need coherent loads.
+template <typename Chunk, int BLOCK, bool NC>
 __device__ __forceinline__ void copy_bytes(void* dst, const void* src, int64_t bytes) {
     Chunk* d = static_cast<Chunk*>(dst);
     const Chunk* s = static_cast<const Chunk*>(src);
-    for (int64_t c = threadIdx.x; c < bytes / int64_t(sizeof(Chunk)); c += BLOCK) store_stream(d + c, load_stream(s + c));
+    for (int64_t c = threadIdx.x; c < bytes / int64_t(sizeof(Chunk)); c += BLOCK) store_stream(d + c, load_stream<Chunk, NC>(s + c));
 }
 
 // (2) + (3): publish this CTA's writes to every peer's counter `which`, then wait for all.
@@ -91,7 +93,7 @@ __device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
             if (pos < 0) continue;
             char* row = static_cast<char*>(p.peers[r]) + p.dispatch_region + (p.rank * p.slot_rows + pos) * p.row_stride;
             for (int64_t s = 0; s < p.num_streams; ++s)
-                copy_bytes<Chunk, BLOCK>(row + p.seg_offset[s], static_cast<const char*>(p.src[s]) + t * p.src_stride[s], p.seg_bytes[s]);
+                copy_bytes<Chunk, BLOCK, true>(row + p.seg_offset[s], static_cast<const char*>(p.src[s]) + t * p.src_stride[s], p.seg_bytes[s]);
         }
     }
     signal_and_wait<BLOCK>(p, 0);
@@ -101,7 +103,7 @@ __device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
         for (int64_t i = blockIdx.x; i < p.recv_counts[s]; i += gridDim.x) {
             const char* row = static_cast<const char*>(p.peers[p.rank]) + p.dispatch_region + (s * p.slot_rows + i) * p.row_stride;
             for (int64_t k = 0; k < p.num_streams; ++k)
-                copy_bytes<Chunk, BLOCK>(static_cast<char*>(p.out[k]) + (first + i) * p.seg_bytes[k], row + p.seg_offset[k], p.seg_bytes[k]);
+                copy_bytes<Chunk, BLOCK, false>(static_cast<char*>(p.out[k]) + (first + i) * p.seg_bytes[k], row + p.seg_offset[k], p.seg_bytes[k]);
         }
         first += p.recv_counts[s];
     }
@@ -114,7 +116,7 @@ __device__ __forceinline__ void moe_ipc_combine(const MoeIpcParams& p) {
     for (int64_t s = 0; s < p.ranks; ++s) {
         char* region = static_cast<char*>(p.peers[s]) + p.combine_region;
         for (int64_t i = blockIdx.x; i < p.recv_counts[s]; i += gridDim.x)
-            copy_bytes<Chunk, BLOCK>(region + (p.back_offset[s] + i) * p.row_stride,
+            copy_bytes<Chunk, BLOCK, true>(region + (p.back_offset[s] + i) * p.row_stride,
                                      static_cast<const char*>(p.src[0]) + (first + i) * p.src_stride[0], p.seg_bytes[0]);
         first += p.recv_counts[s];
     }
@@ -128,7 +130,7 @@ __device__ __forceinline__ void moe_ipc_combine(const MoeIpcParams& p) {
     q.rows = p.tokens;
     q.hidden = p.hidden;
     q.fanin = p.ranks;
-    moe_gather_reduce<T, VEC, false, BLOCK>(q);
+    moe_gather_reduce<T, VEC, false, BLOCK, /*NC=*/false>(q);
 }
 
 }  // namespace fmo

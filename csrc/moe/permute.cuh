@@ -42,10 +42,16 @@ struct MoeGatherReduceParams {
 
 // Streaming vector access: the ld/st wrappers move 4, 8 or 16 bytes; narrower chunks
 // (2- or 1-byte rows) use plain accesses.
-template <typename V>
+// NC: the data is read-only for the whole kernel (ld.global.nc); false for buffers that
+// peers write while this kernel runs (the IPC regions), where only a coherent load is valid.
+template <typename V, bool NC = true>
 __device__ __forceinline__ V load_stream(const V* p) {
-    if constexpr (sizeof(V) >= 4) return ptx::ld_nc_na(p);
-    else return *p;
+    if constexpr (sizeof(V) >= 4) {
+        if constexpr (NC) return ptx::ld_nc_na(p);
+        else return ptx::ld_global(p);
+    } else {
+        return *p;
+    }
 }
 
 template <typename V>
@@ -79,7 +85,7 @@ __device__ __forceinline__ void from_float(float v, float& out) { out = v; }
 __device__ __forceinline__ void from_float(float v, __half& out) { out = __float2half_rn(v); }
 __device__ __forceinline__ void from_float(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 
-template <typename T, int VEC, bool WEIGHTED, int BLOCK>
+template <typename T, int VEC, bool WEIGHTED, int BLOCK, bool NC = true>
 __device__ __forceinline__ void moe_gather_reduce(const MoeGatherReduceParams& p) {
     using Chunk = Vec<T, VEC>;
     const int64_t chunks = p.hidden / VEC;
@@ -93,7 +99,7 @@ __device__ __forceinline__ void moe_gather_reduce(const MoeGatherReduceParams& p
             for (int64_t j = 0; j < p.fanin; ++j) {  // ascending j: the fixed summation order
                 const int64_t r = idx[j];
                 if (r < 0) continue;
-                const Chunk v = load_stream(reinterpret_cast<const Chunk*>(static_cast<const T*>(p.y) + r * p.hidden) + c);
+                const Chunk v = load_stream<Chunk, NC>(reinterpret_cast<const Chunk*>(static_cast<const T*>(p.y) + r * p.hidden) + c);
                 if (WEIGHTED) {
                     const float w = p.weights[m * p.fanin + j];
 #pragma unroll
