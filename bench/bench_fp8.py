@@ -32,7 +32,7 @@ def quant_bytes(m: int, k: int, elem: int, group: int = 128) -> int:
 
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     """Quantisation rows, then the GEMM rows."""
-    rows = run_quant(device, engine, quick, copy_gbps)
+    rows = run_quant(device, engine, quick, copy_gbps) + run_quant_backward(device, engine, quick, copy_gbps)
     ceiling = fp8_ceiling_flops(device) if device.type == "cuda" else 0.0
     return rows + run_gemm(device, engine, quick, ceiling)
 
@@ -60,6 +60,36 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
         rows.append(Row(op="fp8_quant_token_group", shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
                         baseline="torch ops (reference)", baseline_s=t_base.median_s, bytes_moved=quant_bytes(m, k, 2),
                         ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    return rows
+
+
+def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
+    """Per-block (weights) and transposed per-token-group (wgrad) quantisation, same checks."""
+    rows = []
+    shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES[:1]
+    gen = torch.Generator(device=device).manual_seed(1)
+    cases = (("fp8_quant_block", fmo.fp8.quantize_per_block, ref.quantize_per_block),
+             ("fp8_quant_token_group_transposed", fmo.fp8.quantize_per_token_group_transposed,
+              ref.quantize_per_token_group_transposed))
+    for m, k in shapes:
+        x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+        for op, fn, reffn in cases:
+            def ours(fn=fn):
+                if engine == "cuda":
+                    return fn(x)
+                with fmo.use_backend(engine):
+                    return fn(x)
+
+            got, want = ours(), reffn(x)
+            if not (torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))):
+                raise RuntimeError(f"{op} ({engine}) disagrees with the reference at {m}x{k}: not timing it")
+            reps = 30 if device.type == "cuda" else 5
+            t_ours = time_fn(ours, device=device, reps=reps)
+            t_base = time_fn(lambda reffn=reffn: reffn(x), device=device, reps=reps)
+            moved = m * k * 2 + got[0].numel() + got[1].numel() * 4
+            rows.append(Row(op=op, shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
+                            baseline="torch ops (reference)", baseline_s=t_base.median_s, bytes_moved=moved,
+                            ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
     return rows
 
 
