@@ -5,7 +5,8 @@
     out = fmo.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False)
 
 q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] (varlen: [total, H, D] with int32 cu_seqlens
-[B + 1]); bf16 or fp16; Hq % Hkv == 0; D in {64, 128}; softmax_scale defaults to 1/sqrt(D).
+[B + 1]); bf16 or fp16; Hq % Hkv == 0; D in {64, 128}, or q/k 192 with v 128 (MLA prefill;
+out then has v's 128); softmax_scale defaults to 1/sqrt(q's D).
 out: like q; lse: fp32 natural log, dense [B, Hq, Sq], varlen [Hq, total_q]. Causal masks
 align to the bottom right (query i sees key j <= i + Sk - Sq); a row that sees no key gives
 zeros and lse = -inf. Differentiable in q, k, v (lse is not: its gradient is ignored).

@@ -31,14 +31,14 @@ SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulato
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, *, varlen_cu=None):
+def make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, *, varlen_cu=None, dv=None):
     g = torch.Generator().manual_seed(seed)
     lead_q = (b, sq) if varlen_cu is None else (sq,)
     lead_k = (b, sk) if varlen_cu is None else (sk,)
     q = torch.randn(*lead_q, hq, d, generator=g).to(dtype)
     k = torch.randn(*lead_k, hkv, d, generator=g).to(dtype)
-    v = torch.randn(*lead_k, hkv, d, generator=g).to(dtype)
-    dout = torch.randn(*lead_q, hq, d, generator=g).to(dtype)
+    v = torch.randn(*lead_k, hkv, dv or d, generator=g).to(dtype)
+    dout = torch.randn(*lead_q, hq, dv or d, generator=g).to(dtype)
     return q, k, v, dout
 
 
@@ -77,13 +77,13 @@ def oracle_and_pytorch(q, k, v, dout, causal, varlen=None):
     return run(torch.float64), run(q.dtype)
 
 
-def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True):
-    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal} {dtype} seed={seed}"
-    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed)
+def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True, dv=None):
+    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} Dv={dv or d} causal={causal} {dtype} seed={seed}"
+    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, dv=dv)
     (o_out, o_lse, o_dq, o_dk, o_dv), (p_out, _, p_dq, p_dk, p_dv) = oracle_and_pytorch(q, k, v, dout, causal)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
     out, lse = launcher.forward(pb, "sim")
-    out = out.reshape(q.shape)
+    out = out.reshape(o_out.shape)
     assert_within_rule("out", out, o_out, p_out, dtype, ctx)
     assert_lse(lse, o_lse.double(), ctx)
     if backward:
@@ -140,6 +140,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_d{}_{}_{}".format(*c[:6], "causal" if c[6] else "full", str(c[7])[6:]))
 def test_kernels_vs_float64(case):
     check_case(*case)
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_head_dims(causal):
+    """MLA prefill: q/k head dim 192 (128 nope + 64 rope), v head dim 128; Sq != Sk, GQA."""
+    check_case(1, 40, 75, 4, 2, 192, causal, torch.bfloat16, seed=21, dv=128)
 
 
 @SIM
@@ -245,9 +252,10 @@ def test_bad_input_refused(case):
 def test_spec_refuses_unsupported_and_names_kernels():
     spec = launcher.choose_spec("fwd", "bf16", 128, 128, True)
     assert spec.entry_name() == "fmo_attn_fwd_bf16_d128_bm64_bn64_causal"
-    with pytest.raises(fmo.UnsupportedError, match="Dqk != Dv"):
-        launcher.AttnSpec(kernel="fwd", dtype="bf16", head_dim=192, head_dim_v=128, block_m=64, block_n=64, causal=False).stub()
-    assert len(list(launcher.standard_specs())) == 28
+    assert launcher.choose_spec("bwd_dq", "fp16", 192, 128, False).entry_name() == "fmo_attn_bwd_dq_fp16_d192v128_bm64_bn32"
+    with pytest.raises(fmo.UnsupportedError, match="head_dim_v"):
+        launcher.AttnSpec(kernel="fwd", dtype="bf16", head_dim=128, head_dim_v=64, block_m=64, block_n=64, causal=False).stub()
+    assert len(list(launcher.standard_specs())) == 40
 
 
 @SIM

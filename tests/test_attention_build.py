@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not i
 
 def test_attention_kernels_build_without_spills():
     reports = build.build_all("sm_90a", "attn")
-    assert len(reports) == 28
+    assert len(reports) == 40  # 4 kernels x 2 dtypes x 3 (Dqk, Dv) x causal (delta: no causal)
     for r in reports:
         assert r.ok, r.error
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.name} spills: {r}"

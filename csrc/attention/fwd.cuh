@@ -12,9 +12,8 @@
 // block's last visible key are skipped (never loaded); a row that sees no key stores 0 and
 // lse = -inf.
 // Shared memory: BM * DQK * 2 (Q) + 2 * BN * (DQK + DV) * 2 (K, V, two stages) bytes.
-// Constraints: DQK, DV multiples of 64 (the launcher allows 64 and 128, DQK == DV; the
-// seams for DQK != DV, MLA's 192/128, are the separate template parameters), rows 16-byte
-// aligned (row strides multiples of 8 elements).
+// Constraints: DQK, DV multiples of 64 (the launcher allows (64, 64), (128, 128) and MLA's
+// (192, 128)), rows 16-byte aligned (row strides multiples of 8 elements).
 #pragma once
 
 #include "csrc/attention/mainloop.cuh"

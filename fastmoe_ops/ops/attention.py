@@ -5,14 +5,14 @@ dense   q: [B, Sq, Hq, D], k: [B, Sk, Hkv, D], v: [B, Sk, Hkv, D] -> out [B, Sq,
         lse [B, Hq, Sq] fp32 (natural log)
 varlen  q: [total_q, Hq, D], k/v: [total_k, Hkv, D], cu_seqlens_q/k: [B + 1] int32
         -> out [total_q, Hq, D], lse [Hq, total_q] fp32
-bf16 or fp16, Hq % Hkv == 0, D in {64, 128}, last dim contiguous (other strides are
-made contiguous here). The kernels see both layouts as rows of [rows, H, D].
+bf16 or fp16, Hq % Hkv == 0, (Dqk, Dv) in {(64, 64), (128, 128), (192, 128)} (the last is
+MLA's prefill: v and out have Dv), last dim contiguous (other strides are made contiguous
+here). The kernels see both layouts as rows of [rows, H, D].
 
 Seam for the Hopper kernel (wgmma + TMA, warp-specialised; a later issue): a second spec
 class with its own header, returned by `choose_config` for sm_90a, reusing AttnParams,
-the validation and the backward passes. Seam for Dqk != Dv (MLA prefill, 192 / 128): the
-spec and every template already carry head_dim and head_dim_v separately; `check` and the
-validation refuse them unequal until that variant is tested.
+the validation and the backward passes. Dqk != Dv: the spec and every template carry
+head_dim and head_dim_v separately; a new pair is one HEAD_DIM_PAIRS entry plus its TILES.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 HEAD_DIMS = (64, 128)
+# (Dqk, Dv) pairs: equal head dims, and MLA's prefill shape (q/k 192 = 128 nope + 64 rope, v 128).
+HEAD_DIM_PAIRS = ((64, 64), (128, 128), (192, 128))
 KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv")
 DELTA_WARPS = 4
 
@@ -79,8 +81,8 @@ class AttnSpec(KernelSpec):
             refuse(f"kernel must be one of {KERNELS}")
         if self.dtype not in ("bf16", "fp16"):
             refuse("dtype must be bf16 or fp16")
-        if self.head_dim not in HEAD_DIMS or self.head_dim_v != self.head_dim:
-            refuse(f"head dims must be equal and in {HEAD_DIMS} (Dqk != Dv, MLA's 192/128, is the next step)")
+        if (self.head_dim, self.head_dim_v) not in HEAD_DIM_PAIRS:
+            refuse(f"(head_dim, head_dim_v) must be one of {HEAD_DIM_PAIRS}")
         if self.block_m % 16 or self.block_n % 16 or not 16 <= self.block_m <= 128 or not 16 <= self.block_n <= 128:
             refuse("block_m and block_n must be multiples of 16 in [16, 128]")
         if self.smem_bytes() > MAX_DYNAMIC_SMEM:
@@ -117,25 +119,29 @@ TILES = {
     ("bwd_dq", 64): (64, 64), ("bwd_dq", 128): (64, 64),
     ("bwd_dkdv", 64): (64, 64), ("bwd_dkdv", 128): (32, 64),
     ("bwd_delta", 64): (16, 16), ("bwd_delta", 128): (16, 16),
+    # MLA prefill (Dqk 192, Dv 128): dK (16 x 192) and dV (16 x 128) per warp in registers.
+    ("fwd", 192): (64, 64), ("bwd_dq", 192): (64, 32), ("bwd_dkdv", 192): (16, 64), ("bwd_delta", 192): (16, 16),
 }
 
 
 def choose_spec(kernel: str, dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AttnSpec:
     """Pure function of (kernel, dtype, head dims, causal): identical on every rank."""
     bm, bn = TILES[(kernel, head_dim)]
+    if kernel == "bwd_delta":  # rowsum(dout * o) depends on Dv only: one variant per Dv
+        head_dim = head_dim_v
     return AttnSpec(kernel=kernel, dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, block_m=bm, block_n=bn,
                     causal=causal and kernel != "bwd_delta")
 
 
 @register_op("attn")
 def standard_specs():
-    """Every variant: 4 kernels x {bf16, fp16} x D {64, 128} x causal or not."""
+    """Every variant: 4 kernels x {bf16, fp16} x (Dqk, Dv) x causal or not."""
     seen = set()
     for kernel in KERNELS:
         for dtype in ("bf16", "fp16"):
-            for d in HEAD_DIMS:
+            for dqk, dv in HEAD_DIM_PAIRS:
                 for causal in (False, True):
-                    seen.add(choose_spec(kernel, dtype, d, d, causal))
+                    seen.add(choose_spec(kernel, dtype, dqk, dv, causal))
     yield from sorted(seen, key=lambda s: s.entry_name())
 
 
@@ -165,9 +171,10 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
     if not varlen:
         expect(k.shape[0] == q.shape[0], "k", f"batch {q.shape[0]} (like q)", k.shape[0])
     d = q.shape[-1]
-    expect(d in HEAD_DIMS, "q", f"head dim in {HEAD_DIMS}", d)
+    expect(d in (64, 128, 192), "q", "head dim in (64, 128) or 192 (with v's 128: MLA)", d)
     expect(k.shape[-1] == d, "k", f"head dim {d} (like q)", k.shape[-1])
-    expect(v.shape[-1] == d, "v", f"head dim {d} (like q; Dqk != Dv is not supported yet)", v.shape[-1])
+    pairs = [dv for dqk, dv in HEAD_DIM_PAIRS if dqk == d]
+    expect(v.shape[-1] in pairs, "v", f"head dim {' or '.join(map(str, pairs))} (with q/k's {d})", v.shape[-1])
     if softmax_scale is not None:
         expect(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale), "softmax_scale",
                "a finite float", softmax_scale)
