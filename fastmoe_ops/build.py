@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,20 +74,22 @@ def sass_counts(cubin: Path, cuobjdump: Path | None) -> dict:
     return {fam: counts.get(fam, 0) for fam in SASS_FAMILIES}
 
 
+def _report(spec, arch: str, cuobjdump: Path | None) -> KernelReport:
+    name = spec.entry_name()
+    try:
+        result = compiler.compile_nvcc(spec.stub(), name, arch)
+        info = _load_register_info(result.log, name)
+        return KernelReport(name=name, arch=arch, ok=True, sass=sass_counts(result.cubin, cuobjdump), **info)
+    except FmoError as e:
+        return KernelReport(name=name, arch=arch, ok=False, error=str(e))
+
+
 def build_all(arch: str, op_filter: str | None = None) -> list[KernelReport]:
+    """Compile every registered variant, one nvcc per core at a time; rows in registry order."""
     cuobjdump = compiler.find_cuobjdump()
-    reports = []
-    for spec in registered_specs():
-        if op_filter and spec.op != op_filter:
-            continue
-        name = spec.entry_name()
-        try:
-            result = compiler.compile_nvcc(spec.stub(), name, arch)
-            info = _load_register_info(result.log, name)
-            reports.append(KernelReport(name=name, arch=arch, ok=True, sass=sass_counts(result.cubin, cuobjdump), **info))
-        except FmoError as e:
-            reports.append(KernelReport(name=name, arch=arch, ok=False, error=str(e)))
-    return reports
+    specs = [s for s in registered_specs() if not op_filter or s.op == op_filter]
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda spec: _report(spec, arch, cuobjdump), specs))
 
 
 def format_table(reports: list[KernelReport]) -> str:
