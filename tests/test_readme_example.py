@@ -15,3 +15,11 @@ def test_readme_sim_example_runs():
     section = readme[readme.index("## Run and test your CUDA kernels on a CPU"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md (simulator example)", "exec"), {})
+
+
+@pytest.mark.skipif("sim" not in fastmoe_ops.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
+def test_readme_fp8_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## FP8 GEMM with fine-grained scaling"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md (FP8 example)", "exec"), {})
