@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and the two jobs, on a fresh machine, in one command each:
-#   bash run.sh main    # install, then the benchmarks and a short demo on whatever device exists
+#   bash run.sh main    # install, then a short demo and the benchmarks on whatever device exists
+#                       # (table on stdout; JSON and plots under out/)
 #   bash run.sh test    # install, then the whole test suite: unit + simulator tests, the build
 #                       # report, and the multi-rank tests under mpirun
 # Extra arguments after the job go to `python -m bench` (main) or pytest (test).
@@ -36,7 +37,7 @@ case "$job" in
 main)
     setup
     "$PY" -m fastmoe_ops.demo
-    "$PY" -m bench "$@"
+    "$PY" -m bench --json out/bench.json --plot out/plots "$@"
     ;;
 test)
     setup

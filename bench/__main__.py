@@ -18,11 +18,11 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
-from . import bench_attention, bench_fp8
+from . import bench_attention, bench_fp8, bench_moe, bench_sim
 from .harness import format_table, plot, write_json
 from .report import save_results
 
-AREAS = {"fp8": bench_fp8, "attention": bench_attention}
+AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim}
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -49,6 +49,7 @@ def matmul_tflops(device: torch.device) -> float:
 
 def host_overhead_us() -> float | None:
     """Median host overhead of a warm call (bench/overhead_bench.py, pytest-benchmark)."""
+    import contextlib
     import json
     import tempfile
 
@@ -56,8 +57,9 @@ def host_overhead_us() -> float | None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "overhead.json"
-        rc = pytest.main([str(Path(__file__).with_name("overhead_bench.py")), "--benchmark-only", "-q",
-                          "--benchmark-disable-gc", f"--benchmark-json={out}", "-p", "no:cacheprovider"])
+        with open(Path(tmp) / "pytest.log", "w") as log, contextlib.redirect_stdout(log):
+            rc = pytest.main([str(Path(__file__).with_name("overhead_bench.py")), "--benchmark-only", "-q",
+                              "--benchmark-disable-gc", f"--benchmark-json={out}", "-p", "no:cacheprovider"])
         if rc != 0 or not out.exists():
             return None
         stats = json.loads(out.read_text())["benchmarks"][0]["stats"]
@@ -74,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", action="store_true",
                    help="keep the run: bench/results/<device>-<date>.json + .md, and regenerate README's performance section")
     args = p.parse_args(argv)
+
+    if _mpi_world_size() > 1:
+        # Under mpirun the main job is the cross-rank benchmark: dispatch + combine against
+        # a raw Alltoallv of the same bytes (rank 0 prints and writes the JSON).
+        return bench_moe.main((["--quick"] if args.quick else []) + (["--json", str(args.json)] if args.json else []))
 
     if torch.cuda.is_available() and "cuda" in fmo.available_backends():
         device, engines = torch.device("cuda"), ["cuda"]
@@ -107,6 +114,15 @@ def main(argv=None) -> int:
         for path in save_results(rows, device, extra):
             print(f"wrote {path}")
     return 0
+
+
+def _mpi_world_size() -> int:
+    import os
+
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def _progress(jobs):

@@ -132,3 +132,58 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- single-process rows for `python -m bench`: permute/unpermute against plain PyTorch ---
+
+PERMUTE_CPU_SHAPES = [(512, 1024, 8, 4), (1024, 2048, 16, 8)]   # (received rows, hidden, local experts, top-k)
+PERMUTE_GPU_SHAPES = [(8192, 7168, 8, 8), (32768, 7168, 32, 8)]
+
+
+def _index_baseline(x, idx, weights, num_experts):
+    """What a user would write: sort (row, slot) pairs by expert, index_select the rows,
+    then index_add_ the weighted rows back (no padding)."""
+    n, k = idx.shape
+    flat = idx.reshape(-1)
+    valid = (flat >= 0).nonzero().squeeze(1)
+    order = valid[torch.argsort(flat[valid], stable=True)]
+    rows = order.div(k, rounding_mode="floor")
+    x_sorted = x.index_select(0, rows)
+    out = torch.zeros_like(x, dtype=torch.float32)
+    out.index_add_(0, rows, x_sorted.float() * weights.reshape(-1)[order, None])
+    return out.to(x.dtype)
+
+
+def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
+    from fastmoe_ops.timing import time_fn
+
+    shapes = PERMUTE_GPU_SHAPES if device.type == "cuda" else PERMUTE_CPU_SHAPES
+    rows = []
+    for n, hidden, experts, k in shapes[:1] if quick else shapes:
+        g = torch.Generator(device="cpu").manual_seed(7)
+        x = torch.randn(n, hidden, generator=g).to(torch.bfloat16).to(device)
+        idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]).to(device)
+        idx[torch.rand(n, k, generator=g).to(device) < 0.1] = -1   # some slots route elsewhere
+        w = torch.rand(n, k, generator=g).to(device)
+
+        def ours():
+            with fmo.use_backend(engine) if engine != "cuda" else _nullcontext():
+                y, pmap = fmo.moe.permute(x, idx, experts)
+                return fmo.moe.unpermute(y, pmap, w)
+
+        t_ours = time_fn(ours, device=device, reps=20 if device.type == "cuda" else 3)
+        t_base = time_fn(lambda: _index_baseline(x, idx, w, experts), device=device, reps=20 if device.type == "cuda" else 3)
+        pairs = int((idx >= 0).sum())
+        moved = 2 * (n * hidden * 2 + pairs * hidden * 2)   # permute: read rows, write copies; unpermute: read copies, write rows
+        rows.append(Row(op="moe_permute_unpermute", shape=f"N{n} H{hidden} E{experts} k{k} bf16", engine=engine,
+                        ours_s=t_ours.median_s, baseline="index_select + index_add_", baseline_s=t_base.median_s,
+                        bytes_moved=moved, ceiling="device copy" if copy_gbps else "", ceiling_rate=copy_gbps * 1e9))
+    return rows
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

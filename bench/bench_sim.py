@@ -188,3 +188,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list:
+    """Rows for `python -m bench` on a CPU: the simulator's own throughput, next to torch
+    doing the same arithmetic on the same CPU (so the gap reads as the price of simulation)."""
+    if device.type != "cpu" or engine != "sim":
+        return []
+    from bench.harness import Row
+    from fastmoe_ops.timing import time_fn
+
+    reps = 2 if quick else 3
+    gemm = bench_gemm(reps)
+    a = torch.randn(256, 256).to(torch.bfloat16)
+    t_mm = time_fn(lambda: a.float() @ a.float(), device=device, reps=reps)
+    red = bench_reduce(reps)
+    x = torch.randn(1 << 20)
+    t_sum = time_fn(lambda: x.sum(), device=device, reps=reps)
+    return [
+        Row(op="sim_throughput", shape="gemm bf16 256^3 (mma.sync)", engine="sim", ours_s=gemm["seconds"],
+            baseline="torch.matmul fp32 (CPU)", baseline_s=t_mm.median_s, flops=2 * 256**3),
+        Row(op="sim_throughput", shape="reduce f32 2^20", engine="sim", ours_s=red["seconds"],
+            baseline="torch.sum (CPU)", baseline_s=t_sum.median_s, bytes_moved=4 << 20),
+    ]
