@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 
 from fastmoe_ops import build
-from fastmoe_ops.ops.fp8_quant import Fp8GroupQuantParams, Fp8GroupQuantSpec
+from fastmoe_ops.ops.fp8_quant import Fp8GroupQuantSpec
 from fastmoe_ops.runtime import compiler, spec as spec_mod
 
 pytestmark = pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")

@@ -18,7 +18,7 @@ from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
 from ..runtime.launch import LaunchConfig, launch
-from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BLOCK_SIZES = (32, 64, 128)
@@ -51,13 +51,10 @@ class Fp8BlockQuantSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        check_element_type(self.op, self.dtype)
         if self.block_size not in BLOCK_SIZES:
             raise UnsupportedError(f"{self.op}: block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
-        elem = 4 if self.dtype == "fp32" else 2
-        if self.vec_width not in (1, 16 // elem):
-            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+        check_vector_width(self.op, self.dtype, self.vec_width)
 
     def block_threads(self) -> int:  # mirrors BlockQuantShape::kThreads
         return min(256, self.block_size * self.block_size // self.vec_width)
@@ -152,13 +149,10 @@ class Fp8TransposedQuantSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        check_element_type(self.op, self.dtype)
         if self.group_size not in TRANSPOSED_GROUPS:
             raise UnsupportedError(f"{self.op}: group_size must be one of {TRANSPOSED_GROUPS}, got {self.group_size}")
-        elem = 4 if self.dtype == "fp32" else 2
-        if self.vec_width not in (1, 16 // elem):
-            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+        check_vector_width(self.op, self.dtype, self.vec_width)
 
     def tile_cols(self) -> int:  # 256 threads x 16-byte stores cover the tile exactly
         return max(64, 4096 // self.group_size)

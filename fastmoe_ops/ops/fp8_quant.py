@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 
 from .. import backends
-from ..errors import InputError, UnsupportedError, expect
+from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
 from ..runtime.launch import LaunchConfig, Plan
-from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op, vector_width
 
 BLOCK_THREADS = 256
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -51,13 +51,10 @@ class Fp8GroupQuantSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        check_element_type(self.op, self.dtype)
         if not (32 <= self.group_size <= 1024 and self.group_size & (self.group_size - 1) == 0):
             raise UnsupportedError(f"{self.op}: group_size must be a power of two in [32, 1024], got {self.group_size}")
-        elem = 4 if self.dtype == "fp32" else 2
-        if self.vec_width not in (1, 16 // elem):
-            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+        check_vector_width(self.op, self.dtype, self.vec_width)
 
     def block_threads(self) -> int:
         return BLOCK_THREADS
@@ -89,7 +86,7 @@ def _spec(dtype: str, group_size: int, vec_width: int, pow2_scale: bool) -> Fp8G
 def standard_specs():
     """Every variant the heuristic picks for the standard shapes (DeepSeek: group 128)."""
     for dtype in ("bf16", "fp16", "fp32"):
-        for vec in (1, 16 // (4 if dtype == "fp32" else 2)):
+        for vec in (1, vector_width(dtype)):
             for pow2 in (False, True):
                 yield Fp8GroupQuantSpec(dtype=dtype, group_size=128, vec_width=vec, pow2_scale=pow2)
 

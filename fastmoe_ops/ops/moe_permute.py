@@ -18,7 +18,7 @@ import torch
 from ..budget import sm_budget
 from ..errors import UnsupportedError, expect
 from ..runtime.launch import LaunchConfig, launch
-from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op
 
 BLOCK_THREADS = 128
 CTAS_PER_SM = 4          # rows are independent: enough CTAs to cover latency, then grid-stride
@@ -84,11 +84,8 @@ class MoeGatherReduceSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise UnsupportedError(f"{self.op}: dtype must be bf16, fp16 or fp32 (fp64 runs on the reference), got {self.dtype!r}")
-        elem = 4 if self.dtype == "fp32" else 2
-        if self.vec_width not in (1, 16 // elem):
-            raise UnsupportedError(f"{self.op}: vec_width must be 1 or {16 // elem} for {self.dtype}, got {self.vec_width}")
+        check_element_type(self.op, self.dtype)
+        check_vector_width(self.op, self.dtype, self.vec_width)
 
     def block_threads(self) -> int:
         return BLOCK_THREADS

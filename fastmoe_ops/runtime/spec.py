@@ -24,6 +24,28 @@ CUDA_TYPE = {
 }
 
 
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "e4m3": 1, "e5m2": 1}
+FLOAT_INPUTS = ("bf16", "fp16", "fp32")
+
+
+def check_element_type(op: str, dtype: str, allowed=FLOAT_INPUTS) -> None:
+    """Refuse a dtype outside `allowed` (one message for every spec)."""
+    if dtype not in allowed:
+        names = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+        raise UnsupportedError(f"{op}: dtype must be {names}, got {dtype!r}")
+
+
+def vector_width(dtype: str) -> int:
+    """Elements of `dtype` in one 16-byte access (LDG.128 / STG.128)."""
+    return 16 // ELEMENT_BYTES[dtype]
+
+
+def check_vector_width(op: str, dtype: str, vec_width: int) -> None:
+    """A kernel moves either single elements or 16-byte vectors."""
+    if vec_width not in (1, vector_width(dtype)):
+        raise UnsupportedError(f"{op}: vec_width must be 1 or {vector_width(dtype)} for {dtype}, got {vec_width}")
+
+
 class Params(ctypes.Structure):
     """Base of every kernel's run-time parameter struct (mirrors a C++ struct by layout).
 
