@@ -52,13 +52,13 @@ def format_table(rows: list[Row]) -> str:
     header = ["op", "shape", "engine", "time", "rate", "% ceil", "baseline", "base time", "speedup"]
     lines = [header]
     for r in rows:
-        rate = f"{r.tflops:.2f} TFLOP/s" if r.flops else f"{r.gbps:.3f} GB/s"
+        rate = f"{r.tflops:.3g} TFLOP/s" if r.flops else f"{r.gbps:.3g} GB/s"
         pct = f"{r.pct_of_ceiling:.1f}" if math.isfinite(r.pct_of_ceiling) else "-"
-        lines.append([r.op, r.shape, r.engine, _fmt_time(r.ours_s), rate, pct, r.baseline, _fmt_time(r.baseline_s), f"{r.speedup:.2f}x"])
+        lines.append([r.op, r.shape, r.engine, _fmt_time(r.ours_s), rate, pct, r.baseline, _fmt_time(r.baseline_s), f"{r.speedup:.3g}x"])
     ops = sorted({r.op for r in rows})
     for op in ops:
         sel = [r for r in rows if r.op == op]
-        lines.append([op, "geomean", "", "", "", "", "", "", f"{geomean(r.speedup for r in sel):.2f}x"])
+        lines.append([op, "geomean", "", "", "", "", "", "", f"{geomean(r.speedup for r in sel):.3g}x"])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)) for l in lines]
     out.insert(1, "-" * len(out[0]))
