@@ -43,6 +43,9 @@ test)
     setup
     # Single-process tests (the build report runs inside them: tests/test_build_report.py).
     "$PY" -m pytest tests --ignore=tests/mpi -q "$@"
+    # The attention grid of issue 6 in full (256 cases, ~6 minutes on 2 cores): marked slow so
+    # a developer's plain `pytest tests` stays quick, but the test job always runs it.
+    "$PY" -m pytest tests/test_attention.py -m slow -q -p no:cacheprovider
     # Multi-rank tests: 4 ranks, each under pytest, bounded in time so no rank can hang CI.
     if ls tests/mpi/test_*.py >/dev/null 2>&1; then
         timeout --kill-after=30 900 $(mpirun_cmd) -n 4 "$PY" -m pytest tests/mpi -q -p no:cacheprovider --color=no
