@@ -28,11 +28,13 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill with NaN (floats) or 0x7f.. bytes so an unwritten element fails the check."""
-    if t.dtype.is_floating_point and t.element_size() > 1:
-        t.fill_(float("nan"))
-    else:
-        t.view(torch.uint8).fill_(0x7F)  # 0x7f is NaN in e4m3
+    """Fill with NaN (floats) or 0x7f bytes (NaN in e4m3, a huge value in integers) so an
+    unwritten element fails the check."""
+    with torch.no_grad():
+        if t.dtype.is_floating_point and t.element_size() > 1:
+            t.fill_(float("nan"))
+        elif t.dim() > 0 and t.is_contiguous():
+            t.view(torch.uint8).fill_(0x7F)
     return t
 
 
@@ -48,6 +50,23 @@ def assert_bitwise_equal(out: torch.Tensor, ref: torch.Tensor, what: str, seed=N
             f"{what}: {int(diff.sum())} of {out.numel()} elements differ bitwise; first at {tuple(int(c) for c in coord)}: "
             f"got {out[coord].item()!r}, want {ref[coord].item()!r} (shape {tuple(out.shape)}, seed {seed})"
         )
+
+
+@pytest.fixture(autouse=True)
+def _poison_new_tensors(monkeypatch):
+    """Every tensor made with torch.empty / empty_like during a test starts as poison, so an
+    element a kernel (or a reference) forgets to write fails the comparison instead of
+    passing on whatever the allocator left there: often the previous, identical result."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        if torch.compiler.is_compiling() or t.device.type != "cpu" or t.numel() == 0 or t.is_complex():
+            return t
+        return poison_(t)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
+    yield
 
 
 @pytest.fixture(autouse=True)
