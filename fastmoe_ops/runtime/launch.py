@@ -118,13 +118,13 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
 
 # ----------------------------------------------------------------------------- sim engine
 
-_sim_functions: dict[tuple, object] = {}
+_sim_functions: dict[KernelSpec, object] = {}
 
 
 def sim_function(spec: KernelSpec):
-    # Codegen-changing variables (FMO_SIM_RACECHECK/MEMCHECK select an instrumented build)
-    # are part of the in-process key, as they are of the disk key.
-    key = (spec, *map(env.raw, env.CODEGEN_VARIABLES))
+    # Keyed by spec alone: a sim Function itself switches to the instrumented build when
+    # FMO_SIM_RACECHECK/MEMCHECK change after it was made.
+    key = spec
     fn = _sim_functions.get(key)
     if fn is not None:
         return fn
