@@ -1,0 +1,300 @@
+// ptx/wgmma.cuh: warpgroup-level asynchronous MMA on Hopper, wgmma (PTX ISA, "Asynchronous
+// Warpgroup Level Matrix Multiply-Accumulate Instructions"), sm_90a.
+//
+//   wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3  d, a-desc, b-desc, scale-d, 1, 1;
+//     D[64x128] = A[64x32] * B[32x128] + (scale-d ? D : 0), f32 accumulate; A and B in shared
+//     memory, both K-major (the only layout for 8-bit inputs), named by matrix descriptors.
+//   wgmma.fence / commit_group / wait_group N: order register accesses, close a group of
+//     issued MMAs, wait until at most N groups are pending. Every one is warpgroup-collective
+//     (.sync.aligned: all 128 threads, converged per warp).
+//
+// Matrix descriptor (ISA "Matrix Descriptor Format"), 64 bits:
+//   [0,14)  start address >> 4 (shared window, 18 bits)   [16,30) leading byte offset >> 4
+//   [32,46) stride byte offset >> 4                      [49,52) base offset (we use 0)
+//   [62,64) swizzle: 0 none, 1 = 128B, 2 = 64B, 3 = 32B
+// K-major layouts of an operand's element (row r of M or N, byte k along K), for 8-bit types
+// (ISA "Shared Memory Matrix Layout"; a core matrix is 8 rows x 16 bytes):
+//   none:        start + (r % 8) * 16 + (r / 8) * SBO + (k / 16) * LBO + k % 16
+//   swizzle P:   u = start + (r % 8) * P + (r / 8) * SBO + k  (P = 32, 64, 128 byte rows; LBO unused)
+//                address = u ^ (((u >> 7) & (P / 16 - 1)) << 4): the 16-byte chunk index is
+//                XORed with the row within the 8-row pattern, on absolute address bits, so the
+//                pattern (8 * P bytes) must sit at a multiple of 8 * P, or base offset != 0.
+// Accumulator fragment (ISA "Matrix Fragments for wgmma .m64nNk32", f32 D): thread t of the
+// warpgroup, warp w = t / 32, g = (t % 32) / 4, q = t % 4; register i < N / 2 holds
+//   row = 16 w + g + 8 ((i / 2) % 2),   col = 8 (i / 4) + 2 q + (i % 2).
+//
+// Emulation (FMO_SIM), asynchronous as the ISA defines it: mma_async only records the
+// operation (accumulator address, descriptors, scale-d) in the thread's queue; commit_group
+// closes a group; wait_group N executes the groups older than the newest N, in order: it
+// then reads shared memory through the decoded descriptors and the accumulator registers,
+// and writes D. So a kernel that reads D before the wait sees the old D, and one that
+// overwrites the operands' shared memory before the wait multiplies the new bytes: both
+// wrong on the GPU too, and both visible as wrong results here. mma_async without a fence
+// since the thread's last wait_group (or ever) fails (the ISA requires wgmma.fence before the
+// first MMA and between register accesses and an MMA using the same registers; touching the
+// accumulators after a wait is such an access). Each call checks that the 32 lanes of the
+// warp arrive together with identical descriptors / scale-d (warp_allgather); that all four
+// warps of the warpgroup issue the same instruction is not checked. Each thread computes its
+// own N / 2 outputs: products of e4m3 values exact in fp32, summed in k order from D (or 0),
+// rounded to nearest even per add, like mma.cuh; the hardware's order is unspecified, so
+// non-representable partial sums may differ in the last bits. Descriptor addresses map onto
+// the dynamic shared memory buffer (its start is shared address 0 here; on the GPU put the
+// tiles in dynamic shared memory at 1024-byte alignment); a nonzero base offset is refused.
+#pragma once
+
+#include "ptx/common.cuh"
+#include "ptx/mma.cuh"
+
+#ifdef FMO_SIM
+// The module's dynamic shared memory buffer (defined by the simulator's compiler driver when
+// the module declares an `extern __shared__` array; weak: null otherwise).
+extern "C" __attribute__((weak)) unsigned char* fmo_sim_dynamic_smem();
+#endif
+
+namespace fmo {
+namespace ptx {
+
+enum class Swizzle : uint32_t { none = 0, b128 = 1, b64 = 2, b32 = 3 };
+
+// Shared-window address of a generic pointer into (dynamic) shared memory.
+#ifdef FMO_SIM
+namespace sim_detail {
+constexpr size_t kWgmmaWindow = 1u << 18;  // the descriptor's 18-bit address range
+FMO_SIM_EMU uint32_t wgmma_shared_offset(const void* p) {
+  const unsigned char* base = fmo_sim_dynamic_smem ? fmo_sim_dynamic_smem() : nullptr;
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (base == nullptr || c < base || c >= base + fmo_sim::kDynamicSmemBytes)
+    fmo_sim::fail("wgmma descriptor: %p is not in dynamic shared memory (the emulation maps descriptor "
+                  "addresses onto the dynamic buffer)", p);
+  return static_cast<uint32_t>(c - base);
+}
+}  // namespace sim_detail
+#endif
+
+FMO_DEVICE uint32_t wgmma_smem_addr(const void* p) {
+#ifdef FMO_SIM
+  return sim_detail::wgmma_shared_offset(p);
+#else
+  return smem_addr(p);
+#endif
+}
+
+// Descriptor of a K-major operand starting at `p` (ISA "Matrix Descriptor Format"). Byte
+// offsets must be multiples of 16 and below 2^18; base offset 0.
+FMO_DEVICE uint64_t make_smem_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes, Swizzle sw) {
+  const uint64_t addr = wgmma_smem_addr(p);
+  return ((addr & 0x3ffffu) >> 4) | (uint64_t((lbo_bytes & 0x3ffffu) >> 4) << 16) |
+         (uint64_t((sbo_bytes & 0x3ffffu) >> 4) << 32) | (uint64_t(sw) << 62);
+}
+
+#ifdef FMO_SIM
+namespace sim_detail {
+
+struct WgmmaDesc {  // a decoded descriptor
+  uint32_t start, lbo, sbo, base_offset;
+  Swizzle sw;
+};
+FMO_SIM_EMU WgmmaDesc decode_desc(uint64_t d) {
+  return WgmmaDesc{uint32_t(d & 0x3fffu) << 4, uint32_t((d >> 16) & 0x3fffu) << 4,
+                   uint32_t((d >> 32) & 0x3fffu) << 4, uint32_t((d >> 49) & 0x7u),
+                   static_cast<Swizzle>(uint32_t(d >> 62))};
+}
+
+// Shared-window byte offset of element (row, k-byte) of a K-major 8-bit operand.
+FMO_SIM_EMU uint32_t kmajor_offset(const WgmmaDesc& d, uint32_t row, uint32_t k) {
+  if (d.sw == Swizzle::none) return d.start + (row % 8) * 16 + (row / 8) * d.sbo + (k / 16) * d.lbo + k % 16;
+  const uint32_t pitch = d.sw == Swizzle::b128 ? 128 : d.sw == Swizzle::b64 ? 64 : 32;
+  const uint32_t u = d.start + (row % 8) * pitch + (row / 8) * d.sbo + k;
+  return u ^ (((u >> 7) & (pitch / 16 - 1)) << 4);
+}
+
+// One thread's rows of an operand, k = 0..31: 32 bytes read as two 16-byte chunks (each
+// chunk stays contiguous under every layout above), reported to the checkers.
+FMO_SIM_EMU void read_kmajor_row(const unsigned char* base, const WgmmaDesc& d, uint32_t row, float (&out)[32]) {
+  for (uint32_t c = 0; c < 2; ++c) {
+    const uint32_t off = kmajor_offset(d, row, 16 * c);
+    if (off + 16 > fmo_sim::kDynamicSmemBytes)
+      fmo_sim::fail("wgmma: operand row %u reaches shared offset %u, past the dynamic buffer", row, off + 16);
+    fmo_sim::check_access(base + off, 16, false);
+    for (uint32_t j = 0; j < 16; ++j) out[16 * c + j] = decode_e4m3(base[off + j]);
+  }
+}
+
+struct WgmmaOp {
+  float* d;
+  uint64_t a, b;
+  int n, scale_d;
+};
+constexpr int kWgmmaMaxPending = 8;   // emulation limit on issued, not yet retired MMAs
+constexpr int kWgmmaMaxThreads = 512;    // 4 warpgroups
+constexpr uint32_t kWgmmaMagic = 0x57474d4du;  // "WGMM": state set up in this CTA
+struct WgmmaThread {
+  uint32_t magic;
+  int fenced, count, groups;   // fence since the last wait; queued ops; closed groups
+  int group_end[kWgmmaMaxPending];
+  WgmmaOp ops[kWgmmaMaxPending];
+};
+// Per-thread queues live in the CTA's shared memory (module thread_locals are per CTA in
+// flight), which the simulator poisons at each CTA start: a wrong magic means "empty".
+inline thread_local WgmmaThread g_wgmma[kWgmmaMaxThreads];
+
+FMO_SIM_EMU WgmmaThread& wgmma_thread() {
+  const unsigned t = fmo_sim::cur()->linear_tid;
+  if (t >= kWgmmaMaxThreads) fmo_sim::fail("wgmma emulation: at most %d threads per CTA", kWgmmaMaxThreads);
+  WgmmaThread& s = g_wgmma[t];
+  if (s.magic != kWgmmaMagic) {
+    s.magic = kWgmmaMagic;
+    s.fenced = s.count = s.groups = 0;
+  }
+  return s;
+}
+
+// .sync.aligned: the whole warp arrives together with the same operands.
+struct WgmmaUniform {
+  uint64_t a, b;
+  int n, scale_d, kind, pad;
+};
+FMO_SIM_EMU void wgmma_warp_uniform(const char* what, WgmmaUniform mine) {
+  WgmmaUniform all[32];
+  fmo_sim::warp_allgather(0xffffffffu, &mine, all, sizeof(WgmmaUniform));
+  for (int i = 0; i < 32; ++i)
+    if (std::memcmp(&all[i], &mine, sizeof mine) != 0)
+      fmo_sim::fail("%s: lane %d's operands differ from lane %u's (must be uniform across the warpgroup)", what, i,
+                    fmo_sim::lane_id());
+}
+
+FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
+  const unsigned char* base = fmo_sim_dynamic_smem();
+  const WgmmaDesc da = decode_desc(op.a), db = decode_desc(op.b);
+  if (da.base_offset != 0 || db.base_offset != 0)
+    fmo_sim::fail("wgmma: descriptor base offset %u/%u: only 0 (patterns at their natural alignment) is emulated",
+                  da.base_offset, db.base_offset);
+  const unsigned t = fmo_sim::cur()->linear_tid % 128;
+  const uint32_t w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float arow[2][32], bcol[32];
+  read_kmajor_row(base, da, 16 * w + g, arow[0]);
+  read_kmajor_row(base, da, 16 * w + g + 8, arow[1]);
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int c = 0; c < 2; ++c) {
+      read_kmajor_row(base, db, 8 * j + 2 * q + c, bcol);
+      for (int h = 0; h < 2; ++h) {
+        float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
+        float acc = op.scale_d ? *dst : 0.0f;
+        for (int k = 0; k < 32; ++k)
+          acc += static_cast<float>(static_cast<double>(arow[h][k]) * static_cast<double>(bcol[k]));
+        *dst = acc;
+      }
+    }
+}
+
+template <int N>
+FMO_SIM_EMU void wgmma_issue(float* d, uint64_t a, uint64_t b, int scale_d) {
+  wgmma_warp_uniform("wgmma.mma_async", WgmmaUniform{a, b, N, scale_d, 1, 0});
+  WgmmaThread& s = wgmma_thread();
+  if (!s.fenced)
+    fmo_sim::fail("wgmma.mma_async without a wgmma.fence since this thread's last wgmma.wait_group (the ISA "
+                  "requires the fence before the first MMA and after accumulator register accesses)");
+  if (s.count == kWgmmaMaxPending)
+    fmo_sim::fail("wgmma emulation: more than %d MMAs issued and not yet retired", kWgmmaMaxPending);
+  s.ops[s.count++] = WgmmaOp{d, a, b, N, scale_d};
+}
+
+FMO_SIM_EMU void wgmma_fence_emulate() {
+  wgmma_warp_uniform("wgmma.fence", WgmmaUniform{0, 0, 0, 0, 2, 0});
+  wgmma_thread().fenced = 1;
+}
+
+FMO_SIM_EMU void wgmma_commit_emulate() {
+  wgmma_warp_uniform("wgmma.commit_group", WgmmaUniform{0, 0, 0, 0, 3, 0});
+  WgmmaThread& s = wgmma_thread();
+  const int prev = s.groups ? s.group_end[s.groups - 1] : 0;
+  if (s.count > prev) s.group_end[s.groups++] = s.count;  // an empty group retires at once
+}
+
+FMO_SIM_EMU void wgmma_wait_emulate(int n) {
+  wgmma_warp_uniform("wgmma.wait_group", WgmmaUniform{0, 0, 0, 0, 4, n});
+  WgmmaThread& s = wgmma_thread();
+  const int retire = s.groups > n ? s.groups - n : 0;
+  const int done = retire ? s.group_end[retire - 1] : 0;
+  for (int i = 0; i < done; ++i) wgmma_execute(s.ops[i]);
+  for (int i = done; i < s.count; ++i) s.ops[i - done] = s.ops[i];
+  for (int i = retire; i < s.groups; ++i) s.group_end[i - retire] = s.group_end[i] - done;
+  s.count -= done;
+  s.groups -= retire;
+  s.fenced = 0;  // the caller now reads the accumulators: the next MMA needs a fence
+}
+
+}  // namespace sim_detail
+#endif  // FMO_SIM
+
+// wgmma.fence.sync.aligned: prior register (and shared memory) accesses of this warpgroup are
+// ordered before the following wgmma.mma_async.
+FMO_DEVICE void wgmma_fence() {
+#ifdef FMO_SIM
+  sim_detail::wgmma_fence_emulate();
+#else
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// wgmma.commit_group.sync.aligned: close the group of MMAs issued since the last commit.
+FMO_DEVICE void wgmma_commit() {
+#ifdef FMO_SIM
+  sim_detail::wgmma_commit_emulate();
+#else
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// wgmma.wait_group.sync.aligned N: at most N committed groups still pending afterwards.
+template <int N>
+FMO_DEVICE void wgmma_wait() {
+  static_assert(N >= 0 && N <= 7, "wgmma.wait_group: N is an integer constant 0..7");
+#ifdef FMO_SIM
+  sim_detail::wgmma_wait_emulate(N);
+#else
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving accesses of the accumulator registers across the wgmma
+// fence/commit/wait statements (they are not operands of those): an empty asm that
+// "modifies" each register. Nothing to do in the emulation.
+template <int R>
+FMO_DEVICE void wgmma_fence_operands(float (&d)[R]) {
+#ifndef FMO_SIM
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+// D[64x128] (+)= A[64x32] * B[32x128], e4m3 x e4m3 -> f32; d: this thread's 64 registers
+// (fragment map at the top of the file). scale_d = 0: D = A * B.
+FMO_DEVICE void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#ifdef FMO_SIM
+  sim_detail::wgmma_issue<128>(d, desc_a, desc_b, scale_d);
+#else
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, "
+      "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, "
+      "%61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+      : "memory");
+#endif
+}
+
+}  // namespace ptx
+}  // namespace fmo

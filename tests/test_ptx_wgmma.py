@@ -1,0 +1,241 @@
+"""ptx/wgmma.cuh: wgmma.mma_async m64n128k32 e4m3 x e4m3 -> f32 with shared-memory matrix
+descriptors, on the simulator against numpy models of the PTX ISA.
+
+The shared-memory image is laid out here by an independent numpy model of the ISA's K-major
+layouts ("Shared Memory Matrix Layout": no swizzle with LBO/SBO core-matrix strides, and the
+32/64/128-byte swizzles), with padded strides and start addresses advanced inside a swizzle
+row (the GEMM's k-steps), so a descriptor field or swizzle decoded wrongly moves values and
+fails. Results are compared bit for bit with the emulation's defined order (k-ordered fp32
+adds of exact products) and, on exactly representable inputs, with float64 A @ B + C.
+The asynchronous semantics are tested too: D read before wait_group is the old D, shared
+memory overwritten before wait_group is what gets multiplied, and an MMA without a fence fails.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_ptx_support import Case, SimRunner, assert_close_f64, assert_equal_bits, decode_bits, encode, exact_values, poisoned
+
+M, N, KSTEP = 64, 128, 32
+SWIZZLE = {"none": 0, "b128": 1, "b64": 2, "b32": 3}
+PITCH = {"b128": 128, "b64": 64, "b32": 32}
+
+# One warpgroup. The image (A's and B's bytes, laid out by the test) is copied to dynamic
+# shared memory; k-step s multiplies the operands at a_off[s] / b_off[s]. mode 0: normal;
+# 1: D is stored before wait_group (reads the old D); 2: A's bytes are overwritten with
+# `poke` after the issue and before wait_group; 3: no wgmma.fence (must fail).
+SOURCE = r"""
+#include "ptx/wgmma.cuh"
+extern __shared__ __align__(1024) unsigned char wg_smem[];
+
+__device__ void store_d(float* D, const float (&acc)[64]) {
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int i = 0; i < 64; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
+}
+
+extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_bytes, const float* C, float* D,
+                                      const int* a_off, const int* b_off, int ksteps, int a_lbo, int a_sbo, int a_sw,
+                                      int b_lbo, int b_sbo, int b_sw, int accumulate_c, int mode, int poke_off,
+                                      int poke_bytes, const unsigned char* poke) {
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg_smem[i] = image[i];
+  __syncthreads();
+  float acc[64];
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int i = 0; i < 64; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)];
+  if (mode != 3) wgmma_fence();
+  wgmma_fence_operands(acc);
+  for (int s = 0; s < ksteps; ++s) {
+    const uint64_t da = make_smem_desc(wg_smem + a_off[s], a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
+    const uint64_t db = make_smem_desc(wg_smem + b_off[s], b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
+    wgmma_m64n128k32_e4m3(acc, da, db, (s > 0 || accumulate_c) ? 1 : 0);
+  }
+  wgmma_commit();
+  if (mode == 1) store_d(D, acc);
+  if (mode == 2) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < poke_bytes; i += blockDim.x) wg_smem[poke_off + i] = poke[i];
+    __syncthreads();
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+  if (mode != 1) store_d(D, acc);
+}
+"""
+
+
+def kmajor_offset(sw: str, start: int, lbo: int, sbo: int, row, k):
+    """ISA K-major layout of 8-bit elements: byte offset of (row, k-byte) (vectorised)."""
+    row, k = np.asarray(row), np.asarray(k)
+    if sw == "none":
+        return start + (row % 8) * 16 + (row // 8) * sbo + (k // 16) * lbo + k % 16
+    p = PITCH[sw]
+    u = start + (row % 8) * p + (row // 8) * sbo + k
+    return u ^ (((u >> 7) & (p // 16 - 1)) << 4)
+
+
+def layout(sw: str, rows: int, ksteps: int, base: int, padded: bool):
+    """(lbo, sbo, [start of k-step s], bytes used) of one operand [rows, 32 * ksteps].
+    Swizzled rows hold P / 32 k-steps (the descriptor start advances 32 bytes inside the row,
+    as the GEMM does); further k-steps take a new region. padded: gaps between 8-row groups
+    (and, unswizzled, between the K core matrices) so that SBO/LBO are not the dense values."""
+    if sw == "none":
+        lbo = 128 if not padded else rows // 8 * 128 + 256     # K core matrices: adjacent, or far
+        sbo = 256 if not padded else 128                        # 8-row groups
+        region = rows // 8 * 256 if not padded else 2 * lbo
+        starts = [base + s * region for s in range(ksteps)]
+        return lbo, sbo, starts, region * ksteps
+    p = PITCH[sw]
+    sbo = 8 * p * (2 if padded else 1)  # multiples of the 8 * P pattern keep its alignment
+    per_row = p // KSTEP
+    region = rows // 8 * sbo
+    starts = [base + (s // per_row) * region + (s % per_row) * KSTEP for s in range(ksteps)]
+    return 0, sbo, starts, region * (-(-ksteps // per_row))
+
+
+def place(image: np.ndarray, sw, lbo, sbo, starts, mat: np.ndarray) -> None:
+    """Writes mat [rows, 32 * ksteps] bytes into image; asserts no two elements collide."""
+    rows = mat.shape[0]
+    r, k = np.meshgrid(np.arange(rows), np.arange(KSTEP), indexing="ij")
+    seen = set()
+    for s, start in enumerate(starts):
+        off = kmajor_offset(sw, start, lbo, sbo, r, k)
+        assert len(set(off.ravel().tolist()) & seen) == 0, "layout model: overlapping elements"
+        seen |= set(off.ravel().tolist())
+        image[off] = mat[:, KSTEP * s:KSTEP * (s + 1)]
+
+
+def model_bits(a, b, c, accumulate_c: bool) -> np.ndarray:
+    """The emulation's defined result: D = C (or 0), then for k in order D = fp32(D + a*b)."""
+    av, bv = decode_bits(a, "e4m3"), decode_bits(b, "e4m3")
+    d = c.copy() if accumulate_c else np.zeros((M, N), np.float32)
+    for k in range(a.shape[1]):
+        d = (d + np.outer(av[:, k], bv[:, k]).astype(np.float32)).astype(np.float32)
+    return d
+
+
+def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exact: bool = True,
+               accumulate_c: bool = True, b_sw: str | None = None) -> Case:
+    rng = np.random.default_rng(seed)
+    b_sw = b_sw or sw
+    K = KSTEP * ksteps
+    if exact:
+        a, b = encode(exact_values(rng, (M, K), "e4m3"), "e4m3"), encode(exact_values(rng, (N, K), "e4m3"), "e4m3")
+        c = (rng.integers(-64, 65, size=(M, N)) / 16.0).astype(np.float32)
+    else:  # every finite e4m3 code (0x7f / 0xff are NaN)
+        a = rng.choice([x for x in range(256) if x & 0x7f != 0x7f], size=(M, K)).astype(np.uint8)
+        b = rng.choice([x for x in range(256) if x & 0x7f != 0x7f], size=(N, K)).astype(np.uint8)
+        c = rng.standard_normal((M, N)).astype(np.float32)
+    a_lbo, a_sbo, a_starts, a_bytes = layout(sw, M, ksteps, 0, padded)
+    b_base = -(-a_bytes // 1024) * 1024 + (1024 if padded else 0)
+    b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, N, ksteps, b_base, padded)
+    image = np.full(b_base + b_bytes, 0x7f, np.uint8)  # NaN wherever the layout leaves holes
+    place(image, sw, a_lbo, a_sbo, a_starts, a)
+    place(image, b_sw, b_lbo, b_sbo, b_starts, b)
+    want_bits = model_bits(a, b, c, accumulate_c)
+    want64 = decode_bits(a, "e4m3") @ decode_bits(b, "e4m3").T + (c if accumulate_c else 0)
+    what = (f"wgmma m64n128k32 e4m3 A:{sw} B:{b_sw} ksteps={ksteps}{' padded' if padded else ''}"
+            f"{' exact' if exact else ' random'}{'' if accumulate_c else ' scale-d=0'}")
+
+    def check(outs):
+        (d,) = outs
+        if exact:  # every partial sum representable: any summation order gives float64's result
+            assert_equal_bits(d, want_bits, what, seed)
+            assert_equal_bits(d, want64.astype(np.float32), what + " vs float64", seed)
+        else:  # the hardware's order is unspecified: the fp32-accumulation bound (the simulator's
+            # own order is checked bit for bit by the test below)
+            bound = 2.0 * (K + 1) * 2.0**-24 * (np.abs(decode_bits(a, "e4m3")) @ np.abs(decode_bits(b, "e4m3")).T + np.abs(c))
+            assert_close_f64(d, want64, bound, what + " vs float64", seed)
+
+    args = [image, np.int32(image.size), c, poisoned((M, N), np.float32),
+            np.array(a_starts, np.int32), np.array(b_starts, np.int32), np.int32(ksteps),
+            np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]), np.int32(b_lbo), np.int32(b_sbo),
+            np.int32(SWIZZLE[b_sw]), np.int32(accumulate_c), np.int32(0), np.int32(0), np.int32(0),
+            np.zeros(1, np.uint8)]
+    return Case(name=what, kernel="wgmma_e4m3", grid=(1,), block=(128,), args=args, outputs=[3], check=check,
+                shared_mem=image.size, deterministic=exact,
+                extra={"c": c, "a_sbo": a_sbo, "want_bits": want_bits})
+
+
+def cases(seed: int = 0) -> list[Case]:
+    """Every wgmma case, for the GPU conformance test (exact ones are compared bitwise)."""
+    out = []
+    for i, sw in enumerate(SWIZZLE):
+        out.append(wgmma_case(sw, seed + i, ksteps=4 if sw != "none" else 2))
+        out.append(wgmma_case(sw, seed + 10 + i, ksteps=2, padded=True))
+        out.append(wgmma_case(sw, seed + 20 + i, ksteps=1, exact=False, accumulate_c=False))
+    out.append(wgmma_case("b128", seed + 30, ksteps=2, b_sw="none"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return SimRunner(SOURCE)
+
+
+def test_layout_model_b128_is_the_gemm_swizzle():
+    """The 128-byte swizzle of one 1024-byte-aligned [8k rows, 128] tile is the layout the
+    GEMM's cp.async writes (csrc/gemm/fp8_gemm_mainloop.cuh: swizzle(row, chunk) =
+    row * 128 + (chunk ^ row % 8) * 16), with SBO = 1024 and k-step s at start + 32 s."""
+    rows = np.arange(64)[:, None]
+    k = np.arange(128)[None, :]
+    model = kmajor_offset("b128", 0, 0, 1024, rows, k)
+    gemm = rows * 128 + (((k // 16) ^ (rows % 8)) * 16) + k % 16
+    assert np.array_equal(model, gemm)
+    for s in range(4):  # the start advanced inside the row addresses the same bytes
+        assert np.array_equal(kmajor_offset("b128", 32 * s, 0, 1024, rows, np.arange(32)[None, :]),
+                              gemm[:, 32 * s:32 * (s + 1)])
+
+
+@pytest.mark.parametrize("sw", list(SWIZZLE))
+@pytest.mark.parametrize("padded", [False, True])
+def test_wgmma_layouts_bit_exact(runner, sw, padded):
+    case = wgmma_case(sw, 100 + SWIZZLE[sw] + 7 * padded, ksteps=4 if sw != "none" else 2, padded=padded)
+    case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("sw", list(SWIZZLE))
+def test_wgmma_random_codes_scale_d0(runner, sw):
+    case = wgmma_case(sw, 200 + SWIZZLE[sw], ksteps=1, exact=False, accumulate_c=False)
+    outs = runner.run(case)
+    case.check(outs)
+    assert_equal_bits(outs[0], case.extra["want_bits"], case.name + " (the emulation's k order)")
+
+
+def test_wgmma_mixed_layouts(runner):
+    case = wgmma_case("b128", 300, ksteps=2, b_sw="none")
+    case.check(runner.run(case))
+
+
+def test_wgmma_wrong_descriptor_fails_the_check(runner):
+    """Guard on the test itself: a descriptor with the wrong SBO gives a wrong result."""
+    case = wgmma_case("b128", 400, ksteps=1, padded=True)
+    case.args[8] = np.int32(1024)  # a_sbo: the dense value instead of the padded 2048
+    with pytest.raises(AssertionError):
+        case.check(runner.run(case))
+
+
+def test_wgmma_d_before_wait_is_the_old_d(runner):
+    case = wgmma_case("b128", 500, ksteps=2)
+    case.args[14] = np.int32(1)  # mode 1: D stored between commit and wait
+    (d,) = runner.run(case)
+    assert_equal_bits(d, case.extra["c"], "D read before wgmma.wait_group")
+
+
+def test_wgmma_smem_overwritten_before_wait_is_what_multiplies(runner):
+    """Zeroing A's bytes after the issue and before the wait: the MMA (executed at the wait,
+    as the hardware may) sees zeros, D = C."""
+    case = wgmma_case("b128", 600, ksteps=1)
+    a_bytes = 8 * case.extra["a_sbo"]
+    case.args[14:18] = [np.int32(2), np.int32(0), np.int32(a_bytes), np.zeros(a_bytes, np.uint8)]
+    (d,) = runner.run(case)
+    assert_equal_bits(d, case.extra["c"], "A overwritten before wgmma.wait_group")
+
+
+def test_wgmma_without_fence_fails(runner):
+    from fastmoe_ops.errors import SimError
+
+    case = wgmma_case("b128", 700, ksteps=1)
+    case.args[14] = np.int32(3)
+    with pytest.raises(SimError, match="wgmma.fence"):
+        runner.run(case)
