@@ -25,3 +25,4 @@ from . import moe  # noqa: F401,E402
 from . import nn  # noqa: F401,E402
 from .attention import flash_attn, flash_attn_varlen  # noqa: F401,E402
 from . import streams  # noqa: F401,E402
+from . import trace  # noqa: F401,E402

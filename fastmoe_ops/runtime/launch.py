@@ -62,24 +62,28 @@ def device_arch(device: torch.device) -> str:
 
 
 class _CudaFunction:
-    __slots__ = ("name", "module", "function", "ptr", "max_smem_set")
+    __slots__ = ("name", "module", "function", "ptr", "max_smem_set", "traced")
 
-    def __init__(self, name: str, cubin_path):
+    def __init__(self, name: str, cubin_path, traced: bool = False):
         import cupy  # type: ignore
 
         self.name = name
+        self.traced = traced  # compiled with the trace parameter (FMO_TRACE=1)
         self.module = cupy.RawModule(path=str(cubin_path))
         self.function = self.module.get_function(name)
         self.ptr = self.function.ptr
         self.max_smem_set = DEFAULT_DYNAMIC_SMEM
 
-    def launch(self, config: LaunchConfig, params: Params, stream: int) -> None:
+    def launch(self, config: LaunchConfig, params: Params, stream: int, trace_args: Params | None = None) -> None:
         from cupy_backends.cuda.api import driver  # type: ignore
 
         if config.shared_mem > self.max_smem_set:
             self.function.max_dynamic_shared_size_bytes = config.shared_mem
             self.max_smem_set = config.shared_mem
-        arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        if trace_args is None:
+            arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        else:
+            arg_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(params), ctypes.addressof(trace_args))
         try:
             driver.launchKernel(
                 self.ptr, *config.grid, *config.block, config.shared_mem, stream,
@@ -104,27 +108,29 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
         if fn is None:
             arch = device_arch(torch.device("cuda", index))
             name = spec.entry_name()
+            traced = env.flag("FMO_TRACE")
+            stub = spec.stub(traced)
             try:
-                result = compile_nvrtc(spec.stub(), name, arch)
+                result = compile_nvrtc(stub, name, arch)
             except Exception:
                 if env.path("FMO_NVCC") is None:
                     raise
-                result = compile_nvcc(spec.stub(), name, arch)
+                result = compile_nvcc(stub, name, arch)
             with torch.cuda.device(index):
-                fn = _CudaFunction(name, result.cubin)
+                fn = _CudaFunction(name, result.cubin, traced)
             _cuda_functions[key] = fn
     return fn
 
 
 # ----------------------------------------------------------------------------- sim engine
 
-_sim_functions: dict[KernelSpec, object] = {}
+_sim_functions: dict[tuple[KernelSpec, bool], object] = {}
 
 
-def sim_function(spec: KernelSpec):
-    # Keyed by spec alone: a sim Function itself switches to the instrumented build when
-    # FMO_SIM_RACECHECK/MEMCHECK change after it was made.
-    key = spec
+def sim_function(spec: KernelSpec, traced: bool = False):
+    # Keyed by (spec, traced): tracing changes the stub. A sim Function itself switches to
+    # the instrumented build when FMO_SIM_RACECHECK/MEMCHECK change after it was made.
+    key = (spec, traced)
     fn = _sim_functions.get(key)
     if fn is not None:
         return fn
@@ -137,7 +143,7 @@ def sim_function(spec: KernelSpec):
     with _lock:
         fn = _sim_functions.get(key)
         if fn is None:
-            module = sim.RawModule(code=spec.stub(), options=tuple(include_options()))
+            module = sim.RawModule(code=spec.stub(traced), options=tuple(include_options()))
             fn = module.get_function(spec.entry_name())
             _sim_functions[key] = fn
     return fn
@@ -179,15 +185,28 @@ def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: st
         device = tensors[0].device
         fn = cuda_function(spec, device)
         stream = torch.cuda.current_stream(device).cuda_stream
-        fn.launch(config, params, stream)
+        if fn.traced:
+            from .. import trace
+
+            fn.launch(config, params, stream, trace.kernel_args(fn.name, "cuda", device).args)
+        else:
+            fn.launch(config, params, stream)
         if env.flag("FMO_SYNC_CHECK"):
             try:
                 torch.cuda.synchronize(device)
             except Exception as e:
                 raise LaunchError(f"{fn.name}: kernel failed: {e}") from None
     elif engine == "sim":
-        fn = sim_function(spec)
-        fn(config.grid, config.block, (params,), shared_mem=config.shared_mem,
-           extra_ranges=tuple(_tensor_range(t) for t in tensors))
+        ranges = tuple(_tensor_range(t) for t in tensors)
+        if not env.flag("FMO_TRACE"):
+            sim_function(spec)(config.grid, config.block, (params,), shared_mem=config.shared_mem, extra_ranges=ranges)
+            return
+        from .. import trace
+
+        fn = sim_function(spec, True)
+        targs = trace.kernel_args(fn.name, "sim", torch.device("cpu"))
+        with targs.in_flight():  # collect() waits for launches still writing their records
+            fn(config.grid, config.block, (params, targs.args), shared_mem=config.shared_mem,
+               extra_ranges=ranges + targs.ranges)
     else:
         raise InputError(f"engine: expected 'cuda' or 'sim' for a kernel launch, got {engine!r}")
