@@ -1,0 +1,146 @@
+"""The routed experts of an MoE layer as grouped FP8 GEMMs, forward and backward.
+
+Rows arrive sorted by local expert (fmo.moe.permute with alignment =
+fmo.fp8.contiguous_alignment(), so every expert's segment starts at a multiple of 128 and
+its padding rows are zeros marked -1). Per expert e, with x [M, H] the sorted rows,
+w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) and w2 [E, H, I]:
+
+  forward   h  [M, 2I] = grouped(x per 1x128 group,  w13[e] per 128x128 block)   fp32 out
+            a  [M, I]  = silu(h[:, :I]) * h[:, I:]                               fp32
+            y  [M, H]  = grouped(a per 1x128 group,  w2[e] per 128x128 block)
+  dgrad     da [M, I]  = grouped(dy per 1x128 group, w2[e]^T)   (w2^T's blocks are w2's blocks
+                         transposed: wq.transpose(1, 2) with ws.transpose(1, 2), no requantisation)
+            dh [M, 2I] = [da * up * silu'(gate), da * silu(gate)]                fp32
+            dx [M, H]  = grouped(dh per 1x128 group, w13[e]^T)
+  wgrad     dW2[e]  [H, I]  = dy_e^T a_e,  dW13[e] [2I, H] = dh_e^T x_e: the dense FP8 GEMM once
+            per expert on the operands quantised per 1x128 group along the tokens
+            (quantize_per_token_group_transposed, one pass over all M rows). A quantisation
+            group never straddles two experts because segments are 128-aligned, so slicing
+            expert e's columns of the transposed operands is exactly quantising its rows alone.
+
+Everything is FP8 (e4m3) with fp32 accumulation and promotion per 128 of K, as
+fmo.nn.FP8Linear's recipe; only the SiLU-and-multiply and its derivative are fp32 PyTorch
+element-wise ops (h is kept in fp32 for them: e4m3 would add a third rounding to the gate
+and the derivative, and the op is memory-bound, so a separate kernel would not pay before
+the GEMM epilogue can fuse it). The wgrad loop needs the segment offsets on the host: one
+host synchronisation in the backward (`expert_offsets.tolist()`). GEMM K dimensions are H,
+I, 2I and the segments, so H and I must be multiples of 16.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import expect
+from ..ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_transposed
+from ..ops.fp8_gemm import contiguous_alignment, gemm
+from ..ops.fp8_gemm_grouped import grouped_gemm_contiguous
+from ..ops.fp8_quant import quantize_per_token_group
+from ..moe.autograd import with_nones
+
+GROUP = 128   # 1 x 128 activation groups, 128 x 128 weight blocks (DeepSeek-V3's recipe)
+
+
+def quantize_expert_weights(w: torch.Tensor):
+    """w [E, N, K] -> (wq [E, N, K] e4m3, ws [E, ceil(N/128), ceil(K/128)] fp32), each expert
+    quantised on its own so no 128 x 128 block mixes two experts."""
+    parts = [quantize_per_block(w[e].detach(), GROUP) for e in range(w.shape[0])]
+    if not parts:
+        n, k = w.shape[1], w.shape[2]
+        return (torch.zeros(0, n, k, dtype=torch.float8_e4m3fn, device=w.device),
+                torch.zeros(0, -(-n // GROUP), -(-k // GROUP), dtype=torch.float32, device=w.device))
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def transposed(wq: torch.Tensor, ws: torch.Tensor):
+    """The block quantisation of w[e]^T: the same blocks, transposed."""
+    return wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
+
+
+def m_indices(src_slots: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """[M] int32: the expert of every sorted row, -1 for padding rows (no host sync)."""
+    rows = torch.arange(src_slots.shape[0], device=src_slots.device)
+    expert = torch.searchsorted(expert_offsets, rows, right=True) - 1
+    return torch.where(src_slots >= 0, expert, -1).to(torch.int32)
+
+
+def _silu_mul(h: torch.Tensor, inter: int) -> torch.Tensor:
+    gate, up = h[:, :inter], h[:, inter:]
+    return torch.nn.functional.silu(gate) * up
+
+
+def _silu_mul_backward(h: torch.Tensor, da: torch.Tensor, inter: int) -> torch.Tensor:
+    gate, up = h[:, :inter], h[:, inter:]
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dgate = da * up * (sig * (1 + gate * (1 - sig)))   # d silu(g)/dg = s (1 + g (1 - s))
+    return torch.cat([dgate, da * silu], dim=1)
+
+
+def _grouped(act: torch.Tensor, wq, ws, m_idx) -> torch.Tensor:
+    aq, as_ = quantize_per_token_group(act, GROUP)
+    return grouped_gemm_contiguous(aq, as_, wq, ws, m_idx, torch.float32)
+
+
+def _wgrad(dout: torch.Tensor, inp: torch.Tensor, offsets: list[int], dtype) -> torch.Tensor:
+    """[E, N, K]: dW[e] = dout_e^T inp_e for dout [M, N], inp [M, K], FP8 per 1x128 group of tokens."""
+    dq, ds = quantize_per_token_group_transposed(dout, GROUP)   # [N, Mp], [N, M/128]
+    iq, is_ = quantize_per_token_group_transposed(inp, GROUP)   # [K, Mp], [K, M/128]
+    out = torch.zeros(len(offsets) - 1, dout.shape[1], inp.shape[1], dtype=torch.float32, device=dout.device)
+    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if hi > lo:    # an expert without tokens has a zero gradient
+            gl, gh = lo // GROUP, hi // GROUP
+            gemm(dq[:, lo:hi].contiguous(), ds[:, gl:gh].contiguous(), iq[:, lo:hi].contiguous(),
+                 is_[:, gl:gh].contiguous(), torch.float32, out=out[e])
+    return out.to(dtype)
+
+
+class GroupedExpertsFn(torch.autograd.Function):
+    """x_sorted [M, H], w13 [E, 2I, H], w2 [E, H, I] -> y_sorted [M, H] (x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, m_idx, expert_offsets, w13_fp8, w2_fp8):
+        inter = w2.shape[2]
+        h = _grouped(x, *w13_fp8, m_idx)                          # [M, 2I] fp32
+        a = _silu_mul(h, inter)                                   # [M, I] fp32
+        y = _grouped(a, *w2_fp8, m_idx)                           # [M, H] fp32
+        ctx.save_for_backward(x, h, a, m_idx, expert_offsets, *w13_fp8, *w2_fp8)
+        ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, m_idx, expert_offsets, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        dy = dy.contiguous()
+        da = _grouped(dy, *transposed(w2q, w2s), m_idx)             # [M, I]
+        dh = _silu_mul_backward(h, da, ctx.inter)                   # [M, 2I]
+        dx = _grouped(dh, *transposed(w13q, w13s), m_idx).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw13 = dw2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            offsets = expert_offsets.tolist()     # host sync: the per-expert wgrad loop's bounds
+            if ctx.needs_input_grad[1]:
+                dw13 = _wgrad(dh, x.float(), offsets, ctx.w_dtypes[0])
+            if ctx.needs_input_grad[2]:
+                dw2 = _wgrad(dy.float(), a, offsets, ctx.w_dtypes[1])
+        return with_nones(GroupedExpertsFn, dx, dw13, dw2)
+
+
+def grouped_experts(x_sorted: torch.Tensor, pmap, w13: torch.Tensor, w2: torch.Tensor, w13_fp8=None, w2_fp8=None):
+    """y_sorted [M, H] = w2[e] (silu(gate) * up)(w13[e] x) for every sorted row of expert e.
+
+    x_sorted, pmap: from fmo.moe.permute(..., alignment=contiguous_alignment()); w13 [E, 2I, H],
+    w2 [E, H, I]; w13_fp8/w2_fp8: their quantise_expert_weights() (computed when None)."""
+    expect(pmap.alignment % contiguous_alignment() == 0, "pmap", f"a permute with alignment a multiple of {contiguous_alignment()}",
+           pmap.alignment)
+    e, i2, hidden = w13.shape
+    expect(w2.dim() == 3 and tuple(w2.shape) == (e, hidden, i2 // 2) and i2 % 2 == 0, "w2",
+           f"shape ({e}, {hidden}, {i2 // 2}) to match w13 {tuple(w13.shape)}", tuple(w2.shape))
+    expect(hidden % 16 == 0 and (i2 // 2) % 16 == 0, "w13", "hidden and intermediate sizes that are multiples of 16 (GEMM K)",
+           tuple(w13.shape))
+    expect(pmap.expert_offsets.shape[0] == e + 1, "pmap", f"{e} local experts (like w13)", pmap.expert_offsets.shape[0] - 1)
+    expect(x_sorted.dim() == 2 and x_sorted.shape[1] == hidden, "x_sorted", f"[M, {hidden}]", tuple(x_sorted.shape))
+    if x_sorted.shape[0] == 0:   # nothing received: the weights still join the graph (zero gradient)
+        return x_sorted + 0 * (w13.sum() + w2.sum()).to(x_sorted.dtype)
+    w13_fp8 = w13_fp8 if w13_fp8 is not None else quantize_expert_weights(w13)
+    w2_fp8 = w2_fp8 if w2_fp8 is not None else quantize_expert_weights(w2)
+    m_idx = m_indices(pmap.src_slots, pmap.expert_offsets)
+    return GroupedExpertsFn.apply(x_sorted.contiguous(), w13, w2, m_idx, pmap.expert_offsets, w13_fp8, w2_fp8)

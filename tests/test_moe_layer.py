@@ -1,0 +1,217 @@
+"""fmo.nn.MoELayer on one process (group=None: every expert local, nothing exchanged), on the
+`sim` and `reference` engines.
+
+- forward and backward against the dense float64 layer (fastmoe_ops.reference.moe_layer) with
+  the routing the layer chose. Tolerance: four e4m3-quantised operands on the way to `out`
+  (x, w13, the SiLU*up activation, w2), calc_diff ~3e-4 each (relative RMS error ~2.5%,
+  calc_diff ~ |err|^2 / 2), ~1.3e-3 together; FP8Linear's tests allow twice their two-operand
+  estimate, so the layer allows 4e-3 (out and every gradient), plus an elementwise bound: no
+  coordinate off by more than 25% of the tensor's largest magnitude (a wrong expert, slot or
+  row is off by ~100%).
+- the grouped FP8 experts, tightly: against float64 products of the very operands the recipe
+  quantises (calc_diff < 1e-9; measured ~5e-15: only fp32 accumulation differs), so a layout slip in dgrad or wgrad cannot hide in FP8 noise.
+- overlap=True equals overlap=False bit for bit in out, dx and the router gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+from fastmoe_ops.errors import InputError
+from fastmoe_ops.moe import permute
+from fastmoe_ops.nn import moe_experts
+from fastmoe_ops.reference import fp8 as ref
+from fastmoe_ops.reference.moe_layer import moe_layer as dense_layer
+
+from conftest import cpu_engines
+
+CALC_DIFF_BOUND = 4e-3
+ELEMENT_BOUND = 0.25
+
+
+def close(name, got, want, where):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)} ({where})"
+    assert not got.isnan().any(), f"{name}: NaN ({where})"
+    if not want.numel():
+        return
+    d = ref.calc_diff(got, want)
+    err = (got.double() - want.double()).abs()
+    coord = tuple(int(c) for c in torch.unravel_index(err.argmax(), err.shape))
+    assert d < CALC_DIFF_BOUND, f"{name}: calc_diff {d:.3g} vs float64 ({where})"
+    assert err.max() <= ELEMENT_BOUND * want.abs().max(), \
+        f"{name}: |err| {err.max().item():.3g} at {coord} > {ELEMENT_BOUND} * max|want| {want.abs().max().item():.3g} ({where})"
+
+
+def make_layer(seed, hidden=128, inter=128, experts=6, k=2, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    return fmo.nn.MoELayer(hidden, inter, experts, k, dtype=dtype, **kw)
+
+
+def run_and_check(layer, x, dy, where, **ref_kw):
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    out.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in (layer.router_weight, layer.w13, layer.w2)]
+    y64 = dense_layer(x64.reshape(-1, layer.hidden), *params, layer.last_topk_idx, **ref_kw).reshape(x.shape)
+    y64.backward(dy.double())
+    close("out", out, y64, where)
+    close("dx", x.grad, x64.grad, where)
+    for name, p, p64 in zip(("d router", "d w13", "d w2"), (layer.router_weight, layer.w13, layer.w2), params):
+        close(name, p.grad, p64.grad, where)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scoring,normalize", [("softmax", False), ("sigmoid", True)])
+def test_layer_matches_dense_float64(engine, dtype, scoring, normalize):
+    seed = 3
+    layer = make_layer(seed, dtype=dtype, scoring=scoring, normalize_topk=normalize, route_scale=1.5)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 37, 128, generator=g).to(dtype)       # 74 tokens: ragged per expert, not a tile multiple
+    dy = torch.randn(2, 37, 128, generator=g).to(dtype)
+    with fmo.use_backend(engine):
+        out, _ = run_and_check(layer, x, dy, f"{engine}, {dtype}, {scoring}, seed {seed}",
+                               scoring=scoring, normalize=normalize, route_scale=1.5)
+    assert out.dtype == dtype and out.shape == x.shape
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_structured_routing_one_expert(engine):
+    """A bias that forces every token onto experts 4 and 1 (k = 2): the other experts get no
+    rows (empty segments, zero gradients) and the oracle, with the same routing, agrees."""
+    layer = make_layer(8, experts=6, k=2, expert_bias=True)
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0, 100.0, 0.0]))
+    x = torch.arange(20 * 128, dtype=torch.float32).reshape(20, 128).remainder(7).sub(3) / 4   # structured
+    dy = torch.randn(20, 128, generator=torch.Generator().manual_seed(8))
+    with fmo.use_backend(engine):
+        run_and_check(layer, x, dy, f"{engine}, forced routing")
+    assert torch.equal(layer.last_topk_idx, torch.tensor([[4, 1]] * 20))
+    for e in (0, 2, 3, 5):
+        assert torch.count_nonzero(layer.w13.grad[e]) == 0 and torch.count_nonzero(layer.w2.grad[e]) == 0
+    assert layer.expert_load.tolist() == [0, 20, 0, 0, 20, 0]
+    load = layer.update_expert_bias(0.01)        # overloaded experts go down, idle ones up
+    assert load.tolist() == [0, 20, 0, 0, 20, 0]
+    assert torch.allclose(layer.expert_bias, torch.tensor([0.01, 49.99, 0.01, 0.01, 99.99, 0.01]))
+    assert layer.expert_load.count_nonzero() == 0
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_overlap_equals_sequential(engine):
+    x = torch.randn(45, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)   # odd: halves 23 + 22
+    dy = torch.randn(45, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    runs = []
+    for overlap in (False, True):
+        layer = make_layer(9, dtype=torch.bfloat16, k=3, overlap=overlap)
+        xi = x.clone().requires_grad_()
+        with fmo.use_backend(engine):
+            out = layer(xi)
+            out.backward(dy)
+        runs.append((out.detach(), xi.grad, layer.router_weight.grad, layer.w13.grad.float(), layer.w2.grad.float()))
+    for name, a, b in zip(("out", "dx", "d router"), runs[0][:3], runs[1][:3]):
+        assert torch.equal(a, b), f"{name}: overlap differs from sequential by {(a.double() - b.double()).abs().max().item():.3g}"
+    for name, a, b in zip(("d w13", "d w2"), runs[0][3:], runs[1][3:]):   # two halves' FP8 wgrad, summed
+        assert ref.calc_diff(a, b) < CALC_DIFF_BOUND, name
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_grouped_experts_tight(engine):
+    """y, dx, dW13, dW2 of the grouped FP8 experts against float64 products of the operands the
+    recipe quantises (dequantised with the same scale layout)."""
+    e, hidden, inter, n = 3, 128, 64, 150
+    g = torch.Generator().manual_seed(21)
+    recv_x = torch.randn(n, hidden, generator=g)
+    idx = torch.randint(0, e, (n, 1), generator=g)
+    idx[:7] = 2                                                     # expert 1 may be empty: force some skew
+    w13 = torch.randn(e, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(e, hidden, inter, generator=g) / inter ** 0.5
+    dy_rows = torch.randn(n, hidden, generator=g)
+    with fmo.use_backend(engine):
+        xs, pmap = permute(recv_x, idx, e, alignment=fmo.fp8.contiguous_alignment())
+        xs = xs.detach().requires_grad_()
+        a13, a2 = w13.clone().requires_grad_(), w2.clone().requires_grad_()
+        y = moe_experts.grouped_experts(xs, pmap, a13, a2)
+        dy = torch.zeros_like(y)
+        real = pmap.src_slots >= 0
+        dy[real] = dy_rows[pmap.src_rows[real]]
+        y.backward(dy)
+    off = pmap.expert_offsets.tolist()
+    deq = ref.dequantize_per_token_group
+    w13q, w13s = moe_experts.quantize_expert_weights(w13)
+    w2q, w2s = moe_experts.quantize_expert_weights(w2)
+    want_y, want_dx = torch.zeros(y.shape, dtype=torch.float64), torch.zeros(y.shape, dtype=torch.float64)
+    want_d13, want_d2 = torch.zeros(w13.shape, dtype=torch.float64), torch.zeros(w2.shape, dtype=torch.float64)
+    for j in range(e):
+        lo, hi = off[j], off[j + 1]
+        if hi == lo:
+            continue
+        x_e = xs.detach()[lo:hi]
+        w13d, w2d = ref.dequantize_per_block(w13q[j], w13s[j]), ref.dequantize_per_block(w2q[j], w2s[j])
+        h = deq(*ref.quantize_per_token_group(x_e)) @ w13d.t()
+        a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).float()
+        want_y[lo:hi] = deq(*ref.quantize_per_token_group(a)) @ w2d.t()
+        da = deq(*ref.quantize_per_token_group(dy[lo:hi])) @ w2d
+        gate, up = h[:, :inter], h[:, inter:]
+        sig = gate.sigmoid()
+        dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], 1).float()
+        want_dx[lo:hi] = deq(*ref.quantize_per_token_group(dh)) @ w13d
+        tq = lambda t: deq(*ref.quantize_per_token_group(t.t().contiguous()))   # per 128 tokens
+        want_d2[j] = tq(dy[lo:hi]) @ tq(a).t()
+        want_d13[j] = tq(dh) @ tq(x_e).t()
+    for name, got, want in (("y", y, want_y), ("dx", xs.grad, want_dx), ("dW13", a13.grad, want_d13), ("dW2", a2.grad, want_d2)):
+        assert not got.isnan().any(), name
+        d = ref.calc_diff(got, want)
+        assert d < 1e-9, f"{name}: calc_diff {d:.3g} vs float64 products of the quantised operands ({engine}, seed 21)"
+    assert torch.count_nonzero(y[~real]) == 0, "padding rows must stay zero"
+
+
+def test_empty_batch_and_inference():
+    """No tokens: an empty output (and a backward that reaches every parameter). Under
+    no_grad the overlap schedule builds no sub-graphs and still equals the sequential layer."""
+    layer = make_layer(1)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    with fmo.use_backend("reference"):
+        empty = torch.zeros(0, 128, requires_grad=True)
+        out = layer(empty)
+        assert out.shape == (0, 128)
+        out.sum().backward()
+        with torch.no_grad():
+            y_seq = layer(x)
+            layer.overlap = True
+            y_ovl = layer(x)
+    assert not y_ovl.requires_grad and torch.equal(y_seq, y_ovl)
+
+
+def test_bad_input_is_refused():
+    layer = make_layer(2)
+    with pytest.raises(InputError, match="x: expected a tensor"):
+        layer(torch.randn(4, 96))
+    with pytest.raises(InputError, match="x: expected dtype"):
+        layer(torch.randn(4, 128, dtype=torch.bfloat16))
+    with pytest.raises(InputError, match="hidden"):
+        fmo.nn.MoELayer(100, 128, 4, 2)
+    with pytest.raises(InputError, match="top_k"):
+        fmo.nn.MoELayer(128, 128, 4, 5)
+    with pytest.raises(InputError, match="scoring"):
+        fmo.nn.MoELayer(128, 128, 4, 2, scoring="relu")
+    with pytest.raises(InputError, match="update_expert_bias"):
+        layer.update_expert_bias(0.1)
+
+
+def test_weights_requantised_only_when_they_change(monkeypatch):
+    calls = []
+    real = moe_experts.quantize_expert_weights
+    monkeypatch.setattr(moe_experts, "quantize_expert_weights", lambda w: calls.append(1) or real(w))
+    layer = make_layer(6)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(8, 128)
+    with fmo.use_backend("reference"):
+        layer(x).sum().backward()
+        layer(x)
+        assert len(calls) == 2, "w13 and w2 quantised once each"
+        opt.step()
+        layer(x)
+        assert len(calls) == 4
