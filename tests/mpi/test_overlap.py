@@ -2,7 +2,7 @@
 so the communication is kernels (exactly comm_sms CTAs each) on the comm stream while the
 expert GEMMs run on the compute stream. With FMO_TRACE=1 every CTA records its start and end;
 the test asserts, on every rank, that a communication kernel and a compute kernel were in
-flight at the same time (kernel intervals only: host intervals are excluded), that each
+flight at the same time, in the forward and again in the backward (kernel intervals only: host intervals are excluded), that each
 communication kernel held exactly comm_sms CTAs, and that the overlapped layer returns the
 same output and input gradient bit for bit as the same layer run sequentially.
 
@@ -30,15 +30,24 @@ def run_all(comm, fn):
     all_agree(comm, ok, str(detail))
 
 
-def layer_step(group, overlap, seed):
+def layer_step(group, overlap, seed, traces=None):
+    """One forward + backward; with `traces` (a dict), the forward's and the backward's
+    kernel intervals are collected separately into it."""
     torch.manual_seed(seed)                       # same weights on every rank
     layer = fmo.nn.MoELayer(H, I, E, K, group=group, overlap=overlap, transport="ipc", max_tokens_per_rank=T,
                             dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(seed + 1 + group.rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    if traces is not None:
+        ft.clear()
     out = layer(x)
+    if traces is not None:
+        traces["forward"] = [iv for iv in ft.collect() if iv.engine == "sim"]
+        ft.clear()
     out.backward(dy)
+    if traces is not None:
+        traces["backward"] = [iv for iv in ft.collect() if iv.engine == "sim"]
     layer.destroy()
     return out.detach(), x.grad
 
@@ -52,10 +61,12 @@ def test_comm_and_compute_kernels_in_flight_together(comm, monkeypatch):
         with fmo.use_backend("sim"), fmo.comm_sms(COMM_SMS):
             out_seq, dx_seq = layer_step(group, False, 7)
             comm.Barrier()
-            ft.clear()
-            out_ovl, dx_ovl = layer_step(group, True, 7)
-            ivs = ft.collect()
-        kernels = [iv for iv in ivs if iv.engine == "sim"]
+            traces = {}
+            out_ovl, dx_ovl = layer_step(group, True, 7, traces)
+        for phase, kernels in traces.items():   # the forward and the backward each overlap
+            assert ft.in_flight_together(kernels, "comm", "compute"), \
+                f"{phase}: no communication kernel ran while a compute kernel did (rank {group.rank}, {len(kernels)} CTA intervals)"
+        kernels = traces["forward"] + traces["backward"]
         roles = {iv.role for iv in kernels}
         assert {"comm", "compute"} <= roles, f"traced kernel roles {sorted(roles)}: expected comm and compute"
         comm_grids = {}
@@ -64,8 +75,6 @@ def test_comm_and_compute_kernels_in_flight_together(comm, monkeypatch):
                 comm_grids.setdefault((iv.launch_id, iv.name), set()).add(iv.cta)
         bad = {k: len(v) for k, v in comm_grids.items() if len(v) != COMM_SMS}
         assert comm_grids and not bad, f"communication kernels must hold exactly comm_sms={COMM_SMS} CTAs: {bad}"
-        assert ft.in_flight_together(kernels, "comm", "compute"), \
-            f"no communication kernel ran while a compute kernel did (rank {group.rank}, {len(kernels)} CTA intervals)"
         frac = ft.overlapped_fraction(kernels, "comm", "compute")
         assert torch.equal(out_seq.view(torch.int16), out_ovl.view(torch.int16)), "out: overlap != sequential"
         assert torch.equal(dx_seq.view(torch.int16), dx_ovl.view(torch.int16)), "dx: overlap != sequential"
