@@ -257,6 +257,16 @@ FMO_DEVICE void wgmma_wait() {
 #endif
 }
 
+// fence.proxy.async.shared::cta: this thread's generic-proxy writes to shared memory (st.shared,
+// cp.async) become visible to the async proxy, through which wgmma reads its operands. Each
+// writer fences, then a barrier, then the MMAs. The emulation has one memory: nothing to do,
+// so a missing proxy fence is not caught here (only the GPU shows it, as stale operands).
+FMO_DEVICE void fence_proxy_async_shared() {
+#ifndef FMO_SIM
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // Keeps the compiler from moving accesses of the accumulator registers across the wgmma
 // fence/commit/wait statements (they are not operands of those): an empty asm that
 // "modifies" each register. Nothing to do in the emulation.

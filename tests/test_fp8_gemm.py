@@ -1,7 +1,8 @@
 """FP8 GEMM with fine-grained scaling: the kernel on the simulator against the float64
 oracle on the dequantised inputs (calc_diff < 1e-5 and an elementwise bound), structured
 inputs that must match exactly, ragged shapes, poisoned outputs, memcheck/racecheck, and the
-reference GEMM against the same oracle.
+reference GEMM against the same oracle. Both kernels run on the simulator: wgmma (sm_90a,
+the default there) and mma.sync (sm_89), chosen with `kernel=`.
 
 Tolerances: the kernel and the oracle see the same e4m3 values and scales, so the only
 differences are fp32 accumulation (MMA partial sums, promotion) and the output rounding:
@@ -18,6 +19,15 @@ from fastmoe_ops.reference import fp8 as ref
 from conftest import cpu_engines, poison_
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
+KERNELS = ("wgmma", "mma_sync")
+
+
+def engine_kernels():
+    """(engine, kernel): the reference once, the simulator with each kernel."""
+    out = []
+    for e in cpu_engines():
+        out += [pytest.param(e, k, id=f"{e}-{k}") for k in KERNELS] if e == "sim" else [pytest.param(e, None, id=e)]
+    return out
 
 
 def quantised_operands(m, n, k, seed, *, b_rows=False):
@@ -60,8 +70,9 @@ def test_calc_diff():
 
 
 @SIM
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_structured_inputs_exact(out_dtype):
+def test_structured_inputs_exact(out_dtype, kernel):
     """Small integers (exact in e4m3) and power-of-two scales: every partial sum is exact,
     so any layout, swizzle or fragment bug shows as a wrong element, not as noise."""
     m, n, k = 70, 136, 272  # ragged in M, N and K (two full K blocks + 16)
@@ -72,32 +83,32 @@ def test_structured_inputs_exact(out_dtype):
     ws = 2.0 ** ((torch.arange(2)[:, None] * 2 + torch.arange(3)[None, :]) % 3 - 1).float()
     oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws)
     out = poison_(torch.empty(m, n, dtype=out_dtype))
-    y = run_gemm("sim", xq, xs, wq, ws, out_dtype, out=out)
+    y = run_gemm("sim", xq, xs, wq, ws, out_dtype, out=out, kernel=kernel)
     assert y.data_ptr() == out.data_ptr()
     want = oracle.to(out_dtype)
     bad = (y != want)
     assert not bool(bad.any()), f"first mismatch at {tuple(bad.nonzero()[0].tolist())}: got {y[bad][0].item()}, want {want[bad][0].item()}"
 
 
-@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("engine, kernel", engine_kernels())
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8, 16), (64, 64, 128), (100, 72, 272), (129, 200, 400), (16, 300, 144), (40, 72, 1040)])
-def test_gemm_vs_oracle(engine, out_dtype, shape):
+def test_gemm_vs_oracle(engine, kernel, out_dtype, shape):
     m, n, k = shape
     seed = m * 131 + n * 7 + k
     xq, xs, wq, ws = quantised_operands(m, n, k, seed)
     out = poison_(torch.empty(m, n, dtype=out_dtype))
-    y = run_gemm(engine, xq, xs, wq, ws, out_dtype, out=out)
-    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), f"gemm {engine} {out_dtype}", seed)
+    y = run_gemm(engine, xq, xs, wq, ws, out_dtype, out=out, kernel=kernel)
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), f"gemm {engine} {kernel} {out_dtype}", seed)
 
 
-@pytest.mark.parametrize("engine", cpu_engines())
-def test_gemm_row_scaled_b(engine):
+@pytest.mark.parametrize("engine, kernel", engine_kernels())
+def test_gemm_row_scaled_b(engine, kernel):
     """b scaled per 1 x 128 group (ws [N, kb]): the wgrad layout."""
     m, n, k = 40, 136, 160
     xq, xs, wq, ws = quantised_operands(m, n, k, 8, b_rows=True)
     assert ws.shape == (n, 2)
-    y = run_gemm(engine, xq, xs, wq, ws, torch.float32)
+    y = run_gemm(engine, xq, xs, wq, ws, torch.float32, kernel=kernel)
     assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), f"row-scaled b ({engine})", 8)
 
 
@@ -115,12 +126,13 @@ def test_gemm_large_tile_config():
 
 
 @SIM
-def test_gemm_under_memcheck_and_racecheck(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gemm_under_memcheck_and_racecheck(monkeypatch, kernel):
     m, n, k = 33, 72, 176
     xq, xs, wq, ws = quantised_operands(m, n, k, 5)
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
-    y = run_gemm("sim", xq, xs, wq, ws, torch.bfloat16)
+    y = run_gemm("sim", xq, xs, wq, ws, torch.bfloat16, kernel=kernel)
     assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), "checked build", 5)
 
 

@@ -1,8 +1,9 @@
 """The FP8 GEMM kernels the heuristics can pick compile offline with no spills, and their
-SASS holds the FP8 tensor-core path: QMMA.16832 (native e4m3 mma) on sm_89; on sm_90a,
-ptxas lowers mma.sync e4m3 to F2FP e4m3->f16 unpacks + HMMA.16816 (Hopper's native FP8
-tensor-core instruction is wgmma's QGMMA: the later wgmma/TMA kernel). Both: LDSM (ldmatrix)
-and LDGSTS (cp.async)."""
+SASS holds the FP8 tensor-core path. mma.sync kernels (fp8_gemm): QMMA.16832 (native e4m3
+mma) on sm_89; on sm_90a ptxas lowers mma.sync e4m3 to F2FP e4m3->f16 unpacks + HMMA.16816,
+both with LDSM (ldmatrix) and LDGSTS (cp.async). The Hopper kernels (fp8_gemm_wgmma, what the
+launcher runs on sm_90a): QGMMA (wgmma e4m3, Hopper's FP8 tensor-core instruction), LDGSTS,
+and no HMMA/QMMA fallback."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +25,19 @@ def test_fp8_gemm_kernels_build_without_spills(arch, mma):
         assert 0 < r.registers <= 255
         if compiler.find_cuobjdump() is not None:
             assert r.sass[mma] > 0 and r.sass["LDSM"] > 0 and r.sass["LDGSTS"] > 0, f"{r.name} ({arch}): {r.sass}"
+
+
+def test_fp8_gemm_wgmma_kernels_build_without_spills_with_qgmma():
+    reports = build.build_all("sm_90a", "fp8_gemm_wgmma")
+    assert {(r.name.split("_")[4], r.name.split("_")[5]) for r in reports} >= {
+        ("dense", "bf16"), ("dense", "fp32"), ("contiguous", "bf16"), ("masked", "bf16")}, [r.name for r in reports]
+    for r in reports:
+        assert r.ok, r.error
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.name} (sm_90a) spills: {r}"
+        assert 0 < r.registers <= 255
+        if compiler.find_cuobjdump() is not None:
+            assert r.sass["QGMMA"] > 0 and r.sass["LDGSTS"] > 0, f"{r.name}: {r.sass}"
+            assert r.sass["HMMA"] == 0 and r.sass["QMMA"] == 0, f"{r.name}: an mma.sync path crept in: {r.sass}"
 
 
 @pytest.mark.parametrize("op", ["fp8_quant_block", "fp8_quant_token_group_transposed"])

@@ -1,7 +1,8 @@
 """Grouped FP8 GEMMs (MoE experts): contiguous (m_indices, -1 padding rows, aligned
 segments) and masked (masked_m, including 0 and empty groups), on the simulator against
 the float64 oracle per group; bad input and m_indices out of range in debug mode refused.
-Tolerance as tests/test_fp8_gemm.py (same kernel mainloop)."""
+Tolerance as tests/test_fp8_gemm.py (same kernel mainloops). The simulator runs both the
+wgmma and the mma.sync kernel."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import cpu_engines, poison_
-from test_fp8_gemm import assert_close_to_oracle
+from test_fp8_gemm import assert_close_to_oracle, engine_kernels
 
 ALIGN = 128
 
@@ -53,19 +54,20 @@ def test_alignment_is_a_multiple_of_every_tile():
             assert ALIGN % spec.block_m == 0
 
 
-@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("engine, kernel", engine_kernels())
 @pytest.mark.parametrize("counts", [[5, 0, 130, 64], [0, 0, 1]])
-def test_contiguous_vs_oracle(engine, counts):
+def test_contiguous_vs_oracle(engine, kernel, counts):
     n, k = 72, 144
     seed = sum(counts)
     wq3, ws3 = expert_weights(len(counts), n, k, seed)
     xq, xs, m_indices = contiguous_layout(counts, k, seed)
     out = poison_(torch.empty(xq.shape[0], n, dtype=torch.bfloat16))
     with fmo.use_backend(engine):
-        y = fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, torch.bfloat16, out=out, debug=True)
+        y = fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, torch.bfloat16, out=out, debug=True,
+                                            kernel=kernel)
     pad = m_indices < 0
     assert torch.all(y[pad] == 0), "padding rows (-1) must be zero"
-    assert_close_to_oracle(y, contiguous_oracle(xq, xs, wq3, ws3, m_indices), f"contiguous {engine} {counts}", seed)
+    assert_close_to_oracle(y, contiguous_oracle(xq, xs, wq3, ws3, m_indices), f"contiguous {engine} {kernel} {counts}", seed)
 
 
 @pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
@@ -82,9 +84,9 @@ def test_contiguous_large_tile_and_fp32():
     assert_close_to_oracle(out, contiguous_oracle(xq, xs, wq3, ws3, m_indices), "contiguous 128x128", 9)
 
 
-@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("engine, kernel", engine_kernels())
 @pytest.mark.parametrize("masked", [[3, 0, 64, 40], [0, 0, 0, 0]])
-def test_masked_vs_oracle(engine, masked):
+def test_masked_vs_oracle(engine, kernel, masked):
     groups, mmax, n, k = 4, 64, 80, 176
     seed = 100 + sum(masked)
     wq3, ws3 = expert_weights(groups, n, k, seed)
@@ -94,7 +96,7 @@ def test_masked_vs_oracle(engine, masked):
     masked_m = torch.tensor(masked, dtype=torch.int32)
     out = poison_(torch.empty(groups, mmax, n, dtype=torch.float32))
     with fmo.use_backend(engine):
-        y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, torch.float32, out=out)
+        y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, torch.float32, out=out, kernel=kernel)
     for g in range(groups):
         r = masked[g]
         if r:

@@ -39,6 +39,7 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
                                       int b_lbo, int b_sbo, int b_sw, int accumulate_c, int mode, int poke_off,
                                       int poke_bytes, const unsigned char* poke) {
   for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg_smem[i] = image[i];
+  fence_proxy_async_shared();  // generic-proxy stores -> wgmma's async-proxy reads
   __syncthreads();
   float acc[64];
   const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
@@ -55,6 +56,7 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
   if (mode == 2) {
     __syncthreads();
     for (int i = threadIdx.x; i < poke_bytes; i += blockDim.x) wg_smem[poke_off + i] = poke[i];
+    fence_proxy_async_shared();
     __syncthreads();
   }
   wgmma_wait<0>();

@@ -16,8 +16,9 @@
 //                A group index outside [-1, G) makes the tile's rows NaN (never a wild read;
 //                the launcher's debug mode names the bad row).
 //   kMasked      a [G, Mmax, K], grid.z = G; rows >= masked_m[g] are neither read nor written.
-// Roles: one CTA per output tile (TileScheduler: the seam where a persistent, SM-budget-aware
-// scheduler goes with the wgmma/TMA version); every warp computes and loads.
+// Roles: one CTA per output tile (TileScheduler; the sm_90a kernel, fp8_gemm_wgmma.cuh, has the
+// persistent, SM-budget-aware one and shares resolve_tile and the epilogue); every warp
+// computes and loads.
 // Epilogue: fp32 -> out_dtype staged through the (then idle) pipeline smem, written out in
 // coalesced 16-byte row chunks. Shared memory: the mainloop's
 // STAGES * (128 (BM + BN) + 4 (BM + B_SCALES)) bytes, which also holds the BM x (BN + 16 B) tile.
@@ -30,7 +31,8 @@
 // Dynamic shared memory (the pipeline's stages). C linkage at file scope: one plain symbol,
 // which the simulator aliases to its dynamic buffer like any `extern __shared__` array.
 extern "C" {
-extern __shared__ __align__(128) uint8_t fmo_fp8_gemm_smem[];
+// 1024-aligned: the wgmma kernel's 128B-swizzled tiles must sit at multiples of 1024 bytes.
+extern __shared__ __align__(1024) uint8_t fmo_fp8_gemm_smem[];
 }
 
 namespace fmo {

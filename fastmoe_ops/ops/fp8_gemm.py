@@ -5,7 +5,11 @@ xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32 (1 x 128 groups)
 wq: [N, K] float8_e4m3fn, ws: [ceil(N/128), ceil(K/128)] fp32 (128 x 128 blocks)
                        or ws: [N, ceil(K/128)] fp32 (1 x 128 groups: the wgrad layout)
 All contiguous; K % 16 == 0 (16-byte rows for cp.async: pad K with zeros otherwise).
-The grouped variants (fp8_gemm_grouped.py) share the spec, the heuristic and the kernel.
+The grouped variants (fp8_gemm_grouped.py) share the specs, the heuristics and the kernels.
+
+Two kernels (`kernel_for`): on sm_90a (Hopper GPUs, and the simulator, which models one)
+the wgmma kernel (csrc/gemm/fp8_gemm_wgmma.cuh: QGMMA, persistent CTAs over the SM budget);
+elsewhere (sm_89) the mma.sync kernel (csrc/gemm/fp8_gemm.cuh). `kernel=` forces either.
 """
 from __future__ import annotations
 
@@ -120,13 +124,9 @@ CONFIGS = (LARGE, WIDE, SMALL)
 
 def choose_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
                 compute_sms: int | None = None) -> Fp8GemmSpec:
-    """Pure heuristic of (shape, SM budget): the largest tile that still gives every SM a
-    tile, else the one with the most tiles. m is the rows per group (masked: Mmax).
-
-    Seam for the Hopper kernel (wgmma/QGMMA + TMA, persistent; a later issue): a second spec
-    class with its own header, returned here for sm_90a. It reuses Fp8GemmParams, the problem
-    views (resolve_tile) and the epilogue; TileScheduler becomes a loop over tiles with a grid
-    of budget.compute_sms CTAs (and a CTA barrier between tiles before the next prologue)."""
+    """Pure heuristic of (shape, SM budget) for the mma.sync kernel: the largest tile that
+    still gives every SM a tile, else the one with the most tiles. m is the rows per group
+    (masked: Mmax). The wgmma kernel's heuristic is choose_wgmma_spec."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
 
     def tiles(cfg):
@@ -155,6 +155,116 @@ def standard_specs():
         seen.add(choose_spec("contiguous", m, n, k, "bf16", "blk128"))
         for g in (8, 32):
             seen.add(choose_spec("masked", max(m // g, 1), n, k, "bf16", "blk128", groups=g))
+    yield from sorted(seen, key=lambda s: s.entry_name())
+
+
+# ------------------------------------------------------------------ Hopper: wgmma kernel
+
+WGMMA_BLOCK_N = 128  # wgmma.m64n128k32: one instruction spans the tile's columns
+
+
+@dataclass(frozen=True)
+class Fp8GemmWgmmaSpec(KernelSpec):
+    """The sm_90a kernel: BM / 64 warpgroups of wgmma.m64n128k32, persistent grid."""
+    mode: str        # dense | contiguous | masked
+    out: str         # bf16 | fp32
+    b_scale: str     # blk128 | row
+    block_m: int     # 64 (one warpgroup) or 128 (two)
+    stages: int
+
+    op: ClassVar[str] = "fp8_gemm_wgmma"
+    header: ClassVar[str] = "csrc/gemm/fp8_gemm_wgmma.cuh"
+    params: ClassVar[type[Params]] = Fp8GemmParams
+    block_n: ClassVar[int] = WGMMA_BLOCK_N
+
+    def check(self) -> None:
+        super().check()
+        def refuse(msg):
+            raise UnsupportedError(f"{self.op} {self}: {msg}")
+        if self.mode not in MODES:
+            refuse(f"mode must be one of {MODES}")
+        if self.out not in ("bf16", "fp32"):
+            refuse("out must be bf16 or fp32")
+        if self.b_scale not in B_SCALES:
+            refuse(f"b_scale must be one of {tuple(B_SCALES)}")
+        if self.block_m not in (64, 128):
+            refuse("block_m must be 64 or 128 (whole warpgroups of wgmma's 64 rows; 2 at most: "
+                   "64 + 64 fp32 registers per thread already hold the accumulators)")
+        if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
+            refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+
+    def threads(self) -> int:
+        return 2 * self.block_m  # block_m / 64 warpgroups of 128 threads
+
+    def block_threads(self) -> int:
+        return self.threads()
+
+    def smem_bytes(self) -> int:  # mirrors MainloopShape::kSmemBytes
+        b_scales = 1 if self.b_scale == "blk128" else WGMMA_BLOCK_N
+        return self.stages * (BLOCK_K * (self.block_m + WGMMA_BLOCK_N) + 4 * (self.block_m + b_scales))
+
+    def device_call(self) -> str:
+        mode = {"dense": "kDense", "contiguous": "kContiguous", "masked": "kMasked"}[self.mode]
+        return (f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.stages}, "
+                f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}>(p)")
+
+
+def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
+                      compute_sms: int | None = None) -> Fp8GemmWgmmaSpec:
+    """Pure heuristic of (shape, SM budget): two warpgroups (128 rows) when that still gives
+    every SM of the budget a tile, else one (64 rows: decode-sized M, or too few tiles)."""
+    sms = sm_budget().compute_sms if compute_sms is None else compute_sms
+    big = groups * -(-m // 128) * -(-n // WGMMA_BLOCK_N) >= sms and m > 64
+    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=128 if big else 64, stages=4 if big else 5)
+
+
+def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:
+    """min(tiles, SM budget) CTAs (csrc/gemm/fp8_gemm_wgmma_scheduler.cuh): a pure function of
+    (M, N, groups, tile, budget.compute_sms). m: rows per group (masked: Mmax)."""
+    sms = sm_budget().compute_sms if compute_sms is None else compute_sms
+    tiles = groups * -(-m // spec.block_m) * -(-n // spec.block_n)
+    return (max(1, min(tiles, sms)), 1, 1)
+
+
+KERNELS = ("wgmma", "mma_sync")
+
+
+def kernel_for(engine: str, device: torch.device) -> str:
+    """wgmma on sm_90a: a Hopper GPU, or the simulator (it models one: budget.SIMULATED_NUM_SMS);
+    mma.sync elsewhere (sm_89; wgmma is sm_90a-only). A function of the device alone, so the
+    same on every rank."""
+    if engine == "cuda":
+        return "wgmma" if torch.cuda.get_device_capability(device) == (9, 0) else "mma_sync"
+    return "wgmma"
+
+
+def select(mode: str, kernel: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
+           heuristic_m: int | None = None):
+    """(spec, grid) of one launch. m: rows of a (masked: Mmax, per group); heuristic_m: the
+    rows per group the tile heuristic assumes (default m)."""
+    expect(kernel in KERNELS, "kernel", f"one of {KERNELS} (or None: by device)", kernel)
+    hm = heuristic_m or m
+    if kernel == "wgmma":
+        spec = choose_wgmma_spec(mode, hm, n, k, out, b_scale, groups=groups)
+        return spec, persistent_grid(spec, m, n, groups=groups if mode == "masked" else 1)
+    spec = choose_spec(mode, hm, n, k, out, b_scale, groups=groups)
+    grid = (-(-n // spec.block_n), -(-m // spec.block_m)) + ((groups,) if mode == "masked" else ())
+    expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows (per group)", m)
+    return spec, grid
+
+
+@register_op("fp8_gemm_wgmma")
+def standard_wgmma_specs():
+    """The wgmma variants the heuristic picks for the standard shapes (as standard_specs)."""
+    seen = set()
+    shapes = [(128, 7168, 2048), (4096, 7168, 2048), (128, 2048, 7168), (4096, 4096, 7168), (4096, 7168, 18432), (16, 4096, 7168)]
+    for m, n, k in shapes:
+        for out in ("bf16", "fp32"):
+            seen.add(choose_wgmma_spec("dense", m, n, k, out, "blk128", compute_sms=132))
+        seen.add(choose_wgmma_spec("dense", n, k, m, "fp32", "row", compute_sms=132))
+        seen.add(choose_wgmma_spec("contiguous", m, n, k, "bf16", "blk128", compute_sms=132))
+        for g in (8, 32):
+            seen.add(choose_wgmma_spec("masked", max(m // g, 1), n, k, "bf16", "blk128", groups=g, compute_sms=132))
     yield from sorted(seen, key=lambda s: s.entry_name())
 
 
@@ -206,12 +316,13 @@ def validate_out(out, shape: tuple, out_dtype, device) -> None:
 
 
 def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype=torch.bfloat16, *,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
     """y [M, N] = (xq * xs) @ (wq * ws)^T with fp32 promotion per 128-wide K block.
 
     xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32; wq: [N, K] float8_e4m3fn,
     ws: [ceil(N/128), ceil(K/128)] fp32 (weight blocks) or [N, ceil(K/128)] (1 x 128 groups).
-    K % 16 == 0. out_dtype: bfloat16 or float32; `out` (optional): a preallocated [M, N]."""
+    K % 16 == 0. out_dtype: bfloat16 or float32; `out` (optional): a preallocated [M, N].
+    kernel: "wgmma" | "mma_sync" | None (by device: kernel_for)."""
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq) and wq.dim() == 2, "wq", "a 2-D float8_e4m3fn tensor [N, K]", f"{getattr(wq, 'dtype', type(wq))} {tuple(getattr(wq, 'shape', ()))}")
     m, k = xq.shape
@@ -232,9 +343,7 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
         return out
     if k == 0:
         return out.zero_()
-    spec = choose_spec("dense", m, n, k, OUT_DTYPES[out_dtype], kind)
-    grid = (-(-n // spec.block_n), -(-m // spec.block_m))
-    expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows", m)
+    spec, grid = select("dense", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], kind)
     run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine=engine)
     return out
 

@@ -19,7 +19,7 @@ import torch
 from .. import backends
 from ..errors import expect
 from ..reference import fp8 as reference
-from .fp8_gemm import (OUT_DTYPES, _is_e4m3, choose_spec, contiguous_alignment, run_kernel, validate_common,
+from .fp8_gemm import (OUT_DTYPES, _is_e4m3, contiguous_alignment, kernel_for, run_kernel, select, validate_common,
                        validate_operand, validate_out)
 
 
@@ -49,10 +49,11 @@ def check_m_indices(m_indices: torch.Tensor, groups: int) -> None:
                    f"segment at row {start}: {seg.tolist()[:8]}...")
 
 
-def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat16, *, out=None, debug: bool = False):
+def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat16, *, out=None, debug: bool = False,
+                            kernel: str | None = None):
     """y [M, N]: row m = (xq[m] * xs[m]) @ (wq3[g] * ws3[g])^T with g = m_indices[m]; 0 where g = -1.
     debug=True checks m_indices on the host first (a device sync); without it a group index
-    outside [-1, G) makes its tile's rows NaN."""
+    outside [-1, G) makes its tile's rows NaN. kernel: "wgmma" | "mma_sync" | None (by device)."""
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     m, k = xq.shape
@@ -75,17 +76,18 @@ def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat1
         return out
     if groups == 0 or k == 0:  # nothing to multiply: every row is 0 (or padding)
         return out.zero_()
-    spec = choose_spec("contiguous", m, n, k, OUT_DTYPES[out_dtype], "blk128")
-    grid = (-(-n // spec.block_n), -(-m // spec.block_m))
-    expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows", m)
+    spec, grid = select("contiguous", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], "blk128",
+                        groups=groups)
     run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq3, b_scale=ws3, out=out, m=m, n=n, k=k, groups=groups,
                m_indices=m_indices, engine=engine)
     return out
 
 
-def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, *, out=None, expected_m: int | None = None):
+def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, *, out=None, expected_m: int | None = None,
+                        kernel: str | None = None):
     """y [G, Mmax, N]: y[g, :masked_m[g]] = (xq3[g] * xs3[g]) @ (wq3[g] * ws3[g])^T for those rows.
-    expected_m: typical rows per group, for the tile heuristic (default Mmax)."""
+    expected_m: typical rows per group, for the tile heuristic (default Mmax).
+    kernel: "wgmma" | "mma_sync" | None (by device)."""
     expect(_is_e4m3(xq3) and xq3.dim() == 3, "xq3", "a 3-D float8_e4m3fn tensor [G, Mmax, K]", f"{getattr(xq3, 'dtype', type(xq3))} {tuple(getattr(xq3, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     groups, mmax, k = xq3.shape
@@ -112,10 +114,10 @@ def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, 
         return out
     if k == 0:
         return out.zero_()
-    spec = choose_spec("masked", expected_m or mmax, n, k, OUT_DTYPES[out_dtype], "blk128", groups=groups)
-    grid = (-(-n // spec.block_n), -(-mmax // spec.block_m), groups)
-    expect(grid[1] <= 65535 and groups <= 65535, "xq3", f"at most 65535 groups and {65535 * spec.block_m} rows per group",
-           tuple(xq3.shape))
+    family = kernel or kernel_for(engine, xq3.device)
+    expect(family != "mma_sync" or groups <= 65535, "xq3", "at most 65535 groups (grid.z of the mma.sync kernel)", groups)
+    spec, grid = select("masked", family, mmax, n, k, OUT_DTYPES[out_dtype], "blk128", groups=groups,
+                        heuristic_m=expected_m)
     run_kernel(spec, grid=grid, a=xq3, a_scale=xs3, b=wq3, b_scale=ws3, out=out, m=mmax, n=n, k=k, groups=groups,
                masked_m=masked_m, engine=engine)
     return out

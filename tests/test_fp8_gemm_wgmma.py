@@ -1,0 +1,126 @@
+"""The Hopper FP8 GEMM (wgmma, persistent tile scheduler) on the simulator: the launcher's
+kernel choice, the pure (shape, SM budget) heuristic and grid, and runs whose SM budget is
+shrunk so that each CTA loops over several tiles (dense, grouped contiguous with empty
+groups, masked with masked_m = 0 and partial tiles), under memcheck/racecheck too, against
+the float64 oracle. Tolerances as tests/test_fp8_gemm.py (same operands and promotion)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+from fastmoe_ops import budget
+from fastmoe_ops.ops import fp8_gemm as launcher
+from fastmoe_ops.reference import fp8 as ref
+
+from conftest import poison_
+from test_fp8_gemm import assert_close_to_oracle, quantised_operands
+from test_fp8_gemm_grouped import contiguous_layout, contiguous_oracle, expert_weights
+
+SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
+
+
+@contextlib.contextmanager
+def compute_sms(n: int):
+    """The SM budget a persistent kernel sees: num_sms - comm while communication runs."""
+    with budget.comm_sms(budget.SIMULATED_NUM_SMS - n), budget.communication_in_flight():
+        assert budget.sm_budget().compute_sms == n
+        yield
+
+
+def test_kernel_choice_by_device():
+    assert launcher.kernel_for("sim", torch.device("cpu")) == "wgmma"
+    spec, grid = launcher.select("dense", "wgmma", 300, 500, 256, "bf16", "blk128")
+    assert isinstance(spec, launcher.Fp8GemmWgmmaSpec) and len(grid) == 3
+    spec, grid = launcher.select("dense", "mma_sync", 300, 500, 256, "bf16", "blk128")
+    assert isinstance(spec, launcher.Fp8GemmSpec)
+    xq, xs, wq, ws = quantised_operands(8, 16, 128, 0)
+    with fmo.use_backend("sim"), pytest.raises(fmo.InputError, match="^kernel: expected one of"):
+        fmo.fp8.gemm(xq, xs, wq, ws, kernel="qmma")
+
+
+def test_heuristic_and_grid_are_pure_functions_of_shape_and_budget():
+    for sms in (1, 7, 112, 132):
+        for m, n, groups in [(4096, 7168, 1), (16, 4096, 1), (300, 130, 1), (64, 7168, 32)]:
+            a = launcher.choose_wgmma_spec("dense", m, n, 2048, "bf16", "blk128", groups=groups, compute_sms=sms)
+            assert a == launcher.choose_wgmma_spec("dense", m, n, 2048, "bf16", "blk128", groups=groups, compute_sms=sms)
+            grid = launcher.persistent_grid(a, m, n, groups=groups, compute_sms=sms)
+            tiles = groups * -(-m // a.block_m) * -(-n // 128)
+            assert grid == (min(tiles, sms), 1, 1), (m, n, groups, sms, a)
+    assert launcher.choose_wgmma_spec("dense", 4096, 7168, 2048, "bf16", "blk128", compute_sms=132).block_m == 128
+    assert launcher.choose_wgmma_spec("dense", 64, 7168, 2048, "bf16", "blk128", compute_sms=1).block_m == 64
+    few = launcher.choose_wgmma_spec("dense", 256, 1024, 7168, "bf16", "blk128", compute_sms=132)
+    assert few.block_m == 64, "16 tiles of 128 rows would leave most SMs idle"
+    for spec in launcher.standard_wgmma_specs():
+        spec.check()
+    with budget.comm_sms(20), budget.communication_in_flight():  # the budget is read when not given
+        spec = launcher.choose_wgmma_spec("dense", 4096, 7168, 2048, "bf16", "blk128")
+        assert launcher.persistent_grid(spec, 4096, 7168) == (112, 1, 1)
+
+
+@SIM
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dense_persistent_loop(out_dtype):
+    """2 CTAs for 6 tiles of 128 x 128 (ragged M, N, K; 6 K blocks around a 4-stage ring)."""
+    m, n, k = 150, 260, 720
+    xq, xs, wq, ws = quantised_operands(m, n, k, 11)
+    with compute_sms(2):
+        spec, grid = launcher.select("dense", "wgmma", m, n, k, "fp32", "blk128")
+        assert (spec.block_m, grid) == (128, (2, 1, 1))
+        out = poison_(torch.empty(m, n, dtype=out_dtype))
+        with fmo.use_backend("sim"):
+            y = fmo.fp8.gemm(xq, xs, wq, ws, out_dtype, out=out, kernel="wgmma")
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), f"wgmma persistent {out_dtype}", 11)
+
+
+@SIM
+def test_contiguous_persistent_with_empty_groups():
+    counts, n, k = [100, 0, 28, 130], 136, 272
+    wq3, ws3 = expert_weights(len(counts), n, k, 12)
+    xq, xs, m_indices = contiguous_layout(counts, k, 12)
+    out = poison_(torch.empty(xq.shape[0], n))
+    with compute_sms(3), fmo.use_backend("sim"):
+        y = fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, torch.float32, out=out, debug=True,
+                                            kernel="wgmma")
+    assert torch.all(y[m_indices < 0] == 0), "padding rows (-1) must be zero"
+    assert_close_to_oracle(y, contiguous_oracle(xq, xs, wq3, ws3, m_indices), "wgmma contiguous persistent", 12)
+
+
+@SIM
+@pytest.mark.parametrize("checked", [False, True])
+def test_masked_persistent(monkeypatch, checked):
+    """masked_m = 0, a full and a partial group; 2 CTAs walk all 3 groups' tiles (the empty
+    ones are skipped without a memory access); rows >= masked_m stay unwritten."""
+    groups, mmax, n, k = 3, 130, 136, 400
+    masked = [0, 130, 65]
+    if checked:
+        monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+        monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
+    wq3, ws3 = expert_weights(groups, n, k, 13)
+    x = torch.randn(groups, mmax, k, generator=torch.Generator().manual_seed(13))
+    q = [ref.quantize_per_token_group(x[i]) for i in range(groups)]
+    xq3, xs3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16))
+    with compute_sms(2), fmo.use_backend("sim"):
+        y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, torch.tensor(masked, dtype=torch.int32), torch.bfloat16,
+                                        out=out, kernel="wgmma")
+    for g, r in enumerate(masked):
+        if r:
+            assert_close_to_oracle(y[g, :r], ref.fp8_gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
+                                   f"wgmma masked group {g}", 13)
+        assert torch.isnan(y[g, r:].float()).all(), f"group {g}: rows >= masked_m must not be written"
+
+
+@SIM
+def test_dense_row_scaled_b_persistent_under_checks(monkeypatch):
+    """1 x 128 b scales (per column in the promotion), one warpgroup, 2 CTAs, memcheck and
+    racecheck on (the wgmma emulation reports its shared-memory reads at the wait)."""
+    m, n, k = 40, 200, 160
+    xq, xs, wq, ws = quantised_operands(m, n, k, 14, b_rows=True)
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
+    with compute_sms(1), fmo.use_backend("sim"):
+        y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, kernel="wgmma")
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), "wgmma row-scaled b", 14)
