@@ -17,15 +17,11 @@ from fastmoe_ops.runtime import launch
 
 
 def _host_path(x: torch.Tensor, engine: str):
-    fp8_quant._validate(x, 128, 1e-12)
-    backends.engine_for(x=x)
-    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    xs = torch.empty(x.shape[0], x.shape[1] // 128, dtype=torch.float32, device=x.device)
-    plan = fp8_quant.plan_quantize_per_token_group(x, xq, xs, 128, False, 1e-12)
-    if engine == "sim":
-        launch.sim_function(plan.spec)  # warm: one dictionary lookup
-    elif engine == "cuda":
-        launch.cuda_function(plan.spec, x.device)
+    """The public call's own host path, stopped before the kernel: validation (cached per
+    shape), engine choice, output allocation, Params, then the loaded-function lookup."""
+    engine_used, plan, xq, xs = fp8_quant.prepare_quantize_per_token_group(x, 128, False, 1e-12)
+    if plan is not None:
+        launch.lookup(plan.spec, engine_used, x.device)  # warm: one dictionary lookup
     return plan
 
 

@@ -41,15 +41,38 @@ VARIABLES: tuple[Variable, ...] = (
 _BY_NAME = {v.name: v for v in VARIABLES}
 CODEGEN_VARIABLES = tuple(v.name for v in VARIABLES if v.changes_codegen)
 
+# Several variables are read on every kernel launch. os.environ.get encodes the key and
+# decodes the value (~0.5 us each); CPython's POSIX os.environ keeps its contents in the dict
+# `_data` (bytes -> bytes) that every os.environ update writes through, so reading that dict
+# returns the same value for a twentieth of the cost. Anything else (another platform, a
+# replaced os.environ) takes os.environ.get.
+_ENVIRON_CLASS = type(os.environ)
+_FAST = os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)
+_ENCODED = {v.name: (os.fsencode(v.name), v.default) for v in VARIABLES}
+
 
 def raw(name: str) -> str:
     """The variable's value, or its default. Unknown names are a programming error."""
-    var = _BY_NAME[name]
-    return os.environ.get(name, var.default)
+    environ = os.environ
+    if _FAST and environ.__class__ is _ENVIRON_CLASS:
+        key, default = _ENCODED[name]
+        value = environ._data.get(key)
+        return default if value is None else os.fsdecode(value)
+    return environ.get(name, _BY_NAME[name].default)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_flag_values: dict[str, bool] = {}  # raw value -> parsed; the few spellings ever set
 
 
 def flag(name: str) -> bool:
-    return raw(name).strip().lower() in ("1", "true", "yes", "on")
+    value = raw(name)
+    parsed = _flag_values.get(value)
+    if parsed is None:
+        parsed = value.strip().lower() in _TRUE
+        if len(_flag_values) < 256:
+            _flag_values[value] = parsed
+    return parsed
 
 
 def integer(name: str) -> int:

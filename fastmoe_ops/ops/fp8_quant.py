@@ -91,7 +91,7 @@ def standard_specs():
                 yield Fp8GroupQuantSpec(dtype=dtype, group_size=128, vec_width=vec, pow2_scale=pow2)
 
 
-def _validate(x, group_size, eps) -> None:
+def _validate(x, group_size, eps, pow2_scale=False) -> None:
     expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", lambda: type(x).__name__)
     expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", lambda: f"shape {tuple(x.shape)}")
     expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
@@ -102,21 +102,77 @@ def _validate(x, group_size, eps) -> None:
     expect(group_size.__class__ is int and 32 <= group_size <= 1024 and group_size & (group_size - 1) == 0,
            "group_size", "a power of two in [32, 1024]", group_size)
     expect(eps.__class__ is float and 0.0 < eps < math.inf, "eps", "a positive finite float", eps)
+    expect(pow2_scale.__class__ is bool, "pow2_scale", "a bool", lambda: type(pow2_scale).__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class _ShapePlan:
+    """What a call's (dtype, shape, strides, alignment, options) fix: validated once."""
+
+    spec: Fp8GroupQuantSpec
+    config: LaunchConfig
+    rows: int
+    cols: int
+    row_stride: int
+    groups: int
+
+
+_shape_plans: dict[tuple, _ShapePlan] = {}
+_MAX_SHAPE_PLANS = 4096  # token counts vary per batch: bound the cache, rebuilding is cheap
+
+
+def _shape_plan(x, group_size, pow2_scale, eps) -> _ShapePlan:
+    """The per-shape plan, from the cache when this (dtype, shape, strides, 16-byte
+    alignment, options) was validated before. Every input `_validate` checks is a function
+    of the key (the classes of group_size, eps and pow2_scale included, so 128.0 or 1 do not
+    hit the entry of 128 or True; a NaN eps never equals itself and always revalidates)."""
+    if x.__class__ is not torch.Tensor and not isinstance(x, torch.Tensor):
+        _validate(x, group_size, eps, pow2_scale)  # raises
+    key = (x.dtype, x.shape, x.stride(), x.data_ptr() & 15 == 0, group_size, group_size.__class__,
+           pow2_scale, pow2_scale.__class__, eps, eps.__class__)
+    plan = _shape_plans.get(key)
+    if plan is None:
+        _validate(x, group_size, eps, pow2_scale)
+        m, k = x.shape
+        groups = -(-k // group_size)
+        spec = choose_spec(x, group_size, pow2_scale)
+        groups_per_block = BLOCK_THREADS // spec.team()
+        config = LaunchConfig.make(grid=max(1, -(-(m * groups) // groups_per_block)), block=BLOCK_THREADS)
+        plan = _ShapePlan(spec, config, m, k, x.stride(0), groups)
+        if len(_shape_plans) >= _MAX_SHAPE_PLANS:
+            _shape_plans.clear()
+        _shape_plans[key] = plan
+    return plan
 
 
 def plan_quantize_per_token_group(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, group_size: int,
                                   pow2_scale: bool, eps: float) -> Plan:
-    """Host side of one launch (inputs already validated, outputs allocated)."""
-    m, k = x.shape
-    groups = xs.shape[1]
-    spec = choose_spec(x, group_size, pow2_scale)
-    params = Fp8GroupQuantParams(
-        x=x.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), rows=m, cols=k,
-        x_row_stride=x.stride(0), groups=groups, min_amax=eps, reserved=0,
-    )
-    groups_per_block = BLOCK_THREADS // spec.team()
-    config = LaunchConfig.make(grid=-(-(m * groups) // groups_per_block), block=BLOCK_THREADS)
-    return Plan(spec, config, params, (x, xq, xs))
+    """Host side of one launch (outputs allocated; inputs validated here, or found in the
+    per-shape cache of earlier validations)."""
+    sp = _shape_plan(x, group_size, pow2_scale, eps)
+    params = Fp8GroupQuantParams(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sp.rows, sp.cols, sp.row_stride,
+                                 sp.groups, eps, 0)
+    return Plan(sp.spec, sp.config, params, (x, xq, xs))
+
+
+def prepare_quantize_per_token_group(x: torch.Tensor, group_size: int, pow2_scale: bool, eps: float):
+    """Everything a call does on the host before the kernel: validation (cached per shape),
+    engine choice, output allocation, Params. -> (engine, plan or None, xq, xs); plan is None
+    when there is nothing to launch (reference engine or an empty output)."""
+    sp = _shape_plan(x, group_size, pow2_scale, eps)
+    engine = backends.engine_for(x=x)
+    if engine == "reference":
+        xq, xs = reference.quantize_per_token_group(x, group_size, pow2_scale=pow2_scale, eps=eps)
+        return engine, None, xq, xs
+    # empty_like: x's shape and device in one call (the cheapest allocation torch offers);
+    # contiguous_format so xq is row-major even when x's rows are padded
+    xq = torch.empty_like(x, dtype=torch.float8_e4m3fn, memory_format=torch.contiguous_format)
+    xs = torch.empty((sp.rows, sp.groups), dtype=torch.float32, device=x.device)
+    if sp.rows * sp.groups == 0:
+        return engine, None, xq, xs
+    params = Fp8GroupQuantParams(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sp.rows, sp.cols, sp.row_stride,
+                                 sp.groups, eps, 0)
+    return engine, Plan(sp.spec, sp.config, params, (x, xq, xs)), xq, xs
 
 
 def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
@@ -125,15 +181,7 @@ def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_sca
     x: [M, K] bf16/fp16/fp32 -> (xq [M, K] float8_e4m3fn, xs [M, ceil(K/group_size)] fp32),
     x ~= xq * xs. Scale = max(finite amax, eps) / 448 (rounded up to a power of two with
     pow2_scale); +-inf saturates to +-448, NaN stays NaN."""
-    _validate(x, group_size, eps)
-    engine = backends.engine_for(x=x)
-    if engine == "reference":
-        return reference.quantize_per_token_group(x, group_size, pow2_scale=pow2_scale, eps=eps)
-    m, k = x.shape
-    groups = -(-k // group_size)
-    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    xs = torch.empty(m, groups, dtype=torch.float32, device=x.device)
-    if m * groups == 0:
-        return xq, xs
-    plan_quantize_per_token_group(x, xq, xs, group_size, pow2_scale, eps).run(engine)
+    engine, plan, xq, xs = prepare_quantize_per_token_group(x, group_size, pow2_scale, eps)
+    if plan is not None:
+        plan.run(engine)
     return xq, xs
