@@ -215,3 +215,20 @@ def test_weights_requantised_only_when_they_change(monkeypatch):
         opt.step()
         layer(x)
         assert len(calls) == 4
+
+
+def test_overlap_gemms_see_the_reduced_sm_budget(monkeypatch):
+    """Inside the overlap schedule communication is in flight, so the expert GEMMs (forward
+    and backward) size persistent grids to num_sms - comm_sms; the sequential layer gives
+    them every SM."""
+    seen = []
+    real = moe_experts.grouped_gemm_contiguous
+    monkeypatch.setattr(moe_experts, "grouped_gemm_contiguous", lambda *a, **kw: seen.append(fmo.sm_budget().compute_sms) or real(*a, **kw))
+    x = torch.randn(16, 128, requires_grad=True)
+    with fmo.use_backend("reference"), fmo.comm_sms(24):
+        for overlap in (False, True):
+            seen.clear()
+            make_layer(3, overlap=overlap)(x).sum().backward()
+            num = fmo.sm_budget().num_sms
+            assert len(seen) == (8 if overlap else 4), f"2 forward + 2 dgrad GEMMs per micro-batch, got {len(seen)}"
+            assert set(seen) == ({num - 24} if overlap else {num}), (overlap, seen)

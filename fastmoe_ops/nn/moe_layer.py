@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ..budget import communication_in_flight
 from ..errors import expect
 from ..moe import Buffer, permute, unpermute
 from ..ops.fp8_gemm import contiguous_alignment
@@ -252,21 +253,51 @@ def _grad(outputs, inputs, grads):
     return [next(it) if i is not None else None for i in inputs]
 
 
+def _cuda_handoff(tensors, producer):
+    """CUDA only, inside a stage: this stage's stream first waits for `producer` (the
+    caller's stream, whose work made the tensors), and the caching allocator is told the
+    tensors are used on this stream too (record_stream), so their memory is not handed to
+    new work on the producing stream while this stream may still read it."""
+    if producer is None:
+        return
+    here = torch.cuda.current_stream(producer.device)
+    here.wait_stream(producer)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(here)
+
+
+def _used_here(*tensors):
+    """CUDA: tensors made on another stream and read on the current one (see _cuda_handoff)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))
+
+
 class _Schedule:
     """One call's two micro-batches: their sub-graphs, built in forward and differentiated in
-    backward, each stage on its stream."""
+    backward, each stage on its stream.
+
+    Host submission order: D0 X0 D1 X1 C0 C1 (backward: C0' X0' C1' X1' D0' D1'). On the CPU
+    each stream's worker runs its own items in order (comm: D0 D1 C0 C1); on CUDA `submit`
+    runs a stage on the host at once, and the host transport blocks the host during its MPI
+    exchange, so queueing X0's kernels before D1 is what lets the GPU compute under D1.
+    The whole schedule holds `communication_in_flight()`: compute kernels launched in it
+    size persistent grids to num_sms - comm_sms (fmo.sm_budget().compute_sms)."""
 
     def __init__(self, layer: MoELayer, topk_idx, fp8, device, record: bool):
         self.layer, self.topk_idx, self.fp8, self.record = layer, topk_idx, fp8, record
         self.comm, self.compute = layer.streams(device)
+        self.caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def forward(self, x, weights, w13, w2):
-        layer, n = self.layer, x.shape[0]
+        layer, n, caller = self.layer, x.shape[0], self.caller
         cut = (n + 1) // 2
         self.bounds = [(0, cut), (cut, n)]
         leaf = _leaf if self.record else (lambda t: t)   # sub-graphs only when a backward will come
 
         def dispatch(lo, hi):
+            _cuda_handoff((x, weights, self.topk_idx), caller)
             with torch.set_grad_enabled(self.record):
                 xi, wi = leaf(x[lo:hi]), leaf(weights[lo:hi])
                 recv_x, recv_idx, recv_w, handle = layer._dispatch(xi, self.topk_idx[lo:hi], wi)
@@ -274,7 +305,9 @@ class _Schedule:
 
         def experts(d_pending):
             d = d_pending.result()
-            with torch.set_grad_enabled(self.record):
+            _used_here(d["recv_x"], d["recv_idx"], d["recv_w"])
+            _cuda_handoff((w13, w2, *self.fp8[0], *self.fp8[1]), caller)
+            with torch.set_grad_enabled(self.record), _host_span("experts"):
                 rx, rw = leaf(d["recv_x"]), leaf(d["recv_w"])
                 a13, a2 = leaf(w13), leaf(w2)
                 y = layer._experts(rx, d["recv_idx"], rw, a13, a2, self.fp8)
@@ -282,37 +315,57 @@ class _Schedule:
 
         def combine(e_pending, d_pending):
             e, d = e_pending.result(), d_pending.result()
+            _used_here(e["y"])
             with torch.set_grad_enabled(self.record):
                 yi = leaf(e["y"])
                 return dict(y=yi, out=layer._combine(yi, d["handle"]))
 
-        d = [self.comm.submit(dispatch, lo, hi) for lo, hi in self.bounds]
-        e = [self.compute.submit(experts, d[i]) for i in range(2)]
-        c = [self.comm.submit(combine, e[i], d[i]) for i in range(2)]
-        self.stages = [(d[i].result(), e[i].result(), c[i].result()) for i in range(2)]
-        return torch.cat([s[2]["out"].detach() for s in self.stages])
+        with communication_in_flight():
+            d, e = [], []
+            for lo, hi in self.bounds:
+                d.append(self.comm.submit(dispatch, lo, hi))
+                e.append(self.compute.submit(experts, d[-1]))
+            c = [self.comm.submit(combine, e[i], d[i]) for i in range(2)]
+            self.stages = [(d[i].result(), e[i].result(), c[i].result()) for i in range(2)]
+        outs = [s[2]["out"].detach() for s in self.stages]
+        _used_here(*outs)
+        if not self.record:
+            self.stages = None
+        return torch.cat(outs)
 
     def backward(self, dout):
+        caller = self.caller
+
         def combine_bw(i):
             d, e, c = self.stages[i]
             lo, hi = self.bounds[i]
+            _cuda_handoff((dout,), caller)
             return _grad([c["out"]], [c["y"]], [dout[lo:hi]])[0]
 
         def experts_bw(i, dy_pending):
             d, e, c = self.stages[i]
-            return _grad([e["y"]], [e["recv_x"], e["recv_w"], e["w13"], e["w2"]], [dy_pending.result()])
+            dy = dy_pending.result()
+            _used_here(dy)
+            with _host_span("experts backward"):
+                return _grad([e["y"]], [e["recv_x"], e["recv_w"], e["w13"], e["w2"]], [dy])
 
         def dispatch_bw(i, e_pending):
             d, e, c = self.stages[i]
             drx, drw, _, _ = e_pending.result()
+            _used_here(drx, drw)
             return _grad([d["recv_x"], d["recv_w"]], [d["x"], d["w"]], [drx, drw])
 
-        cb = [self.comm.submit(combine_bw, i) for i in range(2)]
-        eb = [self.compute.submit(experts_bw, i, cb[i]) for i in range(2)]
-        db = [self.comm.submit(dispatch_bw, i, eb[i]) for i in range(2)]
-        ex = [p.result() for p in eb]
-        dx = [p.result() for p in db]
+        with communication_in_flight():
+            cb, eb = [], []
+            for i in range(2):
+                cb.append(self.comm.submit(combine_bw, i))
+                eb.append(self.compute.submit(experts_bw, i, cb[-1]))
+            db = [self.comm.submit(dispatch_bw, i, eb[i]) for i in range(2)]
+            ex = [p.result() for p in eb]
+            dx = [p.result() for p in db]
         self.stages = None   # free the sub-graphs
+        for grads in ex + dx:
+            _used_here(*grads)
 
         def cat(parts, like):
             return torch.cat([p if p is not None else torch.zeros_like(like[lo:hi])
@@ -321,7 +374,8 @@ class _Schedule:
         def total(a, b):  # fixed order: half 0 then half 1
             return a if b is None else (b if a is None else a + b)
 
-        return cat([g[0] for g in dx], self.x_like), cat([g[1] for g in dx], self.w_like), total(ex[0][2], ex[1][2]), total(ex[0][3], ex[1][3])
+        return (cat([g[0] for g in dx], self.x_like), cat([g[1] for g in dx], self.w_like),
+                total(ex[0][2], ex[1][2]), total(ex[0][3], ex[1][3]))
 
 
 class _TwoBatchFn(torch.autograd.Function):
