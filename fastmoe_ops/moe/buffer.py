@@ -30,7 +30,7 @@ from .. import backends
 from ..comm import Group
 from ..errors import CommError, InputError
 from ..ops import moe_ipc
-from . import autograd, kernels
+from . import autograd, host, kernels
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -104,6 +104,7 @@ class Buffer:
         self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
         self.num_local_experts = num_experts // group.size
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
+        self._host = host.HostTransport(self.group)
         self._ipc = None
         if transport == "ipc":
             from .ipc import IpcTransport
@@ -111,7 +112,7 @@ class Buffer:
             self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk)
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc)
+        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -216,14 +217,13 @@ class Buffer:
         error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8)
         xq = x[0] if fp8 else x
         r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
-        counts = pos = None
-        if error is None:
-            counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)   # [R], [T, R]
         dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         ipc = error is None and self._use_ipc(xq, dtype)
+        staged = error is None and not ipc and host.staging_for(xq)
+        lay = host.layout(topk_idx, ranks, per, staged) if error is None else None
         matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
-                                 counts.numpy() if counts is not None else None, ipc)
+                                 lay.counts if lay is not None else None, ipc)
         send_counts = matrix[r].tolist()
         recv_counts = matrix[:, r].tolist()
         received = matrix.sum(0)
@@ -234,20 +234,13 @@ class Buffer:
         num_recv = int(received[r])
         rows = self.num_worst_tokens or num_recv
 
-        t = xq.shape[0]
-        offsets = torch.zeros(ranks, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)[:-1]
-        combine_index = torch.where(pos >= 0, pos + offsets, -1)                # [T, R]
-        send_src = torch.empty(int(counts.sum()), dtype=torch.int64)
-        sent = combine_index >= 0
-        send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64)[:, None].expand(t, ranks)[sent]
-
+        # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
-        recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype) for p in payloads]
+        recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
         if ipc:
-            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, pos, matrix, moe_ipc.comm_grid(), "sim")
+            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid(), "sim")
         else:
-            self._exchange(payloads, send_src, send_counts, recvs, recv_counts, "dispatch payload")
+            self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
         for out in recvs:
             out[num_recv:].view(torch.uint8).zero_()  # padding rows (num_worst_tokens)
 
@@ -256,26 +249,37 @@ class Buffer:
         mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
         recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
         recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
-        tokens_per_expert, _ = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)
-        handle = Handle(self.id, t, num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts), send_src,
-                        combine_index, tuple(tuple(int(c) for c in row) for row in matrix))
+        if staged:
+            tokens_per_expert, _ = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)
+        else:
+            tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
+        handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
+                        lay.send_src, lay.combine_index, tuple(tuple(int(c) for c in row) for row in matrix))
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
-    def _exchange(self, payloads, send_src, send_counts, recvs, recv_counts, what: str) -> None:
-        """Gather each payload's rows into send order and exchange them (all in flight at once)."""
-        pending = []
-        for i, (p, out) in enumerate(zip(payloads, recvs)):
-            send = kernels.gather_rows(p.contiguous() if not p.is_contiguous() else p, send_src)
-            pending.append(self.group.ialltoallv(send, send_counts, out, recv_counts, f"{what} {i}"))
-        self.group.wait(pending, peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
+    def _host_dispatch(self, payloads, recvs, send_src, send_counts, recv_counts, staged: bool) -> None:
+        """Two exchanges in flight at once: x's rows straight into recv_x, and the small
+        per-row extras (scales, ids, weights) packed side by side, unpacked after."""
+        extras = torch.cat([host.rows_bytes(p) for p in payloads[1:]], 1)
+        sends = [self._host.send_rows("x", payloads[0], send_src, staged),
+                 self._host.send_rows("extras", extras, send_src, staged)]
+        packed = torch.empty(recvs[0].shape[0], extras.shape[1], dtype=torch.uint8, device=extras.device)
+        self._host.exchange(sends, send_counts, [recvs[0], packed], recv_counts, "dispatch payload", staged)
+        at = 0
+        for out in recvs[1:]:
+            width = host.row_bytes(out)
+            host.rows_bytes(out).copy_(packed[:, at:at + width])
+            at += width
 
     def _dispatch_rows(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
         self._check_handle(handle, "combine backward")
         self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
-        out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype)
-        self._exchange([g.contiguous()], handle.send_src, handle.send_counts, [out], handle.recv_counts, "combine backward payload")
+        staged = host.staging_for(g)
+        out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
+        send = self._host.send_rows("x", g, handle.send_src, staged)
+        self._host.exchange([send], handle.send_counts, [out], handle.recv_counts, "combine backward payload", staged)
         out[handle.num_recv:].zero_()
         return out
 
@@ -306,10 +310,8 @@ class Buffer:
             self._ipc.combine(y, out, handle.combine_index, np.array(handle.count_matrix, np.int64).reshape(self.num_ranks, self.num_ranks),
                               moe_ipc.comm_grid(), "sim")
             return out
-        back = torch.empty(len(handle.send_src), width, dtype=y.dtype)
-        pending = self.group.ialltoallv(y, handle.recv_counts, back, handle.send_counts, "combine payload")
-        self.group.wait([pending], peers_hint=[p for p in range(self.num_ranks) if p != self.rank])
-        return kernels.combine_reduce(back, handle.combine_index, handle.send_src, handle.send_counts)  # fixed order
+        return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
+                                  handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum
 
 
 def _tensor(name: str, t, dtypes) -> None:
@@ -323,7 +325,8 @@ def _tensor(name: str, t, dtypes) -> None:
         raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def _release(group: Group, ipc) -> None:
+def _release(group: Group, ipc, host_transport) -> None:
+    host_transport.release()
     if ipc is not None:
         ipc.close()
     group.free()

@@ -36,23 +36,3 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     from ..ops import moe_permute
 
     return moe_permute.gather_reduce(y, index, weights, engine=engine)
-
-
-
-def combine_reduce(back: torch.Tensor, combine_index: torch.Tensor, send_src: torch.Tensor, send_counts) -> torch.Tensor:
-    """Combine's sum: out [T, H] from the rows that came back [S, H] (this rank's send order:
-    rank-major segments). Same bits as gather_reduce(back, combine_index): each token's
-    rows added in ascending rank order to an fp32 (fp64) zero, rounded once."""
-    engine = backends.engine_for(back=back, combine_index=combine_index)
-    if engine != "reference" and back.dtype != torch.float64:
-        return gather_reduce(back, combine_index)
-    # Reference: one segment per rank, in ascending rank order. A segment's rows are
-    # contiguous and hold distinct tokens, so index_add_ adds each element once.
-    acc_t = reference.acc_dtype(back.dtype)
-    acc = torch.zeros(combine_index.shape[0], back.shape[1], dtype=acc_t)
-    start = 0
-    for count in send_counts:
-        if count:
-            acc.index_add_(0, send_src[start:start + count], back[start:start + count].to(acc_t))
-        start += count
-    return acc.to(back.dtype)

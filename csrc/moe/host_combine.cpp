@@ -1,0 +1,85 @@
+// Combine's fixed-order sum for the host transport (CPU tensors): a plain C++ loop, built
+// at run time by fastmoe_ops.moe.host_native with the host compiler, called through ctypes.
+//
+// out[t, :] = sum over r = 0..R-1 ascending, skipping index[t, r] == -1, of back[index[t, r], :],
+// accumulated in fp32 from +0 and rounded once to T (round to nearest even; NaN as PyTorch
+// writes it). The same bits as the index_add_ formulation in fastmoe_ops/moe/host.py (and
+// as moe_gather_reduce in csrc/moe/permute.cuh) in one pass: each token's accumulator row
+// stays in L1 instead of three passes over an fp32 [T, H] buffer in memory.
+//
+// Why not PyTorch: there is no PyTorch op that adds a bf16 row into an fp32 accumulator
+// without first materialising the converted rows. Plain adds only (no FMA, no fast-math),
+// so vectorising over h cannot change any element's order of operations.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Bf16 {
+    static float load(uint16_t v) {
+        uint32_t u = uint32_t(v) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+    static uint16_t store(float f) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;   // NaN: what PyTorch's CPU conversion writes
+        return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+};
+
+struct Fp16 {
+    static float load(uint16_t v) {
+        _Float16 h;
+        std::memcpy(&h, &v, 2);
+        return float(h);
+    }
+    static uint16_t store(float f) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) & 0x8000u) | 0x7e00u;   // NaN: PyTorch's (sign kept)
+        _Float16 h = _Float16(f);   // IEEE conversion: round to nearest even
+        uint16_t v;
+        std::memcpy(&v, &h, 2);
+        return v;
+    }
+};
+
+struct Fp32 {
+    static float load(float v) { return v; }
+    static float store(float f) { return f; }
+};
+
+template <typename Codec, typename T>
+void combine(const T* back, const int64_t* index, T* out, int64_t tokens, int64_t ranks, int64_t hidden) {
+    std::vector<float> acc(static_cast<size_t>(hidden));
+    for (int64_t t = 0; t < tokens; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t r = 0; r < ranks; ++r) {
+            const int64_t row = index[t * ranks + r];
+            if (row < 0) continue;
+            const T* src = back + row * hidden;
+            for (int64_t h = 0; h < hidden; ++h) acc[h] += Codec::load(src[h]);
+        }
+        T* dst = out + t * hidden;
+        for (int64_t h = 0; h < hidden; ++h) dst[h] = Codec::store(acc[h]);
+    }
+}
+
+}  // namespace
+
+// dtype: 1 bf16, 2 fp16, 3 fp32 (fastmoe_ops.moe.buffer's codes). Returns 0, or -1 for an
+// unknown dtype.
+extern "C" int fmo_host_combine(const void* back, const int64_t* index, void* out, int64_t tokens, int64_t ranks,
+                                int64_t hidden, int dtype) {
+    switch (dtype) {
+        case 1: combine<Bf16>(static_cast<const uint16_t*>(back), index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
+        case 2: combine<Fp16>(static_cast<const uint16_t*>(back), index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
+        case 3: combine<Fp32>(static_cast<const float*>(back), index, static_cast<float*>(out), tokens, ranks, hidden); return 0;
+        default: return -1;
+    }
+}

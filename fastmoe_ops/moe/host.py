@@ -1,0 +1,190 @@
+"""The host transport: MPI Ialltoallv of row payloads on host buffers.
+
+One exchange moves rows in rank-major segments, so the layouts that make it cheap are the
+ones the Buffer's semantics already fix:
+  dispatch: the receive order (source rank, then source token) *is* recv_x's row order, so
+            MPI receives straight into recv_x; the send side is one row gather (index_select
+            into a reused send buffer). The small per-row extras (FP8 scales, topk ids,
+            weights) travel packed side by side in a second exchange in flight at once.
+  combine:  the send order is y's row order, so y goes out as it is; the rows come back in
+            this rank's dispatch send order (rank-major segments) into a reused buffer, and
+            the sum adds the segments in ascending rank order (index_add_ of one segment
+            touches each token once): the fixed order, bit for bit the kernels' sum.
+Large work buffers are kept per Buffer and reused: a fresh multi-megabyte allocation costs
+more in page faults than the copy into it.
+
+Where the rows live decides who packs them (`Packing`):
+  host:   CPU tensors: index_select / index_add_ on the CPU, no kernel (this *is* the CPU
+          product path, whatever the engine);
+  staged: CUDA tensors: the layout, row gather and fixed-order sum run as the kernels of
+          csrc/moe/ on the device; rows cross to pinned host buffers and back around MPI.
+          `staging_for` decides; tests force it on CPU tensors, where the "device" is the
+          CPU, the kernels run on the simulator and the staging copies are host copies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..comm import Group
+from ..reference.moe import acc_dtype
+from . import host_native, kernels
+
+
+def staging_for(t: torch.Tensor) -> bool:
+    """Whether rows of `t` are packed on their device and staged through host buffers."""
+    return t.device.type == "cuda"
+
+
+@dataclass
+class Layout:
+    """Where this rank's tokens go. counts [R] int64 (numpy): tokens sent to each rank;
+    pos [T, R]: the token's row among those sent to r (ascending token) or -1;
+    combine_index [T, R]: its row in the rank-major send order or -1; send_src [S]: the
+    source token of each send row (S = counts.sum())."""
+
+    counts: np.ndarray
+    pos: torch.Tensor
+    combine_index: torch.Tensor
+    send_src: torch.Tensor
+
+
+def layout(topk_idx: torch.Tensor, ranks: int, per: int, staged: bool) -> Layout:
+    """Bucket each token once per destination rank (expert // per)."""
+    t = topk_idx.shape[0]
+    if staged:   # the layout kernel on the device, then the send order from its positions
+        counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
+        offsets = torch.zeros(ranks, dtype=torch.int64, device=pos.device)
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        combine_index = torch.where(pos >= 0, pos + offsets, -1)
+        send_src = torch.empty(int(counts.sum()), dtype=torch.int64, device=pos.device)
+        sent = combine_index >= 0
+        send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64, device=pos.device)[:, None].expand(t, ranks)[sent]
+        return Layout(counts.cpu().numpy(), pos, combine_index, send_src)
+    dest = torch.where(topk_idx >= 0, topk_idx.div(per, rounding_mode="floor"), ranks)
+    hit = torch.zeros(ranks + 1, t, dtype=torch.bool)
+    hit.scatter_(0, dest.t(), True)                                 # [R + 1, T]: token t goes to rank r
+    hit = hit[:ranks]
+    # Boolean indexing walks [R, T] row-major: rank-major, ascending token = the send order.
+    send_src = hit.nonzero()[:, 1].contiguous()
+    order = torch.full((ranks, t), -1, dtype=torch.int64)
+    order[hit] = torch.arange(send_src.shape[0], dtype=torch.int64)
+    counts = hit.sum(1)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.where(order >= 0, order - offsets[:, None], -1)
+    return Layout(counts.numpy(), pos.t().contiguous(), order.t().contiguous(), send_src)
+
+
+def rows_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[n, row_bytes] uint8 view of a tensor's rows (contiguous first if need be)."""
+    t = t if t.is_contiguous() else t.contiguous()
+    return t.view(torch.uint8).view(t.shape[0], row_bytes(t))
+
+
+def row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one row of t [n, ...] (known even when n = 0)."""
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+class HostTransport:
+    """The exchanges of one Buffer over its private Group, with its reused work buffers."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self._work: dict[str, torch.Tensor] = {}
+        self.peers = [p for p in range(group.size) if p != group.rank]
+
+    def work(self, name: str, shape, dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
+        """A reused buffer (grown, never shrunk) viewed as `shape` of `dtype`."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = self._work.get(name)
+        if buf is None or buf.numel() < nbytes:
+            size = max(nbytes, 2 * buf.numel() if buf is not None else 0, 64)
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
+            self._work[name] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def release(self) -> None:
+        self._work.clear()
+
+    # ------------------------------------------------------------------ exchanges
+    def _start(self, send_rows: torch.Tensor, send_counts, recv_rows: torch.Tensor, recv_counts, what: str):
+        return self.group.ialltoallv(send_rows, send_counts, recv_rows, recv_counts, what)
+
+    def _wait(self, pending) -> None:
+        self.group.wait(pending, peers_hint=self.peers)
+
+    def send_rows(self, name: str, src: torch.Tensor, send_src: torch.Tensor, staged: bool) -> torch.Tensor:
+        """src [T, ...] -> host [S, row_bytes] uint8: row i = src[send_src[i]]."""
+        rows = rows_bytes(src)
+        if staged:   # gather on the device (the kernel), then one copy to the host buffer
+            packed = rows_bytes(kernels.gather_rows(rows, send_src))
+            host = self.work(name, packed.shape, torch.uint8, pinned=True)
+            host.copy_(packed)
+            return host
+        host = self.work(name, (send_src.shape[0], rows.shape[1]), torch.uint8)
+        torch.index_select(rows, 0, send_src, out=host)
+        return host
+
+    def exchange(self, sends, send_counts, recvs, recv_counts, what: str, staged: bool) -> None:
+        """sends: host [S, b_i] uint8 buffers; recvs: [rows, ...] tensors (device or host),
+        filled with the received rows (first sum(recv_counts) rows). All in flight at once."""
+        n = int(sum(recv_counts))
+        targets = []
+        for i, (s, out) in enumerate(zip(sends, recvs)):
+            width = s.shape[1]
+            if staged:   # receive on the host, then one copy to the device
+                targets.append(self.work(f"{what} recv {i}", (n, width), torch.uint8, pinned=True))
+            else:        # straight into the output: its rows are in receive order already
+                targets.append(rows_bytes(out)[:n])
+        pending = [self._start(s, send_counts, t, recv_counts, f"{what} {i}") for i, (s, t) in enumerate(zip(sends, targets))]
+        self._wait(pending)
+        if staged:
+            for t, out in zip(targets, recvs):
+                rows_bytes(out)[:n].copy_(t)
+
+    def combine(self, y: torch.Tensor, layout_send_src: torch.Tensor, combine_index: torch.Tensor,
+                send_counts, recv_counts, num_tokens: int, staged: bool) -> torch.Tensor:
+        """y [N, W] received rows -> out [T, W]: each token's returned rows summed in ascending
+        rank order in fp32 (fp64 for fp64), from zero, rounded once."""
+        width, dtype = y.shape[1], y.dtype
+        s = int(sum(send_counts))
+        rows = rows_bytes(y)
+        if staged:
+            host = self.work("combine send", rows.shape, torch.uint8, pinned=True)
+            host.copy_(rows)
+            rows = host
+        back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=staged)
+        self._wait([self._start(rows, recv_counts, back, send_counts, "combine payload")])
+        back = back.view(dtype).view(s, width)
+        if staged:   # the fixed-order gather-reduce kernel on the device
+            return kernels.gather_reduce(back.to(y.device), combine_index)
+        if dtype in host_native.DTYPE_CODE:
+            out = torch.empty(num_tokens, width, dtype=dtype)
+            if host_native.combine(back, combine_index, out):   # one pass, the same bits
+                return out
+        return self.reduce(back, layout_send_src, send_counts, num_tokens)
+
+    def reduce(self, back: torch.Tensor, send_src: torch.Tensor, send_counts, num_tokens: int) -> torch.Tensor:
+        """The PyTorch formulation of combine's sum: back [S, W] in rank-major segments ->
+        [T, W], segments added in ascending rank order into an fp32 (fp64) zero, rounded once."""
+        width, dtype = back.shape[1], back.dtype
+        acc_t = acc_dtype(dtype)
+        # fp32/fp64 rows accumulate straight into the (fresh) output; narrower ones into a
+        # reused fp32 buffer that is rounded once at the end.
+        acc = torch.empty(num_tokens, width, dtype=acc_t) if acc_t == dtype else self.work("combine acc", (num_tokens, width), acc_t)
+        acc.zero_()
+        start = 0
+        for count in send_counts:   # ascending rank; a segment holds each token at most once
+            if count:
+                seg = back[start:start + count]
+                if acc_t != dtype:
+                    wide = self.work("combine wide", (count, width), acc_t)
+                    wide.copy_(seg)
+                    seg = wide
+                acc.index_add_(0, send_src[start:start + count], seg)
+            start += count
+        return acc if acc_t == dtype else acc.to(dtype)

@@ -1,0 +1,67 @@
+"""The host transport's one native loop (csrc/moe/host_combine.cpp): combine's fixed-order
+sum on the CPU in a single pass. Built once with the host compiler (the simulator's:
+FMO_SIM_CXX, else $CXX, else g++) into the kernel cache, shared by every rank through the
+cache's lock and atomic rename; loaded with ctypes.
+
+`combine(back, index, out)` returns False when no host compiler is available; the caller
+then takes the PyTorch formulation, which gives the same bits (tests compare the two)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import subprocess
+
+import torch
+
+from ..errors import BackendError, CompileError
+from ..runtime.cache import default_cache, make_key
+from ..runtime.sources import kernel_root
+
+SOURCE = "csrc/moe/host_combine.cpp"
+# No -march=native (the cache may be shared between machines) and no -ffast-math (the sum's
+# order and rounding are the contract).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
+DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    from ..sim.compile import compiler, compiler_version
+
+    try:
+        cxx = compiler()
+    except BackendError:
+        return None
+    src = (kernel_root() / SOURCE).read_text()
+    key = make_key({"source": src, "flags": FLAGS, "cxx": cxx, "cxx_version": compiler_version(cxx)})
+
+    def build(out) -> None:
+        cpp = out.parent / "host_combine.cpp"
+        cpp.write_text(src)
+        done = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CompileError(f"{SOURCE}: host compile failed:\n{done.stderr[-4000:]}")
+
+    lib = ctypes.CDLL(str(default_cache().get_or_build("host", key, ".so", build)))
+    fn = lib.fmo_host_combine
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def combine(back: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> bool:
+    """out [T, W] = for each t, the ascending-r fp32 sum of back[index[t, r]] (skipping -1),
+    rounded once. back [S, W], out: contiguous CPU, one dtype of DTYPE_CODE; index [T, R]
+    int64 contiguous. False (nothing written) when no host compiler is available."""
+    fn = _library()
+    if fn is None:
+        return False
+    assert back.is_contiguous() and out.is_contiguous() and index.is_contiguous() and back.dtype == out.dtype
+    rc = fn(back.data_ptr(), index.data_ptr(), out.data_ptr(), out.shape[0], index.shape[1], out.shape[1], DTYPE_CODE[out.dtype])
+    if rc != 0:
+        raise BackendError(f"fmo_host_combine: unsupported dtype {out.dtype}")
+    return True
