@@ -15,7 +15,8 @@
 // K-major layouts of an operand's element (row r of M or N, byte k along K), for 8-bit types
 // (ISA "Shared Memory Matrix Layout"; a core matrix is 8 rows x 16 bytes):
 //   none:        start + (r % 8) * 16 + (r / 8) * SBO + (k / 16) * LBO + k % 16
-//   swizzle P:   u = start + (r % 8) * P + (r / 8) * SBO + k  (P = 32, 64, 128 byte rows; LBO unused)
+//   swizzle P:   u = start + (r % 8) * P + (r / 8) * SBO + k  (P = 32, 64, 128 byte rows; LBO "not
+//                used, assumed 1": encode 16 bytes)
 //                address = u ^ (((u >> 7) & (P / 16 - 1)) << 4): the 16-byte chunk index is
 //                XORed with the row within the 8-row pattern, on absolute address bits, so the
 //                pattern (8 * P bytes) must sit at a multiple of 8 * P, or base offset != 0.

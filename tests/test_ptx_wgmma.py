@@ -92,7 +92,7 @@ def layout(sw: str, rows: int, ksteps: int, base: int, padded: bool):
     per_row = p // KSTEP
     region = rows // 8 * sbo
     starts = [base + (s // per_row) * region + (s % per_row) * KSTEP for s in range(ksteps)]
-    return 0, sbo, starts, region * (-(-ksteps // per_row))
+    return 16, sbo, starts, region * (-(-ksteps // per_row))  # LBO: "not used, assumed 1" (ISA)
 
 
 def place(image: np.ndarray, sw, lbo, sbo, starts, mat: np.ndarray) -> None:

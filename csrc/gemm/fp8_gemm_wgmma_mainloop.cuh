@@ -53,8 +53,9 @@ struct WgmmaMainloop {
         ptx::wgmma_fence_operands(d);
 #pragma unroll
         for (int ks = 0; ks < kBlockK / 32; ++ks) {
-            const uint64_t da = ptx::make_smem_desc(a + 32 * ks, 0, 8 * kBlockK, ptx::Swizzle::b128);
-            const uint64_t db = ptx::make_smem_desc(b + 32 * ks, 0, 8 * kBlockK, ptx::Swizzle::b128);
+            // SBO: 8 rows of 128 bytes; LBO: unused by swizzled K-major layouts, "assumed 1" (ISA).
+            const uint64_t da = ptx::make_smem_desc(a + 32 * ks, 16, 8 * kBlockK, ptx::Swizzle::b128);
+            const uint64_t db = ptx::make_smem_desc(b + 32 * ks, 16, 8 * kBlockK, ptx::Swizzle::b128);
             ptx::wgmma_m64n128k32_e4m3(d, da, db, ks > 0 ? 1 : 0);
         }
         ptx::wgmma_commit();
