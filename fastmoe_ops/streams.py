@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FmoError, InputError
+from .errors import BackendError, FmoError, InputError
 
 ROLES = ("comm", "compute")
 
@@ -204,6 +204,8 @@ class Stream:
         self._closed = False
         self._failed: BaseException | None = None  # CUDA: sticky failure of a waited-on producer
         if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendError(f"Stream({str(self.device)!r}): CUDA is not available here")
             self.torch_stream = torch.cuda.Stream(self.device)
             self._items = None
             self._thread = None

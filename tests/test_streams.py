@@ -128,6 +128,9 @@ def test_bad_arguments():
         fs.Stream("cpu", role="io")
     with pytest.raises(InputError, match="device"):
         fs.Stream("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(fmo.BackendError, match="CUDA is not available"):
+            fs.Stream("cuda:0", role="comm")
     s = fs.Stream("cpu")
     try:
         with pytest.raises(InputError, match="callable"):
