@@ -5,12 +5,16 @@ baseline is torch._scaled_mm on the same e4m3 operands (blockwise 1x128 / 128x12
 where the installed torch takes them, else rowwise) and the ceiling is _scaled_mm's rate on
 an 8192^3 problem measured in the same run; the bf16 torch.matmul time rides in `extra`.
 On the CPU: small shapes through `sim` / `reference` against torch.matmul in fp32 on the
-dequantised operands (simulator throughput, not GPU speed)."""
+dequantised operands (simulator throughput, not GPU speed).
+The launcher picks the kernel by device (wgmma on sm_90a and in the simulator, mma.sync on
+sm_89: fastmoe_ops.ops.fp8_gemm.kernel_for); `extra.kernel` names it, and on an sm_90a GPU
+the dense rows also time the mma.sync kernel on the same operands (`extra.mma_sync_s`)."""
 from __future__ import annotations
 
 import torch
 
 import fastmoe_ops as fmo
+from fastmoe_ops.ops import fp8_gemm as gemm_launcher
 from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.timing import time_fn
 
@@ -152,9 +156,20 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
             with ctx():
                 return fmo.fp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
 
-        _check(ours(), ref.fp8_gemm_oracle(xq, xs, wq, ws), f"fp8_gemm ({engine}) at {m}x{n}x{k}")
+        oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws)
+        _check(ours(), oracle, f"fp8_gemm ({engine}) at {m}x{n}x{k}")
         t_ours = time_fn(ours, device=device, reps=reps)
         extra = {}
+        if engine != "reference":
+            extra["kernel"] = gemm_launcher.kernel_for(engine, device)
+        if gpu and extra.get("kernel") == "wgmma":  # the sm_89 kernel on the same Hopper, same operands
+
+            def mma_sync():
+                with ctx():
+                    return fmo.fp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16, kernel="mma_sync")
+
+            _check(mma_sync(), oracle, f"fp8_gemm mma_sync ({engine}) at {m}x{n}x{k}")
+            extra["mma_sync_s"] = time_fn(mma_sync, device=device, reps=reps).median_s
         if gpu:
             base, label = scaled_mm_baseline(xq, xs, wq, ws)
             baseline = f"torch._scaled_mm {label}"
@@ -209,5 +224,6 @@ def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[R
             t = time_fn(fn, device=device, reps=reps)
             rows.append(Row(op=op, shape=f"{g}x{per}x{n}x{k}", engine=engine, ours_s=t.median_s, baseline=baseline,
                             baseline_s=t_base.median_s, flops=2.0 * g * per * n * k,
-                            ceiling="_scaled_mm 8192^3" if gpu else "", ceiling_rate=ceiling_flops))
+                            ceiling="_scaled_mm 8192^3" if gpu else "", ceiling_rate=ceiling_flops,
+                            extra={"kernel": gemm_launcher.kernel_for(engine, device)} if engine != "reference" else {}))
     return rows
