@@ -232,3 +232,12 @@ def test_overlap_gemms_see_the_reduced_sm_budget(monkeypatch):
             num = fmo.sm_budget().num_sms
             assert len(seen) == (8 if overlap else 4), f"2 forward + 2 dgrad GEMMs per micro-batch, got {len(seen)}"
             assert set(seen) == ({num - 24} if overlap else {num}), (overlap, seen)
+
+
+def test_readme_sm_budget_example_runs():
+    """README "## The SM budget" runs as written (its own assert checks the budget)."""
+    from test_readme_example import run_readme_example
+
+    ns = run_readme_example("## The SM budget")
+    assert ns["x"].grad is not None and not ns["x"].grad.isnan().any()
+    assert ns["layer"].w13.grad is not None and ns["budget"].comm_sms == 24
