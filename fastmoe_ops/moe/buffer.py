@@ -2,7 +2,9 @@
 
 Every call starts with one per-peer metadata handshake (validation, counts,
 FMO_COMM_TIMEOUT), then moves the payload rows by one of two transports:
-  host (default; CPU tensors): MPI Ialltoallv of the payload rows on host buffers;
+  host (default): MPI Ialltoallv of the payload rows on host buffers (fastmoe_ops.moe.host):
+       CPU tensors are packed and summed on the CPU; CUDA tensors are packed and summed by
+       the kernels on their device and staged through pinned host buffers;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
        write rows straight into peers' buffers (fastmoe_ops.moe.ipc); on CPU tensors this
        runs on the `sim` engine over POSIX shared memory (other engines use the host path).
@@ -156,7 +158,7 @@ class Buffer:
                     raise InputError(f"x: expected a pair (xq, xs), got {len(x)} items")
                 xq, xs = x
                 _tensor("x[0] (xq)", xq, (torch.float8_e4m3fn,))
-                _tensor("x[1] (xs)", xs, (torch.float32,))
+                _tensor("x[1] (xs)", xs, (torch.float32,), xq.device)
                 groups = -(-self.hidden // SCALE_GROUP)
                 if tuple(xs.shape) != (xq.shape[0], groups):
                     raise InputError(f"x[1] (xs): expected shape ({xq.shape[0]}, {groups}) (one scale per 1x{SCALE_GROUP} group), got {tuple(xs.shape)}")
@@ -165,7 +167,7 @@ class Buffer:
                 _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
             if x.shape[1] != self.hidden:
                 raise InputError(f"x: expected hidden size {self.hidden} (Buffer(hidden=...)), got shape {tuple(x.shape)}")
-            _tensor("topk_idx", topk_idx, (torch.int64,))
+            _tensor("topk_idx", topk_idx, (torch.int64,), x.device)
             t, k = topk_idx.shape
             if t != x.shape[0] or k < 1:
                 raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
@@ -173,7 +175,7 @@ class Buffer:
                 bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.num_experts)][0].item()
                 raise InputError(f"topk_idx: expected expert ids in [-1, {self.num_experts}), got {bad}")
             if topk_weights is not None:
-                _tensor("topk_weights", topk_weights, (torch.float32,))
+                _tensor("topk_weights", topk_weights, (torch.float32,), x.device)
                 if topk_weights.shape != topk_idx.shape:
                     raise InputError(f"topk_weights: expected shape {tuple(topk_idx.shape)} like topk_idx, got {tuple(topk_weights.shape)}")
         except InputError as e:
@@ -249,8 +251,8 @@ class Buffer:
         mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
         recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
         recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
-        if staged:
-            tokens_per_expert, _ = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)
+        if staged and rows:   # the layout kernel on the device (no atomics: deterministic)
+            tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0].to(xq.device)
         else:
             tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
@@ -314,11 +316,13 @@ class Buffer:
                                   handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum
 
 
-def _tensor(name: str, t, dtypes) -> None:
+def _tensor(name: str, t, dtypes, device: torch.device | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise InputError(f"{name}: expected a CPU tensor (the host transport), got one on {t.device}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise InputError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
+    if device is not None and t.device != device:
+        raise InputError(f"{name}: expected a tensor on {device} (like x), got one on {t.device}")
     if t.dim() != 2:
         raise InputError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:

@@ -55,7 +55,7 @@ class Layout:
 def layout(topk_idx: torch.Tensor, ranks: int, per: int, staged: bool) -> Layout:
     """Bucket each token once per destination rank (expert // per)."""
     t = topk_idx.shape[0]
-    if staged:   # the layout kernel on the device, then the send order from its positions
+    if staged and t:   # the layout kernel on the device, then the send order from its positions
         counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
         offsets = torch.zeros(ranks, dtype=torch.int64, device=pos.device)
         offsets[1:] = torch.cumsum(counts, 0)[:-1]
@@ -64,6 +64,9 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, staged: bool) -> Layout
         sent = combine_index >= 0
         send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64, device=pos.device)[:, None].expand(t, ranks)[sent]
         return Layout(counts.cpu().numpy(), pos, combine_index, send_src)
+    if staged:   # no tokens: nothing for a kernel to do
+        lay = layout(topk_idx.cpu(), ranks, per, False)
+        return Layout(lay.counts, *(v.to(topk_idx.device) for v in (lay.pos, lay.combine_index, lay.send_src)))
     dest = torch.where(topk_idx >= 0, topk_idx.div(per, rounding_mode="floor"), ranks)
     hit = torch.zeros(ranks + 1, t, dtype=torch.bool)
     hit.scatter_(0, dest.t(), True)                                 # [R + 1, T]: token t goes to rank r
@@ -100,11 +103,13 @@ class HostTransport:
     def work(self, name: str, shape, dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
         """A reused buffer (grown, never shrunk) viewed as `shape` of `dtype`."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        buf = self._work.get(name)
+        key = f"{name} (pinned)" if pinned else name
+        buf = self._work.get(key)
         if buf is None or buf.numel() < nbytes:
             size = max(nbytes, 2 * buf.numel() if buf is not None else 0, 64)
+            # Pinned: device copies run at full bandwidth, straight from/into MPI's buffers.
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
-            self._work[name] = buf
+            self._work[key] = buf
         return buf[:nbytes].view(dtype).view(shape)
 
     def release(self) -> None:
@@ -120,6 +125,8 @@ class HostTransport:
     def send_rows(self, name: str, src: torch.Tensor, send_src: torch.Tensor, staged: bool) -> torch.Tensor:
         """src [T, ...] -> host [S, row_bytes] uint8: row i = src[send_src[i]]."""
         rows = rows_bytes(src)
+        if staged and send_src.shape[0] == 0:
+            return self.work(name, (0, rows.shape[1]), torch.uint8, pinned=True)
         if staged:   # gather on the device (the kernel), then one copy to the host buffer
             packed = rows_bytes(kernels.gather_rows(rows, send_src))
             host = self.work(name, packed.shape, torch.uint8, pinned=True)
@@ -160,13 +167,21 @@ class HostTransport:
         back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=staged)
         self._wait([self._start(rows, recv_counts, back, send_counts, "combine payload")])
         back = back.view(dtype).view(s, width)
-        if staged:   # the fixed-order gather-reduce kernel on the device
-            return kernels.gather_reduce(back.to(y.device), combine_index)
+        if staged and dtype in host_native.DTYPE_CODE and num_tokens:
+            # The fixed-order gather-reduce kernel on the device (same bits as below).
+            return kernels.gather_reduce(back.to(y.device), combine_index.to(y.device))
+        if staged:   # fp64 (no kernel) or no tokens: the host sum, then one copy
+            return self.combine_host(back, combine_index, layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
+        return self.combine_host(back, combine_index, layout_send_src, send_counts, num_tokens)
+
+    def combine_host(self, back: torch.Tensor, combine_index: torch.Tensor, send_src: torch.Tensor, send_counts,
+                     num_tokens: int) -> torch.Tensor:
+        width, dtype = back.shape[1], back.dtype
         if dtype in host_native.DTYPE_CODE:
             out = torch.empty(num_tokens, width, dtype=dtype)
-            if host_native.combine(back, combine_index, out):   # one pass, the same bits
+            if host_native.combine(back, combine_index.cpu(), out):   # one pass, the same bits
                 return out
-        return self.reduce(back, layout_send_src, send_counts, num_tokens)
+        return self.reduce(back, send_src, send_counts, num_tokens)
 
     def reduce(self, back: torch.Tensor, send_src: torch.Tensor, send_counts, num_tokens: int) -> torch.Tensor:
         """The PyTorch formulation of combine's sum: back [S, W] in rank-major segments ->

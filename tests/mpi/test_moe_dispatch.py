@@ -222,6 +222,8 @@ def test_errors_raised_alike_on_every_rank(comm):
     _, _, _, _, handle = buf.dispatch(x, idx, w)
     expect_same_error(comm, lambda: buf.combine(torch.zeros(handle.num_recv, 32), handle if rank else "not a handle"),
                       fmo.InputError, "combine refused on rank 0: handle: expected the Handle")
+    expect_same_error(comm, lambda: buf.dispatch(x, idx.to("meta") if rank == 0 else idx, w), fmo.InputError,
+                      "refused on rank 0: topk_idx: expected a CPU or CUDA tensor, got one on meta")
     # The buffers still work after refusing (nothing was exchanged but metadata).
     run_all(comm, lambda: buf.dispatch(x, idx, w)[0].shape)
     buf.destroy()
@@ -284,3 +286,28 @@ def test_repeated_use_does_not_grow_memory_and_gc_frees(comm):
         return f"grew {grown / 2**20:.2f} MiB"
 
     run_all(comm, body)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_staged_path_bitexact(comm, engine, monkeypatch):
+    """The path CUDA tensors take (layout, row gather and fixed-order sum as the kernels on
+    the tensors' device, rows staged through host buffers around MPI), forced on CPU
+    tensors: the "device" is the CPU, the kernels run on `engine`, the staging copies are
+    host copies. Every case above, FP8 pairs and autograd, bit for bit as before."""
+    from fastmoe_ops.moe import host, kernels
+
+    need_ranks(comm, 2)
+    monkeypatch.setattr(host, "staging_for", lambda t: True)
+    calls = {"gather_rows": 0, "gather_reduce": 0}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def counting(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(kernels, name, counting)
+    for case in CASES:
+        test_dispatch_combine_bitexact(comm, engine, case)
+    test_fp8_pairs_and_capacity(comm, engine)
+    test_autograd_against_dense_float64(comm, engine)
+    all_agree(comm, calls["gather_rows"] > 0 and calls["gather_reduce"] > 0, f"device kernels called: {calls}")
