@@ -102,7 +102,7 @@ def check_against_dense(comm, layer, x, dy, out, counts, seed, dtype, where, **k
 def test_layer_matches_dense_float64(comm, engine, overlap):
     need_ranks(comm, 4)
     seed, dtype, k = 11, torch.float32, 3
-    counts = [23, 2, 40, 9][: comm.Get_size()] + [17] * (comm.Get_size() - 4)   # ragged
+    counts = [23, 0, 40, 9][: comm.Get_size()] + [17] * (comm.Get_size() - 4)   # ragged, one rank empty
     opts = dict(scoring="sigmoid", normalize_topk=True, route_scale=2.5)
     group = fmo.comm.Group(comm)
 
@@ -144,3 +144,23 @@ def test_overlap_equals_sequential(comm):
 
     with fmo.use_backend("sim" if "sim" in ENGINES else "reference"):
         run_all(comm, body)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_static_shapes_and_an_empty_rank(comm, overlap):
+    """Buffer(num_worst_tokens=...) fixes every receive shape (padding rows: topk_idx -1,
+    skipped by permute); rank 0 has no tokens at all. Still the float64 layer."""
+    need_ranks(comm, 4)
+    seed, dtype, k = 13, torch.float32, 2
+    counts = [0, 15, 33, 4][: comm.Get_size()] + [6] * (comm.Get_size() - 4)
+    group = fmo.comm.Group(comm)
+
+    def body():
+        with fmo.use_backend("reference"):
+            layer, x, dy, out = run_layer(group, counts, seed, dtype, overlap, k, num_worst_tokens=sum(counts))
+        try:
+            return check_against_dense(comm, layer, x, dy, out, counts, seed, dtype, f"num_worst_tokens, overlap={overlap}")
+        finally:
+            layer.destroy()
+
+    run_all(comm, body)
