@@ -34,8 +34,9 @@
 // since the thread's last wait_group (or ever) fails (the ISA requires wgmma.fence before the
 // first MMA and between register accesses and an MMA using the same registers; touching the
 // accumulators after a wait is such an access). Each call checks that the 32 lanes of the
-// warp arrive together with identical descriptors / scale-d (warp_allgather); that all four
-// warps of the warpgroup issue the same instruction is not checked. Each thread computes its
+// warp arrive together with identical descriptors / scale-d (warp_allgather), and the n-th
+// MMA of each warp is compared with the warpgroup's other warps' n-th (a per-warpgroup log);
+// a warp that never issues (a hang on the GPU) is not detected. Each thread computes its
 // own N / 2 outputs: products of e4m3 values exact in fp32, summed in k order from D (or 0),
 // rounded to nearest even per add, like mma.cuh; the hardware's order is unspecified, so
 // non-representable partial sums may differ in the last bits. Descriptor addresses map onto
@@ -132,12 +133,16 @@ constexpr uint32_t kWgmmaMagic = 0x57474d4du;  // "WGMM": state set up in this C
 struct WgmmaThread {
   uint32_t magic;
   int fenced, count, groups;   // fence since the last wait; queued ops; closed groups
+  uint64_t issued;             // MMAs this thread has issued in this CTA
   int group_end[kWgmmaMaxPending];
   WgmmaOp ops[kWgmmaMaxPending];
 };
 // Per-thread queues live in the CTA's shared memory (module thread_locals are per CTA in
 // flight), which the simulator poisons at each CTA start: a wrong magic means "empty".
-inline thread_local WgmmaThread g_wgmma[kWgmmaMaxThreads];
+// `static`, not `inline`: GCC makes an inline variable a GNU-unique symbol, which the dynamic
+// loader binds process-wide even across RTLD_LOCAL modules, so a second kernel module would
+// use the first module's TLS (outside its shared memory, never poisoned).
+static thread_local WgmmaThread g_wgmma[kWgmmaMaxThreads];
 
 FMO_SIM_EMU WgmmaThread& wgmma_thread() {
   const unsigned t = fmo_sim::cur()->linear_tid;
@@ -146,8 +151,43 @@ FMO_SIM_EMU WgmmaThread& wgmma_thread() {
   if (s.magic != kWgmmaMagic) {
     s.magic = kWgmmaMagic;
     s.fenced = s.count = s.groups = 0;
+    s.issued = 0;
   }
   return s;
+}
+
+// Warpgroup uniformity: the ISA requires the same descriptors (and instruction) from all four
+// warps. Lane 0 of each warp logs or checks its n-th MMA in its warpgroup's ring: the first
+// warp to issue MMA #n writes the entry, later warps compare with it (a warp more than
+// kWgmmaLog MMAs behind the first finds the entry reused and is not checked).
+constexpr int kWgmmaLog = 16;
+struct WgmmaLogEntry {
+  uint64_t tag;  // MMA number + 1; 0: empty
+  uint64_t a, b;
+  int n, scale_d;
+};
+struct WgmmaWarpgroupLog {
+  uint32_t magic;
+  WgmmaLogEntry e[kWgmmaLog];
+};
+static thread_local WgmmaWarpgroupLog g_wgmma_log[kWgmmaMaxThreads / 128];
+
+FMO_SIM_EMU void wgmma_warpgroup_uniform(uint64_t seq, const WgmmaLogEntry& mine) {
+  if (fmo_sim::lane_id() != 0) return;
+  WgmmaWarpgroupLog& log = g_wgmma_log[fmo_sim::cur()->linear_tid / 128];
+  if (log.magic != kWgmmaMagic) {
+    std::memset(log.e, 0, sizeof log.e);
+    log.magic = kWgmmaMagic;
+  }
+  WgmmaLogEntry& e = log.e[seq % kWgmmaLog];
+  if (e.tag < seq + 1) {
+    e = mine;
+    e.tag = seq + 1;
+  } else if (e.tag == seq + 1 && (e.a != mine.a || e.b != mine.b || e.n != mine.n || e.scale_d != mine.scale_d)) {
+    fmo_sim::fail("wgmma.mma_async #%llu: warp %u of the warpgroup issued descriptors/scale-d different from "
+                  "another warp's (they must be the same across the warpgroup)",
+                  static_cast<unsigned long long>(seq), fmo_sim::warp_id() % 4);
+  }
 }
 
 // .sync.aligned: the whole warp arrives together with the same operands.
@@ -197,6 +237,7 @@ FMO_SIM_EMU void wgmma_issue(float* d, uint64_t a, uint64_t b, int scale_d) {
                   "requires the fence before the first MMA and after accumulator register accesses)");
   if (s.count == kWgmmaMaxPending)
     fmo_sim::fail("wgmma emulation: more than %d MMAs issued and not yet retired", kWgmmaMaxPending);
+  wgmma_warpgroup_uniform(s.issued++, WgmmaLogEntry{0, a, b, N, scale_d});
   s.ops[s.count++] = WgmmaOp{d, a, b, N, scale_d};
 }
 

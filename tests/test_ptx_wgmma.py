@@ -8,7 +8,8 @@ row (the GEMM's k-steps), so a descriptor field or swizzle decoded wrongly moves
 fails. Results are compared bit for bit with the emulation's defined order (k-ordered fp32
 adds of exact products) and, on exactly representable inputs, with float64 A @ B + C.
 The asynchronous semantics are tested too: D read before wait_group is the old D, shared
-memory overwritten before wait_group is what gets multiplied, and an MMA without a fence fails.
+memory overwritten before wait_group is what gets multiplied, and an MMA without a fence or
+with descriptors differing between the warpgroup's warps fails.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ PITCH = {"b128": 128, "b64": 64, "b32": 32}
 # One warpgroup. The image (A's and B's bytes, laid out by the test) is copied to dynamic
 # shared memory; k-step s multiplies the operands at a_off[s] / b_off[s]. mode 0: normal;
 # 1: D is stored before wait_group (reads the old D); 2: A's bytes are overwritten with
-# `poke` after the issue and before wait_group; 3: no wgmma.fence (must fail).
+# `poke` after the issue and before wait_group; 3: no wgmma.fence (must fail); 4: warp 3's B
+# descriptor differs from the other warps' (must fail).
 SOURCE = r"""
 #include "ptx/wgmma.cuh"
 extern __shared__ __align__(1024) unsigned char wg_smem[];
@@ -48,7 +50,8 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
   wgmma_fence_operands(acc);
   for (int s = 0; s < ksteps; ++s) {
     const uint64_t da = make_smem_desc(wg_smem + a_off[s], a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
-    const uint64_t db = make_smem_desc(wg_smem + b_off[s], b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
+    const int b_skew = (mode == 4 && w == 3) ? 16 : 0;  // warp 3 names other B bytes
+    const uint64_t db = make_smem_desc(wg_smem + b_off[s] + b_skew, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
     wgmma_m64n128k32_e4m3(acc, da, db, (s > 0 || accumulate_c) ? 1 : 0);
   }
   wgmma_commit();
@@ -240,4 +243,13 @@ def test_wgmma_without_fence_fails(runner):
     case = wgmma_case("b128", 700, ksteps=1)
     case.args[14] = np.int32(3)
     with pytest.raises(SimError, match="wgmma.fence"):
+        runner.run(case)
+
+
+def test_wgmma_descriptors_differing_across_warps_fail(runner):
+    from fastmoe_ops.errors import SimError
+
+    case = wgmma_case("b128", 800, ksteps=2)
+    case.args[14] = np.int32(4)
+    with pytest.raises(SimError, match="warp 3 of the warpgroup"):
         runner.run(case)
