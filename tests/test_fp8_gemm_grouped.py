@@ -12,7 +12,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
-from conftest import cpu_engines, poison_
+from conftest import poison_
 from test_fp8_gemm import assert_close_to_oracle, engine_kernels
 
 ALIGN = 128
@@ -104,16 +104,18 @@ def test_masked_vs_oracle(engine, kernel, masked):
         assert torch.isnan(y[g, r:]).all(), f"group {g}: rows >= masked_m must not be written ({engine})"
 
 
-def test_masked_above_mmax_counts_as_mmax():
+@pytest.mark.parametrize("engine, kernel", engine_kernels())
+def test_masked_above_mmax_counts_as_mmax(engine, kernel):
     groups, mmax, n, k = 2, 16, 8, 32
     wq3, ws3 = expert_weights(groups, n, k, 1)
     x = torch.randn(groups, mmax, k)
     q = [ref.quantize_per_token_group(x[i]) for i in range(groups)]
     xq3, xs3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
-    for engine in cpu_engines():
-        with fmo.use_backend(engine):
-            y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, torch.tensor([99, 16], dtype=torch.int32), torch.float32)
-        assert_close_to_oracle(y[0], ref.fp8_gemm_oracle(xq3[0], xs3[0], wq3[0], ws3[0]), f"masked_m > Mmax ({engine})", 1)
+    with fmo.use_backend(engine):
+        y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, torch.tensor([99, 16], dtype=torch.int32), torch.float32,
+                                        kernel=kernel)
+    for g in range(groups):
+        assert_close_to_oracle(y[g], ref.fp8_gemm_oracle(xq3[g], xs3[g], wq3[g], ws3[g]), f"masked_m >= Mmax ({engine} {kernel})", 1)
 
 
 def test_m_indices_checked_in_debug_mode():
@@ -130,13 +132,14 @@ def test_m_indices_checked_in_debug_mode():
 
 
 @pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
-def test_out_of_range_group_without_debug_is_nan_not_a_wild_read(monkeypatch):
+@pytest.mark.parametrize("kernel", ["wgmma", "mma_sync"])
+def test_out_of_range_group_without_debug_is_nan_not_a_wild_read(monkeypatch, kernel):
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     wq3, ws3 = expert_weights(2, 16, 32, 2)
     xq, xs, m_indices = contiguous_layout([3, 4], 32, 2)
     m_indices[128] = 7
     with fmo.use_backend("sim"):
-        y = fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, torch.float32)
+        y = fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, torch.float32, kernel=kernel)
     assert torch.isnan(y[128:132]).all() and not torch.isnan(y[:128]).any(), "the bad group's rows are NaN, other tiles unaffected"
 
 
