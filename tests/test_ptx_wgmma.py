@@ -253,3 +253,27 @@ def test_wgmma_descriptors_differing_across_warps_fail(runner):
     case.args[14] = np.int32(4)
     with pytest.raises(SimError, match="warp 3 of the warpgroup"):
         runner.run(case)
+
+
+def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
+    """The GPU side offline (nvcc, no GPU): the test kernel builds for sm_90a without spills and
+    its SASS has QGMMA (wgmma e4m3), the warpgroup arrive/depbar of fence and wait, and the
+    async-proxy fence (the checks of tests/test_ptx_build.py, for this family)."""
+    import re
+
+    from fastmoe_ops.runtime import compiler
+    from test_ptx_build import _PROPS_RE, compile_sm90a
+    from test_ptx_support import HEADERS
+
+    if compiler.nvcc_path() is None:
+        pytest.skip("nvcc not installed")
+    log, cubin = compile_sm90a(HEADERS + SOURCE, tmp_path)
+    props = _PROPS_RE.findall(log)
+    assert props and not [p for p in props if int(p[2]) or int(p[3])], f"spills or no ptxas report: {props}"
+    if compiler.find_cuobjdump() is None:
+        return
+    sass = compiler.disassemble(cubin)
+    ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Za-z][A-Za-z0-9_.]*)", sass))
+    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
+    missing = [op for op in want if op not in ops]
+    assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'QG', 'HG', 'WA', 'FE'})}"
