@@ -47,6 +47,10 @@
 #include "ptx/common.cuh"
 #include "ptx/mma.cuh"
 
+#if !defined(FMO_SIM) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "ptx/wgmma.cuh: wgmma exists only on sm_90a (compile with -arch=sm_90a); sm_89 kernels use mma.sync"
+#endif
+
 #ifdef FMO_SIM
 // The module's dynamic shared memory buffer (defined by the simulator's compiler driver when
 // the module declares an `extern __shared__` array; weak: null otherwise).

@@ -176,6 +176,7 @@ class Fp8GemmWgmmaSpec(KernelSpec):
     header: ClassVar[str] = "csrc/gemm/fp8_gemm_wgmma.cuh"
     params: ClassVar[type[Params]] = Fp8GemmParams
     block_n: ClassVar[int] = WGMMA_BLOCK_N
+    archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma: other targets fail with ptx/wgmma.cuh's #error
 
     def check(self) -> None:
         super().check()
