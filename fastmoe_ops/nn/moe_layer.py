@@ -31,6 +31,7 @@ wgrad GEMMs group the tokens differently for FP8 quantisation, so they agree to 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,43 +40,27 @@ from ..budget import communication_in_flight
 from ..errors import expect
 from ..moe import Buffer, permute, unpermute
 from ..ops.fp8_gemm import contiguous_alignment
+from .. import streams as fs
+from .. import trace as ft
 from . import moe_experts
 
-try:  # the stream/trace API (fastmoe_ops/streams.py, fastmoe_ops/trace.py)
-    from .. import streams as _streams
-except ImportError:  # pragma: no cover - absent only in checkouts that predate it
-    _streams = None
-try:
-    from .. import trace as _trace
-except ImportError:  # pragma: no cover
-    _trace = None
+# One (comm, compute) pair per device, shared by every layer: each rank's MPI calls then
+# leave from a single FIFO (the same order on every rank, whatever the number of layers),
+# and a model with many layers does not start two worker threads per layer.
+_STREAMS: dict = {}
 
 
-class _Inline:
-    """A stand-in stream that runs each stage at once on the caller's thread (the order of
-    submission already respects every dependency); used when no stream API is present."""
-
-    class _Done:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    def submit(self, fn, *args, **kwargs):
-        return _Inline._Done(fn(*args, **kwargs))
-
-    def synchronize(self) -> None:
-        pass
+def streams_for(device: torch.device):
+    """The (comm, compute) streams of `device`, made on first use."""
+    key = str(device)
+    if key not in _STREAMS:
+        _STREAMS[key] = (fs.Stream(device, role="comm"), fs.Stream(device, role="compute"))
+    return _STREAMS[key]
 
 
 def _host_span(name: str):
     """A host interval in the trace (the MPI exchange of the host transport)."""
-    import contextlib
-
-    if _trace is not None and _trace.enabled():
-        return _trace.host_interval(name)
-    return contextlib.nullcontext()
+    return ft.host_interval(name) if ft.enabled() else contextlib.nullcontext()
 
 
 class MoELayer(torch.nn.Module):
@@ -117,7 +102,6 @@ class MoELayer(torch.nn.Module):
             self.buffer = Buffer(group, hidden=hidden, num_experts=num_experts, num_worst_tokens=num_worst_tokens,
                                  transport=transport, max_tokens_per_rank=max_tokens_per_rank, max_topk=top_k)
         self._fp8_cache: dict = {}
-        self._streams = None
         self.last_topk_idx = self.last_topk_weights = None
         self.reset_parameters()
 
@@ -222,15 +206,6 @@ class MoELayer(torch.nn.Module):
             out = self._combine(self._experts(recv_x, recv_idx, recv_w, self.w13, self.w2, fp8), handle)
         return out.reshape(*lead, self.hidden)
 
-    def streams(self, device):
-        """(comm, compute) streams of this layer, made once per device."""
-        if self._streams is None or self._streams[0] != device:
-            if _streams is None:
-                self._streams = (device, _Inline(), _Inline())
-            else:
-                self._streams = (device, _streams.Stream(device, role="comm"), _streams.Stream(device, role="compute"))
-        return self._streams[1], self._streams[2]
-
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.num_experts} "
                 f"({self.num_local_experts} local), top_k={self.top_k}, scoring={self.scoring}, overlap={self.overlap}, fp8=e4m3")
@@ -287,7 +262,7 @@ class _Schedule:
 
     def __init__(self, layer: MoELayer, topk_idx, fp8, device, record: bool):
         self.layer, self.topk_idx, self.fp8, self.record = layer, topk_idx, fp8, record
-        self.comm, self.compute = layer.streams(device)
+        self.comm, self.compute = streams_for(device)
         self.caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def forward(self, x, weights, w13, w2):
