@@ -76,14 +76,17 @@ class Buffer:
     that many rows (padding rows: zeros, topk_idx -1) and a dispatch that would receive
     more raises InputError on every rank. Collective: every rank constructs it alike.
     transport='ipc' (ranks of one node) maps every rank's buffer in every rank: sized for
-    max_tokens_per_rank tokens sent from one rank to another, k <= max_topk.
+    max_tokens_per_rank tokens sent from one rank to another, k <= max_topk; `device` says
+    where those buffers live: a CUDA device (CUDA IPC, for tensors on it), or the CPU (POSIX
+    shared memory, for CPU tensors on the `sim` engine); default: the current CUDA device
+    where CUDA and CuPy are available, else the CPU. Other tensors take the host transport.
     Owns a duplicate of the group's communicator (and the IPC buffers), freed by destroy()
     or on collection."""
 
     _next_id = 0
 
     def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0,
-                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8):
+                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None):
         if not isinstance(group, Group):
             raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
         for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -98,8 +101,10 @@ class Buffer:
                                        and isinstance(max_topk, int) and max_topk >= 1):
             raise InputError(f"max_tokens_per_rank, max_topk: expected ints >= 1 with transport='ipc', "
                              f"got {max_tokens_per_rank!r}, {max_topk!r}")
-        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk")
-        config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk), "Buffer()")
+        ipc_device = _ipc_device(device) if transport == "ipc" else None
+        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type")
+        config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk,
+                                  ipc_device.type if ipc_device is not None else None), "Buffer()")
         for i, name in enumerate(names):
             _same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
@@ -111,7 +116,9 @@ class Buffer:
         if transport == "ipc":
             from .ipc import IpcTransport
 
-            self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk)
+            from .ipc import mapping_for
+
+            self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
         self.id = Buffer._next_id
         self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host)
@@ -183,16 +190,19 @@ class Buffer:
         return None
 
     def _use_ipc(self, tensor, dtype) -> bool:
-        """This call's transport: ipc where the Buffer has one, the engine is `sim` and the
+        """This call's transport: ipc where the Buffer has one on the tensor's device, the
+        engine is the mapping's (`cuda` for device buffers, `sim` for shared memory) and the
         dtype is one the kernels move (the handshake checks that every rank agrees)."""
         if self._ipc is None or not isinstance(tensor, torch.Tensor) or dtype not in _IPC_DTYPES:
             return False
-        return backends.engine_for(x=tensor) == "sim"
+        return tensor.device == self._ipc.device and backends.engine_for(x=tensor) == self._ipc.engine
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
                    ipc: bool = False):
         """Every rank's metadata and send counts (one small per-peer exchange); refuses on
         every rank alike if any rank refused its input or the ranks disagree."""
+        if self._ipc is not None:
+            self._ipc.quiesce()   # our previous transport kernel is done before peers may write again
         meta = np.zeros(len(_META) + self.num_ranks, np.int64)
         meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
                               int(error is not None), int(ipc), moe_ipc.comm_grid() if ipc else 0)
@@ -210,7 +220,7 @@ class Buffer:
         _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
         _same(col["topk"], "topk_idx: k")
         _same(col["has_weights"], "topk_weights: given or None")
-        _same(col["transport"], "transport of this call (1: ipc on the sim engine, 0: host)")
+        _same(col["transport"], "transport of this call (1: ipc, 0: host)")
         _same(col["comm_sms"], "sm_budget().comm_sms (the transport kernels' grid)")
         return table[:, len(_META):]                                # [R, R] send counts
 
@@ -222,8 +232,9 @@ class Buffer:
         dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         ipc = error is None and self._use_ipc(xq, dtype)
-        staged = error is None and not ipc and host.staging_for(xq)
-        lay = host.layout(topk_idx, ranks, per, staged) if error is None else None
+        on_device = error is None and host.staging_for(xq)   # layout (and packing) by the kernels there
+        staged = on_device and not ipc
+        lay = host.layout(topk_idx, ranks, per, on_device) if error is None else None
         matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
                                  lay.counts if lay is not None else None, ipc)
         send_counts = matrix[r].tolist()
@@ -240,7 +251,7 @@ class Buffer:
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
         if ipc:
-            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid(), "sim")
+            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid())
         else:
             self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
         for out in recvs:
@@ -251,7 +262,7 @@ class Buffer:
         mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
         recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
         recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
-        if staged and rows:   # the layout kernel on the device (no atomics: deterministic)
+        if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
             tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0].to(xq.device)
         else:
             tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
@@ -308,9 +319,9 @@ class Buffer:
         self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), ipc)
         y = y[: handle.num_recv].contiguous()
         if ipc:
-            out = torch.empty(handle.num_tokens, width, dtype=y.dtype)
-            self._ipc.combine(y, out, handle.combine_index, np.array(handle.count_matrix, np.int64).reshape(self.num_ranks, self.num_ranks),
-                              moe_ipc.comm_grid(), "sim")
+            out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
+            self._ipc.combine(y, out, handle.combine_index.to(y.device),
+                              np.array(handle.count_matrix, np.int64).reshape(self.num_ranks, self.num_ranks), moe_ipc.comm_grid())
             return out
         return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
                                   handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum
@@ -327,6 +338,23 @@ def _tensor(name: str, t, dtypes, device: torch.device | None = None) -> None:
         raise InputError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
         raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _ipc_device(device) -> torch.device:
+    """Where transport='ipc' buffers live (see Buffer)."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if "cuda" in backends.available_backends() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device: expected a torch.device, 'cpu' or 'cuda[:n]', got {device!r}") from None
+    if device.type == "cuda":
+        if "cuda" not in backends.available_backends():
+            raise InputError(f"device: {device} given, but CUDA with CuPy is not available here")
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cpu":
+        raise InputError(f"device: expected a CPU or CUDA device, got {device}")
+    return device
 
 
 def _release(group: Group, ipc, host_transport) -> None:

@@ -1,16 +1,24 @@
 """Intra-node transport: every rank's buffer mapped by every peer, and the kernels of
 csrc/moe/ipc.cuh moving rows through them on exactly the communication SM budget.
 
-In the simulator the buffers are POSIX shared memory (`fastmoe_ops.sim.ipc`, the CPU
-stand-in for CUDA IPC handles): handles are exchanged over the Group once, in the Buffer's
-constructor. Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x
-slot_rows packed rows | combine region: R * slot_rows rows of hidden fp32-sized elements].
+Mapping (one small interface, two implementations; the bootstrap is shared):
+  CudaIpcMapping: device memory from cudaMalloc, exported with cudaIpcGetMemHandle and
+                  opened by peers with cudaIpcOpenMemHandle (CuPy's runtime bindings);
+  ShmMapping:     the simulator's stand-in, POSIX shared memory (`fastmoe_ops.sim.ipc`).
+Handles are exchanged over the Group once, in the Buffer's constructor, and closed in
+destroy(). Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x slot_rows
+packed rows | combine region: R * slot_rows rows of hidden fp32-sized elements].
 
-Reuse between calls is safe without extra flags: every dispatch/combine starts with the
-Buffer's host handshake, which completes only once every peer has entered the same call,
-i.e. has finished reading its regions in the previous one.
+On a GPU the kernels run on the transport's own stream (ordered after the caller's current
+stream, which then waits for it). Reuse between calls is safe without extra flags: every
+dispatch/combine starts by waiting for this rank's previous transport kernel, then runs the
+Buffer's host handshake, which completes only once every peer has done the same, i.e. once
+no kernel of the previous call still reads a region the next one writes.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -25,10 +33,94 @@ def _align(n: int, a: int = 128) -> int:
     return -(-n // a) * a
 
 
-class IpcTransport:
-    def __init__(self, group: Group, hidden: int, slot_rows: int, max_topk: int):
+class ShmMapping:
+    """The simulator's buffers: POSIX shared memory seen as CPU tensors."""
+
+    device = torch.device("cpu")
+    engine = "sim"
+
+    def create(self, nbytes: int):
         from ..sim import ipc as shm
 
+        return shm.create(nbytes)                  # zero-filled
+
+    def open(self, handle) -> torch.Tensor:
+        from ..sim import ipc as shm
+
+        return shm.open(handle)
+
+    def close(self, tensor: torch.Tensor, own: bool) -> None:
+        from ..sim import ipc as shm
+
+        shm.close(tensor)
+
+
+@dataclass(frozen=True)
+class CudaIpcHandle:
+    """What a peer needs to map a rank's device buffer (pickles)."""
+
+    handle: bytes       # cudaIpcMemHandle_t
+    nbytes: int
+
+
+class CudaIpcMapping:
+    """Device buffers shared between the processes of one node through CUDA IPC handles."""
+
+    engine = "cuda"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._owned: dict[int, int] = {}           # data_ptr -> cudaMalloc'd pointer to free
+        self._opened: set[int] = set()
+
+    @staticmethod
+    def _tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+        import cupy
+
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, device.index)
+        return torch.as_tensor(cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0)), device=device)
+
+    def create(self, nbytes: int):
+        from cupy.cuda import runtime
+
+        # Its own cudaMalloc (not torch's caching allocator): an IPC handle names a whole
+        # allocation, and this one must live exactly as long as the Buffer.
+        with torch.cuda.device(self.device):
+            ptr = runtime.malloc(nbytes)
+            runtime.memset(ptr, 0, nbytes)         # counters start at zero
+            runtime.deviceSynchronize()
+            handle = CudaIpcHandle(bytes(runtime.ipcGetMemHandle(ptr)), nbytes)
+        t = self._tensor(ptr, nbytes, self.device)
+        self._owned[t.data_ptr()] = ptr
+        return handle, t
+
+    def open(self, handle: CudaIpcHandle) -> torch.Tensor:
+        from cupy.cuda import runtime
+
+        with torch.cuda.device(self.device):
+            ptr = runtime.ipcOpenMemHandle(handle.handle)
+        self._opened.add(ptr)
+        return self._tensor(ptr, handle.nbytes, self.device)
+
+    def close(self, tensor: torch.Tensor, own: bool) -> None:
+        from cupy.cuda import runtime
+
+        ptr = tensor.data_ptr()
+        with torch.cuda.device(self.device):
+            runtime.deviceSynchronize()            # no kernel of ours still touches it
+            if own:
+                runtime.free(self._owned.pop(ptr))
+            elif ptr in self._opened:
+                self._opened.discard(ptr)
+                runtime.ipcCloseMemHandle(ptr)
+
+
+def mapping_for(device: torch.device):
+    return CudaIpcMapping(device) if device.type == "cuda" else ShmMapping()
+
+
+class IpcTransport:
+    def __init__(self, group: Group, hidden: int, slot_rows: int, max_topk: int, mapping):
         if group.size > moe_ipc.MAX_RANKS:
             raise UnsupportedError(f"transport='ipc': at most {moe_ipc.MAX_RANKS} ranks per node, got {group.size}")
         self.group, self.slot_rows, self.max_topk, self.hidden = group, slot_rows, max_topk, hidden
@@ -38,18 +130,44 @@ class IpcTransport:
         self.dispatch_region = _align(2 * r * 8)
         self.combine_region = self.dispatch_region + _align(r * slot_rows * self.max_row)
         nbytes = self.combine_region + _align(r * slot_rows * hidden * 4)
-        self.handle, self.mine = shm.create(nbytes)
+        self.mapping, self.device, self.engine = mapping, mapping.device, mapping.engine
+        self.handle, self.mine = mapping.create(nbytes)
         handles = group.allgather(self.handle, "Buffer(transport='ipc')")
-        self.peers = [self.mine if p == group.rank else shm.open(h) for p, h in enumerate(handles)]
+        self.peers = [self.mine if p == group.rank else mapping.open(h) for p, h in enumerate(handles)]
         group.barrier("Buffer(transport='ipc')")   # every peer has mapped every buffer
         self.expected = [0, 0]                       # counter targets: dispatch, combine
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.done = None                             # event: this rank's last transport kernel
 
     def close(self) -> None:
-        from ..sim import ipc as shm
-
-        for t in self.peers:
-            shm.close(t)
+        for p, t in enumerate(self.peers):
+            if p != self.group.rank:
+                self.mapping.close(t, own=False)
+        if self.peers:
+            self.mapping.close(self.mine, own=True)
         self.peers = []
+
+    def quiesce(self) -> None:
+        """Wait for this rank's previous transport kernel (before the next call's handshake)."""
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+    @contextlib.contextmanager
+    def _comm_stream(self, tensors):
+        """Run the launch on the transport's stream, ordered after the caller's stream, which
+        then waits for it; tensors from the caller's allocator are marked in use there."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        for t in tensors:
+            t.record_stream(self.stream)
+        caller.wait_stream(self.stream)
+        self.done = self.stream.record_event()
 
     def _params(self, tokens: int, rank: int, grid: int, which: int) -> moe_ipc.MoeIpcParams:
         self.expected[which] += grid
@@ -60,7 +178,7 @@ class IpcTransport:
             p.peers[i] = t.data_ptr()
         return p
 
-    def dispatch(self, streams, outs, send_pos, matrix, grid: int, engine: str) -> None:
+    def dispatch(self, streams, outs, send_pos, matrix, grid: int) -> None:
         """streams: contiguous [T, ...] tensors; outs: [rows, ...] receive tensors; send_pos
         [T, R] row within the destination's slot; matrix [R, R] counts (src -> dst)."""
         rank = self.group.rank
@@ -82,10 +200,12 @@ class IpcTransport:
         for s in range(self.group.size):
             p.recv_counts[s] = int(matrix[s, rank])
         chunk = moe_ipc.chunk_bytes(*seg, at, self.dispatch_region, *(t.data_ptr() for t in (*streams, *outs, self.mine)))
-        moe_ipc.run(moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk), p, grid, engine=engine,
-                    tensors=(*streams, *outs, send_pos, *self.peers))
+        tensors = (*streams, *outs, send_pos)
+        with self._comm_stream(tensors):
+            moe_ipc.run(moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk), p, grid, engine=self.engine,
+                        tensors=(*tensors, *self.peers))
 
-    def combine(self, y, out, combine_index, matrix, grid: int, engine: str) -> None:
+    def combine(self, y, out, combine_index, matrix, grid: int) -> None:
         """y [N, H] contiguous (received rows), out [T, H]; combine_index [T, R]."""
         rank = self.group.rank
         row = y.shape[1] * y.element_size()
@@ -102,4 +222,5 @@ class IpcTransport:
         aligned = row % 16 == 0 and self.combine_region % 16 == 0 and out.data_ptr() % 16 == 0
         chunk = moe_ipc.chunk_bytes(row, self.combine_region, y.data_ptr(), self.mine.data_ptr())
         spec = moe_ipc.MoeIpcCombineSpec(dtype=moe_ipc.dtype_name(y.dtype), chunk_bytes=chunk, vec_width=vec if aligned else 1)
-        moe_ipc.run(spec, p, grid, engine=engine, tensors=(y, out, combine_index, *self.peers))
+        with self._comm_stream((y, out, combine_index)):
+            moe_ipc.run(spec, p, grid, engine=self.engine, tensors=(y, out, combine_index, *self.peers))

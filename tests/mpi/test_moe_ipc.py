@@ -131,3 +131,67 @@ def test_ipc_gradients_equal_host_gradients(comm):
         return "ok"
 
     run_all(comm, body)
+
+
+def test_mapping_bootstrap_shared_by_both_mappings(comm):
+    """The bootstrap every mapping shares (create, exchange handles over the Group, open
+    every peer's, barrier; close in destroy), run with the shared-memory mapping: each rank
+    writes into its own buffer and reads every peer's through its mapping; destroy() closes
+    each peer's mapping and then its own, exactly once."""
+    from fastmoe_ops.moe import ipc
+
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+
+    class Recording(ipc.ShmMapping):
+        def __init__(self):
+            self.log = []
+
+        def create(self, nbytes):
+            self.log.append("create")
+            return super().create(nbytes)
+
+        def open(self, handle):
+            self.log.append("open")
+            return super().open(handle)
+
+        def close(self, tensor, own):
+            self.log.append("close own" if own else "close peer")
+            super().close(tensor, own)
+
+    def body():
+        mapping = Recording()
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=32, num_experts=world, transport="ipc", max_tokens_per_rank=4,
+                             max_topk=2, device="cpu")
+        buf._ipc.close()   # swap in the recording mapping over a fresh bootstrap
+        t = ipc.IpcTransport(buf.group, 32, 4, 2, mapping)
+        assert mapping.log == ["create"] + ["open"] * (world - 1)
+        assert all(p.device.type == "cpu" and p.numel() == t.mine.numel() for p in t.peers)
+        assert bool((t.mine == 0).all()), "a new buffer must start zeroed (the counters)"
+        t.mine[-1] = rank + 1
+        buf.group.barrier("written")
+        seen = [int(p[-1]) for p in t.peers]
+        assert seen == list(range(1, world + 1)), f"rank {rank} sees {seen} through its mappings"
+        buf.group.barrier("read")
+        t.close()
+        assert mapping.log[world:] == ["close peer"] * (world - 1) + ["close own"], mapping.log
+        buf._ipc = None
+        buf.destroy()
+        return "ok"
+
+    run_all(comm, body)
+
+
+def test_ipc_device_refused_alike(comm):
+    """transport='ipc' on a device this machine cannot map is refused on every rank."""
+    need_ranks(comm, 2)
+    for device, fragment in (("meta", "device: expected a CPU or CUDA device, got meta"),
+                             ("not a device", "device: expected a torch.device")):
+        try:
+            fmo.moe.Buffer(fmo.comm.Group(comm), hidden=8, num_experts=comm.Get_size(), transport="ipc",
+                           max_tokens_per_rank=2, device=device)
+            msg = "no error"
+        except fmo.InputError as e:
+            msg = str(e)
+        messages = comm.allgather(msg)
+        all_agree(comm, fragment in msg and len(set(messages)) == 1, msg)
