@@ -35,7 +35,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FMO_SIM_TIMEOUT", "120", "Simulator: seconds a launch may run before it is stopped as hung."),
     Variable("FMO_SIM_CXX", "", "Host C++ compiler for simulator modules (default: $CXX, then g++)."),
     Variable("FMO_TRACE", "0", "1: every kernel records its start and end per CTA (%globaltimer) into a trace buffer; `fastmoe_ops.trace` turns it into per-stream intervals (overlap proof).", True),
-    Variable("FMO_TRACE_CAPACITY", "65536", "CTA records the trace buffer of each device holds (32 bytes each); overflowing it is an error at `trace.collect()`."),
+    Variable("FMO_TRACE_CAPACITY", "131072", "Events the trace buffer of each device holds (two per CTA, 24 bytes each); overflowing it is an error at `trace.collect()`."),
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}

@@ -2,8 +2,8 @@
 
 With FMO_TRACE=1 every kernel launched through the launcher is compiled with a trace
 parameter (fastmoe_ops/runtime/spec.py, csrc/common/trace.cuh): thread 0 of each CTA stamps
-%globaltimer at entry and after the CTA's last thread finished, and appends
-{launch id, CTA, SM, start, end} to a per-device buffer. The host keeps, per launch id, the
+%globaltimer at entry and after the CTA's last thread finished, appending a start and an
+end event {launch id, CTA, SM, time} to a per-device buffer; collect() pairs them. The host keeps, per launch id, the
 kernel's name, the engine and the role of the stream it was launched from
 (`streams.current_role()`, "default" outside any stream).
 
@@ -35,9 +35,10 @@ from .errors import FmoError, InputError
 from .runtime.launch import LaunchConfig, launch
 from .runtime.spec import KernelSpec, Params, TraceArgs, register_op
 
-RECORD_DTYPE = np.dtype([("launch_id", "<u4"), ("cta", "<u4"), ("smid", "<u4"), ("reserved", "<u4"),
-                         ("start_ns", "<u8"), ("end_ns", "<u8")])  # = fmo::trace::Record
-assert RECORD_DTYPE.itemsize == 32
+RECORD_DTYPE = np.dtype([("launch_id", "<u4"), ("cta", "<u4"), ("smid", "<u4"), ("kind", "<u4"),
+                         ("time_ns", "<u8")])  # = fmo::trace::Record: one start or end event
+assert RECORD_DTYPE.itemsize == 24
+_START, _END = 1, 2  # fmo::trace::kStart, kEnd
 
 
 class TraceOverflowError(FmoError, RuntimeError):
@@ -69,7 +70,7 @@ class _Buffer:
     def __init__(self, device: torch.device, capacity: int):
         self.device = device
         self.capacity = capacity
-        self.records = torch.zeros(capacity * RECORD_DTYPE.itemsize, dtype=torch.uint8, device=device)
+        self.records = torch.zeros(capacity * RECORD_DTYPE.itemsize, dtype=torch.uint8, device=device)  # Record[capacity]
         self.count = torch.zeros(1, dtype=torch.int64, device=device)  # unsigned long long on the device
         if device.type == "cuda":
             # zeroed on this stream, written by kernels on any stream: finish the zeroing first
@@ -191,17 +192,37 @@ def collect() -> list[Interval]:
         count = int(buf.count.cpu().item())
         if count > buf.capacity:
             raise TraceOverflowError(
-                f"trace buffer of {buf.device} overflowed: {count} CTA records for {buf.capacity} slots "
+                f"trace buffer of {buf.device} overflowed: {count} events (2 per CTA) for {buf.capacity} slots "
                 f"(FMO_TRACE_CAPACITY); raise it or call trace.clear() more often")
         recs = np.frombuffer(buf.records[: count * RECORD_DTYPE.itemsize].cpu().numpy().tobytes(), dtype=RECORD_DTYPE)
-        for r in recs:
-            info = launches.get(int(r["launch_id"]))
-            if info is None or r["end_ns"] < r["start_ns"]:
-                raise FmoError(f"trace buffer of {buf.device}: corrupt record {r} (unknown launch or end < start)")
-            name, role, engine = info
-            out.append(Interval(name, role, engine, int(r["start_ns"]), int(r["end_ns"]), int(r["cta"]),
-                                int(r["launch_id"]), int(r["smid"])))
+        out.extend(_pair(recs, launches, buf.device))
     out.sort(key=lambda iv: (iv.start_ns, iv.end_ns))
+    return out
+
+
+def _pair(recs, launches, device) -> list[Interval]:
+    """One Interval per (launch, CTA) from its start and end events."""
+    starts: dict[tuple[int, int], tuple[int, int]] = {}
+    out = []
+    for r in recs:
+        key = (int(r["launch_id"]), int(r["cta"]))
+        kind, t = int(r["kind"]), int(r["time_ns"])
+        if key[0] not in launches or kind not in (_START, _END):
+            raise FmoError(f"trace buffer of {device}: corrupt event {r} (unknown launch or kind)")
+        if kind == _START:
+            if key in starts:
+                raise FmoError(f"trace buffer of {device}: launch {key[0]} CTA {key[1]} started twice")
+            starts[key] = (t, int(r["smid"]))
+            continue
+        start = starts.pop(key, None)
+        if start is None or t < start[0]:
+            raise FmoError(f"trace buffer of {device}: launch {key[0]} CTA {key[1]}: end event without an earlier start")
+        name, role, engine = launches[key[0]]
+        out.append(Interval(name, role, engine, start[0], t, key[1], key[0], start[1]))
+    if starts:
+        (lid, cta), _ = next(iter(starts.items()))
+        raise FmoError(f"trace buffer of {device}: {len(starts)} CTAs started and never ended "
+                       f"(first: {launches[lid][0]} CTA {cta}); collect() after the kernels finished")
     return out
 
 

@@ -44,7 +44,7 @@ def test_trace_is_codegen_and_untraced_stub_has_no_trace():
     spec = fp8_quant.Fp8GroupQuantSpec(dtype="bf16", group_size=128, vec_width=8, pow2_scale=False)
     plain, traced = spec.stub(False), spec.stub(True)
     assert "trace" not in plain
-    assert "fmo::trace::Args fmo_trace" in traced and "fmo::trace::end(fmo_trace" in traced
+    assert "fmo::trace::Args fmo_trace" in traced and "fmo::trace::end(fmo_trace)" in traced
     assert spec.entry_name() in plain and spec.entry_name() in traced
 
 
@@ -95,9 +95,9 @@ def test_overflow_is_reported_not_truncated(tracing, monkeypatch):
     x = torch.ones(64, 512, dtype=torch.bfloat16)  # 256 groups: 16 CTAs of 16 groups
     with fmo.use_backend("sim"):
         fp8_quant.quantize_per_token_group(x)
-    with pytest.raises(ft.TraceOverflowError, match=r"16 CTA records for 4 slots.*FMO_TRACE_CAPACITY"):
+    with pytest.raises(ft.TraceOverflowError, match=r"32 events \(2 per CTA\) for 4 slots.*FMO_TRACE_CAPACITY"):
         ft.collect()
-    monkeypatch.setenv("FMO_TRACE_CAPACITY", "16")
+    monkeypatch.setenv("FMO_TRACE_CAPACITY", "32")
     ft.clear()
     with fmo.use_backend("sim"):
         fp8_quant.quantize_per_token_group(x)
@@ -224,3 +224,27 @@ def test_cuda_comm_and_compute_kernels_intersect(tracing):
     ivs = ft.collect()
     assert {(i.role, i.engine) for i in ivs} == {("comm", "cuda"), ("compute", "cuda")}
     assert ft.in_flight_together(ivs, "comm", "compute")
+
+
+def _events(*rows):
+    recs = np.zeros(len(rows), dtype=ft.RECORD_DTYPE)
+    for r, (launch_id, cta, kind, t) in zip(recs, rows):
+        r["launch_id"], r["cta"], r["kind"], r["time_ns"], r["smid"] = launch_id, cta, kind, t, 9
+    return recs
+
+
+def test_events_pair_into_intervals_and_broken_pairs_are_errors():
+    launches = {1: ("k1", "comm", "sim"), 2: ("k2", "compute", "sim")}
+    # interleaved events of two launches, CTA ends out of order
+    ivs = ft._pair(_events((1, 0, 1, 10), (2, 0, 1, 12), (1, 1, 1, 13), (1, 1, 2, 20), (2, 0, 2, 25), (1, 0, 2, 30)),
+                   launches, "cpu")
+    got = sorted((i.name, i.role, i.cta, i.start_ns, i.end_ns, i.sm) for i in ivs)
+    assert got == [("k1", "comm", 0, 10, 30, 9), ("k1", "comm", 1, 13, 20, 9), ("k2", "compute", 0, 12, 25, 9)]
+    with pytest.raises(fmo.FmoError, match="never ended"):
+        ft._pair(_events((1, 0, 1, 10)), launches, "cpu")
+    with pytest.raises(fmo.FmoError, match="without an earlier start"):
+        ft._pair(_events((1, 0, 2, 10)), launches, "cpu")
+    with pytest.raises(fmo.FmoError, match="started twice"):
+        ft._pair(_events((1, 0, 1, 10), (1, 0, 1, 11)), launches, "cpu")
+    with pytest.raises(fmo.FmoError, match="corrupt"):
+        ft._pair(_events((0, 0, 0, 0)), launches, "cpu")  # an unwritten (zero) slot

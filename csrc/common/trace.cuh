@@ -2,13 +2,15 @@
 //
 // With tracing compiled in, the generated stub of every kernel (fastmoe_ops/runtime/spec.py)
 // takes a second parameter `fmo::trace::Args` and wraps the kernel body:
-//     t0 = trace::begin();  body(p);  trace::end(args, t0);
-// Thread 0 of the CTA reads %globaltimer before the body; after the body every thread of the
-// CTA meets at a __syncthreads (threads that returned early from the body meet there too:
-// the body is a function call, its `return`s come back to the stub), then thread 0 reads the
-// timer again and appends one Record. The slot comes from an atomic counter that keeps
-// counting past `capacity`: records past the end are not written, and the host sees
-// count > capacity and reports the overflow instead of returning a truncated trace.
+//     trace::begin(args);  body(p);  trace::end(args);
+// Thread 0 of the CTA appends a `start` event (%globaltimer) before the body; after the body
+// every thread of the CTA meets at a __syncthreads (threads that returned early from the body
+// meet there too: the body is a function call, its `return`s come back to the stub), then
+// thread 0 appends the `end` event. Two events instead of one record keep no value live
+// across the body: a stamp held in a register through a 255-register GEMM mainloop spills.
+// Slots come from an atomic counter that keeps counting past `capacity`: events past the end
+// are not written, and the host sees count > capacity and reports the overflow instead of
+// returning a truncated trace. The host pairs each CTA's start and end.
 //
 // Also here: `rendezvous`, a probe kernel of the trace tests and the GPU check. Two launches
 // on two streams each announce themselves and wait (bounded by a timeout) for the other, so
@@ -22,42 +24,46 @@
 namespace fmo {
 namespace trace {
 
-// Mirrored by fastmoe_ops/trace.py (_Record, TraceArgs); the stub static_asserts the layout.
+// Mirrored by fastmoe_ops/trace.py (RECORD_DTYPE, TraceArgs); the stub static_asserts Args.
 struct Record {
   uint32_t launch_id;
   uint32_t cta;        // linear block index: x + gridDim.x * (y + gridDim.y * z)
   uint32_t smid;
-  uint32_t reserved;
-  uint64_t start_ns;   // %globaltimer before the body (thread 0)
-  uint64_t end_ns;     // %globaltimer after the CTA-wide barrier that follows the body
+  uint32_t kind;       // kStart or kEnd
+  uint64_t time_ns;    // %globaltimer
 };
-static_assert(sizeof(Record) == 32, "trace::Record: 32 bytes, mirrored in fastmoe_ops/trace.py");
+static_assert(sizeof(Record) == 24, "trace::Record: 24 bytes, mirrored in fastmoe_ops/trace.py");
+constexpr uint32_t kStart = 1, kEnd = 2;  // 0 never: a slot still holding zeros was never written
 
 struct Args {
   Record* records;               // [capacity]
-  unsigned long long* count;     // records appended so far (may exceed capacity: overflow)
+  unsigned long long* count;     // events appended so far (may exceed capacity: overflow)
   uint32_t capacity;
   uint32_t launch_id;            // host table: launch id -> kernel name, stream role, engine
 };
 
 FMO_DEVICE bool is_thread0() { return threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0; }
 
-FMO_DEVICE uint64_t begin() { return is_thread0() ? ptx::globaltimer() : 0; }
-
-FMO_DEVICE void end(const Args& a, uint64_t start_ns) {
-  __syncthreads();  // the CTA's end is its last thread's end
-  if (!is_thread0()) return;
-  const uint64_t end_ns = ptx::globaltimer();
+FMO_DEVICE void append(const Args& a, uint32_t kind) {
+  const uint64_t now = ptx::globaltimer();
   const unsigned long long slot = ptx::atom_add(a.count, 1ull);
   if (slot >= a.capacity) return;  // counted, not written: the host reports the overflow
   Record r;
   r.launch_id = a.launch_id;
   r.cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   r.smid = ptx::smid();
-  r.reserved = 0;
-  r.start_ns = start_ns;
-  r.end_ns = end_ns;
+  r.kind = kind;
+  r.time_ns = now;
   a.records[slot] = r;
+}
+
+FMO_DEVICE void begin(const Args& a) {
+  if (is_thread0()) append(a, kStart);
+}
+
+FMO_DEVICE void end(const Args& a) {
+  __syncthreads();  // the CTA's end is its last thread's end
+  if (is_thread0()) append(a, kEnd);
 }
 
 // ---- rendezvous probe --------------------------------------------------------------------

@@ -83,7 +83,7 @@ class TraceArgs(Params):
     cpp_name = "fmo::trace::Args"
     _fields_ = [
         ("records", ctypes.c_void_p),   # fmo::trace::Record[capacity]
-        ("count", ctypes.c_void_p),     # unsigned long long: records appended (> capacity: overflow)
+        ("count", ctypes.c_void_p),     # unsigned long long: events appended (> capacity: overflow)
         ("capacity", ctypes.c_uint32),
         ("launch_id", ctypes.c_uint32),
     ]
@@ -144,8 +144,8 @@ class KernelSpec:
     def stub(self, traced: bool | None = None) -> str:
         """The generated source. `traced` (default: FMO_TRACE) wraps the body in the kernel
         trace (csrc/common/trace.cuh): a second parameter carries the trace buffer, thread 0
-        stamps the CTA's start, and after the body (whose early returns come back here) a
-        barrier and the end stamp. Untraced stubs are unchanged: tracing costs nothing then."""
+        appends the CTA's start event, and after the body (whose early returns come back
+        here) a barrier and the end event. Untraced stubs are unchanged: tracing costs nothing then."""
         self.check()
         if traced is None:
             traced = env.flag("FMO_TRACE")
@@ -167,9 +167,9 @@ class KernelSpec:
             f'{head}#include "csrc/common/trace.cuh"\n'
             f'{self.params.layout_asserts()}\n{TraceArgs.layout_asserts()}\n'
             f'{signature}, {TraceArgs.cpp_name} fmo_trace) {{\n'
-            f'    const unsigned long long fmo_trace_start = fmo::trace::begin();\n'
+            f'    fmo::trace::begin(fmo_trace);\n'
             f'    {self.device_call()};\n'
-            f'    fmo::trace::end(fmo_trace, fmo_trace_start);\n'
+            f'    fmo::trace::end(fmo_trace);\n'
             f'}}\n'
         )
 
