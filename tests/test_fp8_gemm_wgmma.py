@@ -76,6 +76,21 @@ def test_dense_persistent_loop(out_dtype):
 
 
 @SIM
+def test_dense_raster_bands_cover_every_tile():
+    """9 m-tiles: a full band of 8 and a last band of 1 (scheduler raster), 3 CTAs; every
+    output element is poisoned first, so a tile visited twice or never shows."""
+    m, n, k = 1100, 200, 144
+    xq, xs, wq, ws = quantised_operands(m, n, k, 15)
+    with compute_sms(3):
+        spec, grid = launcher.select("dense", "wgmma", m, n, k, "fp32", "blk128")
+        assert (spec.block_m, grid) == (128, (3, 1, 1))
+        out = poison_(torch.empty(m, n))
+        with fmo.use_backend("sim"):
+            y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), "wgmma raster bands", 15)
+
+
+@SIM
 def test_contiguous_persistent_with_empty_groups():
     counts, n, k = [100, 0, 28, 130], 136, 272
     wq3, ws3 = expert_weights(len(counts), n, k, 12)

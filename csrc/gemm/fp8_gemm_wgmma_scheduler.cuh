@@ -4,10 +4,12 @@
 // of (M, N, groups, block sizes, budget.compute_sms): fastmoe_ops/ops/fp8_gemm.py,
 // persistent_grid(). CTA c walks tiles c, c + gridDim.x, c + 2 gridDim.x, ... of
 //   tiles = groups * ceil(M / BM) * ceil(N / BN),   tile i -> (group, m-tile, n-tile)
-// with n fastest: consecutive CTAs share the A rows of one m-tile (one group's tokens) and
-// sweep the weight tiles. groups > 1 only in the masked view (the contiguous view finds its
-// group per tile from m_indices, resolve_tile); masked tiles past masked_m[g] are skipped by
-// the caller without touching memory. Seam: a TMA-multicast or L2-swizzled raster goes here.
+// groups > 1 only in the masked view (the contiguous view finds its group per tile from
+// m_indices, resolve_tile); masked tiles past masked_m[g] are skipped by the caller without
+// touching memory. Within a group, tiles go in bands of kBandM m-tiles, m fastest inside a
+// band: the tiles in flight at once (one per CTA) then span ~kBandM A row-blocks and
+// ~CTAs / kBandM weight blocks, not 1-2 A row-blocks and every weight block, so both stay in
+// L2 while they are reused. Seam: TMA multicast across a cluster goes here.
 #pragma once
 
 #include "csrc/gemm/fp8_gemm.cuh"
@@ -26,9 +28,15 @@ struct PersistentScheduler {
     FMO_DEVICE int64_t first() const { return blockIdx.x; }
     FMO_DEVICE int64_t stride() const { return gridDim.x; }
 
+    static constexpr int64_t kBandM = 8;
+
     FMO_DEVICE Tile tile(int64_t i) const {
-        const int64_t nt = i % tiles_n, rest = i / tiles_n;
-        return Tile{(rest % tiles_m) * BM, nt * BN, rest / tiles_m};
+        const int64_t per_group = tiles_m * tiles_n;
+        const int64_t group = i / per_group, j = i % per_group;
+        const int64_t band = j / (kBandM * tiles_n), in_band = j % (kBandM * tiles_n);
+        const int64_t first_m = band * kBandM;
+        const int64_t band_m = tiles_m - first_m < kBandM ? tiles_m - first_m : kBandM;  // last band: fewer
+        return Tile{(first_m + in_band % band_m) * BM, (in_band / band_m) * BN, group};
     }
 };
 
