@@ -241,3 +241,34 @@ def test_readme_sm_budget_example_runs():
     ns = run_readme_example("## The SM budget")
     assert ns["x"].grad is not None and not ns["x"].grad.isnan().any()
     assert ns["layer"].w13.grad is not None and ns["budget"].comm_sms == 24
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+@pytest.mark.parametrize("overlap", [False, True])
+def test_static_shapes_masked_experts(engine, overlap):
+    """num_worst_tokens > 0: fixed per-expert slots and masked grouped GEMMs; same float64 bound."""
+    layer = make_layer(12, experts=4, k=3, num_worst_tokens=64, overlap=overlap, scoring="sigmoid", normalize_topk=True)
+    g = torch.Generator().manual_seed(12)
+    x, dy = torch.randn(50, 128, generator=g), torch.randn(50, 128, generator=g)
+    with fmo.use_backend(engine):
+        run_and_check(layer, x, dy, f"{engine}, masked, overlap={overlap}, seed 12", scoring="sigmoid", normalize=True)
+
+
+def test_masked_experts_never_synchronise(monkeypatch):
+    """The static path reads nothing back to the host: every Tensor -> Python conversion
+    raises while its forward and backward run (sim engine: the kernels' launch path)."""
+    layer = make_layer(13, experts=4, k=2, num_worst_tokens=32)
+    x = torch.randn(20, 128, requires_grad=True)
+    with fmo.use_backend("sim"):
+        idx, w = layer.route(x)
+        fp8 = layer._fp8_weights()
+
+        def refuse(*a, **kw):
+            raise AssertionError("host synchronisation in the static-shape experts")
+
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__int__", "__float__", "__bool__", "nonzero", "cpu", "numpy"):
+                m.setattr(torch.Tensor, name, refuse)
+            y = moe_experts.masked_experts(x, idx, w, layer.w13, layer.w2, *fp8)
+            y.backward(torch.ones_like(y))
+    assert not y.isnan().any() and layer.w13.grad is not None

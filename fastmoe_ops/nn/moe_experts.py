@@ -18,6 +18,13 @@ w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) and w2 [E, H, I]:
             group never straddles two experts because segments are 128-aligned, so slicing
             expert e's columns of the transposed operands is exactly quantising its rows alone.
 
+Static shapes (`masked_experts`, used when the Buffer has num_worst_tokens): every local expert
+gets a fixed slot of Mmax = N rounded up to 128 rows ([E, Mmax, H]: a row can meet an expert at
+most once, so no slot overflows), filled by an index_copy with a dump row for unused slots;
+`masked_m` [E] (rows per expert) stays on the device; the GEMMs are grouped_gemm_masked into
+zero-filled outputs (rows past masked_m stay 0, so SiLU*up and the wgrad see zeros there); the
+wgrad loops over experts with static bounds. No host synchronisation anywhere in this path.
+
 Everything is FP8 (e4m3) with fp32 accumulation and promotion per 128 of K, as
 fmo.nn.FP8Linear's recipe; only the SiLU-and-multiply and its derivative are fp32 PyTorch
 element-wise ops (h is kept in fp32 for them: e4m3 would add a third rounding to the gate
@@ -33,7 +40,7 @@ import torch
 from ..errors import expect
 from ..ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_transposed
 from ..ops.fp8_gemm import contiguous_alignment, gemm
-from ..ops.fp8_gemm_grouped import grouped_gemm_contiguous
+from ..ops.fp8_gemm_grouped import grouped_gemm_contiguous, grouped_gemm_masked
 from ..ops.fp8_quant import quantize_per_token_group
 from ..moe.autograd import with_nones
 
@@ -144,3 +151,81 @@ def grouped_experts(x_sorted: torch.Tensor, pmap, w13: torch.Tensor, w2: torch.T
     w2_fp8 = w2_fp8 if w2_fp8 is not None else quantize_expert_weights(w2)
     m_idx = m_indices(pmap.src_slots, pmap.expert_offsets)
     return GroupedExpertsFn.apply(x_sorted.contiguous(), w13, w2, m_idx, pmap.expert_offsets, w13_fp8, w2_fp8)
+
+
+# ------------------------------------------------------------- static shapes: masked layout
+
+
+def _masked(act3: torch.Tensor, wq, ws, masked_m) -> torch.Tensor:
+    """[E, Mmax, K] -> [E, Mmax, N] fp32; rows past masked_m[e] are 0 (zero-filled `out`)."""
+    e, mmax, k = act3.shape
+    aq, as_ = quantize_per_token_group(act3.reshape(e * mmax, k), GROUP)
+    out = torch.zeros(e, mmax, wq.shape[1], dtype=torch.float32, device=act3.device)
+    return grouped_gemm_masked(aq.view(e, mmax, k), as_.view(e, mmax, -1), wq, ws, masked_m, torch.float32, out=out)
+
+
+def _wgrad_masked(dout3: torch.Tensor, inp3: torch.Tensor, dtype) -> torch.Tensor:
+    """[E, N, K]: dW[e] = dout3[e]^T inp3[e] over all Mmax rows (rows past masked_m are 0)."""
+    out = torch.empty(dout3.shape[0], dout3.shape[2], inp3.shape[2], dtype=torch.float32, device=dout3.device)
+    for e in range(dout3.shape[0]):
+        dq, ds = quantize_per_token_group_transposed(dout3[e], GROUP)
+        iq, is_ = quantize_per_token_group_transposed(inp3[e], GROUP)
+        gemm(dq, ds, iq, is_, torch.float32, out=out[e])
+    return out.to(dtype)
+
+
+class MaskedExpertsFn(torch.autograd.Function):
+    """x3 [E, Mmax, H] (rows past masked_m zero), w13, w2 -> y3 [E, Mmax, H] (x3's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x3, w13, w2, masked_m, w13_fp8, w2_fp8):
+        inter = w2.shape[2]
+        h3 = _masked(x3, *w13_fp8, masked_m)                      # [E, Mmax, 2I]
+        a3 = torch.nn.functional.silu(h3[..., :inter]) * h3[..., inter:]
+        y3 = _masked(a3, *w2_fp8, masked_m)
+        ctx.save_for_backward(x3, h3, a3, masked_m, *w13_fp8, *w2_fp8)
+        ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
+        return y3.to(x3.dtype)
+
+    @staticmethod
+    def backward(ctx, dy3):
+        x3, h3, a3, masked_m, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        e, mmax, _ = x3.shape
+        dy3 = dy3.contiguous()
+        da3 = _masked(dy3, *transposed(w2q, w2s), masked_m)
+        dh3 = _silu_mul_backward(h3.reshape(e * mmax, -1), da3.reshape(e * mmax, -1), ctx.inter).view(e, mmax, -1)
+        dx3 = _masked(dh3, *transposed(w13q, w13s), masked_m).to(x3.dtype) if ctx.needs_input_grad[0] else None
+        dw13 = _wgrad_masked(dh3, x3.float(), ctx.w_dtypes[0]) if ctx.needs_input_grad[1] else None
+        dw2 = _wgrad_masked(dy3.float(), a3, ctx.w_dtypes[1]) if ctx.needs_input_grad[2] else None
+        return with_nones(MaskedExpertsFn, dx3, dw13, dw2)
+
+
+def masked_experts(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   w13_fp8=None, w2_fp8=None) -> torch.Tensor:
+    """Static-shape experts: recv_x [N, H], recv_idx [N, k] (local ids or -1), recv_w [N, k] fp32
+    -> [N, H]: out[n] = sum_j recv_w[n, j] * expert_{idx[n, j]}(recv_x[n]) (fp32 sum, slots in
+    order, one rounding: fmo.moe.unpermute's order). Shapes depend on N, k, E only."""
+    e, i2, hidden = w13.shape
+    expect(tuple(w2.shape) == (e, hidden, i2 // 2), "w2", f"shape ({e}, {hidden}, {i2 // 2}) to match w13", tuple(w2.shape))
+    n, k = recv_idx.shape
+    mmax = max(GROUP, -(-n // GROUP) * GROUP)     # a row meets an expert at most once: N rows suffice
+    experts = torch.arange(e, device=recv_idx.device)
+    hit = (recv_idx.reshape(n * k, 1) == experts).to(torch.int32)            # [N*k, E]
+    pos = (hit.cumsum(0) - 1).gather(1, recv_idx.reshape(-1, 1).clamp(min=0)).squeeze(1)   # place in its expert
+    masked_m = hit.sum(0, dtype=torch.int32)                                  # [E] on the device
+    valid = recv_idx.reshape(-1) >= 0
+    dest = torch.where(valid, recv_idx.reshape(-1).clamp(min=0) * mmax + pos, e * mmax)   # e * mmax: the dump row
+    src = recv_x.repeat_interleave(k, 0) if k > 1 else recv_x                 # [N*k, H]: row of slot n*k + j
+    x3 = torch.zeros(e * mmax + 1, hidden, dtype=recv_x.dtype, device=recv_x.device).index_copy(0, dest, src)
+    x3 = x3[: e * mmax].view(e, mmax, hidden)
+    w13_fp8 = w13_fp8 if w13_fp8 is not None else quantize_expert_weights(w13)
+    w2_fp8 = w2_fp8 if w2_fp8 is not None else quantize_expert_weights(w2)
+    y3 = MaskedExpertsFn.apply(x3.contiguous(), w13, w2, masked_m, w13_fp8, w2_fp8)
+    y_rows = torch.cat([y3.reshape(e * mmax, hidden), y3.new_zeros(1, hidden)]).index_select(0, dest)   # [N*k, H]
+    acc = torch.float64 if recv_x.dtype == torch.float64 else torch.float32
+    y_rows = y_rows.view(n, k, hidden).to(acc)
+    w = torch.where(recv_idx >= 0, recv_w, 0.0).to(acc)
+    out = y_rows[:, 0] * w[:, :1]
+    for j in range(1, k):                                                      # slots in order, fp32
+        out = out + y_rows[:, j] * w[:, j:j + 1]
+    return out.to(recv_x.dtype)

@@ -12,7 +12,13 @@ so a near-tie decided differently in float64 cannot fail a test.
 
 Experts: fmo.moe.permute (segments aligned for the grouped GEMM) -> moe_experts.grouped_experts
 (gate/up grouped GEMM, SiLU*up, down grouped GEMM, all FP8) -> fmo.moe.unpermute (weighted sum
-of a row's slots). Rank r of R owns experts [r*E/R, (r+1)*E/R); with group=None one process
+of a row's slots); with num_worst_tokens (static shapes) moe_experts.masked_experts instead:
+fixed per-expert slots and masked grouped GEMMs, whose shapes depend on no data.
+Host synchronisation on CUDA: the layer's own code has none in the forward (routing, load
+counts, weight-cache checks, the schedule: streams and events); the contiguous path's permute
+reads its segment sizes on the host (fmo.moe.permute) and its backward reads the expert
+offsets for the per-expert wgrad loop; the masked path has neither. The host transport itself
+exchanges counts through MPI on the host. Rank r of R owns experts [r*E/R, (r+1)*E/R); with group=None one process
 owns them all and nothing is exchanged.
 
 Overlap schedule (overlap=True): the tokens are split in two halves; each half's dispatch (D),
@@ -71,7 +77,9 @@ class MoELayer(torch.nn.Module):
     scoring 'softmax' | 'sigmoid'; normalize_topk: weights / their sum; route_scale: factor.
     expert_bias: keep an [E] selection bias (auxiliary-loss-free balancing).
     overlap: two-micro-batch overlap of communication and expert compute.
-    num_worst_tokens, transport, max_tokens_per_rank: passed to fmo.moe.Buffer.
+    num_worst_tokens, transport, max_tokens_per_rank: passed to fmo.moe.Buffer; num_worst_tokens > 0
+    also selects the static-shape experts (moe_experts.masked_experts: per-expert slots of fixed
+    size, masked grouped GEMMs, no host synchronisation), with or without a group.
     Parameters: router_weight [E, H] fp32; w13 [E_local, 2I, H] and w2 [E_local, H, I] in dtype."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, group=None,
@@ -91,6 +99,7 @@ class MoELayer(torch.nn.Module):
         self.hidden, self.intermediate, self.num_experts, self.top_k = hidden, intermediate, num_experts, top_k
         self.scoring, self.normalize_topk, self.route_scale, self.overlap = scoring, normalize_topk, float(route_scale), overlap
         self.group, self.rank = group, (group.rank if group is not None else 0)
+        self.static_shapes = num_worst_tokens > 0
         self.num_local_experts = num_experts // ranks
         self.router_weight = torch.nn.Parameter(torch.empty(num_experts, hidden, device=device, dtype=torch.float32))
         self.w13 = torch.nn.Parameter(torch.empty(self.num_local_experts, 2 * intermediate, hidden, device=device, dtype=dtype))
@@ -175,6 +184,8 @@ class MoELayer(torch.nn.Module):
         return recv_x, recv_idx, recv_w, handle
 
     def _experts(self, recv_x, recv_idx, recv_w, w13, w2, fp8):
+        if self.static_shapes:   # fixed [E, Mmax, H] slots, counts on the device: no host sync
+            return moe_experts.masked_experts(recv_x, recv_idx, recv_w, w13, w2, *fp8)
         x_sorted, pmap = permute(recv_x, recv_idx, self.num_local_experts, alignment=contiguous_alignment())
         y_sorted = moe_experts.grouped_experts(x_sorted, pmap, w13, w2, *fp8)
         return unpermute(y_sorted, pmap, recv_w)
