@@ -1,17 +1,27 @@
 """MoE dispatch + combine across MPI ranks against a raw MPI Alltoallv of the same bytes.
 
-    mpirun -n 4 python -m bench.bench_moe [--quick] [--json FILE]
+    mpirun -n 4 python -m bench.bench_moe [--quick] [--json FILE]        # CPU
+    mpirun -n 2 python -m bench.bench_moe [--quick] [--json FILE]        # GPU (ranks may share one)
 
-On CPU tensors (the host transport): each row times one dispatch + combine (layout,
-metadata handshake, payload gathers, Ialltoallv, fixed-order combine sum) on every rank,
-and, in the same run, two raw `comm.Alltoallv` calls moving exactly the same bytes
-(pre-packed buffers, no layout): what the exchange costs without the library. A
-repetition's time is the slowest rank's (barrier before each), the reported time the
-median. GB/s counts the payload bytes all ranks send (dispatch + combine).
+Each row times one dispatch + combine (layout, metadata handshake, packing, transfers, the
+fixed-order combine sum) on every rank and, in the same run, two raw `comm.Alltoallv` calls
+moving exactly the same bytes between pre-packed host buffers (no layout, no handshake, no
+sum): what the exchange costs without the library. Speedup = raw time / ours (1.5x
+slower is 0.67x). A repetition's time is the slowest rank's (barrier before each, warm-up
+first), the reported time the median. GB/s counts the payload bytes all ranks send
+(dispatch rows + their ids/weights/scales, then combine rows).
+
+CPU tensors: the host transport (packing and the sum on the CPU; no kernel, so the engine
+does not apply), plus one transport='ipc' row: the intra-node kernels on the simulator over
+shared memory (simulator speed, not GPU speed).
+CUDA tensors: the host transport staged through pinned memory (kernels pack and sum on the
+device) and transport='ipc' (CUDA IPC, kernels on comm_sms SMs); "% ceil" compares their
+rate with the device copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,44 +36,61 @@ from .harness import Row, format_table, write_json
 
 # (tokens per rank, hidden, experts, top-k, payload)
 CPU_SHAPES = [(512, 2048, 32, 4, "bf16"), (256, 7168, 64, 8, "bf16"), (256, 7168, 64, 8, "fp8")]
+GPU_SHAPES = [(4096, 7168, 256, 8, "bf16"), (4096, 7168, 256, 8, "fp8")]
 
 
-def timed(comm, fn, reps: int) -> tuple[float, float]:
+def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> tuple[float, float]:
     """(median over reps of the slowest rank's wall time for fn(), median over reps of
     the mean CPU time per rank): the CPU time separates the work done from waiting on a
-    machine whose cores the ranks share."""
-    fn()
+    machine whose cores the ranks share. On a GPU each repetition ends synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
     samples, cpu = [], []
     for _ in range(reps):
         comm.Barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        sync()
         samples.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     wall = statistics.median(np.max(np.array(comm.allgather(samples)), axis=0).tolist())
     return wall, statistics.median(np.mean(np.array(comm.allgather(cpu)), axis=0).tolist())
 
 
-def run_shape(comm, engine: str, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
-              transport: str = "host") -> Row:
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy rate (bytes read + written, 1 GiB), bytes/s: the ceiling of GPU rows."""
+    from fastmoe_ops.timing import time_fn
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_fn(lambda: dst.copy_(src), device=device, reps=10).median_s
+
+
+def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
+              transport: str = "host", ceiling: float = 0.0) -> Row:
     rank, world = comm.Get_rank(), comm.Get_size()
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
     w = torch.rand(tokens, k, generator=g)
     xin = fmo.fp8.quantize_per_token_group(x, 128) if payload == "fp8" else x
-    extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k) if transport == "ipc" else {}
+    xin = tuple(t.to(device) for t in xin) if payload == "fp8" else xin.to(device)
+    idx, w = idx.to(device), w.to(device)
+    extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k, device=device) if transport == "ipc" else {}
     buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
+    engine = "cuda" if device.type == "cuda" else ("sim" if transport == "ipc" else fmo.backends.cpu_engine())
 
-    with fmo.use_backend(engine):
+    with fmo.use_backend("sim") if transport == "ipc" and device.type == "cpu" else contextlib.nullcontext():
         recv_x, _, _, _, handle = buf.dispatch(xin, idx, w)
-        y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16)
+        y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
 
         def ours():
             _, _, _, _, h = buf.dispatch(xin, idx, w)
             buf.combine(y, h)
 
-        t_ours, cpu_ours = timed(comm, ours, reps)
+        t_ours, cpu_ours = timed(comm, ours, reps, device)
 
     # The same bytes through raw Alltoallv: dispatch rows (payload + ids + weights), then combine rows.
     row_in = hidden * (1 if payload == "fp8" else 2) + (4 * -(-hidden // 128) if payload == "fp8" else 0) + 12 * k
@@ -84,11 +111,12 @@ def run_shape(comm, engine: str, tokens: int, hidden: int, experts: int, k: int,
         comm.Alltoallv([a_send, spec(send_rows, row_in), MPI.BYTE], [a_recv, spec(recv_rows, row_in), MPI.BYTE])
         comm.Alltoallv([b_send, spec(recv_rows, row_back), MPI.BYTE], [b_recv, spec(send_rows, row_back), MPI.BYTE])
 
-    t_raw, cpu_raw = timed(comm, raw, reps)
+    t_raw, cpu_raw = timed(comm, raw, reps, torch.device("cpu"))
     moved = sum(comm.allgather(a_send.size + b_send.size))
     buf.destroy()
     return Row(op="moe_dispatch_combine", shape=f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload} {transport}", engine=engine,
                ours_s=t_ours, baseline="MPI Alltoallv x2 (same bytes)", baseline_s=t_raw, bytes_moved=moved,
+               ceiling="device copy" if ceiling else "", ceiling_rate=ceiling,
                extra={"cpu_s": cpu_ours, "baseline_cpu_s": cpu_raw})
 
 
@@ -97,36 +125,44 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="mpirun -n 4 python -m bench.bench_moe", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the first shape only, fewer repetitions")
-    p.add_argument("--engine", choices=["sim", "reference"], action="append", help="CPU engines (default: every available one)")
-    p.add_argument("--no-ipc", action="store_true", help="skip the transport='ipc' row (simulated intra-node kernels)")
+    p.add_argument("--cpu", action="store_true", help="CPU tensors even where a GPU is available")
+    p.add_argument("--no-ipc", action="store_true", help="skip the transport='ipc' rows")
+    p.add_argument("--reps", type=int, default=0, help="repetitions per row (default 15, 5 with --quick)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
+    gpu = not args.cpu and torch.cuda.is_available() and "cuda" in fmo.available_backends()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     # One intra-op thread per rank: ranks already fill the cores, and torch's default (a
     # thread per core in every rank) oversubscribes them.
     torch.set_num_threads(1)
-    engines = args.engine or [e for e in ("sim", "reference") if e in fmo.available_backends()]
-    shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
-    reps = 5 if args.quick else 15
-    runs = [(shape, engine, "host") for shape in shapes for engine in engines]
-    if "sim" in engines and not args.no_ipc:   # the intra-node kernels, simulated across processes
-        runs += [(shape, "sim", "ipc") for shape in shapes[:1]]
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    shapes = shapes[:1] if args.quick else shapes
+    reps = args.reps or (5 if args.quick else 15)
+    runs = [(shape, "host") for shape in shapes]
+    if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
+        runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
+    ceiling = copy_bandwidth(device) if gpu else 0.0
     rows = []
-    for shape, engine, transport in runs:
-        rows.append(run_shape(comm, engine, *shape, reps=reps, transport=transport))
+    for shape, transport in runs:
+        rows.append(run_shape(comm, device, *shape, reps=reps, transport=transport, ceiling=ceiling))
         if comm.Get_rank() == 0:
-            print(f"done: {rows[-1].shape} {engine}", file=sys.stderr, flush=True)
+            print(f"done: {rows[-1].shape} {rows[-1].engine}", file=sys.stderr, flush=True)
     if comm.Get_rank() == 0:
-        print(f"{comm.Get_size()} ranks, CPU tensors, host transport; `sim` rows run the layout/gather/reduce kernels "
-              "on the SIMT simulator, `reference` rows the PyTorch path; `ipc` rows run the intra-node transport kernels on the "
-              "simulator over shared memory (simulator speed, not GPU speed). Speedup < 1: slower than the raw Alltoallv.")
+        if gpu:
+            print(f"{comm.Get_size()} ranks, CUDA tensors on {torch.cuda.get_device_name(device)}; device copy bandwidth "
+                  f"(measured now): {ceiling / 1e9:.0f} GB/s. host rows: staged through pinned memory; ipc rows: CUDA IPC.")
+        else:
+            print(f"{comm.Get_size()} ranks, CPU tensors: host rows pack and sum on the CPU (what users run); the ipc row "
+                  "runs the intra-node transport kernels on the simulator over shared memory (simulator speed, not GPU "
+                  "speed). Speedup < 1: slower than the raw Alltoallv; 0.67x is 1.5x slower.")
         print(format_table(rows))
         print("CPU time per rank and call (median; the rest of the wall time is waiting for a core or a peer):")
         for r in rows:
             print(f"  {r.shape:<34} {r.engine:<9} ours {r.extra['cpu_s'] * 1e3:8.2f} ms   "
                   f"raw Alltoallv {r.extra['baseline_cpu_s'] * 1e3:8.2f} ms")
         if args.json:
-            write_json(args.json, rows, torch.device("cpu"))
+            write_json(args.json, rows, device)
     return 0
 
 
