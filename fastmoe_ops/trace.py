@@ -14,14 +14,16 @@ kernel's name, the engine and the role of the stream it was launched from
     ft.plot_timeline(ivs, "out/timeline.png")
 
 `host_interval(name)` adds host work (an MPI exchange) as an interval of engine "host".
-Clocks: in the simulator %globaltimer is CLOCK_MONOTONIC, the clock of time.monotonic_ns(),
-so host and kernel intervals share one time axis. On a GPU, %globaltimer has its own
-epoch: compare CUDA intervals with each other, not with host intervals.
+Clocks: every Interval is in time.monotonic_ns() nanoseconds. In the simulator %globaltimer
+is that clock (CLOCK_MONOTONIC). On a GPU it has its own epoch: collect() maps it with a
+clock probe (`clock_offset`), to within half the probe's round trip (microseconds), so CUDA
+intervals compare with host intervals to that precision and with each other exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -195,7 +197,11 @@ def collect() -> list[Interval]:
                 f"trace buffer of {buf.device} overflowed: {count} events (2 per CTA) for {buf.capacity} slots "
                 f"(FMO_TRACE_CAPACITY); raise it or call trace.clear() more often")
         recs = np.frombuffer(buf.records[: count * RECORD_DTYPE.itemsize].cpu().numpy().tobytes(), dtype=RECORD_DTYPE)
-        out.extend(_pair(recs, launches, buf.device))
+        ivs = _pair(recs, launches, buf.device)
+        if buf.device.type == "cuda" and ivs:
+            offset, _ = clock_offset("cuda", buf.device)
+            ivs = [dataclasses.replace(i, start_ns=i.start_ns - offset, end_ns=i.end_ns - offset) for i in ivs]
+        out.extend(ivs)
     out.sort(key=lambda iv: (iv.start_ns, iv.end_ns))
     return out
 
@@ -359,3 +365,51 @@ def rendezvous(flags: torch.Tensor, met: torch.Tensor, me: int, *, timeout_s: fl
     params = RendezvousParams(flags=flags.data_ptr(), met=met.data_ptr(), timeout_ns=int(timeout_s * 1e9), me=me,
                               reserved=0)
     launch(RendezvousSpec(), LaunchConfig.make(1, 32), params, engine=engine, tensors=(flags, met))
+
+
+# ------------------------------------------------------------------------ clock probe
+
+
+class ClockParams(Params):
+    cpp_name = "fmo::trace::ClockParams"
+    _fields_ = [("out", ctypes.c_void_p)]
+
+
+@dataclass(frozen=True)
+class ClockSpec(KernelSpec):
+    """Reads %globaltimer once (csrc/common/trace.cuh). Not traced: it measures the trace."""
+
+    op: ClassVar[str] = "trace_clock"
+    header: ClassVar[str] = "csrc/common/trace.cuh"
+    params: ClassVar[type[Params]] = ClockParams
+    traceable: ClassVar[bool] = False
+
+    def block_threads(self) -> int:
+        return 32
+
+    def device_call(self) -> str:
+        return "fmo::trace::clock_probe(p)"
+
+
+@register_op("trace_clock")
+def _clock_specs():
+    yield ClockSpec()
+
+
+def clock_offset(engine: str, device, probes: int = 5) -> tuple[int, int]:
+    """(offset, uncertainty) in ns with device_time = host_time + offset, host time being
+    time.monotonic_ns(). Each probe brackets one %globaltimer read between two host reads;
+    the tightest bracket wins and its half-width is the uncertainty."""
+    device = torch.device(device)
+    out = torch.zeros(1, dtype=torch.int64, device=device)
+    best = None
+    for _ in range(probes):
+        t0 = time.monotonic_ns()
+        launch(ClockSpec(), LaunchConfig.make(1, 32), ClockParams(out=out.data_ptr()), engine=engine, tensors=(out,))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.monotonic_ns()
+        width = t1 - t0
+        if best is None or width < best[1]:
+            best = (int(out.cpu().item()) - (t0 + t1) // 2, width)
+    return best[0], (best[1] + 1) // 2

@@ -248,3 +248,13 @@ def test_events_pair_into_intervals_and_broken_pairs_are_errors():
         ft._pair(_events((1, 0, 1, 10), (1, 0, 1, 11)), launches, "cpu")
     with pytest.raises(fmo.FmoError, match="corrupt"):
         ft._pair(_events((0, 0, 0, 0)), launches, "cpu")  # an unwritten (zero) slot
+
+
+@needs_sim
+def test_clock_probe_finds_the_simulator_on_the_host_clock(tracing):
+    # In the simulator %globaltimer is time.monotonic_ns's clock: the measured offset must be
+    # zero to within the probe's own uncertainty. The probe itself is never traced.
+    offset, uncertainty = ft.clock_offset("sim", "cpu")
+    assert uncertainty > 0 and abs(offset) <= uncertainty, (offset, uncertainty)
+    assert ft.collect() == []
+    assert ft.ClockSpec().stub(True) == ft.ClockSpec().stub(False)  # no trace parameter even when asked

@@ -14,7 +14,8 @@
 //
 // Also here: `rendezvous`, a probe kernel of the trace tests and the GPU check. Two launches
 // on two streams each announce themselves and wait (bounded by a timeout) for the other, so
-// both finishing without a timeout proves they were in flight together.
+// both finishing without a timeout proves they were in flight together. And `clock_probe`,
+// which reads %globaltimer once so the host can put device stamps on its own time axis.
 #pragma once
 
 #include "ptx/common.cuh"
@@ -84,6 +85,17 @@ FMO_DEVICE void rendezvous(const RendezvousParams& p) {
   while ((seen = ptx::ld_acquire(p.flags + (1 - p.me))) == 0 && ptx::globaltimer() - t0 < p.timeout_ns) {
   }
   p.met[p.me] = seen ? 1u : 2u;
+}
+
+// ---- clock probe ---------------------------------------------------------------------------
+// One %globaltimer reading; the host brackets the launch with its own clock to map device
+// stamps onto host time (fastmoe_ops.trace.clock_offset). Never traced itself.
+struct ClockParams {
+  unsigned long long* out;  // [1]
+};
+
+FMO_DEVICE void clock_probe(const ClockParams& p) {
+  if (is_thread0() && blockIdx.x == 0) *p.out = ptx::globaltimer();
 }
 
 }  // namespace trace

@@ -108,7 +108,7 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
         if fn is None:
             arch = device_arch(torch.device("cuda", index))
             name = spec.entry_name()
-            traced = env.flag("FMO_TRACE")
+            traced = env.flag("FMO_TRACE") and spec.traceable
             stub = spec.stub(traced)
             try:
                 result = compile_nvrtc(stub, name, arch)
@@ -182,7 +182,7 @@ def lookup(spec: KernelSpec, engine: str, device: torch.device):
     if engine == "cuda":
         return cuda_function(spec, device)
     if engine == "sim":
-        return sim_function(spec, env.flag("FMO_TRACE"))
+        return sim_function(spec, env.flag("FMO_TRACE") and spec.traceable)
     raise InputError(f"engine: expected 'cuda' or 'sim' for a kernel launch, got {engine!r}")
 
 
