@@ -164,3 +164,27 @@ def test_static_shapes_and_an_empty_rank(comm, overlap):
             layer.destroy()
 
     run_all(comm, body)
+
+
+def test_expert_bias_update_uses_the_global_load(comm):
+    """update_expert_bias sums every rank's expert load (collective) and moves each bias by
+    rate * sign(mean - load): the same bias on every rank, from the routing every rank chose."""
+    need_ranks(comm, 4)
+    counts = [5, 9, 0, 14][: comm.Get_size()] + [3] * (comm.Get_size() - 4)
+    group = fmo.comm.Group(comm)
+
+    def body():
+        with fmo.use_backend("reference"):
+            layer, x, dy, out = run_layer(group, counts, 17, torch.float32, False, 2, expert_bias=True)
+        try:
+            idx = torch.cat(comm.allgather(layer.last_topk_idx))
+            want = torch.bincount(idx.reshape(-1), minlength=E).float()
+            load = layer.update_expert_bias(0.5)
+            assert torch.equal(load, want), f"load {load.tolist()} != every rank's routing {want.tolist()}"
+            assert torch.equal(layer.expert_bias, 0.5 * torch.sign(want.mean() - want))
+            biases = comm.allgather(layer.expert_bias)
+            assert all(torch.equal(b, biases[0]) for b in biases), "ranks disagree on the bias"
+        finally:
+            layer.destroy()
+
+    run_all(comm, body)
