@@ -272,3 +272,17 @@ def test_masked_experts_never_synchronise(monkeypatch):
             y = moe_experts.masked_experts(x, idx, w, layer.w13, layer.w2, *fp8)
             y.backward(torch.ones_like(y))
     assert not y.isnan().any() and layer.w13.grad is not None
+
+
+def test_bench_rows_single_process():
+    """bench/bench_moe_layer.py's rows on a tiny shape (one process: no Buffer, nothing to overlap
+    with, so no comm time and no traced fraction): times are positive and named."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from bench import bench_moe_layer as bench
+
+    shape = (16, 128, 128, 4, 2)
+    with fmo.use_backend("reference"):
+        row = bench.layer_row(MPI.COMM_SELF, None, shape, "reference", torch.device("cpu"), "host", reps=1)
+        sms = bench.reserved_sms_rows(shape, "reference", torch.device("cpu"), reps=1)
+    assert row.ours_s > 0 and row.baseline_s > 0 and row.extra["comm_s"] == 0 and row.extra["traced"] is None
+    assert [r.extra["reserved_sms"] for r in sms] == list(bench.RESERVED_SMS) and all(r.ours_s > 0 for r in sms)
