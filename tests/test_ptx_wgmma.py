@@ -47,8 +47,8 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
   float acc[64];
   const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
   for (int i = 0; i < 64; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)];
+  wgmma_fence_operands(acc);  // the loads of C stay before the fence
   if (mode != 3) wgmma_fence();
-  wgmma_fence_operands(acc);
   for (int s = 0; s < ksteps; ++s) {
     const uint64_t da = make_smem_desc(wg_smem + a_off[s], a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
     const int b_skew = (mode == 4 && w == 3) ? 16 : 0;  // warp 3 names other B bytes

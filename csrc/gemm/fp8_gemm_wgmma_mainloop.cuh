@@ -49,8 +49,8 @@ struct WgmmaMainloop {
         const int wg = threadIdx.x / 128;
         const uint8_t* a = io.tile_a(stage) + wg * kWarpgroupRows * kBlockK;
         const uint8_t* b = io.tile_b(stage);
-        ptx::wgmma_fence();  // the promotion read `partial`; order that before the MMAs write it
-        ptx::wgmma_fence_operands(d);
+        ptx::wgmma_fence_operands(d);  // the promotion's reads of `partial` stay before the fence ...
+        ptx::wgmma_fence();            // ... which orders them before the MMAs write it
 #pragma unroll
         for (int ks = 0; ks < kBlockK / 32; ++ks) {
             // SBO: 8 rows of 128 bytes; LBO: unused by swizzled K-major layouts, "assumed 1" (ISA).
