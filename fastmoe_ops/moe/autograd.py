@@ -38,14 +38,14 @@ class DispatchFn(torch.autograd.Function):
         # Dispatch's backward is a combine: every rank that received token t returns its
         # gradient row, and the source adds them in ascending rank order.
         if grad_recv_x is None:
-            grad_recv_x = torch.zeros(handle.num_recv_rows, handle.hidden)
+            grad_recv_x = torch.zeros(handle.num_recv_rows, handle.hidden, device=recv_topk_idx.device)
         grad_x = buffer._combine(grad_recv_x, handle) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             # Only the owner of slot j's expert saw the weight: mask the others' slots, then
             # combine; every other rank contributes an exact zero.
             if grad_recv_w is None:
-                grad_recv_w = torch.zeros(recv_topk_idx.shape, dtype=torch.float32)
+                grad_recv_w = torch.zeros(recv_topk_idx.shape, dtype=torch.float32, device=recv_topk_idx.device)
             masked = torch.where(recv_topk_idx >= 0, grad_recv_w, 0.0).to(torch.float32)
             grad_w = buffer._combine(masked, handle, check_hidden=False)
         return with_nones(DispatchFn, grad_x, grad_w)
