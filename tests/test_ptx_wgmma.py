@@ -67,6 +67,34 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
   wgmma_fence_operands(acc);
   if (mode != 1) store_d(D, acc);
 }
+
+// Two accumulators, one commit group each: after wait_group 1 the first group has retired
+// (D1 = A B + C) and the second has not (D2 still C); after wait_group 0 both have.
+// D: [3][64][128] = D1 after wait 1, D2 after wait 1, D2 after wait 0.
+extern "C" __global__ void wgmma_two_groups(const unsigned char* image, int image_bytes, const float* C, float* D,
+                                            int a_off, int b_off, int sbo) {
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg_smem[i] = image[i];
+  fence_proxy_async_shared();
+  __syncthreads();
+  float acc1[64], acc2[64];
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int i = 0; i < 64; ++i)
+    acc1[i] = acc2[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)];
+  wgmma_fence_operands(acc1);
+  wgmma_fence_operands(acc2);
+  wgmma_fence();
+  const uint64_t da = make_smem_desc(wg_smem + a_off, 16, sbo, Swizzle::b128);
+  const uint64_t db = make_smem_desc(wg_smem + b_off, 16, sbo, Swizzle::b128);
+  wgmma_m64n128k32_e4m3(acc1, da, db, 1);
+  wgmma_commit();
+  wgmma_m64n128k32_e4m3(acc2, da, db, 1);
+  wgmma_commit();
+  wgmma_wait<1>();
+  store_d(D, acc1);
+  store_d(D + 64 * 128, acc2);
+  wgmma_wait<0>();
+  store_d(D + 2 * 64 * 128, acc2);
+}
 """
 
 
@@ -282,3 +310,17 @@ def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
     want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
     missing = [op for op in want if op not in ops]
     assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'QG', 'HG', 'WA', 'FE'})}"
+
+
+def test_wgmma_wait_group_n_retires_all_but_the_newest_n(runner):
+    """Simulator-defined (reading D2 before its wait is undefined on the GPU)."""
+    case = wgmma_case("b128", 900, ksteps=1)
+    image, c = case.args[0], case.extra["c"]
+    a_off, b_off = int(case.args[4][0]), int(case.args[5][0])
+    args = [image, np.int32(image.size), c, poisoned((3, M, N), np.float32), np.int32(a_off), np.int32(b_off),
+            np.int32(case.extra["a_sbo"])]
+    (d,) = runner.run(Case(name="two groups", kernel="wgmma_two_groups", grid=(1,), block=(128,), args=args,
+                           outputs=[3], check=None, shared_mem=image.size))
+    assert_equal_bits(d[0], case.extra["want_bits"], "group 1 after wait_group 1")
+    assert_equal_bits(d[1], c, "group 2 after wait_group 1 (still pending: the old D)")
+    assert_equal_bits(d[2], case.extra["want_bits"], "group 2 after wait_group 0")
