@@ -84,17 +84,23 @@ def test_staged_cuda_fp8_padding_and_autograd(comm):
         assert rq.shape == (cap, hidden) and rq.device.type == "cuda"
         bitwise(rq[:n].cpu().view(torch.uint8), want_q[rank]["x"], "staged fp8 values")
         assert bool((ridx[n:] == -1).all()) and bool((rq[n:].view(torch.uint8) == 0).all())
-        # Autograd through the staged path: the same gradients as the CPU path, bit for bit.
+        # Autograd through the staged path: the CPU path's results. out and grad x involve
+        # only data movement, elementwise products and the fixed-order combine sums: bit for
+        # bit. grad w also sums over the hidden dimension, in an order PyTorch picks per
+        # device: fp32 rounding of a 300-term sum (relative 1e-5).
         grads = []
         for device in (DEV, torch.device("cpu")):
             x = xs[rank].float().to(device).requires_grad_()
             w = ws[rank].to(device).requires_grad_()
             recv_x, _, recv_w, _, h = buf.dispatch(x, idxs[rank].to(device), w)
-            out = buf.combine(recv_x * recv_w.sum(1, keepdim=True) * (rank + 2), h)
+            out = buf.combine(recv_x * recv_w[:, :1] * (rank + 2), h)
             (out * torch.arange(hidden, dtype=torch.float32, device=device)).sum().backward()
             grads.append((out.detach().cpu(), x.grad.cpu(), w.grad.cpu()))
-        for a, b, what in zip(*grads, ("out", "grad x", "grad w")):
-            bitwise(a, b, f"cuda vs cpu: {what}")
+        (out_g, gx_g, gw_g), (out_c, gx_c, gw_c) = grads
+        bitwise(out_g, out_c, "cuda vs cpu: out")
+        bitwise(gx_g, gx_c, "cuda vs cpu: grad x")
+        err = ((gw_g - gw_c).abs() / gw_c.abs().clamp(min=1e-3)).max().item() if gw_c.numel() else 0.0
+        assert err < 1e-5 and not gw_g.isnan().any(), f"cuda vs cpu: grad w relative error {err:.2e}"
         buf.destroy()
         return "ok"
 
