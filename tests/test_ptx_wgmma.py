@@ -18,7 +18,8 @@ import pytest
 
 from test_ptx_support import Case, SimRunner, assert_close_f64, assert_equal_bits, decode_bits, encode, exact_values, poisoned
 
-M, N, KSTEP = 64, 128, 32
+M, N, KSTEP = 64, 128, 32  # N: the default shape; m64n64k32 is tested too (n=64)
+KERNEL_OF_N = {128: "wgmma_e4m3", 64: "wgmma_e4m3_n64"}
 SWIZZLE = {"none": 0, "b128": 1, "b64": 2, "b32": 3}
 PITCH = {"b128": 128, "b64": 64, "b32": 32}
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in (the GPU runner does not)
@@ -32,31 +33,36 @@ SOURCE = r"""
 #include "ptx/wgmma.cuh"
 extern __shared__ __align__(1024) unsigned char wg_smem[];
 
-__device__ void store_d(float* D, const float (&acc)[64]) {
+template <int N>
+__device__ void store_d(float* D, const float (&acc)[N / 2]) {
   const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
-  for (int i = 0; i < 64; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
+  for (int i = 0; i < N / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
 }
 
-extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_bytes, const float* C, float* D,
-                                      const int* a_off, const int* b_off, int ksteps, int a_lbo, int a_sbo, int a_sw,
-                                      int b_lbo, int b_sbo, int b_sw, int accumulate_c, int mode, int poke_off,
-                                      int poke_bytes, const unsigned char* poke) {
+__device__ void mma_n(float (&d)[64], uint64_t a, uint64_t b, int s) { wgmma_m64n128k32_e4m3(d, a, b, s); }
+__device__ void mma_n(float (&d)[32], uint64_t a, uint64_t b, int s) { wgmma_m64n64k32_e4m3(d, a, b, s); }
+
+template <int N>
+__device__ void wgmma_run(const unsigned char* image, int image_bytes, const float* C, float* D,
+                          const int* a_off, const int* b_off, int ksteps, int a_lbo, int a_sbo, int a_sw,
+                          int b_lbo, int b_sbo, int b_sw, int accumulate_c, int mode, int poke_off,
+                          int poke_bytes, const unsigned char* poke) {
   for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg_smem[i] = image[i];
   fence_proxy_async_shared();  // generic-proxy stores -> wgmma's async-proxy reads
   __syncthreads();
-  float acc[64];
+  float acc[N / 2];
   const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
-  for (int i = 0; i < 64; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 128 + 8 * (i / 4) + 2 * q + (i % 2)];
+  for (int i = 0; i < N / 2; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)];
   wgmma_fence_operands(acc);  // the loads of C stay before the fence
   if (mode != 3) wgmma_fence();
   for (int s = 0; s < ksteps; ++s) {
     const uint64_t da = make_smem_desc(wg_smem + a_off[s], a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
     const int b_skew = (mode == 4 && w == 3) ? 16 : 0;  // warp 3 names other B bytes
     const uint64_t db = make_smem_desc(wg_smem + b_off[s] + b_skew, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
-    wgmma_m64n128k32_e4m3(acc, da, db, (s > 0 || accumulate_c) ? 1 : 0);
+    mma_n(acc, da, db, (s > 0 || accumulate_c) ? 1 : 0);
   }
   wgmma_commit();
-  if (mode == 1) store_d(D, acc);
+  if (mode == 1) store_d<N>(D, acc);
   if (mode == 2) {
     __syncthreads();
     for (int i = threadIdx.x; i < poke_bytes; i += blockDim.x) wg_smem[poke_off + i] = poke[i];
@@ -65,8 +71,19 @@ extern "C" __global__ void wgmma_e4m3(const unsigned char* image, int image_byte
   }
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
-  if (mode != 1) store_d(D, acc);
+  if (mode != 1) store_d<N>(D, acc);
 }
+
+#define WGMMA_ENTRY(NAME, N)                                                                                   \
+  extern "C" __global__ void NAME(const unsigned char* image, int image_bytes, const float* C, float* D,        \
+                                  const int* a_off, const int* b_off, int ksteps, int a_lbo, int a_sbo, int a_sw, \
+                                  int b_lbo, int b_sbo, int b_sw, int accumulate_c, int mode, int poke_off,    \
+                                  int poke_bytes, const unsigned char* poke) {                                 \
+    wgmma_run<N>(image, image_bytes, C, D, a_off, b_off, ksteps, a_lbo, a_sbo, a_sw, b_lbo, b_sbo, b_sw,       \
+                 accumulate_c, mode, poke_off, poke_bytes, poke);                                              \
+  }
+WGMMA_ENTRY(wgmma_e4m3, 128)
+WGMMA_ENTRY(wgmma_e4m3_n64, 64)
 
 // Two accumulators, one commit group each: after wait_group 1 the first group has retired
 // (D1 = A B + C) and the second has not (D2 still C); after wait_group 0 both have.
@@ -90,10 +107,10 @@ extern "C" __global__ void wgmma_two_groups(const unsigned char* image, int imag
   wgmma_m64n128k32_e4m3(acc2, da, db, 1);
   wgmma_commit();
   wgmma_wait<1>();
-  store_d(D, acc1);
-  store_d(D + 64 * 128, acc2);
+  store_d<128>(D, acc1);
+  store_d<128>(D + 64 * 128, acc2);
   wgmma_wait<0>();
-  store_d(D + 2 * 64 * 128, acc2);
+  store_d<128>(D + 2 * 64 * 128, acc2);
 }
 """
 
@@ -142,15 +159,16 @@ def place(image: np.ndarray, sw, lbo, sbo, starts, mat: np.ndarray) -> None:
 def model_bits(a, b, c, accumulate_c: bool) -> np.ndarray:
     """The emulation's defined result: D = C (or 0), then for k in order D = fp32(D + a*b)."""
     av, bv = decode_bits(a, "e4m3"), decode_bits(b, "e4m3")
-    d = c.copy() if accumulate_c else np.zeros((M, N), np.float32)
+    d = c.copy() if accumulate_c else np.zeros(c.shape, np.float32)
     for k in range(a.shape[1]):
         d = (d + np.outer(av[:, k], bv[:, k]).astype(np.float32)).astype(np.float32)
     return d
 
 
 def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exact: bool = True,
-               accumulate_c: bool = True, b_sw: str | None = None) -> Case:
+               accumulate_c: bool = True, b_sw: str | None = None, n: int = N) -> Case:
     rng = np.random.default_rng(seed)
+    N = n  # noqa: N806  (the instruction's N for this case)
     b_sw = b_sw or sw
     K = KSTEP * ksteps
     if exact:
@@ -172,7 +190,7 @@ def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exa
     place(image, b_sw, b_lbo, b_sbo, b_starts, b)
     want_bits = model_bits(a, b, c, accumulate_c)
     want64 = decode_bits(a, "e4m3") @ decode_bits(b, "e4m3").T + (c if accumulate_c else 0)
-    what = (f"wgmma m64n128k32 e4m3 A:{sw} B:{b_sw} ksteps={ksteps}{' padded' if padded else ''}"
+    what = (f"wgmma m64n{N}k32 e4m3 A:{sw} B:{b_sw} ksteps={ksteps}{' padded' if padded else ''}"
             f"{' exact' if exact else ' random'}{'' if accumulate_c else ' scale-d=0'}")
 
     def check(outs):
@@ -190,7 +208,7 @@ def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exa
             np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]), np.int32(b_lbo), np.int32(b_sbo),
             np.int32(SWIZZLE[b_sw]), np.int32(accumulate_c), np.int32(0), np.int32(0), np.int32(0),
             np.zeros(1, np.uint8)]
-    return Case(name=what, kernel="wgmma_e4m3", grid=(1,), block=(128,), args=args, outputs=[3], check=check,
+    return Case(name=what, kernel=KERNEL_OF_N[N], grid=(1,), block=(128,), args=args, outputs=[3], check=check,
                 shared_mem=image.size, deterministic=exact,
                 extra={"c": c, "a_sbo": a_sbo, "want_bits": want_bits})
 
@@ -203,6 +221,8 @@ def cases(seed: int = 0) -> list[Case]:
         out.append(wgmma_case(sw, seed + 10 + i, ksteps=2, padded=True))
         out.append(wgmma_case(sw, seed + 20 + i, ksteps=1, exact=False, accumulate_c=False))
     out.append(wgmma_case("b128", seed + 30, ksteps=2, b_sw="none"))
+    out.append(wgmma_case("b128", seed + 40, ksteps=4, n=64))
+    out.append(wgmma_case("none", seed + 41, ksteps=2, padded=True, n=64))
     return out
 
 
@@ -233,8 +253,16 @@ def test_wgmma_layouts_bit_exact(runner, sw, padded):
 
 
 @pytest.mark.parametrize("sw", list(SWIZZLE))
-def test_wgmma_random_codes_scale_d0(runner, sw):
-    case = wgmma_case(sw, 200 + SWIZZLE[sw], ksteps=1, exact=False, accumulate_c=False)
+@pytest.mark.parametrize("padded", [False, True])
+def test_wgmma_n64_layouts_bit_exact(runner, sw, padded):
+    case = wgmma_case(sw, 150 + SWIZZLE[sw] + 7 * padded, ksteps=4 if sw != "none" else 2, padded=padded, n=64)
+    case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("n", [128, 64])
+@pytest.mark.parametrize("sw", list(SWIZZLE))
+def test_wgmma_random_codes_scale_d0(runner, sw, n):
+    case = wgmma_case(sw, 200 + SWIZZLE[sw] + n, ksteps=1, exact=False, accumulate_c=False, n=n)
     outs = runner.run(case)
     case.check(outs)
     assert_equal_bits(outs[0], case.extra["want_bits"], case.name + " (the emulation's k order)")
@@ -290,7 +318,7 @@ def test_wgmma_descriptors_differing_across_warps_fail(runner):
 
 def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
     """The GPU side offline (nvcc, no GPU): the test kernel builds for sm_90a without spills and
-    its SASS has QGMMA (wgmma e4m3), the warpgroup arrive/depbar of fence and wait, and the
+    its SASS has QGMMA (wgmma e4m3, both N), the warpgroup arrive/depbar of fence and wait, and the
     async-proxy fence (the checks of tests/test_ptx_build.py, for this family)."""
     import re
 
@@ -307,7 +335,7 @@ def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
         return
     sass = compiler.disassemble(cubin)
     ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Za-z][A-Za-z0-9_.]*)", sass))
-    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
+    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "QGMMA.64x64x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
     missing = [op for op in want if op not in ops]
     assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'QG', 'HG', 'WA', 'FE'})}"
 
