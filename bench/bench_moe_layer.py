@@ -1,7 +1,7 @@
 """fmo.nn.MoELayer: one training step with the two-micro-batch overlap against the same layer
 run sequentially, the compute slowdown from reserving N SMs, and the overlapped fraction.
 
-    mpirun -n 4 python -m bench.bench_moe_layer [--quick] [--json FILE]          # CPU tensors
+    mpirun -n 4 python -m bench.bench_moe_layer [--quick] [--json FILE] [--plot DIR]   # CPU tensors
     mpirun -n 8 python -m bench.bench_moe_layer --json out/moe_layer.json       # one GPU, 8 ranks
 
 Rows (one line per configuration, rank 0 prints):
@@ -75,7 +75,7 @@ def make_layer(group, shape, overlap, device, transport):
                            device=device, **extra)
 
 
-def layer_row(comm, group, shape, engine, device, transport, reps) -> Row:
+def layer_row(comm, group, shape, engine, device, transport, reps, plot_dir=None) -> Row:
     tokens, hidden, inter, experts, k = shape
     rank, world = comm.Get_rank(), comm.Get_size()
     g = torch.Generator().manual_seed(100 + rank)
@@ -92,7 +92,8 @@ def layer_row(comm, group, shape, engine, device, transport, reps) -> Row:
 
         times[overlap] = timed(comm, step, reps, device)
         if overlap and device.type == "cpu" and group is not None:   # one process: nothing to overlap with
-            traced = traced_fraction(comm, step)
+            plot = plot_dir / f"moe_layer_timeline_T{tokens}_H{hidden}.png" if plot_dir is not None else None
+            traced = traced_fraction(comm, step, plot)
         if overlap:
             t_comm = comm_time(comm, layer, x, dy, reps, device)
         layer.destroy()
@@ -119,9 +120,10 @@ def comm_time(comm, layer, x, dy, reps, device) -> float:
     return timed(comm, step, reps, device)
 
 
-def traced_fraction(comm, step):
+def traced_fraction(comm, step, plot_path=None):
     """overlapped_fraction of one traced step (FMO_TRACE is a codegen variable: the traced
-    kernel variants compile once, then come from the cache)."""
+    kernel variants compile once, then come from the cache); rank 0 draws its timeline to
+    plot_path when given."""
     import fastmoe_ops.trace as ft
 
     previous = os.environ.get("FMO_TRACE")
@@ -133,6 +135,9 @@ def traced_fraction(comm, step):
         step()
         ivs = ft.collect()
         ft.clear()
+        if plot_path is not None and comm.Get_rank() == 0:
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            ft.plot_timeline(ivs, plot_path)
         fracs = comm.allgather(ft.overlapped_fraction(ivs, "comm", "compute"))
         return statistics.median(fracs)
     finally:
@@ -185,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=["sim", "reference"], default=None, help="CPU engine (default: sim where built)")
     p.add_argument("--transport", choices=["host", "ipc"], default="host", help="Buffer transport (ipc: CPU sim only)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
+    p.add_argument("--plot", type=Path, help="directory: rank 0's traced timeline per shape (CPU runs)")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     cuda = torch.cuda.is_available()
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
     backend = fmo.use_backend(engine) if not cuda else contextlib.nullcontext()
     with backend:
         for shape in shapes:
-            rows.append(layer_row(comm, group, shape, engine, device, args.transport, reps))
+            rows.append(layer_row(comm, group, shape, engine, device, args.transport, reps, args.plot))
             if rank0:
                 r = rows[-1]
                 traced = f"{r.extra['traced']:.2f}" if r.extra["traced"] is not None else "-"

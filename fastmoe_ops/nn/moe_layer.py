@@ -326,7 +326,8 @@ class _Schedule:
             d, e, c = self.stages[i]
             lo, hi = self.bounds[i]
             _cuda_handoff((dout,), caller)
-            return _grad([c["out"]], [c["y"]], [dout[lo:hi]])[0]
+            with _host_span("combine backward"):
+                return _grad([c["out"]], [c["y"]], [dout[lo:hi]])[0]
 
         def experts_bw(i, dy_pending):
             d, e, c = self.stages[i]
@@ -339,7 +340,8 @@ class _Schedule:
             d, e, c = self.stages[i]
             drx, drw, _, _ = e_pending.result()
             _used_here(drx, drw)
-            return _grad([d["recv_x"], d["recv_w"]], [d["x"], d["w"]], [drx, drw])
+            with _host_span("dispatch backward"):
+                return _grad([d["recv_x"], d["recv_w"]], [d["x"], d["w"]], [drx, drw])
 
         with communication_in_flight():
             cb, eb = [], []
