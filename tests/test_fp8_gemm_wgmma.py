@@ -47,12 +47,14 @@ def test_heuristic_and_grid_are_pure_functions_of_shape_and_budget():
             a = launcher.choose_wgmma_spec("dense", m, n, 2048, "bf16", "blk128", groups=groups, compute_sms=sms)
             assert a == launcher.choose_wgmma_spec("dense", m, n, 2048, "bf16", "blk128", groups=groups, compute_sms=sms)
             grid = launcher.persistent_grid(a, m, n, groups=groups, compute_sms=sms)
-            tiles = groups * -(-m // a.block_m) * -(-n // 128)
+            tiles = groups * -(-m // a.block_m) * -(-n // a.block_n)
             assert grid == (min(tiles, sms), 1, 1), (m, n, groups, sms, a)
     assert launcher.choose_wgmma_spec("dense", 4096, 7168, 2048, "bf16", "blk128", compute_sms=132).block_m == 128
     assert launcher.choose_wgmma_spec("dense", 64, 7168, 2048, "bf16", "blk128", compute_sms=1).block_m == 64
     few = launcher.choose_wgmma_spec("dense", 256, 1024, 7168, "bf16", "blk128", compute_sms=132)
-    assert few.block_m == 64, "16 tiles of 128 rows would leave most SMs idle"
+    assert (few.block_m, few.block_n) == (64, 64), "16 or 32 larger tiles would leave most SMs idle"
+    mid = launcher.choose_wgmma_spec("dense", 1024, 2048, 7168, "bf16", "blk128", compute_sms=132)
+    assert (mid.block_m, mid.block_n) == (64, 128), "128 tiles of 128 x 128 < 132 SMs; 256 of 64 x 128"
     for spec in launcher.standard_wgmma_specs():
         spec.check()
     with budget.comm_sms(20), budget.communication_in_flight():  # the budget is read when not given
@@ -88,6 +90,23 @@ def test_dense_raster_bands_cover_every_tile():
         with fmo.use_backend("sim"):
             y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
     assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), "wgmma raster bands", 15)
+
+
+@SIM
+@pytest.mark.parametrize("b_rows", [False, True])
+def test_dense_64x64_tiles(b_rows):
+    """The 64 x 64 tile (wgmma m64n64k32) that a budget larger than the tile count picks;
+    ragged N across 4 column tiles, per-column b scales too."""
+    m, n, k = 100, 200, 400
+    xq, xs, wq, ws = quantised_operands(m, n, k, 16, b_rows=b_rows)
+    with compute_sms(8):
+        spec, grid = launcher.select("dense", "wgmma", m, n, k, "fp32", "row" if b_rows else "blk128")
+        assert (spec.block_m, spec.block_n, grid) == (64, 64, (8, 1, 1))
+        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+        with fmo.use_backend("sim"):
+            y = fmo.fp8.gemm(xq, xs, wq, ws, torch.bfloat16, out=out, kernel="wgmma")
+    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
+                           f"wgmma 64x64 b_rows={b_rows}", 16)
 
 
 @SIM

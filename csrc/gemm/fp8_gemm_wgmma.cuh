@@ -6,13 +6,14 @@
 // epilogue as the mma.sync kernel (csrc/gemm/fp8_gemm.cuh, whose header comment defines
 // them); what differs is the MMA and the schedule:
 //   mainloop   csrc/gemm/fp8_gemm_wgmma_mainloop.cuh: cp.async into the 128B-swizzled
-//              K-major layout, 4 x wgmma.m64n128k32 per 128-wide K block, fp32 promotion.
+//              K-major layout, 4 x wgmma.m64nBNk32 per 128-wide K block, fp32 promotion.
 //   scheduler  csrc/gemm/fp8_gemm_wgmma_scheduler.cuh: persistent CTAs, grid = min(tiles,
 //              SM budget), each CTA loops over tiles.
 //   epilogue   gemm::epilogue (fp8_gemm.cuh): wgmma's accumulator fragment is the mma.sync
 //              C fragment of warp w covering rows 16 w .. 16 w + 15, so it is shared as is.
-// Roles: BM / 64 warpgroups (128 or 256 threads), each computing 64 rows x BN = 128 columns
-// (64 fp32 accumulators + 64 per-K-block partial sums per thread); every thread also loads.
+// Roles: BM / 64 warpgroups (128 or 256 threads), each computing 64 rows x BN (128 or 64)
+// columns (BN / 2 fp32 accumulators + BN / 2 per-K-block partial sums per thread); every
+// thread also loads.
 // Shared memory: STAGES * (128 (BM + BN) + 4 (BM + B_SCALES)) bytes, 1024-aligned tiles; the
 // epilogue's BM x (BN + 16 B) staging tile reuses it.
 // Constraints: K % 16 == 0 (cp.async's 16-byte chunks: the launcher refuses otherwise),
@@ -25,9 +26,9 @@
 
 namespace fmo {
 
-template <int MODE, int BM, int STAGES, int B_SCALE_ROWS, typename OutT>
+template <int MODE, int BM, int BN, int STAGES, int B_SCALE_ROWS, typename OutT>
 __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmParams& p) {
-    using Shape = gemm::WgmmaShape<BM, STAGES, B_SCALE_ROWS>;
+    using Shape = gemm::WgmmaShape<BM, BN, STAGES, B_SCALE_ROWS>;
     static_assert(sizeof(OutT) == 2 || sizeof(OutT) == 4, "out: bf16 or fp32");
     const gemm::PersistentScheduler<MODE, BM, Shape::BN> sched(p);
     const gemm::WgmmaMainloop<Shape> mainloop{{fmo_fp8_gemm_smem}};

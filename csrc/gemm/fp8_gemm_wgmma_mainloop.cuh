@@ -1,6 +1,7 @@
-// Mainloop of the Hopper FP8 GEMM (sm_90a): wgmma.mma_async m64n128k32 e4m3 from shared
-// memory, with DeepSeek's per-128-K fp32 promotion. One BM x BN tile (BN = 128, the wgmma N);
-// BM / 64 math warpgroups, warpgroup w owning rows [64 w, 64 w + 64).
+// Mainloop of the Hopper FP8 GEMM (sm_90a): wgmma.mma_async m64nBNk32 e4m3 from shared
+// memory, with DeepSeek's per-128-K fp32 promotion. One BM x BN tile (BN = 128 or 64: one
+// wgmma spans the tile's columns); BM / 64 math warpgroups, warpgroup w owning rows
+// [64 w, 64 w + 64).
 //
 //   acc[m, n] = sum_kb  a_scale[m, kb] * b_scale[n / B_SCALE_ROWS, kb] *
 //                       (sum_{k in block kb} a[m, k] * b[n, k])     (inner sum: 4 wgmma k32 steps)
@@ -24,23 +25,22 @@
 namespace fmo {
 namespace gemm {
 
-constexpr int kWgmmaN = 128;        // wgmma.m64n128k32: BN
 constexpr int kWarpgroupRows = 64;  // wgmma's M
 
 // The mma.sync MainloopShape, seen as BM / 16 warps stacked along M (warp w's rows are
 // 16 w .. 16 w + 15, as in wgmma's accumulator fragment), one "warp column" of BN: its
 // promote() and the shared epilogue then index wgmma's fragments correctly.
-template <int BM, int STAGES, int B_SCALE_ROWS>
-using WgmmaShape = MainloopShape<BM, kWgmmaN, BM / 16, 1, STAGES, B_SCALE_ROWS>;
+template <int BM, int BN, int STAGES, int B_SCALE_ROWS>
+using WgmmaShape = MainloopShape<BM, BN, BM / 16, 1, STAGES, B_SCALE_ROWS>;
 
 template <class Shape>
 struct WgmmaMainloop {
-    static_assert(Shape::BN == kWgmmaN && Shape::WARPS_N == 1 && Shape::WM == 16 && Shape::MI == 1,
-                  "wgmma tile: BN = 128, warps stacked along M");
+    static_assert((Shape::BN == 128 || Shape::BN == 64) && Shape::WARPS_N == 1 && Shape::WM == 16 && Shape::MI == 1,
+                  "wgmma tile: BN = 128 or 64 (one m64nBNk32 per k-step), warps stacked along M");
     static_assert(Shape::BM % kWarpgroupRows == 0, "BM: whole warpgroups of 64 rows");
     static_assert((kBlockK * Shape::BM) % 1024 == 0 && Shape::kTileBytes % 1024 == 0,
                   "every operand tile starts at a multiple of 1024 bytes (the 128B swizzle pattern)");
-    static constexpr int NI = Shape::NI;  // 16 n8 column groups = 64 accumulator registers
+    static constexpr int NI = Shape::NI;  // BN / 8 n8 column groups = BN / 2 accumulator registers
 
     Mainloop<Shape> io;  // smem layout, cp.async stage loads and the promotion
 
@@ -56,7 +56,10 @@ struct WgmmaMainloop {
             // SBO: 8 rows of 128 bytes; LBO: unused by swizzled K-major layouts, "assumed 1" (ISA).
             const uint64_t da = ptx::make_smem_desc(a + 32 * ks, 16, 8 * kBlockK, ptx::Swizzle::b128);
             const uint64_t db = ptx::make_smem_desc(b + 32 * ks, 16, 8 * kBlockK, ptx::Swizzle::b128);
-            ptx::wgmma_m64n128k32_e4m3(d, da, db, ks > 0 ? 1 : 0);
+            if constexpr (Shape::BN == 128)
+                ptx::wgmma_m64n128k32_e4m3(d, da, db, ks > 0 ? 1 : 0);
+            else
+                ptx::wgmma_m64n64k32_e4m3(d, da, db, ks > 0 ? 1 : 0);
         }
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();  // D defined, and the stage's smem no longer read

@@ -160,22 +160,19 @@ def standard_specs():
 
 # ------------------------------------------------------------------ Hopper: wgmma kernel
 
-WGMMA_BLOCK_N = 128  # wgmma.m64n128k32: one instruction spans the tile's columns
-
-
 @dataclass(frozen=True)
 class Fp8GemmWgmmaSpec(KernelSpec):
-    """The sm_90a kernel: BM / 64 warpgroups of wgmma.m64n128k32, persistent grid."""
+    """The sm_90a kernel: BM / 64 warpgroups of wgmma.m64n{block_n}k32, persistent grid."""
     mode: str        # dense | contiguous | masked
     out: str         # bf16 | fp32
     b_scale: str     # blk128 | row
     block_m: int     # 64 (one warpgroup) or 128 (two)
+    block_n: int     # 128 or 64: the wgmma N (one instruction spans the tile's columns)
     stages: int
 
     op: ClassVar[str] = "fp8_gemm_wgmma"
     header: ClassVar[str] = "csrc/gemm/fp8_gemm_wgmma.cuh"
     params: ClassVar[type[Params]] = Fp8GemmParams
-    block_n: ClassVar[int] = WGMMA_BLOCK_N
     archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma: other targets fail with ptx/wgmma.cuh's #error
 
     def check(self) -> None:
@@ -191,6 +188,8 @@ class Fp8GemmWgmmaSpec(KernelSpec):
         if self.block_m not in (64, 128):
             refuse("block_m must be 64 or 128 (whole warpgroups of wgmma's 64 rows; 2 at most: "
                    "64 + 64 fp32 registers per thread already hold the accumulators)")
+        if self.block_n not in (64, 128):
+            refuse("block_n must be 64 or 128 (the wgmma shapes ptx/wgmma.cuh wraps)")
         if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
             refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
 
@@ -201,22 +200,32 @@ class Fp8GemmWgmmaSpec(KernelSpec):
         return self.threads()
 
     def smem_bytes(self) -> int:  # mirrors MainloopShape::kSmemBytes
-        b_scales = 1 if self.b_scale == "blk128" else WGMMA_BLOCK_N
-        return self.stages * (BLOCK_K * (self.block_m + WGMMA_BLOCK_N) + 4 * (self.block_m + b_scales))
+        b_scales = 1 if self.b_scale == "blk128" else self.block_n
+        return self.stages * (BLOCK_K * (self.block_m + self.block_n) + 4 * (self.block_m + b_scales))
 
     def device_call(self) -> str:
         mode = {"dense": "kDense", "contiguous": "kContiguous", "masked": "kMasked"}[self.mode]
-        return (f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.stages}, "
+        return (f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.block_n}, {self.stages}, "
                 f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}>(p)")
 
 
 def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
                       compute_sms: int | None = None) -> Fp8GemmWgmmaSpec:
-    """Pure heuristic of (shape, SM budget): two warpgroups (128 rows) when that still gives
-    every SM of the budget a tile, else one (64 rows: decode-sized M, or too few tiles)."""
+    """Pure heuristic of (shape, SM budget): the largest of 128 x 128 (two warpgroups),
+    64 x 128, 64 x 64 (one) that still gives every SM of the budget a tile, else 64 x 64 (the
+    most tiles); 128 rows only when M > 64 (decode-sized M would waste half the tile)."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
-    big = groups * -(-m // 128) * -(-n // WGMMA_BLOCK_N) >= sms and m > 64
-    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=128 if big else 64, stages=4 if big else 5)
+
+    def tiles(bm, bn):
+        return groups * -(-m // bm) * -(-n // bn)
+
+    if m > 64 and tiles(128, 128) >= sms:
+        bm, bn, stages = 128, 128, 4
+    elif tiles(64, 128) >= sms:
+        bm, bn, stages = 64, 128, 5
+    else:
+        bm, bn, stages = 64, 64, 6
+    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, stages=stages)
 
 
 def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:
