@@ -61,6 +61,9 @@ struct TileOperands {
     int64_t k_blocks;        // K blocks to run (0: the accumulator stays 0)
 };
 
+// Also, with the tile at a multiple of 1024 bytes, wgmma's 128-byte-swizzle K-major layout
+// (ptx/wgmma.cuh): the Hopper kernel's descriptors depend on this exact formula
+// (tests/test_ptx_wgmma.py::test_layout_model_b128_is_the_gemm_swizzle).
 FMO_DEVICE int swizzle(int row, int chunk) { return row * kBlockK + ((chunk ^ (row % 8)) * 16); }
 
 template <class Shape>
