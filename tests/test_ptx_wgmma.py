@@ -352,3 +352,15 @@ def test_wgmma_wait_group_n_retires_all_but_the_newest_n(runner):
     assert_equal_bits(d[0], case.extra["want_bits"], "group 1 after wait_group 1")
     assert_equal_bits(d[1], c, "group 2 after wait_group 1 (still pending: the old D)")
     assert_equal_bits(d[2], case.extra["want_bits"], "group 2 after wait_group 0")
+
+
+def test_wgmma_operand_past_the_launch_shared_memory_fails_under_memcheck(runner, monkeypatch):
+    """A descriptor whose stride walks B past the launch's dynamic shared memory: memcheck
+    names the out-of-bounds shared read (the emulation reports every operand read)."""
+    from fastmoe_ops.errors import SimError
+
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    case = wgmma_case("b128", 1000, ksteps=1)
+    case.args[11] = np.int32(4096)  # b_sbo: 16 groups of 8 rows at 4 KiB strides = 64 KiB > the image
+    with pytest.raises(SimError, match="out-of-bounds dynamic shared memory read"):
+        runner.run(case)
