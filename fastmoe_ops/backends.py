@@ -93,7 +93,7 @@ def engine_for(**tensors: torch.Tensor) -> str:
     All must live on one device; CUDA tensors need CuPy."""
     if len(tensors) == 1:  # the common case, without the bookkeeping below
         (name, t), = tensors.items()
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        if isinstance(t, torch.Tensor) and t.is_cpu:  # is_cpu: no torch.device object made (~0.3 us)
             return cpu_engine()
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if not devices:

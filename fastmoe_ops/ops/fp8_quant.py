@@ -112,9 +112,13 @@ class _ShapePlan:
     spec: Fp8GroupQuantSpec
     config: LaunchConfig
     rows: int
-    cols: int
-    row_stride: int
     groups: int
+    params: Fp8GroupQuantParams  # every field but the three pointers; copied per call (never mutated)
+
+    def make_params(self, x, xq, xs) -> Fp8GroupQuantParams:
+        p = Fp8GroupQuantParams.from_buffer_copy(self.params)  # a third cheaper than constructing
+        p.x, p.xq, p.xs = x.data_ptr(), xq.data_ptr(), xs.data_ptr()
+        return p
 
 
 _shape_plans: dict[tuple, _ShapePlan] = {}
@@ -138,7 +142,9 @@ def _shape_plan(x, group_size, pow2_scale, eps) -> _ShapePlan:
         spec = choose_spec(x, group_size, pow2_scale)
         groups_per_block = BLOCK_THREADS // spec.team()
         config = LaunchConfig.make(grid=max(1, -(-(m * groups) // groups_per_block)), block=BLOCK_THREADS)
-        plan = _ShapePlan(spec, config, m, k, x.stride(0), groups)
+        params = Fp8GroupQuantParams(x=0, xq=0, xs=0, rows=m, cols=k, x_row_stride=x.stride(0), groups=groups,
+                                     min_amax=eps, reserved=0)
+        plan = _ShapePlan(spec, config, m, groups, params)
         if len(_shape_plans) >= _MAX_SHAPE_PLANS:
             _shape_plans.clear()
         _shape_plans[key] = plan
@@ -150,9 +156,7 @@ def plan_quantize_per_token_group(x: torch.Tensor, xq: torch.Tensor, xs: torch.T
     """Host side of one launch (outputs allocated; inputs validated here, or found in the
     per-shape cache of earlier validations)."""
     sp = _shape_plan(x, group_size, pow2_scale, eps)
-    params = Fp8GroupQuantParams(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sp.rows, sp.cols, sp.row_stride,
-                                 sp.groups, eps, 0)
-    return Plan(sp.spec, sp.config, params, (x, xq, xs))
+    return Plan(sp.spec, sp.config, sp.make_params(x, xq, xs), (x, xq, xs))
 
 
 def prepare_quantize_per_token_group(x: torch.Tensor, group_size: int, pow2_scale: bool, eps: float):
@@ -167,12 +171,10 @@ def prepare_quantize_per_token_group(x: torch.Tensor, group_size: int, pow2_scal
     # empty_like: x's shape and device in one call (the cheapest allocation torch offers);
     # contiguous_format so xq is row-major even when x's rows are padded
     xq = torch.empty_like(x, dtype=torch.float8_e4m3fn, memory_format=torch.contiguous_format)
-    xs = torch.empty((sp.rows, sp.groups), dtype=torch.float32, device=x.device)
+    xs = torch.empty(sp.rows, sp.groups, dtype=torch.float32, device=x.device)
     if sp.rows * sp.groups == 0:
         return engine, None, xq, xs
-    params = Fp8GroupQuantParams(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), sp.rows, sp.cols, sp.row_stride,
-                                 sp.groups, eps, 0)
-    return engine, Plan(sp.spec, sp.config, params, (x, xq, xs)), xq, xs
+    return engine, Plan(sp.spec, sp.config, sp.make_params(x, xq, xs), (x, xq, xs)), xq, xs
 
 
 def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
