@@ -18,6 +18,16 @@ def with_nones(fn_cls, *grads):
     return grads + (None,) * (n_inputs - len(grads))
 
 
+def nones_for(fn_cls):
+    """with_nones for fn_cls, with the count taken once (at import): a backward that
+    torch.compile traces cannot call inspect."""
+    n_inputs = len(inspect.signature(fn_cls.forward).parameters) - 1   # minus ctx
+
+    def pad(*grads):
+        return grads + (None,) * (n_inputs - len(grads))
+    return pad
+
+
 class DispatchFn(torch.autograd.Function):
     """x [T, H], topk_weights [T, k] -> recv_x [N, H], recv_topk_weights [N, k]."""
 

@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError, expect
 from ..reference import moe as reference
 from . import kernels
-from .autograd import with_nones
+from .autograd import nones_for
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -44,8 +44,7 @@ class PermuteMap:
     @property
     def src_rows(self) -> torch.Tensor:
         """[M] receive row of each sorted row, -1 for padding."""
-        k = self.slot_rows.shape[1]
-        return torch.where(self.src_slots >= 0, self.src_slots.div(k, rounding_mode="floor"), -1)
+        return _src_rows(self.src_slots, self.slot_rows.shape[1])
 
 
 def _check_rows(name, t, dtypes, rows=None):
@@ -74,7 +73,7 @@ def permute(recv_x, recv_topk_idx: torch.Tensor, num_local_experts: int, *, alig
         _check_rows("recv_x[1]", recv_x[1], (torch.float32,), x.shape[0])
         src = pmap.src_rows
         return (kernels.gather_rows(recv_x[0], src), kernels.gather_rows(recv_x[1], src)), pmap
-    return PermuteFn.apply(x, pmap), pmap
+    return PermuteFn.apply(x, pmap.src_rows, pmap.slot_rows), pmap
 
 
 def unpermute(y_sorted: torch.Tensor, pmap: PermuteMap, recv_topk_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,43 +84,52 @@ def unpermute(y_sorted: torch.Tensor, pmap: PermuteMap, recv_topk_weights: torch
         _check_rows("recv_topk_weights", recv_topk_weights, (torch.float32,), pmap.num_rows)
         expect(recv_topk_weights.shape == pmap.slot_rows.shape, "recv_topk_weights",
                f"shape {tuple(pmap.slot_rows.shape)} like recv_topk_idx", f"shape {tuple(recv_topk_weights.shape)}")
-    return UnpermuteFn.apply(y_sorted, recv_topk_weights, pmap)
+    return UnpermuteFn.apply(y_sorted, recv_topk_weights, pmap.slot_rows, pmap.src_slots)
 
 
+def _src_rows(src_slots: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.where(src_slots >= 0, src_slots.div(k, rounding_mode="floor"), -1)
+
+
+# The map travels as tensors (saved for backward), not as an attribute of ctx: torch.compile
+# traces these Functions (the row movements are torch.library ops, fastmoe_ops.moe.kernels).
 class PermuteFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pmap):
-        ctx.pmap = pmap
-        return kernels.gather_rows(x.contiguous(), pmap.src_rows)
+    def forward(ctx, x, src_rows, slot_rows):
+        ctx.save_for_backward(slot_rows)
+        return kernels.gather_rows(x.contiguous(), src_rows)
 
     @staticmethod
     def backward(ctx, grad_sorted):
         # permute's backward is an unweighted unpermute: a row's copies add up, slot order.
-        return with_nones(PermuteFn, kernels.gather_reduce(grad_sorted.contiguous(), ctx.pmap.slot_rows))
+        (slot_rows,) = ctx.saved_tensors
+        return _permute_grads(kernels.gather_reduce(grad_sorted.contiguous(), slot_rows))
 
 
 class UnpermuteFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_sorted, weights, pmap):
-        ctx.pmap = pmap
-        ctx.save_for_backward(y_sorted, weights)
-        return kernels.gather_reduce(y_sorted.contiguous(), pmap.slot_rows, weights)
+    def forward(ctx, y_sorted, weights, slot_rows, src_slots):
+        ctx.save_for_backward(y_sorted, weights, slot_rows, src_slots)
+        return kernels.gather_reduce(y_sorted.contiguous(), slot_rows, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y_sorted, weights = ctx.saved_tensors
-        pmap = ctx.pmap
+        y_sorted, weights, slot_rows, src_slots = ctx.saved_tensors
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             # unpermute's backward is a weighted permute: sorted row m gets w * g[src row].
-            grad_y = kernels.gather_rows(grad_out.contiguous(), pmap.src_rows)
+            grad_y = kernels.gather_rows(grad_out.contiguous(), _src_rows(src_slots, slot_rows.shape[1]))
             if weights is not None:
-                keep = pmap.src_slots >= 0
-                w = torch.where(keep, weights.reshape(-1)[pmap.src_slots.clamp(min=0)], 0.0)
+                keep = src_slots >= 0
+                w = torch.where(keep, weights.reshape(-1)[src_slots.clamp(min=0)], 0.0)
                 grad_y = (grad_y.to(reference.acc_dtype(grad_y.dtype)) * w[:, None]).to(grad_y.dtype)
         if weights is not None and ctx.needs_input_grad[1]:
             acc = reference.acc_dtype(y_sorted.dtype)
-            rows = y_sorted.to(acc)[pmap.slot_rows.clamp(min=0)]                   # [N, k, H]
+            rows = y_sorted.to(acc)[slot_rows.clamp(min=0)]                        # [N, k, H]
             grad_w = (rows * grad_out.to(acc)[:, None, :]).sum(-1)
-            grad_w = torch.where(pmap.slot_rows >= 0, grad_w, 0.0).to(torch.float32)
-        return with_nones(UnpermuteFn, grad_y, grad_w)
+            grad_w = torch.where(slot_rows >= 0, grad_w, 0.0).to(torch.float32)
+        return _unpermute_grads(grad_y, grad_w)
+
+
+_permute_grads = nones_for(PermuteFn)
+_unpermute_grads = nones_for(UnpermuteFn)
