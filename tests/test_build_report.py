@@ -93,3 +93,14 @@ def test_one_variant_of_every_op_compiles_with_nvrtc(fresh_cache):
         except Exception as e:
             failures.append(f"{op}: {str(e)[:800]}")
     assert not failures, "\n".join(failures)
+
+
+def test_arch_specific_specs_are_left_out_of_other_archs():
+    from fastmoe_ops.ops import _all  # noqa: F401  (registers every op's specs)
+    from fastmoe_ops.ops.fp8_gemm import Fp8GemmWgmmaSpec
+
+    wgmma = [s for s in spec_mod.registered_specs() if isinstance(s, Fp8GemmWgmmaSpec)]
+    assert wgmma, "no wgmma GEMM variant registered"
+    assert all(build.targets(s, "sm_90a") and not build.targets(s, "sm_89") for s in wgmma)
+    # build_all compiles nothing for an op that has no variant for the arch
+    assert build.build_all("sm_89", wgmma[0].op) == []
