@@ -19,6 +19,7 @@ import fastmoe_ops.trace as ft
 from mpi_util import all_agree, need_ranks
 
 H, I, E, K, T, COMM_SMS = 128, 128, 8, 2, 24, 4
+ATTEMPTS = 3
 
 
 def run_all(comm, fn):
@@ -59,14 +60,26 @@ def test_comm_and_compute_kernels_in_flight_together(comm, monkeypatch):
     group = fmo.comm.Group(comm)
 
     def body():
+        # A loaded machine (4 ranks on 2 shared cores) may happen to serialise one step's
+        # stages, so each phase gets up to ATTEMPTS steps to show an overlap; the first step
+        # (also the one compared with the sequential layer) usually does.
+        seen = {"forward": False, "backward": False}
         with fmo.use_backend("sim"), fmo.comm_sms(COMM_SMS):
             out_seq, dx_seq = layer_step(group, False, 7)
-            comm.Barrier()
-            traces = {}
-            out_ovl, dx_ovl = layer_step(group, True, 7, traces)
-        for phase, kernels in traces.items():   # the forward and the backward each overlap
-            assert ft.in_flight_together(kernels, "comm", "compute"), \
-                f"{phase}: no communication kernel ran while a compute kernel did (rank {group.rank}, {len(kernels)} CTA intervals)"
+            for attempt in range(ATTEMPTS):
+                comm.Barrier()
+                traces = {}
+                out, dx = layer_step(group, True, 7, traces)
+                if attempt == 0:
+                    out_ovl, dx_ovl, first = out, dx, traces
+                for phase, kernels in traces.items():
+                    seen[phase] |= ft.in_flight_together(kernels, "comm", "compute")
+                if all(comm.allgather(all(seen.values()))):   # the same number of steps on every rank
+                    break
+        assert all(seen.values()), \
+            f"no communication kernel ran while a compute kernel did in {[p for p, v in seen.items() if not v]} " \
+            f"(rank {group.rank}, {ATTEMPTS} steps)"
+        traces = first
         kernels = traces["forward"] + traces["backward"]
         roles = {iv.role for iv in kernels}
         assert {"comm", "compute"} <= roles, f"traced kernel roles {sorted(roles)}: expected comm and compute"
