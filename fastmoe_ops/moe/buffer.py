@@ -6,8 +6,9 @@ FMO_COMM_TIMEOUT), then moves the payload rows by one of two transports:
        CPU tensors are packed and summed on the CPU; CUDA tensors are packed and summed by
        the kernels on their device and staged through pinned host buffers;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
-       write rows straight into peers' buffers (fastmoe_ops.moe.ipc); on CPU tensors this
-       runs on the `sim` engine over POSIX shared memory (other engines use the host path).
+       write rows straight into peers' buffers (fastmoe_ops.moe.ipc): CUDA tensors through
+       CUDA IPC handles on the `cuda` engine; CPU tensors on the `sim` engine over POSIX
+       shared memory. Tensors the Buffer's ipc buffers cannot serve take the host path.
 
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
     out = buf.combine(y, handle)
