@@ -79,7 +79,7 @@ def test_native_loop_is_built_here():
 def test_layout_is_the_obvious_one(tokens, ranks, per, k):
     g = torch.Generator().manual_seed(tokens + ranks)
     idx = torch.randint(-1, ranks * per, (tokens, k), generator=g)
-    lay = host.layout(idx, ranks, per, staged=False)
+    lay = host.layout(idx, ranks, per, on_device=False)
     dest = [{int(e) // per for e in row if e >= 0} for row in idx.tolist()]
     want_src = [t for r in range(ranks) for t in range(tokens) if r in dest[t]]
     assert lay.send_src.tolist() == want_src
@@ -94,7 +94,7 @@ def test_layout_is_the_obvious_one(tokens, ranks, per, k):
             else:
                 assert row == -1 and int(lay.pos[t, r]) == -1
     # The device formulation (the layout kernel, here on a CPU engine) agrees.
-    staged = host.layout(idx, ranks, per, staged=True)
+    staged = host.layout(idx, ranks, per, on_device=True)
     assert staged.counts.tolist() == lay.counts.tolist()
     assert torch.equal(staged.send_src, lay.send_src) and torch.equal(staged.combine_index, lay.combine_index)
     assert torch.equal(staged.pos, lay.pos)

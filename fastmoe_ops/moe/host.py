@@ -52,10 +52,11 @@ class Layout:
     send_src: torch.Tensor
 
 
-def layout(topk_idx: torch.Tensor, ranks: int, per: int, staged: bool) -> Layout:
-    """Bucket each token once per destination rank (expert // per)."""
+def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool) -> Layout:
+    """Bucket each token once per destination rank (expert // per); on_device: by the
+    layout kernel where topk_idx lives (CUDA tensors, or the staged path's tests)."""
     t = topk_idx.shape[0]
-    if staged and t:   # the layout kernel on the device, then the send order from its positions
+    if on_device and t:   # the layout kernel on the device, then the send order from its positions
         counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
         offsets = torch.zeros(ranks, dtype=torch.int64, device=pos.device)
         offsets[1:] = torch.cumsum(counts, 0)[:-1]
@@ -64,7 +65,7 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, staged: bool) -> Layout
         sent = combine_index >= 0
         send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64, device=pos.device)[:, None].expand(t, ranks)[sent]
         return Layout(counts.cpu().numpy(), pos, combine_index, send_src)
-    if staged:   # no tokens: nothing for a kernel to do
+    if on_device:   # no tokens: nothing for a kernel to do
         lay = layout(topk_idx.cpu(), ranks, per, False)
         return Layout(lay.counts, *(v.to(topk_idx.device) for v in (lay.pos, lay.combine_index, lay.send_src)))
     dest = torch.where(topk_idx >= 0, topk_idx.div(per, rounding_mode="floor"), ranks)
@@ -176,6 +177,8 @@ class HostTransport:
 
     def combine_host(self, back: torch.Tensor, combine_index: torch.Tensor, send_src: torch.Tensor, send_counts,
                      num_tokens: int) -> torch.Tensor:
+        """Combine's sum on the CPU: the native one-pass loop where it is built and the
+        dtype is one it handles, else the PyTorch formulation (`reduce`); same bits."""
         width, dtype = back.shape[1], back.dtype
         if dtype in host_native.DTYPE_CODE:
             out = torch.empty(num_tokens, width, dtype=dtype)
