@@ -1,6 +1,7 @@
 """The main job: every op's benchmark, side by side with what users would otherwise call.
 
     python -m bench [--quick] [--json FILE] [--plot DIR] [--results] [--engine sim|reference]
+    mpirun -n 4 python -m bench [--quick] [--json FILE]   # the cross-rank MoE benchmarks
 
 On a GPU: CUDA events, cold L2, medians, the device copy bandwidth measured in the same run
 as the ceiling. On a CPU-only machine: small shapes through the `sim` engine (the kernels'
@@ -78,9 +79,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if _mpi_world_size() > 1:
-        # Under mpirun the main job is the cross-rank benchmark: dispatch + combine against
-        # a raw Alltoallv of the same bytes (rank 0 prints and writes the JSON).
-        return bench_moe.main((["--quick"] if args.quick else []) + (["--json", str(args.json)] if args.json else []))
+        return _main_across_ranks(args)
 
     if torch.cuda.is_available() and "cuda" in fmo.available_backends():
         device, engines = torch.device("cuda"), ["cuda"]
@@ -114,6 +113,22 @@ def main(argv=None) -> int:
         for path in save_results(rows, device, extra):
             print(f"wrote {path}")
     return 0
+
+
+def _main_across_ranks(args) -> int:
+    """Under mpirun the main job is the cross-rank benchmarks (rank 0 prints and writes JSON):
+    dispatch + combine against a raw Alltoallv of the same bytes (CPU) or the device copy
+    bandwidth (GPU), then the MoE layer with overlap against the same layer run sequentially."""
+    from . import bench_moe_layer
+
+    quick = ["--quick"] if args.quick else []
+
+    def json_for(name: str) -> list[str]:
+        return ["--json", str(args.json.with_name(f"{args.json.stem}_{name}{args.json.suffix}"))] if args.json else []
+
+    rc = bench_moe.main(quick + json_for("moe"))
+    layer = bench_moe_layer.main(quick + json_for("moe_layer") + (["--plot", str(args.plot)] if args.plot else []))
+    return rc or layer
 
 
 def _mpi_world_size() -> int:
