@@ -108,7 +108,7 @@ def dispatch_specs():
 
 @register_op("moe_ipc_combine")
 def combine_specs():
-    for dtype, vec in (("bf16", 8), ("fp32", 4)):
+    for dtype, vec in (("bf16", 8), ("fp16", 8), ("fp32", 4)):   # every dtype combine accepts
         yield MoeIpcCombineSpec(dtype=dtype, chunk_bytes=16, vec_width=vec)
 
 

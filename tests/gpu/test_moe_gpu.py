@@ -107,7 +107,8 @@ def test_staged_cuda_fp8_padding_and_autograd(comm):
     run_all(comm, body)
 
 
-@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.bfloat16, 200, 8)])
+@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.bfloat16, 200, 8),
+                                             (torch.float16, 136, 2)])
 def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeypatch):
     world, rank = comm.Get_size(), comm.Get_rank()
     experts = 2 * world

@@ -25,7 +25,8 @@ def ipc_buffer(comm, hidden, experts, max_tokens=64, **kw):
                           max_tokens_per_rank=max_tokens, **kw)
 
 
-@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.bfloat16, 200, 8)])
+@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.bfloat16, 200, 8),
+                                             (torch.float16, 136, 2)])
 def test_ipc_dispatch_combine_bitexact_and_repeatable(comm, dtype, hidden, k, monkeypatch):
     need_ranks(comm, 2)
     world, rank = comm.Get_size(), comm.Get_rank()
