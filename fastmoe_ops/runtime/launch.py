@@ -97,6 +97,22 @@ _cuda_functions: dict[tuple, _CudaFunction] = {}
 _lock = threading.Lock()
 
 
+def _compile_for_device(stub: str, name: str, arch: str):
+    choice = env.raw("FMO_COMPILER").strip() or "auto"
+    if choice == "nvcc":
+        return compile_nvcc(stub, name, arch)
+    if choice == "nvrtc":
+        return compile_nvrtc(stub, name, arch)
+    if choice != "auto":
+        raise InputError(f"FMO_COMPILER: expected 'auto', 'nvrtc' or 'nvcc', got {choice!r}")
+    try:
+        return compile_nvrtc(stub, name, arch)
+    except Exception:
+        if env.path("FMO_NVCC") is None:
+            raise
+        return compile_nvcc(stub, name, arch)
+
+
 def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (spec, index, *map(env.raw, env.CODEGEN_VARIABLES))
@@ -110,12 +126,7 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
             name = spec.entry_name()
             traced = env.flag("FMO_TRACE") and spec.traceable
             stub = spec.stub(traced)
-            try:
-                result = compile_nvrtc(stub, name, arch)
-            except Exception:
-                if env.path("FMO_NVCC") is None:
-                    raise
-                result = compile_nvcc(stub, name, arch)
+            result = _compile_for_device(stub, name, arch)
             with torch.cuda.device(index):
                 fn = _CudaFunction(name, result.cubin, traced)
             _cuda_functions[key] = fn
