@@ -28,6 +28,7 @@ def test_gpu_check_on_cpu(tmp_path):
     assert "| build report sm_90a | PASS |" in summary
     assert "| GPU tests | SKIP | no CUDA device" in summary
     assert "| benchmarks | SKIP | no CUDA device" in summary
+    assert "| multi-rank | SKIP | no CUDA device" in summary
     assert "PASS | " in summary and "FAIL" not in summary
     rows = json.loads((out / "build.json").read_text())
     assert rows and all(r["ok"] for r in rows)
