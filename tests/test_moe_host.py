@@ -68,6 +68,16 @@ def test_combine_sum_formulations_bitexact(dtype, tokens, ranks, width):
         out = torch.empty(tokens, width, dtype=dtype)   # poisoned by conftest
         assert host_native.combine(back, index, out)
         same_bits(out, want, f"native loop {dtype} T{tokens} R{ranks} W{width}", seed)
+        # One rank's rows elsewhere (as combine reads its own rows from y): the same sum.
+        mine = ranks // 2
+        start = sum(counts[:mine])
+        elsewhere = torch.cat([special_rows(3, width, dtype, seed + 1), back[start: start + counts[mine]]])
+        back[start: start + counts[mine]] = float("nan")   # must not be read
+        bases = [back.data_ptr()] * ranks
+        bases[mine] = elsewhere.data_ptr() + (3 - start) * width * back.element_size()
+        out = torch.empty(tokens, width, dtype=dtype)
+        assert host_native.combine(back, index, out, bases)
+        same_bits(out, want, f"native loop, rank {mine}'s rows elsewhere, {dtype} T{tokens} R{ranks} W{width}", seed)
 
 
 def test_native_loop_is_built_here():
@@ -93,7 +103,13 @@ def test_layout_is_the_obvious_one(tokens, ranks, per, k):
                 assert int(lay.pos[t, r]) == row - before == sum(r in dest[u] for u in range(t))
             else:
                 assert row == -1 and int(lay.pos[t, r]) == -1
-    # The device formulation (the layout kernel, here on a CPU engine) agrees.
+    # The PyTorch formulation (no host compiler) and the device one (the layout kernel,
+    # here on a CPU engine) agree.
+    assert host_native.available()
+    plain = host.layout(idx, ranks, per, on_device=False, torch_only=True)
+    assert plain.counts.tolist() == lay.counts.tolist()
+    assert torch.equal(plain.send_src, lay.send_src) and torch.equal(plain.combine_index, lay.combine_index)
+    assert torch.equal(plain.pos, lay.pos)
     staged = host.layout(idx, ranks, per, on_device=True)
     assert staged.counts.tolist() == lay.counts.tolist()
     assert torch.equal(staged.send_src, lay.send_src) and torch.equal(staged.combine_index, lay.combine_index)

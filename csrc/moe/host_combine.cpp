@@ -1,7 +1,9 @@
 // Combine's fixed-order sum for the host transport (CPU tensors): a plain C++ loop, built
 // at run time by fastmoe_ops.moe.host_native with the host compiler, called through ctypes.
 //
-// out[t, :] = sum over r = 0..R-1 ascending, skipping index[t, r] == -1, of back[index[t, r], :],
+// out[t, :] = sum over r = 0..R-1 ascending, skipping index[t, r] == -1, of row index[t, r] of
+// rank r's rows, which start at address base[r] (the receive buffer for most ranks; this rank's
+// own rows are read where they already are, in y, so they never cross MPI or get copied),
 // accumulated in fp32 from +0 and rounded once to T (round to nearest even; NaN as PyTorch
 // writes it). The same bits as the index_add_ formulation in fastmoe_ops/moe/host.py (and
 // as moe_gather_reduce in csrc/moe/permute.cuh) in one pass: each token's accumulator row
@@ -65,14 +67,15 @@ struct Fp32 {
 #endif
 
 template <typename Codec, typename T>
-FMO_WIDEST_VECTORS void combine(const T* back, const int64_t* index, T* out, int64_t tokens, int64_t ranks, int64_t hidden) {
+FMO_WIDEST_VECTORS void combine(const int64_t* base, const int64_t* index, T* out, int64_t tokens, int64_t ranks, int64_t hidden) {
     std::vector<float> acc(static_cast<size_t>(hidden));
     for (int64_t t = 0; t < tokens; ++t) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t r = 0; r < ranks; ++r) {
             const int64_t row = index[t * ranks + r];
             if (row < 0) continue;
-            const T* src = back + row * hidden;
+            // Integer arithmetic: base[r] may point before rank r's first row (see host.py).
+            const T* src = reinterpret_cast<const T*>(static_cast<uintptr_t>(base[r] + row * hidden * int64_t(sizeof(T))));
             for (int64_t h = 0; h < hidden; ++h) acc[h] += Codec::load(src[h]);
         }
         T* dst = out + t * hidden;
@@ -84,12 +87,45 @@ FMO_WIDEST_VECTORS void combine(const T* back, const int64_t* index, T* out, int
 
 // dtype: 1 bf16, 2 fp16, 3 fp32 (fastmoe_ops.moe.buffer's codes). Returns 0, or -1 for an
 // unknown dtype.
-extern "C" int fmo_host_combine(const void* back, const int64_t* index, void* out, int64_t tokens, int64_t ranks,
+// base: [ranks] addresses (row i of rank r's rows at base[r] + i * hidden * sizeof(element)).
+extern "C" int fmo_host_combine(const int64_t* base, const int64_t* index, void* out, int64_t tokens, int64_t ranks,
                                 int64_t hidden, int dtype) {
     switch (dtype) {
-        case 1: combine<Bf16>(static_cast<const uint16_t*>(back), index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
-        case 2: combine<Fp16>(static_cast<const uint16_t*>(back), index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
-        case 3: combine<Fp32>(static_cast<const float*>(back), index, static_cast<float*>(out), tokens, ranks, hidden); return 0;
+        case 1: combine<Bf16>(base, index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
+        case 2: combine<Fp16>(base, index, static_cast<uint16_t*>(out), tokens, ranks, hidden); return 0;
+        case 3: combine<Fp32>(base, index, static_cast<float*>(out), tokens, ranks, hidden); return 0;
         default: return -1;
+    }
+}
+
+// Dispatch's send layout for the host transport, in two passes over topk_idx [T, k]
+// (the same result as the PyTorch formulation in fastmoe_ops/moe/host.py, which is what
+// runs without a host compiler). Token t goes once to each rank owning one of its experts
+// (rank = expert / per; -1: no expert). Writes counts [R] (tokens sent to each rank),
+// pos [T, R] (the token's row among those sent to r, ascending token, or -1), index [T, R]
+// (its row in the rank-major send order, or -1) and send_src [S] (the source token of each
+// send row; S = sum(counts) <= T * R).
+extern "C" void fmo_host_layout(const int64_t* topk_idx, int64_t tokens, int64_t k, int64_t ranks, int64_t per,
+                                int64_t* counts, int64_t* pos, int64_t* index, int64_t* send_src) {
+    for (int64_t r = 0; r < ranks; ++r) counts[r] = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+        int64_t* p = pos + t * ranks;
+        for (int64_t r = 0; r < ranks; ++r) p[r] = -1;
+        for (int64_t j = 0; j < k; ++j) {
+            const int64_t e = topk_idx[t * k + j];
+            if (e < 0) continue;
+            const int64_t r = e / per;
+            if (p[r] < 0) p[r] = counts[r]++;
+        }
+    }
+    std::vector<int64_t> start(static_cast<size_t>(ranks), 0);
+    for (int64_t r = 1; r < ranks; ++r) start[r] = start[r - 1] + counts[r - 1];
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int64_t r = 0; r < ranks; ++r) {
+            const int64_t p = pos[t * ranks + r];
+            const int64_t row = p < 0 ? -1 : start[r] + p;
+            index[t * ranks + r] = row;
+            if (row >= 0) send_src[row] = t;
+        }
     }
 }

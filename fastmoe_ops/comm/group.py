@@ -196,10 +196,13 @@ class Group:
             self._row_types[row_bytes] = dtype
         return dtype
 
-    def ialltoallv(self, send: torch.Tensor, send_counts, recv: torch.Tensor, recv_counts, what: str):
+    def ialltoallv(self, send: torch.Tensor, send_counts, recv: torch.Tensor, recv_counts, what: str,
+                   send_displs=None, recv_displs=None):
         """Start an MPI Ialltoallv of rows: `send` [sum(send_counts), ...] goes in rank-major
         segments, `recv` [sum(recv_counts), ...] receives rank-major segments. Both contiguous
-        CPU tensors with the same row size in bytes. Returns the request (see `wait`)."""
+        CPU tensors with the same row size in bytes. send_displs / recv_displs: each peer's
+        first row (default: the segments packed in rank order), e.g. to leave a gap where a
+        segment the caller moves itself lies. Returns the request (see `wait`)."""
         self._check_usable(what)
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         recv_row = math.prod(recv.shape[1:]) * recv.element_size()
@@ -209,10 +212,10 @@ class Group:
             raise InputError(f"{what}: expected contiguous send and receive tensors")
         sc = np.asarray(send_counts, np.int64)
         rc = np.asarray(recv_counts, np.int64)
-        if sc.sum() != send.shape[0] or rc.sum() > recv.shape[0]:
+        sd = _displs(sc, send_displs)
+        rd = _displs(rc, recv_displs)
+        if (sd + sc).max(initial=0) > send.shape[0] or (rd + rc).max(initial=0) > recv.shape[0]:
             raise InputError(f"{what}: counts {sc.tolist()} / {rc.tolist()} do not fit {send.shape[0]} / {recv.shape[0]} rows")
-        sd = np.concatenate(([0], np.cumsum(sc)[:-1]))
-        rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
         dtype = self._row_type(row_bytes)
         sbuf, rbuf = _host_bytes(send), _host_bytes(recv)
         req = self.comm.Ialltoallv([sbuf, (sc.astype(np.int32), sd.astype(np.int32)), dtype],
@@ -242,6 +245,15 @@ class Group:
             except Exception:  # MPI already finalised at interpreter exit
                 pass
         self._row_types.clear()
+
+
+def _displs(counts: np.ndarray, given) -> np.ndarray:
+    """Each peer's first row: `given`, else the segments packed in rank order."""
+    if given is not None:
+        return np.asarray(given, np.int64)
+    out = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=out[1:])
+    return out
 
 
 @dataclass

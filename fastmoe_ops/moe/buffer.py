@@ -276,10 +276,9 @@ class Buffer:
         """Two exchanges in flight at once: x's rows straight into recv_x, and the small
         per-row extras (scales, ids, weights) packed side by side, unpacked after."""
         extras = torch.cat([host.rows_bytes(p) for p in payloads[1:]], 1)
-        sends = [self._host.send_rows("x", payloads[0], send_src, staged),
-                 self._host.send_rows("extras", extras, send_src, staged)]
         packed = torch.empty(recvs[0].shape[0], extras.shape[1], dtype=torch.uint8, device=extras.device)
-        self._host.exchange(sends, send_counts, [recvs[0], packed], recv_counts, "dispatch payload", staged)
+        self._host.dispatch_rows([payloads[0], extras], send_src, send_counts, recv_counts, [recvs[0], packed],
+                                 "dispatch payload", staged)
         at = 0
         for out in recvs[1:]:
             width = host.row_bytes(out)
@@ -292,8 +291,8 @@ class Buffer:
         self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
         staged = host.staging_for(g)
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
-        send = self._host.send_rows("x", g, handle.send_src, staged)
-        self._host.exchange([send], handle.send_counts, [out], handle.recv_counts, "combine backward payload", staged)
+        self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
+                                 "combine backward payload", staged)
         out[handle.num_recv:].zero_()
         return out
 

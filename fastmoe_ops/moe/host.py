@@ -52,9 +52,10 @@ class Layout:
     send_src: torch.Tensor
 
 
-def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool) -> Layout:
+def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool, torch_only: bool = False) -> Layout:
     """Bucket each token once per destination rank (expert // per); on_device: by the
-    layout kernel where topk_idx lives (CUDA tensors, or the staged path's tests)."""
+    layout kernel where topk_idx lives (CUDA tensors, or the staged path's tests); else
+    by the native loop, or (torch_only, or no host compiler) by PyTorch ops."""
     t = topk_idx.shape[0]
     if on_device and t:   # the layout kernel on the device, then the send order from its positions
         counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
@@ -68,6 +69,9 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool) -> Lay
     if on_device:   # no tokens: nothing for a kernel to do
         lay = layout(topk_idx.cpu(), ranks, per, False)
         return Layout(lay.counts, *(v.to(topk_idx.device) for v in (lay.pos, lay.combine_index, lay.send_src)))
+    native = host_native.layout(topk_idx, ranks, per) if not torch_only else None
+    if native is not None:   # one native pass instead of a dozen small tensor ops (same result)
+        return Layout(*native)
     dest = torch.where(topk_idx >= 0, topk_idx.div(per, rounding_mode="floor"), ranks)
     hit = torch.zeros(ranks + 1, t, dtype=torch.bool)
     hit.scatter_(0, dest.t(), True)                                 # [R + 1, T]: token t goes to rank r
@@ -80,6 +84,22 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool) -> Lay
     offsets = torch.cumsum(counts, 0) - counts
     pos = torch.where(order >= 0, order - offsets[:, None], -1)
     return Layout(counts.numpy(), pos.t().contiguous(), order.t().contiguous(), send_src)
+
+
+def offsets(counts) -> list[int]:
+    """Each rank's first row in rank-major segments of `counts` rows."""
+    out, at = [], 0
+    for c in counts:
+        out.append(at)
+        at += int(c)
+    return out
+
+
+def without(counts, rank: int) -> list[int]:
+    """counts with `rank`'s entry zeroed: the segment the caller moves itself."""
+    out = [int(c) for c in counts]
+    out[rank] = 0
+    return out
 
 
 def rows_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -123,36 +143,47 @@ class HostTransport:
     def _wait(self, pending) -> None:
         self.group.wait(pending, peers_hint=self.peers)
 
-    def send_rows(self, name: str, src: torch.Tensor, send_src: torch.Tensor, staged: bool) -> torch.Tensor:
-        """src [T, ...] -> host [S, row_bytes] uint8: row i = src[send_src[i]]."""
+    def send_rows(self, name: str, src: torch.Tensor, send_src: torch.Tensor) -> torch.Tensor:
+        """Staged: src [T, ...] (device) -> pinned host [S, row_bytes] uint8, row i = src[send_src[i]]."""
         rows = rows_bytes(src)
-        if staged and send_src.shape[0] == 0:
+        if send_src.shape[0] == 0:
             return self.work(name, (0, rows.shape[1]), torch.uint8, pinned=True)
-        if staged:   # gather on the device (the kernel), then one copy to the host buffer
-            packed = rows_bytes(kernels.gather_rows(rows, send_src))
-            host = self.work(name, packed.shape, torch.uint8, pinned=True)
-            host.copy_(packed)
-            return host
-        host = self.work(name, (send_src.shape[0], rows.shape[1]), torch.uint8)
-        torch.index_select(rows, 0, send_src, out=host)
+        packed = rows_bytes(kernels.gather_rows(rows, send_src))   # the gather kernel on the device
+        host = self.work(name, packed.shape, torch.uint8, pinned=True)
+        host.copy_(packed)
         return host
 
-    def exchange(self, sends, send_counts, recvs, recv_counts, what: str, staged: bool) -> None:
-        """sends: host [S, b_i] uint8 buffers; recvs: [rows, ...] tensors (device or host),
-        filled with the received rows (first sum(recv_counts) rows). All in flight at once."""
+    def dispatch_rows(self, srcs, send_src: torch.Tensor, send_counts, recv_counts, outs, what: str,
+                      staged: bool) -> None:
+        """srcs[i] [T, ...] -> outs[i] [rows, ...]: the first sum(recv_counts) rows of outs[i]
+        receive, rank-major, the rows srcs[i][send_src] every rank sends here. All streams in
+        flight at once. Host tensors: MPI receives straight into outs (rows are in receive
+        order already) and this rank's own segment never crosses MPI: it is gathered
+        straight into place while the peers' rows are in flight."""
         n = int(sum(recv_counts))
-        targets = []
-        for i, (s, out) in enumerate(zip(sends, recvs)):
-            width = s.shape[1]
-            if staged:   # receive on the host, then one copy to the device
-                targets.append(self.work(f"{what} recv {i}", (n, width), torch.uint8, pinned=True))
-            else:        # straight into the output: its rows are in receive order already
-                targets.append(rows_bytes(out)[:n])
-        pending = [self._start(s, send_counts, t, recv_counts, f"{what} {i}") for i, (s, t) in enumerate(zip(sends, targets))]
-        self._wait(pending)
-        if staged:
-            for t, out in zip(targets, recvs):
+        if staged:   # gather on the device, exchange pinned host rows, then one copy each to the device
+            sends = [self.send_rows(f"{what} send {i}", src, send_src) for i, src in enumerate(srcs)]
+            targets = [self.work(f"{what} recv {i}", (n, s.shape[1]), torch.uint8, pinned=True) for i, s in enumerate(sends)]
+            self._wait([self._start(s, send_counts, t, recv_counts, f"{what} {i}")
+                        for i, (s, t) in enumerate(zip(sends, targets))])
+            for t, out in zip(targets, outs):
                 rows_bytes(out)[:n].copy_(t)
+            return
+        me = self.group.rank
+        sd, rd = offsets(send_counts), offsets(recv_counts)
+        mine = slice(sd[me], sd[me] + send_counts[me])
+        peers_send, peers_recv = without(send_counts, me), without(recv_counts, me)
+        rows = [rows_bytes(src) for src in srcs]
+        targets = [rows_bytes(out)[:n] for out in outs]
+        pending = []
+        for i, (src, target) in enumerate(zip(rows, targets)):
+            host = self.work(f"{what} send {i}", (send_src.shape[0], src.shape[1]), torch.uint8)
+            torch.index_select(src, 0, send_src[: mine.start], out=host[: mine.start])   # (own segment left out)
+            torch.index_select(src, 0, send_src[mine.stop:], out=host[mine.stop:])
+            pending.append(self.group.ialltoallv(host, peers_send, target, peers_recv, f"{what} {i}", sd, rd))
+        for src, target in zip(rows, targets):
+            torch.index_select(src, 0, send_src[mine], out=target[rd[me]: rd[me] + send_counts[me]])
+        self._wait(pending)
 
     def combine(self, y: torch.Tensor, layout_send_src: torch.Tensor, combine_index: torch.Tensor,
                 send_counts, recv_counts, num_tokens: int, staged: bool) -> torch.Tensor:
@@ -164,26 +195,42 @@ class HostTransport:
         if staged:
             host = self.work("combine send", rows.shape, torch.uint8, pinned=True)
             host.copy_(rows)
-            rows = host
-        back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=staged)
-        self._wait([self._start(rows, recv_counts, back, send_counts, "combine payload")])
-        back = back.view(dtype).view(s, width)
-        if staged and dtype in host_native.DTYPE_CODE and num_tokens:
-            # The fixed-order gather-reduce kernel on the device (same bits as below).
-            return kernels.gather_reduce(back.to(y.device), combine_index.to(y.device))
-        if staged:   # fp64 (no kernel) or no tokens: the host sum, then one copy
+            back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=True)
+            self._wait([self._start(host, recv_counts, back, send_counts, "combine payload")])
+            back = back.view(dtype).view(s, width)
+            if dtype in host_native.DTYPE_CODE and num_tokens:
+                # The fixed-order gather-reduce kernel on the device (same bits as below).
+                return kernels.gather_reduce(back.to(y.device), combine_index.to(y.device))
+            # fp64 (no kernel) or no tokens: the host sum, then one copy
             return self.combine_host(back, combine_index, layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
-        return self.combine_host(back, combine_index, layout_send_src, send_counts, num_tokens)
+        # Host rows: the peers' rows come back into their places in `back`; this rank's own
+        # rows stay in y (the same rows in the same order) and the sum reads them there.
+        me = self.group.rank
+        sd, rd = offsets(send_counts), offsets(recv_counts)
+        back = self.work("combine back", (s, rows.shape[1]), torch.uint8)
+        self._wait([self.group.ialltoallv(rows, without(recv_counts, me), back, without(send_counts, me),
+                                          "combine payload", rd, sd)])
+        back = back.view(dtype).view(s, width)
+        own = y[rd[me]: rd[me] + send_counts[me]]
+        return self.combine_host(back, combine_index, layout_send_src, send_counts, num_tokens, own=own)
 
     def combine_host(self, back: torch.Tensor, combine_index: torch.Tensor, send_src: torch.Tensor, send_counts,
-                     num_tokens: int) -> torch.Tensor:
+                     num_tokens: int, own: torch.Tensor | None = None) -> torch.Tensor:
         """Combine's sum on the CPU: the native one-pass loop where it is built and the
-        dtype is one it handles, else the PyTorch formulation (`reduce`); same bits."""
+        dtype is one it handles, else the PyTorch formulation (`reduce`); same bits.
+        own: this rank's own segment of rows, when it lies there instead of in `back`."""
         width, dtype = back.shape[1], back.dtype
+        me, start = self.group.rank, offsets(send_counts)
         if dtype in host_native.DTYPE_CODE:
             out = torch.empty(num_tokens, width, dtype=dtype)
-            if host_native.combine(back, combine_index.cpu(), out):   # one pass, the same bits
+            bases = None
+            if own is not None:   # rank me's rows at own: its row i = combine_index - start[me] + i
+                bases = [back.data_ptr()] * len(send_counts)
+                bases[me] = own.data_ptr() - start[me] * width * back.element_size()
+            if host_native.combine(back, combine_index.cpu(), out, bases):   # one pass, the same bits
                 return out
+        if own is not None:
+            back[start[me]: start[me] + own.shape[0]].copy_(own)
         return self.reduce(back, send_src, send_counts, num_tokens)
 
     def reduce(self, back: torch.Tensor, send_src: torch.Tensor, send_counts, num_tokens: int) -> torch.Tensor:

@@ -1,16 +1,19 @@
-"""The host transport's one native loop (csrc/moe/host_combine.cpp): combine's fixed-order
-sum on the CPU in a single pass. Built once with the host compiler (the simulator's:
-FMO_SIM_CXX, else $CXX, else g++) into the kernel cache, shared by every rank through the
-cache's lock and atomic rename; loaded with ctypes.
+"""The host transport's native loops (csrc/moe/host_combine.cpp): combine's fixed-order sum
+on the CPU in a single pass, and dispatch's send layout in two. Built once with the host
+compiler (the simulator's: FMO_SIM_CXX, else $CXX, else g++) into the kernel cache, shared
+by every rank through the cache's lock and atomic rename; loaded with ctypes.
 
-`combine(back, index, out)` returns False when no host compiler is available; the caller
-then takes the PyTorch formulation, which gives the same bits (tests compare the two)."""
+`combine(back, index, out[, bases])` returns False and `layout(...)` None when no host
+compiler is available; the caller then takes the PyTorch formulation, which gives the same
+result (tests compare the two)."""
 from __future__ import annotations
 
 import ctypes
 import functools
 import subprocess
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import BackendError, CompileError
@@ -44,24 +47,56 @@ def _library():
 
     lib = ctypes.CDLL(str(default_cache().get_or_build("host", key, ".so", build)))
     fn = lib.fmo_host_combine
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn
+    lay = lib.fmo_host_layout
+    lay.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lay.restype = None
+    return _Native(fn, lay)
+
+
+@dataclass(frozen=True)
+class _Native:
+    combine: object
+    layout: object
 
 
 def available() -> bool:
     return _library() is not None
 
 
-def combine(back: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> bool:
+def combine(back: torch.Tensor, index: torch.Tensor, out: torch.Tensor, bases=None) -> bool:
     """out [T, W] = for each t, the ascending-r fp32 sum of back[index[t, r]] (skipping -1),
     rounded once. back [S, W], out: contiguous CPU, one dtype of DTYPE_CODE; index [T, R]
-    int64 contiguous. False (nothing written) when no host compiler is available."""
-    fn = _library()
-    if fn is None:
+    int64 contiguous. bases: R addresses replacing back's, row i of rank r's rows at
+    bases[r] + i * row bytes (rows read where they lie, e.g. this rank's own in y); the
+    caller keeps those tensors alive. False (nothing written) when no host compiler is
+    available."""
+    lib = _library()
+    if lib is None:
         return False
     assert back.is_contiguous() and out.is_contiguous() and index.is_contiguous() and back.dtype == out.dtype
-    rc = fn(back.data_ptr(), index.data_ptr(), out.data_ptr(), out.shape[0], index.shape[1], out.shape[1], DTYPE_CODE[out.dtype])
+    ranks = index.shape[1]
+    addr = (ctypes.c_int64 * max(ranks, 1))(*(bases if bases is not None else [back.data_ptr()] * ranks))
+    rc = lib.combine(addr, index.data_ptr(), out.data_ptr(), out.shape[0], ranks, out.shape[1], DTYPE_CODE[out.dtype])
     if rc != 0:
         raise BackendError(f"fmo_host_combine: unsupported dtype {out.dtype}")
     return True
+
+
+def layout(topk_idx: torch.Tensor, ranks: int, per: int):
+    """Dispatch's send layout in one native pass: (counts [R] int64 numpy, pos [T, R],
+    combine_index [T, R], send_src [S]) as fastmoe_ops.moe.host.Layout describes them, or
+    None when no host compiler is available. topk_idx: [T, k] int64 CPU, values in [-1, ranks * per)."""
+    lib = _library()
+    if lib is None:
+        return None
+    idx = topk_idx.contiguous()
+    t, k = idx.shape
+    counts = np.zeros(ranks, np.int64)
+    pos = torch.empty(t, ranks, dtype=torch.int64)
+    index = torch.empty(t, ranks, dtype=torch.int64)
+    send_src = torch.empty(t * ranks, dtype=torch.int64)
+    lib.layout(idx.data_ptr(), t, k, ranks, per, counts.ctypes.data, pos.data_ptr(), index.data_ptr(), send_src.data_ptr())
+    return counts, pos, index, send_src[: int(counts.sum())]
