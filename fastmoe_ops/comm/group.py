@@ -222,6 +222,43 @@ class Group:
                                    [rbuf, (rc.astype(np.int32), rd.astype(np.int32)), dtype])
         return _Pending(req, (send, recv, sbuf, rbuf), what)
 
+    def start_rows(self, streams, what: str) -> "_Rows":
+        """Start per-peer transfers of tensor rows; `wait_rows` completes them. streams: one
+        (src, sends, dst, recvs) per stream, src / dst contiguous CPU tensors of equal row
+        size in bytes; sends: (peer, first, count) triples, src rows [first, first + count)
+        go to that peer; recvs: (peer, first, count) triples, dst rows [first, first + count)
+        receive that peer's rows. Empty transfers are skipped (both sides know the counts).
+        One fresh tag per stream; every rank starts the same streams in the same order, so
+        they line up. (Per-peer messages rather than one Ialltoallv: a time-out can name
+        the peers that never arrived, and a caller's own rows need not cross MPI.)"""
+        self._check_usable(what)
+        requests, names, buffers = [], [], []
+        for src, sends, dst, recvs in streams:
+            tag = self._next_tag()
+            row_bytes = math.prod(src.shape[1:]) * src.element_size()
+            if row_bytes != math.prod(dst.shape[1:]) * dst.element_size() or row_bytes == 0:
+                raise InputError(f"{what}: expected equal, non-zero row sizes, got {tuple(src.shape)} {src.dtype} "
+                                 f"and {tuple(dst.shape)} {dst.dtype}")
+            if not (src.is_contiguous() and dst.is_contiguous()):
+                raise InputError(f"{what}: expected contiguous send and receive tensors")
+            row = self._row_type(row_bytes)
+            sbuf, rbuf = _host_bytes(src), _host_bytes(dst)
+            buffers.append((src, dst, sbuf, rbuf))
+            for table, buf, n, post, key in ((recvs, rbuf, dst.shape[0], self.comm.Irecv, "source"),
+                                             (sends, sbuf, src.shape[0], self.comm.Isend, "dest")):
+                for peer, first, count in table:
+                    if not count:
+                        continue
+                    if first + count > n:
+                        raise InputError(f"{what}: rows [{first}, {first + count}) for rank {peer} do not fit {n} rows")
+                    requests.append(post([buf[first * row_bytes:], count, row], **{key: peer, "tag": tag}))
+                    names.append(peer)
+        return _Rows(requests, names, buffers, what)
+
+    def wait_rows(self, pending: "_Rows") -> None:
+        """Complete `start_rows`; a time-out names the peers whose transfers never finished."""
+        self._wait(pending.requests, pending.names, pending.what, buffers=pending.buffers)
+
     def wait(self, pendings, peers_hint=None) -> None:
         """Wait for started host transfers. A time-out names `peers_hint` (the peers this
         rank exchanges with) since a collective cannot say which peer is late."""
@@ -254,6 +291,14 @@ def _displs(counts: np.ndarray, given) -> np.ndarray:
     out = np.zeros_like(counts)
     np.cumsum(counts[:-1], out=out[1:])
     return out
+
+
+@dataclass
+class _Rows:
+    requests: list
+    names: list
+    buffers: list
+    what: str
 
 
 @dataclass

@@ -273,8 +273,12 @@ class Buffer:
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
     def _host_dispatch(self, payloads, recvs, send_src, send_counts, recv_counts, staged: bool) -> None:
-        """Two exchanges in flight at once: x's rows straight into recv_x, and the small
-        per-row extras (scales, ids, weights) packed side by side, unpacked after."""
+        """Host tensors: each payload's rows straight from it into its output. Staged: two
+        exchanges in flight at once, x's rows and the small per-row extras (scales, ids,
+        weights) packed side by side, unpacked after."""
+        if not staged:   # every stream straight from its tensor into its output
+            self._host.dispatch_rows(payloads, send_src, send_counts, recv_counts, recvs, "dispatch payload", False)
+            return
         extras = torch.cat([host.rows_bytes(p) for p in payloads[1:]], 1)
         packed = torch.empty(recvs[0].shape[0], extras.shape[1], dtype=torch.uint8, device=extras.device)
         self._host.dispatch_rows([payloads[0], extras], send_src, send_counts, recv_counts, [recvs[0], packed],

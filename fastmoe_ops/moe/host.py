@@ -95,13 +95,6 @@ def offsets(counts) -> list[int]:
     return out
 
 
-def without(counts, rank: int) -> list[int]:
-    """counts with `rank`'s entry zeroed: the segment the caller moves itself."""
-    out = [int(c) for c in counts]
-    out[rank] = 0
-    return out
-
-
 def rows_bytes(t: torch.Tensor) -> torch.Tensor:
     """[n, row_bytes] uint8 view of a tensor's rows (contiguous first if need be)."""
     t = t if t.is_contiguous() else t.contiguous()
@@ -157,9 +150,10 @@ class HostTransport:
                       staged: bool) -> None:
         """srcs[i] [T, ...] -> outs[i] [rows, ...]: the first sum(recv_counts) rows of outs[i]
         receive, rank-major, the rows srcs[i][send_src] every rank sends here. All streams in
-        flight at once. Host tensors: MPI receives straight into outs (rows are in receive
-        order already) and this rank's own segment never crosses MPI: it is gathered
-        straight into place while the peers' rows are in flight."""
+        flight at once. Host tensors: per-peer messages from one gather per stream, received
+        straight into outs (rows are in receive order already); this rank's own segment
+        never crosses MPI: it is gathered straight into place while the peers' rows are in
+        flight."""
         n = int(sum(recv_counts))
         if staged:   # gather on the device, exchange pinned host rows, then one copy each to the device
             sends = [self.send_rows(f"{what} send {i}", src, send_src) for i, src in enumerate(srcs)]
@@ -169,21 +163,25 @@ class HostTransport:
             for t, out in zip(targets, outs):
                 rows_bytes(out)[:n].copy_(t)
             return
-        me = self.group.rank
+        me, peers = self.group.rank, self.peers
         sd, rd = offsets(send_counts), offsets(recv_counts)
         mine = slice(sd[me], sd[me] + send_counts[me])
-        peers_send, peers_recv = without(send_counts, me), without(recv_counts, me)
+        sends = [(p, sd[p], send_counts[p]) for p in peers]
+        recvs = [(p, rd[p], recv_counts[p]) for p in peers]
         rows = [rows_bytes(src) for src in srcs]
         targets = [rows_bytes(out)[:n] for out in outs]
-        pending = []
+        streams = []
         for i, (src, target) in enumerate(zip(rows, targets)):
-            host = self.work(f"{what} send {i}", (send_src.shape[0], src.shape[1]), torch.uint8)
-            torch.index_select(src, 0, send_src[: mine.start], out=host[: mine.start])   # (own segment left out)
-            torch.index_select(src, 0, send_src[mine.stop:], out=host[mine.stop:])
-            pending.append(self.group.ialltoallv(host, peers_send, target, peers_recv, f"{what} {i}", sd, rd))
+            # One gather into a reused buffer: measured faster here (Open MPI 5, 4 ranks on
+            # 2 cores) than sending the rows in place through MPI indexed datatypes.
+            packed = self.work(f"{what} send {i}", (send_src.shape[0], src.shape[1]), torch.uint8)
+            torch.index_select(src, 0, send_src[: mine.start], out=packed[: mine.start])   # (own segment left out)
+            torch.index_select(src, 0, send_src[mine.stop:], out=packed[mine.stop:])
+            streams.append((packed, sends, target, recvs))
+        pending = self.group.start_rows(streams, what)
         for src, target in zip(rows, targets):
             torch.index_select(src, 0, send_src[mine], out=target[rd[me]: rd[me] + send_counts[me]])
-        self._wait(pending)
+        self.group.wait_rows(pending)
 
     def combine(self, y: torch.Tensor, layout_send_src: torch.Tensor, combine_index: torch.Tensor,
                 send_counts, recv_counts, num_tokens: int, staged: bool) -> torch.Tensor:
@@ -208,8 +206,9 @@ class HostTransport:
         me = self.group.rank
         sd, rd = offsets(send_counts), offsets(recv_counts)
         back = self.work("combine back", (s, rows.shape[1]), torch.uint8)
-        self._wait([self.group.ialltoallv(rows, without(recv_counts, me), back, without(send_counts, me),
-                                          "combine payload", rd, sd)])
+        sends = [(p, rd[p], recv_counts[p]) for p in self.peers]
+        recvs = [(p, sd[p], send_counts[p]) for p in self.peers]
+        self.group.wait_rows(self.group.start_rows([(rows, sends, back, recvs)], "combine payload"))
         back = back.view(dtype).view(s, width)
         own = y[rd[me]: rd[me] + send_counts[me]]
         return self.combine_host(back, combine_index, layout_send_src, send_counts, num_tokens, own=own)
