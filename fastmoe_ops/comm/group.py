@@ -46,24 +46,21 @@ def poll(requests, deadline: float, what: str, names) -> None:
     """Wait for `requests` (MPI requests) until `deadline` (time.monotonic()); on time-out
     raise CommTimeoutError naming `names[i]` for every request i still pending."""
     MPI = _mpi()
-    pending = list(range(len(requests)))
+    requests = list(requests)
     spins = 0
-    while pending:
-        done = MPI.Request.Testsome([requests[i] for i in pending])
-        if done:
-            finished = {pending[j] for j in done}
-            pending = [i for i in pending if i not in finished]
-            spins = 0
-            continue
-        if time.monotonic() > deadline:
-            missing = sorted({names[i] for i in pending})
+    # The loop runs for every wait of every exchange, so each turn is kept to one MPI call
+    # (Testall leaves the requests untouched until all are done) and one yield; the clock
+    # is read every 64 turns.
+    while not MPI.Request.Testall(requests):
+        spins += 1
+        if spins % 64 == 0 and time.monotonic() > deadline:
+            missing = sorted({names[i] for i, req in enumerate(requests) if not req.Test()})
             raise CommTimeoutError(
                 f"{what}: timed out after FMO_COMM_TIMEOUT={env.number('FMO_COMM_TIMEOUT'):g} s waiting for "
                 f"rank(s) {missing}")
-        # Nonblocking collectives progress only inside MPI calls, so keep testing; yield
-        # the core between tests (ranks may outnumber cores), and back off to sleeping
-        # only after a long wait.
-        spins += 1
+        # Nonblocking requests progress only inside MPI calls, so keep testing; yield the
+        # core between tests (ranks may outnumber cores), and back off to sleeping only
+        # after a long wait.
         if spins < 20000:
             os.sched_yield()
         else:
