@@ -193,13 +193,10 @@ class Group:
             self._row_types[row_bytes] = dtype
         return dtype
 
-    def ialltoallv(self, send: torch.Tensor, send_counts, recv: torch.Tensor, recv_counts, what: str,
-                   send_displs=None, recv_displs=None):
+    def ialltoallv(self, send: torch.Tensor, send_counts, recv: torch.Tensor, recv_counts, what: str):
         """Start an MPI Ialltoallv of rows: `send` [sum(send_counts), ...] goes in rank-major
         segments, `recv` [sum(recv_counts), ...] receives rank-major segments. Both contiguous
-        CPU tensors with the same row size in bytes. send_displs / recv_displs: each peer's
-        first row (default: the segments packed in rank order), e.g. to leave a gap where a
-        segment the caller moves itself lies. Returns the request (see `wait`)."""
+        CPU tensors with the same row size in bytes. Returns the request (see `wait`)."""
         self._check_usable(what)
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         recv_row = math.prod(recv.shape[1:]) * recv.element_size()
@@ -209,10 +206,10 @@ class Group:
             raise InputError(f"{what}: expected contiguous send and receive tensors")
         sc = np.asarray(send_counts, np.int64)
         rc = np.asarray(recv_counts, np.int64)
-        sd = _displs(sc, send_displs)
-        rd = _displs(rc, recv_displs)
-        if (sd + sc).max(initial=0) > send.shape[0] or (rd + rc).max(initial=0) > recv.shape[0]:
+        if sc.sum() != send.shape[0] or rc.sum() > recv.shape[0]:
             raise InputError(f"{what}: counts {sc.tolist()} / {rc.tolist()} do not fit {send.shape[0]} / {recv.shape[0]} rows")
+        sd = np.concatenate(([0], np.cumsum(sc)[:-1]))
+        rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
         dtype = self._row_type(row_bytes)
         sbuf, rbuf = _host_bytes(send), _host_bytes(recv)
         req = self.comm.Ialltoallv([sbuf, (sc.astype(np.int32), sd.astype(np.int32)), dtype],
@@ -229,27 +226,29 @@ class Group:
         they line up. (Per-peer messages rather than one Ialltoallv: a time-out can name
         the peers that never arrived, and a caller's own rows need not cross MPI.)"""
         self._check_usable(what)
-        requests, names, buffers = [], [], []
-        for src, sends, dst, recvs in streams:
-            tag = self._next_tag()
+        for src, sends, dst, recvs in streams:   # all checked before anything is posted
             row_bytes = math.prod(src.shape[1:]) * src.element_size()
             if row_bytes != math.prod(dst.shape[1:]) * dst.element_size() or row_bytes == 0:
                 raise InputError(f"{what}: expected equal, non-zero row sizes, got {tuple(src.shape)} {src.dtype} "
                                  f"and {tuple(dst.shape)} {dst.dtype}")
             if not (src.is_contiguous() and dst.is_contiguous()):
                 raise InputError(f"{what}: expected contiguous send and receive tensors")
+            for table, n in ((recvs, dst.shape[0]), (sends, src.shape[0])):
+                for peer, first, count in table:
+                    if first + count > n:
+                        raise InputError(f"{what}: rows [{first}, {first + count}) for rank {peer} do not fit {n} rows")
+        requests, names, buffers = [], [], []
+        for src, sends, dst, recvs in streams:
+            tag = self._next_tag()
+            row_bytes = math.prod(src.shape[1:]) * src.element_size()
             row = self._row_type(row_bytes)
             sbuf, rbuf = _host_bytes(src), _host_bytes(dst)
             buffers.append((src, dst, sbuf, rbuf))
-            for table, buf, n, post, key in ((recvs, rbuf, dst.shape[0], self.comm.Irecv, "source"),
-                                             (sends, sbuf, src.shape[0], self.comm.Isend, "dest")):
+            for table, buf, post, key in ((recvs, rbuf, self.comm.Irecv, "source"), (sends, sbuf, self.comm.Isend, "dest")):
                 for peer, first, count in table:
-                    if not count:
-                        continue
-                    if first + count > n:
-                        raise InputError(f"{what}: rows [{first}, {first + count}) for rank {peer} do not fit {n} rows")
-                    requests.append(post([buf[first * row_bytes:], count, row], **{key: peer, "tag": tag}))
-                    names.append(peer)
+                    if count:
+                        requests.append(post([buf[first * row_bytes:], count, row], **{key: peer, "tag": tag}))
+                        names.append(peer)
         return _Rows(requests, names, buffers, what)
 
     def wait_rows(self, pending: "_Rows") -> None:
@@ -279,15 +278,6 @@ class Group:
             except Exception:  # MPI already finalised at interpreter exit
                 pass
         self._row_types.clear()
-
-
-def _displs(counts: np.ndarray, given) -> np.ndarray:
-    """Each peer's first row: `given`, else the segments packed in rank order."""
-    if given is not None:
-        return np.asarray(given, np.int64)
-    out = np.zeros_like(counts)
-    np.cumsum(counts[:-1], out=out[1:])
-    return out
 
 
 @dataclass
