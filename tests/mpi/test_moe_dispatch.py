@@ -254,6 +254,35 @@ def test_missing_rank_times_out_naming_it(comm, monkeypatch):
             .dispatch(torch.ones(2, 16), torch.zeros(2, 1, dtype=torch.int64), None)[0].shape)
 
 
+def test_missing_payload_times_out_naming_the_rank(comm, monkeypatch):
+    """The last rank passes the handshake but never moves its payload rows (its per-peer
+    transfers are skipped): the others raise CommTimeoutError naming it, from the payload
+    exchange itself, after FMO_COMM_TIMEOUT."""
+    need_ranks(comm, 2)
+    monkeypatch.setenv("FMO_COMM_TIMEOUT", "0.5")
+    world, rank = comm.Get_size(), comm.Get_rank()
+    buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=16, num_experts=world)
+    # Token j to rank j: every rank waits for a row from the last one (a receive cannot
+    # complete without its sender; a small send can, eagerly).
+    x, idx = torch.randn(world, 16), torch.arange(world)[:, None]
+    if rank == world - 1:
+        monkeypatch.setattr(buf.group, "start_rows", lambda streams, what: fmo.comm.group._Rows([], [], [], what))
+        buf.dispatch(x, idx, None)
+        ok, detail = True, "skipped its transfers"
+    else:
+        t0 = time.monotonic()
+        try:
+            buf.dispatch(x, idx, None)
+            ok, detail = False, "dispatch returned"
+        except fmo.CommTimeoutError as e:
+            ok, detail = (f"rank(s) [{world - 1}]" in str(e) and "dispatch payload" in str(e)
+                          and time.monotonic() - t0 < 10), str(e)
+    all_agree(comm, ok, detail)
+    buf.destroy()
+    run_all(comm, lambda: fmo.moe.Buffer(fmo.comm.Group(comm), hidden=16, num_experts=world)
+            .dispatch(torch.ones(2, 16), torch.zeros(2, 1, dtype=torch.int64), None)[0].shape)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
