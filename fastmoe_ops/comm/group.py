@@ -1,7 +1,7 @@
 """`Group`: a thin wrapper over an mpi4py communicator.
 
 Bootstrap (allgather, bcast, barrier of small Python objects) and the host transport
-(`alltoallv` of tensor rows). Nothing here blocks in MPI: every exchange starts
+(tensor rows: per-peer `start_rows`/`wait_rows`, or one `ialltoallv`). Nothing here blocks in MPI: every exchange starts
 nonblocking requests and polls them against a deadline of FMO_COMM_TIMEOUT seconds, so a
 peer that never arrives raises `CommTimeoutError` naming it instead of hanging the job.
 
@@ -79,7 +79,7 @@ class Group:
     """Ranks taking part in expert parallelism: `Group(MPI.COMM_WORLD)`.
 
     rank, size; allgather / bcast / barrier (bootstrap, small picklable objects);
-    alltoallv (host transport of tensor rows). The group does not own `comm`."""
+    start_rows / ialltoallv (host transport of tensor rows). The group does not own `comm`."""
 
     def __init__(self, comm):
         MPI = _mpi()

@@ -2,8 +2,9 @@
 
 Every call starts with one per-peer metadata handshake (validation, counts,
 FMO_COMM_TIMEOUT), then moves the payload rows by one of two transports:
-  host (default): MPI Ialltoallv of the payload rows on host buffers (fastmoe_ops.moe.host):
-       CPU tensors are packed and summed on the CPU; CUDA tensors are packed and summed by
+  host (default): MPI transfers of the payload rows on host buffers (fastmoe_ops.moe.host):
+       CPU tensors are packed and summed on the CPU (per-peer messages, own rows moved
+       locally); CUDA tensors are packed and summed by
        the kernels on their device and staged through pinned host buffers;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
        write rows straight into peers' buffers (fastmoe_ops.moe.ipc): CUDA tensors through

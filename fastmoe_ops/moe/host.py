@@ -1,25 +1,29 @@
-"""The host transport: MPI Ialltoallv of row payloads on host buffers.
+"""The host transport: row payloads over MPI on host buffers.
 
-One exchange moves rows in rank-major segments, so the layouts that make it cheap are the
-ones the Buffer's semantics already fix:
+Rows move in rank-major segments, so the layouts that make it cheap are the ones the
+Buffer's semantics already fix:
   dispatch: the receive order (source rank, then source token) *is* recv_x's row order, so
-            MPI receives straight into recv_x; the send side is one row gather (index_select
-            into a reused send buffer). The small per-row extras (FP8 scales, topk ids,
-            weights) travel packed side by side in a second exchange in flight at once.
+            MPI receives straight into recv_x (and each extra: FP8 scales, topk ids,
+            weights, into its own output); the send side is one row gather per payload
+            (index_select into a reused send buffer).
   combine:  the send order is y's row order, so y goes out as it is; the rows come back in
             this rank's dispatch send order (rank-major segments) into a reused buffer, and
-            the sum adds the segments in ascending rank order (index_add_ of one segment
-            touches each token once): the fixed order, bit for bit the kernels' sum.
+            the sum adds the segments in ascending rank order (the native loop of
+            csrc/moe/host_combine.cpp, or index_add_ of one segment at a time: each touches
+            a token once): the fixed order, bit for bit the kernels' sum.
+CPU tensors move as per-peer Isend/Irecv (Group.start_rows), and this rank's own segment
+never crosses MPI: dispatch gathers it straight into place, combine's sum reads it in y.
 Large work buffers are kept per Buffer and reused: a fresh multi-megabyte allocation costs
 more in page faults than the copy into it.
 
 Where the rows live decides who packs them (`Packing`):
-  host:   CPU tensors: index_select / index_add_ on the CPU, no kernel (this *is* the CPU
-          product path, whatever the engine);
+  host:   CPU tensors: index_select and the native sum (or index_add_) on the CPU, no
+          kernel (this *is* the CPU product path, whatever the engine);
   staged: CUDA tensors: the layout, row gather and fixed-order sum run as the kernels of
           csrc/moe/ on the device; rows cross to pinned host buffers and back around MPI.
           `staging_for` decides; tests force it on CPU tensors, where the "device" is the
           CPU, the kernels run on the simulator and the staging copies are host copies.
+          Staged rows go through one MPI Ialltoallv per payload (own segment included).
 """
 from __future__ import annotations
 
