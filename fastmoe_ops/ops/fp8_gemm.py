@@ -51,6 +51,22 @@ class Fp8GemmParams(Params):
     ]
 
 
+def _refuser(spec):
+    def refuse(msg):
+        raise UnsupportedError(f"{spec.op} {spec}: {msg}")
+    return refuse
+
+
+def _check_problem_fields(spec, refuse) -> None:
+    """The fields both GEMM kernels share: which problem (mode), output and weight scales."""
+    if spec.mode not in MODES:
+        refuse(f"mode must be one of {MODES}")
+    if spec.out not in ("bf16", "fp32"):
+        refuse("out must be bf16 or fp32")
+    if spec.b_scale not in B_SCALES:
+        refuse(f"b_scale must be one of {tuple(B_SCALES)}")
+
+
 @dataclass(frozen=True)
 class Fp8GemmSpec(KernelSpec):
     mode: str        # dense | contiguous | masked
@@ -68,14 +84,8 @@ class Fp8GemmSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        def refuse(msg):
-            raise UnsupportedError(f"{self.op} {self}: {msg}")
-        if self.mode not in MODES:
-            refuse(f"mode must be one of {MODES}")
-        if self.out not in ("bf16", "fp32"):
-            refuse("out must be bf16 or fp32")
-        if self.b_scale not in B_SCALES:
-            refuse(f"b_scale must be one of {tuple(B_SCALES)}")
+        refuse = _refuser(self)
+        _check_problem_fields(self, refuse)
         wm, wn = self.block_m // max(self.warps_m, 1), self.block_n // max(self.warps_n, 1)
         if self.warps_m * self.warps_n not in (4, 8, 16) or wm * self.warps_m != self.block_m or wn * self.warps_n != self.block_n:
             refuse("4, 8 or 16 warps must tile block_m x block_n")
@@ -177,14 +187,8 @@ class Fp8GemmWgmmaSpec(KernelSpec):
 
     def check(self) -> None:
         super().check()
-        def refuse(msg):
-            raise UnsupportedError(f"{self.op} {self}: {msg}")
-        if self.mode not in MODES:
-            refuse(f"mode must be one of {MODES}")
-        if self.out not in ("bf16", "fp32"):
-            refuse("out must be bf16 or fp32")
-        if self.b_scale not in B_SCALES:
-            refuse(f"b_scale must be one of {tuple(B_SCALES)}")
+        refuse = _refuser(self)
+        _check_problem_fields(self, refuse)
         if self.block_m not in (64, 128):
             refuse("block_m must be 64 or 128 (whole warpgroups of wgmma's 64 rows; 2 at most: "
                    "64 + 64 fp32 registers per thread already hold the accumulators)")
