@@ -1,7 +1,7 @@
 """The FP8 kernels on a GPU (the `cuda` engine): quantisation bit-exact against the
 reference, the GEMMs against the float64 oracle (calc_diff < 1e-5 + the elementwise bound
-of tests/test_fp8_gemm.py) at ragged and DeepSeek-V3 shapes, exact structured inputs bit for
-bit, grouped variants, FP8Linear forward/backward. Skipped without a CUDA device and CuPy.
+of tests/test_fp8_gemm.py) at ragged and DeepSeek-V3 shapes (exact structured inputs, per
+kernel: tests/test_fp8_gemm_kernels_cuda.py), grouped variants, FP8Linear forward/backward. Skipped without a CUDA device and CuPy.
 Written to run in well under a minute on one H100/H200."""
 from __future__ import annotations
 
