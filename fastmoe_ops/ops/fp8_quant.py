@@ -151,14 +151,6 @@ def _shape_plan(x, group_size, pow2_scale, eps) -> _ShapePlan:
     return plan
 
 
-def plan_quantize_per_token_group(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, group_size: int,
-                                  pow2_scale: bool, eps: float) -> Plan:
-    """Host side of one launch (outputs allocated; inputs validated here, or found in the
-    per-shape cache of earlier validations)."""
-    sp = _shape_plan(x, group_size, pow2_scale, eps)
-    return Plan(sp.spec, sp.config, sp.make_params(x, xq, xs), (x, xq, xs))
-
-
 def prepare_quantize_per_token_group(x: torch.Tensor, group_size: int, pow2_scale: bool, eps: float):
     """Everything a call does on the host before the kernel: validation (cached per shape),
     engine choice, output allocation, Params. -> (engine, plan or None, xq, xs); plan is None
