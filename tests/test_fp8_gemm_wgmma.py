@@ -57,6 +57,11 @@ def test_heuristic_and_grid_are_pure_functions_of_shape_and_budget():
     assert (mid.block_m, mid.block_n) == (64, 128), "128 tiles of 128 x 128 < 132 SMs; 256 of 64 x 128"
     for spec in launcher.standard_wgmma_specs():
         spec.check()
+    # contiguous: m is every group's rows already, so groups must not multiply the tile count
+    for kernel, choose in (("wgmma", launcher.choose_wgmma_spec), ("mma_sync", launcher.choose_spec)):
+        with compute_sms(100):
+            spec, _ = launcher.select("contiguous", kernel, 512, 2048, 7168, "bf16", "blk128", groups=8)
+            assert spec == choose("contiguous", 512, 2048, 7168, "bf16", "blk128", compute_sms=100), kernel
     with budget.comm_sms(20), budget.communication_in_flight():  # the budget is read when not given
         spec = launcher.choose_wgmma_spec("dense", 4096, 7168, 2048, "bf16", "blk128")
         assert launcher.persistent_grid(spec, 4096, 7168) == (112, 1, 1)

@@ -255,13 +255,15 @@ def kernel_for(engine: str, device: torch.device) -> str:
 def select(mode: str, kernel: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
            heuristic_m: int | None = None):
     """(spec, grid) of one launch. m: rows of a (masked: Mmax, per group); heuristic_m: the
-    rows per group the tile heuristic assumes (default m)."""
+    rows per group the tile heuristic assumes (default m). groups multiplies the tiles only
+    when masked: a contiguous a already holds every group's rows in its m."""
     expect(kernel in KERNELS, "kernel", f"one of {KERNELS} (or None: by device)", kernel)
     hm = heuristic_m or m
+    tile_groups = groups if mode == "masked" else 1
     if kernel == "wgmma":
-        spec = choose_wgmma_spec(mode, hm, n, k, out, b_scale, groups=groups)
-        return spec, persistent_grid(spec, m, n, groups=groups if mode == "masked" else 1)
-    spec = choose_spec(mode, hm, n, k, out, b_scale, groups=groups)
+        spec = choose_wgmma_spec(mode, hm, n, k, out, b_scale, groups=tile_groups)
+        return spec, persistent_grid(spec, m, n, groups=tile_groups)
+    spec = choose_spec(mode, hm, n, k, out, b_scale, groups=tile_groups)
     grid = (-(-n // spec.block_n), -(-m // spec.block_m)) + ((groups,) if mode == "masked" else ())
     expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows (per group)", m)
     return spec, grid
