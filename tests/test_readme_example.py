@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastmoe_ops
 
@@ -37,3 +38,11 @@ def test_readme_attention_example_runs():
     ns = run_readme_example("## Fused attention")
     assert ns["q"].grad is not None and not ns["q"].grad.isnan().any()
     assert ns["o"].shape == (20, 8, 64) and not ns["o"].isnan().any()
+
+
+def test_readme_streams_and_trace_example_runs(monkeypatch):
+    monkeypatch.setenv("FMO_TRACE", "1")
+    ns = run_readme_example("### Streams and the kernel trace")
+    assert torch.equal(ns["xq"].view(torch.uint8), ns["yq"].view(torch.uint8)) and torch.equal(ns["xs"], ns["ys"])
+    roles = {iv.role for iv in ns["intervals"]}
+    assert {"comm", "compute"} <= roles, roles   # the module runs on the sim engine (skipped without it)
