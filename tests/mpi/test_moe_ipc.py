@@ -106,13 +106,21 @@ def test_ipc_capacity_refused_alike(comm):
     all_agree(comm, not os.path.exists(path), f"{path} still exists after destroy()")
 
 
-def test_ipc_gradients_equal_host_gradients(comm):
+def test_ipc_gradients_equal_host_gradients(comm, monkeypatch):
     """Backward through the ipc transport (dispatch's backward combines on it) gives the
     host transport's gradients bit for bit."""
     need_ranks(comm, 2)
     world, rank = comm.Get_size(), comm.Get_rank()
     hidden, experts, k = 48, 2 * world, 3
     xs, idxs, ws = inputs(world, 71, [6 + r for r in range(world)], k, experts, hidden, torch.float32, minus_one=0.2)
+    launched = []
+    real_run = moe_ipc.run
+
+    def recording_run(spec, params, grid, **kw):
+        launched.append(type(spec).__name__)
+        return real_run(spec, params, grid, **kw)
+
+    monkeypatch.setattr(moe_ipc, "run", recording_run)
 
     def grads(transport):
         extra = dict(transport="ipc", max_tokens_per_rank=16, max_topk=k) if transport == "ipc" else {}
@@ -127,7 +135,12 @@ def test_ipc_gradients_equal_host_gradients(comm):
         return out.detach(), x.grad, w.grad
 
     def body():
-        for a, b, what in zip(grads("ipc"), grads("host"), ("out", "grad x", "grad w")):
+        launched.clear()
+        on_ipc = grads("ipc")
+        # The ipc run must really be on the ipc kernels (else this compares host with host):
+        # forward dispatch and combine, and dispatch's backward (grad x, grad w) as combines.
+        assert launched == ["MoeIpcDispatchSpec"] + ["MoeIpcCombineSpec"] * 3, f"ipc kernels launched: {launched}"
+        for a, b, what in zip(on_ipc, grads("host"), ("out", "grad x", "grad w")):
             bitwise(a, b, f"ipc vs host: {what}")
         return "ok"
 
