@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import env
-from .errors import FmoError, InputError
+from .errors import FmoError, InputError, expect
 from .runtime.launch import LaunchConfig, launch
 from .runtime.spec import KernelSpec, Params, TraceArgs, register_op
 
@@ -354,14 +354,11 @@ def rendezvous(flags: torch.Tensor, met: torch.Tensor, me: int, *, timeout_s: fl
     saw its partner, 2 where it gave up after `timeout_s`. Both sides reading 1 proves that
     the two launches were resident at the same time (the test of two streams overlapping)."""
     for name, t in (("flags", flags), ("met", met)):
-        if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == (2,) and t.is_contiguous()):
-            raise InputError(f"{name}: expected a contiguous [2] int32 tensor, got {t!r:.80}")
-    if flags.device != met.device:
-        raise InputError(f"met: expected a tensor on {flags.device} (like flags), got one on {met.device}")
-    if me not in (0, 1):
-        raise InputError(f"me: expected 0 or 1, got {me!r}")
-    if not 0 < timeout_s < 1e6:
-        raise InputError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        expect(isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == (2,) and t.is_contiguous(),
+               name, "a contiguous [2] int32 tensor", lambda: f"{t!r:.80}")
+    expect(flags.device == met.device, "met", f"a tensor on {flags.device} (like flags)", lambda: f"one on {met.device}")
+    expect(me in (0, 1), "me", "0 or 1", lambda: repr(me))
+    expect(0 < timeout_s < 1e6, "timeout_s", "a positive number of seconds", lambda: repr(timeout_s))
     params = RendezvousParams(flags=flags.data_ptr(), met=met.data_ptr(), timeout_ns=int(timeout_s * 1e9), me=me,
                               reserved=0)
     launch(RendezvousSpec(), LaunchConfig.make(1, 32), params, engine=engine, tensors=(flags, met))
