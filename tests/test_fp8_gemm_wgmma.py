@@ -154,7 +154,7 @@ def test_masked_persistent(monkeypatch, checked):
 
 @SIM
 def test_dense_row_scaled_b_persistent_under_checks(monkeypatch):
-    """1 x 128 b scales (per column in the promotion), one warpgroup, 2 CTAs, memcheck and
+    """1 x 128 b scales (per column in the promotion), one warpgroup, 1 CTA over 2 tiles, memcheck and
     racecheck on (the wgmma emulation reports its shared-memory reads at the wait)."""
     m, n, k = 40, 200, 160
     xq, xs, wq, ws = quantised_operands(m, n, k, 14, b_rows=True)
