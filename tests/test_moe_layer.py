@@ -10,7 +10,9 @@
   row is off by ~100%).
 - the grouped FP8 experts, tightly: against float64 products of the very operands the recipe
   quantises (calc_diff < 1e-9; measured ~5e-15: only fp32 accumulation differs), so a layout slip in dgrad or wgrad cannot hide in FP8 noise.
-- overlap=True equals overlap=False bit for bit in out, dx and the router gradient.
+- overlap=True equals overlap=False bit for bit in out, dx and the router gradient; the expert
+  weight gradients (two halves' FP8 wgrad, summed) to calc_diff < 1e-3 (measured ~3.5e-4), not
+  the 4e-3 float64 bound, under which one half's wgrad scaled wrong by ~12% would pass (1e-3: ~5%).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from conftest import cpu_engines
 
 CALC_DIFF_BOUND = 4e-3
 ELEMENT_BOUND = 0.25
+OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured ~3.5e-4
 
 
 def close(name, got, want, where):
@@ -114,7 +117,8 @@ def test_overlap_equals_sequential(engine):
     for name, a, b in zip(("out", "dx", "d router"), runs[0][:3], runs[1][:3]):
         assert torch.equal(a, b), f"{name}: overlap differs from sequential by {(a.double() - b.double()).abs().max().item():.3g}"
     for name, a, b in zip(("d w13", "d w2"), runs[0][3:], runs[1][3:]):   # two halves' FP8 wgrad, summed
-        assert ref.calc_diff(a, b) < CALC_DIFF_BOUND, name
+        d = ref.calc_diff(a, b)
+        assert d < OVERLAP_WGRAD_BOUND, f"{name}: overlap vs sequential calc_diff {d:.3g} ({engine}, seeds 4/5/9)"
 
 
 @pytest.mark.parametrize("engine", cpu_engines())
