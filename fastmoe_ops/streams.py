@@ -156,6 +156,13 @@ def _check_mpi_threads() -> None:
                           f"(mpi4py.rc.thread_level = 'multiple', the default, before importing mpi4py.MPI)")
 
 
+def _not_run(name: str, failed: BaseException) -> StreamError:
+    """The error of work skipped because a producer its stream waited on failed."""
+    err = StreamError(f"stream {name}: not run, because work it waited on failed: {failed!r}")
+    err.__cause__ = failed
+    return err
+
+
 def _worker(name: str, items: queue.SimpleQueue) -> None:
     """Run items in order until _STOP. Holds no reference to the Stream (so it can be
     collected) and never dies on a failing item: the failure goes to its Pending."""
@@ -168,9 +175,7 @@ def _worker(name: str, items: queue.SimpleQueue) -> None:
         if kind == "call":
             pending, state, role, fn, args, kwargs = payload
             if failed is not None:
-                err = StreamError(f"stream {name}: not run, because work it waited on failed: {failed!r}")
-                err.__cause__ = failed
-                pending._finish(error=err)
+                pending._finish(error=_not_run(name, failed))
                 continue
             try:
                 value = state.run(role, fn, args, kwargs)
@@ -237,9 +242,7 @@ class Stream:
             return pending
         # CUDA: run now on this thread with our stream current, so fn's kernels queue on it.
         if self._failed is not None:
-            err = StreamError(f"stream {self.name}: not run, because work it waited on failed: {self._failed!r}")
-            err.__cause__ = self._failed
-            pending._finish(error=err)
+            pending._finish(error=_not_run(self.name, self._failed))
             return pending
         previous = getattr(_tls, "role", None)
         _tls.role = self.role
