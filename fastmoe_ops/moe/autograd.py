@@ -14,8 +14,7 @@ import torch
 
 def with_nones(fn_cls, *grads):
     """`grads` followed by one None per remaining forward input (never counted by hand)."""
-    n_inputs = len(inspect.signature(fn_cls.forward).parameters) - 1   # minus ctx
-    return grads + (None,) * (n_inputs - len(grads))
+    return nones_for(fn_cls)(*grads)
 
 
 def nones_for(fn_cls):

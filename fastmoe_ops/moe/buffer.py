@@ -116,9 +116,7 @@ class Buffer:
         self._host = host.HostTransport(self.group)
         self._ipc = None
         if transport == "ipc":
-            from .ipc import IpcTransport
-
-            from .ipc import mapping_for
+            from .ipc import IpcTransport, mapping_for
 
             self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
