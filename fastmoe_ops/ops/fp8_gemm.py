@@ -266,6 +266,7 @@ def select(mode: str, kernel: str, m: int, n: int, k: int, out: str, b_scale: st
     spec = choose_spec(mode, hm, n, k, out, b_scale, groups=tile_groups)
     grid = (-(-n // spec.block_n), -(-m // spec.block_m)) + ((groups,) if mode == "masked" else ())
     expect(grid[1] <= 65535, "xq", f"at most {65535 * spec.block_m} rows (per group)", m)
+    expect(grid[-1] <= 65535 or mode != "masked", "xq", "at most 65535 groups (grid.z of the mma.sync kernel)", groups)
     return spec, grid
 
 

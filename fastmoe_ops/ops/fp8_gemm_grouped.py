@@ -114,10 +114,8 @@ def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, 
         return out
     if k == 0:
         return out.zero_()
-    family = kernel or kernel_for(engine, xq3.device)
-    expect(family != "mma_sync" or groups <= 65535, "xq3", "at most 65535 groups (grid.z of the mma.sync kernel)", groups)
-    spec, grid = select("masked", family, mmax, n, k, OUT_DTYPES[out_dtype], "blk128", groups=groups,
-                        heuristic_m=expected_m)
+    spec, grid = select("masked", kernel or kernel_for(engine, xq3.device), mmax, n, k, OUT_DTYPES[out_dtype], "blk128",
+                        groups=groups, heuristic_m=expected_m)
     run_kernel(spec, grid=grid, a=xq3, a_scale=xs3, b=wq3, b_scale=ws3, out=out, m=mmax, n=n, k=k, groups=groups,
                masked_m=masked_m, engine=engine)
     return out
