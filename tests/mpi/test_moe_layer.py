@@ -27,6 +27,7 @@ ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 H, I, E = 128, 128, 8
 CALC_DIFF_BOUND = 4e-3
 ELEMENT_BOUND = 0.25
+OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured 2.5e-4..3.1e-4 (4 ranks)
 
 
 def run_all(comm, fn):
@@ -140,7 +141,7 @@ def test_overlap_equals_sequential(comm):
                 f"{name}: overlap=True differs from overlap=False (max {(a.double() - b.double()).abs().max().item():.3g}, seed {seed})"
         for name, a, b in (("d w13", a0, a1), ("d w2", b0, b1)):
             d = calc_diff(a, b)
-            assert d < CALC_DIFF_BOUND, f"{name}: overlap vs sequential calc_diff {d:.3g} (seed {seed})"
+            assert d < OVERLAP_WGRAD_BOUND, f"{name}: overlap vs sequential calc_diff {d:.3g} (seed {seed})"
 
     with fmo.use_backend("sim" if "sim" in ENGINES else "reference"):
         run_all(comm, body)
