@@ -124,7 +124,7 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
         if fn is None:
             arch = device_arch(torch.device("cuda", index))
             name = spec.entry_name()
-            traced = env.flag("FMO_TRACE") and spec.traceable
+            traced = spec.traced()
             stub = spec.stub(traced)
             result = _compile_for_device(stub, name, arch)
             with torch.cuda.device(index):
@@ -193,7 +193,7 @@ def lookup(spec: KernelSpec, engine: str, device: torch.device):
     if engine == "cuda":
         return cuda_function(spec, device)
     if engine == "sim":
-        return sim_function(spec, env.flag("FMO_TRACE") and spec.traceable)
+        return sim_function(spec, spec.traced())
     raise InputError(f"engine: expected 'cuda' or 'sim' for a kernel launch, got {engine!r}")
 
 
