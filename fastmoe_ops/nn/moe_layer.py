@@ -45,6 +45,7 @@ import torch
 from ..budget import communication_in_flight
 from ..errors import expect
 from ..moe import Buffer, permute, unpermute
+from ..moe.autograd import with_nones
 from ..ops.fp8_gemm import contiguous_alignment
 from .. import streams as fs
 from .. import trace as ft
@@ -377,5 +378,4 @@ class _TwoBatchFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dx, dw, d13, d2 = ctx.schedule.backward(dout.contiguous())
-        return dx, dw, d13, d2, None
+        return with_nones(_TwoBatchFn, *ctx.schedule.backward(dout.contiguous()))
