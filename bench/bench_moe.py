@@ -59,15 +59,6 @@ def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> tuple[f
     return wall, statistics.median(np.mean(np.array(comm.allgather(cpu)), axis=0).tolist())
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy rate (bytes read + written, 1 GiB), bytes/s: the ceiling of GPU rows."""
-    from fastmoe_ops.timing import time_fn
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / time_fn(lambda: dst.copy_(src), device=device, reps=10).median_s
-
-
 def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
               transport: str = "host", ceiling: float = 0.0) -> Row:
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -142,7 +133,9 @@ def main(argv=None) -> int:
     runs = [(shape, "host") for shape in shapes]
     if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
         runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
-    ceiling = copy_bandwidth(device) if gpu else 0.0
+    from .__main__ import copy_bandwidth_gbps   # the suite's measurement (imported late: it imports this module)
+
+    ceiling = copy_bandwidth_gbps(device) * 1e9   # bytes/s; 0 on the CPU
     rows = []
     for shape, transport in runs:
         rows.append(run_shape(comm, device, *shape, reps=reps, transport=transport, ceiling=ceiling))
