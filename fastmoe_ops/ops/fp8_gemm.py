@@ -197,11 +197,8 @@ class Fp8GemmWgmmaSpec(KernelSpec):
         if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
             refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
 
-    def threads(self) -> int:
-        return 2 * self.block_m  # block_m / 64 warpgroups of 128 threads
-
     def block_threads(self) -> int:
-        return self.threads()
+        return 2 * self.block_m  # block_m / 64 warpgroups of 128 threads
 
     def smem_bytes(self) -> int:  # mirrors MainloopShape::kSmemBytes
         b_scales = 1 if self.b_scale == "blk128" else self.block_n
