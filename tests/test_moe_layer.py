@@ -5,9 +5,10 @@
   the routing the layer chose. Tolerance: four e4m3-quantised operands on the way to `out`
   (x, w13, the SiLU*up activation, w2), calc_diff ~3e-4 each (relative RMS error ~2.5%,
   calc_diff ~ |err|^2 / 2), ~1.3e-3 together; FP8Linear's tests allow twice their two-operand
-  estimate, so the layer allows 4e-3 (out and every gradient), plus an elementwise bound: no
-  coordinate off by more than 25% of the tensor's largest magnitude (a wrong expert, slot or
-  row is off by ~100%).
+  estimate, so the layer allows 4e-3 (out and every gradient). Measured (both engines, these
+  seeds): ~1.5e-3..2.1e-3, the router gradient 0.9e-3..3.2e-3 (the estimate is low). Plus an
+  elementwise bound: no coordinate off by more than 15% of the tensor's largest magnitude
+  (measured worst 4.3%..7.9%; a wrong expert, slot or row is off by its own magnitude).
 - the grouped FP8 experts, tightly: against float64 products of the very operands the recipe
   quantises (calc_diff < 1e-9; measured ~5e-15: only fp32 accumulation differs), so a layout slip in dgrad or wgrad cannot hide in FP8 noise.
 - overlap=True equals overlap=False bit for bit in out, dx and the router gradient; the expert
@@ -29,7 +30,7 @@ from fastmoe_ops.reference.moe_layer import moe_layer as dense_layer
 from conftest import cpu_engines
 
 CALC_DIFF_BOUND = 4e-3
-ELEMENT_BOUND = 0.25
+ELEMENT_BOUND = 0.15
 OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured ~3.5e-4
 
 
