@@ -23,7 +23,7 @@ struct PersistentScheduler {
 
     FMO_DEVICE explicit PersistentScheduler(const Fp8GemmParams& p)
         : tiles_m((p.m + BM - 1) / BM), tiles_n((p.n + BN - 1) / BN),
-          total((MODE == kMasked ? p.num_groups : 1) * ((p.m + BM - 1) / BM) * ((p.n + BN - 1) / BN)) {}
+          total((MODE == kMasked ? p.num_groups : 1) * tiles_m * tiles_n) {}  // members initialise in order
 
     FMO_DEVICE int64_t first() const { return blockIdx.x; }
     FMO_DEVICE int64_t stride() const { return gridDim.x; }
