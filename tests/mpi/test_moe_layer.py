@@ -10,8 +10,8 @@ activation, w2), each an e4m3 rounding of ~2.5% RMS relative error, calc_diff ~3
 (calc_diff ~ |err|^2 / 2): ~1.3e-3 together; FP8Linear's tests allow twice the estimate for
 their two operands (1.5e-3), so the layer's bound is 4e-3 for out and every gradient (the
 gradients pass through as many quantised operands). Elementwise: no coordinate may be off by
-more than 25% of the tensor's largest magnitude (a wrong expert, slot or row is off by ~100%).
-Measured on these inputs: calc_diff ~1.5e-3..2.1e-3, worst coordinate ~4-9%."""
+more than 15% of the tensor's largest magnitude (a wrong expert, slot or row is off by its own
+magnitude). Measured on these inputs: calc_diff up to 2.8e-3, worst coordinate up to 9.0%."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +26,7 @@ from mpi_util import all_agree, need_ranks
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 H, I, E = 128, 128, 8
 CALC_DIFF_BOUND = 4e-3
-ELEMENT_BOUND = 0.25
+ELEMENT_BOUND = 0.15
 OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured 2.5e-4..3.1e-4 (4 ranks)
 
 
