@@ -134,9 +134,6 @@ class HostTransport:
         self._work.clear()
 
     # ------------------------------------------------------------------ exchanges
-    def _start(self, send_rows: torch.Tensor, send_counts, recv_rows: torch.Tensor, recv_counts, what: str):
-        return self.group.ialltoallv(send_rows, send_counts, recv_rows, recv_counts, what)
-
     def _wait(self, pending) -> None:
         self.group.wait(pending, peers_hint=self.peers)
 
@@ -162,7 +159,7 @@ class HostTransport:
         if staged:   # gather on the device, exchange pinned host rows, then one copy each to the device
             sends = [self.send_rows(f"{what} send {i}", src, send_src) for i, src in enumerate(srcs)]
             targets = [self.work(f"{what} recv {i}", (n, s.shape[1]), torch.uint8, pinned=True) for i, s in enumerate(sends)]
-            self._wait([self._start(s, send_counts, t, recv_counts, f"{what} {i}")
+            self._wait([self.group.ialltoallv(s, send_counts, t, recv_counts, f"{what} {i}")
                         for i, (s, t) in enumerate(zip(sends, targets))])
             for t, out in zip(targets, outs):
                 rows_bytes(out)[:n].copy_(t)
@@ -198,7 +195,7 @@ class HostTransport:
             host = self.work("combine send", rows.shape, torch.uint8, pinned=True)
             host.copy_(rows)
             back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=True)
-            self._wait([self._start(host, recv_counts, back, send_counts, "combine payload")])
+            self._wait([self.group.ialltoallv(host, recv_counts, back, send_counts, "combine payload")])
             back = back.view(dtype).view(s, width)
             if dtype in host_native.DTYPE_CODE and num_tokens:
                 # The fixed-order gather-reduce kernel on the device (same bits as below).
