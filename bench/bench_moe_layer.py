@@ -31,15 +31,14 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import fastmoe_ops as fmo
 from fastmoe_ops.budget import communication_in_flight
 
+from . import bench_moe
 from .harness import Row, format_table, write_json
 
 # (tokens per rank, hidden, intermediate, experts, top-k)
@@ -48,23 +47,9 @@ GPU_SHAPES = [(2048, 4096, 1536, 64, 8), (4096, 7168, 2048, 64, 8)]
 RESERVED_SMS = (0, 8, 16, 20, 24, 32)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(comm, fn, reps: int, device) -> float:
-    """Median over reps of the slowest rank's wall time of fn() (device work included)."""
-    fn()
-    _sync(device)
-    samples = []
-    for _ in range(reps):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(np.max(np.array(comm.allgather(samples)), axis=0).tolist())
+    """Median over reps of the slowest rank's wall time of fn() (bench_moe.timed, one warm-up)."""
+    return bench_moe.timed(comm, fn, reps, device, warmup=1)[0]
 
 
 def make_layer(group, shape, overlap, device, transport):
@@ -174,7 +159,7 @@ def reserved_sms_rows(shape, engine, device, reps) -> list[Row]:
             ctx.enter_context(fmo.comm_sms(n))
             ctx.enter_context(communication_in_flight())
         with ctx:
-            times[n] = time_fn(run, device=device, reps=10 if device.type == "cuda" else 3, warmup=1).median_s
+            times[n] = time_fn(run, device=device, reps=reps, warmup=1).median_s
     m = xs.shape[0]
     flops = 3 * 2 * 3 * hidden * inter * m
     return [Row(op="moe_experts_sms", shape=f"N={n} M{m} H{hidden} I{inter} E{local}", engine=engine, ours_s=times[n],
