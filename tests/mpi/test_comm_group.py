@@ -2,7 +2,6 @@
 peer that never arrives (CommTimeoutError naming it, on a communicator of its own)."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np

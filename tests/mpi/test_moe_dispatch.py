@@ -17,19 +17,9 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import all_agree, need_ranks, run_all
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
-
-
-def run_all(comm, fn):
-    """Run fn on every rank; gather the outcomes before asserting (no rank left waiting)."""
-    try:
-        detail = fn()
-        ok = True
-    except Exception as e:
-        ok, detail = False, f"{type(e).__name__}: {e}"
-    all_agree(comm, ok, str(detail))
 
 
 def inputs(world, seed, tokens, k, experts, hidden, dtype, *, structured=False, skew=False, minus_one=0.0):

@@ -21,25 +21,13 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference.fp8 import calc_diff
 from fastmoe_ops.reference.moe_layer import moe_layer as dense_layer
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import need_ranks, run_all
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 H, I, E = 128, 128, 8
 CALC_DIFF_BOUND = 4e-3
 ELEMENT_BOUND = 0.15
 OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured 2.5e-4..3.1e-4 (4 ranks)
-
-
-def run_all(comm, fn):
-    """Run fn on every rank; gather the outcomes before asserting (no rank left waiting)."""
-    try:
-        detail = fn()
-        ok = True
-    except Exception as e:  # noqa: BLE001 - reported on every rank by all_agree
-        import traceback
-
-        ok, detail = False, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
-    all_agree(comm, ok, str(detail))
 
 
 def global_weights(seed, dtype):

@@ -16,20 +16,10 @@ import torch
 import fastmoe_ops as fmo
 import fastmoe_ops.trace as ft
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import need_ranks, run_all
 
 H, I, E, K, T, COMM_SMS = 128, 128, 8, 2, 24, 4
 ATTEMPTS = 3
-
-
-def run_all(comm, fn):
-    try:
-        detail, ok = fn(), True
-    except Exception as e:  # noqa: BLE001 - reported on every rank by all_agree
-        import traceback
-
-        ok, detail = False, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
-    all_agree(comm, ok, str(detail))
 
 
 def layer_step(group, overlap, seed, traces=None):
