@@ -30,6 +30,7 @@ from ..errors import expect
 from ..ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_transposed
 from ..ops.fp8_gemm import gemm
 from ..ops.fp8_quant import quantize_per_token_group
+from ._fp8_weight_cache import Fp8WeightCache
 
 _OUT = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}
 
@@ -82,8 +83,7 @@ class FP8Linear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self._fp8_key = None
-        self._fp8_weight = None
+        self._fp8_weight = Fp8WeightCache(lambda w: quantize_per_block(w, 128))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:  # torch.nn.Linear's initialisation
@@ -95,13 +95,7 @@ class FP8Linear(torch.nn.Module):
     def quantized_weight(self):
         """(wq [N, K] e4m3, ws [ceil(N/128), ceil(K/128)] fp32), re-quantised only when the
         weight changed since the last call."""
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
-        if key != self._fp8_key:
-            with torch.no_grad():
-                self._fp8_weight = quantize_per_block(w.detach(), 128)
-            self._fp8_key = key
-        return self._fp8_weight
+        return self._fp8_weight.get(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect(x.shape[-1] == self.in_features, "x", f"last dimension {self.in_features}", tuple(x.shape))

@@ -50,6 +50,7 @@ from ..ops.fp8_gemm import contiguous_alignment
 from .. import streams as fs
 from .. import trace as ft
 from . import moe_experts
+from ._fp8_weight_cache import Fp8WeightCache
 
 # One (comm, compute) pair per device, shared by every layer: each rank's MPI calls then
 # leave from a single FIFO (the same order on every rank, whatever the number of layers),
@@ -111,7 +112,7 @@ class MoELayer(torch.nn.Module):
         if group is not None:
             self.buffer = Buffer(group, hidden=hidden, num_experts=num_experts, num_worst_tokens=num_worst_tokens,
                                  transport=transport, max_tokens_per_rank=max_tokens_per_rank, max_topk=top_k)
-        self._fp8_cache: dict = {}
+        self._fp8_cache = {name: Fp8WeightCache(moe_experts.quantize_expert_weights) for name in ("w13", "w2")}
         self.last_topk_idx = self.last_topk_weights = None
         self.reset_parameters()
 
@@ -166,15 +167,7 @@ class MoELayer(torch.nn.Module):
     # ------------------------------------------------------------------ stages
     def _fp8_weights(self):
         """(w13, w2) quantised per expert and 128x128 block, refreshed when a weight changes."""
-        out = []
-        for name in ("w13", "w2"):
-            w = getattr(self, name)
-            key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.device)
-            if self._fp8_cache.get(name, (None,))[0] != key:
-                with torch.no_grad():
-                    self._fp8_cache[name] = (key, moe_experts.quantize_expert_weights(w))
-            out.append(self._fp8_cache[name][1])
-        return out
+        return [self._fp8_cache[name].get(getattr(self, name)) for name in ("w13", "w2")]
 
     def _dispatch(self, x, topk_idx, weights):
         """-> (recv_x, recv_topk_idx, recv_weights, handle)."""
