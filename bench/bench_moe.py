@@ -6,13 +6,16 @@
 Each row times one dispatch + combine (layout, metadata handshake, packing, transfers, the
 fixed-order combine sum) on every rank and, in the same run, two raw `comm.Alltoallv` calls
 moving exactly the same bytes between pre-packed host buffers (no layout, no handshake, no
-sum): what the exchange costs without the library. Speedup = raw time / ours (1.5x
+sum): what the exchange costs without the library. The two alternate repetition by
+repetition, so a drift in the machine's speed touches both alike. Speedup = raw time / ours (1.5x
 slower is 0.67x). A repetition's time is the slowest rank's (barrier before each, warm-up
 first), the reported time the median. GB/s counts the payload bytes all ranks send
 (dispatch rows + their ids/weights/scales, then combine rows).
 
 CPU tensors: the host transport (packing and the sum on the CPU; no kernel, so the engine
-does not apply), plus one transport='ipc' row: the intra-node kernels on the simulator over
+does not apply): host-cma rows (ranks on one machine read each other's tensors,
+fastmoe_ops.moe.node; what 'auto' picks here) and one host-mpi row (MPI messages, what ranks
+on several machines use), plus one transport='ipc' row: the intra-node kernels on the simulator over
 shared memory (simulator speed, not GPU speed).
 CUDA tensors: the host transport staged through pinned memory (kernels pack and sum on the
 device) and transport='ipc' (CUDA IPC, kernels on comm_sms SMs); "% ceil" compares their
@@ -43,20 +46,32 @@ def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> tuple[f
     """(median over reps of the slowest rank's wall time for fn(), median over reps of
     the mean CPU time per rank): the CPU time separates the work done from waiting on a
     machine whose cores the ranks share. On a GPU each repetition ends synchronised."""
+    return timed_together(comm, [fn], reps, device, warmup)[0]
+
+
+def timed_together(comm, fns, reps: int, device: torch.device, warmup: int = 3) -> list[tuple[float, float]]:
+    """`timed` for several functions at once, their repetitions interleaved (f0, f1, f0,
+    f1, ...): a machine whose speed drifts (shared cores, other tenants) then slows each
+    alike instead of whichever ran during the slow spell."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     sync()
-    samples, cpu = [], []
+    samples = [([], []) for _ in fns]
     for _ in range(reps):
-        comm.Barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    wall = statistics.median(np.max(np.array(comm.allgather(samples)), axis=0).tolist())
-    return wall, statistics.median(np.mean(np.array(comm.allgather(cpu)), axis=0).tolist())
+        for fn, (wall, cpu) in zip(fns, samples):
+            comm.Barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    out = []
+    for wall, cpu in samples:
+        out.append((statistics.median(np.max(np.array(comm.allgather(wall)), axis=0).tolist()),
+                    statistics.median(np.mean(np.array(comm.allgather(cpu)), axis=0).tolist())))
+    return out
 
 
 def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
@@ -70,7 +85,11 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
     xin = tuple(t.to(device) for t in xin) if payload == "fp8" else xin.to(device)
     idx, w = idx.to(device), w.to(device)
     extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k, device=device) if transport == "ipc" else {}
+    if transport == "host-mpi":
+        extra = dict(host_transport="mpi")
     buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
+    if transport == "host" and device.type == "cpu":
+        transport = f"host-{buf.host_transport}"   # what 'auto' chose
     engine = "cuda" if device.type == "cuda" else ("sim" if transport == "ipc" else fmo.backends.cpu_engine())
 
     with fmo.use_backend("sim") if transport == "ipc" and device.type == "cpu" else contextlib.nullcontext():
@@ -81,28 +100,26 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
             _, _, _, _, h = buf.dispatch(xin, idx, w)
             buf.combine(y, h)
 
-        t_ours, cpu_ours = timed(comm, ours, reps, device)
+        # The same bytes through raw Alltoallv: dispatch rows (payload + ids + weights), then combine rows.
+        row_in = hidden * (1 if payload == "fp8" else 2) + (4 * -(-hidden // 128) if payload == "fp8" else 0) + 12 * k
+        row_back = hidden * 2
+        send_rows, recv_rows = np.array(handle.send_counts), np.array(handle.recv_counts)
+        a_send = np.zeros(int(send_rows.sum()) * row_in, np.uint8)
+        a_recv = np.zeros(int(recv_rows.sum()) * row_in, np.uint8)
+        b_send = np.zeros(int(recv_rows.sum()) * row_back, np.uint8)
+        b_recv = np.zeros(int(send_rows.sum()) * row_back, np.uint8)
 
-    # The same bytes through raw Alltoallv: dispatch rows (payload + ids + weights), then combine rows.
-    row_in = hidden * (1 if payload == "fp8" else 2) + (4 * -(-hidden // 128) if payload == "fp8" else 0) + 12 * k
-    row_back = hidden * 2
-    send_rows, recv_rows = np.array(handle.send_counts), np.array(handle.recv_counts)
-    a_send = np.zeros(int(send_rows.sum()) * row_in, np.uint8)
-    a_recv = np.zeros(int(recv_rows.sum()) * row_in, np.uint8)
-    b_send = np.zeros(int(recv_rows.sum()) * row_back, np.uint8)
-    b_recv = np.zeros(int(send_rows.sum()) * row_back, np.uint8)
+        def spec(rows, width):
+            counts = rows * width
+            return (counts, np.concatenate(([0], np.cumsum(counts)[:-1])))
 
-    def spec(rows, width):
-        counts = rows * width
-        return (counts, np.concatenate(([0], np.cumsum(counts)[:-1])))
+        def raw():
+            from mpi4py import MPI
 
-    def raw():
-        from mpi4py import MPI
+            comm.Alltoallv([a_send, spec(send_rows, row_in), MPI.BYTE], [a_recv, spec(recv_rows, row_in), MPI.BYTE])
+            comm.Alltoallv([b_send, spec(recv_rows, row_back), MPI.BYTE], [b_recv, spec(send_rows, row_back), MPI.BYTE])
 
-        comm.Alltoallv([a_send, spec(send_rows, row_in), MPI.BYTE], [a_recv, spec(recv_rows, row_in), MPI.BYTE])
-        comm.Alltoallv([b_send, spec(recv_rows, row_back), MPI.BYTE], [b_recv, spec(send_rows, row_back), MPI.BYTE])
-
-    t_raw, cpu_raw = timed(comm, raw, reps, torch.device("cpu"))
+        (t_ours, cpu_ours), (t_raw, cpu_raw) = timed_together(comm, [ours, raw], reps, device)
     moved = sum(comm.allgather(a_send.size + b_send.size))
     buf.destroy()
     return Row(op="moe_dispatch_combine", shape=f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload} {transport}", engine=engine,
@@ -131,6 +148,8 @@ def main(argv=None) -> int:
     shapes = shapes[:1] if args.quick else shapes
     reps = args.reps or (5 if args.quick else 15)
     runs = [(shape, "host") for shape in shapes]
+    if not gpu:   # CPU rows move by host_transport='auto' (cma on one machine); one row over MPI messages for comparison
+        runs.insert(1, (shapes[0], "host-mpi"))
     if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
         runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
     from .__main__ import copy_bandwidth_gbps   # the suite's measurement (imported late: it imports this module)

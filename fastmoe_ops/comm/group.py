@@ -42,6 +42,12 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).reshape(-1).numpy()
 
 
+def timeout_error(what: str, missing) -> CommTimeoutError:
+    """The error for a wait that ran out of FMO_COMM_TIMEOUT, naming the ranks it waited for."""
+    return CommTimeoutError(f"{what}: timed out after FMO_COMM_TIMEOUT={env.number('FMO_COMM_TIMEOUT'):g} s waiting for "
+                            f"rank(s) {sorted(set(int(m) for m in missing))}")
+
+
 def poll(requests, deadline: float, what: str, names) -> None:
     """Wait for `requests` (MPI requests) until `deadline` (time.monotonic()); on time-out
     raise CommTimeoutError naming `names[i]` for every request i still pending."""
@@ -54,10 +60,7 @@ def poll(requests, deadline: float, what: str, names) -> None:
     while not MPI.Request.Testall(requests):
         spins += 1
         if spins % 64 == 0 and time.monotonic() > deadline:
-            missing = sorted({names[i] for i, req in enumerate(requests) if not req.Test()})
-            raise CommTimeoutError(
-                f"{what}: timed out after FMO_COMM_TIMEOUT={env.number('FMO_COMM_TIMEOUT'):g} s waiting for "
-                f"rank(s) {missing}")
+            raise timeout_error(what, [names[i] for i, req in enumerate(requests) if not req.Test()])
         # Nonblocking requests progress only inside MPI calls, so keep testing; yield the
         # core between tests (ranks may outnumber cores), and back off to sleeping only
         # after a long wait.

@@ -1,11 +1,13 @@
 """`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
 
-Every call starts with one per-peer metadata handshake (validation, counts,
-FMO_COMM_TIMEOUT), then moves the payload rows by one of two transports:
-  host (default): MPI transfers of the payload rows on host buffers (fastmoe_ops.moe.host):
-       CPU tensors are packed and summed on the CPU (per-peer messages, own rows moved
-       locally); CUDA tensors are packed and summed by
-       the kernels on their device and staged through pinned host buffers;
+Every call starts with one metadata handshake (validation, counts, FMO_COMM_TIMEOUT): at
+flags in shared memory where the node-local transport serves the Buffer, else one small
+per-peer MPI exchange. Then the payload rows move by one of two transports:
+  host (default): CPU tensors: on one machine, every rank reads its rows out of its peers'
+       tensors (host_transport='cma', fastmoe_ops.moe.node), else MPI transfers of host
+       buffers (host_transport='mpi', fastmoe_ops.moe.host); packing and the sum run on the
+       CPU. CUDA tensors are packed and summed by the kernels on their device and staged
+       through pinned host buffers around MPI;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
        write rows straight into peers' buffers (fastmoe_ops.moe.ipc): CUDA tensors through
        CUDA IPC handles on the `cuda` engine; CPU tensors on the `sim` engine over POSIX
@@ -30,18 +32,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import backends
+from .. import backends, env
 from ..comm import Group
-from ..errors import CommError, InputError
+from ..errors import CommError, InputError, UnsupportedError
 from ..ops import moe_ipc
-from . import autograd, host, kernels
+from . import autograd, host, kernels, node
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
 _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
-# Metadata every rank sends every peer before an exchange (int64), then R counts.
+# Metadata every rank sends every peer before an exchange (int64), then R counts, then
+# (node-local transport) the addresses of the two tensors peers read.
 _META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
+_ADDRESSES = 2
+# How a call moves its rows (every rank must agree): "transport" column of _META.
+_ROWS_MPI, _ROWS_IPC, _ROWS_CMA = 0, 1, 2
 _IPC_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
 
@@ -82,13 +88,17 @@ class Buffer:
     where those buffers live: a CUDA device (CUDA IPC, for tensors on it), or the CPU (POSIX
     shared memory, for CPU tensors on the `sim` engine); default: the current CUDA device
     where CUDA and CuPy are available, else the CPU. Other tensors take the host transport.
-    Owns a duplicate of the group's communicator (and the IPC buffers), freed by destroy()
-    or on collection."""
+    host_transport ('auto', 'mpi' or 'cma'; default FMO_HOST_TRANSPORT, itself 'auto'):
+    how CPU rows move on the host transport, see fastmoe_ops.moe.node; 'cma' where it
+    cannot serve raises UnsupportedError on every rank, 'auto' then takes 'mpi'.
+    Owns a duplicate of the group's communicator (and the IPC buffers, the node-local
+    control block), freed by destroy() or on collection."""
 
     _next_id = 0
 
     def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0,
-                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None):
+                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None,
+                 host_transport: str | None = None):
         if not isinstance(group, Group):
             raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
         for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -99,14 +109,18 @@ class Buffer:
                              f"(each rank owns num_experts / ranks experts), got {num_experts}")
         if transport not in ("host", "ipc"):
             raise InputError(f"transport: expected 'host' or 'ipc', got {transport!r}")
+        host_transport = env.raw("FMO_HOST_TRANSPORT").strip() if host_transport is None else host_transport
+        if host_transport not in node.MODES:
+            raise InputError(f"host_transport (or FMO_HOST_TRANSPORT): expected one of {node.MODES}, got {host_transport!r}")
         if transport == "ipc" and not (isinstance(max_tokens_per_rank, int) and max_tokens_per_rank >= 1
                                        and isinstance(max_topk, int) and max_topk >= 1):
             raise InputError(f"max_tokens_per_rank, max_topk: expected ints >= 1 with transport='ipc', "
                              f"got {max_tokens_per_rank!r}, {max_topk!r}")
         ipc_device = _ipc_device(device) if transport == "ipc" else None
-        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type")
+        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type",
+                 "host_transport")
         config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk,
-                                  ipc_device.type if ipc_device is not None else None), "Buffer()")
+                                  ipc_device.type if ipc_device is not None else None, host_transport), "Buffer()")
         for i, name in enumerate(names):
             _same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
@@ -114,6 +128,15 @@ class Buffer:
         self.num_local_experts = num_experts // group.size
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
         self._host = host.HostTransport(self.group)
+        self._node = None
+        if host_transport != "mpi":
+            why = node.unavailable_reason(self.group)   # collective: the same answer on every rank
+            if why is None:
+                self._node = node.NodeTransport(self.group, len(_META) + self.num_ranks + _ADDRESSES, self._host)
+            elif host_transport == "cma":
+                self.group.comm.Free()
+                raise UnsupportedError(f"host_transport='cma': {why}")
+        self.host_transport = "cma" if self._node is not None else "mpi"
         self._ipc = None
         if transport == "ipc":
             from .ipc import IpcTransport, mapping_for
@@ -121,7 +144,7 @@ class Buffer:
             self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host)
+        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host, self._node)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -198,18 +221,26 @@ class Buffer:
         return tensor.device == self._ipc.device and backends.engine_for(x=tensor) == self._ipc.engine
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
-                   ipc: bool = False):
-        """Every rank's metadata and send counts (one small per-peer exchange); refuses on
-        every rank alike if any rank refused its input or the ranks disagree."""
+                   rows: int = _ROWS_MPI, addresses=(0, 0)):
+        """Every rank's send counts [R, R] and the addresses it published [R, 2] (node-local
+        transport); refuses on every rank alike if any rank refused its input or the ranks
+        disagree. rows: how this call moves its rows (_ROWS_*)."""
         if self._ipc is not None:
             self._ipc.quiesce()   # our previous transport kernel is done before peers may write again
-        meta = np.zeros(len(_META) + self.num_ranks, np.int64)
+        meta = np.zeros(len(_META) + self.num_ranks + _ADDRESSES, np.int64)
         meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
-                              int(error is not None), int(ipc), moe_ipc.comm_grid() if ipc else 0)
+                              int(error is not None), rows, moe_ipc.comm_grid() if rows == _ROWS_IPC else 0)
         if error is None:
-            meta[len(_META):] = counts
-        table = self.group.allgather_array(meta, _OP_NAME[op])
-        col = {name: table[:, i].tolist() for i, name in enumerate(_META)}
+            meta[len(_META): len(_META) + self.num_ranks] = counts
+            meta[len(_META) + self.num_ranks:] = addresses
+        if self._node is not None:
+            table = self._node.handshake(meta, _OP_NAME[op])
+        else:
+            table = self.group.allgather_array(meta[: len(_META) + self.num_ranks], _OP_NAME[op])
+        head = table[:, : len(_META)]
+        if not head[0, _META.index("error")] and (head == head[0]).all():   # the common case: no refusal, all agree
+            return table[:, len(_META): len(_META) + self.num_ranks], table[:, len(_META) + self.num_ranks:]
+        col = {name: head[:, i].tolist() for i, name in enumerate(_META)}
         if any(col["error"]):
             messages = self.group.allgather(error, _OP_NAME[op])
             first = next(r for r, m in enumerate(messages) if m is not None)
@@ -220,9 +251,10 @@ class Buffer:
         _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
         _same(col["topk"], "topk_idx: k")
         _same(col["has_weights"], "topk_weights: given or None")
-        _same(col["transport"], "transport of this call (1: ipc, 0: host)")
+        _same(col["transport"], "transport of this call (0: host over MPI, e.g. CUDA tensors; 1: ipc; "
+                                "2: host, node-local, CPU tensors)")
         _same(col["comm_sms"], "sm_budget().comm_sms (the transport kernels' grid)")
-        return table[:, len(_META):]                                # [R, R] send counts
+        raise CommError(f"{_OP_NAME[op]}: the ranks' metadata differ: {head.tolist()} (columns {_META})")   # a column above missed
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self, x, topk_idx, topk_weights, fp8: bool = False):
@@ -235,8 +267,16 @@ class Buffer:
         on_device = error is None and host.staging_for(xq)   # layout (and packing) by the kernels there
         staged = on_device and not ipc
         lay = host.layout(topk_idx, ranks, per, on_device) if error is None else None
-        matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
-                                 lay.counts if lay is not None else None, ipc)
+        # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
+        payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
+        node_rows = error is None and not on_device and self._node is not None
+        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0)
+        if node_rows:   # peers read x's rows where they are, and the small extras packed in send order
+            payloads = [p.contiguous() for p in payloads]
+            packed = self._node.pack(payloads[1:], lay.send_src)
+            mode, addresses = _ROWS_CMA, (payloads[0].data_ptr(), packed.data_ptr())
+        matrix, published = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
+                                            lay.counts if lay is not None else None, mode, addresses)
         send_counts = matrix[r].tolist()
         recv_counts = matrix[:, r].tolist()
         received = matrix.sum(0)
@@ -247,11 +287,12 @@ class Buffer:
         num_recv = int(received[r])
         rows = self.num_worst_tokens or num_recv
 
-        # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
-        payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
         if ipc:
             self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid())
+        elif node_rows:
+            self._node.dispatch(payloads[0], packed, recvs, matrix, published, _OP_NAME[_OP_DISPATCH])
+            self._node.finish(_OP_NAME[_OP_DISPATCH])   # no peer reads x or packed any more
         else:
             self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
         for out in recvs:
@@ -291,11 +332,22 @@ class Buffer:
     def _dispatch_rows(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
         self._check_handle(handle, "combine backward")
-        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
         staged = host.staging_for(g)
+        mode, addresses = _ROWS_MPI, (0, 0)
+        if self._node is not None and not staged:
+            g = g.contiguous()
+            packed = self._node.pack([], handle.send_src)   # just the source tokens
+            mode, addresses = _ROWS_CMA, (g.data_ptr(), packed.data_ptr())
+        _, published = self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None,
+                                       np.zeros(self.num_ranks, np.int64), mode, addresses)
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
-        self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
-                                 "combine backward payload", staged)
+        if mode == _ROWS_CMA:
+            what = _OP_NAME[_OP_DISPATCH_BACKWARD]
+            self._node.dispatch(g, packed, [out], np.array(handle.count_matrix, np.int64), published, what)
+            self._node.finish(what)
+        else:
+            self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
+                                     "combine backward payload", staged)
         out[handle.num_recv:].zero_()
         return out
 
@@ -319,8 +371,20 @@ class Buffer:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
         ipc = error is None and self._use_ipc(y, dtype) and dtype != torch.float8_e4m3fn
-        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), ipc)
-        y = y[: handle.num_recv].contiguous()
+        node_rows = error is None and self._node is not None and not ipc and not host.staging_for(y)
+        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0)
+        if error is None:
+            y = y[: handle.num_recv].contiguous()
+        if node_rows:   # peers read their rows where they are in y
+            mode, addresses = _ROWS_CMA, (y.data_ptr(), 0)
+        _, published = self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64),
+                                       mode, addresses)
+        if node_rows:
+            what = _OP_NAME[_OP_COMBINE]
+            out = self._node.combine(y, handle.combine_index, np.array(handle.count_matrix, np.int64), published[:, 0],
+                                     handle.send_src, handle.num_tokens, what)
+            self._node.finish(what)   # no peer reads y any more
+            return out
         if ipc:
             out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
             self._ipc.combine(y, out, handle.combine_index.to(y.device),
@@ -360,8 +424,10 @@ def _ipc_device(device) -> torch.device:
     return device
 
 
-def _release(group: Group, ipc, host_transport) -> None:
+def _release(group: Group, ipc, host_transport, node_transport) -> None:
     host_transport.release()
+    if node_transport is not None:
+        node_transport.close()
     if ipc is not None:
         ipc.close()
     group.free()

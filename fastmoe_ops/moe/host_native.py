@@ -1,5 +1,6 @@
-"""The host transport's native loops (csrc/moe/host_combine.cpp): combine's fixed-order sum
-on the CPU in a single pass, and dispatch's send layout in two. Built once with the host
+"""The host transport's native loops: combine's fixed-order sum on the CPU in a single pass
+and dispatch's send layout in two (csrc/moe/host_combine.cpp), and the node-local
+transport's reads and flags (csrc/moe/host_node.cpp, used by fastmoe_ops.moe.node). Built once with the host
 compiler (the simulator's: FMO_SIM_CXX, else $CXX, else g++) into the kernel cache, shared
 by every rank through the cache's lock and atomic rename; loaded with ctypes.
 
@@ -20,7 +21,7 @@ from ..errors import BackendError, CompileError
 from ..runtime.cache import default_cache, make_key
 from ..runtime.sources import kernel_root
 
-SOURCE = "csrc/moe/host_combine.cpp"
+SOURCES = ("csrc/moe/host_combine.cpp", "csrc/moe/host_node.cpp")
 # No -march=native (the cache may be shared between machines) and no -ffast-math (the sum's
 # order and rounding are the contract).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
@@ -35,15 +36,16 @@ def _library():
         cxx = compiler()
     except BackendError:
         return None
-    src = (kernel_root() / SOURCE).read_text()
-    key = make_key({"source": src, "flags": FLAGS, "cxx": cxx, "cxx_version": compiler_version(cxx)})
+    texts = {name: (kernel_root() / name).read_text() for name in SOURCES}
+    key = make_key({"sources": texts, "flags": FLAGS, "cxx": cxx, "cxx_version": compiler_version(cxx)})
 
     def build(out) -> None:
-        cpp = out.parent / "host_combine.cpp"
-        cpp.write_text(src)
-        done = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(out)], capture_output=True, text=True)
+        files = [out.parent / name.rsplit("/", 1)[-1] for name in texts]   # a private build directory
+        for path, text in zip(files, texts.values()):
+            path.write_text(text)
+        done = subprocess.run([cxx, *FLAGS, *map(str, files), "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise CompileError(f"{SOURCE}: host compile failed:\n{done.stderr[-4000:]}")
+            raise CompileError(f"{', '.join(SOURCES)}: host compile failed:\n{done.stderr[-4000:]}")
 
     lib = ctypes.CDLL(str(default_cache().get_or_build("host", key, ".so", build)))
     fn = lib.fmo_host_combine
@@ -53,13 +55,40 @@ def _library():
     lay.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lay.restype = None
-    return _Native(fn, lay)
+    node = {}
+    for name, restype, args in _NODE_FUNCTIONS:
+        f = getattr(lib, f"fmo_node_{name}")
+        f.argtypes, f.restype = args, restype
+        node[name] = f
+    return _Native(fn, lay, node)
+
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_NODE_FUNCTIONS = (   # csrc/moe/host_node.cpp: (name, result, arguments)
+    ("control_bytes", _I, [_I, _I]),
+    ("handshake", _I, [_P, _I, _I, _I, _I, _P, _D, _P, _P]),
+    ("signal_done", None, [_P, _I, _I, _I, _I]),
+    ("wait_done", _I, [_P, _I, _I, _D, _P, _P]),
+    ("read", ctypes.c_int, [_I, _P, _P, _P, _P, _P]),
+    ("gather", ctypes.c_int, [_I, _P, _P, _P, _I, _P, _P, _I, _P]),
+    ("combine", ctypes.c_int, [_I, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _I, _P, _I, _P]),
+    ("pack", None, [_P, _I, _I, _P, _P, _P, _I]),
+    ("unpack", None, [_P, _I, _I, _I, _P, _P]),
+)
 
 
 @dataclass(frozen=True)
 class _Native:
     combine: object
     layout: object
+    node: dict   # the fmo_node_* functions by name
+
+
+def node_functions() -> dict | None:
+    """The node-local transport's native functions (see csrc/moe/host_node.cpp), or None
+    when no host compiler is available."""
+    lib = _library()
+    return lib.node if lib is not None else None
 
 
 def available() -> bool:

@@ -70,6 +70,15 @@ def open(handle: Handle) -> torch.Tensor:  # noqa: A001 - mirrors cudaIpcOpenMem
     return _map(handle, owner=False)
 
 
+def unlink(handle: Handle) -> None:
+    """Remove the buffer's name once every process has mapped it: the mappings stay valid,
+    and nothing is left in /dev/shm if a process dies before close()."""
+    try:
+        os.unlink(handle.path)
+    except FileNotFoundError:
+        pass
+
+
 def close(tensor: torch.Tensor) -> None:
     """Forget a mapping made by create/open; the creator's close also unlinks the name.
 
@@ -80,7 +89,4 @@ def close(tensor: torch.Tensor) -> None:
         raise InputError("tensor: expected a buffer from ipc.create or ipc.open, got another tensor")
     handle, _mm, owner = entry
     if owner:
-        try:
-            os.unlink(handle.path)
-        except FileNotFoundError:
-            pass
+        unlink(handle)

@@ -1,7 +1,8 @@
 """fmo.moe.Buffer across real MPI ranks (CPU tensors, host transport, `sim` and `reference`
 engines): dispatch bit-exact against an independent gather, combine bit-exact and
 deterministic, FP8 pairs, capacity, autograd against a dense float64 computation, and every
-error path raised alike on every rank.
+error path raised alike on every rank. Every test runs twice, once for each way CPU rows
+move (host_transport 'mpi' and 'cma', see fastmoe_ops.moe.node).
 
 Every rank builds every rank's inputs from (seed + rank), so each can evaluate the oracle
 (fastmoe_ops.reference.moe, the obvious gather) for the whole world by itself."""
@@ -20,6 +21,21 @@ from fastmoe_ops.reference import moe as ref
 from mpi_util import all_agree, need_ranks, run_all
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
+_CMA_UNAVAILABLE: list = []   # the probe's answer, asked once (collectively)
+
+
+@pytest.fixture(autouse=True, params=["mpi", "cma"])
+def host_transport(request, comm, monkeypatch):
+    """Every Buffer in the test moves CPU rows this way (FMO_HOST_TRANSPORT)."""
+    if request.param == "cma":
+        from fastmoe_ops.moe import node
+
+        if not _CMA_UNAVAILABLE:
+            _CMA_UNAVAILABLE.append(node.unavailable_reason(fmo.comm.Group(comm)))
+        if _CMA_UNAVAILABLE[0]:
+            pytest.skip(f"host_transport='cma' cannot run here: {_CMA_UNAVAILABLE[0]}")
+    monkeypatch.setenv("FMO_HOST_TRANSPORT", request.param)
+    return request.param
 
 
 def inputs(world, seed, tokens, k, experts, hidden, dtype, *, structured=False, skew=False, minus_one=0.0):
@@ -66,7 +82,7 @@ CASES = [  # (name, tokens per rank (None: 5 + 3r), k, E, H, dtype, options)
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_dispatch_combine_bitexact(comm, engine, case):
+def test_dispatch_combine_bitexact(comm, engine, case, host_transport):
     need_ranks(comm, 2)
     name, tokens, k, experts, hidden, dtype, opts = case
     world, rank = comm.Get_size(), comm.Get_rank()
@@ -78,6 +94,7 @@ def test_dispatch_combine_bitexact(comm, engine, case):
     def body():
         group = fmo.comm.Group(comm)
         buf = fmo.moe.Buffer(group, hidden=hidden, num_experts=experts)
+        assert buf.host_transport == host_transport, (buf.host_transport, host_transport)
         with fmo.use_backend(engine):
             recv_x, recv_idx, recv_w, tpe, handle = buf.dispatch(xs[rank], idxs[rank], ws[rank])
             bitwise(recv_x, want[rank]["x"], f"recv_x ({name}, {engine}, seed {seed})")
@@ -245,9 +262,10 @@ def test_missing_rank_times_out_naming_it(comm, monkeypatch):
 
 
 def test_missing_payload_times_out_naming_the_rank(comm, monkeypatch):
-    """The last rank passes the handshake but never moves its payload rows (its per-peer
-    transfers are skipped): the others raise CommTimeoutError naming it, from the payload
-    exchange itself, after FMO_COMM_TIMEOUT."""
+    """The last rank passes the handshake but never moves its payload rows (mpi: its
+    per-peer transfers are skipped; cma: it never reads, so never says it is done with the
+    others' rows): the others raise CommTimeoutError naming it, from the payload exchange
+    itself, after FMO_COMM_TIMEOUT."""
     need_ranks(comm, 2)
     monkeypatch.setenv("FMO_COMM_TIMEOUT", "0.5")
     world, rank = comm.Get_size(), comm.Get_rank()
@@ -255,8 +273,13 @@ def test_missing_payload_times_out_naming_the_rank(comm, monkeypatch):
     # Token j to rank j: every rank waits for a row from the last one (a receive cannot
     # complete without its sender; a small send can, eagerly).
     x, idx = torch.randn(world, 16), torch.arange(world)[:, None]
+    cma = buf.host_transport == "cma"
     if rank == world - 1:
-        monkeypatch.setattr(buf.group, "start_rows", lambda streams, what: fmo.comm.group._Rows([], [], [], what))
+        if cma:
+            monkeypatch.setattr(buf._node, "dispatch", lambda *args: None)
+            monkeypatch.setattr(buf._node, "finish", lambda what: None)
+        else:
+            monkeypatch.setattr(buf.group, "start_rows", lambda streams, what: fmo.comm.group._Rows([], [], [], what))
         buf.dispatch(x, idx, None)
         ok, detail = True, "skipped its transfers"
     else:
@@ -265,8 +288,8 @@ def test_missing_payload_times_out_naming_the_rank(comm, monkeypatch):
             buf.dispatch(x, idx, None)
             ok, detail = False, "dispatch returned"
         except fmo.CommTimeoutError as e:
-            ok, detail = (f"rank(s) [{world - 1}]" in str(e) and "dispatch payload" in str(e)
-                          and time.monotonic() - t0 < 10), str(e)
+            where = "dispatch (peers reading this rank's rows)" if cma else "dispatch payload"
+            ok, detail = f"rank(s) [{world - 1}]" in str(e) and where in str(e) and time.monotonic() - t0 < 10, str(e)
     all_agree(comm, ok, detail)
     buf.destroy()
     run_all(comm, lambda: fmo.moe.Buffer(fmo.comm.Group(comm), hidden=16, num_experts=world)
@@ -308,7 +331,7 @@ def test_repeated_use_does_not_grow_memory_and_gc_frees(comm):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_staged_path_bitexact(comm, engine, monkeypatch):
+def test_staged_path_bitexact(comm, engine, monkeypatch, host_transport):
     """The path CUDA tensors take (layout, row gather and fixed-order sum as the kernels on
     the tensors' device, rows staged through host buffers around MPI), forced on CPU
     tensors: the "device" is the CPU, the kernels run on `engine`, the staging copies are
@@ -326,7 +349,7 @@ def test_staged_path_bitexact(comm, engine, monkeypatch):
             return _real(*a, **kw)
         monkeypatch.setattr(kernels, name, counting)
     for case in CASES:
-        test_dispatch_combine_bitexact(comm, engine, case)
+        test_dispatch_combine_bitexact(comm, engine, case, host_transport)
     test_fp8_pairs_and_capacity(comm, engine)
     test_autograd_against_dense_float64(comm, engine)
     all_agree(comm, calls["gather_rows"] > 0 and calls["gather_reduce"] > 0, f"device kernels called: {calls}")
