@@ -35,7 +35,7 @@
 namespace {
 
 constexpr int64_t kLine = 8;   // int64 cells per 64-byte line
-constexpr int kSpins = 2000;   // looks before sleeping (tens of microseconds)
+constexpr int kSpins = 64;   // looks before sleeping (a few microseconds: ranks may share cores)
 
 int64_t* arrive_cell(int64_t* ctrl, int64_t rank) { return ctrl + rank * kLine; }
 int64_t* done_cell(int64_t* ctrl, int64_t ranks, int64_t rank) { return ctrl + (ranks + rank) * kLine; }
@@ -295,4 +295,59 @@ extern "C" void fmo_node_unpack(const char* packed, int64_t rows, int64_t stride
             at += width[j];
         }
     }
+}
+
+// ---------------------------------------------------------------- one call per exchange
+// What the Python side would otherwise compute per peer with a dozen small array ops:
+// counts [R][R] (row p: the rows p sends each rank; contiguous), addresses: each rank's
+// published pair (x or y, then the packed extras), addresses[p * address_stride + j].
+
+// Dispatch on this rank: every sender's packed extras for it into recv_packed [N, stride],
+// the x rows they name into recv_x (row_bytes each), rank-major; signal done (with the
+// error, if any); then the extras' columns into their tensors. Returns 0 or an errno
+// (*failed = the rank whose read failed).
+extern "C" int fmo_node_dispatch(int64_t* ctrl, int64_t ranks, int64_t rank, int64_t epoch, const int64_t* pid,
+                                 const int64_t* counts, const int64_t* addresses, int64_t address_stride,
+                                 char* recv_packed, int64_t stride, char* recv_x, int64_t row_bytes, int64_t n_extras,
+                                 const int64_t* extra_out, const int64_t* extra_width, int64_t* failed) {
+    std::vector<int64_t> count(ranks), remote(ranks), local(ranks), nbytes(ranks), bases(ranks), targets(ranks);
+    int64_t received = 0;
+    for (int64_t p = 0; p < ranks; ++p) {
+        count[p] = counts[p * ranks + rank];
+        int64_t before_me = 0;   // rows p sends to ranks before this one: where its rows for us start
+        for (int64_t q = 0; q < rank; ++q) before_me += counts[p * ranks + q];
+        remote[p] = addresses[p * address_stride + 1] + before_me * stride;
+        local[p] = int64_t(reinterpret_cast<uintptr_t>(recv_packed + received * stride));
+        nbytes[p] = count[p] * stride;
+        bases[p] = addresses[p * address_stride];
+        targets[p] = int64_t(reinterpret_cast<uintptr_t>(recv_x + received * row_bytes));
+        received += count[p];
+    }
+    int err = fmo_node_read(ranks, pid, remote.data(), local.data(), nbytes.data(), failed);
+    if (!err) err = fmo_node_gather(ranks, pid, count.data(), local.data(), stride, bases.data(), targets.data(), row_bytes, failed);
+    fmo_node_signal_done(ctrl, ranks, rank, epoch, err);
+    if (!err) fmo_node_unpack(recv_packed, received, stride, n_extras, extra_out, extra_width);
+    return err;
+}
+
+// Combine on this rank: out [T, hidden] from every rank's rows for it (rank p's in its y at
+// addresses[p * address_stride], after the rows p received from ranks before this one),
+// summed in ascending rank order; then signal done. Returns what fmo_node_combine does.
+extern "C" int fmo_node_combine_all(int64_t* ctrl, int64_t ranks, int64_t rank, int64_t epoch, const int64_t* pid,
+                                    const int64_t* counts, const int64_t* addresses, int64_t address_stride,
+                                    const int64_t* index, void* out, int64_t tokens, int64_t hidden, int dtype,
+                                    int64_t element_bytes, void* scratch, int64_t scratch_bytes, int64_t* failed) {
+    std::vector<int64_t> first(ranks), index0(ranks);
+    int64_t sent = 0;
+    for (int64_t p = 0; p < ranks; ++p) {
+        int64_t before_me = 0;   // rows p received from ranks before this one
+        for (int64_t s = 0; s < rank; ++s) before_me += counts[s * ranks + p];
+        first[p] = addresses[p * address_stride] + before_me * hidden * element_bytes;
+        index0[p] = sent;
+        sent += counts[rank * ranks + p];
+    }
+    const int err = fmo_node_combine(ranks, pid, first.data(), index0.data(), index, out, tokens, hidden, dtype,
+                                     element_bytes, scratch, scratch_bytes, failed);
+    fmo_node_signal_done(ctrl, ranks, rank, epoch, err > 0 ? err : 0);
+    return err;
 }

@@ -70,6 +70,7 @@ class Handle:
     send_src: torch.Tensor
     combine_index: torch.Tensor
     count_matrix: tuple[tuple[int, ...], ...] = ()   # [src][dst] rows, every rank's
+    counts: np.ndarray | None = None                 # the same, [R, R] int64 contiguous
 
 
 def _same(values, what: str) -> None:
@@ -239,7 +240,7 @@ class Buffer:
             table = self.group.allgather_array(meta[: len(_META) + self.num_ranks], _OP_NAME[op])
         head = table[:, : len(_META)]
         if not head[0, _META.index("error")] and (head == head[0]).all():   # the common case: no refusal, all agree
-            return table[:, len(_META): len(_META) + self.num_ranks], table[:, len(_META) + self.num_ranks:]
+            return np.ascontiguousarray(table[:, len(_META): len(_META) + self.num_ranks]), table[:, len(_META) + self.num_ranks:]
         col = {name: head[:, i].tolist() for i, name in enumerate(_META)}
         if any(col["error"]):
             messages = self.group.allgather(error, _OP_NAME[op])
@@ -308,7 +309,7 @@ class Buffer:
         else:
             tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
-                        lay.send_src, lay.combine_index, tuple(tuple(int(c) for c in row) for row in matrix))
+                        lay.send_src, lay.combine_index, tuple(tuple(int(c) for c in row) for row in matrix), matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
@@ -343,7 +344,7 @@ class Buffer:
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
         if mode == _ROWS_CMA:
             what = _OP_NAME[_OP_DISPATCH_BACKWARD]
-            self._node.dispatch(g, packed, [out], np.array(handle.count_matrix, np.int64), published, what)
+            self._node.dispatch(g, packed, [out], handle.counts, published, what)
             self._node.finish(what)
         else:
             self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
@@ -381,8 +382,8 @@ class Buffer:
                                        mode, addresses)
         if node_rows:
             what = _OP_NAME[_OP_COMBINE]
-            out = self._node.combine(y, handle.combine_index, np.array(handle.count_matrix, np.int64), published[:, 0],
-                                     handle.send_src, handle.num_tokens, what)
+            out = self._node.combine(y, handle.combine_index, handle.counts, published, handle.send_src,
+                                     handle.num_tokens, what)
             self._node.finish(what)   # no peer reads y any more
             return out
         if ipc:

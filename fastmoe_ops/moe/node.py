@@ -25,7 +25,6 @@ a container may forbid it); otherwise the MPI messages of fastmoe_ops.moe.host s
 """
 from __future__ import annotations
 
-import ctypes
 import os
 
 import numpy as np
@@ -80,7 +79,11 @@ def unavailable_reason(group: Group) -> str | None:
 
 
 class NodeTransport:
-    """The control block and reads of one Buffer over its private Group (collective)."""
+    """The control block and reads of one Buffer over its private Group (collective).
+
+    The handshake row is `width` int64 cells, its last two the addresses peers read (see
+    fastmoe_ops.moe.buffer). Arrays handed to C on every call are allocated once, their
+    addresses taken once: per call, Python only fills them."""
 
     def __init__(self, group: Group, width: int, rows: host.HostTransport):
         from ..sim import ipc as shm
@@ -96,11 +99,21 @@ class NodeTransport:
         if made:   # every rank has mapped it: the name can go (nothing to leak if a rank dies)
             shm.unlink(handle)
         self.ctrl = self._block.data_ptr()
-        self.pids = group.allgather(os.getpid(), "Buffer(host_transport='cma')")
+        pids = group.allgather(os.getpid(), "Buffer(host_transport='cma')")
         self.epoch = 0
         self._broken: str | None = None
-        self._failed = np.zeros(1, np.int64)
         self._scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
+        r = self.ranks
+        self._pid = _arr([0 if p == self.rank else pid for p, pid in enumerate(pids)])   # 0: this process
+        self._row = np.zeros(width, np.int64)
+        self._table = np.zeros((r, width), np.int64)
+        self._late = np.zeros(r, np.int64)       # ranks missing at a wait
+        self._errors = np.zeros(r, np.int64)     # every rank's read error (errno) after a call
+        self._failed = np.zeros(1, np.int64)     # which peer a failed read was from
+        self._extras = np.zeros((2, 8), np.int64)   # dispatch: extras' output addresses and row widths
+        self._at = {name: a.ctypes.data for name, a in (("pid", self._pid), ("row", self._row), ("table", self._table),
+                                                       ("late", self._late), ("errors", self._errors),
+                                                       ("failed", self._failed), ("extras", self._extras))}
 
     def close(self) -> None:
         from ..sim import ipc as shm
@@ -115,32 +128,29 @@ class NodeTransport:
             raise CommError(f"{what}: this Buffer is unusable after an earlier failure ({self._broken}); create a new one")
 
     def handshake(self, row: np.ndarray, what: str) -> np.ndarray:
-        """Every rank's row ([R, width] int64) once all have published theirs."""
+        """Every rank's row ([R, width] int64, valid until the next handshake) once all
+        have published theirs."""
         self._check(what)
         self.epoch += 1
-        full = np.zeros(self.width, np.int64)
-        full[: row.shape[0]] = row
-        table, missing = np.empty((self.ranks, self.width), np.int64), np.empty(self.ranks, np.int64)
-        late = self.fns["handshake"](self.ctrl, self.ranks, self.width, self.rank, self.epoch, full.ctypes.data,
-                                     env.number("FMO_COMM_TIMEOUT"), table.ctypes.data, missing.ctypes.data)
+        self._row[:] = 0
+        self._row[: row.shape[0]] = row
+        at = self._at
+        late = self.fns["handshake"](self.ctrl, self.ranks, self.width, self.rank, self.epoch, at["row"],
+                                     env.number("FMO_COMM_TIMEOUT"), at["table"], at["late"])
         if late:
-            self._fail(timeout_error(what, missing[:late].tolist()))
-        return table
-
-    def signal_done(self, error: int = 0) -> None:
-        self.fns["signal_done"](self.ctrl, self.ranks, self.rank, self.epoch, error)
+            self._fail(timeout_error(what, self._late[:late].tolist()))
+        return self._table
 
     def finish(self, what: str) -> None:
         """Wait until no peer reads this rank's tensors any more; raise, on every rank
         alike, if any rank's reads failed."""
-        errors, missing = np.empty(self.ranks, np.int64), np.empty(self.ranks, np.int64)
         late = self.fns["wait_done"](self.ctrl, self.ranks, self.epoch, env.number("FMO_COMM_TIMEOUT"),
-                                     errors.ctypes.data, missing.ctypes.data)
+                                     self._at["errors"], self._at["late"])
         if late:
-            self._fail(timeout_error(f"{what} (peers reading this rank's rows)", missing[:late].tolist()))
-        bad = [(p, int(e)) for p, e in enumerate(errors) if e]
-        if bad:
-            p, e = bad[0]
+            self._fail(timeout_error(f"{what} (peers reading this rank's rows)", self._late[:late].tolist()))
+        if self._errors.any():
+            p = int(np.flatnonzero(self._errors)[0])
+            e = int(self._errors[p])
             self._fail(CommError(f"{what}: rank {p} could not read its peers' rows "
                                  f"({os.strerror(e) if e > 0 else 'error ' + str(e)})"))
 
@@ -148,13 +158,11 @@ class NodeTransport:
         self._broken = str(error)
         raise error
 
-    def _pids(self) -> np.ndarray:
-        return _arr([0 if p == self.rank else pid for p, pid in enumerate(self.pids)])
-
-    def _reads_done(self, err: int, what: str) -> None:
-        """Signal this rank's reads as finished (failed: with the errno, and raise after
-        the peers are done with this rank's tensors)."""
-        self.signal_done(err)
+    def _reads_done(self, err: int, what: str, signalled: bool = True) -> None:
+        """This rank's reads are over (signalled: the native call has said so, with `err`);
+        a failed read is raised once the peers are done with this rank's tensors."""
+        if not signalled:
+            self.fns["signal_done"](self.ctrl, self.ranks, self.rank, self.epoch, err)
         if err:
             self.finish(what)   # raises the read error on every rank alike
 
@@ -162,66 +170,57 @@ class NodeTransport:
     def pack(self, extras, send_src: torch.Tensor) -> torch.Tensor:
         """[S, 8 + extras' row bytes] uint8 in send order: each row's source token, then
         its rows of `extras` (contiguous [T, ...] tensors) side by side; the buffer peers read."""
-        widths = _arr([host.row_bytes(e) for e in extras])
-        sources = _arr([e.data_ptr() for e in extras])
-        out = self.rows.work("node packed", (send_src.shape[0], 8 + int(widths.sum())), torch.uint8)
-        self.fns["pack"](send_src.data_ptr(), send_src.shape[0], len(extras), sources.ctypes.data, widths.ctypes.data,
+        n = len(extras)
+        self._extras[0, :n] = [e.data_ptr() for e in extras]
+        self._extras[1, :n] = [host.row_bytes(e) for e in extras]
+        out = self.rows.work("node packed", (send_src.shape[0], 8 + int(self._extras[1, :n].sum())), torch.uint8)
+        self.fns["pack"](send_src.data_ptr(), send_src.shape[0], n, self._at["extras"], self._at["extras"] + 64,
                          out.data_ptr(), out.shape[1])
         return out
 
-    def dispatch(self, x: torch.Tensor, packed: torch.Tensor, outs, matrix: np.ndarray, addresses: np.ndarray,
+    def dispatch(self, x: torch.Tensor, packed: torch.Tensor, outs, counts: np.ndarray, addresses: np.ndarray,
                  what: str) -> None:
-        """Read this rank's rows: every sender's packed extras (its columns into outs[1:])
-        and the x rows they name (into outs[0]), rank-major. addresses [R, 2]: each rank's
-        x and packed buffer, as published in the handshake. Signals done."""
-        r = self.rank
-        recv_counts = matrix[:, r]
-        n, stride, row = int(recv_counts.sum()), packed.shape[1], host.row_bytes(x)
+        """Read this rank's rows: every sender's packed extras (their columns into outs[1:])
+        and the x rows they name (into outs[0]), rank-major. counts [R, R] contiguous int64
+        (row p: what p sends each rank); addresses [R, 2] (a view into the handshake
+        table): each rank's x and packed buffer. Signals done."""
+        stride = packed.shape[1]
+        n = int(counts[:, self.rank].sum())
         recv_packed = self.rows.work("node received", (n, stride), torch.uint8)
-        rd = host.offsets(recv_counts)
-        sd_of = [int(matrix[p, :r].sum()) for p in range(self.ranks)]   # where p's rows for r start
-        # (Every array handed to C stays named until the call returns.)
-        pid, counts = self._pids(), _arr(recv_counts)
-        remote = _arr(addresses[:, 1] + np.array(sd_of) * stride)
-        local = _arr([recv_packed.data_ptr() + rd[p] * stride for p in range(self.ranks)])
-        err = self.fns["read"](self.ranks, pid.ctypes.data, remote.ctypes.data, local.ctypes.data,
-                               (nbytes := counts * stride).ctypes.data, self._failed.ctypes.data)
-        if not err:
-            target = host.rows_bytes(outs[0])
-            bases, at = _arr(addresses[:, 0]), _arr([target.data_ptr() + rd[p] * row for p in range(self.ranks)])
-            err = self.fns["gather"](self.ranks, pid.ctypes.data, counts.ctypes.data, local.ctypes.data, stride,
-                                     bases.ctypes.data, at.ctypes.data, row, self._failed.ctypes.data)
+        extras = outs[1:]
+        self._extras[0, : len(extras)] = [o.data_ptr() for o in extras]
+        self._extras[1, : len(extras)] = [host.row_bytes(o) for o in extras]
+        err = self.fns["dispatch"](self.ctrl, self.ranks, self.rank, self.epoch, self._at["pid"], counts.ctypes.data,
+                                   addresses.ctypes.data, addresses.strides[0] // 8, recv_packed.data_ptr(), stride,
+                                   outs[0].data_ptr(), host.row_bytes(x), len(extras), self._at["extras"],
+                                   self._at["extras"] + 64, self._at["failed"])
         self._reads_done(err, what)
-        widths, targets = _arr([host.row_bytes(o) for o in outs[1:]]), _arr([o.data_ptr() for o in outs[1:]])
-        self.fns["unpack"](recv_packed.data_ptr(), n, stride, len(outs) - 1, targets.ctypes.data, widths.ctypes.data)
 
     # ------------------------------------------------------------------ combine
-    def combine(self, y: torch.Tensor, combine_index: torch.Tensor, matrix: np.ndarray, addresses: np.ndarray,
+    def combine(self, y: torch.Tensor, combine_index: torch.Tensor, counts: np.ndarray, addresses: np.ndarray,
                 send_src: torch.Tensor, num_tokens: int, what: str) -> torch.Tensor:
-        """out [T, W]: each token's rows from every peer's y (addresses [R] of each rank's y)
-        summed in ascending rank order. Signals done."""
+        """out [T, W]: each token's rows from every rank's y (addresses [R, 2] view: y
+        first) summed in ascending rank order. counts [R, R] as for dispatch. Signals done."""
         r, width, dtype = self.rank, y.shape[1], y.dtype
-        row = width * y.element_size()
-        send_counts = matrix[r]
-        sd = host.offsets(send_counts)
-        # Rank p's rows for r start after the rows p received from ranks before r.
-        first = _arr([int(addresses[p]) + int(matrix[:r, p].sum()) * row for p in range(self.ranks)])
-        pid = self._pids()
         if dtype in host_native.DTYPE_CODE:
             out = torch.empty(num_tokens, width, dtype=dtype)
-            index0 = _arr(sd)
-            err = self.fns["combine"](self.ranks, pid.ctypes.data, first.ctypes.data, index0.ctypes.data,
-                                      combine_index.data_ptr(), out.data_ptr(), num_tokens, width,
-                                      host_native.DTYPE_CODE[dtype], y.element_size(), self._scratch.data_ptr(),
-                                      self._scratch.numel(), self._failed.ctypes.data)
+            err = self.fns["combine_all"](self.ctrl, self.ranks, r, self.epoch, self._at["pid"], counts.ctypes.data,
+                                          addresses.ctypes.data, addresses.strides[0] // 8, combine_index.data_ptr(),
+                                          out.data_ptr(), num_tokens, width, host_native.DTYPE_CODE[dtype],
+                                          y.element_size(), self._scratch.data_ptr(), self._scratch.numel(),
+                                          self._at["failed"])
             if err < 0:
                 raise UnsupportedError(f"{what}: the native sum refused dtype {dtype}")
             self._reads_done(err, what)
             return out
         # fp64 (no native sum): read every rank's rows (own included), then the PyTorch sum.
+        row = width * y.element_size()
+        send_counts = counts[r]
+        sd = host.offsets(send_counts)
+        first = _arr([int(addresses[p, 0]) + int(counts[:r, p].sum()) * row for p in range(self.ranks)])
         back = self.rows.work("node combine back", (int(send_counts.sum()), width), dtype)
         at, nbytes = _arr([back.data_ptr() + sd[p] * row for p in range(self.ranks)]), _arr(send_counts * row)
-        err = self.fns["read"](self.ranks, pid.ctypes.data, first.ctypes.data, at.ctypes.data, nbytes.ctypes.data,
-                               self._failed.ctypes.data)
-        self._reads_done(err, what)
+        err = self.fns["read"](self.ranks, self._at["pid"], first.ctypes.data, at.ctypes.data, nbytes.ctypes.data,
+                               self._at["failed"])
+        self._reads_done(err, what, signalled=False)
         return self.rows.reduce(back, send_src, send_counts.tolist(), num_tokens)
