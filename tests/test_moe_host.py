@@ -114,3 +114,23 @@ def test_layout_is_the_obvious_one(tokens, ranks, per, k):
     assert staged.counts.tolist() == lay.counts.tolist()
     assert torch.equal(staged.send_src, lay.send_src) and torch.equal(staged.combine_index, lay.combine_index)
     assert torch.equal(staged.pos, lay.pos)
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_native_localize_matches_the_tensor_formulation(with_weights):
+    """Received expert ids made local, weights masked, per-expert counts: the native pass
+    against the tensor ops it replaces (what runs without a host compiler, and on CUDA)."""
+    assert host_native.available()
+    g = torch.Generator().manual_seed(4)
+    rows, k, first, per = 37, 5, 8, 4
+    idx = torch.randint(-1, 24, (rows, k), generator=g)
+    idx[3] = torch.arange(first, first + k)          # edges: first and past the last local expert
+    w = torch.rand(rows, k, generator=g) if with_weights else None
+    local_idx, local_w, counts = host_native.localize(idx, w, first, per)
+    mine = (idx >= first) & (idx < first + per)
+    assert torch.equal(local_idx, torch.where(mine, idx - first, -1))
+    assert torch.equal(counts, torch.bincount(torch.where(mine, idx - first, -1)[mine], minlength=per))
+    if with_weights:
+        assert torch.equal(local_w.view(torch.int32), torch.where(mine, w, 0.0).view(torch.int32))
+    else:
+        assert local_w is None

@@ -129,3 +129,20 @@ extern "C" void fmo_host_layout(const int64_t* topk_idx, int64_t tokens, int64_t
         }
     }
 }
+
+// Dispatch's last step on the receiver (CPU tensors), one pass instead of five tensor ops:
+// idx [N, k] global expert ids (or -1) -> local_idx (id - first where first <= id < first +
+// per, else -1), weights [N, k] -> local_w (the weight there, else +0; weights may be null),
+// counts [per] += one per (row, slot) on each local expert. The same values as the PyTorch
+// formulation in fastmoe_ops/moe/buffer.py.
+extern "C" void fmo_host_localize(const int64_t* idx, const float* weights, int64_t rows, int64_t k, int64_t first,
+                                  int64_t per, int64_t* local_idx, float* local_w, int64_t* counts) {
+    for (int64_t e = 0; e < per; ++e) counts[e] = 0;
+    for (int64_t i = 0; i < rows * k; ++i) {
+        const int64_t e = idx[i] - first;
+        const bool mine = idx[i] >= first && e < per;
+        local_idx[i] = mine ? e : -1;
+        if (weights) local_w[i] = mine ? weights[i] : 0.0f;
+        if (mine) counts[e]++;
+    }
+}

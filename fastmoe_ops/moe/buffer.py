@@ -36,7 +36,7 @@ from .. import backends, env
 from ..comm import Group
 from ..errors import CommError, InputError, UnsupportedError
 from ..ops import moe_ipc
-from . import autograd, host, kernels, node
+from . import autograd, host, host_native, kernels, node
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -296,18 +296,25 @@ class Buffer:
             self._node.finish(_OP_NAME[_OP_DISPATCH])   # no peer reads x or packed any more
         else:
             self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
-        for out in recvs:
-            out[num_recv:].view(torch.uint8).zero_()  # padding rows (num_worst_tokens)
-
         recv_idx = recvs[-2] if topk_weights is not None else recvs[-1]
-        recv_idx[num_recv:] = -1
-        mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
-        recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
-        recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
-        if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
-            tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0].to(xq.device)
+        if rows > num_recv:   # padding rows (num_worst_tokens)
+            for out in recvs:
+                out[num_recv:].view(torch.uint8).zero_()
+            recv_idx[num_recv:] = -1
+        # Received expert ids made local (-1: not this rank's), their weights (0 elsewhere),
+        # and the (row, slot) count of each local expert.
+        local = None if on_device else host_native.localize(recv_idx, recvs[-1] if topk_weights is not None else None,
+                                                            r * per, per)
+        if local is not None:   # CPU tensors: one native pass
+            recv_topk_idx, recv_w, tokens_per_expert = local
         else:
-            tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
+            mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
+            recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
+            recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
+            if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
+                tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0].to(xq.device)
+            else:
+                tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
                         lay.send_src, lay.combine_index, tuple(tuple(int(c) for c in row) for row in matrix), matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]

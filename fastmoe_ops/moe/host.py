@@ -120,7 +120,7 @@ class HostTransport:
 
     def work(self, name: str, shape, dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
         """A reused buffer (grown, never shrunk) viewed as `shape` of `dtype`."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         key = f"{name} (pinned)" if pinned else name
         buf = self._work.get(key)
         if buf is None or buf.numel() < nbytes:

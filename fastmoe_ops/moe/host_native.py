@@ -55,12 +55,16 @@ def _library():
     lay.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lay.restype = None
+    loc = lib.fmo_host_localize
+    loc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    loc.restype = None
     node = {}
     for name, restype, args in _NODE_FUNCTIONS:
         f = getattr(lib, f"fmo_node_{name}")
         f.argtypes, f.restype = args, restype
         node[name] = f
-    return _Native(fn, lay, node)
+    return _Native(fn, lay, loc, node)
 
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -83,6 +87,7 @@ _NODE_FUNCTIONS = (   # csrc/moe/host_node.cpp: (name, result, arguments)
 class _Native:
     combine: object
     layout: object
+    localize: object
     node: dict   # the fmo_node_* functions by name
 
 
@@ -131,3 +136,21 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int):
     send_src = torch.empty(t * ranks, dtype=torch.int64)
     lib.layout(idx.data_ptr(), t, k, ranks, per, counts.ctypes.data, pos.data_ptr(), index.data_ptr(), send_src.data_ptr())
     return counts, pos, index, send_src[: int(counts.sum())]
+
+
+def localize(recv_idx: torch.Tensor, recv_w: torch.Tensor | None, first: int, per: int):
+    """(local ids [N, k], local weights [N, k] or None, tokens_per_expert [per] int64) of
+    received rows, as fastmoe_ops.moe.buffer computes them with tensor ops (ids of experts
+    [first, first + per) made local, others -1; weights kept there, +0 elsewhere), in one
+    native pass; None when no host compiler is available. recv_idx: contiguous int64 CPU,
+    recv_w: contiguous fp32 CPU like it."""
+    lib = _library()
+    if lib is None:
+        return None
+    rows, k = recv_idx.shape
+    local_idx = torch.empty_like(recv_idx)
+    local_w = torch.empty_like(recv_w) if recv_w is not None else None
+    counts = torch.empty(per, dtype=torch.int64)
+    lib.localize(recv_idx.data_ptr(), recv_w.data_ptr() if recv_w is not None else None, rows, k, first, per,
+                 local_idx.data_ptr(), local_w.data_ptr() if local_w is not None else None, counts.data_ptr())
+    return local_idx, local_w, counts
