@@ -60,8 +60,8 @@ def test_combine_sum_formulations_bitexact(dtype, tokens, ranks, width):
     index, send_src, counts = routing(tokens, ranks, seed)
     back = special_rows(send_src.shape[0], width, dtype, seed)
     want = oracle(back, index)
-    transport = host.HostTransport.__new__(host.HostTransport)
-    transport._work = {}
+    transport = host.HostTransport.__new__(host.HostTransport)   # no Group: reduce uses only the work buffers
+    transport._work, transport._views = {}, {}
     got = transport.reduce(back, send_src, counts, tokens)
     same_bits(got, want, f"index_add_ formulation {dtype} T{tokens} R{ranks} W{width}", seed)
     if dtype in host_native.DTYPE_CODE and host_native.available():

@@ -61,6 +61,8 @@ class DispatchFn(torch.autograd.Function):
 
     @staticmethod
     def run(buffer, x, topk_idx, topk_weights):
+        if not _needs_grad(x, topk_weights):   # no graph to record: skip autograd's bookkeeping
+            return buffer._dispatch(x, topk_idx, topk_weights)
         extras: dict = {}
         recv_x, recv_w = DispatchFn.apply(x, topk_weights, buffer, topk_idx, extras)
         if topk_weights is None:
@@ -85,4 +87,10 @@ class CombineFn(torch.autograd.Function):
 
     @staticmethod
     def run(buffer, y, handle):
+        if not _needs_grad(y):
+            return buffer._combine(y, handle)
         return CombineFn.apply(y, buffer, handle)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

@@ -202,7 +202,8 @@ class Buffer:
             t, k = topk_idx.shape
             if t != x.shape[0] or k < 1:
                 raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
-            if t and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.num_experts):
+            lo_hi = torch.aminmax(topk_idx) if t else None
+            if t and (int(lo_hi.min) < -1 or int(lo_hi.max) >= self.num_experts):
                 bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.num_experts)][0].item()
                 raise InputError(f"topk_idx: expected expert ids in [-1, {self.num_experts}), got {bad}")
             if topk_weights is not None:
@@ -316,7 +317,7 @@ class Buffer:
             else:
                 tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
-                        lay.send_src, lay.combine_index, tuple(tuple(int(c) for c in row) for row in matrix), matrix)
+                        lay.send_src, lay.combine_index, tuple(map(tuple, matrix.tolist())), matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
