@@ -14,8 +14,10 @@ first), the reported time the median. GB/s counts the payload bytes all ranks se
 
 CPU tensors: the host transport (packing and the sum on the CPU; no kernel, so the engine
 does not apply): host-cma rows (ranks on one machine read each other's tensors,
-fastmoe_ops.moe.node; what 'auto' picks here) and one host-mpi row (MPI messages, what ranks
-on several machines use), plus one transport='ipc' row: the intra-node kernels on the simulator over
+fastmoe_ops.moe.node; what 'auto' picks here), host-cma-zero-copy rows (the same, with x
+and combine's y written into Buffer.dispatch_buffer / combine_buffer, shared memory peers
+read in place, as the raw baseline's buffers are pre-packed) and one
+host-mpi row (MPI messages, what ranks on several machines use), plus one transport='ipc' row: the intra-node kernels on the simulator over
 shared memory (simulator speed, not GPU speed).
 CUDA tensors: the host transport staged through pinned memory (kernels pack and sum on the
 device) and transport='ipc' (CUDA IPC, kernels on comm_sms SMs); "% ceil" compares their
@@ -85,16 +87,23 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
     xin = tuple(t.to(device) for t in xin) if payload == "fp8" else xin.to(device)
     idx, w = idx.to(device), w.to(device)
     extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k, device=device) if transport == "ipc" else {}
-    if transport == "host-mpi":
-        extra = dict(host_transport="mpi")
+    if transport in ("host-mpi", "host-cma-zero-copy"):
+        extra = dict(host_transport=transport.split("-")[1])
     buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
     if transport == "host" and device.type == "cpu":
         transport = f"host-{buf.host_transport}"   # what 'auto' chose
     engine = "cuda" if device.type == "cuda" else ("sim" if transport == "ipc" else fmo.backends.cpu_engine())
+    if transport == "host-cma-zero-copy":   # x written where peers read it (Buffer.dispatch_buffer)
+        xq = xin[0] if payload == "fp8" else xin
+        shared = buf.dispatch_buffer(tokens, xq.dtype).copy_(xq)
+        xin = (shared, xin[1]) if payload == "fp8" else shared
 
     with fmo.use_backend("sim") if transport == "ipc" and device.type == "cpu" else contextlib.nullcontext():
         recv_x, _, _, _, handle = buf.dispatch(xin, idx, w)
-        y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
+        if transport == "host-cma-zero-copy":   # y too (Buffer.combine_buffer)
+            y = buf.combine_buffer(handle).fill_(1)
+        else:
+            y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
 
         def ours():
             _, _, _, _, h = buf.dispatch(xin, idx, w)
@@ -148,8 +157,10 @@ def main(argv=None) -> int:
     shapes = shapes[:1] if args.quick else shapes
     reps = args.reps or (5 if args.quick else 15)
     runs = [(shape, "host") for shape in shapes]
-    if not gpu:   # CPU rows move by host_transport='auto' (cma on one machine); one row over MPI messages for comparison
-        runs.insert(1, (shapes[0], "host-mpi"))
+    if not gpu:   # CPU rows move by host_transport='auto' (cma on one machine), also with combine's y in the
+        # shared region (zero copy); one row over MPI messages for comparison
+        runs = [(shape, t) for shape in shapes for t in ("host", "host-cma-zero-copy")]
+        runs.insert(2, (shapes[0], "host-mpi"))
     if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
         runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
     from .__main__ import copy_bandwidth_gbps   # the suite's measurement (imported late: it imports this module)

@@ -303,11 +303,12 @@ extern "C" void fmo_node_unpack(const char* packed, int64_t rows, int64_t stride
 // published pair (x or y, then the packed extras), addresses[p * address_stride + j].
 
 // Dispatch on this rank: every sender's packed extras for it into recv_packed [N, stride],
-// the x rows they name into recv_x (row_bytes each), rank-major; signal done (with the
+// the x rows they name into recv_x (row_bytes each), rank-major (x read by row_pid: 0 where
+// the caller mapped a sender's x and rewrote its address, the sender's pid elsewhere); signal done (with the
 // error, if any); then the extras' columns into their tensors. Returns 0 or an errno
 // (*failed = the rank whose read failed).
 extern "C" int fmo_node_dispatch(int64_t* ctrl, int64_t ranks, int64_t rank, int64_t epoch, const int64_t* pid,
-                                 const int64_t* counts, const int64_t* addresses, int64_t address_stride,
+                                 const int64_t* row_pid, const int64_t* counts, const int64_t* addresses, int64_t address_stride,
                                  char* recv_packed, int64_t stride, char* recv_x, int64_t row_bytes, int64_t n_extras,
                                  const int64_t* extra_out, const int64_t* extra_width, int64_t* failed) {
     std::vector<int64_t> count(ranks), remote(ranks), local(ranks), nbytes(ranks), bases(ranks), targets(ranks);
@@ -324,7 +325,7 @@ extern "C" int fmo_node_dispatch(int64_t* ctrl, int64_t ranks, int64_t rank, int
         received += count[p];
     }
     int err = fmo_node_read(ranks, pid, remote.data(), local.data(), nbytes.data(), failed);
-    if (!err) err = fmo_node_gather(ranks, pid, count.data(), local.data(), stride, bases.data(), targets.data(), row_bytes, failed);
+    if (!err) err = fmo_node_gather(ranks, row_pid, count.data(), local.data(), stride, bases.data(), targets.data(), row_bytes, failed);
     fmo_node_signal_done(ctrl, ranks, rank, epoch, err);
     if (!err) fmo_node_unpack(recv_packed, received, stride, n_extras, extra_out, extra_width);
     return err;

@@ -45,7 +45,7 @@ _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKW
 # Metadata every rank sends every peer before an exchange (int64), then R counts, then
 # (node-local transport) the addresses of the two tensors peers read.
 _META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
-_ADDRESSES = 2
+_ADDRESSES = 3   # the tensor peers read, the packed extras, where the tensor lies in a shared region (or 0)
 # How a call moves its rows (every rank must agree): "transport" column of _META.
 _ROWS_MPI, _ROWS_IPC, _ROWS_CMA = 0, 1, 2
 _IPC_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
@@ -177,6 +177,37 @@ class Buffer:
         self._check_alive("combine")
         return autograd.CombineFn.run(self, y, handle)
 
+    def dispatch_buffer(self, num_tokens: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """A [num_tokens, H] tensor to write dispatch's x into (or xq of an FP8 pair), then
+        pass to dispatch: with the node-local transport it lies in this rank's shared memory
+        and peers copy its rows out directly, with no cross-process read (zero copy).
+        Elsewhere an ordinary CPU tensor. Valid until the next dispatch_buffer call; its
+        contents are not initialised."""
+        self._check_alive("dispatch_buffer")
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise InputError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
+        if dtype not in _DTYPE_CODE:
+            raise InputError(f"dtype: expected one of {[str(d) for d in _DTYPE_CODE]} (dispatch's x), got {dtype}")
+        return self._shared_tensor("dispatch", (num_tokens, self.hidden), dtype)
+
+    def combine_buffer(self, handle: Handle, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """A [handle.num_recv_rows, H] tensor to write combine's y into (e.g. the experts'
+        `out=`), then pass to combine: with the node-local transport it lies in this rank's
+        shared memory, and peers sum its rows in place instead of first copying them (zero
+        copy). Elsewhere an ordinary CPU tensor. Valid until the next combine_buffer call;
+        its contents are not initialised."""
+        self._check_alive("combine_buffer")
+        self._check_handle(handle, "combine_buffer")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise InputError(f"dtype: expected bf16, fp16, fp32 or fp64 (combine's y), got {dtype}")
+        return self._shared_tensor("combine", (handle.num_recv_rows, self.hidden), dtype)
+
+    def _shared_tensor(self, kind: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        if self._node is None:
+            return torch.empty(shape, dtype=dtype)
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        return self._node.region(kind, nbytes)[:nbytes].view(dtype).view(shape)
+
     # ------------------------------------------------------------------ validation
     def _check_alive(self, what: str) -> None:
         if not self.alive:
@@ -223,8 +254,8 @@ class Buffer:
         return tensor.device == self._ipc.device and backends.engine_for(x=tensor) == self._ipc.engine
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
-                   rows: int = _ROWS_MPI, addresses=(0, 0)):
-        """Every rank's send counts [R, R] and the addresses it published [R, 2] (node-local
+                   rows: int = _ROWS_MPI, addresses=(0, 0, 0)):
+        """Every rank's send counts [R, R] and the addresses it published [R, 3] (node-local
         transport); refuses on every rank alike if any rank refused its input or the ranks
         disagree. rows: how this call moves its rows (_ROWS_*)."""
         if self._ipc is not None:
@@ -272,11 +303,12 @@ class Buffer:
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         node_rows = error is None and not on_device and self._node is not None
-        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0)
+        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0, 0)
         if node_rows:   # peers read x's rows where they are, and the small extras packed in send order
             payloads = [p.contiguous() for p in payloads]
             packed = self._node.pack(payloads[1:], lay.send_src)
-            mode, addresses = _ROWS_CMA, (payloads[0].data_ptr(), packed.data_ptr())
+            mode, addresses = _ROWS_CMA, (payloads[0].data_ptr(), packed.data_ptr(),
+                                          self._node.shared_offset(payloads[0], "dispatch"))
         matrix, published = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
                                             lay.counts if lay is not None else None, mode, addresses)
         send_counts = matrix[r].tolist()
@@ -342,11 +374,11 @@ class Buffer:
         """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
         self._check_handle(handle, "combine backward")
         staged = host.staging_for(g)
-        mode, addresses = _ROWS_MPI, (0, 0)
+        mode, addresses = _ROWS_MPI, (0, 0, 0)
         if self._node is not None and not staged:
             g = g.contiguous()
             packed = self._node.pack([], handle.send_src)   # just the source tokens
-            mode, addresses = _ROWS_CMA, (g.data_ptr(), packed.data_ptr())
+            mode, addresses = _ROWS_CMA, (g.data_ptr(), packed.data_ptr(), 0)
         _, published = self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None,
                                        np.zeros(self.num_ranks, np.int64), mode, addresses)
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
@@ -381,11 +413,11 @@ class Buffer:
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
         ipc = error is None and self._use_ipc(y, dtype) and dtype != torch.float8_e4m3fn
         node_rows = error is None and self._node is not None and not ipc and not host.staging_for(y)
-        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0)
+        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0, 0)
         if error is None:
             y = y[: handle.num_recv].contiguous()
-        if node_rows:   # peers read their rows where they are in y
-            mode, addresses = _ROWS_CMA, (y.data_ptr(), 0)
+        if node_rows:   # peers read their rows where they are in y (in place, if y is in our shared region)
+            mode, addresses = _ROWS_CMA, (y.data_ptr(), 0, self._node.shared_offset(y, "combine"))
         _, published = self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64),
                                        mode, addresses)
         if node_rows:

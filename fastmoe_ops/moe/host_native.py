@@ -78,7 +78,7 @@ _NODE_FUNCTIONS = (   # csrc/moe/host_node.cpp: (name, result, arguments)
     ("combine", ctypes.c_int, [_I, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _I, _P, _I, _P]),
     ("pack", None, [_P, _I, _I, _P, _P, _P, _I]),
     ("unpack", None, [_P, _I, _I, _I, _P, _P]),
-    ("dispatch", ctypes.c_int, [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
+    ("dispatch", ctypes.c_int, [_P, _I, _I, _I, _P, _P, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
     ("combine_all", ctypes.c_int, [_P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, ctypes.c_int, _I, _P, _I, _P]),
 )
 

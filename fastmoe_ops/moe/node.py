@@ -16,6 +16,10 @@ Per call:
              bits as the other paths): the rows cross memory once;
   finish:    a rank signals when its reads are done and, before returning, waits for every
              peer's signal, because until then peers may still be reading its tensors.
+Zero copy: x written by the caller into Buffer.dispatch_buffer, or y into
+Buffer.combine_buffer, lives in this rank's shared-memory region, which peers map (lazily,
+by name, when a handshake first shows a new one): they copy x's rows out, or sum y's, where
+they lie, without a cross-process read.
 A peer that never arrives (or never finishes reading) raises CommTimeoutError naming it
 after FMO_COMM_TIMEOUT; a read that fails is reported on every rank alike.
 
@@ -26,6 +30,7 @@ a container may forbid it); otherwise the MPI messages of fastmoe_ops.moe.host s
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 import torch
@@ -93,7 +98,8 @@ class NodeTransport:
         self.fns = host_native.node_functions()
         nbytes = self.fns["control_bytes"](self.ranks, width)
         made = shm.create(nbytes) if group.rank == 0 else None
-        handle = group.bcast(made[0] if made else None, 0, "Buffer(host_transport='cma')")
+        handle, self._token = group.bcast((made[0], uuid.uuid4().hex[:16]) if made else None, 0,
+                                          "Buffer(host_transport='cma')")
         self._block = made[1] if made else shm.open(handle)
         group.barrier("Buffer(host_transport='cma')")
         if made:   # every rank has mapped it: the name can go (nothing to leak if a rank dies)
@@ -111,6 +117,9 @@ class NodeTransport:
         self._errors = np.zeros(r, np.int64)     # every rank's read error (errno) after a call
         self._failed = np.zeros(1, np.int64)     # which peer a failed read was from
         self._extras = np.zeros((2, 8), np.int64)   # dispatch: extras' output addresses and row widths
+        self._regions: dict[str, tuple[int, torch.Tensor]] = {}   # kind -> (generation, tensor), this rank's
+        self._made: list[torch.Tensor] = []                       # every region this rank created (unlinked at close)
+        self._peer_regions: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
         self._at = {name: a.ctypes.data for name, a in (("pid", self._pid), ("row", self._row), ("table", self._table),
                                                        ("late", self._late), ("errors", self._errors),
                                                        ("failed", self._failed), ("extras", self._extras))}
@@ -121,6 +130,72 @@ class NodeTransport:
         if self._block is not None:
             shm.close(self._block)
             self._block = None
+        for _, t in self._peer_regions.values():
+            shm.close(t)
+        for t in self._made:
+            shm.close(t)   # the creator's close unlinks the name; tensors still on it stay mapped
+        self._peer_regions, self._made, self._regions = {}, [], {}
+
+    # ------------------------------------------------------------------ shared regions
+    # Each rank has a region per kind ("dispatch": x, "combine": y), created on first use
+    # and replaced by a larger one when too small; peers map it by name when a handshake
+    # first shows it.
+    def _region_name(self, kind: str, rank: int, generation: int) -> str:
+        return f"fmo_node_{self._token}_{kind}_{rank}_{generation}"
+
+    def region(self, kind: str, nbytes: int) -> torch.Tensor:
+        """This rank's `kind` region, at least nbytes long (older ones stay mapped for the
+        tensors still on them)."""
+        from ..sim import ipc as shm
+
+        current = self._regions.get(kind)
+        if current is None or current[1].numel() < nbytes:
+            generation = current[0] + 1 if current else 1
+            size = max(int(nbytes), 2 * current[1].numel() if current else 0, 1 << 16)
+            _, t = shm.create(size, name=self._region_name(kind, self.rank, generation))
+            self._made.append(t)
+            self._regions[kind] = current = (generation, t)
+        return current[1]
+
+    def shared_offset(self, t: torch.Tensor, kind: str) -> int:
+        """What the handshake publishes for t: (generation << 40) + offset when t lies in
+        this rank's current `kind` region (peers then read it in place), else 0."""
+        current = self._regions.get(kind)
+        if current is None or not t.is_contiguous():
+            return 0
+        generation, region = current
+        offset = t.data_ptr() - region.data_ptr()
+        if offset < 0 or offset + t.numel() * t.element_size() > region.numel():
+            return 0
+        return (generation << 40) + offset
+
+    def _in_place(self, addresses: np.ndarray, kind: str):
+        """(pid array, addresses) for reading each peer's tensor: peers whose tensor lies in
+        their shared region (column 2) are read in place through our mapping (pid 0,
+        column 0 rewritten to the local address), the others across processes."""
+        shared = addresses[:, 2]
+        if not shared.any():
+            return self._pid, addresses
+        pid, addresses = self._pid.copy(), np.array(addresses)
+        for p in np.flatnonzero(shared):
+            if p != self.rank:
+                value = int(shared[p])
+                pid[p] = 0
+                addresses[p, 0] = self._peer_region(kind, int(p), value >> 40).data_ptr() + (value & ((1 << 40) - 1))
+        return pid, addresses
+
+    def _peer_region(self, kind: str, p: int, generation: int) -> torch.Tensor:
+        """Peer p's `kind` region `generation`, mapped here on first sight."""
+        from ..sim import ipc as shm
+
+        known = self._peer_regions.get((kind, p))
+        if known is None or known[0] != generation:
+            name = self._region_name(kind, p, generation)
+            t = shm.open(shm.Handle(name, os.path.getsize(os.path.join("/dev/shm", name))))
+            if known is not None:
+                shm.close(known[1])
+            self._peer_regions[(kind, p)] = known = (generation, t)
+        return known[1]
 
     # ------------------------------------------------------------------ meeting points
     def _check(self, what: str) -> None:
@@ -182,16 +257,19 @@ class NodeTransport:
                  what: str) -> None:
         """Read this rank's rows: every sender's packed extras (their columns into outs[1:])
         and the x rows they name (into outs[0]), rank-major. counts [R, R] contiguous int64
-        (row p: what p sends each rank); addresses [R, 2] (a view into the handshake
-        table): each rank's x and packed buffer. Signals done."""
+        (row p: what p sends each rank); addresses [R, 3] (a view into the handshake
+        table): each rank's x, its packed buffer, and x's place in its shared region (or 0).
+        Signals done."""
         stride = packed.shape[1]
         n = int(counts[:, self.rank].sum())
         recv_packed = self.rows.work("node received", (n, stride), torch.uint8)
         extras = outs[1:]
         self._extras[0, : len(extras)] = [o.data_ptr() for o in extras]
         self._extras[1, : len(extras)] = [host.row_bytes(o) for o in extras]
-        err = self.fns["dispatch"](self.ctrl, self.ranks, self.rank, self.epoch, self._at["pid"], counts.ctypes.data,
-                                   addresses.ctypes.data, addresses.strides[0] // 8, recv_packed.data_ptr(), stride,
+        row_pid, addresses = self._in_place(addresses, "dispatch")   # x rows: in place where shared
+        err = self.fns["dispatch"](self.ctrl, self.ranks, self.rank, self.epoch, self._at["pid"], row_pid.ctypes.data,
+                                   counts.ctypes.data, addresses.ctypes.data, addresses.strides[0] // 8,
+                                   recv_packed.data_ptr(), stride,
                                    outs[0].data_ptr(), host.row_bytes(x), len(extras), self._at["extras"],
                                    self._at["extras"] + 64, self._at["failed"])
         self._reads_done(err, what)
@@ -199,12 +277,15 @@ class NodeTransport:
     # ------------------------------------------------------------------ combine
     def combine(self, y: torch.Tensor, combine_index: torch.Tensor, counts: np.ndarray, addresses: np.ndarray,
                 send_src: torch.Tensor, num_tokens: int, what: str) -> torch.Tensor:
-        """out [T, W]: each token's rows from every rank's y (addresses [R, 2] view: y
-        first) summed in ascending rank order. counts [R, R] as for dispatch. Signals done."""
+        """out [T, W]: each token's rows from every rank's y (addresses [R, 3] view: y,
+        unused, y's place in its shared region or 0) summed in ascending rank order. counts
+        [R, R] as for dispatch. Signals done."""
         r, width, dtype = self.rank, y.shape[1], y.dtype
+        pid, addresses = self._in_place(addresses, "combine")
+        pid_at = pid.ctypes.data
         if dtype in host_native.DTYPE_CODE:
             out = torch.empty(num_tokens, width, dtype=dtype)
-            err = self.fns["combine_all"](self.ctrl, self.ranks, r, self.epoch, self._at["pid"], counts.ctypes.data,
+            err = self.fns["combine_all"](self.ctrl, self.ranks, r, self.epoch, pid_at, counts.ctypes.data,
                                           addresses.ctypes.data, addresses.strides[0] // 8, combine_index.data_ptr(),
                                           out.data_ptr(), num_tokens, width, host_native.DTYPE_CODE[dtype],
                                           y.element_size(), self._scratch.data_ptr(), self._scratch.numel(),
@@ -220,7 +301,7 @@ class NodeTransport:
         first = _arr([int(addresses[p, 0]) + int(counts[:r, p].sum()) * row for p in range(self.ranks)])
         back = self.rows.work("node combine back", (int(send_counts.sum()), width), dtype)
         at, nbytes = _arr([back.data_ptr() + sd[p] * row for p in range(self.ranks)]), _arr(send_counts * row)
-        err = self.fns["read"](self.ranks, self._at["pid"], first.ctypes.data, at.ctypes.data, nbytes.ctypes.data,
+        err = self.fns["read"](self.ranks, pid_at, first.ctypes.data, at.ctypes.data, nbytes.ctypes.data,
                                self._at["failed"])
         self._reads_done(err, what, signalled=False)
         return self.rows.reduce(back, send_src, send_counts.tolist(), num_tokens)

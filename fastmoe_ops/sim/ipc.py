@@ -50,11 +50,12 @@ def _map(handle: Handle, owner: bool) -> torch.Tensor:
     return t
 
 
-def create(nbytes: int) -> tuple[Handle, torch.Tensor]:
-    """A new zero-filled shared buffer of `nbytes` bytes, as a uint8 tensor, and its handle."""
+def create(nbytes: int, name: str | None = None) -> tuple[Handle, torch.Tensor]:
+    """A new zero-filled shared buffer of `nbytes` bytes, as a uint8 tensor, and its handle.
+    name: the buffer's name (peers that can work it out need no handle); default a unique one."""
     if int(nbytes) <= 0:
         raise InputError(f"nbytes: expected a positive size, got {nbytes}")
-    handle = Handle(f"fmo_sim_{os.getpid()}_{uuid.uuid4().hex}", int(nbytes))
+    handle = Handle(name or f"fmo_sim_{os.getpid()}_{uuid.uuid4().hex}", int(nbytes))
     fd = os.open(handle.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, handle.nbytes)

@@ -109,3 +109,80 @@ def test_reads_past_the_iovec_limit(comm, cma):
         return f"{recv_x.shape[0]} rows"
 
     run_all(comm, body)
+
+
+def test_zero_copy_combine_buffer(comm, cma):
+    """y written into Buffer.combine_buffer: peers sum it where it lies in shared memory.
+    Bit for bit the ordinary combine, with every rank, then only some, using it; a larger
+    second dispatch grows the region (peers map the new one); gradients flow through it."""
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, experts, k = 136, 2 * world, 3
+
+    def body():
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, host_transport="cma")
+        for seed, tokens, users in ((21, [9 + r for r in range(world)], set(range(world))),
+                                    (22, [200 + 5 * r for r in range(world)], {r for r in range(world) if r % 2})):
+            xs, idxs, ws = inputs(world, seed, tokens, k, experts, hidden, torch.float32, minus_one=0.2)
+            want = ref.dispatch(xs, idxs, ws, experts)
+            ys = [(w["x"] * (r + 1) - 0.5).to(torch.bfloat16) for r, w in enumerate(want)]
+            recv_x, _, _, _, handle = buf.dispatch(xs[rank], idxs[rank], ws[rank])
+            if rank in users:
+                y = buf.combine_buffer(handle)
+                assert y.shape == (handle.num_recv_rows, hidden) and buf._node.shared_offset(y, "combine") > 0
+                y.copy_(ys[rank])
+            else:
+                y = ys[rank].clone()
+            bitwise(buf.combine(y, handle), ref.combine(ys, [w["src"] for w in want], tokens)[rank],
+                    f"zero-copy combine (seed {seed}, users {sorted(users)})")
+        mapped = {p: g for (kind, p), (g, _) in buf._node._peer_regions.items() if kind == "combine"}
+        assert all(mapped.get(p) == 2 for p in range(world) if p != rank and p % 2), mapped   # grown once, remapped
+        # Gradients: the region as y, filled by a differentiable copy.
+        xs, idxs, ws = inputs(world, 23, [6] * world, k, experts, hidden, torch.float32)
+        grads = []
+        for zero_copy in (True, False):
+            x = xs[rank].clone().requires_grad_()
+            recv_x, _, _, _, handle = buf.dispatch(x, idxs[rank], ws[rank])
+            y = buf.combine_buffer(handle, torch.float32).copy_(recv_x * 3) if zero_copy else recv_x * 3
+            buf.combine(y, handle).sum().backward()
+            grads.append(x.grad)
+        bitwise(grads[0], grads[1], "grad x through the combine buffer")
+        buf.destroy()
+        return "ok"
+
+    run_all(comm, body)
+
+
+def test_zero_copy_dispatch_buffer(comm, cma):
+    """x written into Buffer.dispatch_buffer: peers copy its rows out of the shared region
+    directly. Bit for bit the ordinary dispatch (every rank, then some using it; bf16, then
+    an FP8 pair whose xq lies in the buffer), and the region grows with T."""
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, experts, k = 200, 2 * world, 3
+
+    def body():
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, host_transport="cma")
+        for seed, tokens, users, fp8 in ((31, [7 + r for r in range(world)], set(range(world)), False),
+                                         (32, [300 + 3 * r for r in range(world)], {r for r in range(world) if r % 2 == 0}, False),
+                                         (33, [20 + r for r in range(world)], set(range(world)), True)):
+            xs, idxs, ws = inputs(world, seed, tokens, k, experts, hidden, torch.bfloat16, minus_one=0.2)
+            if fp8:
+                pairs = [fmo.fp8.quantize_per_token_group(x, 128) for x in xs]
+                want = ref.dispatch([p[0].view(torch.uint8) for p in pairs], idxs, ws, experts)
+                mine = pairs[rank][0]
+            else:
+                want = ref.dispatch(xs, idxs, ws, experts)
+                mine = xs[rank]
+            x = buf.dispatch_buffer(tokens[rank], mine.dtype).copy_(mine) if rank in users else mine.clone()
+            assert (buf._node.shared_offset(x, "dispatch") > 0) == (rank in users)
+            recv_x, recv_idx, recv_w, _, _ = buf.dispatch((x, pairs[rank][1]) if fp8 else x, idxs[rank], ws[rank])
+            got = recv_x[0].view(torch.uint8) if fp8 else recv_x
+            bitwise(got, want[rank]["x"], f"zero-copy dispatch (seed {seed}, users {sorted(users)})")
+            bitwise(recv_w, want[rank]["topk_weights"], "recv_topk_weights")
+        mapped = {p: g for (kind, p), (g, _) in buf._node._peer_regions.items() if kind == "dispatch"}
+        assert all(mapped.get(p) == 2 for p in range(world) if p != rank and p % 2 == 0), mapped   # grown once, remapped
+        buf.destroy()
+        return "ok"
+
+    run_all(comm, body)
