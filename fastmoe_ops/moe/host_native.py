@@ -68,16 +68,13 @@ def _library():
 
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-_NODE_FUNCTIONS = (   # csrc/moe/host_node.cpp: (name, result, arguments)
+_NODE_FUNCTIONS = (   # csrc/moe/host_node.cpp, those called from Python: (name, result, arguments)
     ("control_bytes", _I, [_I, _I]),
     ("handshake", _I, [_P, _I, _I, _I, _I, _P, _D, _P, _P]),
     ("signal_done", None, [_P, _I, _I, _I, _I]),
     ("wait_done", _I, [_P, _I, _I, _D, _P, _P]),
     ("read", ctypes.c_int, [_I, _P, _P, _P, _P, _P]),
-    ("gather", ctypes.c_int, [_I, _P, _P, _P, _I, _P, _P, _I, _P]),
-    ("combine", ctypes.c_int, [_I, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _I, _P, _I, _P]),
     ("pack", None, [_P, _I, _I, _P, _P, _P, _I]),
-    ("unpack", None, [_P, _I, _I, _I, _P, _P]),
     ("dispatch", ctypes.c_int, [_P, _I, _I, _I, _P, _P, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P]),
     ("combine_all", ctypes.c_int, [_P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, ctypes.c_int, _I, _P, _I, _P]),
 )

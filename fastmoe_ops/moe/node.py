@@ -290,7 +290,8 @@ class NodeTransport:
                                           out.data_ptr(), num_tokens, width, host_native.DTYPE_CODE[dtype],
                                           y.element_size(), self._scratch.data_ptr(), self._scratch.numel(),
                                           self._at["failed"])
-            if err < 0:
+            if err < 0:   # (signalled done: wait until no peer reads y before refusing)
+                self.finish(what)
                 raise UnsupportedError(f"{what}: the native sum refused dtype {dtype}")
             self._reads_done(err, what)
             return out
