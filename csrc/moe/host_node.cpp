@@ -99,9 +99,9 @@ int64_t wait_all(Cell cell, uint32_t* wake, int64_t ranks, int64_t epoch, double
     }
 }
 
-// One process_vm_readv, repeated over what it left (it may stop short at a page boundary
-// on a partial fault only when something is wrong, but a short count is not an error by
-// itself). Returns 0 or an errno.
+// One process_vm_readv of the whole list. It stops short only at an unreadable remote page
+// (a peer published a range its tensor does not cover), which is reported as EFAULT like an
+// outright failure. Returns 0 or an errno.
 int read_all(pid_t pid, iovec* local, size_t nlocal, iovec* remote, size_t nremote) {
     size_t want = 0;
     for (size_t i = 0; i < nremote; ++i) want += remote[i].iov_len;

@@ -43,7 +43,7 @@ _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
 _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
 # Metadata every rank sends every peer before an exchange (int64), then R counts, then
-# (node-local transport) the addresses of the two tensors peers read.
+# (node-local transport) _ADDRESSES cells: what peers read and where.
 _META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
 _ADDRESSES = 3   # the tensor peers read, the packed extras, where the tensor lies in a shared region (or 0)
 # How a call moves its rows (every rank must agree): "transport" column of _META.
@@ -69,8 +69,7 @@ class Handle:
     recv_counts: tuple[int, ...]
     send_src: torch.Tensor
     combine_index: torch.Tensor
-    count_matrix: tuple[tuple[int, ...], ...] = ()   # [src][dst] rows, every rank's
-    counts: np.ndarray | None = None                 # the same, [R, R] int64 contiguous
+    counts: np.ndarray            # [R, R] int64 contiguous: rows from src (row) to dst (column), every rank's
 
 
 def _same(values, what: str) -> None:
@@ -272,7 +271,8 @@ class Buffer:
             table = self.group.allgather_array(meta[: len(_META) + self.num_ranks], _OP_NAME[op])
         head = table[:, : len(_META)]
         if not head[0, _META.index("error")] and (head == head[0]).all():   # the common case: no refusal, all agree
-            return np.ascontiguousarray(table[:, len(_META): len(_META) + self.num_ranks]), table[:, len(_META) + self.num_ranks:]
+            # The counts are copied out (a handle keeps them; the node-local table is reused).
+            return table[:, len(_META): len(_META) + self.num_ranks].copy(), table[:, len(_META) + self.num_ranks:]
         col = {name: head[:, i].tolist() for i, name in enumerate(_META)}
         if any(col["error"]):
             messages = self.group.allgather(error, _OP_NAME[op])
@@ -349,7 +349,7 @@ class Buffer:
             else:
                 tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
-                        lay.send_src, lay.combine_index, tuple(map(tuple, matrix.tolist())), matrix)
+                        lay.send_src, lay.combine_index, matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
@@ -429,7 +429,7 @@ class Buffer:
         if ipc:
             out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
             self._ipc.combine(y, out, handle.combine_index.to(y.device),
-                              np.array(handle.count_matrix, np.int64).reshape(self.num_ranks, self.num_ranks), moe_ipc.comm_grid())
+                              handle.counts, moe_ipc.comm_grid())
             return out
         return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
                                   handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum

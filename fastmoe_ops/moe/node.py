@@ -86,7 +86,7 @@ def unavailable_reason(group: Group) -> str | None:
 class NodeTransport:
     """The control block and reads of one Buffer over its private Group (collective).
 
-    The handshake row is `width` int64 cells, its last two the addresses peers read (see
+    The handshake row is `width` int64 cells, its last three what peers read and where (see
     fastmoe_ops.moe.buffer). Arrays handed to C on every call are allocated once, their
     addresses taken once: per call, Python only fills them."""
 
@@ -118,7 +118,6 @@ class NodeTransport:
         self._failed = np.zeros(1, np.int64)     # which peer a failed read was from
         self._extras = np.zeros((2, 8), np.int64)   # dispatch: extras' output addresses and row widths
         self._regions: dict[str, tuple[int, torch.Tensor]] = {}   # kind -> (generation, tensor), this rank's
-        self._made: list[torch.Tensor] = []                       # every region this rank created (unlinked at close)
         self._peer_regions: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
         self._at = {name: a.ctypes.data for name, a in (("pid", self._pid), ("row", self._row), ("table", self._table),
                                                        ("late", self._late), ("errors", self._errors),
@@ -132,9 +131,9 @@ class NodeTransport:
             self._block = None
         for _, t in self._peer_regions.values():
             shm.close(t)
-        for t in self._made:
+        for _, t in self._regions.values():
             shm.close(t)   # the creator's close unlinks the name; tensors still on it stay mapped
-        self._peer_regions, self._made, self._regions = {}, [], {}
+        self._peer_regions, self._regions = {}, {}
 
     # ------------------------------------------------------------------ shared regions
     # Each rank has a region per kind ("dispatch": x, "combine": y), created on first use
@@ -144,8 +143,9 @@ class NodeTransport:
         return f"fmo_node_{self._token}_{kind}_{rank}_{generation}"
 
     def region(self, kind: str, nbytes: int) -> torch.Tensor:
-        """This rank's `kind` region, at least nbytes long (older ones stay mapped for the
-        tensors still on them)."""
+        """This rank's `kind` region, at least nbytes long. A too small one is replaced (no
+        call is in flight between calls, so no peer reads it); its memory lives on while
+        tensors on it do, and is not published again."""
         from ..sim import ipc as shm
 
         current = self._regions.get(kind)
@@ -153,7 +153,8 @@ class NodeTransport:
             generation = current[0] + 1 if current else 1
             size = max(int(nbytes), 2 * current[1].numel() if current else 0, 1 << 16)
             _, t = shm.create(size, name=self._region_name(kind, self.rank, generation))
-            self._made.append(t)
+            if current is not None:
+                shm.close(current[1])
             self._regions[kind] = current = (generation, t)
         return current[1]
 
@@ -190,8 +191,7 @@ class NodeTransport:
 
         known = self._peer_regions.get((kind, p))
         if known is None or known[0] != generation:
-            name = self._region_name(kind, p, generation)
-            t = shm.open(shm.Handle(name, os.path.getsize(os.path.join("/dev/shm", name))))
+            t = shm.open_named(self._region_name(kind, p, generation))
             if known is not None:
                 shm.close(known[1])
             self._peer_regions[(kind, p)] = known = (generation, t)
@@ -242,12 +242,20 @@ class NodeTransport:
             self.finish(what)   # raises the read error on every rank alike
 
     # ------------------------------------------------------------------ dispatch
+    def _set_extras(self, tensors) -> int:
+        """The small per-row tensors' addresses and row widths into _extras (rows 0 and 1, as
+        host_node.cpp reads them); their number."""
+        n = len(tensors)
+        if n > self._extras.shape[1]:
+            raise UnsupportedError(f"at most {self._extras.shape[1]} per-row extras, got {n}")
+        self._extras[0, :n] = [t.data_ptr() for t in tensors]
+        self._extras[1, :n] = [host.row_bytes(t) for t in tensors]
+        return n
+
     def pack(self, extras, send_src: torch.Tensor) -> torch.Tensor:
         """[S, 8 + extras' row bytes] uint8 in send order: each row's source token, then
         its rows of `extras` (contiguous [T, ...] tensors) side by side; the buffer peers read."""
-        n = len(extras)
-        self._extras[0, :n] = [e.data_ptr() for e in extras]
-        self._extras[1, :n] = [host.row_bytes(e) for e in extras]
+        n = self._set_extras(extras)
         out = self.rows.work("node packed", (send_src.shape[0], 8 + int(self._extras[1, :n].sum())), torch.uint8)
         self.fns["pack"](send_src.data_ptr(), send_src.shape[0], n, self._at["extras"], self._at["extras"] + 64,
                          out.data_ptr(), out.shape[1])
@@ -263,14 +271,12 @@ class NodeTransport:
         stride = packed.shape[1]
         n = int(counts[:, self.rank].sum())
         recv_packed = self.rows.work("node received", (n, stride), torch.uint8)
-        extras = outs[1:]
-        self._extras[0, : len(extras)] = [o.data_ptr() for o in extras]
-        self._extras[1, : len(extras)] = [host.row_bytes(o) for o in extras]
+        n_extras = self._set_extras(outs[1:])
         row_pid, addresses = self._in_place(addresses, "dispatch")   # x rows: in place where shared
         err = self.fns["dispatch"](self.ctrl, self.ranks, self.rank, self.epoch, self._at["pid"], row_pid.ctypes.data,
                                    counts.ctypes.data, addresses.ctypes.data, addresses.strides[0] // 8,
                                    recv_packed.data_ptr(), stride,
-                                   outs[0].data_ptr(), host.row_bytes(x), len(extras), self._at["extras"],
+                                   outs[0].data_ptr(), host.row_bytes(x), n_extras, self._at["extras"],
                                    self._at["extras"] + 64, self._at["failed"])
         self._reads_done(err, what)
 

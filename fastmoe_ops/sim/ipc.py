@@ -71,6 +71,14 @@ def open(handle: Handle) -> torch.Tensor:  # noqa: A001 - mirrors cudaIpcOpenMem
     return _map(handle, owner=False)
 
 
+def open_named(name: str) -> torch.Tensor:
+    """Map a buffer a peer created under a name both sides can work out (its whole size)."""
+    path = Handle(name, 0).path
+    if not os.path.exists(path):
+        raise InputError(f"name: expected an existing shared buffer, got {name!r} (closed by its creator?)")
+    return _map(Handle(name, os.path.getsize(path)), owner=False)
+
+
 def unlink(handle: Handle) -> None:
     """Remove the buffer's name once every process has mapped it: the mappings stay valid,
     and nothing is left in /dev/shm if a process dies before close()."""

@@ -186,3 +186,21 @@ def test_zero_copy_dispatch_buffer(comm, cma):
         return "ok"
 
     run_all(comm, body)
+
+
+def test_single_rank_group_keeps_its_counts(comm, cma):
+    """A group of one rank (each rank alone, by Split): the handle's [1, 1] count matrix must
+    be the handle's own, not a view of the handshake table the next call overwrites."""
+    alone = comm.Split(color=comm.Get_rank())
+    try:
+        buf = fmo.moe.Buffer(fmo.comm.Group(alone), hidden=8, num_experts=4, host_transport="cma")
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(comm.Get_rank()))
+        idx = torch.tensor([[0, 1], [-1, -1], [2, -1], [3, 3], [-1, 1], [0, 2]])
+        recv_x, _, _, _, handle = buf.dispatch(x, idx, torch.rand(6, 2))
+        out = buf.combine(recv_x * 2, handle)
+        ok = handle.counts.tolist() == [[5]] and torch.equal(out, torch.where((idx >= 0).any(1, keepdim=True), x * 2, 0.0))
+        detail = f"counts after combine {handle.counts.tolist()}"
+        buf.destroy()
+    finally:
+        alone.Free()
+    all_agree(comm, ok, detail)
