@@ -1,6 +1,7 @@
 """fastmoe_ops.streams on the CPU: order, wait, failures, the submitter's context, and real
 concurrency between two streams. Two simulator kernels in flight together on two streams
-(which needs the launch to release the GIL) are proven in tests/test_trace.py."""
+(which needs the launch to release the GIL) are proven in tests/test_trace.py. The CUDA
+stream case: tests/gpu/test_streams_gpu.py."""
 from __future__ import annotations
 
 import subprocess
@@ -196,15 +197,3 @@ def test_cpu_stream_refuses_mpi_below_thread_multiple(monkeypatch):
     s = fs.Stream("cpu", role="comm")
     assert s.submit(lambda: 1).result() == 1
     s.close()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_stream_orders_without_host_sync():
-    a, b = fs.Stream("cuda", role="comm"), fs.Stream("cuda", role="compute")
-    x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
-    pa = a.submit(lambda: (x * 2, fs.current_role()))
-    b.wait(pa)
-    pb = b.submit(lambda: pa.result()[0] + 1)
-    y, role = pa.result()
-    assert role == "comm"
-    assert torch.equal(pb.result().cpu(), (x * 2 + 1).cpu())

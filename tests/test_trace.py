@@ -211,21 +211,6 @@ def test_plot_timeline_writes_a_png_with_both_rows(tmp_path):
         assert orange > 100 and blue > 100, (orange, blue)
 
 
-@pytest.mark.skipif("cuda" not in fmo.available_backends(), reason="needs a CUDA device and CuPy")
-def test_cuda_comm_and_compute_kernels_intersect(tracing):
-    flags = torch.zeros(2, dtype=torch.int32, device="cuda")
-    met = torch.zeros(2, dtype=torch.int32, device="cuda")
-    comm, compute = fs.Stream("cuda", role="comm"), fs.Stream("cuda", role="compute")
-    pa = comm.submit(ft.rendezvous, flags, met, 0, timeout_s=5.0, engine="cuda")
-    pb = compute.submit(ft.rendezvous, flags, met, 1, timeout_s=5.0, engine="cuda")
-    comm.synchronize(), compute.synchronize()
-    pa.result(), pb.result()
-    assert met.tolist() == [1, 1], f"rendezvous outcome {met.tolist()} (2 = timed out waiting for the other stream)"
-    ivs = ft.collect()
-    assert {(i.role, i.engine) for i in ivs} == {("comm", "cuda"), ("compute", "cuda")}
-    assert ft.in_flight_together(ivs, "comm", "compute")
-
-
 def _events(*rows):
     recs = np.zeros(len(rows), dtype=ft.RECORD_DTYPE)
     for r, (launch_id, cta, kind, t) in zip(recs, rows):

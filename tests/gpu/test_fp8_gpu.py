@@ -1,7 +1,7 @@
 """The FP8 kernels on a GPU (the `cuda` engine): quantisation bit-exact against the
 reference, the GEMMs against the float64 oracle (calc_diff < 1e-5 + the elementwise bound
 of tests/test_fp8_gemm.py) at ragged and DeepSeek-V3 shapes (exact structured inputs, per
-kernel: tests/test_fp8_gemm_kernels_cuda.py), grouped variants, FP8Linear forward/backward. Skipped without a CUDA device and CuPy.
+kernel: tests/gpu/test_fp8_gemm_kernels_gpu.py), grouped variants, FP8Linear forward/backward. Skipped without a CUDA device and CuPy.
 Written to run in well under a minute on one H100/H200."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import assert_bitwise_equal, poison_
+from gpu_util import DEV, needs_cuda
 from test_fp8_gemm import assert_close_to_oracle, quantised_operands
 
-pytestmark = pytest.mark.skipif("cuda" not in fmo.available_backends(), reason="needs a CUDA device and CuPy")
-DEV = "cuda"
+pytestmark = needs_cuda
 
 
 @pytest.mark.parametrize("shape", [(300, 7168), (129, 2056)])

@@ -2,7 +2,7 @@
 and the mma.sync kernel (sm_89 and sm_90a), against the float64 oracle (calc_diff < 1e-5 +
 the elementwise bound of tests/test_fp8_gemm.py), exact structured inputs bit for bit, the
 persistent grid under a shrunken SM budget (several tiles per CTA, raster bands), and the
-grouped views with empty groups and masked_m = 0. tests/test_fp8_cuda.py runs the launcher's
+grouped views with empty groups and masked_m = 0. tests/gpu/test_fp8_gpu.py runs the launcher's
 own pick; this file makes sure the other kernel is checked on the same device too.
 Skipped without a CUDA device and CuPy; well under a minute on one H100/H200."""
 from __future__ import annotations
@@ -17,11 +17,10 @@ from fastmoe_ops import budget
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
+from gpu_util import DEV, needs_cuda
 from test_fp8_gemm import assert_close_to_oracle, quantised_operands
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif("cuda" not in fmo.available_backends(), reason="needs a CUDA device and CuPy")]
-DEV = "cuda"
+pytestmark = needs_cuda
 
 
 def kernels():
