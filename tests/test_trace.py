@@ -1,6 +1,7 @@
 """Kernel trace (FMO_TRACE=1): records of real simulator launches, the interval analysis on
 hand-built traces, overflow, the timeline plot, and two kernels on a "comm" and a "compute"
-stream in flight together according to the trace."""
+stream in flight together according to the trace. The CUDA case:
+tests/gpu/test_trace_gpu.py."""
 from __future__ import annotations
 
 import time
