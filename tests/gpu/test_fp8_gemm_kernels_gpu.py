@@ -1,6 +1,6 @@
 """Both FP8 GEMM kernels on a GPU, forced with `kernel=`: the wgmma kernel (sm_90a only)
 and the mma.sync kernel (sm_89 and sm_90a), against the float64 oracle (calc_diff < 1e-5 +
-the elementwise bound of tests/test_fp8_gemm.py), exact structured inputs bit for bit, the
+the elementwise bound of tests/fp8_gemm_util.py), exact structured inputs bit for bit, the
 persistent grid under a shrunken SM budget (several tiles per CTA, raster bands), and the
 grouped views with empty groups and masked_m = 0. tests/gpu/test_fp8_gpu.py runs the launcher's
 own pick; this file makes sure the other kernel is checked on the same device too.
@@ -17,8 +17,8 @@ from fastmoe_ops import budget
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
+from fp8_gemm_util import assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
 from gpu_util import DEV, needs_cuda
-from test_fp8_gemm import assert_close_to_oracle, quantised_operands
 
 pytestmark = needs_cuda
 
@@ -76,8 +76,6 @@ def test_persistent_under_a_small_budget(kernel, sms):
 
 @pytest.mark.parametrize("kernel", kernels())
 def test_grouped(kernel):
-    from test_fp8_gemm_grouped import contiguous_layout, contiguous_oracle, expert_weights
-
     wq3, ws3 = expert_weights(8, 256, 512, 23)
     xq, xs, m_indices = contiguous_layout([5, 0, 130, 64, 1, 0, 300, 7], 512, 23)
     out = poison_(torch.empty(xq.shape[0], 256, dtype=torch.bfloat16, device=DEV))  # padding rows must be written 0

@@ -1,6 +1,6 @@
 """The FP8 kernels on a GPU (the `cuda` engine): quantisation bit-exact against the
 reference, the GEMMs against the float64 oracle (calc_diff < 1e-5 + the elementwise bound
-of tests/test_fp8_gemm.py) at ragged and DeepSeek-V3 shapes (exact structured inputs, per
+of tests/fp8_gemm_util.py) at ragged and DeepSeek-V3 shapes (exact structured inputs, per
 kernel: tests/gpu/test_fp8_gemm_kernels_gpu.py), grouped variants, FP8Linear forward/backward. Skipped without a CUDA device and CuPy.
 Written to run in well under a minute on one H100/H200."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import assert_bitwise_equal, poison_
+from fp8_gemm_util import assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
 from gpu_util import DEV, needs_cuda
-from test_fp8_gemm import assert_close_to_oracle, quantised_operands
 
 pytestmark = needs_cuda
 
@@ -42,7 +42,6 @@ def test_gemm_on_gpu(shape, out_dtype):
 
 
 def test_grouped_on_gpu():
-    from test_fp8_gemm_grouped import contiguous_layout, contiguous_oracle, expert_weights
     wq3, ws3 = expert_weights(8, 256, 512, 3)
     xq, xs, m_indices = contiguous_layout([5, 0, 130, 64, 1, 0, 300, 7], 512, 3)
     y = fmo.fp8.grouped_gemm_contiguous(xq.to(DEV), xs.to(DEV), wq3.to(DEV), ws3.to(DEV), m_indices.to(DEV), debug=True)

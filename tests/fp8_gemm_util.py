@@ -1,0 +1,68 @@
+"""Helpers shared by the FP8 GEMM tests on the simulator (tests/) and on the GPU
+(tests/gpu/): seeded quantised operands, the grouped layouts and their float64 oracle, and
+the closeness check (a helper module, so test files never import each other).
+
+Tolerance of `assert_close_to_oracle`: the kernel and the oracle see the same e4m3 values
+and scales, so the differences are accumulation (MMA partial sums, promotion) and the output
+rounding: calc_diff < 1e-5, and elementwise |y - o| <= 1e-5 * max|o| (fp32 out), plus half a
+bf16 ulp (2^-8 |o|) for bf16 out."""
+from __future__ import annotations
+
+import torch
+
+from fastmoe_ops.reference import fp8 as ref
+
+ALIGN = 128  # rows per expert segment of the contiguous grouped layout
+
+
+def quantised_operands(m, n, k, seed, *, b_rows=False):
+    """x [m, k] with rows spanning two decades of magnitude, w [n, k]; x per 1x128 group, w
+    per 128x128 block (or per 1x128 group with `b_rows`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]
+    w = torch.randn(n, k, generator=g) * 0.2
+    xq, xs = ref.quantize_per_token_group(x)
+    wq, ws = ref.quantize_per_token_group(w) if b_rows else ref.quantize_per_block(w)
+    return xq, xs, wq, ws
+
+
+def assert_close_to_oracle(y, oracle, what, seed):
+    diff = ref.calc_diff(y, oracle)
+    assert diff < 1e-5, f"{what}: calc_diff {diff:.3g} >= 1e-5 (seed {seed})"
+    bound = 1e-5 * oracle.abs().max() + (2.0**-8 * oracle.abs() if y.dtype == torch.bfloat16 else 0)
+    err = (y.double() - oracle).abs()
+    bad = err > bound
+    if bool(bad.any()) or bool(torch.isnan(y).any()):
+        i, j = divmod(int(torch.argmax(err - bound if not torch.isnan(y).any() else torch.isnan(y).double())), y.shape[1])
+        raise AssertionError(f"{what}: worst at {(i, j)}: got {y[i, j].item()}, oracle {oracle[i, j].item()} "
+                             f"(shape {tuple(y.shape)}, seed {seed})")
+
+
+def expert_weights(groups, n, k, seed):
+    """[groups, n, k] e4m3 and [groups, ceil(n/128), ceil(k/128)] fp32, magnitudes per group."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(groups, n, k, generator=g) * torch.linspace(0.1, 1.0, groups)[:, None, None]
+    q = [ref.quantize_per_block(w[i]) for i in range(groups)]
+    return torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
+
+
+def contiguous_layout(counts, k, seed):
+    """Tokens sorted by expert, each segment padded to ALIGN rows with m_indices = -1."""
+    rows, idx = 0, []
+    for gi, c in enumerate(counts):
+        seg = -(-c // ALIGN) * ALIGN
+        idx += [gi] * c + [-1] * (seg - c)
+        rows += seg
+    m_indices = torch.tensor(idx, dtype=torch.int32)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    xq, xs = ref.quantize_per_token_group(x)
+    return xq, xs, m_indices
+
+
+def contiguous_oracle(xq, xs, wq3, ws3, m_indices):
+    out = torch.zeros(xq.shape[0], wq3.shape[1], dtype=torch.float64)
+    for g in range(wq3.shape[0]):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            out[rows] = ref.fp8_gemm_oracle(xq[rows], xs[rows], wq3[g], ws3[g])
+    return out
