@@ -16,16 +16,19 @@
 //   f32 C/D:  c0..c3   row = g + 8 * (i >= 2)        col = 2t + (i % 2)
 //
 // Emulation (FMO_SIM): the warp's fragments are exchanged with fmo_sim::warp_allgather and
-// every lane rebuilds A and B and computes its own four outputs. Every bf16/f16/e4m3/e5m2
-// value is exact in fp32, and each product a*b is formed exactly (in double) and rounded
-// once to fp32, which is exact for f16/fp8 products and for bf16 products in fp32's range.
-// Summation order: acc = c; for k = 0 .. K-1: acc = fp32(acc + fp32(a[k] * b[k])), each add
-// rounded to nearest even. Hardware accumulates in an unspecified order with its own
-// internal precision, so for sums that are not exactly representable the last bits may
-// differ; sums of exactly representable partial results agree bit for bit.
+// every lane rebuilds A and B and computes its own four outputs with the arithmetic Hopper's
+// tensor cores use (ptx/tensor_core_numerics.cuh, bit for bit as measured on an H200):
+//   bf16, f16: one fused dot-add step over the 16 products and c (HMMA.16816: 25-bit window,
+//     result truncated to fp32's 23 fraction bits);
+//   e4m3, e5m2: what ptxas makes of the instruction on sm_90, which has no fp8 mma.sync: the
+//     elements unpacked exactly to f16 (F2FP.F16.E4M3.UNPACK_B), one HMMA.16816 step from 0
+//     over k % 4 in {0, 1} (each register's low half), a second over k % 4 in {2, 3}
+//     accumulating the first, then c added in fp32 rounded to nearest even (FADD).
+// sm_89's native fp8 mma.sync (QMMA) accumulates differently and is not what this models.
 #pragma once
 
 #include "ptx/common.cuh"
+#include "ptx/tensor_core_numerics.cuh"
 
 namespace fmo {
 namespace ptx {
@@ -95,6 +98,10 @@ struct MmaTraits {
   static constexpr bool k32 = (In == MmaInput::e4m3 || In == MmaInput::e5m2);
   static constexpr int K = k32 ? 32 : 16;
   static constexpr int bits = k32 ? 8 : 16;
+  static constexpr OperandFormat format = In == MmaInput::bf16 ? kBF16Format
+                                          : In == MmaInput::f16 ? kF16Format
+                                          : In == MmaInput::e4m3 ? kE4M3Format
+                                                                 : kE5M2Format;
   FMO_SIM_NOTSAN static float decode(uint32_t v) {
     if constexpr (In == MmaInput::bf16) return decode_bf16(v);
     if constexpr (In == MmaInput::f16) return decode_f16(v);
@@ -153,10 +160,21 @@ FMO_SIM_EMU void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32
   for (int i = 0; i < 4; ++i) {  // c_i: row g + 8 * (i >= 2), col 2t + (i % 2)
     const float* ar = arow[i >= 2];
     const float* bc = bcol[i % 2];
-    float acc = c[i];
-    for (int k = 0; k < K; ++k)
-      acc += static_cast<float>(static_cast<double>(ar[k]) * static_cast<double>(bc[k]));
-    out[i] = acc;
+    if constexpr (Tr::k32) {  // sm_90's lowering: two f16 HMMA steps over interleaved k, then + c
+      float a_half[16], b_half[16];
+      float part = 0.0f;
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < 16; ++j) {
+          const int k = 4 * (j / 2) + 2 * half + j % 2;  // k % 4 in {0, 1}, then {2, 3}
+          a_half[j] = ar[k];
+          b_half[j] = bc[k];
+        }
+        part = fused_dot_add(a_half, b_half, 16, part, kF16Format, kHmmaRule);
+      }
+      out[i] = c[i] + part;
+    } else {
+      out[i] = fused_dot_add(ar, bc, K, c[i], Tr::format, kHmmaRule);
+    }
   }
   std::memcpy(d, out, sizeof(out));  // d may alias c
 }

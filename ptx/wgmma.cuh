@@ -37,9 +37,10 @@
 // warp arrive together with identical descriptors / scale-d (warp_allgather), and the n-th
 // MMA of each warp is compared with the warpgroup's other warps' n-th (a per-warpgroup log);
 // a warp that never issues (a hang on the GPU) is not detected. Each thread computes its
-// own N / 2 outputs: products of e4m3 values exact in fp32, summed in k order from D (or 0),
-// rounded to nearest even per add, like mma.cuh; the hardware's order is unspecified, so
-// non-representable partial sums may differ in the last bits. Descriptor addresses map onto
+// own N / 2 outputs with QGMMA's arithmetic (ptx/tensor_core_numerics.cuh): per instruction one
+// fused step over the accumulator (D, or 0 when scale-d = 0) and the 32 exact products, every
+// term truncated 13 bits below the largest exponent and the result to 13 fraction bits: the
+// hardware's bits, not fp32 accumulation. Descriptor addresses map onto
 // the dynamic shared memory buffer (its start is shared address 0 here; on the GPU put the
 // tiles in dynamic shared memory at 1024-byte alignment); a nonzero base offset is refused.
 #pragma once
@@ -224,10 +225,7 @@ FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
       read_kmajor_row(base, db, 8 * j + 2 * q + c, bcol);
       for (int h = 0; h < 2; ++h) {
         float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        float acc = op.scale_d ? *dst : 0.0f;
-        for (int k = 0; k < 32; ++k)
-          acc += static_cast<float>(static_cast<double>(arow[h][k]) * static_cast<double>(bcol[k]));
-        *dst = acc;
+        *dst = fused_dot_add(arow[h], bcol, 32, op.scale_d ? *dst : 0.0f, kE4M3Format, kQgmmaRule);
       }
     }
 }

@@ -6,7 +6,9 @@ the ISA's fragment maps (PTX ISA "Matrix Fragments for mma.m16n8k16 / m16n8k32")
 with ldmatrix from shared memory (a layout specified separately, in PTX ISA "ldmatrix"), so a
 misread fragment map cannot pass both. Inputs are exactly representable small integers
 times powers of two (every partial sum exact in fp32: results must match bit for bit),
-then random normal data, checked with the bound of sequential fp32 accumulation.
+then random normal data, checked bit for bit against the numpy model of sm_90's arithmetic
+(fastmoe_ops/reference/tensor_core.py: HMMA's fused 25-bit step; fp8 as ptxas lowers it, two
+f16 HMMA steps and an fp32 add) and with the bound of sequential fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import pytest
 from test_ptx_support import (
     Case, SimRunner, assert_close_f64, assert_equal_bits, decode_bits, encode, exact_values, poisoned,
 )
+
+from fastmoe_ops.reference import tensor_core
 
 FORMATS = ("bf16", "f16", "e4m3", "e5m2")
 K_OF = {"bf16": 16, "f16": 16, "e4m3": 32, "e5m2": 32}
@@ -130,7 +134,8 @@ def mma_case(fmt: str, seed: int, ksteps: int = 1, exact: bool = True, structure
         (d,) = outs
         if exact or structured:
             assert_equal_bits(d, want.astype(np.float32), what, seed)
-        else:
+        else:  # the hardware's bits (sm_90's rule), and within fp32 accumulation of float64
+            assert_equal_bits(d, tensor_core.mma_sync(decode_bits(a, fmt), decode_bits(b, fmt), c, fmt), what + " (sm_90 rule)", seed)
             assert_close_f64(d, want, accumulation_bound(a, b, c, fmt), what, seed)
 
     return Case(name=what, kernel=f"mma_{fmt}", grid=(1,), block=(32,),

@@ -1,0 +1,129 @@
+// ptx/tensor_core_numerics.cuh: the arithmetic of one tensor-core dot-add step, bit for bit as
+// Hopper (sm_90, measured on an H200) computes it; used by the emulations of ptx/mma.cuh and
+// ptx/wgmma.cuh. Simulator builds only: on the GPU the instruction itself does this.
+//
+// One step computes d = c + sum_k a_k * b_k (c fp32, a_k and b_k in an input format) as a
+// single fused addition of all the terms, not as a chain of fp32 adds:
+//   1. each term is written as significand x 2^exponent; a product's exponent is the sum of its
+//      factors' exponents, each factor's exponent clamped at its format's minimum (a subnormal
+//      keeps the minimum and a significand below 1); c's exponent is clamped at fp32's -126;
+//   2. with emax the largest exponent among the nonzero terms, every term is truncated toward
+//      zero to a multiple of 2^(emax - window_bits);
+//   3. the truncated terms are added exactly;
+//   4. the sum is normalised and truncated toward zero to out_fraction_bits fraction bits in
+//      fp32's range (below 2^-126 the quantum stays 2^(-126 - out_fraction_bits); an exponent
+//      above 127 is an infinity); an exact zero is +0.
+// A NaN or infinite operand makes the result what the exact sum gives in IEEE arithmetic: NaN
+// (0x7fffffff) or the infinity.
+// The rules per instruction (window_bits, out_fraction_bits):
+//   wgmma ... .e4m3/.e5m2 (QGMMA): one step over the 32 products of a k32 instruction and the
+//     accumulator: (13, 13): the ~14 bits of accumulation DeepSeek-V3's report describes, the
+//     reason FP8 GEMMs promote partial sums to fp32 registers every 128 K;
+//   mma.sync m16n8k16 .bf16/.f16 (HMMA.16816): one step over 16 products and c: (25, 23);
+//   mma.sync m16n8k32 .e4m3/.e5m2 on sm_90: ptxas lowers it to an exact unpack to f16, two
+//     HMMA.16816 steps from 0 (k % 4 in {0, 1}, then k % 4 in {2, 3}) and an fp32 add of c
+//     rounded to nearest (FADD): see mma.cuh.
+// Where the rule comes from: fitted on the 222 launches captured on an H200 (tests/data/
+// ptx_mma_gpu_capture.npz; tests/test_mma_capture_replay.py replays every one bit for bit), and
+// the same algorithm as the published bit-accurate models (Xie et al., "MMA-Sim", arXiv
+// 2511.10909; Khattak and Mikaitis, arXiv 2512.07004). sm_89's native fp8 mma.sync (QMMA) is
+// not modelled: the simulator stands for the Hopper device the project is tested on.
+#pragma once
+
+#include "ptx/common.cuh"
+
+#ifdef FMO_SIM
+namespace fmo {
+namespace ptx {
+namespace sim_detail {
+
+// Rounding of one dot-add step: bits kept below the largest term's exponent, and fraction bits
+// kept in the normalised result.
+struct DotAddRule {
+  int window_bits;
+  int out_fraction_bits;
+};
+constexpr DotAddRule kQgmmaRule{13, 13};  // wgmma fp8
+constexpr DotAddRule kHmmaRule{25, 23};   // mma.sync / HMMA bf16, f16
+
+// An input format's exponent floor and fraction width (value = integer significand x 2^(e - fraction_bits)).
+struct OperandFormat {
+  int min_exponent;
+  int fraction_bits;
+};
+constexpr OperandFormat kE4M3Format{-6, 3};
+constexpr OperandFormat kE5M2Format{-14, 2};
+constexpr OperandFormat kF16Format{-14, 10};
+constexpr OperandFormat kBF16Format{-126, 7};
+constexpr OperandFormat kF32Format{-126, 23};
+
+// A finite nonzero v of format f as significand x 2^(exponent - f.fraction_bits), the exponent
+// clamped at the format's minimum (so a subnormal's significand is below 2^fraction_bits).
+struct SplitValue {
+  int64_t significand;  // signed, exact
+  int exponent;
+};
+FMO_SIM_EMU SplitValue split_value(float v, OperandFormat f) {
+  int e;
+  std::frexp(v, &e);  // |v| = m 2^e, m in [0.5, 1)
+  const int exponent = e - 1 > f.min_exponent ? e - 1 : f.min_exponent;
+  return SplitValue{static_cast<int64_t>(std::ldexp(static_cast<double>(v), f.fraction_bits - exponent)), exponent};
+}
+
+// |x| truncated to a multiple of 2^shift_right (shift_right may be negative: exact left shift).
+FMO_SIM_EMU uint64_t shift_toward_zero(uint64_t magnitude, int shift_right) {
+  if (shift_right <= 0) return magnitude << -shift_right;
+  return shift_right >= 64 ? 0 : magnitude >> shift_right;
+}
+
+// c + sum_{k < n} a[k] * b[k] under `rule` (top of file). a, b hold exact values of `in`.
+FMO_SIM_EMU float fused_dot_add(const float* a, const float* b, int n, float c, OperandFormat in, DotAddRule rule) {
+  constexpr int kMaxTerms = 33;
+  bool finite = std::isfinite(c);
+  for (int k = 0; k < n; ++k) finite = finite && std::isfinite(a[k]) && std::isfinite(b[k]);
+  if (!finite) {  // IEEE on the exact terms decides NaN or the infinity
+    double s = c;
+    for (int k = 0; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(b[k]);
+    return std::isnan(s) ? bit_cast<float>(0x7fffffffu) : static_cast<float>(s);
+  }
+  // Terms as (significand, exponent of its last bit, alignment exponent).
+  int64_t sig[kMaxTerms];
+  int lsb[kMaxTerms], align[kMaxTerms];
+  int terms = 0;
+  if (c != 0.0f) {
+    const SplitValue s = split_value(c, kF32Format);
+    sig[terms] = s.significand, lsb[terms] = s.exponent - kF32Format.fraction_bits, align[terms++] = s.exponent;
+  }
+  for (int k = 0; k < n; ++k) {
+    if (a[k] == 0.0f || b[k] == 0.0f) continue;
+    const SplitValue x = split_value(a[k], in), y = split_value(b[k], in);
+    sig[terms] = x.significand * y.significand;
+    lsb[terms] = x.exponent + y.exponent - 2 * in.fraction_bits;
+    align[terms++] = x.exponent + y.exponent;
+  }
+  if (terms == 0) return 0.0f;
+  int emax = align[0];
+  for (int i = 1; i < terms; ++i) emax = align[i] > emax ? align[i] : emax;
+  const int quantum = emax - rule.window_bits;  // exponent of the window's last bit
+  // Each |term| < 2^(window + 3) quanta (a product's significand is below 4), 33 of them: the
+  // sum fits an int64 for every window used here (<= 25 bits).
+  int64_t sum = 0;
+  for (int i = 0; i < terms; ++i) {
+    const uint64_t mag = shift_toward_zero(static_cast<uint64_t>(sig[i] < 0 ? -sig[i] : sig[i]), quantum - lsb[i]);
+    sum += sig[i] < 0 ? -static_cast<int64_t>(mag) : static_cast<int64_t>(mag);
+  }
+  if (sum == 0) return 0.0f;
+  const uint64_t mag = static_cast<uint64_t>(sum < 0 ? -sum : sum);
+  const int lead = quantum + 63 - __builtin_clzll(mag);  // exponent of the sum's leading bit
+  if (lead > 127) return sum < 0 ? -__builtin_inff() : __builtin_inff();
+  const int out_quantum = (lead > -126 ? lead : -126) - rule.out_fraction_bits;
+  const uint64_t kept = shift_toward_zero(mag, out_quantum - quantum);
+  if (kept == 0) return 0.0f;
+  const float r = static_cast<float>(std::ldexp(static_cast<double>(kept), out_quantum));  // <= 24 bits: exact
+  return sum < 0 ? -r : r;
+}
+
+}  // namespace sim_detail
+}  // namespace ptx
+}  // namespace fmo
+#endif  // FMO_SIM
