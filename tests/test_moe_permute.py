@@ -11,6 +11,7 @@ from fastmoe_ops.ops import moe_layout, moe_permute
 from fastmoe_ops.reference import moe as ref
 
 from conftest import assert_bitwise_equal, cpu_engines, poison_
+from device_tags import device_tags
 
 needs_sim = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 
@@ -186,6 +187,44 @@ def test_permute_unpermute_gradients_against_float64(engine):
         (out * g.float()).sum().backward()
     assert (x.grad.double() - x64.grad).abs().max() < 1e-5, "grad x"
     assert (w.grad.double() - w64.grad).abs().max() < 1e-5, "grad w"
+
+
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_permute_unpermute_keep_tensors_on_the_device(engine):
+    """What CUDA inputs meet, checked on the CPU with DeviceTags: every tensor permute and
+    unpermute make, forward and backward, lives on the inputs' device and is never mixed
+    with a host one (the first H200 run failed in permute: a host offsets table indexed by
+    device ids). bf16 and fp64 rows (fp64: the gather-reduce's PyTorch fallback), an FP8
+    pair, and no rows at all (the layout's fallback); the results are those of an
+    unchecked run, bit for bit."""
+    def run(tags, dtype, n, fp8=False):
+        k, experts, hidden = 3, 5, 128
+        g = torch.Generator().manual_seed(n)
+        idx = routing(n, k, experts, n)
+        x = torch.randn(n, hidden, generator=g).to(dtype)
+        x = fmo.fp8.quantize_per_token_group(x, 128) if fp8 else x.requires_grad_()
+        w = torch.rand(n, k, generator=g).requires_grad_()
+        dy = torch.randn(n, hidden, generator=g).to(torch.float32 if fp8 else dtype)
+        if tags is not None:
+            tags.mark(*(x if fp8 else (x,)), idx, w, dy)
+        with fmo.use_backend(engine):
+            xs, pmap = fmo.moe.permute(x, idx, experts, alignment=8)
+            rows = xs[1].repeat_interleave(128, 1) * xs[0].float() if fp8 else xs * 2
+            out = fmo.moe.unpermute(rows, pmap, w)
+            (out * dy).sum().backward()
+        got = [out.detach(), w.grad] + ([] if fp8 else [x.grad])
+        return [t.clone() for t in got]
+
+    for dtype, n, fp8 in ((torch.bfloat16, 37, False), (torch.float64, 21, False), (torch.float32, 19, True),
+                          (torch.bfloat16, 0, False)):
+        want = run(None, dtype, n, fp8)
+        with device_tags() as tags:
+            got = run(tags, dtype, n, fp8)
+        assert not tags.violations, f"{dtype}, {n} rows{', fp8' if fp8 else ''}: {tags.report()}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.shape == b.shape, f"result {i} ({dtype}, {n} rows): shape {tuple(a.shape)} != {tuple(b.shape)}"
+            if a.numel():
+                assert_bitwise_equal(a, b, f"checked vs unchecked run, result {i} ({dtype}, {n} rows)")
 
 
 def test_bad_permute_input_refused():

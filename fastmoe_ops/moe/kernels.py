@@ -36,7 +36,7 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     engine = backends.engine_for(src=src, index=index)
     if engine == "reference" or index.shape[0] == 0:
-        return reference.gather_rows(src, index).to(src.device)
+        return reference.gather_rows(src, index)
     from ..ops import moe_permute
 
     return moe_permute.gather_rows(src, index, engine=engine)
@@ -51,7 +51,7 @@ def _(src, index):
 def _gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     engine = backends.engine_for(y=y, index=index)
     if engine == "reference" or index.shape[0] == 0 or y.dtype == torch.float64:
-        return reference.gather_reduce(y, index, weights).to(y.device)   # fp64: the oracle's dtype, no kernel
+        return reference.gather_reduce(y, index, weights)   # fp64: the oracle's dtype, no kernel
     from ..ops import moe_permute
 
     return moe_permute.gather_reduce(y, index, weights, engine=engine)

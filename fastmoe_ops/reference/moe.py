@@ -3,7 +3,8 @@
 Two kinds of function live here:
   * the building blocks the kernels compute (bucket layout, row gather, gather-reduce),
     written to produce exactly the kernels' bits (same fp32 operations in the same order);
-    the `reference` engine runs these;
+    the `reference` engine runs these, and so do CUDA tensors where no kernel applies
+    (empty inputs, fp64), so they allocate on their inputs' device;
   * the oracle: `dispatch` / `combine` over every rank's inputs at once in one process,
     the obvious gather and sum, float64-capable.
 """
@@ -31,7 +32,7 @@ def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: 
     t, k = topk_idx.shape
     valid = topk_idx >= 0
     bucket = torch.where(valid, topk_idx.div(experts_per_bucket, rounding_mode="floor"), num_buckets)
-    hits = torch.zeros(t, num_buckets + 1, dtype=torch.int64)
+    hits = torch.zeros(t, num_buckets + 1, dtype=torch.int64, device=topk_idx.device)
     hits.scatter_add_(1, bucket, torch.ones_like(bucket))
     hits = hits[:, :num_buckets]                                    # [T, B] slots per bucket
     if once:
@@ -39,7 +40,7 @@ def bucket_layout(topk_idx: torch.Tensor, num_buckets: int, experts_per_bucket: 
         before = torch.cumsum(present, 0) - present
         return present.sum(0), torch.where(present > 0, before, -1)
     before_rows = torch.cumsum(hits, 0) - hits                      # pairs in earlier tokens
-    same_earlier = (bucket[:, :, None] == bucket[:, None, :]) & torch.ones(k, k, dtype=torch.bool).tril(-1)
+    same_earlier = (bucket[:, :, None] == bucket[:, None, :]) & torch.ones(k, k, dtype=torch.bool, device=topk_idx.device).tril(-1)
     pos = before_rows.gather(1, bucket.clamp(max=num_buckets - 1)) + same_earlier.sum(2)
     return hits.sum(0), torch.where(valid, pos, -1)
 
@@ -51,7 +52,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[i] = src[index[i]], zeros where index[i] == -1. Any dtype (bytes are copied)."""
     shape = (index.shape[0],) + tuple(src.shape[1:])
     if src.shape[0] == 0 or index.shape[0] == 0:
-        return torch.zeros(shape, dtype=src.dtype)
+        return torch.zeros(shape, dtype=src.dtype, device=src.device)
     rows = src.reshape(src.shape[0], -1)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = rows.view(torch.uint8).index_select(0, index.clamp(min=0))
@@ -67,7 +68,7 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
 
     y [S, H], index [M, J] int64, weights [M, J] fp32 -> [M, H] y.dtype."""
     acc_t = acc_dtype(y.dtype)
-    acc = torch.zeros(index.shape[0], y.shape[1], dtype=acc_t)
+    acc = torch.zeros(index.shape[0], y.shape[1], dtype=acc_t, device=y.device)
     if y.shape[0] == 0:   # nothing to gather (then every index is -1)
         return acc.to(y.dtype)
     for j in range(index.shape[1]):
@@ -95,16 +96,19 @@ def permute_layout(recv_topk_idx: torch.Tensor, num_local_experts: int, alignmen
 
 
 def permute_from_layout(recv_topk_idx: torch.Tensor, counts: torch.Tensor, pos: torch.Tensor, alignment: int):
-    """permute_layout, given the expert bucket layout (counts [E], pair positions [N, k])."""
+    """permute_layout, given the expert bucket layout (counts [E], pair positions [N, k]).
+    Everything stays on recv_topk_idx's device; the sorted row count M is read on the host
+    (one synchronisation: it sizes src_slots)."""
     n, k = recv_topk_idx.shape
+    device = recv_topk_idx.device
     num_local_experts = counts.shape[0]
     padded = (counts + alignment - 1) // alignment * alignment
-    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int64)
+    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(padded, 0)
     valid = recv_topk_idx >= 0
     slot_rows = torch.where(valid, offsets[recv_topk_idx.clamp(min=0)] + pos, -1)
-    src_slots = torch.full((int(offsets[-1]),), -1, dtype=torch.int64)
-    src_slots[slot_rows[valid]] = torch.arange(n * k, dtype=torch.int64).reshape(n, k)[valid]
+    src_slots = torch.full((int(offsets[-1]),), -1, dtype=torch.int64, device=device)
+    src_slots[slot_rows[valid]] = torch.arange(n * k, dtype=torch.int64, device=device).reshape(n, k)[valid]
     return slot_rows, src_slots, offsets, counts
 
 
