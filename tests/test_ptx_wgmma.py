@@ -224,6 +224,10 @@ def cases(seed: int = 0) -> list[Case]:
         out.append(wgmma_case(sw, seed + i, ksteps=4 if sw != "none" else 2))
         out.append(wgmma_case(sw, seed + 10 + i, ksteps=2, padded=True))
         out.append(wgmma_case(sw, seed + 20 + i, ksteps=1, exact=False, accumulate_c=False))
+    # random codes onto a random fp32 C (24 significant bits): whether the accumulator is cut to
+    # the 13-bit window like a product (the model's rule, as MMA-Sim has it) is decided here;
+    # the 2026-12-04 capture had no such case (its C values have at most 14 significant bits)
+    out.append(wgmma_case("b128", seed + 25, ksteps=2, exact=False))
     out.append(wgmma_case("b128", seed + 30, ksteps=2, b_sw="none"))
     out.append(wgmma_case("b128", seed + 40, ksteps=4, n=64))
     out.append(wgmma_case("none", seed + 41, ksteps=2, padded=True, n=64))
@@ -270,6 +274,13 @@ def test_wgmma_random_codes_scale_d0(runner, sw, n):
     outs = runner.run(case)
     case.check(outs)
     assert_equal_bits(outs[0], case.extra["want_bits"], case.name + " (the hardware's rule)")
+
+
+def test_wgmma_random_codes_onto_random_c(runner):
+    """A full-precision fp32 accumulator under random products: the emulation cuts C to the
+    window like any term, as the numpy model does (the GPU conformance run decides the rule)."""
+    case = wgmma_case("b128", 250, ksteps=2, exact=False)
+    case.check(runner.run(case))
 
 
 def test_wgmma_mixed_layouts(runner):
