@@ -140,7 +140,7 @@ def mma_case(fmt: str, seed: int, ksteps: int = 1, exact: bool = True, structure
 
     return Case(name=what, kernel=f"mma_{fmt}", grid=(1,), block=(32,),
                 args=[a, b, c, poisoned((16, 8), np.float32), np.int32(ksteps)], outputs=[3],
-                check=check, deterministic=exact or structured)
+                check=check)  # the model is the hardware's: random inputs too are compared bit for bit
 
 
 def mma_ldmatrix_case(fmt: str, seed: int) -> Case:

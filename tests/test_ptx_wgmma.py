@@ -176,30 +176,38 @@ def rule_exact_values(rng: np.random.Generator, shape) -> np.ndarray:
 def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exact: bool = True,
                accumulate_c: bool = True, b_sw: str | None = None, n: int = N) -> Case:
     rng = np.random.default_rng(seed)
-    N = n  # noqa: N806  (the instruction's N for this case)
-    b_sw = b_sw or sw
     K = KSTEP * ksteps
     if exact:
-        a, b = encode(rule_exact_values(rng, (M, K)), "e4m3"), encode(rule_exact_values(rng, (N, K)), "e4m3")
-        c = (rng.integers(-64, 65, size=(M, N)) / 16.0).astype(np.float32)
+        a, b = encode(rule_exact_values(rng, (M, K)), "e4m3"), encode(rule_exact_values(rng, (n, K)), "e4m3")
+        c = (rng.integers(-64, 65, size=(M, n)) / 16.0).astype(np.float32)
     else:  # every finite e4m3 code (0x7f / 0xff are NaN): the truncations matter
         a = rng.choice([x for x in range(256) if x & 0x7f != 0x7f], size=(M, K)).astype(np.uint8)
-        b = rng.choice([x for x in range(256) if x & 0x7f != 0x7f], size=(N, K)).astype(np.uint8)
-        c = rng.standard_normal((M, N)).astype(np.float32)
+        b = rng.choice([x for x in range(256) if x & 0x7f != 0x7f], size=(n, K)).astype(np.uint8)
+        c = rng.standard_normal((M, n)).astype(np.float32)
+    what = (f"wgmma m64n{n}k32 e4m3 A:{sw} B:{b_sw or sw} ksteps={ksteps}{' padded' if padded else ''}"
+            f"{' exact' if exact else ' random'}{'' if accumulate_c else ' scale-d=0'}")
+    return laid_out_case(a, b, c, what, seed, sw=sw, b_sw=b_sw or sw, padded=padded, exact=exact,
+                         accumulate_c=accumulate_c)
+
+
+def laid_out_case(a: np.ndarray, b: np.ndarray, c: np.ndarray, what: str, seed: int, *, sw: str = "b128",
+                  b_sw: str = "b128", padded: bool = False, exact: bool = False, accumulate_c: bool = True) -> Case:
+    """The launch of D = A B^T (+ C) for e4m3 codes a [64, K], b [N, K] laid out in shared memory
+    with the given swizzles; the check wants the model's bits (and float64's when `exact`)."""
+    n, k = b.shape
+    ksteps = k // KSTEP
     a_lbo, a_sbo, a_starts, a_bytes = layout(sw, M, ksteps, 0, padded)
     b_base = -(-a_bytes // 1024) * 1024
-    b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, N, ksteps, b_base, padded)
+    b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, n, ksteps, b_base, padded)
     if padded and b_base + 1024 + b_bytes <= SMEM_LIMIT:  # a gap before B too, where it fits
         b_base += 1024
-        b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, N, ksteps, b_base, padded)
+        b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, n, ksteps, b_base, padded)
     assert b_base + b_bytes <= SMEM_LIMIT
     image = np.full(b_base + b_bytes, 0x7f, np.uint8)  # NaN wherever the layout leaves holes
     place(image, sw, a_lbo, a_sbo, a_starts, a)
     place(image, b_sw, b_lbo, b_sbo, b_starts, b)
     want_bits = model_bits(a, b, c, accumulate_c)
     want64 = decode_bits(a, "e4m3") @ decode_bits(b, "e4m3").T + (c if accumulate_c else 0)
-    what = (f"wgmma m64n{N}k32 e4m3 A:{sw} B:{b_sw} ksteps={ksteps}{' padded' if padded else ''}"
-            f"{' exact' if exact else ' random'}{'' if accumulate_c else ' scale-d=0'}")
 
     def check(outs):
         (d,) = outs
@@ -207,18 +215,62 @@ def wgmma_case(sw: str, seed: int, *, ksteps: int = 1, padded: bool = False, exa
         if exact:  # the rule drops nothing on these inputs: also float64's result
             assert_equal_bits(d, want64.astype(np.float32), what + " vs float64", seed)
 
-    args = [image, np.int32(image.size), c, poisoned((M, N), np.float32),
+    args = [image, np.int32(image.size), c, poisoned((M, n), np.float32),
             np.array(a_starts, np.int32), np.array(b_starts, np.int32), np.int32(ksteps),
             np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]), np.int32(b_lbo), np.int32(b_sbo),
             np.int32(SWIZZLE[b_sw]), np.int32(accumulate_c), np.int32(0), np.int32(0), np.int32(0),
             np.zeros(1, np.uint8)]
-    return Case(name=what, kernel=KERNEL_OF_N[N], grid=(1,), block=(128,), args=args, outputs=[3], check=check,
-                shared_mem=image.size, deterministic=exact,
-                extra={"c": c, "a_sbo": a_sbo, "want_bits": want_bits})
+    return Case(name=what, kernel=KERNEL_OF_N[n], grid=(1,), block=(128,), args=args, outputs=[3], check=check,
+                shared_mem=image.size, extra={"c": c, "a_sbo": a_sbo, "want_bits": want_bits})
+
+
+def rule_probe_cases(seed: int) -> list[Case]:
+    """Inputs aimed at the corners of the accumulation rule (the designs of the 2026-12-04
+    run's wgmma_fp8_probe.py), each held to the model's bits on the GPU:
+    gaps: per row a large term and a smaller one 0..20 binades below (where the window cuts);
+    many_small: one power of two and 31 equal small terms (truncation of each, not of their sum);
+    big_c: small products into a large C with a fraction (is C cut to the window?);
+    small_c: a small C under large products (C truncated against them);
+    ksteps: one large and one small product per k32 step over 4 steps (the fp32 hand-over)."""
+    rng = np.random.default_rng(seed)
+    mant = 1.0 + np.arange(8) / 8.0
+    sign = lambda shape: rng.choice([-1.0, 1.0], shape)  # noqa: E731
+    zeros_c = np.zeros((M, N), np.float32)
+    out = []
+    a, b = np.zeros((M, KSTEP)), np.zeros((N, KSTEP))
+    a[:, 0] = mant[rng.integers(0, 8, M)] * 2.0 ** rng.integers(4, 9, M) * sign(M)
+    a[:, 1] = mant[rng.integers(0, 8, M)] * sign(M)
+    b[:, 0] = 1.0
+    b[:, 1] = mant[np.arange(N) % 8] * 2.0 ** -(np.arange(N) // 8 % 16) * sign(N)
+    out.append(("gaps", a, b, zeros_c, False, 1))
+    a, b = np.zeros((M, KSTEP)), np.ones((N, KSTEP))
+    a[:, 0] = 2.0 ** rng.integers(4, 9, M)
+    a[:, 1:] = (mant[rng.integers(0, 8, M)] * 2.0 ** rng.integers(-6, 0, M))[:, None]
+    b[:, 1:] = (mant[np.arange(N) % 8] * 2.0 ** -(np.arange(N) // 8 % 8))[:, None]
+    out.append(("many_small", a, b, zeros_c, False, 1))
+    c = ((rng.integers(1, 4096, (M, N)) + rng.integers(0, 64, (M, N)) / 64.0) * sign((M, N))).astype(np.float32)
+    a, b = np.zeros((M, KSTEP)), np.zeros((N, KSTEP))
+    a[:, 0] = mant[rng.integers(0, 8, M)] * 2.0 ** rng.integers(-6, 3, M)
+    b[:, 0] = mant[rng.integers(0, 8, N)] * 2.0 ** rng.integers(-6, 3, N)
+    out.append(("big_c", a, b, c, True, 1))
+    c = (rng.standard_normal((M, N)) * 2.0**-4).astype(np.float32)
+    a, b = np.zeros((M, KSTEP)), np.zeros((N, KSTEP))
+    a[:, :2] = mant[rng.integers(0, 8, (M, 2))] * 2.0 ** rng.integers(4, 9, (M, 2))
+    b[:, :2] = 1.0
+    out.append(("small_c", a, b, c, True, 1))
+    a, b = np.zeros((M, 4 * KSTEP)), np.zeros((N, 4 * KSTEP))
+    for s in range(4):
+        a[:, s * KSTEP] = mant[rng.integers(0, 8, M)] * 2.0 ** rng.integers(0, 9, M) * sign(M)
+        a[:, s * KSTEP + 5] = mant[rng.integers(0, 8, M)] * 2.0 ** rng.integers(-6, 2, M)
+        b[:, s * KSTEP] = 1.0
+        b[:, s * KSTEP + 5] = mant[np.arange(N) % 8] * 2.0 ** -(np.arange(N) // 16) * sign(N)
+    out.append(("ksteps", a, b, zeros_c, False, 4))
+    return [laid_out_case(encode(a, "e4m3"), encode(b, "e4m3"), c, f"wgmma rule probe {name}", seed,
+                          accumulate_c=acc) for name, a, b, c, acc, _ in out]
 
 
 def cases(seed: int = 0) -> list[Case]:
-    """Every wgmma case, for the GPU conformance test (exact ones are compared bitwise)."""
+    """Every wgmma case, for the GPU conformance test (all compared bit for bit)."""
     out = []
     for i, sw in enumerate(SWIZZLE):
         out.append(wgmma_case(sw, seed + i, ksteps=4 if sw != "none" else 2))
@@ -231,7 +283,7 @@ def cases(seed: int = 0) -> list[Case]:
     out.append(wgmma_case("b128", seed + 30, ksteps=2, b_sw="none"))
     out.append(wgmma_case("b128", seed + 40, ksteps=4, n=64))
     out.append(wgmma_case("none", seed + 41, ksteps=2, padded=True, n=64))
-    return out
+    return out + rule_probe_cases(seed + 50)
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +332,12 @@ def test_wgmma_random_codes_onto_random_c(runner):
     """A full-precision fp32 accumulator under random products: the emulation cuts C to the
     window like any term, as the numpy model does (the GPU conformance run decides the rule)."""
     case = wgmma_case("b128", 250, ksteps=2, exact=False)
+    case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_wgmma_rule_probes(runner, index):
+    case = rule_probe_cases(60)[index]
     case.check(runner.run(case))
 
 
