@@ -1,6 +1,7 @@
-"""Helpers shared by the FP8 GEMM tests on the simulator (tests/) and on the GPU
-(tests/gpu/): seeded quantised operands, the grouped layouts and their float64 oracle, and
-the closeness check (a helper module, so test files never import each other).
+"""Helpers shared by the FP8 GEMM and FP8Linear tests on the simulator (tests/) and on the
+GPU (tests/gpu/): seeded quantised operands, the grouped layouts and their float64 oracle,
+the closeness check, and FP8Linear's two oracles (a helper module, so test files never
+import each other).
 
 Tolerance of `assert_close_to_oracle`: the kernel and the oracle see the same e4m3 values
 and scales, so the differences are accumulation (MMA partial sums, promotion) and the output
@@ -66,3 +67,28 @@ def contiguous_oracle(xq, xs, wq3, ws3, m_indices):
         if rows.numel():
             out[rows] = ref.fp8_gemm_oracle(xq[rows], xs[rows], wq3[g], ws3[g])
     return out
+
+
+def float64_reference(layer, x, dy):
+    """FP8Linear's layer as torch.nn.functional.linear in float64 autograd, on x's device:
+    (y, dx, dW, db or None)."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_() if layer.bias is not None else None
+    y64 = torch.nn.functional.linear(x64, w64, b64)
+    y64.backward(dy.double())
+    return y64, x64.grad, w64.grad, (b64.grad if b64 is not None else None)
+
+
+def dequantised_oracle(layer, x2, dy2):
+    """float64 products of the recipe's quantised operands, computed from the references."""
+    wq, ws = ref.quantize_per_block(layer.weight.detach())
+    w = ref.dequantize_per_block(wq, ws)
+    xq, xs = ref.quantize_per_token_group(x2)
+    y = ref.dequantize_per_token_group(xq, xs) @ w.t()
+    dq, ds = ref.quantize_per_token_group(dy2)
+    dx = ref.dequantize_per_token_group(dq, ds) @ w
+    dtq, dts = ref.quantize_per_token_group(dy2.t().contiguous())
+    xtq, xts = ref.quantize_per_token_group(x2.t().contiguous())
+    dw = ref.dequantize_per_token_group(dtq, dts) @ ref.dequantize_per_token_group(xtq, xts).t()
+    return y, dx, dw
