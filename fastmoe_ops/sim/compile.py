@@ -36,7 +36,11 @@ DYNAMIC_SMEM_BYTES = 228 * 1024
 # CTA do read it, and checking builds must see every access.
 # -fno-extern-tls-init: `extern __shared__` arrays are extern thread_locals here, and inside a
 # template GCC would call their (never defined) dynamic-init wrapper through a null pointer.
-_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-ipa-reference-addressable", "-fno-extern-tls-init", "-w")
+# -ffp-contract=off: the emulated __fmul_rn / __fadd_rn must round each operation as the GPU
+# does; on a host with FMA (aarch64, or -march=native) GCC would otherwise fuse an inlined
+# __fmul_rn(a, b) + c into one rounding, which nvcc never does for the intrinsics.
+_BASE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fno-ipa-reference-addressable", "-fno-extern-tls-init",
+               "-ffp-contract=off", "-w")
 _CHECK_FLAGS = (
     "-fsanitize=thread",
     "--param=tsan-instrument-func-entry-exit=0",
