@@ -34,6 +34,21 @@ def quant_bytes(m: int, k: int, elem: int, group: int = 128) -> int:
     return m * k * elem + m * k + m * (-(-k // group)) * 4
 
 
+def quant_contract_mismatch(got, want) -> str:
+    """'' when the kernel's (codes, scales) equal the reference's bit for bit (the contract
+    of csrc/quant/fp8_scale.cuh, which the reference implements on this device too), else
+    where they first differ."""
+    for name, a, b in (("scales", got[1].view(torch.int32), want[1].view(torch.int32)),
+                       ("codes", got[0].view(torch.uint8), want[0].view(torch.uint8))):
+        if a.shape != b.shape:
+            return f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        diff = (a != b).nonzero()
+        if len(diff):
+            i = tuple(diff[0].tolist())
+            return f"{len(diff)} {name} differ, first at {i}: {a[i].item():#x} vs reference {b[i].item():#x}"
+    return ""
+
+
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     """Quantisation rows, then the GEMM rows."""
     rows = run_quant(device, engine, quick, copy_gbps) + run_quant_backward(device, engine, quick, copy_gbps)
@@ -54,11 +69,10 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
             with fmo.use_backend(engine):
                 return fmo.fp8.quantize_per_token_group(x, 128)
 
-        ours_out = ours()
-        base_out = ref.quantize_per_token_group(x, 128)
         # Benchmarks print, tests assert: still, never time a wrong kernel.
-        if not (torch.equal(ours_out[1], base_out[1]) and torch.equal(ours_out[0].view(torch.uint8), base_out[0].view(torch.uint8))):
-            raise RuntimeError(f"fp8 quantisation ({engine}) disagrees with the reference at {m}x{k}: not timing it")
+        bad = quant_contract_mismatch(ours(), ref.quantize_per_token_group(x, 128))
+        if bad:
+            raise RuntimeError(f"fp8 quantisation ({engine}) disagrees with the reference at {m}x{k} ({bad}): not timing it")
         t_ours = time_fn(ours, device=device, reps=30 if device.type == "cuda" else 5)
         t_base = time_fn(lambda: ref.quantize_per_token_group(x, 128), device=device, reps=30 if device.type == "cuda" else 5)
         rows.append(Row(op="fp8_quant_token_group", shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
@@ -85,8 +99,9 @@ def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps
                     return fn(x)
 
             got, want = ours(), reffn(x)
-            if not (torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))):
-                raise RuntimeError(f"{op} ({engine}) disagrees with the reference at {m}x{k}: not timing it")
+            bad = quant_contract_mismatch(got, want)
+            if bad:
+                raise RuntimeError(f"{op} ({engine}) disagrees with the reference at {m}x{k} ({bad}): not timing it")
             reps = 30 if device.type == "cuda" else 5
             t_ours = time_fn(ours, device=device, reps=reps)
             t_base = time_fn(lambda reffn=reffn: reffn(x), device=device, reps=reps)

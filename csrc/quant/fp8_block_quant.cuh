@@ -2,9 +2,10 @@
 //
 // Computes, for w [rows, cols] (bf16/fp16/fp32, row stride w_row_stride elements):
 //   ws[i, j] = scale(amax_finite(w[i*BLOCK : (i+1)*BLOCK, j*BLOCK : (j+1)*BLOCK]))  (fp32)
-//   wq[r, c] = e4m3_rn_satfinite(w[r, c] / ws[r / BLOCK, c / BLOCK])              (contiguous)
-// with the scale policy of csrc/quant/fp8_scale.cuh (the same as the per-token-group
-// kernel): amax ignores NaN/+-inf, min_amax floors an all-zero block, POW2 = UE8M0 scales.
+//   wq[r, c] = q(w[r, c], ws[r / BLOCK, c / BLOCK])                               (contiguous)
+// with scale() and q() of the contract in csrc/quant/fp8_scale.cuh (the same as the
+// per-token-group kernel's): amax ignores NaN/+-inf, min_amax floors an all-zero block,
+// POW2 = UE8M0 scales.
 // Blocks at the right/bottom edge are partial; their scale covers the elements present.
 // The block quantisation of w^T is the transpose of that of w (same elements, same
 // blocks), so the backward's transposed weight is wq.t() with ws.t(): no second kernel.

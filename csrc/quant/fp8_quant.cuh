@@ -1,12 +1,11 @@
 // FP8 (e4m3) quantisation per 1 x GROUP group of a row (DeepSeek-V3's activation recipe).
 //
 // Computes, for x [rows, cols] (bf16/fp16/fp32, row stride x_row_stride elements):
-//   xs[r, g] = max(amax_finite(x[r, g*GROUP : (g+1)*GROUP]), min_amax) / 448   (fp32)
-//              rounded up to a power of two when POW2 (UE8M0 scales)
-//   xq[r, c] = e4m3_rn_satfinite(x[r, c] / xs[r, c / GROUP])                     (contiguous)
-// so that x ~= xq * xs. Non-finite policy: amax ignores NaN and +-inf; +-inf saturates to
-// +-448 and NaN stays NaN (cvt .satfinite). min_amax > 0 gives an all-zero group a tiny
-// positive scale instead of 0 (which would make 0/0 = NaN).
+//   xs[r, g] = scale(amax_finite(x[r, g*GROUP : (g+1)*GROUP]))                  (fp32)
+//   xq[r, c] = q(x[r, c], xs[r, c / GROUP])                                      (contiguous)
+// so that x ~= xq * xs, with scale() and q() exactly as the contract in
+// csrc/quant/fp8_scale.cuh defines them (amax ignores NaN and +-inf, min_amax floors an
+// all-zero group, POW2 = UE8M0 scales, +-inf saturates to +-448, NaN gives 0x7f).
 //
 // Roles: a team of TEAM = min(32, GROUP/VEC) lanes owns one group; each lane loads
 // GROUP/(TEAM*VEC) chunks of VEC contiguous elements (one 16-byte access when VEC*sizeof(T)

@@ -3,10 +3,10 @@
 //
 // For x [rows, cols] (bf16/fp16/fp32, row stride x_row_stride elements), with g = r / GROUP:
 //   xs_t[c, g]  = scale(amax_finite(x[g*GROUP : (g+1)*GROUP, c]))            fp32 [cols, groups]
-//   xq_t[c, r]  = e4m3_rn_satfinite(x[r, c] / xs_t[c, g])   for r < rows       e4m3 [cols, out_cols]
+//   xq_t[c, r]  = q(x[r, c], xs_t[c, g])                    for r < rows       e4m3 [cols, out_cols]
 //   xq_t[c, r]  = 0                                         for rows <= r < out_cols
-// out_cols = rows rounded up to 16 (the consuming GEMM's K must be a multiple of 16). Scale
-// policy: csrc/quant/fp8_scale.cuh, identical to the per-token-group kernel's, so the result
+// out_cols = rows rounded up to 16 (the consuming GEMM's K must be a multiple of 16). scale()
+// and q(): the contract in csrc/quant/fp8_scale.cuh, as the per-token-group kernel's, so the result
 // equals quantize_per_token_group(x^T) bit for bit, without materialising x^T.
 //
 // Roles: one CTA (256 threads) per GROUP x TILE_C tile of x. (1) coalesced, vectorised loads

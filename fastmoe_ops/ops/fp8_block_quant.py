@@ -8,7 +8,6 @@ Same scale policy as the per-token-group quantisation (csrc/quant/fp8_scale.cuh)
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +18,7 @@ from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
 from ..runtime.launch import LaunchConfig, launch
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op
+from .fp8_quant import validate_eps
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BLOCK_SIZES = (32, 64, 128)
@@ -87,7 +87,7 @@ def _validate(w, block_size, eps) -> None:
     expect(w.shape[1] == 0 or w.stride(1) == 1, "w", "a contiguous last dimension (stride 1)", f"strides {w.stride()}")
     expect(w.shape[0] <= 1 or w.stride(0) >= w.shape[1], "w", "non-overlapping rows (stride(0) >= K)", f"strides {w.stride()}")
     expect(block_size in BLOCK_SIZES, "block_size", f"one of {BLOCK_SIZES}", block_size)
-    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+    validate_eps(eps)
 
 
 def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
@@ -95,7 +95,8 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
 
     w: [N, K] bf16/fp16/fp32 -> (wq [N, K] float8_e4m3fn, ws [ceil(N/bs), ceil(K/bs)] fp32),
     w ~= wq * ws[n // bs, k // bs]. Scale = max(finite amax, eps) / 448 (a power of two with
-    pow2_scale); +-inf saturates to +-448, NaN stays NaN (and does not spread)."""
+    pow2_scale); +-inf saturates to +-448, NaN gives NaN (0x7f) and does not spread. Bit for
+    bit the contract of csrc/quant/fp8_scale.cuh on every engine."""
     _validate(w, block_size, eps)
     engine = backends.engine_for(w=w)
     if engine == "reference":
@@ -183,7 +184,7 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
     expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "a contiguous last dimension (stride 1)", f"strides {x.stride()}")
     expect(group_size in TRANSPOSED_GROUPS, "group_size", f"one of {TRANSPOSED_GROUPS}", group_size)
-    expect(isinstance(eps, float) and math.isfinite(eps) and eps > 0, "eps", "a positive finite float", eps)
+    validate_eps(eps)
     engine = backends.engine_for(x=x)
     if engine == "reference":
         return reference.quantize_per_token_group_transposed(x, group_size, pow2_scale=pow2_scale, eps=eps)

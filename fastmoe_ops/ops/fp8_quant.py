@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -91,6 +90,13 @@ def standard_specs():
                 yield Fp8GroupQuantSpec(dtype=dtype, group_size=128, vec_width=vec, pow2_scale=pow2)
 
 
+def validate_eps(eps) -> None:
+    """eps floors a group's amax; fp32(eps) / 448 must be a normal fp32 number, so that every
+    scale of the quantisation contract (csrc/quant/fp8_scale.cuh) is positive and normal."""
+    expect(eps.__class__ is float and reference.EPS_MIN <= eps <= reference.FP32_MAX, "eps",
+           f"a positive finite float in [{reference.EPS_MIN:.4g}, {reference.FP32_MAX:.4g}] (eps / 448 a normal fp32)", eps)
+
+
 def _validate(x, group_size, eps, pow2_scale=False) -> None:
     expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", lambda: type(x).__name__)
     expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", lambda: f"shape {tuple(x.shape)}")
@@ -101,7 +107,7 @@ def _validate(x, group_size, eps, pow2_scale=False) -> None:
     expect(m <= 1 or row_stride >= k, "x", "non-overlapping rows (stride(0) >= K)", lambda: f"strides {x.stride()}")
     expect(group_size.__class__ is int and 32 <= group_size <= 1024 and group_size & (group_size - 1) == 0,
            "group_size", "a power of two in [32, 1024]", group_size)
-    expect(eps.__class__ is float and 0.0 < eps < math.inf, "eps", "a positive finite float", eps)
+    validate_eps(eps)
     expect(pow2_scale.__class__ is bool, "pow2_scale", "a bool", lambda: type(pow2_scale).__name__)
 
 
@@ -174,7 +180,8 @@ def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_sca
 
     x: [M, K] bf16/fp16/fp32 -> (xq [M, K] float8_e4m3fn, xs [M, ceil(K/group_size)] fp32),
     x ~= xq * xs. Scale = max(finite amax, eps) / 448 (rounded up to a power of two with
-    pow2_scale); +-inf saturates to +-448, NaN stays NaN."""
+    pow2_scale); +-inf saturates to +-448, NaN gives NaN (0x7f). Bit for bit the contract of
+    csrc/quant/fp8_scale.cuh on every engine."""
     engine, plan, xq, xs = prepare_quantize_per_token_group(x, group_size, pow2_scale, eps)
     if plan is not None:
         plan.run(engine)

@@ -1,6 +1,10 @@
 """Plain-PyTorch reference of the FP8 recipe: the oracle's building blocks and the CPU
 fallback engine. Written to be obviously right, not fast; it computes exactly what the
-kernels compute (same fp32 operations in the same order where order matters)."""
+kernels compute (same fp32 operations in the same order where order matters).
+
+Quantisation follows the contract written once in csrc/quant/fp8_scale.cuh (the kernels'
+shared header): scale = RN32(max(amax, fp32(eps)) / 448), q = e4m3_rne_satfinite(RN32(x /
+scale)), NaN -> 0x7f; bit for bit the kernels' result on CPU and CUDA tensors alike."""
 from __future__ import annotations
 
 import math
@@ -8,7 +12,9 @@ import math
 import torch
 
 E4M3_MAX = 448.0
+E4M3_NAN = 0x7F                      # the contract's NaN code, whatever the input NaN's sign
 FP32_MAX = 3.4028234663852886e38
+EPS_MIN = E4M3_MAX * 2.0**-126       # smallest eps whose scale eps / 448 is a normal fp32
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
@@ -20,10 +26,19 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     return rounded.view(torch.float32)
 
 
+def ieee_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b correctly rounded in fp32 on every device. b must be a tensor of a's shape on
+    a's device: with a CPU scalar divisor (a Python number or a 0-dim CPU tensor) PyTorch's
+    CUDA division multiplies by the rounded reciprocal instead, which differs in the last
+    bit for about half of all quotients."""
+    assert a.shape == b.shape and a.device == b.device and a.dtype == b.dtype == torch.float32
+    return a / b
+
+
 def group_scales(amax: torch.Tensor, *, eps: float, pow2_scale: bool) -> torch.Tensor:
-    """fp32 scale per group from the group's finite amax."""
+    """fp32 scale per group from the group's finite amax: RN32(max(amax, fp32(eps)) / 448)."""
     amax = torch.clamp_min(amax.float(), torch.tensor(eps, dtype=torch.float32).item())
-    scale = amax / torch.tensor(E4M3_MAX, dtype=torch.float32)
+    scale = ieee_div(amax, torch.full_like(amax, E4M3_MAX))
     return round_up_pow2(scale) if pow2_scale else scale
 
 
@@ -34,8 +49,11 @@ def finite_abs(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_e4m3(v: torch.Tensor) -> torch.Tensor:
-    """Round to nearest even and saturate finite values (and +-inf) to +-448; NaN stays NaN."""
-    return torch.clamp(v, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    """Round fp32 v to nearest even on the e4m3 grid, saturating finite values and +-inf to
+    +-448; every NaN becomes 0x7f (c10's conversion would keep a negative NaN's sign)."""
+    q = torch.clamp(v, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q.view(torch.uint8).masked_fill_(v.isnan(), E4M3_NAN)
+    return q
 
 
 def quantize_blocks(x: torch.Tensor, block_rows: int, block_cols: int, *, pow2_scale: bool = False, eps: float = 1e-12):
@@ -51,7 +69,7 @@ def quantize_blocks(x: torch.Tensor, block_rows: int, block_cols: int, *, pow2_s
     amax = finite_abs(blocks).amax(dim=(1, 3))
     scale = group_scales(amax, eps=eps, pow2_scale=pow2_scale)  # [br, bc]
     expanded = scale.repeat_interleave(block_rows, dim=0).repeat_interleave(block_cols, dim=1)[:r, :c]
-    return to_e4m3(xf / expanded), scale
+    return to_e4m3(ieee_div(xf, expanded)), scale
 
 
 def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
