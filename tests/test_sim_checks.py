@@ -82,6 +82,57 @@ def test_out_of_bounds_store_memcheck(monkeypatch):
     assert "block (1,0,0)" in msg and "nearest tensor: argument 0" in msg and "past its end" in msg
 
 
+WRITE_AT = r'''extern "C" __global__ void write_at(float* y, int i) { y[i] = 1.f; }'''
+
+
+def test_memcheck_bounds_a_view_not_its_storage(monkeypatch):
+    """A slice passed as an argument allows its own elements only: one past its end is
+    outside, although the storage behind it goes on (torch and numpy alike)."""
+    import torch
+
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    f = sim.RawModule(code=WRITE_AT).get_function("write_at")
+    for y in (torch.zeros(1024)[:1000], np.zeros(1024, np.float32)[:1000]):
+        f((1,), (1,), (y, np.int32(999)))
+        assert y[999] == 1
+        with pytest.raises(SimError, match=r"write_at.*out-of-bounds global write of 4 bytes.*nearest tensor: argument 0.*past its end"):
+            f((1,), (1,), (y, np.int32(1000)))
+
+
+def test_memcheck_bounds_a_launcher_tensor_view(monkeypatch):
+    """The launcher's tensors (behind a Params struct) are bounded the same way: a scale
+    output one group short, cut from a larger buffer, is caught at the kernel's store."""
+    import torch
+
+    from fastmoe_ops.ops import fp8_quant as q
+    from fastmoe_ops.runtime.launch import LaunchConfig, launch
+
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    x = torch.randn(4, 256)
+    xq = torch.empty(4, 256, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(64)[:4 * 2 - 1]  # one scale short; the storage behind it is not
+    spec = q.Fp8GroupQuantSpec("fp32", 128, 4, False)
+    params = q.Fp8GroupQuantParams(x=x.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), rows=4, cols=256,
+                                   x_row_stride=256, groups=2, min_amax=1e-12, reserved=0)
+    with pytest.raises(SimError, match=r"fmo_fp8_quant_token_group_fp32_g128_vec4.*out-of-bounds global write of 4 bytes"):
+        launch(spec, LaunchConfig.make(1, 256), params, engine="sim", tensors=(x, xq, xs))
+
+
+def test_spans_of_views():
+    import torch
+
+    from fastmoe_ops.runtime.spans import array_span, tensor_span
+
+    base = torch.zeros(10, 10)
+    view = base[2:5, 3:7]                          # elements (2,3) .. (4,6): 2 rows of 10 + 4
+    assert tensor_span(view) == (base.data_ptr() + 23 * 4, 24 * 4)
+    assert tensor_span(view.t()) == tensor_span(view)
+    assert tensor_span(base[:, 0]) == (base.data_ptr(), 91 * 4)
+    assert tensor_span(base[3:3])[1] == 0
+    a = np.zeros((10, 10), np.float32)
+    assert array_span(a[::-1, 2]) == (a.ctypes.data + 8, 91 * 4)  # negative strides reach below the pointer
+
+
 def test_divergent_syncthreads():
     src = r'''
     extern "C" __global__ void early_exit(float* y) {

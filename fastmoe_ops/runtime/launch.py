@@ -15,6 +15,7 @@ import torch
 from .. import env
 from ..errors import BackendError, InputError, LaunchError
 from .compiler import compile_nvcc, compile_nvrtc, include_options
+from .spans import tensor_span
 from .spec import KernelSpec, Params
 
 MAX_BLOCK_THREADS = 1024
@@ -163,14 +164,6 @@ def sim_function(spec: KernelSpec, traced: bool = False):
 # ------------------------------------------------------------------------------- launch
 
 
-def _tensor_range(t: torch.Tensor) -> tuple[int, int]:
-    if t.numel() == 0:
-        return (t.data_ptr(), 0)
-    # Byte span the view can reach: from the lowest to the highest addressed element.
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
-    return (t.data_ptr(), span * t.element_size())
-
-
 @dataclass(slots=True)
 class Plan:
     """Everything one launch needs, prepared on the host: what an op's `plan_*` returns.
@@ -218,7 +211,7 @@ def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: st
             except Exception as e:
                 raise LaunchError(f"{fn.name}: kernel failed: {e}") from None
     elif engine == "sim":
-        ranges = tuple(_tensor_range(t) for t in tensors)
+        ranges = tuple(tensor_span(t) for t in tensors)  # each view's bytes, not its whole storage
         fn = lookup(spec, engine, None)
         if fn.num_params == 1:  # untraced build
             fn(config.grid, config.block, (params,), shared_mem=config.shared_mem, extra_ranges=ranges)

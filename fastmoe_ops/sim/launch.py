@@ -8,8 +8,9 @@ Arguments, as `cupy.RawKernel.__call__` takes them:
     CuPy does: cast explicitly to match the kernel's parameter);
   - None passes a null pointer.
 Every by-value argument's size must equal the kernel parameter's size (refused before the
-launch otherwise). Tensors and arrays also bound memcheck (FMO_SIM_MEMCHECK=1); pointers
-hidden inside Params structs need `extra_ranges=[(ptr, nbytes), ...]`.
+launch otherwise). Tensors and arrays also bound memcheck (FMO_SIM_MEMCHECK=1) to the bytes
+their view spans (runtime/spans.py), not their whole storage; pointers hidden inside Params
+structs need `extra_ranges=[(ptr, nbytes), ...]`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from .. import env
 from ..errors import InputError, SimError
+from ..runtime.spans import array_span, tensor_span
 
 MAX_THREADS = 1024
 MAX_SHARED = 227 * 1024  # the largest opt-in dynamic shared memory of a Hopper CTA
@@ -47,18 +49,6 @@ def _dims(value, what: str) -> tuple[int, int, int]:
     return (dims + (1, 1, 1))[:3]  # type: ignore[return-value]
 
 
-def _array_span(arr: np.ndarray) -> tuple[int, int]:
-    if arr.size == 0:
-        return (arr.ctypes.data, 0)
-    lo = hi = arr.ctypes.data
-    for n, s in zip(arr.shape, arr.strides):
-        if s >= 0:
-            hi += (n - 1) * s
-        else:
-            lo += (n - 1) * s
-    return (lo, hi + arr.itemsize - lo)
-
-
 def pack_one(i: int, a) -> PackedArg:
     try:
         import torch
@@ -67,10 +57,9 @@ def pack_one(i: int, a) -> PackedArg:
     if torch is not None and isinstance(a, torch.Tensor):
         if a.device.type != "cpu":
             raise InputError(f"argument {i}: expected a CPU tensor for the simulator, got device {a.device}")
-        storage = a.untyped_storage()
-        return PackedArg(struct.pack("<Q", a.data_ptr()), (storage.data_ptr(), storage.nbytes()), True)
+        return PackedArg(struct.pack("<Q", a.data_ptr()), tensor_span(a), True)
     if isinstance(a, np.ndarray):
-        return PackedArg(struct.pack("<Q", a.ctypes.data), _array_span(a), True)
+        return PackedArg(struct.pack("<Q", a.ctypes.data), array_span(a), True)
     if a is None:
         return PackedArg(struct.pack("<Q", 0), None, True)
     if isinstance(a, (bool, np.bool_)):
