@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import fastmoe_ops as fmo
 from fastmoe_ops.errors import CompileError
 from fastmoe_ops.ops.fp8_quant import Fp8GroupQuantSpec
 from fastmoe_ops.runtime import cache, compiler, sources
@@ -65,6 +67,25 @@ def test_edited_header_recompiles(fresh_cache, kernel_copy):
     sources.refresh()
     second = compiler.compile_nvcc(SPEC.stub(), SPEC.entry_name(), "sm_90a")
     assert first.cubin != second.cubin and first.cubin.exists() and second.cubin.exists()
+
+
+@pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
+def test_edited_kernel_runs_after_refresh_in_the_same_process(fresh_cache, kernel_copy):
+    """Launch, edit a header of the active kernel tree, sources.refresh(), launch again in the
+    same process: the second launch runs the edited build (refresh drops the launcher's
+    loaded kernels, not only the fingerprints)."""
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
+    with fmo.use_backend("sim"):
+        _, before = fmo.fp8.quantize_per_token_group(x, 128)
+    header = kernel_copy / "csrc/quant/fp8_scale.cuh"
+    text = header.read_text()
+    edited = text.replace("__fdiv_rn(fmaxf(amax, min_amax), kE4M3Max)", "__fdiv_rn(fmaxf(amax, min_amax), 2.0f * kE4M3Max)")
+    assert edited != text, "the scale line this test edits has moved"
+    header.write_text(edited)
+    sources.refresh()
+    with fmo.use_backend("sim"):
+        _, after = fmo.fp8.quantize_per_token_group(x, 128)
+    assert torch.equal(after, before / 2), "the edited kernel (scales halved) must run after refresh()"
 
 
 def test_memory_hit_skips_disk_and_build(fresh_cache):

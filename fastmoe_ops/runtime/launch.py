@@ -15,6 +15,7 @@ import torch
 from .. import env
 from ..errors import BackendError, InputError, LaunchError
 from .compiler import compile_nvcc, compile_nvrtc, include_options
+from .sources import on_refresh
 from .spans import tensor_span
 from .spec import KernelSpec, Params
 
@@ -95,6 +96,7 @@ class _CudaFunction:
 
 
 _cuda_functions: dict[tuple, _CudaFunction] = {}
+on_refresh(_cuda_functions.clear)  # sources.refresh(): the next launch loads the edited kernel
 _lock = threading.Lock()
 
 
@@ -137,6 +139,7 @@ def cuda_function(spec: KernelSpec, device: torch.device) -> _CudaFunction:
 # ----------------------------------------------------------------------------- sim engine
 
 _sim_functions: dict[tuple[KernelSpec, bool], object] = {}
+on_refresh(_sim_functions.clear)
 
 
 def sim_function(spec: KernelSpec, traced: bool = False):

@@ -11,11 +11,13 @@ import hashlib
 import importlib.resources
 import threading
 from pathlib import Path
+from typing import Callable
 
 _SUFFIXES = {".cuh", ".h", ".hpp", ".cpp", ".cu", ".S"}
 _lock = threading.Lock()
 _fingerprints: dict[Path, str] = {}
 _root_override: Path | None = None
+_refresh_hooks: list[Callable[[], None]] = []
 
 
 def kernel_root() -> Path:
@@ -60,9 +62,20 @@ def fingerprint(root: Path | None = None) -> str:
         return value
 
 
+def on_refresh(hook: Callable[[], None]) -> None:
+    """Have `refresh()` call `hook()`: for in-process tables of loaded kernels (the
+    launcher's), which must not outlive the sources they were built from. The tables stay
+    plain dicts, so a warm launch is still one lookup."""
+    _refresh_hooks.append(hook)
+
+
 def refresh() -> None:
+    """Forget the fingerprints (an edited kernel file is seen by the next compile) and every
+    loaded kernel registered with `on_refresh` (so the next launch runs the new build)."""
     with _lock:
         _fingerprints.clear()
+    for hook in _refresh_hooks:
+        hook()
 
 
 def set_kernel_root(root: Path | None) -> None:
