@@ -6,8 +6,8 @@ floor, ragged groups; bf16/fp16/fp32; pow2 scales; vectorised and scalar paths) 
 shape where `python -m bench` stopped on the first H200 run (128 x 7168 bf16: the
 reference divided by a CPU scalar there, which PyTorch's CUDA division turns into a
 reciprocal multiply). Each side is checked on its own, so a failure says which one left
-the contract. Needs a CUDA device (skipped otherwise); the kernel runs first on every
-input, on memory that a poisoned run of the same shape has just released (`kernel_after_poison`)."""
+the contract. Needs a CUDA device (skipped otherwise); the kernel's outputs start as poison
+(gpu_util.poison_cuda_allocations), so an element it does not write fails."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
 from fp8_contract import assert_matches_contract, contract_quantize, edge_inputs, layout_of
-from gpu_util import DEV, needs_cuda
+from gpu_util import DEV, needs_cuda, poison_cuda_allocations  # noqa: F401 (autouse fixture)
 
 pytestmark = needs_cuda
 
@@ -27,27 +27,16 @@ OPS = {"token_group": (fmo.fp8.quantize_per_token_group, ref.quantize_per_token_
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def kernel_after_poison(op: str, x: torch.Tensor, size: int, pow2: bool, eps: float):
-    """The kernel on x, launched right after the same launch on an all-NaN x with eps 1e30:
-    its outputs (codes 0x7f, scales 1e30 / 448: values the real call never produces) are
-    freed just before, so the caching allocator hands the real call that memory and an
-    element the kernel fails to write shows as poison, not as a stale correct-looking value."""
-    fn = OPS[op][0]
-    poison = fn(torch.full_like(x, float("nan")), size, pow2_scale=pow2, eps=1e30)
-    del poison
-    out = fn(x, size, pow2_scale=pow2, eps=eps)
-    torch.cuda.synchronize()
-    return out
-
-
 def check_every_side(op: str, x_cpu: torch.Tensor, size: int, pow2: bool, eps: float, what: str,
                      layout: str = "contiguous") -> None:
     """Kernel (cuda), reference (cuda), reference (cpu): each against the contract. The
     layout is made on each device (moving a strided view to the GPU would make it dense)."""
     want = contract_quantize(op, x_cpu, size, pow2=pow2, eps=eps)
     x = layout_of(x_cpu.to(DEV), layout)
-    assert_matches_contract(kernel_after_poison(op, x, size, pow2, eps), want, f"kernel (cuda) {what}")
-    reffn = OPS[op][1]
+    fn, reffn = OPS[op]
+    got = fn(x, size, pow2_scale=pow2, eps=eps)
+    torch.cuda.synchronize()
+    assert_matches_contract(got, want, f"kernel (cuda) {what}")
     assert_matches_contract(reffn(x, size, pow2_scale=pow2, eps=eps), want, f"reference (cuda) {what}")
     assert_matches_contract(reffn(layout_of(x_cpu, layout), size, pow2_scale=pow2, eps=eps), want, f"reference (cpu) {what}")
 
