@@ -14,6 +14,7 @@ import torch
 
 from . import env
 from .errors import BackendError, InputError
+from .runtime import cuda_driver
 
 ENGINES = ("cuda", "sim", "reference")
 CPU_ENGINES = ("sim", "reference")
@@ -25,11 +26,7 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fmo_back
 def _cuda_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cuda_driver.cupy_version() is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ import pytest
 
 from fastmoe_ops import build
 from fastmoe_ops.ops.fp8_quant import Fp8GroupQuantSpec
-from fastmoe_ops.runtime import compiler, spec as spec_mod
+from fastmoe_ops.runtime import compiler, cuda_driver, spec as spec_mod
 
 pytestmark = pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")
 
@@ -66,17 +66,7 @@ def test_bad_arch_refused():
         build.main(["--arch", "hopper"])
 
 
-def _nvrtc_loads() -> bool:
-    try:
-        from cupy_backends.cuda.libs import nvrtc  # type: ignore
-
-        nvrtc.getVersion()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC not loadable (pip install nvidia-cuda-nvrtc cupy-cuda13x)")
+@pytest.mark.skipif(not cuda_driver.nvrtc_version(), reason="NVRTC not loadable (pip install nvidia-cuda-nvrtc cupy-cuda13x)")
 def test_one_variant_of_every_op_compiles_with_nvrtc(fresh_cache):
     """The GPU path compiles with NVRTC, which has no C++ standard library: every op's
     headers must build there too (one variant per op covers its headers)."""

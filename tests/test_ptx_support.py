@@ -10,6 +10,7 @@ against PyTorch's dtypes, so that the models are not validated only by the code 
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -104,15 +105,14 @@ class SimRunner:
 
 class CudaRunner(SimRunner):
     """The same source on the current CUDA device: compiled for `arch` by the project's NVRTC
-    path (CuPy's NVRTC binding, disk-cached) and loaded with cupy.RawModule(path=cubin).
-    cupy.RawModule(code=...) is not used because it appends its own `-arch=sm_XY`, which
-    would clash with `-arch=sm_90a`. Tensors are torch CUDA tensors passed as raw pointers."""
+    path (disk-cached), loaded and launched through `fastmoe_ops.runtime.cuda_driver`, the
+    library's one door to the driver. Arguments follow the simulator's (and CuPy's)
+    convention: tensors pass as pointers, numpy scalars by value."""
 
     engine = "cuda"
 
     def __init__(self, source: str, arch: str):
-        import cupy
-
+        from fastmoe_ops.runtime import cuda_driver
         from fastmoe_ops.runtime.compiler import compile_nvrtc, cuda_include_dir
 
         extra = []
@@ -120,16 +120,26 @@ class CudaRunner(SimRunner):
         if inc is not None:  # NVRTC has no C++ standard headers: ptx/ uses CCCL's (include/cccl)
             extra.append(f"-I{inc / 'cccl'}")
         self.cubin = compile_nvrtc(HEADERS + source, "ptx_conformance", arch, tuple(extra)).cubin
-        self.module = cupy.RawModule(path=str(self.cubin))
+        self.module = cuda_driver.Module(self.cubin.read_bytes(), "ptx_conformance")
+        self.kernels = {}  # name -> cuda_driver.Kernel
 
     def to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a).copy()).cuda()
 
     def launch(self, case: Case, tensors: list) -> None:
-        fn = self.module.get_function(case.kernel)
-        args = tuple(np.uint64(t.data_ptr()) if isinstance(t, torch.Tensor) else t for t in tensors)
+        from fastmoe_ops.runtime.launch import LaunchConfig
+        from fastmoe_ops.sim.launch import pack_one
+
+        kernel = self.kernels.get(case.kernel)
+        if kernel is None:
+            kernel = self.kernels[case.kernel] = self.module.kernel(case.kernel)
+        config = LaunchConfig.make(case.grid, case.block, case.shared_mem)
+        args = [np.uint64(t.data_ptr()) if isinstance(t, torch.Tensor) else t for t in tensors]
+        blobs = [(ctypes.c_char * len(data)).from_buffer_copy(data) for data in (pack_one(i, a).data for i, a in enumerate(args))]
+        params = (ctypes.c_void_p * len(blobs))(*(ctypes.addressof(b) for b in blobs))
         torch.cuda.synchronize()
-        fn(case.grid, case.block, args, shared_mem=case.shared_mem)
+        kernel.launch(config.grid, config.block, config.shared_mem, torch.cuda.current_stream().cuda_stream,
+                      ctypes.addressof(params))
         torch.cuda.synchronize()
 
     def run(self, case: Case) -> list[np.ndarray]:

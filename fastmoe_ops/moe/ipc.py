@@ -3,7 +3,7 @@ csrc/moe/ipc.cuh moving rows through them on exactly the communication SM budget
 
 Mapping (one small interface, two implementations; the bootstrap is shared):
   CudaIpcMapping: device memory from cudaMalloc, exported with cudaIpcGetMemHandle and
-                  opened by peers with cudaIpcOpenMemHandle (CuPy's runtime bindings);
+                  opened by peers with cudaIpcOpenMemHandle (runtime/cuda_driver.py);
   ShmMapping:     the simulator's stand-in, POSIX shared memory (`fastmoe_ops.sim.ipc`).
 Handles are exchanged over the Group once, in the Buffer's constructor, and closed in
 destroy(). Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x slot_rows
@@ -25,6 +25,7 @@ import torch
 from ..comm import Group
 from ..errors import InputError, UnsupportedError
 from ..ops import moe_ipc
+from ..runtime import cuda_driver
 
 SCALE_GROUP = 128
 
@@ -73,46 +74,33 @@ class CudaIpcMapping:
         self._owned: dict[int, int] = {}           # data_ptr -> cudaMalloc'd pointer to free
         self._opened: set[int] = set()
 
-    @staticmethod
-    def _tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        import cupy
-
-        mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, device.index)
-        return torch.as_tensor(cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0)), device=device)
-
     def create(self, nbytes: int):
-        from cupy.cuda import runtime
-
         # Its own cudaMalloc (not torch's caching allocator): an IPC handle names a whole
         # allocation, and this one must live exactly as long as the Buffer.
         with torch.cuda.device(self.device):
-            ptr = runtime.malloc(nbytes)
-            runtime.memset(ptr, 0, nbytes)         # counters start at zero
-            runtime.deviceSynchronize()
-            handle = CudaIpcHandle(bytes(runtime.ipcGetMemHandle(ptr)), nbytes)
-        t = self._tensor(ptr, nbytes, self.device)
+            ptr = cuda_driver.malloc(nbytes)
+            t = cuda_driver.device_tensor(ptr, nbytes, self.device)
+            t.zero_()                              # counters start at zero
+            torch.cuda.synchronize(self.device)
+            handle = CudaIpcHandle(cuda_driver.ipc_get_mem_handle(ptr), nbytes)
         self._owned[t.data_ptr()] = ptr
         return handle, t
 
     def open(self, handle: CudaIpcHandle) -> torch.Tensor:
-        from cupy.cuda import runtime
-
         with torch.cuda.device(self.device):
-            ptr = runtime.ipcOpenMemHandle(handle.handle)
+            ptr = cuda_driver.ipc_open_mem_handle(handle.handle)
         self._opened.add(ptr)
-        return self._tensor(ptr, handle.nbytes, self.device)
+        return cuda_driver.device_tensor(ptr, handle.nbytes, self.device)
 
     def close(self, tensor: torch.Tensor, own: bool) -> None:
-        from cupy.cuda import runtime
-
         ptr = tensor.data_ptr()
         with torch.cuda.device(self.device):
-            runtime.deviceSynchronize()            # no kernel of ours still touches it
+            torch.cuda.synchronize(self.device)    # no kernel of ours still touches it
             if own:
-                runtime.free(self._owned.pop(ptr))
+                cuda_driver.free(self._owned.pop(ptr))
             elif ptr in self._opened:
                 self._opened.discard(ptr)
-                runtime.ipcCloseMemHandle(ptr)
+                cuda_driver.ipc_close_mem_handle(ptr)
 
 
 def mapping_for(device: torch.device):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import env
 from ..errors import CompileError, InputError
-from . import sources
+from . import cuda_driver, sources
 from .cache import default_cache, make_key
 
 _ARCH_RE = re.compile(r"^sm_(\d+)([af]?)$")
@@ -92,13 +92,7 @@ def nvcc_version() -> str:
 
 @functools.lru_cache(maxsize=None)
 def nvrtc_version() -> str:
-    try:
-        from cupy_backends.cuda.libs import nvrtc  # type: ignore
-
-        major, minor = nvrtc.getVersion()
-        return f"nvrtc {major}.{minor}"
-    except Exception:
-        return ""
+    return cuda_driver.nvrtc_version()
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,12 +201,9 @@ def compile_nvcc(stub: str, name: str, arch: str, extra_options: tuple[str, ...]
 
 
 def compile_nvrtc(stub: str, name: str, arch: str, extra_options: tuple[str, ...] = ()) -> CompileResult:
-    """Compile `stub` to a cubin with NVRTC (CuPy's binding), for a GPU machine."""
+    """Compile `stub` to a cubin with NVRTC (through CuPy's binding), for a GPU machine."""
     parse_arch(arch)
-    try:
-        from cupy_backends.cuda.libs import nvrtc  # type: ignore
-    except ImportError as e:
-        raise CompileError(f"{name}: NVRTC needs CuPy (pip install 'fastmoe-ops[cuda]'): {e}") from None
+    cuda_driver.bind(name, CompileError)  # without CuPy: refuse here, not after a cache lookup
     options = BASE_OPTIONS + (f"-arch={arch}", "--device-as-default-execution-space") + tuple(extra_options)
     if env.flag("FMO_PTXAS_VERBOSE"):
         options += ("--ptxas-options=-v",)
@@ -220,33 +211,25 @@ def compile_nvrtc(stub: str, name: str, arch: str, extra_options: tuple[str, ...
     key = _cache_key(stub, arch, options, "nvrtc", version)
 
     def build(out: Path) -> None:
-        prog = nvrtc.createProgram(stub, f"{name}.cu", [], [])
-        try:
-            try:
-                nvrtc.compileProgram(prog, list(options) + include_options())
-            except nvrtc.NVRTCError as e:
-                raise CompileError(f"{name}: NVRTC failed for {arch}: {e}\n{nvrtc.getProgramLog(prog)}") from None
-            cubin = nvrtc.getCUBIN(prog)
-            _check_elf(cubin, name)
-            out.write_bytes(cubin)
+        dump = env.path("FMO_DEBUG_DUMP") is not None
+        result = cuda_driver.nvrtc_compile(stub, name, list(options) + include_options(), where=f"for {arch}", ptx=dump)
+        _check_elf(result.cubin, name)
+        out.write_bytes(result.cubin)
+        if dump:
             _dump(name, ".cu", stub)
-            _dump(name, ".ptx", nvrtc.getPTX(prog))
-            if env.path("FMO_DEBUG_DUMP") is not None and find_cuobjdump() is not None:
+            _dump(name, ".ptx", result.ptx)
+            if find_cuobjdump() is not None:
                 _dump(name, ".sass", disassemble(out))
-        finally:
-            nvrtc.destroyProgram(prog)
 
     path = default_cache().get_or_build("cubin", key, ".cubin", build)
     return CompileResult(path, "nvrtc", "")
 
 
 def _check_elf(cubin: bytes, name: str) -> None:
-    """Refuse a truncated cubin before it is cached (a CuPy NVRTC path once returned one byte
-    short): the ELF section-header table must fit inside the blob."""
-    if cubin[:4] != b"\x7fELF":
+    """Refuse a truncated cubin before it is cached (CuPy's NVRTC binding returns one byte
+    short; runtime/cuda_driver.py restores it): both header tables must fit inside the blob."""
+    if cubin[:4] != b"\x7fELF" or len(cubin) < 64:
         raise CompileError(f"{name}: NVRTC returned no ELF cubin")
-    shoff = int.from_bytes(cubin[0x28:0x30], "little")
-    shentsize = int.from_bytes(cubin[0x3A:0x3C], "little")
-    shnum = int.from_bytes(cubin[0x3C:0x3E], "little")
-    if shoff + shentsize * shnum > len(cubin):
-        raise CompileError(f"{name}: NVRTC cubin is truncated ({len(cubin)} bytes, headers end at {shoff + shentsize * shnum})")
+    for what, end in cuda_driver.elf_table_ends(cubin).items():
+        if end > len(cubin):
+            raise CompileError(f"{name}: NVRTC cubin is truncated ({len(cubin)} bytes, {what} headers end at {end})")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import env
 from ..errors import BackendError, InputError, LaunchError
+from . import cuda_driver
 from .compiler import compile_nvcc, compile_nvrtc, include_options
 from .sources import on_refresh
 from .spans import tensor_span
@@ -21,7 +23,6 @@ from .spec import KernelSpec, Params
 
 MAX_BLOCK_THREADS = 1024
 MAX_DYNAMIC_SMEM = 227 * 1024  # Hopper's per-CTA opt-in maximum
-DEFAULT_DYNAMIC_SMEM = 48 * 1024  # above this a kernel must opt in (cudaFuncSetAttribute)
 
 
 def _dim3(value, what: str) -> tuple[int, int, int]:
@@ -64,35 +65,19 @@ def device_arch(device: torch.device) -> str:
 
 
 class _CudaFunction:
-    __slots__ = ("name", "module", "function", "ptr", "max_smem_set", "traced")
+    __slots__ = ("name", "kernel", "traced")
 
     def __init__(self, name: str, cubin_path, traced: bool = False):
-        import cupy  # type: ignore
-
         self.name = name
         self.traced = traced  # compiled with the trace parameter (FMO_TRACE=1)
-        self.module = cupy.RawModule(path=str(cubin_path))
-        self.function = self.module.get_function(name)
-        self.ptr = self.function.ptr
-        self.max_smem_set = DEFAULT_DYNAMIC_SMEM
+        self.kernel = cuda_driver.Module(Path(cubin_path).read_bytes(), name).kernel(name)
 
     def launch(self, config: LaunchConfig, params: Params, stream: int, trace_args: Params | None = None) -> None:
-        from cupy_backends.cuda.api import driver  # type: ignore
-
-        if config.shared_mem > self.max_smem_set:
-            self.function.max_dynamic_shared_size_bytes = config.shared_mem
-            self.max_smem_set = config.shared_mem
         if trace_args is None:
             arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         else:
             arg_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(params), ctypes.addressof(trace_args))
-        try:
-            driver.launchKernel(
-                self.ptr, *config.grid, *config.block, config.shared_mem, stream,
-                ctypes.addressof(arg_ptrs), 0,
-            )
-        except Exception as e:  # CUDADriverError: name the kernel
-            raise LaunchError(f"{self.name}: launch failed: {e}") from None
+        self.kernel.launch(config.grid, config.block, config.shared_mem, stream, ctypes.addressof(arg_ptrs))
 
 
 _cuda_functions: dict[tuple, _CudaFunction] = {}
