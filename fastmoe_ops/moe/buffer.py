@@ -71,6 +71,11 @@ class Handle:
     combine_index: torch.Tensor
     counts: np.ndarray            # [R, R] int64 contiguous: rows from src (row) to dst (column), every rank's
 
+    @property
+    def device(self) -> torch.device:
+        """Where the dispatch ran (its tensors' device): combine's y must be there too."""
+        return self.combine_index.device
+
 
 def _same(values, what: str) -> None:
     if len(set(values)) != 1:
@@ -193,12 +198,14 @@ class Buffer:
         """A [handle.num_recv_rows, H] tensor to write combine's y into (e.g. the experts'
         `out=`), then pass to combine: with the node-local transport it lies in this rank's
         shared memory, and peers sum its rows in place instead of first copying them (zero
-        copy). Elsewhere an ordinary CPU tensor. Valid until the next combine_buffer call;
-        its contents are not initialised."""
+        copy). Elsewhere an ordinary tensor on the handle's device. Valid until the next
+        combine_buffer call; its contents are not initialised."""
         self._check_alive("combine_buffer")
         self._check_handle(handle, "combine_buffer")
         if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             raise InputError(f"dtype: expected bf16, fp16, fp32 or fp64 (combine's y), got {dtype}")
+        if handle.device.type != "cpu":
+            return torch.empty(handle.num_recv_rows, self.hidden, dtype=dtype, device=handle.device)
         return self._shared_tensor("combine", (handle.num_recv_rows, self.hidden), dtype)
 
     def _shared_tensor(self, kind: str, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -232,8 +239,8 @@ class Buffer:
             t, k = topk_idx.shape
             if t != x.shape[0] or k < 1:
                 raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
-            lo_hi = torch.aminmax(topk_idx) if t else None
-            if t and (int(lo_hi.min) < -1 or int(lo_hi.max) >= self.num_experts):
+            lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist() if t else (0, 0)   # one host read
+            if lo < -1 or hi >= self.num_experts:
                 bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.num_experts)][0].item()
                 raise InputError(f"topk_idx: expected expert ids in [-1, {self.num_experts}), got {bad}")
             if topk_weights is not None:
@@ -345,7 +352,7 @@ class Buffer:
             recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
             recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
             if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
-                tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0].to(xq.device)
+                tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0]
             else:
                 tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
@@ -408,6 +415,8 @@ class Buffer:
             _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
             if y.shape[0] not in (handle.num_recv, handle.num_recv_rows) or y.shape[1] != width:
                 raise InputError(f"y: expected shape ({handle.num_recv_rows}, {width}) like dispatch's recv_x, got {tuple(y.shape)}")
+            if y.device != handle.device:
+                raise InputError(f"y: expected a tensor on {handle.device} (where its dispatch ran), got one on {y.device}")
         except InputError as e:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
@@ -428,8 +437,7 @@ class Buffer:
             return out
         if ipc:
             out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
-            self._ipc.combine(y, out, handle.combine_index.to(y.device),
-                              handle.counts, moe_ipc.comm_grid())
+            self._ipc.combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
             return out
         return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
                                   handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum

@@ -63,13 +63,14 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool, torch_
     t = topk_idx.shape[0]
     if on_device and t:   # the layout kernel on the device, then the send order from its positions
         counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
+        host_counts = counts.cpu().numpy()   # the one host read: the handshake sends the counts anyway
         offsets = torch.zeros(ranks, dtype=torch.int64, device=pos.device)
         offsets[1:] = torch.cumsum(counts, 0)[:-1]
         combine_index = torch.where(pos >= 0, pos + offsets, -1)
-        send_src = torch.empty(int(counts.sum()), dtype=torch.int64, device=pos.device)
+        send_src = torch.empty(int(host_counts.sum()), dtype=torch.int64, device=pos.device)
         sent = combine_index >= 0
         send_src[combine_index[sent]] = torch.arange(t, dtype=torch.int64, device=pos.device)[:, None].expand(t, ranks)[sent]
-        return Layout(counts.cpu().numpy(), pos, combine_index, send_src)
+        return Layout(host_counts, pos, combine_index, send_src)
     if on_device:   # no tokens: nothing for a kernel to do
         lay = layout(topk_idx.cpu(), ranks, per, False)
         return Layout(lay.counts, *(v.to(topk_idx.device) for v in (lay.pos, lay.combine_index, lay.send_src)))

@@ -56,16 +56,18 @@ def _check_rows(name, t, dtypes, rows=None):
 
 
 def permute(recv_x, recv_topk_idx: torch.Tensor, num_local_experts: int, *, alignment: int = 1):
-    """-> (x_sorted [M, H] (a pair for an FP8 pair), PermuteMap). Differentiable in recv_x."""
+    """-> (x_sorted [M, H] (a pair for an FP8 pair), PermuteMap). Differentiable in recv_x.
+    Reads two things on the host (on CUDA, each a synchronisation): the ids' range (the
+    check) and the sorted row count M (it sizes the outputs)."""
     fp8 = isinstance(recv_x, (tuple, list))
     x = recv_x[0] if fp8 else recv_x
     _check_rows("recv_x", x, _FLOATS + (torch.float8_e4m3fn,))
     _check_rows("recv_topk_idx", recv_topk_idx, (torch.int64,), x.shape[0])
     expect(isinstance(num_local_experts, int) and num_local_experts >= 1, "num_local_experts", "an int >= 1", num_local_experts)
     expect(isinstance(alignment, int) and alignment >= 1, "alignment", "an int >= 1", alignment)
-    if recv_topk_idx.numel() and (int(recv_topk_idx.min()) < -1 or int(recv_topk_idx.max()) >= num_local_experts):
-        raise InputError(f"recv_topk_idx: expected local expert ids in [-1, {num_local_experts}), got values in "
-                         f"[{int(recv_topk_idx.min())}, {int(recv_topk_idx.max())}]")
+    lo, hi = torch.stack(torch.aminmax(recv_topk_idx)).tolist() if recv_topk_idx.numel() else (0, 0)   # one host read
+    if lo < -1 or hi >= num_local_experts:
+        raise InputError(f"recv_topk_idx: expected local expert ids in [-1, {num_local_experts}), got values in [{lo}, {hi}]")
     counts, pos = kernels.bucket_layout(recv_topk_idx, num_local_experts, 1, once=False)
     slot_rows, src_slots, offsets, counts = reference.permute_from_layout(recv_topk_idx, counts, pos, alignment)
     pmap = PermuteMap(slot_rows, src_slots, offsets, counts, alignment)

@@ -110,8 +110,11 @@ class MoELayer(torch.nn.Module):
         self.register_buffer("expert_load", torch.zeros(num_experts, device=device))
         self.buffer = None
         if group is not None:
+            # transport='ipc': the Buffer's mapped memory where the layer's tensors are (not the
+            # Buffer's default, the current GPU, which would leave a CPU layer on the host path)
             self.buffer = Buffer(group, hidden=hidden, num_experts=num_experts, num_worst_tokens=num_worst_tokens,
-                                 transport=transport, max_tokens_per_rank=max_tokens_per_rank, max_topk=top_k)
+                                 transport=transport, max_tokens_per_rank=max_tokens_per_rank, max_topk=top_k,
+                                 device=self.w13.device)
         self._fp8_cache = {name: Fp8WeightCache(moe_experts.quantize_expert_weights) for name in ("w13", "w2")}
         self.last_topk_idx = self.last_topk_weights = None
         self.reset_parameters()
