@@ -8,6 +8,7 @@ Every rank builds every rank's inputs from (seed + rank), so each can evaluate t
 (fastmoe_ops.reference.moe, the obvious gather) for the whole world by itself."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, need_ranks, run_all
+from mpi_util import all_agree, bitwise, buffer_inputs_on_device, expect_same_error, inputs, need_ranks, run_all
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 _CMA_UNAVAILABLE: list = []   # the probe's answer, asked once (collectively)
@@ -36,37 +37,6 @@ def host_transport(request, comm, monkeypatch):
             pytest.skip(f"host_transport='cma' cannot run here: {_CMA_UNAVAILABLE[0]}")
     monkeypatch.setenv("FMO_HOST_TRANSPORT", request.param)
     return request.param
-
-
-def inputs(world, seed, tokens, k, experts, hidden, dtype, *, structured=False, skew=False, minus_one=0.0):
-    """Every rank's (x, topk_idx, topk_weights). tokens: one count per rank."""
-    xs, idxs, ws = [], [], []
-    for s in range(world):
-        g = torch.Generator().manual_seed(seed + s)
-        t = tokens[s]
-        if structured:   # x = rank*1000 + token (+ column/1024 so a column shift shows too)
-            x = (s * 1000 + torch.arange(t, dtype=torch.float64)[:, None] + torch.arange(hidden) / 1024).to(dtype)
-        else:
-            x = torch.randn(t, hidden, generator=g, dtype=torch.float64).to(dtype)
-        if skew:
-            idx = torch.zeros(t, k, dtype=torch.int64)
-            idx[:, 1:] = -1
-        else:
-            idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
-        if minus_one:
-            idx[torch.rand(idx.shape, generator=g) < minus_one] = -1
-        w = torch.rand(t, k, generator=g, dtype=torch.float32)
-        xs.append(x), idxs.append(idx), ws.append(w)
-    return xs, idxs, ws
-
-
-def bitwise(a, b, what):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    if a.numel():
-        bad = (a.contiguous().view(torch.uint8).reshape(a.shape[0], -1) != b.contiguous().view(torch.uint8).reshape(b.shape[0], -1)).any(1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise AssertionError(f"{what}: {int(bad.sum())} of {a.shape[0]} rows differ; first row {i}: got {a[i][:6].tolist()}, want {b[i][:6].tolist()}")
 
 
 CASES = [  # (name, tokens per rank (None: 5 + 3r), k, E, H, dtype, options)
@@ -189,19 +159,6 @@ def test_autograd_against_dense_float64(comm, engine):
     run_all(comm, body)
 
 
-def expect_same_error(comm, fn, error_type, fragment):
-    """Every rank raises error_type with one identical message containing fragment."""
-    try:
-        fn()
-        msg, ok = "no error", False
-    except error_type as e:
-        msg, ok = str(e), fragment in str(e)
-    except Exception as e:
-        msg, ok = f"{type(e).__name__}: {e}", False
-    messages = comm.allgather(msg)
-    all_agree(comm, ok and len(set(messages)) == 1, f"{msg!r} (all: {set(messages)})")
-
-
 def test_errors_raised_alike_on_every_rank(comm):
     need_ranks(comm, 2)
     world, rank = comm.Get_size(), comm.Get_rank()
@@ -231,6 +188,12 @@ def test_errors_raised_alike_on_every_rank(comm):
                       fmo.InputError, "combine refused on rank 0: handle: expected the Handle")
     expect_same_error(comm, lambda: buf.dispatch(x, idx.to("meta") if rank == 0 else idx, w), fmo.InputError,
                       "refused on rank 0: topk_idx: expected a CPU or CUDA tensor, got one on meta")
+    # y on another device than its dispatch (e.g. CPU rows for a dispatch of CUDA tensors;
+    # the meta device stands in for the other one here): refused, not read as host memory.
+    elsewhere = dataclasses.replace(handle, combine_index=handle.combine_index.to("meta"))
+    expect_same_error(comm, lambda: buf.combine(torch.zeros(handle.num_recv, 32), elsewhere if rank == world - 1 else handle),
+                      fmo.InputError, f"combine refused on rank {world - 1}: y: expected a tensor on meta (where its dispatch ran)")
+    assert buf.combine_buffer(elsewhere).device.type == "meta", "combine_buffer: not on the handle's device"
     # The buffers still work after refusing (nothing was exchanged but metadata).
     run_all(comm, lambda: buf.dispatch(x, idx, w)[0].shape)
     buf.destroy()
@@ -335,7 +298,12 @@ def test_staged_path_bitexact(comm, engine, monkeypatch, host_transport):
     """The path CUDA tensors take (layout, row gather and fixed-order sum as the kernels on
     the tensors' device, rows staged through host buffers around MPI), forced on CPU
     tensors: the "device" is the CPU, the kernels run on `engine`, the staging copies are
-    host copies. Every case above, FP8 pairs and autograd, bit for bit as before."""
+    host copies. Every case above, FP8 pairs and autograd, bit for bit as before; and under
+    DeviceTags, with every tensor handed to the Buffer taken as a device tensor: the
+    library never mixes them with tensors it made on the host where CUDA would refuse
+    (a host tensor indexed by device ids, a device tensor given to MPI, ...)."""
+    from device_tags import device_tags
+
     from fastmoe_ops.moe import host, kernels
 
     need_ranks(comm, 2)
@@ -348,8 +316,11 @@ def test_staged_path_bitexact(comm, engine, monkeypatch, host_transport):
             calls[_name] += 1
             return _real(*a, **kw)
         monkeypatch.setattr(kernels, name, counting)
-    for case in CASES:
-        test_dispatch_combine_bitexact(comm, engine, case, host_transport)
-    test_fp8_pairs_and_capacity(comm, engine)
-    test_autograd_against_dense_float64(comm, engine)
+    with device_tags() as tags:
+        buffer_inputs_on_device(monkeypatch, tags)
+        for case in CASES:
+            test_dispatch_combine_bitexact(comm, engine, case, host_transport)
+        test_fp8_pairs_and_capacity(comm, engine)
+        test_autograd_against_dense_float64(comm, engine)
     all_agree(comm, calls["gather_rows"] > 0 and calls["gather_reduce"] > 0, f"device kernels called: {calls}")
+    all_agree(comm, not tags.violations, tags.report())

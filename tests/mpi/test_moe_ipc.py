@@ -14,8 +14,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import moe_ipc
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, need_ranks
-from test_moe_dispatch import bitwise, inputs, run_all
+from mpi_util import all_agree, bitwise, buffer_inputs_on_device, experts_for, inputs, need_ranks, run_all
 
 pytestmark = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="the ipc transport runs on the sim engine here")
 
@@ -30,7 +29,7 @@ def ipc_buffer(comm, hidden, experts, max_tokens=64, **kw):
 def test_ipc_dispatch_combine_bitexact_and_repeatable(comm, dtype, hidden, k, monkeypatch):
     need_ranks(comm, 2)
     world, rank = comm.Get_size(), comm.Get_rank()
-    experts = 2 * world
+    experts = experts_for(world, k)
     grids = []
     real_run = moe_ipc.run
 
@@ -145,6 +144,26 @@ def test_ipc_gradients_equal_host_gradients(comm, monkeypatch):
         return "ok"
 
     run_all(comm, body)
+
+
+def test_ipc_device_path_keeps_tensors_on_the_device(comm, monkeypatch):
+    """The ipc transport as CUDA tensors take it (layout by the kernel on the tensors'
+    device, received ids made local with tensor ops), forced on CPU tensors on the sim
+    engine: the tests above, bit for bit, under DeviceTags (tests/device_tags.py) with every
+    tensor handed to the Buffer taken as a device tensor: nothing the library makes on the
+    host is mixed with them where CUDA would refuse."""
+    from device_tags import device_tags
+
+    from fastmoe_ops.moe import host
+
+    need_ranks(comm, 2)
+    monkeypatch.setattr(host, "staging_for", lambda t: True)
+    with device_tags() as tags:
+        buffer_inputs_on_device(monkeypatch, tags)
+        for dtype, hidden, k in ((torch.bfloat16, 256, 4), (torch.float32, 72, 3)):
+            test_ipc_dispatch_combine_bitexact_and_repeatable(comm, dtype, hidden, k, monkeypatch)
+        test_ipc_gradients_equal_host_gradients(comm, monkeypatch)
+    all_agree(comm, not tags.violations, tags.report())
 
 
 def test_mapping_bootstrap_shared_by_both_mappings(comm):

@@ -11,8 +11,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.moe import node
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, need_ranks, run_all
-from test_moe_dispatch import bitwise, expect_same_error, inputs
+from mpi_util import all_agree, bitwise, expect_same_error, inputs, need_ranks, run_all
 
 
 @pytest.fixture
