@@ -1,17 +1,23 @@
-"""fmo.moe.Buffer with CUDA tensors, on a GPU, across MPI ranks (one GPU may hold them all):
+"""fmo.moe with CUDA tensors, on a GPU, across MPI ranks (one GPU may hold them all):
 
     mpirun -n 2 python -m pytest tests/gpu/test_moe_gpu.py -q -p no:cacheprovider
 
 * host transport, staged: layout, row gather and fixed-order sum as the kernels on the
   device, rows through pinned host buffers around MPI; bit-exact against the oracle, the
-  same bits as the CPU path, FP8 pairs and padding, autograd;
+  same bits as the CPU path, FP8 pairs and padding, fp64 (the host sum), a rank (or, in
+  one process, the whole world) without tokens, autograd;
 * transport='ipc' on the `cuda` engine: every rank's device buffer opened by every peer
-  through CUDA IPC handles, the kernels of csrc/moe/ipc.cuh on exactly comm_sms CTAs on the
-  transport's own stream; bit-exact against the oracle over repeated calls (the completion
-  counters never reset), equal to the staged path, handles closed by destroy().
+  through CUDA IPC handles (ranks sharing one GPU included: a handle opened by another
+  process on the same device is allowed; a rank never opens its own), the kernels of
+  csrc/moe/ipc.cuh on exactly comm_sms CTAs on the transport's own stream; bit-exact
+  against the oracle over repeated calls (the completion counters never reset), equal to
+  the staged path, handles closed by destroy();
+* permute / unpermute on the device (forward and backward, FP8 pairs, fp64, no rows) equal
+  to the CPU's bits.
 
-With one process (plain pytest) every test still runs with a world of one rank. Skipped,
-with the reason, without a CUDA device, CuPy or mpi4py.
+With one process (plain pytest) every test still runs, with a world of one rank. Skipped,
+with the reason, without a CUDA device, CuPy or mpi4py. Every rank builds every rank's
+inputs from (seed + rank) on the CPU and moves its own to the GPU; the oracle runs on the CPU.
 """
 from __future__ import annotations
 
@@ -25,14 +31,13 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import moe_ipc
 from fastmoe_ops.reference import moe as ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))   # the multi-rank helpers
+from gpu_util import DEV, needs_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))   # the multi-rank helper module
+from mpi_util import bitwise, experts_for, inputs, run_all  # noqa: E402
 
 MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py not installed")
-pytestmark = pytest.mark.skipif("cuda" not in fmo.available_backends(), reason="needs a CUDA device and CuPy")
-
-from test_moe_dispatch import bitwise, inputs, run_all  # noqa: E402
-
-DEV = torch.device("cuda")
+pytestmark = needs_cuda
 
 
 @pytest.fixture
@@ -40,27 +45,34 @@ def comm():
     return MPI.COMM_WORLD
 
 
-@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.float16, 200, 8)])
+def to_dev(*tensors):
+    return [t.to(DEV) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("dtype, hidden, k", [(torch.bfloat16, 256, 4), (torch.float32, 72, 3), (torch.float16, 200, 8),
+                                             (torch.float64, 40, 2)])
 def test_staged_cuda_bitexact(comm, dtype, hidden, k):
     world, rank = comm.Get_size(), comm.Get_rank()
-    experts = 2 * world
-    tokens = [(5 + 3 * r) if r != 1 else 0 for r in range(world)]
-    xs, idxs, ws = inputs(world, 11, tokens, k, experts, hidden, dtype, minus_one=0.2)
-    want = ref.dispatch(xs, idxs, ws, experts)
+    experts = experts_for(world, k)
+    # Call 0: rank 1 sends nothing; call 1: rank 0 sends nothing (one process: nobody does).
+    calls = [[0 if r == 1 else 5 + 3 * r for r in range(world)], [0 if r == 0 else 4 + r for r in range(world)]]
 
     def body():
         buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts)
-        for _ in range(2):
-            recv_x, recv_idx, recv_w, tpe, handle = buf.dispatch(xs[rank].to(DEV), idxs[rank].to(DEV), ws[rank].to(DEV))
-            assert recv_x.device.type == "cuda" and recv_idx.device.type == "cuda" and tpe.device.type == "cuda"
-            bitwise(recv_x.cpu(), want[rank]["x"], "staged recv_x")
-            bitwise(recv_idx.cpu(), want[rank]["topk_idx"], "staged recv_topk_idx")
-            bitwise(recv_w.cpu(), want[rank]["topk_weights"], "staged recv_topk_weights")
-            assert tpe.cpu().tolist() == want[rank]["tokens_per_expert"].tolist()
+        for call, tokens in enumerate(calls):
+            xs, idxs, ws = inputs(world, 11 + call, tokens, k, experts, hidden, dtype, minus_one=0.2)
+            want = ref.dispatch(xs, idxs, ws, experts)
+            recv_x, recv_idx, recv_w, tpe, handle = buf.dispatch(*to_dev(xs[rank], idxs[rank], ws[rank]))
+            assert {t.device.type for t in (recv_x, recv_idx, recv_w, tpe)} == {"cuda"}, "outputs left the device"
+            what = f"(call {call}, {dtype})"
+            bitwise(recv_x.cpu(), want[rank]["x"], f"staged recv_x {what}")
+            bitwise(recv_idx.cpu(), want[rank]["topk_idx"], f"staged recv_topk_idx {what}")
+            bitwise(recv_w.cpu(), want[rank]["topk_weights"], f"staged recv_topk_weights {what}")
+            assert tpe.cpu().tolist() == want[rank]["tokens_per_expert"].tolist(), f"tokens_per_expert {what}"
             ys = [(want[r]["x"].double() * (r + 1) - 0.5).to(dtype) for r in range(world)]
             out = buf.combine(ys[rank].to(DEV), handle)
             assert out.device.type == "cuda"
-            bitwise(out.cpu(), ref.combine(ys, [w["src"] for w in want], tokens)[rank], "staged combine")
+            bitwise(out.cpu(), ref.combine(ys, [w["src"] for w in want], tokens)[rank], f"staged combine {what}")
         buf.destroy()
         return "ok"
 
@@ -69,7 +81,8 @@ def test_staged_cuda_bitexact(comm, dtype, hidden, k):
 
 def test_staged_cuda_fp8_padding_and_autograd(comm):
     world, rank = comm.Get_size(), comm.Get_rank()
-    hidden, experts, k = 300, 2 * world, 3
+    hidden, k = 300, 3
+    experts = experts_for(world, k)
     tokens = [6 + 2 * r for r in range(world)]
     xs, idxs, ws = inputs(world, 77, tokens, k, experts, hidden, torch.bfloat16, minus_one=0.1)
     pairs = [fmo.fp8.quantize_per_token_group(x, 128) for x in xs]
@@ -78,8 +91,7 @@ def test_staged_cuda_fp8_padding_and_autograd(comm):
 
     def body():
         buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, num_worst_tokens=cap)
-        pair = (pairs[rank][0].to(DEV), pairs[rank][1].to(DEV))
-        (rq, rs), ridx, _, _, handle = buf.dispatch(pair, idxs[rank].to(DEV), ws[rank].to(DEV))
+        (rq, rs), ridx, _, _, handle = buf.dispatch(tuple(to_dev(*pairs[rank])), *to_dev(idxs[rank], ws[rank]))
         n = want_q[rank]["x"].shape[0]
         assert rq.shape == (cap, hidden) and rq.device.type == "cuda"
         bitwise(rq[:n].cpu().view(torch.uint8), want_q[rank]["x"], "staged fp8 values")
@@ -101,6 +113,8 @@ def test_staged_cuda_fp8_padding_and_autograd(comm):
         bitwise(gx_g, gx_c, "cuda vs cpu: grad x")
         err = ((gw_g - gw_c).abs() / gw_c.abs().clamp(min=1e-3)).max().item() if gw_c.numel() else 0.0
         assert err < 1e-5 and not gw_g.isnan().any(), f"cuda vs cpu: grad w relative error {err:.2e}"
+        with pytest.raises(fmo.InputError, match="y: expected a tensor on cuda"):   # refused on every rank alike
+            buf.combine(torch.zeros(handle.num_recv_rows, hidden), handle)
         buf.destroy()
         return "ok"
 
@@ -111,7 +125,7 @@ def test_staged_cuda_fp8_padding_and_autograd(comm):
                                              (torch.float16, 136, 2)])
 def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeypatch):
     world, rank = comm.Get_size(), comm.Get_rank()
-    experts = 2 * world
+    experts = experts_for(world, k)
     grids = []
     real_run = moe_ipc.run
 
@@ -130,7 +144,7 @@ def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeyp
                 tokens = [(5 + 3 * r + call) if r != 1 or call != 1 else 0 for r in range(world)]
                 xs, idxs, ws = inputs(world, 40 + call, tokens, k, experts, hidden, dtype, minus_one=0.2)
                 want = ref.dispatch(xs, idxs, ws, experts)
-                args = (xs[rank].to(DEV), idxs[rank].to(DEV), ws[rank].to(DEV))
+                args = to_dev(xs[rank], idxs[rank], ws[rank])
                 recv_x, recv_idx, recv_w, tpe, handle = buf.dispatch(*args)
                 bitwise(recv_x.cpu(), want[rank]["x"], f"ipc recv_x (call {call})")
                 bitwise(recv_idx.cpu(), want[rank]["topk_idx"], "ipc recv_topk_idx")
@@ -143,6 +157,7 @@ def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeyp
                 bitwise(staged.combine(ys[rank].to(DEV), h2).cpu(), out.cpu(), "ipc vs staged combine")
         assert grids == [(6, "cuda")] * 6, f"transport kernels must launch exactly comm_sms CTAs on cuda, got {grids}"
         ipc = buf._ipc
+        assert len(ipc.mapping._opened) == world - 1, "a rank opens every peer's handle and never its own"
         buf.destroy()
         staged.destroy()
         assert ipc.peers == [] and not ipc.mapping._owned and not ipc.mapping._opened, "handles left open after destroy()"
@@ -150,3 +165,34 @@ def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeyp
 
     run_all(comm, body)
 
+
+@pytest.mark.parametrize("dtype, rows, fp8", [(torch.bfloat16, 300, False), (torch.float64, 70, False),
+                                              (torch.float32, 90, True), (torch.bfloat16, 0, False)])
+def test_permute_unpermute_cuda_equals_cpu(dtype, rows, fp8):
+    """The layer's regrouping on the device, forward and backward, against the same calls on
+    the CPU (the default engine, sim: the same kernels), bit for bit; fp64 takes the PyTorch fallback on
+    both, no rows the layout's fallback. The first H200 run stopped here (a host offsets
+    table indexed by device ids)."""
+    k, experts, hidden = 4, 6, 256
+    g = torch.Generator().manual_seed(rows + 1)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(rows)]) if rows else torch.zeros(0, k, dtype=torch.int64)
+    idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    w, dy = torch.rand(rows, k, generator=g), torch.randn(rows, hidden, generator=g)
+    results = []
+    for device in (DEV, torch.device("cpu")):
+        xi = tuple(t.to(device) for t in fmo.fp8.quantize_per_token_group(x, 128)) if fp8 else x.to(device).requires_grad_()
+        wi = w.to(device).requires_grad_()
+        xs, pmap = fmo.moe.permute(xi, idx.to(device), experts, alignment=fmo.fp8.contiguous_alignment())
+        rows_sorted = xs[1].repeat_interleave(128, 1) * xs[0].float() if fp8 else xs * 2
+        out = fmo.moe.unpermute(rows_sorted, pmap, wi)
+        (out * dy.to(device, out.dtype)).sum().backward()
+        results.append([out.detach(), wi.grad] + ([] if fp8 else [xi.grad]) + [pmap.slot_rows, pmap.expert_offsets])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.device.type == "cuda", f"result {i} left the device"
+        what = f"permute/unpermute result {i} ({dtype}, {rows} rows{', fp8' if fp8 else ''})"
+        if i == 1:   # grad w: a sum over the hidden dimension, in an order PyTorch picks per device
+            err = ((a.cpu() - b).abs() / b.abs().clamp(min=1e-3)).max().item() if b.numel() else 0.0
+            assert err < 1e-5 and not a.isnan().any(), f"{what}: relative error {err:.2e}"
+        else:
+            bitwise(a.cpu(), b, what)
