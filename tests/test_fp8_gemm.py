@@ -9,10 +9,13 @@ differences are fp32 accumulation (MMA partial sums, promotion) and the output r
 fp32 out: |y - o| <= 1e-5 * max|o|; bf16 out: plus half a bf16 ulp (2^-8 |o|)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import fastmoe_ops as fmo
+from fastmoe_ops import budget
 from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
@@ -69,25 +72,89 @@ def test_calc_diff():
     assert ref.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
-@SIM
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_structured_inputs_exact(out_dtype, kernel):
-    """Small integers (exact in e4m3) and power-of-two scales: every partial sum is exact,
-    so any layout, swizzle or fragment bug shows as a wrong element, not as noise."""
-    m, n, k = 70, 136, 272  # ragged in M, N and K (two full K blocks + 16)
+@contextlib.contextmanager
+def compute_sms(n: int):
+    """The SM budget a kernel's heuristic sees: num_sms - comm while communication runs."""
+    with budget.comm_sms(budget.SIMULATED_NUM_SMS - n), budget.communication_in_flight():
+        assert budget.sm_budget().compute_sms == n
+        yield
+
+
+def tile_of(spec) -> tuple:
+    """The fields of a spec that shape its tile (what a wrong fragment or scale index in one
+    tile's code path would depend on)."""
+    if isinstance(spec, launcher.Fp8GemmWgmmaSpec):
+        return (spec.block_m, spec.block_n, spec.stages)
+    return (spec.block_m, spec.block_n, spec.warps_m, spec.warps_n, spec.stages)
+
+
+# Every tile each kernel's heuristic can choose; test_tiles_cover_every_heuristic_choice keeps
+# the list complete, so the exact test below cannot silently lose a tile.
+TILES = {"wgmma": [(128, 128, 4), (64, 128, 5), (64, 64, 6)],
+         "mma_sync": [(128, 128, 2, 4, 3), (64, 128, 2, 4, 4), (64, 64, 2, 2, 4)]}
+CHOOSE = {"wgmma": launcher.choose_wgmma_spec, "mma_sync": launcher.choose_spec}
+
+
+def test_tiles_cover_every_heuristic_choice():
+    """Sweep the heuristics over modes, b-scale kinds, shapes, group counts and SM budgets
+    (and the registered standard specs): they choose exactly the tiles of TILES."""
+    for kernel, choose in CHOOSE.items():
+        found = {tile_of(s) for s in (launcher.standard_wgmma_specs() if kernel == "wgmma" else launcher.standard_specs())}
+        for mode in launcher.MODES:
+            for b_scale in launcher.B_SCALES:
+                for m in (1, 16, 64, 65, 128, 129, 300, 1024, 4096):
+                    for n in (16, 64, 130, 256, 2048, 7168):
+                        for groups in ((1, 4, 32) if mode == "masked" else (1,)):
+                            for sms in (1, 2, 3, 5, 8, 13, 32, 66, 100, 132):
+                                found.add(tile_of(choose(mode, m, n, 2048, "bf16", b_scale, groups=groups, compute_sms=sms)))
+        assert found == set(TILES[kernel]), f"{kernel}: the heuristic chooses {sorted(found)}, TILES has {TILES[kernel]}"
+
+
+def structured_operands(m: int, n: int, k: int, b_scale: str):
+    """Small integers (exact in e4m3) with scales distinct per row of a (over any 251 rows)
+    and per K block, and per column block of b (per column, period 31, for row-scaled b):
+    any wrong fragment, layout or scale index shows as a wrong element, not as noise. Every
+    step stays exact under any accumulation order: partial sums are integers far inside the
+    tensor core's 13-bit window, scaled sums fit fp32's 24 bits (both asserted)."""
     mi, ki, ni = torch.arange(m)[:, None], torch.arange(k)[None, :], torch.arange(n)[:, None]
+    kb = -(-k // 128)
     xq = (((mi * 3 + ki) % 7) - 3).float().to(torch.float8_e4m3fn)
     wq = (((ni + 2 * ki) % 5) - 2).float().to(torch.float8_e4m3fn)
-    xs = 2.0 ** ((torch.arange(m)[:, None] + torch.arange(3)[None, :]) % 4 - 2).float()
-    ws = 2.0 ** ((torch.arange(2)[:, None] * 2 + torch.arange(3)[None, :]) % 3 - 1).float()
-    oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws)
-    out = poison_(torch.empty(m, n, dtype=out_dtype))
-    y = run_gemm("sim", xq, xs, wq, ws, out_dtype, out=out, kernel=kernel)
+    xs = (1 + (torch.arange(m)[:, None] * 37 + torch.arange(kb)[None, :] * 11) % 251).float() / 64
+    rows = -(-n // 128) if b_scale == "blk128" else n
+    ws = (1 + (torch.arange(rows)[:, None] * 7 + torch.arange(kb)[None, :] * 3) % 31).float() / 16
+    b_rows = launcher.B_SCALES[b_scale]
+    oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=b_rows)
+    partial = max(float((xq[:, i:i + 128].double() @ wq[:, i:i + 128].double().t()).abs().max()) for i in range(0, k, 128))
+    assert partial < 2**10, f"partial sums up to {partial}: not exact in the tensor core's window"
+    assert torch.equal(ref.fp8_gemm(xq, xs, wq, ws, torch.float32, b_scale_rows=b_rows).double(), oracle), \
+        "the structured products must be exact in fp32"
+    return xq, xs, wq, ws, oracle
+
+
+@SIM
+@pytest.mark.parametrize("kernel, tile", [pytest.param(k, t, id=f"{k}-{t[0]}x{t[1]}") for k in KERNELS for t in TILES[k]])
+@pytest.mark.parametrize("b_scale", list(launcher.B_SCALES))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_structured_inputs_exact(kernel, tile, b_scale, out_dtype):
+    """Every tile of both kernels, both b-scale layouts, both outputs: exact, bit for bit.
+    The SM budget is chosen so the heuristic picks the tile, and the choice is asserted."""
+    m, n, k = 150, 260, 272  # ragged in M, N and K for every tile (two full K blocks + 16)
+    xq, xs, wq, ws, oracle = structured_operands(m, n, k, b_scale)
+    out = launcher.OUT_DTYPES[out_dtype]
+    sms = next((s for s in range(1, budget.SIMULATED_NUM_SMS + 1)
+                if tile_of(CHOOSE[kernel]("dense", m, n, k, out, b_scale, compute_sms=s)) == tile), None)
+    assert sms is not None, f"no SM budget makes the {kernel} heuristic pick {tile} at {(m, n, k)}"
+    with compute_sms(sms):
+        spec, _ = launcher.select("dense", kernel, m, n, k, out, b_scale)
+        assert tile_of(spec) == tile, f"the launch would run {spec}, not tile {tile}"
+        out = poison_(torch.empty(m, n, dtype=out_dtype))
+        y = run_gemm("sim", xq, xs, wq, ws, out_dtype, out=out, kernel=kernel)
     assert y.data_ptr() == out.data_ptr()
     want = oracle.to(out_dtype)
-    bad = (y != want)
-    assert not bool(bad.any()), f"first mismatch at {tuple(bad.nonzero()[0].tolist())}: got {y[bad][0].item()}, want {want[bad][0].item()}"
+    bad = y != want
+    assert not bool(bad.any()), (f"{kernel} {tile} {b_scale}: {int(bad.sum())} wrong; first at {tuple(bad.nonzero()[0].tolist())}: "
+                                 f"got {y[bad][0].item()}, want {want[bad][0].item()}")
 
 
 @pytest.mark.parametrize("engine, kernel", engine_kernels())

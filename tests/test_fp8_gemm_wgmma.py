@@ -5,8 +5,6 @@ groups, masked with masked_m = 0 and partial tiles), under memcheck/racecheck to
 the float64 oracle. Tolerances as tests/test_fp8_gemm.py (same operands and promotion)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -16,18 +14,10 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from test_fp8_gemm import assert_close_to_oracle, quantised_operands
+from test_fp8_gemm import assert_close_to_oracle, compute_sms, quantised_operands
 from test_fp8_gemm_grouped import contiguous_layout, contiguous_oracle, expert_weights
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
-
-
-@contextlib.contextmanager
-def compute_sms(n: int):
-    """The SM budget a persistent kernel sees: num_sms - comm while communication runs."""
-    with budget.comm_sms(budget.SIMULATED_NUM_SMS - n), budget.communication_in_flight():
-        assert budget.sm_budget().compute_sms == n
-        yield
 
 
 def test_kernel_choice_by_device():
