@@ -16,6 +16,8 @@
 - overlap=True equals overlap=False bit for bit in out, dx and the router gradient; the expert
   weight gradients (two halves' FP8 wgrad, summed) to calc_diff < 1e-3 (measured ~3.5e-4), not
   the 4e-3 float64 bound, under which one half's wgrad scaled wrong by ~12% would pass (1e-3: ~5%).
+The layer, the float64 check and these bounds live in the helper module tests/moe_layer_util.py
+(the GPU's tests/gpu/test_moe_layer_gpu.py uses them too).
 """
 from __future__ import annotations
 
@@ -29,47 +31,10 @@ from fastmoe_ops.errors import InputError
 from fastmoe_ops.moe import permute
 from fastmoe_ops.nn import moe_experts
 from fastmoe_ops.reference import fp8 as ref
-from fastmoe_ops.reference.moe_layer import moe_layer as dense_layer
 
 from conftest import assert_bitwise_equal, cpu_engines
 from device_tags import device_tags
-
-CALC_DIFF_BOUND = 4e-3
-ELEMENT_BOUND = 0.15
-OVERLAP_WGRAD_BOUND = 1e-3   # overlap vs sequential expert-weight gradients: measured ~3.5e-4
-
-
-def close(name, got, want, where):
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)} ({where})"
-    assert not got.isnan().any(), f"{name}: NaN ({where})"
-    if not want.numel():
-        return
-    d = ref.calc_diff(got, want)
-    err = (got.double() - want.double()).abs()
-    coord = tuple(int(c) for c in torch.unravel_index(err.argmax(), err.shape))
-    assert d < CALC_DIFF_BOUND, f"{name}: calc_diff {d:.3g} vs float64 ({where})"
-    assert err.max() <= ELEMENT_BOUND * want.abs().max(), \
-        f"{name}: |err| {err.max().item():.3g} at {coord} > {ELEMENT_BOUND} * max|want| {want.abs().max().item():.3g} ({where})"
-
-
-def make_layer(seed, hidden=128, inter=128, experts=6, k=2, dtype=torch.float32, **kw):
-    torch.manual_seed(seed)
-    return fmo.nn.MoELayer(hidden, inter, experts, k, dtype=dtype, **kw)
-
-
-def run_and_check(layer, x, dy, where, **ref_kw):
-    x = x.clone().requires_grad_()
-    out = layer(x)
-    out.backward(dy)
-    x64 = x.detach().double().requires_grad_()
-    params = [p.detach().double().requires_grad_() for p in (layer.router_weight, layer.w13, layer.w2)]
-    y64 = dense_layer(x64.reshape(-1, layer.hidden), *params, layer.last_topk_idx, **ref_kw).reshape(x.shape)
-    y64.backward(dy.double())
-    close("out", out, y64, where)
-    close("dx", x.grad, x64.grad, where)
-    for name, p, p64 in zip(("d router", "d w13", "d w2"), (layer.router_weight, layer.w13, layer.w2), params):
-        close(name, p.grad, p64.grad, where)
-    return out, x.grad
+from moe_layer_util import OVERLAP_WGRAD_BOUND, make_layer, run_and_check
 
 
 @pytest.mark.parametrize("engine", cpu_engines())

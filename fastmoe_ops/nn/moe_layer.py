@@ -79,7 +79,8 @@ class MoELayer(torch.nn.Module):
     scoring 'softmax' | 'sigmoid'; normalize_topk: weights / their sum; route_scale: factor.
     expert_bias: keep an [E] selection bias (auxiliary-loss-free balancing).
     overlap: two-micro-batch overlap of communication and expert compute.
-    num_worst_tokens, transport, max_tokens_per_rank: passed to fmo.moe.Buffer; num_worst_tokens > 0
+    num_worst_tokens, transport, max_tokens_per_rank (and device: where transport='ipc' maps its
+    buffers): passed to fmo.moe.Buffer; num_worst_tokens > 0
     also selects the static-shape experts (moe_experts.masked_experts: per-expert slots of fixed
     size, masked grouped GEMMs, no host synchronisation), with or without a group.
     Parameters: router_weight [E, H] fp32; w13 [E_local, 2I, H] and w2 [E_local, H, I] in dtype."""
@@ -110,11 +111,12 @@ class MoELayer(torch.nn.Module):
         self.register_buffer("expert_load", torch.zeros(num_experts, device=device))
         self.buffer = None
         if group is not None:
-            # transport='ipc': the Buffer's mapped memory where the layer's tensors are (not the
-            # Buffer's default, the current GPU, which would leave a CPU layer on the host path)
+            # transport='ipc': the Buffer's mapped memory on the layer's device when one is given
+            # (else the Buffer's default, the current GPU where there is one: layers built on
+            # the CPU and then moved there with .to() find it)
             self.buffer = Buffer(group, hidden=hidden, num_experts=num_experts, num_worst_tokens=num_worst_tokens,
                                  transport=transport, max_tokens_per_rank=max_tokens_per_rank, max_topk=top_k,
-                                 device=self.w13.device)
+                                 device=device)
         self._fp8_cache = {name: Fp8WeightCache(moe_experts.quantize_expert_weights) for name in ("w13", "w2")}
         self.last_topk_idx = self.last_topk_weights = None
         self.reset_parameters()
