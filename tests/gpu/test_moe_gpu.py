@@ -15,7 +15,9 @@
 * permute / unpermute on the device (forward and backward, FP8 pairs, fp64, no rows) equal
   to the CPU's bits.
 
-With one process (plain pytest) every test still runs, with a world of one rank. Skipped,
+Every CUDA tensor made with torch.empty starts as NaN (gpu_util.poison_cuda_allocations), so
+a row the transport forgets to write fails. With one process (plain pytest) every test still
+runs, with a world of one rank. Skipped,
 with the reason, without a CUDA device, CuPy or mpi4py. Every rank builds every rank's
 inputs from (seed + rank) on the CPU and moves its own to the GPU; the oracle runs on the CPU.
 """
@@ -31,7 +33,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import moe_ipc
 from fastmoe_ops.reference import moe as ref
 
-from gpu_util import DEV, needs_cuda
+from gpu_util import DEV, needs_cuda, poison_cuda_allocations  # noqa: F401 (autouse fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))   # the multi-rank helper module
 from mpi_util import bitwise, experts_for, inputs, run_all  # noqa: E402
