@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mpirun -n 4 python -m bench.bench_moe_layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the first shape only, fewer repetitions")
     p.add_argument("--engine", choices=["sim", "reference"], default=None, help="CPU engine (default: sim where built)")
-    p.add_argument("--transport", choices=["host", "ipc"], default="host", help="Buffer transport (ipc: CPU sim only)")
+    p.add_argument("--transport", choices=["host", "ipc"], default="host", help="Buffer transport (ipc: CUDA IPC on a GPU, the sim engine over shared memory on a CPU)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     p.add_argument("--plot", type=Path, help="directory: rank 0's traced timeline per shape (CPU runs)")
     args = p.parse_args(argv)
