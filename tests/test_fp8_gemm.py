@@ -4,9 +4,7 @@ inputs that must match exactly, ragged shapes, poisoned outputs, memcheck/racech
 reference GEMM against the same oracle. Both kernels run on the simulator: wgmma (sm_90a,
 the default there) and mma.sync (sm_89), chosen with `kernel=`.
 
-Tolerances: the kernel and the oracle see the same e4m3 values and scales, so the only
-differences are fp32 accumulation (MMA partial sums, promotion) and the output rounding:
-fp32 out: |y - o| <= 1e-5 * max|o|; bf16 out: plus half a bf16 ulp (2^-8 |o|)."""
+Tolerances: tests/fp8_gemm_util.py (assert_close_to_oracle), shared with the GPU tests."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +18,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import cpu_engines, poison_
+from fp8_gemm_util import assert_close_to_oracle, quantised_operands
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 KERNELS = ("wgmma", "mma_sync")
@@ -31,27 +30,6 @@ def engine_kernels():
     for e in cpu_engines():
         out += [pytest.param(e, k, id=f"{e}-{k}") for k in KERNELS] if e == "sim" else [pytest.param(e, None, id=e)]
     return out
-
-
-def quantised_operands(m, n, k, seed, *, b_rows=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]
-    w = torch.randn(n, k, generator=g) * 0.2
-    xq, xs = ref.quantize_per_token_group(x)
-    wq, ws = ref.quantize_per_token_group(w) if b_rows else ref.quantize_per_block(w)
-    return xq, xs, wq, ws
-
-
-def assert_close_to_oracle(y, oracle, what, seed):
-    diff = ref.calc_diff(y, oracle)
-    assert diff < 1e-5, f"{what}: calc_diff {diff:.3g} >= 1e-5 (seed {seed})"
-    bound = 1e-5 * oracle.abs().max() + (2.0**-8 * oracle.abs() if y.dtype == torch.bfloat16 else 0)
-    err = (y.double() - oracle).abs()
-    bad = err > bound
-    if bool(bad.any()) or bool(torch.isnan(y).any()):
-        i, j = divmod(int(torch.argmax(err - bound if not torch.isnan(y).any() else torch.isnan(y).double())), y.shape[1])
-        raise AssertionError(f"{what}: worst at {(i, j)}: got {y[i, j].item()}, oracle {oracle[i, j].item()} "
-                             f"(shape {tuple(y.shape)}, seed {seed})")
 
 
 def run_gemm(engine, *args, **kw):

@@ -13,39 +13,8 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from test_fp8_gemm import assert_close_to_oracle, engine_kernels
-
-ALIGN = 128
-
-
-def expert_weights(groups, n, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(groups, n, k, generator=g) * torch.linspace(0.1, 1.0, groups)[:, None, None]
-    q = [ref.quantize_per_block(w[i]) for i in range(groups)]
-    return torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
-
-
-def contiguous_layout(counts, k, seed):
-    """Tokens sorted by expert, each segment padded to ALIGN rows with m_indices = -1."""
-    rows, idx = 0, []
-    for gi, c in enumerate(counts):
-        seg = -(-c // ALIGN) * ALIGN
-        idx += [gi] * c + [-1] * (seg - c)
-        rows += seg
-    m_indices = torch.tensor(idx, dtype=torch.int32)
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
-    xq, xs = ref.quantize_per_token_group(x)
-    return xq, xs, m_indices
-
-
-def contiguous_oracle(xq, xs, wq3, ws3, m_indices):
-    out = torch.zeros(xq.shape[0], wq3.shape[1], dtype=torch.float64)
-    for g in range(wq3.shape[0]):
-        rows = (m_indices == g).nonzero().flatten()
-        if rows.numel():
-            out[rows] = ref.fp8_gemm_oracle(xq[rows], xs[rows], wq3[g], ws3[g])
-    return out
-
+from fp8_gemm_util import ALIGN, assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights
+from test_fp8_gemm import engine_kernels
 
 def test_alignment_is_a_multiple_of_every_tile():
     assert fmo.fp8.contiguous_alignment() == ALIGN
