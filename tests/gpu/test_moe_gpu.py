@@ -36,15 +36,9 @@ from fastmoe_ops.reference import moe as ref
 from gpu_util import DEV, needs_cuda, poison_cuda_allocations  # noqa: F401 (autouse fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))   # the multi-rank helper module
-from mpi_util import bitwise, experts_for, inputs, run_all  # noqa: E402
+from mpi_util import bitwise, comm, experts_for, inputs, run_all  # noqa: E402, F401 (comm: a fixture)
 
-MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py not installed")
 pytestmark = needs_cuda
-
-
-@pytest.fixture
-def comm():
-    return MPI.COMM_WORLD
 
 
 def to_dev(*tensors):

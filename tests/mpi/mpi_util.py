@@ -1,12 +1,27 @@
 """Helpers for multi-rank tests (and tests/gpu/test_moe_gpu.py, which runs under mpirun too):
-outcomes gathered before asserting, every rank's MoE inputs from (seed + rank), bitwise
-comparison."""
+the `comm` fixture, outcomes gathered before asserting, every rank's MoE inputs from
+(seed + rank), bitwise comparison.
+
+Run as `mpirun -n 4 python -m pytest tests/mpi` (run.sh does, under a timeout). Each rank runs
+every test; a test gathers its outcome before asserting, so a rank that fails cannot leave
+the others waiting in a collective. Without mpi4py every test file importing this module is
+skipped. The fixture lives here, not in a tests/mpi/conftest.py: a second conftest module
+would shadow tests/conftest.py (`from conftest import ...`) in any run that collects tests/mpi
+with other folders, as the GPU check's multi-rank step does."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastmoe_ops as fmo
+
+MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py not installed")
+
+
+@pytest.fixture
+def comm():
+    """MPI.COMM_WORLD (import this fixture into a test file to use it)."""
+    return MPI.COMM_WORLD
 
 
 def need_ranks(comm, n: int) -> None:

@@ -10,7 +10,7 @@ import torch
 
 import fastmoe_ops as fmo
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import all_agree, comm, need_ranks  # noqa: F401 (comm: a fixture)
 
 
 def outcome(fn):

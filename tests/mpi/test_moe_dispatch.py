@@ -19,7 +19,9 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, bitwise, buffer_inputs_on_device, expect_same_error, inputs, need_ranks, run_all
+from mpi_util import (  # noqa: F401 (comm: a fixture)
+    all_agree, bitwise, buffer_inputs_on_device, comm, expect_same_error, inputs, need_ranks, run_all,
+)
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 _CMA_UNAVAILABLE: list = []   # the probe's answer, asked once (collectively)

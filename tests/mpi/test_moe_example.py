@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import all_agree, comm, need_ranks  # noqa: F401 (comm: a fixture)
 
 # The README's example, read from the README itself so the two cannot drift apart.
 _README = Path(__file__).resolve().parents[2] / "README.md"

@@ -14,7 +14,9 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import moe_ipc
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, bitwise, buffer_inputs_on_device, experts_for, inputs, need_ranks, run_all
+from mpi_util import (  # noqa: F401 (comm: a fixture)
+    all_agree, bitwise, buffer_inputs_on_device, comm, experts_for, inputs, need_ranks, run_all,
+)
 
 pytestmark = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="the ipc transport runs on the sim engine here")
 

@@ -21,7 +21,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference.fp8 import calc_diff
 from fastmoe_ops.reference.moe_layer import moe_layer as dense_layer
 
-from mpi_util import need_ranks, run_all
+from mpi_util import comm, need_ranks, run_all  # noqa: F401 (comm: a fixture)
 
 ENGINES = [e for e in ("sim", "reference") if e in fmo.available_backends()]
 H, I, E = 128, 128, 8

@@ -11,7 +11,9 @@ import fastmoe_ops as fmo
 from fastmoe_ops.moe import node
 from fastmoe_ops.reference import moe as ref
 
-from mpi_util import all_agree, bitwise, expect_same_error, inputs, need_ranks, run_all
+from mpi_util import (  # noqa: F401 (comm: a fixture)
+    all_agree, bitwise, comm, expect_same_error, inputs, need_ranks, run_all,
+)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from fastmoe_ops.ops.fp8_quant import Fp8GroupQuantSpec
 from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.runtime import cache, compiler
 
-from mpi_util import all_agree, need_ranks
+from mpi_util import all_agree, comm, need_ranks  # noqa: F401 (comm: a fixture)
 
 
 def test_ranks_compile_one_kernel_into_one_cold_cache(comm):

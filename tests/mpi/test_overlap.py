@@ -17,7 +17,7 @@ import torch
 import fastmoe_ops as fmo
 import fastmoe_ops.trace as ft
 
-from mpi_util import need_ranks, run_all
+from mpi_util import comm, need_ranks, run_all  # noqa: F401 (comm: a fixture)
 
 H, I, E, K, T, COMM_SMS = 128, 128, 8, 2, 24, 4
 ATTEMPTS = 3
