@@ -127,6 +127,7 @@ HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/
 ARCH=$("$PY" -c "import torch; from fastmoe_ops.runtime.launch import device_arch; print(device_arch(torch.device('cuda')))" 2>/dev/null)
 [ "$HAS_GPU" = 1 ] && [ -n "$ARCH" ] || ARCH=sm_90a
 if [ "$HAS_GPU" = 1 ]; then
+    begin "2b. cuda engine"
     # Without CuPy every tests/gpu test would skip and the step would read PASS: say it here.
     if ENGINE=$("$PY" -c "import cupy, fastmoe_ops as f; assert 'cuda' in f.available_backends(); print('cupy', cupy.__version__)" 2>&1); then
         record "cuda engine" PASS "$ENGINE"
