@@ -241,12 +241,13 @@ def violations(tests_dir: Path, gpu_check_text: str) -> list[str]:
     out = []
     for path in sorted(tests_dir.rglob("test_*.py")):
         rel = path.relative_to(tests_dir.parent).as_posix()
-        if path.parent == tests_dir / "gpu":
+        if tests_dir / "gpu" in path.parents:
             continue
+        in_mpi = tests_dir / "mpi" in path.parents
         for name, reasons in cuda_tests(path.read_text()).items():
-            if path.parent == tests_dir / "mpi" and (rel in run_by_check or f"{rel}::{name}" in run_by_check):
+            if in_mpi and (rel in run_by_check or f"{rel}::{name}" in run_by_check):
                 continue
-            where = "tests/mpi, not named in bench/gpu_check.sh" if path.parent == tests_dir / "mpi" else "outside tests/gpu"
+            where = "tests/mpi, not named in bench/gpu_check.sh" if in_mpi else "outside tests/gpu"
             out.append(f"{rel}::{name} needs CUDA ({'; '.join(reasons)}) but lives {where}")
     return out
 
