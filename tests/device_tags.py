@@ -6,7 +6,8 @@ mistake is on the same device as everything else and nothing fails. `DeviceTags`
 two apart by provenance: the tensors a test marks (the "device" inputs) are tagged, tags
 follow every torch call made on tagged tensors, and a factory call (`torch.zeros`,
 `torch.arange`, ...) gives a tagged tensor only when it names a device (`device=x.device`);
-`.cpu()` and pinned host buffers stay untagged. Calls that mix the two are recorded where
+`.to(device)` tags too, except to the string "cpu"; `.cpu()` and pinned host buffers stay
+untagged. Calls that mix the two are recorded where
 CUDA would refuse them:
   * a host tensor indexed by device indices (`cpu[cuda_idx]`, what the first H200 run hit);
   * any other op over tensors of both kinds, except host scalars (0-d) with device tensors;
@@ -33,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 _T = torch.Tensor
 _TO_HOST = {_T.cpu, _T.numpy}
-_MOVES = {_T.to, _T.cuda}
+_MOVES = {_T.to}
 _INDEXING = {_T.__getitem__, _T.__setitem__, _T.index_put_, _T.index_put, torch.index_put}
 _CROSS_DEVICE = {_T.copy_, _T.record_stream}   # legal between host and device
 
@@ -93,9 +94,13 @@ class DeviceTags(TorchFunctionMode):
         """out, tagged; a move between host and device that torch answered with the same
         tensor (both are the CPU here) is given a copy, as a real transfer would be."""
         if func in _TO_HOST or func in _MOVES:
-            to_device = func in _MOVES and (kwargs.get("device") is not None or any(
-                isinstance(a, (torch.device, str)) for a in args[1:]))
-            to_device = to_device or (func in _MOVES and self.on_device(args[0]))   # .to(dtype) stays
+            named = [a for a in (kwargs.get("device"), *args[1:]) if isinstance(a, (torch.device, str))]
+            if func in _TO_HOST:
+                to_device = False
+            elif named:   # .to(x.device) follows a tensor's device; .to("cpu") means the host
+                to_device = not (isinstance(named[0], str) and named[0].startswith("cpu"))
+            else:         # .to(dtype): stays where it was
+                to_device = self.on_device(args[0])
             if out is args[0] and to_device != self.on_device(out):
                 out = out.clone()
             if to_device:
