@@ -13,7 +13,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from fp8_gemm_util import ALIGN, assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights
+from fp8_gemm_util import ALIGN, assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights
 from test_fp8_gemm import engine_kernels
 
 def test_alignment_is_a_multiple_of_every_tile():
@@ -36,7 +36,7 @@ def test_contiguous_vs_oracle(engine, kernel, counts):
                                             kernel=kernel)
     pad = m_indices < 0
     assert torch.all(y[pad] == 0), "padding rows (-1) must be zero"
-    assert_close_to_oracle(y, contiguous_oracle(xq, xs, wq3, ws3, m_indices), f"contiguous {engine} {kernel} {counts}", seed)
+    assert_close_to_oracle(y, contiguous_oracle(xq, xs, wq3, ws3, m_indices, kernel=kernel), f"contiguous {engine} {kernel} {counts}", seed)
 
 
 @pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
@@ -69,7 +69,7 @@ def test_masked_vs_oracle(engine, kernel, masked):
     for g in range(groups):
         r = masked[g]
         if r:
-            assert_close_to_oracle(y[g, :r], ref.fp8_gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]), f"masked group {g} ({engine})", seed)
+            assert_close_to_oracle(y[g, :r], gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g], kernel=kernel), f"masked group {g} ({engine})", seed)
         assert torch.isnan(y[g, r:]).all(), f"group {g}: rows >= masked_m must not be written ({engine})"
 
 
@@ -84,7 +84,7 @@ def test_masked_above_mmax_counts_as_mmax(engine, kernel):
         y = fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, torch.tensor([99, 16], dtype=torch.int32), torch.float32,
                                         kernel=kernel)
     for g in range(groups):
-        assert_close_to_oracle(y[g], ref.fp8_gemm_oracle(xq3[g], xs3[g], wq3[g], ws3[g]), f"masked_m >= Mmax ({engine} {kernel})", 1)
+        assert_close_to_oracle(y[g], gemm_oracle(xq3[g], xs3[g], wq3[g], ws3[g], kernel=kernel), f"masked_m >= Mmax ({engine} {kernel})", 1)
 
 
 def test_m_indices_checked_in_debug_mode():

@@ -14,7 +14,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from fp8_gemm_util import assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
+from fp8_gemm_util import assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
 from test_fp8_gemm import compute_sms
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
@@ -69,7 +69,7 @@ def test_dense_persistent_loop(out_dtype):
         out = poison_(torch.empty(m, n, dtype=out_dtype))
         with fmo.use_backend("sim"):
             y = fmo.fp8.gemm(xq, xs, wq, ws, out_dtype, out=out, kernel="wgmma")
-    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), f"wgmma persistent {out_dtype}", 11)
+    assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws), f"wgmma persistent {out_dtype}", 11)
 
 
 @SIM
@@ -84,7 +84,7 @@ def test_dense_raster_bands_cover_every_tile():
         out = poison_(torch.empty(m, n))
         with fmo.use_backend("sim"):
             y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
-    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws), "wgmma raster bands", 15)
+    assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws), "wgmma raster bands", 15)
 
 
 @SIM
@@ -100,7 +100,7 @@ def test_dense_64x64_tiles(b_rows):
         out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
         with fmo.use_backend("sim"):
             y = fmo.fp8.gemm(xq, xs, wq, ws, torch.bfloat16, out=out, kernel="wgmma")
-    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
+    assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
                            f"wgmma 64x64 b_rows={b_rows}", 16)
 
 
@@ -137,7 +137,7 @@ def test_masked_persistent(monkeypatch, checked):
                                         out=out, kernel="wgmma")
     for g, r in enumerate(masked):
         if r:
-            assert_close_to_oracle(y[g, :r], ref.fp8_gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
+            assert_close_to_oracle(y[g, :r], gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
                                    f"wgmma masked group {g}", 13)
         assert torch.isnan(y[g, r:].float()).all(), f"group {g}: rows >= masked_m must not be written"
 
@@ -152,4 +152,4 @@ def test_dense_row_scaled_b_persistent_under_checks(monkeypatch):
     monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
     with compute_sms(1), fmo.use_backend("sim"):
         y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, kernel="wgmma")
-    assert_close_to_oracle(y, ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), "wgmma row-scaled b", 14)
+    assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), "wgmma row-scaled b", 14)

@@ -100,6 +100,7 @@ WINDOW_OF_KERNEL = {
     # instruction; 23 bits bounds all three roundings with the same count of terms below.
     "mma_sync": 23,
 }
+K_STEP = 32  # K of one MMA instruction (wgmma m64nNk32, mma.sync m16n8k32)
 
 
 def fp8_gemm_error_bound(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, *,
@@ -107,21 +108,37 @@ def fp8_gemm_error_bound(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w
     """float64 [M, N]: how far a GEMM kernel's fp32 result may be from the float64 oracle of
     the same quantised operands, from the hardware's rule (not an fp32 assumption).
 
-    Per 32-wide k-step inside a 128-wide K block, each of the (up to 33) truncated terms and
-    the truncated result is off by less than one quantum 2^(emax - window), and 2^emax is at
-    most the partial sum's magnitude bound S_s = sum_{k in the block up to this step}
-    |a'_k| |b'_k| (a' = max(|a|, 2^-6): an e4m3 subnormal's exponent is -6). Over the block's
-    steps that is 34 * 2^-window * sum_k (steps from k's to the block's end) |a'_k||b'_k|,
-    times the block's scales at promotion; 5% covers the compounding of these errors. The fp32
-    promotion adds (blocks + 2) roundings of at most 2^-24 of the scaled magnitudes."""
-    window = WINDOW_OF_KERNEL[kernel]
+    Inside a 128-wide K block the kernel chains 32-wide MMA steps from zero. In step s each of
+    the 33 terms (the accumulator and 32 products) is truncated by less than one quantum
+    2^(emax - window), and the result by less than 2^-window of its magnitude. 2^emax is at
+    most the larger of the accumulator's magnitude (|exact partial sum so far| + the error so
+    far) and the largest product's 2^(ea + eb) <= max_k |a'_k| * max_k |b'_k| over the step
+    (a' = max(|a|, 2^-6): an e4m3 subnormal's exponent is -6). So, with P_s the exact partial
+    sum after step s and E_s the error bound,
+        E_s = E_{s-1} + 33 q_s + 2^-window (|P_s| + E_{s-1} + 33 q_s),
+        q_s = 2^-window max(|P_{s-1}| + E_{s-1}, max|a'| max|b'|),
+    and the block's E, times its two scales, adds up over K. The fp32 promotion adds
+    (blocks + 2) roundings of at most 2^-24 of the scaled magnitudes."""
+    eps = 2.0 ** -WINDOW_OF_KERNEL[kernel]
+    xq, xs, wq, ws = (t.cpu() for t in (xq, xs, wq, ws))
     m, k = xq.shape
     n = wq.shape[0]
+    a, b = xq.double(), wq.double()
+    a_mag, b_mag = a.abs().clamp_min(E4M3_MIN_NORMAL), b.abs().clamp_min(E4M3_MIN_NORMAL)
+    b_scale = ws.double().repeat_interleave(b_scale_rows, dim=0)[:n]  # [N, K blocks]
+    bound = torch.zeros(m, n, dtype=torch.float64)
+    magnitude = torch.zeros(m, n, dtype=torch.float64)  # sum over blocks of scaled |a||b|
+    for kb, k0 in enumerate(range(0, k, block_k)):
+        partial = torch.zeros(m, n, dtype=torch.float64)
+        err = torch.zeros(m, n, dtype=torch.float64)
+        for s0 in range(k0, min(k0 + block_k, k), K_STEP):
+            s1 = min(s0 + K_STEP, k)
+            largest_product = a_mag[:, s0:s1].amax(1)[:, None] * b_mag[:, s0:s1].amax(1)[None, :]
+            quantum = eps * torch.maximum(partial.abs() + err, largest_product)
+            partial = partial + a[:, s0:s1] @ b[:, s0:s1].t()
+            err = err + 33 * quantum + eps * (partial.abs() + err + 33 * quantum)
+        scale = xs.double()[:, kb:kb + 1] * b_scale[None, :, kb]
+        bound += scale * err
+        magnitude += scale * (a[:, k0:k0 + block_k].abs() @ b[:, k0:k0 + block_k].abs().t())
     blocks = -(-k // block_k)
-    a = xq.double().abs().clamp_min(E4M3_MIN_NORMAL) * xs.double().repeat_interleave(block_k, dim=1)[:, :k]
-    b_scales = ws.double().repeat_interleave(b_scale_rows, dim=0)[:n].repeat_interleave(block_k, dim=1)[:, :k]
-    b = wq.double().abs().clamp_min(E4M3_MIN_NORMAL) * b_scales
-    steps_to_block_end = (block_k // 32 - (torch.arange(k, dtype=torch.float64) % block_k) // 32).clamp_min(1)
-    truncation = 1.05 * 34 * 2.0**-window * ((a * steps_to_block_end) @ b.t())
-    promotion = (blocks + 2) * 2.0**-24 * (a @ b.t())
-    return truncation + promotion
+    return bound + (blocks + 2) * 2.0**-24 * magnitude

@@ -17,7 +17,7 @@ from fastmoe_ops import budget
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from fp8_gemm_util import assert_close_to_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
+from fp8_gemm_util import assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
 from gpu_util import DEV, needs_cuda
 
 pytestmark = needs_cuda
@@ -47,7 +47,7 @@ def test_dense_vs_oracle(kernel, out_dtype, shape):
     xq, xs, wq, ws = quantised_operands(m, n, k, 21)
     out = poison_(torch.empty(m, n, dtype=out_dtype, device=DEV))
     y = fmo.fp8.gemm(*to_dev(xq, xs, wq, ws), out_dtype, out=out, kernel=kernel)
-    assert_close_to_oracle(y.cpu(), ref.fp8_gemm_oracle(xq, xs, wq, ws), f"cuda {kernel} {shape}", 21)
+    assert_close_to_oracle(y.cpu(), gemm_oracle(xq, xs, wq, ws, kernel=kernel), f"cuda {kernel} {shape}", 21)
 
 
 @pytest.mark.parametrize("kernel", kernels())
@@ -70,7 +70,7 @@ def test_persistent_under_a_small_budget(kernel, sms):
     xq, xs, wq, ws = quantised_operands(m, n, k, 22, b_rows=sms == 3)
     with compute_sms(sms):
         y = fmo.fp8.gemm(*to_dev(xq, xs, wq, ws), torch.float32, kernel=kernel)
-    assert_close_to_oracle(y.cpu(), ref.fp8_gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if sms == 3 else 128),
+    assert_close_to_oracle(y.cpu(), gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if sms == 3 else 128, kernel=kernel),
                            f"cuda {kernel} budget {sms}", 22)
 
 
@@ -81,7 +81,7 @@ def test_grouped(kernel):
     out = poison_(torch.empty(xq.shape[0], 256, dtype=torch.bfloat16, device=DEV))  # padding rows must be written 0
     y = fmo.fp8.grouped_gemm_contiguous(*to_dev(xq, xs, wq3, ws3, m_indices), out=out, debug=True, kernel=kernel)
     assert torch.all(y.cpu()[m_indices < 0] == 0)
-    assert_close_to_oracle(y.cpu(), contiguous_oracle(xq, xs, wq3, ws3, m_indices), f"cuda {kernel} contiguous", 23)
+    assert_close_to_oracle(y.cpu(), contiguous_oracle(xq, xs, wq3, ws3, m_indices, kernel=kernel), f"cuda {kernel} contiguous", 23)
     masked = torch.tensor([0, 3, 64, 17, 0, 64, 1, 40], dtype=torch.int32)
     xq3, xs3 = xq[:512].reshape(8, 64, 512), xs[:512].reshape(8, 64, -1)
     out = poison_(torch.empty(8, 64, 256, device=DEV))
@@ -89,6 +89,6 @@ def test_grouped(kernel):
     for g in range(8):
         r = int(masked[g])
         if r:
-            assert_close_to_oracle(y3[g, :r].cpu(), ref.fp8_gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
+            assert_close_to_oracle(y3[g, :r].cpu(), gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g], kernel=kernel),
                                    f"cuda {kernel} masked {g}", 23)
         assert torch.isnan(y3[g, r:]).all(), f"{kernel}: group {g} rows >= masked_m written"
