@@ -41,19 +41,9 @@ PROBES = {"is_available", "device_count"}           # torch.cuda.X that only ask
 DEVICE = re.compile(r"cuda(:\d+)?")
 
 # Test files that import other test files, each pinned with the helper module it should
-# move to. Owned by other work (the ptx/ wrapper tests, the FP8 GEMM and quantisation tests,
-# the MoE tests): listed so that no new import of this kind can join them unnoticed.
+# move to. Owned by other work (the FP8 GEMM and quantisation tests, the MoE tests): listed
+# so that no new import of this kind can join them unnoticed.
 KNOWN_TEST_IMPORTS = {
-    # the ptx/ case generators and runners (-> a ptx_util helper module)
-    *{(f"tests/test_ptx_{f}.py", "test_ptx_support") for f in ("barrier", "cp_async", "ld_st", "ldmatrix", "mma", "wgmma")},
-    *{("tests/test_ptx_build.py", m) for m in ("test_ptx_barrier", "test_ptx_cp_async", "test_ptx_ld_st",
-                                             "test_ptx_ldmatrix", "test_ptx_mma", "test_ptx_support")},
-    ("tests/test_ptx_wgmma.py", "test_ptx_build"),
-    ("tests/test_mma_capture_replay.py", "test_ptx_support"),
-    ("tests/test_mma_capture_replay.py", "test_ptx_wgmma"),
-    *{("tests/gpu/test_ptx_conformance.py", m) for m in ("test_ptx_barrier", "test_ptx_cp_async", "test_ptx_ld_st",
-                                                       "test_ptx_ldmatrix", "test_ptx_mma", "test_ptx_wgmma",
-                                                       "test_ptx_support")},
     # engine_kernels / compute_sms (-> tests/fp8_gemm_util.py) and e4m3_model (-> a quant helper module)
     ("tests/test_fp8_gemm_grouped.py", "test_fp8_gemm"),
     ("tests/test_fp8_gemm_wgmma.py", "test_fp8_gemm"),

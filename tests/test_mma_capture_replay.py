@@ -114,10 +114,10 @@ def test_numpy_model_matches_the_device_bit_for_bit():
     """The tolerances of the GEMM tests come from fastmoe_ops/reference/tensor_core.py: it must
     be the hardware's rule too, independently of the C++ emulation. Operands are read back out
     of each wgmma launch's shared-memory image with the ISA's layout model."""
-    from test_ptx_support import decode_bits
-    from test_ptx_wgmma import kmajor_offset
-
     from fastmoe_ops.reference import tensor_core
+
+    from ptx_cases.formats import decode_bits
+    from ptx_cases.wgmma import kmajor_offset
 
     arrays = stored_arrays()
     swizzle_names = {0: "none", 1: "b128", 2: "b64", 3: "b32"}

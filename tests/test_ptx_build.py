@@ -1,26 +1,23 @@
-"""The GPU side of the ptx/ wrappers, checked offline: every test kernel of
-tests/test_ptx_*.py and the benchmark GEMM compile with nvcc for sm_90a without spills, and
-their SASS holds the instructions the wrappers promise (HMMA for mma.sync, LDSM/.MT88 for
-ldmatrix{,.trans}, LDGSTS with ZFILL/BYPASS for cp.async, FTZ f32 atomics, BAR.ARV, ...).
-Needs nvcc (no GPU); the SASS checks need cuobjdump. Skipped without nvcc, like the build
-report's test.
+"""The GPU side of the ptx/ wrappers, checked offline: every test kernel of tests/ptx_cases/
+(the kernels of tests/test_ptx_*.py) and the benchmark GEMM compile with nvcc for sm_90a
+without spills, and their SASS holds the instructions the wrappers promise (HMMA for mma.sync,
+LDSM/.MT88 for ldmatrix{,.trans}, LDGSTS with ZFILL/BYPASS for cp.async, FTZ f32 atomics,
+BAR.ARV, ...). Needs nvcc (no GPU); the SASS checks need cuobjdump. Skipped without nvcc, like
+the build report's test.
 """
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import test_ptx_barrier
-import test_ptx_cp_async
-import test_ptx_ld_st
-import test_ptx_ldmatrix
-import test_ptx_mma
-from fastmoe_ops.runtime import compiler, sources
-from test_ptx_support import HEADERS
+from fastmoe_ops.runtime import compiler
+
+from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma
+from ptx_cases.build import PTXAS_PROPERTIES, compile_sm90a
+from ptx_cases.runners import HEADERS
 
 pytestmark = pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")
 
@@ -37,32 +34,20 @@ def _bench_gemm_source() -> str:
 
 
 SOURCES = {
-    "mma": (HEADERS + test_ptx_mma.SOURCE, ["HMMA.16816.F32.BF16", "HMMA.16816.F32", "F2FP.F16.E4M3.UNPACK_B",
-                                            "F2FP.F16.E5M2.UNPACK_B", "LDSM.16.M88.4", "LDSM.16.M88.2"]),
-    "ldmatrix": (HEADERS + test_ptx_ldmatrix.SOURCE, ["LDSM.16.M88", "LDSM.16.M88.2", "LDSM.16.M88.4", "LDSM.16.MT88",
-                                                      "LDSM.16.MT88.2", "LDSM.16.MT88.4"]),
-    "cp_async": (HEADERS + test_ptx_cp_async.SOURCE, ["LDGSTS.E.ZFILL", "LDGSTS.E.64.ZFILL", "LDGSTS.E.128.ZFILL",
-                                                      "LDGSTS.E.BYPASS.128", "LDGSTS.E.BYPASS.128.ZFILL", "LDGDEPBAR",
-                                                      "DEPBAR.LE"]),
-    "ld_st": (HEADERS + test_ptx_ld_st.SOURCE, ["LDG.E.128.CONSTANT", "LDG.E.NA.LTC128B.128.CONSTANT", "STG.E.NA.128",
-                                                "ATOM.E.ADD.F32.FTZ.RN.STRONG.GPU", "ATOM.E.CAS.64.STRONG.GPU",
-                                                "ATOM.E.EXCH.STRONG.GPU", "MEMBAR.ALL.SYS"]),
-    "barrier": (HEADERS + test_ptx_barrier.SOURCE, ["BAR.ARV", "BAR.SYNC.DEFER_BLOCKING", "MEMBAR.SC.GPU",
-                                                    "MEMBAR.ALL.GPU", "MEMBAR.ALL.CTA"]),
+    "mma": (HEADERS + mma.SOURCE, ["HMMA.16816.F32.BF16", "HMMA.16816.F32", "F2FP.F16.E4M3.UNPACK_B",
+                                   "F2FP.F16.E5M2.UNPACK_B", "LDSM.16.M88.4", "LDSM.16.M88.2"]),
+    "ldmatrix": (HEADERS + ldmatrix.SOURCE, ["LDSM.16.M88", "LDSM.16.M88.2", "LDSM.16.M88.4", "LDSM.16.MT88",
+                                             "LDSM.16.MT88.2", "LDSM.16.MT88.4"]),
+    "cp_async": (HEADERS + cp_async.SOURCE, ["LDGSTS.E.ZFILL", "LDGSTS.E.64.ZFILL", "LDGSTS.E.128.ZFILL",
+                                             "LDGSTS.E.BYPASS.128", "LDGSTS.E.BYPASS.128.ZFILL", "LDGDEPBAR",
+                                             "DEPBAR.LE"]),
+    "ld_st": (HEADERS + ld_st.SOURCE, ["LDG.E.128.CONSTANT", "LDG.E.NA.LTC128B.128.CONSTANT", "STG.E.NA.128",
+                                       "ATOM.E.ADD.F32.FTZ.RN.STRONG.GPU", "ATOM.E.CAS.64.STRONG.GPU",
+                                       "ATOM.E.EXCH.STRONG.GPU", "MEMBAR.ALL.SYS"]),
+    "barrier": (HEADERS + barrier.SOURCE, ["BAR.ARV", "BAR.SYNC.DEFER_BLOCKING", "MEMBAR.SC.GPU",
+                                           "MEMBAR.ALL.GPU", "MEMBAR.ALL.CTA"]),
     "bench_gemm": (None, ["HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128", "DEPBAR.LE"]),
 }
-
-_PROPS_RE = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def compile_sm90a(source: str, tmp: Path) -> tuple[str, Path]:
-    cu, cubin = tmp / "k.cu", tmp / "k.cubin"
-    cu.write_text(source)
-    cmd = [str(compiler.nvcc_path()), "-arch=sm_90a", "-cubin", "-std=c++17", "-Xptxas", "-v",
-           f"-I{sources.kernel_root()}", "-o", str(cubin), str(cu)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_90a:\n{proc.stderr[-4000:]}"
-    return proc.stderr, cubin
 
 
 @pytest.mark.parametrize("family", list(SOURCES))
@@ -71,7 +56,7 @@ def test_compiles_for_sm90a_without_spills_and_emits_expected_sass(family, tmp_p
     if source is None:
         source = _bench_gemm_source()
     log, cubin = compile_sm90a(source, tmp_path)
-    props = _PROPS_RE.findall(log)
+    props = PTXAS_PROPERTIES.findall(log)
     assert props, f"{family}: no ptxas function properties in the log:\n{log[-2000:]}"
     spilling = [(name, st, ld) for name, _, st, ld in props if int(st) or int(ld)]
     assert not spilling, f"{family}: kernels spill (name, store bytes, load bytes): {spilling}"

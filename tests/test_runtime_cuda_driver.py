@@ -206,9 +206,7 @@ def test_only_the_adapter_imports_cupy():
     offenders = []
     for folder in ("fastmoe_ops", "bench", "tests"):
         for path in sorted((root / folder).rglob("*.py")):
-            # test_ptx_conformance.py asks CuPy whether a device exists; it is to ask torch
-            # (torch.cuda.device_count()), and then leaves this exception (issue 13).
-            if path.resolve() == adapter or path == root / "tests" / "gpu" / "test_ptx_conformance.py":
+            if path.resolve() == adapter:
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

@@ -1,63 +1,51 @@
 """Conformance of the ptx/ wrappers' CPU emulation with the GPU.
 
-Every case of tests/test_ptx_{mma,ldmatrix,cp_async,ld_st,barrier,wgmma}.py runs through
-cupy.RawModule (NVRTC, the device's arch; sm_90a on Hopper) and through the simulator on
-the same seeded inputs. Each engine's outputs must pass the case's own ISA-model check, and
-the two engines must agree bit for bit wherever the outcome is deterministic: data
-movement always, MMAs on exactly representable inputs (small integers times powers of two,
-so every partial sum is exact in fp32 whatever the hardware's accumulation order).
-Random-input MMAs are order-dependent in the last bits: both engines are held to the
-fp32-accumulation bound instead. Cases that read a GPU race on purpose (the simulator's
-poison after a missing cp.async wait) are simulator-only and not run here.
+Every case of the wrapper families (tests/ptx_cases/: mma, ldmatrix, cp_async, ld_st, barrier,
+wgmma; the same cases tests/test_ptx_*.py run on the simulator) runs twice on the same seeded
+inputs: on the device, compiled by the project's NVRTC path for the device's arch (sm_90a on
+Hopper) and loaded and launched through the library's driver adapter
+(fastmoe_ops/runtime/cuda_driver.py), and on the simulator. Each engine's outputs must pass the
+case's own check against its ISA model, and the two engines must agree bit for bit wherever
+the outcome is deterministic: data movement, and every MMA, random inputs included. The
+simulator's tensor cores compute Hopper's arithmetic bit for bit (ptx/tensor_core_numerics.cuh),
+and every MMA case's check asks both engines for exact bits: those of the numpy model of that
+arithmetic (fastmoe_ops/reference/tensor_core.py), or float64's on inputs the rule rounds
+nowhere. Cases whose outcome depends on which thread wins (atomics' old values, the
+store-buffering trials) are held to their model alone, and an output that reads a race on
+purpose (cp.async's region read before its group retires: poison in the simulator, whatever
+the GPU holds there) is not compared; a case marked `sim_only` is not run here.
 
-Skipped, with the reason, without a CUDA device or without CuPy. Runs in well under two
-minutes on one H200 (one NVRTC compile per source file, a few dozen tiny launches).
+Skipped, with the reason, where the cuda engine cannot run (no device visible to torch, or no
+CuPy behind the adapter) or the device predates sm_89 (the fp8 mma.sync wrappers); the wgmma
+cases need sm_90a. One NVRTC compile per family, then a few dozen tiny launches.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the case modules
-
-import test_ptx_barrier  # noqa: E402
-import test_ptx_cp_async  # noqa: E402
-import test_ptx_ld_st  # noqa: E402
-import test_ptx_ldmatrix  # noqa: E402
-import test_ptx_mma  # noqa: E402
-import test_ptx_wgmma  # noqa: E402
-from test_ptx_support import CudaRunner, SimRunner, assert_equal_bits  # noqa: E402
+from gpu_util import WHY_NO_CUDA
+from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, wgmma
+from ptx_cases.case import assert_equal_bits
+from ptx_cases.runners import CudaRunner, SimRunner
 
 pytestmark = pytest.mark.gpu
 
 FAMILIES = {
-    "mma": test_ptx_mma,
-    "ldmatrix": test_ptx_ldmatrix,
-    "cp_async": test_ptx_cp_async,
-    "ld_st": test_ptx_ld_st,
-    "barrier": test_ptx_barrier,
-    "wgmma": test_ptx_wgmma,  # sm_90a only
+    "mma": mma,
+    "ldmatrix": ldmatrix,
+    "cp_async": cp_async,
+    "ld_st": ld_st,
+    "barrier": barrier,
+    "wgmma": wgmma,  # sm_90a only
 }
 SM90A_ONLY = {"wgmma"}
 SEED = 1234
 
 
 def _device_arch() -> str:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device visible to torch (torch.cuda.is_available() is False)")
-    try:
-        import cupy
-    except ImportError as e:
-        pytest.skip(f"CuPy is not installed ({e}); pip install 'fastmoe-ops[cuda]'")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy sees no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError as e:
-        pytest.skip(f"CuPy cannot reach a CUDA device: {e}")
+    if WHY_NO_CUDA is not None:
+        pytest.skip(WHY_NO_CUDA)
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
         pytest.skip(f"device is sm_{major}{minor}; the fp8 mma.sync wrappers need sm_89 or newer")
