@@ -1,7 +1,7 @@
 """Helpers shared by the FP8 GEMM and FP8Linear tests on the simulator (tests/) and on the
 GPU (tests/gpu/): seeded quantised operands, the grouped layouts and their float64 oracle,
 the closeness check, and FP8Linear's two oracles (a helper module, so test files never
-import each other).
+import each other), and the engines and SM budgets the CPU tests run under.
 
 Tolerance of `assert_close_to_oracle`: the kernel and the oracle see the same e4m3 values and
 scales, so the differences are the tensor cores' accumulation, the fp32 promotion and the
@@ -16,14 +16,36 @@ K block, b-scale block) exceeds it 4.7x or more. calc_diff < 1e-5 guards the agg
 dropped k-step): the H200 measured at most 1.4e-6 on 2026-12-04."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+import pytest
 import torch
 
+from fastmoe_ops import budget
 from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.reference import tensor_core
 
+from conftest import cpu_engines
+
 ALIGN = 128  # rows per expert segment of the contiguous grouped layout
+KERNELS = ("wgmma", "mma_sync")
+
+
+def engine_kernels():
+    """(engine, kernel): the reference once, the simulator with each kernel."""
+    out = []
+    for e in cpu_engines():
+        out += [pytest.param(e, k, id=f"{e}-{k}") for k in KERNELS] if e == "sim" else [pytest.param(e, None, id=e)]
+    return out
+
+
+@contextlib.contextmanager
+def compute_sms(n: int):
+    """The SM budget a kernel's heuristic sees: num_sms - comm while communication runs."""
+    with budget.comm_sms(budget.SIMULATED_NUM_SMS - n), budget.communication_in_flight():
+        assert budget.sm_budget().compute_sms == n
+        yield
 
 
 def quantised_operands(m, n, k, seed, *, b_rows=False):

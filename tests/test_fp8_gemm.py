@@ -7,8 +7,6 @@ the default there) and mma.sync (sm_89), chosen with `kernel=`.
 Tolerances: tests/fp8_gemm_util.py (assert_close_to_oracle), shared with the GPU tests."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -18,18 +16,9 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import cpu_engines, poison_
-from fp8_gemm_util import assert_close_to_oracle, gemm_oracle, quantised_operands
+from fp8_gemm_util import KERNELS, assert_close_to_oracle, compute_sms, engine_kernels, gemm_oracle, quantised_operands
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
-KERNELS = ("wgmma", "mma_sync")
-
-
-def engine_kernels():
-    """(engine, kernel): the reference once, the simulator with each kernel."""
-    out = []
-    for e in cpu_engines():
-        out += [pytest.param(e, k, id=f"{e}-{k}") for k in KERNELS] if e == "sim" else [pytest.param(e, None, id=e)]
-    return out
 
 
 def run_gemm(engine, *args, **kw):
@@ -48,14 +37,6 @@ def test_calc_diff():
     x = torch.randn(10, 10, dtype=torch.float64)
     assert ref.calc_diff(x, x) < 1e-15 and abs(ref.calc_diff(x, -x) - 2) < 1e-12
     assert ref.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
-
-
-@contextlib.contextmanager
-def compute_sms(n: int):
-    """The SM budget a kernel's heuristic sees: num_sms - comm while communication runs."""
-    with budget.comm_sms(budget.SIMULATED_NUM_SMS - n), budget.communication_in_flight():
-        assert budget.sm_budget().compute_sms == n
-        yield
 
 
 def tile_of(spec) -> tuple:

@@ -13,8 +13,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from fp8_gemm_util import ALIGN, assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights
-from test_fp8_gemm import engine_kernels
+from fp8_gemm_util import ALIGN, assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, engine_kernels, expert_weights
 
 def test_alignment_is_a_multiple_of_every_tile():
     assert fmo.fp8.contiguous_alignment() == ALIGN

@@ -14,8 +14,7 @@ from fastmoe_ops.ops import fp8_gemm as launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import poison_
-from fp8_gemm_util import assert_close_to_oracle, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
-from test_fp8_gemm import compute_sms
+from fp8_gemm_util import assert_close_to_oracle, compute_sms, gemm_oracle, contiguous_layout, contiguous_oracle, expert_weights, quantised_operands
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
 
