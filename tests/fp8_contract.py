@@ -1,7 +1,9 @@
 """The FP8 quantisation contract of csrc/quant/fp8_scale.cuh, derived again in numpy and
 float64 without torch arithmetic or CUDA's headers, and the edge inputs that pin it down: a
 helper module of tests/test_fp8_quant_contract.py (CPU) and
-tests/gpu/test_fp8_quant_contract_gpu.py (CUDA); test files never import each other.
+tests/gpu/test_fp8_quant_contract_gpu.py (CUDA); test files never import each other. It also
+holds `e4m3_model`, the same e4m3 rounding by another route (log2 and numpy's round-half-even
+on the grid, in float64), the model of tests/test_fp8_quant.py and tests/test_fp8_block_quant.py.
 
 The derivation takes other routes than the kernels and the reference wherever it can:
   - fp32 quotients a / b come from float64 division rounded once to fp32: for two fp32
@@ -47,6 +49,21 @@ def e4m3_codes(y: np.ndarray) -> np.ndarray:
     code = (lo + up).astype(np.uint8) | (np.signbit(y).astype(np.uint8) << 7)
     code[nan] = NAN_CODE
     return code
+
+
+def e4m3_model(v: np.ndarray) -> np.ndarray:
+    """float64 model of cvt.rn.satfinite.e4m3: round to nearest even on the e4m3 grid
+    (3 mantissa bits, normals from 2^-6, subnormal spacing 2^-9), saturate to +-448."""
+    out = np.empty_like(v)
+    nan = np.isnan(v)
+    a = np.minimum(np.abs(np.where(nan, 0.0, v)), E4M3_MAX)  # satfinite: anything above 448 (inf too) -> 448
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    quantum = np.where(a >= 2.0**-6, 2.0 ** (np.maximum(e, -6) - 3), 2.0**-9)
+    q = np.round(a / quantum) * quantum  # np.round is round-half-even
+    out[:] = np.sign(v) * q
+    out[nan] = np.nan
+    return out
 
 
 def fp32_quotient(a: np.ndarray, b: np.ndarray) -> np.ndarray:

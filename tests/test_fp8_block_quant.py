@@ -12,7 +12,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import assert_bitwise_equal, cpu_engines
-from test_fp8_quant import e4m3_model
+from fp8_contract import e4m3_model
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 

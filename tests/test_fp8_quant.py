@@ -12,23 +12,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import assert_bitwise_equal, cpu_engines
-
-E4M3_MAX = 448.0
-
-
-def e4m3_model(v: np.ndarray) -> np.ndarray:
-    """float64 model of cvt.rn.satfinite.e4m3: round to nearest even on the e4m3 grid
-    (3 mantissa bits, normals from 2^-6, subnormal spacing 2^-9), saturate to +-448."""
-    out = np.empty_like(v)
-    nan = np.isnan(v)
-    a = np.minimum(np.abs(np.where(nan, 0.0, v)), E4M3_MAX)  # satfinite: anything above 448 (inf too) -> 448
-    with np.errstate(divide="ignore"):
-        e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    quantum = np.where(a >= 2.0**-6, 2.0 ** (np.maximum(e, -6) - 3), 2.0**-9)
-    q = np.round(a / quantum) * quantum  # np.round is round-half-even
-    out[:] = np.sign(v) * q
-    out[nan] = np.nan
-    return out
+from fp8_contract import e4m3_model
 
 
 def model_quantize(x: np.ndarray, group: int, pow2: bool, eps: float = 1e-12):

@@ -44,8 +44,6 @@ DEVICE = re.compile(r"cuda(:\d+)?")
 # move to. Owned by other work (the FP8 GEMM and quantisation tests, the MoE tests): listed
 # so that no new import of this kind can join them unnoticed.
 KNOWN_TEST_IMPORTS = {
-    # e4m3_model (-> a quant helper module)
-    ("tests/test_fp8_block_quant.py", "test_fp8_quant"),
     # the README example runner (-> a helper module)
     ("tests/test_moe_layer.py", "test_readme_example"),
 }
