@@ -4,7 +4,8 @@
    runs whole, so no GPU test goes unrun on the one-shot check (the first H200 run never ran
    the CUDA cases then spread over tests/).
 2. No test file imports another test file: shared helpers live in helper modules
-   (tests/*_util.py, tests/gpu/gpu_util.py, tests/mpi/mpi_util.py, conftest.py).
+   (tests/*_util.py, tests/fp8_contract.py, tests/ptx_cases/, tests/gpu/gpu_util.py,
+   tests/mpi/mpi_util.py, conftest.py).
 
 A test needs CUDA when it, its class, the module's top-level code (pytestmark included) or a
 helper of the same file that it names (transitively; fixtures by parameter name)
@@ -30,7 +31,6 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -39,14 +39,6 @@ TESTS = Path(__file__).resolve().parent
 GPU_CHECK = TESTS.parent / "bench" / "gpu_check.sh"
 PROBES = {"is_available", "device_count"}           # torch.cuda.X that only ask
 DEVICE = re.compile(r"cuda(:\d+)?")
-
-# Test files that import other test files, each pinned with the helper module it should
-# move to. Owned by other work (the FP8 GEMM and quantisation tests, the MoE tests): listed
-# so that no new import of this kind can join them unnoticed.
-KNOWN_TEST_IMPORTS = {
-    # the README example runner (-> a helper module)
-    ("tests/test_moe_layer.py", "test_readme_example"),
-}
 
 
 # ------------------------------------------------------------------------ the analysis
@@ -258,13 +250,9 @@ def test_tests_gpu_holds_the_cuda_tests():
 
 
 def test_no_test_file_imports_another():
-    found = imports_between_tests(TESTS)
-    new = sorted(found - KNOWN_TEST_IMPORTS)
-    assert not new, ("test files import test files (move the helpers into a helper module, e.g. "
-                     "tests/<area>_util.py):\n" + "\n".join(f"{a} imports {b}" for a, b in new))
-    gone = sorted(KNOWN_TEST_IMPORTS - found)
-    if gone:   # fixed elsewhere: the pin can go
-        warnings.warn("KNOWN_TEST_IMPORTS lists imports that are gone: " + ", ".join(f"{a} -> {b}" for a, b in gone))
+    found = sorted(imports_between_tests(TESTS))
+    assert not found, ("test files import test files (move the helpers into a helper module, e.g. "
+                       "tests/<area>_util.py):\n" + "\n".join(f"{a} imports {b}" for a, b in found))
 
 
 # --------------------------------------------------------------- the checks can fail

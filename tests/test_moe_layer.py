@@ -35,6 +35,7 @@ from fastmoe_ops.reference import fp8 as ref
 from conftest import assert_bitwise_equal, cpu_engines
 from device_tags import device_tags
 from moe_layer_util import OVERLAP_WGRAD_BOUND, make_layer, run_and_check
+from readme_util import run_readme_example
 
 
 @pytest.mark.parametrize("engine", cpu_engines())
@@ -219,8 +220,6 @@ def test_overlap_gemms_see_the_reduced_sm_budget(monkeypatch):
 
 def test_readme_sm_budget_example_runs():
     """README "## The SM budget" runs as written (its own assert checks the budget)."""
-    from test_readme_example import run_readme_example
-
     ns = run_readme_example("## The SM budget")
     assert ns["x"].grad is not None and not ns["x"].grad.isnan().any()
     assert ns["layer"].w13.grad is not None and ns["budget"].comm_sms == 24

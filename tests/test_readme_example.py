@@ -1,27 +1,14 @@
 """The README's single-process examples run as written (the MoE one runs under mpirun:
 tests/mpi/test_moe_example.py)."""
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
 import fastmoe_ops
 
-ROOT = Path(__file__).resolve().parents[1]
+from readme_util import run_readme_example
 
 pytestmark = pytest.mark.skipif("sim" not in fastmoe_ops.available_backends(),
                                 reason="simulator not built (test_sim_is_built fails instead)")
-
-
-def run_readme_example(heading: str) -> dict:
-    """Execute the first python block after `heading` in README.md; return its namespace."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(heading):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, f"README.md ({heading})", "exec"), namespace)
-    return namespace
 
 
 def test_readme_sim_example_runs():
