@@ -1,13 +1,8 @@
-"""Fused attention on the simulator (the kernels' own CUDA source) against float64.
-
-Rule (FlashAttention's): for out, dq, dk and dv, the kernel's max error against the float64
-oracle is at most twice the error of the same computation done by PyTorch in the inputs'
-dtype (bf16/fp16 matmuls and softmax), plus a small absolute term for rounding of the
-output itself (a quarter of an ulp of the oracle's largest magnitude in that dtype, plus
-0.05 ulp: where the exact gradient is 0, e.g. a row with one key, the kernel's delta from
-the rounded output leaves a few fp32 ulps that PyTorch's same-dtype autograd does not). lse
-(fp32 from fp32 accumulators) must be within 1e-3 of float64, and -inf exactly where the
-row sees no key. NaN never; outputs are poisoned before every run.
+"""Fused attention on the simulator (the kernels' own CUDA source) against float64, by
+FlashAttention's rule (tests/attention_util.py, shared with the GPU tests): out, dq, dk and dv
+within twice the error of PyTorch's same-dtype computation plus rounding, lse within 1e-3 of
+float64 and -inf exactly where the row sees no key. NaN never; outputs are poisoned before
+every run.
 
 The default run is a representative subset (~1-2 minutes on 2 cores); the full grid of
 the issue (B {1, 2} x S {1, 17, 128, 257} x D {64, 128} x Hq/Hkv x causal x dtype) is
@@ -25,54 +20,9 @@ import fastmoe_ops as fmo
 from fastmoe_ops.ops import attention as launcher
 from fastmoe_ops.reference import attention as ref
 
+from attention_util import assert_lse, assert_within_rule, make_inputs, oracle_and_pytorch
+
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
-EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, *, varlen_cu=None, dv=None):
-    g = torch.Generator().manual_seed(seed)
-    lead_q = (b, sq) if varlen_cu is None else (sq,)
-    lead_k = (b, sk) if varlen_cu is None else (sk,)
-    q = torch.randn(*lead_q, hq, d, generator=g).to(dtype)
-    k = torch.randn(*lead_k, hkv, d, generator=g).to(dtype)
-    v = torch.randn(*lead_k, hkv, dv or d, generator=g).to(dtype)
-    dout = torch.randn(*lead_q, hq, dv or d, generator=g).to(dtype)
-    return q, k, v, dout
-
-
-def assert_within_rule(what, got, oracle, pt, dtype, ctx):
-    assert not bool(torch.isnan(got).any()), f"{what}: NaN at {tuple(torch.isnan(got).nonzero()[0].tolist())} ({ctx})"
-    err = (got.double() - oracle).abs()
-    pt_err = (pt.double() - oracle).abs().max().item() if oracle.numel() else 0.0
-    scale = oracle.abs().max().item() if oracle.numel() else 0.0
-    bound = 2 * pt_err + EPS[dtype] * (scale / 4 + 0.05)
-    if err.numel() and err.max().item() > bound:
-        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-        raise AssertionError(f"{what}: max error {err.max().item():.3g} > {bound:.3g} (2 x PyTorch {dtype} error "
-                             f"{pt_err:.3g} + rounding) at {idx}: got {got[idx].item()}, want {oracle[idx].item()} ({ctx})")
-
-
-def assert_lse(lse, oracle, ctx):
-    empty = oracle == -math.inf
-    assert torch.equal(lse == -math.inf, empty), f"lse: -inf pattern differs ({ctx})"
-    assert not bool(torch.isnan(lse).any()), f"lse: NaN ({ctx})"
-    if bool((~empty).any()):
-        err = (lse.double() - oracle)[~empty].abs().max().item()
-        assert err < 1e-3, f"lse: max error {err:.3g} ({ctx})"
-
-
-def oracle_and_pytorch(q, k, v, dout, causal, varlen=None):
-    """(float64 out, lse, dq, dk, dv) and PyTorch's same-dtype (out, dq, dk, dv)."""
-    def run(dtype):
-        qs, ks, vs = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        if varlen is None:
-            out, lse = ref.attention(qs, ks, vs, causal=causal, compute_dtype=dtype)
-        else:
-            out, lse = ref.attention_varlen(qs, ks, vs, *varlen, causal=causal, softmax_scale=q.shape[-1] ** -0.5,
-                                            compute_dtype=dtype)
-        grads = torch.autograd.grad(out, (qs, ks, vs), dout.to(dtype))
-        return (out.detach(), lse, *grads)
-    return run(torch.float64), run(q.dtype)
 
 
 def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True, dv=None):

@@ -12,29 +12,7 @@ from fastmoe_ops.nn import fp8_linear as mod
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import cpu_engines
-
-
-def float64_reference(layer, x, dy):
-    x64 = x.detach().double().requires_grad_()
-    w64 = layer.weight.detach().double().requires_grad_()
-    b64 = layer.bias.detach().double().requires_grad_() if layer.bias is not None else None
-    y64 = torch.nn.functional.linear(x64, w64, b64)
-    y64.backward(dy.double())
-    return y64, x64.grad, w64.grad, (b64.grad if b64 is not None else None)
-
-
-def dequantised_oracle(layer, x2, dy2):
-    """float64 products of the recipe's quantised operands, computed from the references."""
-    wq, ws = ref.quantize_per_block(layer.weight.detach())
-    w = ref.dequantize_per_block(wq, ws)
-    xq, xs = ref.quantize_per_token_group(x2)
-    y = ref.dequantize_per_token_group(xq, xs) @ w.t()
-    dq, ds = ref.quantize_per_token_group(dy2)
-    dx = ref.dequantize_per_token_group(dq, ds) @ w
-    dtq, dts = ref.quantize_per_token_group(dy2.t().contiguous())
-    xtq, xts = ref.quantize_per_token_group(x2.t().contiguous())
-    dw = ref.dequantize_per_token_group(dtq, dts) @ ref.dequantize_per_token_group(xtq, xts).t()
-    return y, dx, dw
+from fp8_gemm_util import dequantised_oracle, float64_reference
 
 
 @pytest.mark.parametrize("engine", cpu_engines())
