@@ -1,8 +1,9 @@
 """Engine selection: `cuda` for CUDA tensors; `sim` or `reference` for CPU tensors.
 
 The engine follows the tensors' device. For CPU tensors the choice is, in order: the
-innermost `use_backend(...)` context, then FMO_BACKEND, then `sim` where the simulator is
-built (so the kernels' own source is what runs), else `reference`.
+innermost `use_backend(...)` context, then FMO_BACKEND, then `reference`: a model run on
+the CPU gets plain PyTorch. The simulator (`sim`: the kernels' own source on the CPU) is a
+verification tool that tests and kernel developers ask for by name; it is 10-100x slower.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def cpu_engine() -> str:
         if requested == "sim" and not _sim_available():
             raise BackendError("FMO_BACKEND=sim: the simulator extension is not built here (pip install -e . builds it)")
         return requested
-    return "sim" if _sim_available() else "reference"
+    return "reference"
 
 
 def engine_for(**tensors: torch.Tensor) -> str:

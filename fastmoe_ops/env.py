@@ -20,7 +20,7 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("FMO_BACKEND", "", "Engine for CPU tensors: `sim` (kernel source on the CPU SIMT simulator) or `reference` (plain PyTorch). Default: `sim` where the simulator is built, else `reference`. CUDA tensors always use `cuda`."),
+    Variable("FMO_BACKEND", "", "Engine for CPU tensors: `sim` (kernel source on the CPU SIMT simulator) or `reference` (plain PyTorch). Default: `reference`; tests and kernel developers set `sim` (the test suite does). CUDA tensors always use `cuda`."),
     Variable("FMO_CACHE_DIR", "~/.cache/fastmoe_ops", "Disk cache of compiled kernels (cubins and host modules)."),
     Variable("FMO_DEBUG_DUMP", "", "Directory: write each compiled kernel's stub, PTX and SASS there."),
     Variable("FMO_PTXAS_VERBOSE", "0", "1: print ptxas' register/spill report for every compile (nvcc always records it beside the cubin)."),

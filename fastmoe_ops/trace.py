@@ -265,10 +265,20 @@ def _intersection(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
     return total
 
 
+def why_no_kernel_intervals() -> str:
+    """What to change when a trace holds no kernel intervals: the variable that switches
+    tracing on, and the engine that launches kernels for CPU tensors."""
+    if not enabled():
+        return " (FMO_TRACE is not set to 1: kernels record intervals only when it is, before they launch)"
+    return (" (FMO_TRACE=1 is set; CPU tensors launch kernels only on the sim engine: FMO_BACKEND=sim or "
+            "use_backend('sim'); the default `reference` engine runs PyTorch, with nothing to trace)")
+
+
 def _busy(ivs, role: str) -> list[tuple[int, int]]:
     roles = by_role(ivs)
     if role not in roles:
-        raise InputError(f"role {role!r}: expected intervals of it in the trace, got roles {sorted(roles)}")
+        hint = why_no_kernel_intervals() if not any(iv.engine != "host" for iv in ivs) else ""
+        raise InputError(f"role {role!r}: expected intervals of it in the trace, got roles {sorted(roles)}{hint}")
     return roles[role]
 
 

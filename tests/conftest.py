@@ -69,10 +69,34 @@ def _poison_new_tensors(monkeypatch):
     yield
 
 
+def _test_engine() -> str:
+    """The CPU engine every test runs unless it names one: the simulator, so tests exercise
+    the kernels' own source (users' default is `reference`: fastmoe_ops/backends.py)."""
+    return "sim" if "sim" in fastmoe_ops.available_backends() else "reference"
+
+
+# Set at import too, so collection, session fixtures and subprocesses (mpirun children read
+# the same conftest) see it before any per-test fixture runs.
+os.environ["FMO_BACKEND"] = _test_engine()
+
+
 @pytest.fixture(autouse=True)
-def _no_backend_env_leak(monkeypatch):
-    monkeypatch.delenv("FMO_BACKEND", raising=False)
+def _test_backend(monkeypatch):
+    """FMO_BACKEND=sim for every test, whatever the caller's shell had (a leak of either
+    engine into the suite would change what it tests); tests of the default unset it."""
+    monkeypatch.setenv("FMO_BACKEND", _test_engine())
     yield
+
+
+@pytest.fixture
+def tracing(monkeypatch):
+    """FMO_TRACE=1 and an empty trace for the test, cleared after it (CPU and GPU trace tests)."""
+    import fastmoe_ops.trace as ft
+
+    monkeypatch.setenv("FMO_TRACE", "1")
+    ft.clear()
+    yield
+    ft.clear()
 
 
 def pytest_report_header(config):

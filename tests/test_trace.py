@@ -25,14 +25,6 @@ needs_sim = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="si
 TIMEOUT_S = 60.0  # rendezvous bound: generous for a loaded 2-core machine; a hang fails, not blocks
 
 
-@pytest.fixture
-def tracing(monkeypatch):
-    monkeypatch.setenv("FMO_TRACE", "1")
-    ft.clear()
-    yield
-    ft.clear()
-
-
 def iv(role, start, end, name="k"):
     return Interval(name, role, "sim", start, end, 0, 1)
 

@@ -3,7 +3,6 @@
 shows them in flight together. The CPU cases: tests/test_trace.py."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fastmoe_ops.streams as fs
@@ -12,14 +11,6 @@ import fastmoe_ops.trace as ft
 from gpu_util import needs_cuda
 
 pytestmark = needs_cuda
-
-
-@pytest.fixture
-def tracing(monkeypatch):
-    monkeypatch.setenv("FMO_TRACE", "1")
-    ft.clear()
-    yield
-    ft.clear()
 
 
 def test_cuda_comm_and_compute_kernels_intersect(tracing):
