@@ -5,3 +5,4 @@ from .reference.fp8 import dequantize_per_block, dequantize_per_token_group  # n
 from .ops.fp8_gemm import contiguous_alignment, gemm  # noqa: F401
 from .reference.fp8 import calc_diff  # noqa: F401
 from .ops.fp8_gemm_grouped import grouped_gemm_contiguous, grouped_gemm_masked  # noqa: F401
+from .ops import fp8_library  # noqa: F401,E402  (torch.ops.fmo.* for torch.compile)

@@ -97,6 +97,8 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
     w ~= wq * ws[n // bs, k // bs]. Scale = max(finite amax, eps) / 448 (a power of two with
     pow2_scale); +-inf saturates to +-448, NaN gives NaN (0x7f) and does not spread. Bit for
     bit the contract of csrc/quant/fp8_scale.cuh on every engine."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        return torch.ops.fmo.fp8_quant_per_block(w, block_size, pow2_scale, eps)
     _validate(w, block_size, eps)
     engine = backends.engine_for(w=w)
     if engine == "reference":
@@ -179,6 +181,8 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     xs_t [K, ceil(M/group_size)] fp32) with Mp = M rounded up to 16 and zero columns past M:
     bit-identical to quantize_per_token_group(x.t().contiguous()) on the first M columns.
     The wgrad operands of FP8Linear (dW = dy^T x)."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        return torch.ops.fmo.fp8_quant_token_group_transposed(x, group_size, pow2_scale, eps)
     expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
     expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", f"shape {tuple(x.shape)}")
     expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)

@@ -337,6 +337,9 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     ws: [ceil(N/128), ceil(K/128)] fp32 (weight blocks) or [N, ceil(K/128)] (1 x 128 groups).
     K % 16 == 0. out_dtype: bfloat16 or float32; `out` (optional): a preallocated [M, N].
     kernel: "wgmma" | "mma_sync" | None (by device: kernel_for)."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        y = torch.ops.fmo.fp8_gemm(xq, xs, wq, ws, out_dtype, kernel)
+        return y if out is None else out.copy_(y)
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq) and wq.dim() == 2, "wq", "a 2-D float8_e4m3fn tensor [N, K]", f"{getattr(wq, 'dtype', type(wq))} {tuple(getattr(wq, 'shape', ()))}")
     m, k = xq.shape
@@ -360,14 +363,3 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     spec, grid = select("dense", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], kind)
     run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine=engine)
     return out
-
-
-# torch.library registration, so torch.compile traces the GEMM as one opaque op (fullgraph).
-@torch.library.custom_op("fmo::fp8_gemm", mutates_args=())
-def _fp8_gemm_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return gemm(xq, xs, wq, ws, out_dtype)
-
-
-@_fp8_gemm_op.register_fake
-def _(xq, xs, wq, ws, out_dtype):
-    return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)

@@ -54,6 +54,9 @@ def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat1
     """y [M, N]: row m = (xq[m] * xs[m]) @ (wq3[g] * ws3[g])^T with g = m_indices[m]; 0 where g = -1.
     debug=True checks m_indices on the host first (a device sync); without it a group index
     outside [-1, G) makes its tile's rows NaN. kernel: "wgmma" | "mma_sync" | None (by device)."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        y = torch.ops.fmo.fp8_grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype, debug, kernel)
+        return y if out is None else out.copy_(y)
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     m, k = xq.shape
@@ -83,11 +86,22 @@ def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat1
     return out
 
 
+def masked_into(out: torch.Tensor, y: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
+    """out[g, r] = y[g, r] for r < masked_m[g], else out unchanged: the masked GEMM's `out=`
+    semantics from the functional op, without a host read of masked_m (traceable)."""
+    rows = torch.arange(y.shape[1], device=y.device)
+    keep = rows[None, :, None] < masked_m.to(rows.dtype)[:, None, None]  # [G, Mmax, 1]
+    return out.copy_(torch.where(keep, y, out))
+
+
 def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, *, out=None, expected_m: int | None = None,
                         kernel: str | None = None):
     """y [G, Mmax, N]: y[g, :masked_m[g]] = (xq3[g] * xs3[g]) @ (wq3[g] * ws3[g])^T for those rows.
     expected_m: typical rows per group, for the tile heuristic (default Mmax).
     kernel: "wgmma" | "mma_sync" | None (by device)."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        y = torch.ops.fmo.fp8_grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype, expected_m, kernel)
+        return y if out is None else masked_into(out, y, masked_m)
     expect(_is_e4m3(xq3) and xq3.dim() == 3, "xq3", "a 3-D float8_e4m3fn tensor [G, Mmax, K]", f"{getattr(xq3, 'dtype', type(xq3))} {tuple(getattr(xq3, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     groups, mmax, k = xq3.shape

@@ -182,6 +182,8 @@ def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_sca
     x ~= xq * xs. Scale = max(finite amax, eps) / 448 (rounded up to a power of two with
     pow2_scale); +-inf saturates to +-448, NaN gives NaN (0x7f). Bit for bit the contract of
     csrc/quant/fp8_scale.cuh on every engine."""
+    if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        return torch.ops.fmo.fp8_quant_token_group(x, group_size, pow2_scale, eps)
     engine, plan, xq, xs = prepare_quantize_per_token_group(x, group_size, pow2_scale, eps)
     if plan is not None:
         plan.run(engine)
