@@ -1,25 +1,178 @@
-"""Host overhead of a warm call, with pytest-benchmark: everything the library does on the
-host before the kernel runs (validation, engine choice, output allocation, heuristics,
-Params, the compiled-function lookup), for the FP8 quantisation op.
+"""Host time per call of every public op, side by side with a PyTorch elementwise op of the
+same input in the same process: the target is ours / torch <= 1 (the library launches like
+a built-in op).
 
-    python -m pytest bench/overhead_bench.py --benchmark-only -q
+    python -m bench.overhead_bench [--engine cuda|sim|reference] [--calls N]
+    python -m pytest bench/overhead_bench.py --benchmark-only -q   # the FP8 quantiser alone, pytest-benchmark
 
-The target is under 10 microseconds per call. `python -m bench` runs this file and reports
-its median as a row.
+What is timed, per engine (decode-sized inputs: at MoE decode sizes every op is this small):
+- cuda: N warm calls back to back, one synchronisation at the end, divided by N: the host
+  time per call (the kernels, microseconds each, run under it). torch.abs the same way.
+- sim: the whole public call with the simulator's kernel execution skipped (its loaded
+  function replaced by a no-op after the real lookup, and no memory-check ranges computed):
+  validation, engine choice, output allocation, heuristics, Params, the function lookup:
+  what the cuda engine does on the host but reading the current stream and cuLaunchKernel. The outputs are then garbage: this times, it does not check.
+  torch.abs runs its (CPU) kernel, so the ratio is pessimistic for us.
+- reference: the whole public call (PyTorch ops: several per FP8 op, so above 1 by nature).
+`python -m bench` adds these rows ("host_time_per_call") to its table.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+
 import torch
 
-from fastmoe_ops import backends
+import fastmoe_ops as fmo
 from fastmoe_ops.ops import fp8_quant
+from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.runtime import launch
 
+BASELINE = "torch.abs (same input)"
 
-def _host_path(x: torch.Tensor):
-    """The public call's own host path, stopped before the kernel: validation (cached per
+
+def _bf16(*shape, device):
+    g = torch.Generator().manual_seed(sum(shape))
+    return torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
+
+
+def cases(device):
+    """name -> (shape label, our call, the torch op of the same input). Inputs are made once."""
+    x = _bf16(1, 128, device=device)                      # one decode token, one 128-group
+    w = _bf16(128, 128, device=device)
+    xq, xs = (t.to(device) for t in ref.quantize_per_token_group(x.cpu().float()))
+    wq, ws = (t.to(device) for t in ref.quantize_per_block(w.cpu().float()))
+    wq3, ws3 = torch.stack([wq, wq]), torch.stack([ws, ws])
+    xq_c, xs_c = xq.expand(128, 128).contiguous(), xs.expand(128, 1).contiguous()
+    m_indices = torch.tensor([0] * 1 + [-1] * 127, dtype=torch.int32, device=device)
+    xq3, xs3 = xq_c[:32].view(2, 16, 128), xs_c[:32].view(2, 16, 1)
+    masked_m = torch.tensor([1, 0], dtype=torch.int32, device=device)
+    q, k, v = _bf16(1, 1, 8, 128, device=device), _bf16(1, 128, 1, 128, device=device), _bf16(1, 128, 1, 128, device=device)
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 64, 128], dtype=torch.int32, device=device)
+    torch.manual_seed(0)
+    linear = fmo.nn.FP8Linear(128, 128, device=device)
+    k1, v1 = k[0], v[0]
+    q2 = _bf16(2, 8, 128, device=device)
+    return {
+        "fp8.quantize_per_token_group": ("1x128 bf16", lambda: fmo.fp8.quantize_per_token_group(x), x.abs),
+        "fp8.quantize_per_block": ("128x128 bf16", lambda: fmo.fp8.quantize_per_block(w), w.abs),
+        "fp8.quantize_per_token_group_transposed": ("128x128 bf16", lambda: fmo.fp8.quantize_per_token_group_transposed(w), w.abs),
+        "fp8.gemm": ("1x128x128", lambda: fmo.fp8.gemm(xq, xs, wq, ws), x.abs),
+        "fp8.grouped_gemm_contiguous": ("G2 128x128x128", lambda: fmo.fp8.grouped_gemm_contiguous(xq_c, xs_c, wq3, ws3, m_indices), w.abs),
+        "fp8.grouped_gemm_masked": ("G2 16x128x128", lambda: fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m), x.abs),
+        "flash_attn": ("B1 Sq1 Sk128 H8/1 D128", lambda: fmo.flash_attn(q, k, v, causal=True), q.abs),
+        "flash_attn_varlen": ("2 seqs q1 k64 H8/1 D128", lambda: fmo.flash_attn_varlen(q2, k1, v1, cu_q, cu_k, 1, 64, causal=True), q2.abs),
+        "nn.FP8Linear": ("1x128 -> 128", lambda: linear(x), x.abs),
+    }
+
+
+@contextlib.contextmanager
+def sim_kernels_skipped():
+    """The sim engine with each kernel's execution replaced by a no-op (after the real lookup
+    of its loaded function): what remains of a call is its host path."""
+    real = launch.sim_function
+    stubs = {}
+
+    class Skipped:
+        __slots__ = ("num_params",)
+
+        def __init__(self, fn):
+            self.num_params = fn.num_params
+
+        def __call__(self, *args, **kwargs):
+            return None
+
+    def sim_function(spec, traced=False):
+        fn = real(spec, traced)
+        stub = stubs.get(fn)
+        if stub is None:
+            stub = stubs[fn] = Skipped(fn)
+        return stub
+
+    real_span = launch.tensor_span
+    launch.sim_function = sim_function
+    launch.tensor_span = _no_span  # the simulator's memory-check ranges: sim-only bookkeeping
+    try:
+        yield
+    finally:
+        launch.sim_function, launch.tensor_span = real, real_span
+
+
+def _no_span(t):
+    return None
+
+
+def per_call_s(fn, calls: int, device, repeats: int = 5) -> float:
+    """Median over `repeats` of (time of `calls` back-to-back calls + one sync) / calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(min(calls, 50)):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def measure(device, engine: str, calls: int = 2000, only=None):
+    """[(op, shape, ours_s, torch_s)] for every case, ours and torch.abs interleaved per op
+    (same process, same moment: machine noise hits both)."""
+    out = []
+    ctx = contextlib.nullcontext() if engine == "cuda" else fmo.use_backend(engine)
+    skip = sim_kernels_skipped if engine == "sim" else contextlib.nullcontext
+    with ctx:
+        items = cases(device)
+        for name, (shape, ours, theirs) in items.items():
+            if only and name not in only:
+                continue
+            ours()  # compile and load outside the timing (the simulator runs it once, for real)
+            n = calls if engine != "reference" or name.startswith("fp8.quant") else max(calls // 10, 50)
+            with skip():
+                ours_s = per_call_s(ours, n, device)
+            out.append((name, shape, ours_s, per_call_s(theirs, n, device)))
+    return out
+
+
+def rows(device, engine: str, calls: int = 2000):
+    """The measurements as bench harness rows: op "host_time_per_call", the public op in the
+    shape column; speedup = torch / ours (target >= 1, i.e. ours / torch <= 1)."""
+    from .harness import Row
+
+    return [Row("host_time_per_call", f"{name} {shape}", engine, ours_s, BASELINE, torch_s)
+            for name, shape, ours_s, torch_s in measure(device, engine, calls)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.overhead_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=["cuda", "sim", "reference"], action="append",
+                   help="default: cuda on a GPU, else sim and reference")
+    p.add_argument("--calls", type=int, default=2000)
+    args = p.parse_args(argv)
+    on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
+    engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
+    print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")
+    for engine in engines:
+        device = torch.device("cuda" if engine == "cuda" else "cpu")
+        for name, shape, ours_s, torch_s in measure(device, engine, args.calls):
+            print(f"{name:<42} {shape:<26} {engine:<10} {ours_s * 1e6:>7.2f}us {torch_s * 1e6:>8.2f}us {ours_s / torch_s:>10.2f}")
+    return 0
+
+
+# ------------------------------------------------------------------- pytest-benchmark
+
+
+def _host_path(x: torch.Tensor, engine: str):
+    """The FP8 quantiser's host path, stopped before the kernel: validation (cached per
     shape), engine choice, output allocation, Params, then the loaded-function lookup."""
-    engine, plan, _, _ = fp8_quant.prepare_quantize_per_token_group(x, 128, False, 1e-12)
+    _, plan, _, _ = fp8_quant.prepare_quantize_per_token_group(x, 128, False, 1e-12)
     if plan is not None:
         launch.lookup(plan.spec, engine, x.device)  # warm: one dictionary lookup
     return plan
@@ -27,11 +180,16 @@ def _host_path(x: torch.Tensor):
 
 def test_fp8_quant_host_overhead(benchmark):
     x = torch.randn(64, 1024).to(torch.bfloat16)
-    if torch.cuda.is_available() and "cuda" in backends.available_backends():
+    if torch.cuda.is_available() and "cuda" in fmo.available_backends():
         x, engine = x.cuda(), "cuda"  # the GPU path: CUDA tensors, the loaded-cubin lookup
     else:
-        engine = backends.cpu_engine()
-    if engine != "reference":
-        _host_path(x).run(engine)  # compile and load outside the timing
-    benchmark.extra_info["engine"] = engine
-    benchmark(_host_path, x)
+        engine = "sim" if "sim" in fmo.available_backends() else "reference"
+    with fmo.use_backend(engine) if engine != "cuda" else contextlib.nullcontext():
+        if engine != "reference":
+            _host_path(x, engine).run(engine)  # compile and load outside the timing
+        benchmark.extra_info["engine"] = engine
+        benchmark(_host_path, x, engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
