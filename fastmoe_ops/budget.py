@@ -79,6 +79,12 @@ def sm_budget(device: torch.device | int | None = None) -> SmBudget:
     return SmBudget(num_sms=num, comm_sms=min(comm, num - 1), comm_in_flight=_in_flight > 0)
 
 
+def budget_state() -> tuple:
+    """What sm_budget() reads besides the device, without reading the device: a plan cache's
+    key part (fastmoe_ops/runtime/plans.py), cheap enough for every call."""
+    return (_comm_sms, env.raw("FMO_COMM_SMS"), _in_flight > 0)
+
+
 @contextlib.contextmanager
 def comm_sms(n: int):
     """Temporarily reserve `n` SMs for communication."""

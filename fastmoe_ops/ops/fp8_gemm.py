@@ -24,6 +24,7 @@ from ..budget import sm_budget
 from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
+from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 
 BLOCK_K = 128                       # the scale block along K (one promotion per block)
@@ -310,17 +311,46 @@ def b_scale_kind(ws: torch.Tensor, n: int) -> str:
     return "blk128" if ws.shape[-2] == -(-n // 128) else "row"
 
 
+@dataclass(slots=True)
+class GemmPlan:
+    """One GEMM call's launch, but for the pointers: what its signature fixes (built once per
+    signature by the launchers, runtime/plans.py). spec None: nothing to launch (an empty
+    output, or zeros when K == 0 or there are no groups)."""
+
+    engine: str
+    out_shape: tuple
+    device: torch.device
+    b_scale_rows: int = 128                  # reference plans: 128 (blocks) or 1 (rows); kernel plans: ws rows
+    spec: KernelSpec | None = None
+    config: LaunchConfig | None = None
+    params: Fp8GemmParams | None = None      # every field but the pointers; copied per call
+    zero: bool = False
+
+    @staticmethod
+    def make(spec, grid, *, engine, m, n, k, b_scale_rows, groups=1, out_shape=None, device=None) -> "GemmPlan":
+        params = Fp8GemmParams(m=m, n=n, k=k, k_blocks=-(-k // BLOCK_K), b_scale_rows=b_scale_rows, num_groups=groups)
+        config = LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes())
+        return GemmPlan(engine, out_shape, device, b_scale_rows, spec, config, params)
+
+    def run(self, out, a, a_scale, b, b_scale, m_indices=None, masked_m=None) -> torch.Tensor:
+        if self.spec is None:
+            return out.zero_() if self.zero else out
+        p = Fp8GemmParams.from_buffer_copy(self.params)
+        p.a, p.a_scale, p.b, p.b_scale, p.out = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), out.data_ptr()
+        tensors = (a, a_scale, b, b_scale, out)
+        if m_indices is not None:
+            p.m_indices, tensors = m_indices.data_ptr(), tensors + (m_indices,)
+        if masked_m is not None:
+            p.masked_m, tensors = masked_m.data_ptr(), tensors + (masked_m,)
+        launch(self.spec, self.config, p, engine=self.engine, tensors=tensors)
+        return out
+
+
 def run_kernel(spec: Fp8GemmSpec, *, grid, a, a_scale, b, b_scale, out, m, n, k, groups=1, m_indices=None, masked_m=None,
                engine: str) -> None:
-    params = Fp8GemmParams(
-        a=a.data_ptr(), a_scale=a_scale.data_ptr(), b=b.data_ptr(), b_scale=b_scale.data_ptr(), out=out.data_ptr(),
-        m_indices=m_indices.data_ptr() if m_indices is not None else 0,
-        masked_m=masked_m.data_ptr() if masked_m is not None else 0,
-        m=m, n=n, k=k, k_blocks=-(-k // BLOCK_K), b_scale_rows=b_scale.shape[-2], num_groups=groups,
-    )
-    tensors = tuple(t for t in (a, a_scale, b, b_scale, out, m_indices, masked_m) if t is not None)
-    launch(spec, LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes()), params,
-           engine=engine, tensors=tensors)
+    """One launch of `spec` (tests launch chosen specs directly through this)."""
+    GemmPlan.make(spec, grid, engine=engine, m=m, n=n, k=k, b_scale_rows=b_scale.shape[-2], groups=groups).run(
+        out, a, a_scale, b, b_scale, m_indices, masked_m)
 
 
 def validate_out(out, shape: tuple, out_dtype, device) -> None:
@@ -340,6 +370,23 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         y = torch.ops.fmo.fp8_gemm(xq, xs, wq, ws, out_dtype, kernel)
         return y if out is None else out.copy_(y)
+    plan = _plans.get(_plans.key(("dense", out_dtype, kernel), (xq, xs, wq, ws)),
+                      lambda: _dense_plan(xq, xs, wq, ws, out_dtype, kernel))
+    if out is not None:
+        validate_out(out, plan.out_shape, out_dtype, xq.device)
+    if plan.engine == "reference":
+        y = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, b_scale_rows=plan.b_scale_rows)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=out_dtype, device=plan.device)
+    return plan.run(out, xq, xs, wq, ws)
+
+
+_plans = PlanCache()
+
+
+def _dense_plan(xq, xs, wq, ws, out_dtype, kernel) -> GemmPlan:
+    """Validation, engine and kernel choice of a dense GEMM: once per signature."""
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq) and wq.dim() == 2, "wq", "a 2-D float8_e4m3fn tensor [N, K]", f"{getattr(wq, 'dtype', type(wq))} {tuple(getattr(wq, 'shape', ()))}")
     m, k = xq.shape
@@ -349,17 +396,8 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     validate_common(k, out_dtype)
     engine = backends.engine_for(xq=xq, xs=xs, wq=wq, ws=ws)
     kind = b_scale_kind(ws, n)
-    if out is not None:
-        validate_out(out, (m, n), out_dtype, xq.device)
-    if engine == "reference":
-        y = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, b_scale_rows=B_SCALES[kind])
-        return y if out is None else out.copy_(y)
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    if m * n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
+    if engine == "reference" or m * n == 0 or k == 0:
+        return GemmPlan(engine, (m, n), xq.device, B_SCALES[kind], zero=k == 0)
     spec, grid = select("dense", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], kind)
-    run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k, engine=engine)
-    return out
+    return GemmPlan.make(spec, grid, engine=engine, m=m, n=n, k=k, b_scale_rows=ws.shape[-2], out_shape=(m, n),
+                         device=xq.device)

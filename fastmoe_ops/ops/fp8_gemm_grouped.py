@@ -19,7 +19,8 @@ import torch
 from .. import backends
 from ..errors import expect
 from ..reference import fp8 as reference
-from .fp8_gemm import (OUT_DTYPES, _is_e4m3, contiguous_alignment, kernel_for, run_kernel, select, validate_common,
+from ..runtime.plans import PlanCache
+from .fp8_gemm import (OUT_DTYPES, GemmPlan, _is_e4m3, contiguous_alignment, kernel_for, select, validate_common,
                        validate_operand, validate_out)
 
 
@@ -57,6 +58,25 @@ def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat1
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         y = torch.ops.fmo.fp8_grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype, debug, kernel)
         return y if out is None else out.copy_(y)
+    plan = _plans.get(_plans.key(("contiguous", out_dtype, kernel), (xq, xs, wq3, ws3, m_indices)),
+                      lambda: _contiguous_plan(xq, xs, wq3, ws3, m_indices, out_dtype, kernel))
+    if out is not None:
+        validate_out(out, plan.out_shape, out_dtype, xq.device)
+    if debug:
+        check_m_indices(m_indices, wq3.shape[0])
+    if plan.engine == "reference":
+        y = reference.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=out_dtype, device=plan.device)
+    return plan.run(out, xq, xs, wq3, ws3, m_indices=m_indices)
+
+
+_plans = PlanCache()
+
+
+def _contiguous_plan(xq, xs, wq3, ws3, m_indices, out_dtype, kernel) -> GemmPlan:
+    """Validation, engine and kernel choice of a contiguous grouped GEMM: once per signature."""
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     m, k = xq.shape
@@ -65,25 +85,13 @@ def grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype=torch.bfloat1
     validate_operand(wq3, ws3, "wq3", "ws3", (groups,), n, k, (-(-n // 128),))
     validate_common(k, out_dtype)
     _validate_int_vector(m_indices, "m_indices", m, xq.device)
-    if out is not None:
-        validate_out(out, (m, n), out_dtype, xq.device)
-    if debug:
-        check_m_indices(m_indices, groups)
     engine = backends.engine_for(xq=xq, xs=xs, wq3=wq3, ws3=ws3, m_indices=m_indices)
-    if engine == "reference":
-        y = reference.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype)
-        return y if out is None else out.copy_(y)
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    if m * n == 0:
-        return out
-    if groups == 0 or k == 0:  # nothing to multiply: every row is 0 (or padding)
-        return out.zero_()
+    if engine == "reference" or m * n == 0 or groups == 0 or k == 0:  # no groups or K: every row is 0 (or padding)
+        return GemmPlan(engine, (m, n), xq.device, zero=groups == 0 or k == 0)
     spec, grid = select("contiguous", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], "blk128",
                         groups=groups)
-    run_kernel(spec, grid=grid, a=xq, a_scale=xs, b=wq3, b_scale=ws3, out=out, m=m, n=n, k=k, groups=groups,
-               m_indices=m_indices, engine=engine)
-    return out
+    return GemmPlan.make(spec, grid, engine=engine, m=m, n=n, k=k, b_scale_rows=ws3.shape[-2], groups=groups,
+                         out_shape=(m, n), device=xq.device)
 
 
 def masked_into(out: torch.Tensor, y: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
@@ -102,6 +110,20 @@ def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, 
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         y = torch.ops.fmo.fp8_grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype, expected_m, kernel)
         return y if out is None else masked_into(out, y, masked_m)
+    plan = _plans.get(_plans.key(("masked", out_dtype, kernel, expected_m), (xq3, xs3, wq3, ws3, masked_m)),
+                      lambda: _masked_plan(xq3, xs3, wq3, ws3, masked_m, out_dtype, expected_m, kernel))
+    if out is not None:
+        validate_out(out, plan.out_shape, out_dtype, xq3.device)
+    if plan.engine == "reference":
+        y = reference.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype)
+        return y if out is None else masked_into(out, y, masked_m)
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=out_dtype, device=plan.device)
+    return plan.run(out, xq3, xs3, wq3, ws3, masked_m=masked_m)
+
+
+def _masked_plan(xq3, xs3, wq3, ws3, masked_m, out_dtype, expected_m, kernel) -> GemmPlan:
+    """Validation, engine and kernel choice of a masked grouped GEMM: once per signature."""
     expect(_is_e4m3(xq3) and xq3.dim() == 3, "xq3", "a 3-D float8_e4m3fn tensor [G, Mmax, K]", f"{getattr(xq3, 'dtype', type(xq3))} {tuple(getattr(xq3, 'shape', ()))}")
     expect(_is_e4m3(wq3) and wq3.dim() == 3, "wq3", "a 3-D float8_e4m3fn tensor [G, N, K]", f"{getattr(wq3, 'dtype', type(wq3))} {tuple(getattr(wq3, 'shape', ()))}")
     groups, mmax, k = xq3.shape
@@ -111,25 +133,10 @@ def grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype=torch.bfloat16, 
     validate_operand(wq3, ws3, "wq3", "ws3", (groups,), n, k, (-(-n // 128),))
     validate_common(k, out_dtype)
     _validate_int_vector(masked_m, "masked_m", groups, xq3.device)
-    if out is not None:
-        validate_out(out, (groups, mmax, n), out_dtype, xq3.device)
     engine = backends.engine_for(xq3=xq3, xs3=xs3, wq3=wq3, ws3=ws3, masked_m=masked_m)
-    if engine == "reference":
-        y = reference.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype)
-        if out is None:
-            return y
-        for g in range(groups):
-            r = max(0, min(int(masked_m[g]), mmax))
-            out[g, :r] = y[g, :r]
-        return out
-    if out is None:
-        out = torch.empty(groups, mmax, n, dtype=out_dtype, device=xq3.device)
-    if groups * mmax * n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
+    if engine == "reference" or groups * mmax * n == 0 or k == 0:
+        return GemmPlan(engine, (groups, mmax, n), xq3.device, zero=k == 0)
     spec, grid = select("masked", kernel or kernel_for(engine, xq3.device), mmax, n, k, OUT_DTYPES[out_dtype], "blk128",
                         groups=groups, heuristic_m=expected_m)
-    run_kernel(spec, grid=grid, a=xq3, a_scale=xs3, b=wq3, b_scale=ws3, out=out, m=mmax, n=n, k=k, groups=groups,
-               masked_m=masked_m, engine=engine)
-    return out
+    return GemmPlan.make(spec, grid, engine=engine, m=mmax, n=n, k=k, b_scale_rows=ws3.shape[-2], groups=groups,
+                         out_shape=(groups, mmax, n), device=xq3.device)
