@@ -54,7 +54,7 @@ def cases(device):
     cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 64, 128], dtype=torch.int32, device=device)
     torch.manual_seed(0)
-    linear = fmo.nn.FP8Linear(128, 128, device=device)
+    linear = fmo.nn.FP8Linear(128, 128, device=device).requires_grad_(False)  # inference: no autograd node
     k1, v1 = k[0], v[0]
     q2 = _bf16(2, 8, 128, device=device)
     return {

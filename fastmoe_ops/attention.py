@@ -84,10 +84,21 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_sc
 
     q: [B, Sq, Hq, D], k, v: [B, Sk, Hkv, D] bf16/fp16 -> out [B, Sq, Hq, D]
     (and lse [B, Hq, Sq] fp32 with return_lse)."""
-    launcher.validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
     expect(isinstance(causal, bool), "causal", "a bool", causal)
-    out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, causal, _scale(q, softmax_scale))
+    if _needs_autograd(q, k, v):
+        launcher.validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
+        out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, causal, _scale(q, softmax_scale))
+    else:  # inference: the launcher (validation cached per signature) without the dispatcher's round trip
+        out, lse = launcher.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return (out, lse) if return_lse else out
+
+
+def _needs_autograd(q, k, v) -> bool:
+    """Whether the call goes through the custom op: when dynamo traces it (one graph node),
+    or when autograd records it (register_autograd's backward). Otherwise the op's own
+    implementation runs directly: a custom op's dispatch costs ~10 us of host time a call."""
+    return torch.compiler.is_compiling() or torch.is_grad_enabled() and (
+        getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False))
 
 
 # ----------------------------------------------------------------------------- varlen
@@ -146,10 +157,14 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     """Packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens int32 [B + 1]
     (non-decreasing from 0; empty sequences allowed) -> out [total_q, Hq, D]
     (and lse [Hq, total_q] fp32 with return_lse). Sequence b attends only within itself."""
+    expect(isinstance(causal, bool), "causal", "a bool", causal)
+    if not _needs_autograd(q, k, v):  # inference: the launcher directly (it validates)
+        out, lse = launcher.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        return (out, lse) if return_lse else out
     if not torch.compiler.is_compiling():  # compiled: the op validates when it runs (the offsets are data)
         launcher.validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
-    expect(isinstance(causal, bool), "causal", "a bool", causal)
     out, lse = torch.ops.fmo.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                    int(max_seqlen_k), causal, _scale(q, softmax_scale))
     return (out, lse) if return_lse else out

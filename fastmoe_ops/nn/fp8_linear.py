@@ -40,18 +40,23 @@ def _grads(*grads, inputs: int):
     return grads + (None,) * (inputs - len(grads))
 
 
+def _forward(x, bias, wq, ws):
+    """y = x W^T + b: x quantised per 1 x 128 group, the GEMM in fp32, cast to x's dtype."""
+    out_dtype = _OUT[x.dtype]
+    xq, xs = quantize_per_token_group(x, 128)
+    y = gemm(xq, xs, wq, ws, out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias.to(out_dtype)
+    return y.to(x.dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, wq, ws):
-        out_dtype = _OUT[x.dtype]
-        xq, xs = quantize_per_token_group(x, 128)
-        y = gemm(xq, xs, wq, ws, out_dtype=out_dtype)
-        if bias is not None:
-            y = y + bias.to(out_dtype)
         ctx.save_for_backward(x, wq, ws)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
-        return y.to(x.dtype)
+        return _forward(x, bias, wq, ws)
 
     @staticmethod
     def backward(ctx, dy):
@@ -102,11 +107,16 @@ class FP8Linear(torch.nn.Module):
         return self._fp8_weight.get(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect(x.shape[-1] == self.in_features, "x", f"last dimension {self.in_features}", tuple(x.shape))
+        expect(x.shape[-1] == self.in_features, "x", f"last dimension {self.in_features}", lambda: tuple(x.shape))
         expect(x.dtype in _OUT, "x", "dtype bfloat16, float16 or float32", x.dtype)
         lead = x.shape[:-1]
         wq, ws = self.quantized_weight()
-        y = _FP8LinearFunction.apply(x.reshape(-1, self.in_features).contiguous(), self.weight, self.bias, wq, ws)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or
+                                        self.bias is not None and self.bias.requires_grad):
+            y = _FP8LinearFunction.apply(x2, self.weight, self.bias, wq, ws)
+        else:  # inference: no autograd node to build (a few microseconds of host time a call)
+            y = _forward(x2, self.bias, wq, ws)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

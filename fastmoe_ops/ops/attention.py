@@ -27,6 +27,7 @@ from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import attention as reference
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, Plan
+from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -313,12 +314,24 @@ def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tens
 # ------------------------------------------------------------------------ entry points
 
 
+# Dense signatures validated before: everything `validate` checks for them is a function of
+# (q, k, v's dtype, shape, strides, device) and softmax_scale (a NaN never equals itself:
+# it is refused every time).
+_validated = PlanCache()
+_SCALE_TYPES = (float, int, type(None))
+
+
 def attention_forward(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None):
     """(out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, total_q]); validated here."""
     varlen = cu_seqlens_q is not None
-    validate(q, k, v, varlen=varlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    if varlen:  # the offsets are data: checked every call
+        validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    else:
+        key = _validated.key(("dense", softmax_scale, softmax_scale.__class__), (q, k, v)) \
+            if softmax_scale.__class__ in _SCALE_TYPES else None  # (a list would not hash: validate refuses it)
+        _validated.get(key, lambda: validate(q, k, v, varlen=False, softmax_scale=softmax_scale) or True)
     engine = backends.engine_for(q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if engine == "reference":  # contiguous, as the kernels' outputs (and the fake impls) are
