@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # for the trace-rule table built below
 
 import fastmoe_ops
 
@@ -52,6 +53,12 @@ def assert_bitwise_equal(out: torch.Tensor, ref: torch.Tensor, what: str, seed=N
             f"{what}: {int(diff.sum())} of {out.numel()} elements differ bitwise; first at {tuple(int(c) for c in coord)}: "
             f"got {out[coord].item()!r}, want {ref[coord].item()!r} (shape {tuple(out.shape)}, seed {seed})"
         )
+
+
+# torch.compile's table of torch functions is built once, on first use, by looking each one
+# up by name: built while the fixture below has torch.empty patched, it would hold the patch
+# and miss the real function, which dynamo then refuses to trace. Build it before any patch.
+torch._dynamo.trace_rules.get_torch_obj_rule_map()
 
 
 @pytest.fixture(autouse=True)

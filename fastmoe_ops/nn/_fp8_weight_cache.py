@@ -16,6 +16,10 @@ class Fp8WeightCache:
         self._value = None
 
     def get(self, w: torch.Tensor):
+        if torch.compiler.is_compiling():
+            # A compiled graph quantises the weight itself (one node): it cannot keep Python
+            # state keyed on the weight's version and address, and must see every optimizer step.
+            return self._quantize(w.detach())
         key = (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
         if key != self._key:
             with torch.no_grad():

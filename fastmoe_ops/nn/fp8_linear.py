@@ -99,11 +99,7 @@ class FP8Linear(torch.nn.Module):
 
     def quantized_weight(self):
         """(wq [N, K] e4m3, ws [ceil(N/128), ceil(K/128)] fp32), re-quantised only when the
-        weight changed since the last call. Under torch.compile the graph quantises the weight
-        itself (one fmo::fp8_quant_per_block node): a compiled graph cannot keep Python state
-        keyed on the weight's version and address, and must see each optimizer step."""
-        if torch.compiler.is_compiling():
-            return quantize_per_block(self.weight.detach(), 128)
+        weight changed since the last call (under torch.compile: in the graph, every call)."""
         return self._fp8_weight.get(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
