@@ -100,3 +100,54 @@ def test_a_bad_call_caches_nothing():
         fmo.fp8.gemm(xq, xs.double(), wq, ws)
     assert len(fp8_gemm._plans._plans) == before
     assert fp8_gemm_grouped._plans is not fp8_gemm._plans
+
+
+def test_warm_attention_still_refuses_bad_input_and_follows_options():
+    from attention_util import make_inputs
+    from fastmoe_ops.reference import attention as ref_attn
+
+    q, k, v, _ = make_inputs(1, 5, 9, 2, 1, 64, torch.bfloat16, 35)
+    with fmo.use_backend("sim"):
+        for _ in range(2):
+            fmo.flash_attn(q, k, v, causal=True)   # cached
+        with pytest.raises(fmo.InputError, match="^v: expected"):
+            fmo.flash_attn(q, k, v.float())
+        with pytest.raises(fmo.InputError, match="^k: expected"):
+            fmo.flash_attn(q, torch.empty(1, 9, 1, 128, dtype=k.dtype)[..., ::2].copy_(k), v)  # same shape, strided
+        with pytest.raises(fmo.InputError, match="^softmax_scale: expected"):
+            fmo.flash_attn(q, k, v, softmax_scale=float("nan"))
+        with pytest.raises(fmo.InputError, match="^softmax_scale: expected"):
+            fmo.flash_attn(q, k, v, softmax_scale=[0.1])
+        got = {c: fmo.flash_attn(q, k, v, causal=c, softmax_scale=0.3) for c in (True, False)}
+        unaligned = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape).copy_(q)   # 2-byte offset: cloned
+        again = fmo.flash_attn(unaligned, k, v, causal=True, softmax_scale=0.3)
+        with fmo.use_backend("reference"):
+            ref = {c: fmo.flash_attn(q, k, v, causal=c, softmax_scale=0.3) for c in (True, False)}
+    for c in (True, False):
+        want, _ = ref_attn.attention(q.double(), k.double(), v.double(), causal=c, softmax_scale=0.3)
+        for name, y in (("sim", got[c]), ("reference", ref[c])):
+            err = (y.double() - want).abs().max().item()
+            assert err < 2e-2, f"causal={c} {name}: max error {err} (seed 35)"
+    assert torch.equal(again, got[True]), "an unaligned q (copied to an aligned buffer) must give the same result"
+
+
+@pytest.mark.parametrize("name", ["quantize_per_block", "quantize_per_token_group_transposed"])
+def test_warm_quantisers_keep_validation_and_follow_alignment(name):
+    from fastmoe_ops.reference import fp8 as ref
+
+    fn, reffn = getattr(fmo.fp8, name), getattr(ref, name)
+    g = torch.Generator().manual_seed(36)
+    base = torch.randn(48, 264, generator=g).to(torch.bfloat16)
+    dense = base[:, :256].contiguous()
+    shifted = base.reshape(-1)[1:1 + 48 * 256].view(48, 256)   # 2-byte offset: the unvectorised variant
+    with fmo.use_backend("sim"):
+        for x in (dense, shifted, base[:, :256], dense):
+            q, s = fn(x, 32)
+            rq, rs = reffn(x, 32)
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs), \
+                f"{name}: strides {x.stride()}, offset {x.storage_offset()} (seed 36)"
+        for bad, arg in ((dict(eps=float("nan")), "eps"), (dict(eps=1), "eps"), (dict(pow2_scale=1), "pow2_scale")):
+            with pytest.raises(fmo.InputError, match=f"^{arg}: expected"):
+                fn(dense, 32, **bad)
+        with pytest.raises(fmo.InputError):
+            fn(dense, [32])   # unhashable: no key, validation refuses it

@@ -26,7 +26,7 @@ import torch
 from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import attention as reference
-from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, Plan
+from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, Plan, launch
 from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 
@@ -273,16 +273,48 @@ def _grid(n: int, block: int) -> int:
     return -(-n // block)
 
 
+@dataclass(slots=True)
+class ForwardLaunch:
+    """The forward's launch but for the pointers: what the problem's shapes, causal and scale
+    fix (dense calls keep one per signature). spec None: nothing to launch."""
+
+    out_shape: tuple
+    lse_shape: tuple
+    spec: AttnSpec | None = None
+    config: LaunchConfig | None = None
+    params: AttnParams | None = None   # pointers are overwritten per call
+
+    def run(self, q, k, v, engine: str, cu_q=None, cu_k=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k, v: [rows, H, D] contiguous and aligned (_rows) -> (out [rows_q, Hq, Dv], lse)."""
+        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        if self.spec is None:
+            return out, lse
+        p = AttnParams.from_buffer_copy(self.params)
+        p.q, p.k, p.v, p.o, p.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()
+        tensors = (q, k, v, out, lse)
+        if cu_q is not None:
+            p.cu_seqlens_q, p.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
+            tensors += (cu_q, cu_k)
+        launch(self.spec, self.config, p, engine=engine, tensors=tensors)
+        return out, lse
+
+
+def forward_launch(pb: Problem) -> ForwardLaunch:
+    hq = pb.q.shape[1]
+    out_shape = (pb.q.shape[0], hq, pb.v.shape[2])
+    if pb.q.shape[0] * hq * pb.v.shape[2] == 0 or pb.batch == 0 or pb.seqlen_q == 0:
+        return ForwardLaunch(out_shape, pb.lse_shape)
+    bm = TILES[("fwd", pb.q.shape[2])][0]
+    spec = choose_spec("fwd", pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
+    config = LaunchConfig.make(grid=(_grid(pb.seqlen_q, bm), hq, pb.batch), block=spec.block_threads(),
+                               shared_mem=spec.smem_bytes())
+    return ForwardLaunch(out_shape, pb.lse_shape, spec, config, pb.params())
+
+
 def forward(pb: Problem, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [rows_q, Hq, Dv], lse in pb.lse_shape) on a kernel engine."""
-    hq = pb.q.shape[1]
-    out = torch.empty(pb.q.shape[0], hq, pb.v.shape[2], dtype=pb.q.dtype, device=pb.q.device)
-    lse = torch.empty(pb.lse_shape, dtype=torch.float32, device=pb.q.device)
-    if out.numel() == 0 or pb.batch == 0 or pb.seqlen_q == 0:
-        return out, lse
-    bm = TILES[("fwd", pb.q.shape[2])][0]
-    pb.plan("fwd", (_grid(pb.seqlen_q, bm), hq, pb.batch), (out, lse), o=out, lse=lse).run(engine)
-    return out, lse
+    return forward_launch(pb).run(pb.q, pb.k, pb.v, engine, pb.cu_q, pb.cu_k)
 
 
 def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str):
@@ -314,10 +346,7 @@ def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tens
 # ------------------------------------------------------------------------ entry points
 
 
-# Dense signatures validated before: everything `validate` checks for them is a function of
-# (q, k, v's dtype, shape, strides, device) and softmax_scale (a NaN never equals itself:
-# it is refused every time).
-_validated = PlanCache()
+_dense = PlanCache()   # dense forward signatures: False (reference engine) or their ForwardLaunch
 _SCALE_TYPES = (float, int, type(None))
 
 
@@ -325,13 +354,16 @@ def attention_forward(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q
                       max_seqlen_q=None, max_seqlen_k=None):
     """(out like q, lse fp32: dense [B, Hq, Sq], varlen [Hq, total_q]); validated here."""
     varlen = cu_seqlens_q is not None
-    if varlen:  # the offsets are data: checked every call
+    if not varlen:  # validation and the launch but for the pointers: once per signature
+        key = _dense.key((causal, softmax_scale, softmax_scale.__class__), (q, k, v)) \
+            if softmax_scale.__class__ in _SCALE_TYPES else None  # (a list would not hash: validate refuses it)
+        fl = _dense.get(key, lambda: _dense_forward(q, k, v, causal, softmax_scale))
+        if fl is not False:  # a kernel engine (the key's, when cached)
+            out, lse = fl.run(_rows(q), _rows(k), _rows(v), "cuda" if q.is_cuda else backends.cpu_engine())
+            return out.reshape(*q.shape[:-1], v.shape[-1]), lse
+    else:  # the offsets are data: checked every call
         validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
-    else:
-        key = _validated.key(("dense", softmax_scale, softmax_scale.__class__), (q, k, v)) \
-            if softmax_scale.__class__ in _SCALE_TYPES else None  # (a list would not hash: validate refuses it)
-        _validated.get(key, lambda: validate(q, k, v, varlen=False, softmax_scale=softmax_scale) or True)
     engine = backends.engine_for(q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if engine == "reference":  # contiguous, as the kernels' outputs (and the fake impls) are
@@ -344,6 +376,18 @@ def attention_forward(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     out, lse = forward(pb, engine)
     return out.reshape(*q.shape[:-1], v.shape[-1]), lse
+
+
+def _dense_forward(q, k, v, causal, softmax_scale):
+    """A dense signature's first call: validate; False on the reference engine, else the
+    ForwardLaunch (everything validate checks, the kernel and its Params are functions of
+    q, k, v's dtype, shape, strides and device, causal and softmax_scale; a NaN scale never
+    equals itself, so it is refused every time)."""
+    validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
+    if backends.engine_for(q=q, k=k, v=v) == "reference":
+        return False
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return forward_launch(problem(q, k, v, causal=causal, softmax_scale=scale))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,

@@ -17,6 +17,7 @@ from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
 from ..runtime.launch import LaunchConfig, launch
+from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op
 from .fp8_quant import validate_eps
 
@@ -99,22 +100,63 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
     bit the contract of csrc/quant/fp8_scale.cuh on every engine."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         return torch.ops.fmo.fp8_quant_per_block(w, block_size, pow2_scale, eps)
-    _validate(w, block_size, eps)
-    engine = backends.engine_for(w=w)
-    if engine == "reference":
+    plan = _plans.get(_plans.key(_options("block", w, block_size, pow2_scale, eps), (w,)),
+                      lambda: _block_plan(w, block_size, pow2_scale, eps))
+    if plan.engine == "reference":
         return reference.quantize_per_block(w, block_size, pow2_scale=pow2_scale, eps=eps)
+    return plan.run(w)
+
+
+def _block_plan(w, block_size, pow2_scale, eps) -> "QuantPlan":
+    _validate(w, block_size, eps)
+    expect(pow2_scale.__class__ is bool, "pow2_scale", "a bool", lambda: type(pow2_scale).__name__)
+    engine = backends.engine_for(w=w)
     n, k = w.shape
     nb, kb = -(-n // block_size), -(-k // block_size)
-    wq = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
-    ws = torch.empty(nb, kb, dtype=torch.float32, device=w.device)
-    if nb * kb == 0:
-        return wq, ws
-    spec = choose_spec(w, block_size, pow2_scale)
-    params = Fp8BlockQuantParams(w=w.data_ptr(), wq=wq.data_ptr(), ws=ws.data_ptr(), rows=n, cols=k,
-                                 w_row_stride=w.stride(0), min_amax=eps, reserved=0)
+    plan = QuantPlan(engine, (n, k), (nb, kb), w.device)
+    if engine == "reference" or nb * kb == 0:
+        return plan
     expect(nb <= 65535, "w", "at most 65535 * block_size rows", n)
-    launch(spec, LaunchConfig.make(grid=(kb, nb), block=spec.block_threads()), params, engine=engine, tensors=(w, wq, ws))
-    return wq, ws
+    spec = choose_spec(w, block_size, pow2_scale)
+    plan.spec, plan.config = spec, LaunchConfig.make(grid=(kb, nb), block=spec.block_threads())
+    plan.params = Fp8BlockQuantParams(rows=n, cols=k, w_row_stride=w.stride(0), min_amax=eps, reserved=0)
+    return plan
+
+
+@dataclass(slots=True)
+class QuantPlan:
+    """A quantiser call but for its three pointers (input, values, scales): what the call's
+    signature fixes. spec None: nothing to launch (reference engine, or an empty output)."""
+
+    engine: str
+    q_shape: tuple
+    s_shape: tuple
+    device: torch.device
+    spec: KernelSpec | None = None
+    config: LaunchConfig | None = None
+    params: Params | None = None      # every field but the pointers (the first three)
+
+    def run(self, x):
+        q = torch.empty(self.q_shape, dtype=torch.float8_e4m3fn, device=self.device)
+        s = torch.empty(self.s_shape, dtype=torch.float32, device=self.device)
+        if self.spec is None:
+            return q, s
+        p = type(self.params).from_buffer_copy(self.params)
+        (a, _), (b, _), (c, _) = p._fields_[:3]
+        setattr(p, a, x.data_ptr()), setattr(p, b, q.data_ptr()), setattr(p, c, s.data_ptr())
+        launch(self.spec, self.config, p, engine=self.engine, tensors=(x, q, s))
+        return q, s
+
+
+def _options(kind, x, size, pow2_scale, eps) -> tuple:
+    """The options of a quantiser's key: the values and their classes (128.0 or 1 must not hit
+    the entry of 128 or True; a NaN eps never equals itself), and x's 16-byte alignment (the
+    kernel's vector width). Everything its validation checks is a function of the key."""
+    aligned = x.data_ptr() & 15 == 0 if x.__class__ is torch.Tensor else None
+    return (kind, size, size.__class__, pow2_scale, pow2_scale.__class__, eps, eps.__class__, aligned)
+
+
+_plans = PlanCache()
 
 
 # --------------------------------------------- transposed per-token-group (wgrad operands)
@@ -183,28 +225,33 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     The wgrad operands of FP8Linear (dW = dy^T x)."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         return torch.ops.fmo.fp8_quant_token_group_transposed(x, group_size, pow2_scale, eps)
+    plan = _plans.get(_plans.key(_options("transposed", x, group_size, pow2_scale, eps), (x,)),
+                      lambda: _transposed_plan(x, group_size, pow2_scale, eps))
+    if plan.engine == "reference":
+        return reference.quantize_per_token_group_transposed(x, group_size, pow2_scale=pow2_scale, eps=eps)
+    return plan.run(x)
+
+
+def _transposed_plan(x, group_size, pow2_scale, eps) -> QuantPlan:
     expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
     expect(x.dim() == 2, "x", "a 2-D tensor [M, K]", f"shape {tuple(x.shape)}")
     expect(x.dtype in _DTYPES, "x", "dtype bfloat16, float16 or float32", x.dtype)
     expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "a contiguous last dimension (stride 1)", f"strides {x.stride()}")
     expect(group_size in TRANSPOSED_GROUPS, "group_size", f"one of {TRANSPOSED_GROUPS}", group_size)
     validate_eps(eps)
+    expect(pow2_scale.__class__ is bool, "pow2_scale", "a bool", lambda: type(pow2_scale).__name__)
     engine = backends.engine_for(x=x)
-    if engine == "reference":
-        return reference.quantize_per_token_group_transposed(x, group_size, pow2_scale=pow2_scale, eps=eps)
     m, k = x.shape
     mp, groups = -(-m // 16) * 16, -(-m // group_size)
-    xq_t = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=x.device)
-    xs_t = torch.empty(k, groups, dtype=torch.float32, device=x.device)
-    if m * k == 0:
-        return xq_t, xs_t
+    plan = QuantPlan(engine, (k, mp), (k, groups), x.device)
+    if engine == "reference" or m * k == 0:
+        return plan
     expect(groups <= 65535, "x", f"at most {65535 * group_size} rows", m)
     vec = 16 // x.element_size()
     aligned = k % vec == 0 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
     spec = Fp8TransposedQuantSpec(dtype=_DTYPES[x.dtype], group_size=group_size, vec_width=vec if aligned else 1,
                                   pow2_scale=pow2_scale)
-    params = Fp8TransposedQuantParams(x=x.data_ptr(), xq_t=xq_t.data_ptr(), xs_t=xs_t.data_ptr(), rows=m, cols=k,
-                                      x_row_stride=x.stride(0), out_cols=mp, groups=groups, min_amax=eps, reserved=0)
-    grid = (-(-k // spec.tile_cols()), groups)
-    launch(spec, LaunchConfig.make(grid=grid, block=256), params, engine=engine, tensors=(x, xq_t, xs_t))
-    return xq_t, xs_t
+    plan.spec, plan.config = spec, LaunchConfig.make(grid=(-(-k // spec.tile_cols()), groups), block=256)
+    plan.params = Fp8TransposedQuantParams(rows=m, cols=k, x_row_stride=x.stride(0), out_cols=mp, groups=groups,
+                                           min_amax=eps, reserved=0)
+    return plan

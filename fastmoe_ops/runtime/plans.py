@@ -36,7 +36,10 @@ class PlanCache:
     def get(self, key, build):
         """The plan for `key`, built by `build()` (which validates, and raises on bad input:
         nothing is kept then) on a miss or when key is None."""
-        plan = self._plans.get(key) if key is not None else None
+        try:
+            plan = self._plans.get(key) if key is not None else None
+        except TypeError:  # an unhashable option (a list where a number belongs): validation refuses it
+            key = plan = None
         if plan is None:
             plan = build()
             if key is not None:
