@@ -112,3 +112,17 @@ def test_attention_makes_no_host_read_and_varlen_only_outside_capture(monkeypatc
             guarded(varlen)
         monkeypatch.setattr(attn_launcher, "capturing", lambda t: True)  # as under torch.cuda.graph
         guarded(varlen)
+
+
+def test_static_shape_moe_layer_makes_no_host_read():
+    """Single rank, num_worst_tokens: routing, the masked experts and the weighted sum read no
+    count on the host (the ipc transport's static path across ranks: tests/mpi and GPU)."""
+    torch.manual_seed(24)
+    layer = fmo.nn.MoELayer(128, 128, 4, 2, num_worst_tokens=16, dtype=torch.float32)
+    x = torch.randn(12, 128).requires_grad_()
+
+    def step():
+        layer(x).square().sum().backward()
+
+    with fmo.use_backend("sim"):
+        guarded(step)

@@ -142,3 +142,12 @@ def test_attention_varlen_captures_without_reading_the_offsets():
     capture_replay_check("flash_attn_varlen fwd", fn, [bf16((100, 4, 128), 61), bf16((130, 2, 128), 62), bf16((130, 2, 128), 63)],
                          [bf16((100, 4, 128), 64), bf16((130, 2, 128), 65), bf16((130, 2, 128), 66)], 61,
                          eager_reads_host=True)
+
+
+def test_static_shape_moe_layer_forward_captures_and_replays():
+    """Single rank, num_worst_tokens: routing, masked experts and the weighted sum in one graph
+    (the multi-rank ipc transport with num_worst_tokens: tests/gpu/test_moe_gpu.py's domain)."""
+    torch.manual_seed(25)
+    layer = fmo.nn.MoELayer(256, 256, 8, 2, num_worst_tokens=64, dtype=torch.bfloat16, device=DEV)
+    capture_replay_check("MoELayer(num_worst_tokens) forward", lambda x: layer(x), [bf16((48, 256), 26)],
+                         [bf16((48, 256), 27)], 25)
