@@ -50,6 +50,14 @@ def _bench(args: list[str]) -> int:
 
 def _gpu_check(args: list[str]) -> int:
     script = _checkout("gpu-check") / "bench" / "gpu_check.sh"
+    if args[:1] in (["-h"], ["--help"]):  # the script's opening comment is its help
+        lines = script.read_text().splitlines()[1:]
+        print("\n".join(line[2:] for line in lines[:next(i for i, l in enumerate(lines) if not l.startswith("#"))]))
+        return 0
+    if len(args) > 1 or args[:1] and args[0].startswith("-"):
+        print(f"fastmoe-ops gpu-check: expected at most one argument, the output folder (OUT_DIR), got {args}",
+              file=sys.stderr)
+        return 2
     # The script works from the checkout's root: make a relative OUT_DIR the caller's.
     args = [os.path.abspath(a) if not a.startswith("-") else a for a in args]
     return subprocess.call(["bash", str(script), *args])

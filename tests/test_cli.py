@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,24 @@ def test_bench_and_gpu_check_need_a_source_checkout(monkeypatch, tmp_path, capsy
             cli.main([command])
         assert info.value.code == 2
         assert f"fastmoe-ops {command}: needs a source checkout" in capsys.readouterr().err
+
+
+def test_gpu_check_help_is_the_scripts_usage_and_options_are_refused(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    assert cli.main(["gpu-check", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "bash bench/gpu_check.sh [OUT_DIR]" in out and "summary.md" in out and not out.startswith("#")
+    assert cli.main(["gpu-check", "--quick"]) == 2       # the script takes one folder, no options
+    assert cli.main(["gpu-check", "a", "b"]) == 2
+    assert "expected at most one argument, the output folder" in capsys.readouterr().err
+    assert seen == [], "nothing may run (a '--help' folder was made before)"
+
+
+def test_the_installed_console_script_runs():
+    exe = shutil.which("fastmoe-ops")
+    if exe is None:
+        pytest.skip("the package is not installed here (pip install -e .)")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "build" in proc.stdout and "gpu-check" in proc.stdout
