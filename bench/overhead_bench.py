@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -144,7 +147,7 @@ def measure(device, engine: str, calls: int = 2000, only=None):
 def rows(device, engine: str, calls: int = 2000):
     """The measurements as bench harness rows: op "host_time_per_call", the public op in the
     shape column; speedup = torch / ours (target >= 1, i.e. ours / torch <= 1)."""
-    from .harness import Row
+    from bench.harness import Row
 
     return [Row("host_time_per_call", f"{name} {shape}", engine, ours_s, BASELINE, torch_s)
             for name, shape, ours_s, torch_s in measure(device, engine, calls)]
@@ -155,15 +158,42 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=["cuda", "sim", "reference"], action="append",
                    help="default: cuda on a GPU, else sim and reference")
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--json", type=Path, help="also write the rows here (a list of harness Row fields)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
     engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
     print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")
+    out = []
     for engine in engines:
         device = torch.device("cuda" if engine == "cuda" else "cpu")
-        for name, shape, ours_s, torch_s in measure(device, engine, args.calls):
-            print(f"{name:<42} {shape:<26} {engine:<10} {ours_s * 1e6:>7.2f}us {torch_s * 1e6:>8.2f}us {ours_s / torch_s:>10.2f}")
+        for r in rows(device, engine, args.calls):
+            out.append(r)
+            name, shape = r.shape.split(" ", 1)
+            print(f"{name:<42} {shape:<26} {engine:<10} {r.ours_s * 1e6:>7.2f}us {r.baseline_s * 1e6:>8.2f}us "
+                  f"{r.ours_s / r.baseline_s:>10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in out], indent=1))
     return 0
+
+
+def rows_in_subprocess(engines, calls: int = 2000):
+    """rows() for each engine, measured in a fresh process (inside a process that holds every
+    benchmark's tensors and threads, host times read about 1.5x higher) -> harness Rows."""
+    import subprocess
+    import tempfile
+
+    from bench.harness import Row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "bench.overhead_bench", "--calls", str(calls), "--json", str(path)]
+        for engine in engines:
+            cmd += ["--engine", engine]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode != 0 or not path.exists():
+            print(f"host time per call benchmark failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            return []
+        return [Row(**r) for r in json.loads(path.read_text())]
 
 
 # ------------------------------------------------------------------- pytest-benchmark
