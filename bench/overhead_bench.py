@@ -14,7 +14,8 @@ What is timed, per engine (decode-sized inputs: at MoE decode sizes every op is 
   what the cuda engine does on the host but reading the current stream and cuLaunchKernel. The outputs are then garbage: this times, it does not check.
   torch.abs runs its (CPU) kernel, so the ratio is pessimistic for us.
 - reference: the whole public call (PyTorch ops: several per FP8 op, so above 1 by nature).
-`python -m bench` adds these rows ("host_time_per_call") to its table.
+`python -m bench` adds these rows ("host_time_per_call", area "host") to its table, each
+engine measured in a fresh process.
 """
 from __future__ import annotations
 
@@ -176,7 +177,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def rows_in_subprocess(engines, calls: int = 2000):
+def run(device, engine: str, quick: bool, ceiling: float = 0.0):
+    """The bench area "host" (python -m bench): this engine's rows, from a fresh process."""
+    return rows_in_subprocess([engine], calls=500 if quick else 2000)
+
+
+def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 120.0):
     """rows() for each engine, measured in a fresh process (inside a process that holds every
     benchmark's tensors and threads, host times read about 1.5x higher) -> harness Rows."""
     import subprocess
@@ -189,7 +195,12 @@ def rows_in_subprocess(engines, calls: int = 2000):
         cmd = [sys.executable, "-m", "bench.overhead_bench", "--calls", str(calls), "--json", str(path)]
         for engine in engines:
             cmd += ["--engine", engine]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"host time per call benchmark: no rows, it ran past {timeout_s:.0f} s ({' '.join(cmd[1:])})")
+            return []
         if proc.returncode != 0 or not path.exists():
             print(f"host time per call benchmark failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
             return []
