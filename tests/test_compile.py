@@ -156,30 +156,32 @@ def test_fp8_linear_compiles_forward_and_backward_and_sees_weight_updates(engine
         same(fast(x), layer(x), f"FP8Linear after a weight update ({engine})", 14)
 
 
-def test_flash_attn_and_varlen_compile_forward_and_backward():
-    # the sim engine runs attention in tests/test_attention_compile.py's aot check as well;
-    # here the reference engine keeps the backward cheap
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_flash_attn_and_varlen_compile_forward_and_backward(engine):
     q, k, v, _ = make_inputs(2, 9, 13, 4, 2, 64, torch.bfloat16, 15)
     qv, kv, vv, _ = make_inputs(1, 10, 14, 4, 2, 64, torch.bfloat16, 16, varlen_cu=True)
     cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 9, 14], dtype=torch.int32)
     dense = lambda a, b, c: fmo.flash_attn(a, b, c, causal=True)  # noqa: E731
     varlen = lambda a, b, c: fmo.flash_attn_varlen(a, b, c, cu_q, cu_k, 7, 5, causal=True)  # noqa: E731
-    with fmo.use_backend("reference"):
+    with fmo.use_backend(engine):
         same(forward_backward(compiled(dense), [], q, k, v), forward_backward(dense, [], q, k, v),
-             "flash_attn compiled vs eager: out, dq, dk, dv", 15)
+             f"flash_attn compiled vs eager: out, dq, dk, dv ({engine})", 15)
+        assert_traced("flash_attn_fwd")
         same(forward_backward(compiled(varlen), [], qv, kv, vv), forward_backward(varlen, [], qv, kv, vv),
-             "flash_attn_varlen compiled vs eager: out, dq, dk, dv", 16)
+             f"flash_attn_varlen compiled vs eager: out, dq, dk, dv ({engine})", 16)
+        assert_traced("flash_attn_varlen_fwd")
 
 
-def test_fused_attention_module_compiles_forward_and_backward():
+@pytest.mark.parametrize("engine", cpu_engines())
+def test_fused_attention_module_compiles_forward_and_backward(engine):
     torch.manual_seed(17)
     attn = fmo.nn.FusedAttention(128, 2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16)
     x = torch.randn(2, 11, 128).to(torch.bfloat16)
     params = list(attn.parameters())
-    with fmo.use_backend("reference"):
+    with fmo.use_backend(engine):
         same(forward_backward(compiled(attn), params, x), forward_backward(attn, params, x),
-             "FusedAttention compiled vs eager: out, dx, parameter grads", 17)
+             f"FusedAttention compiled vs eager: out, dx, parameter grads ({engine})", 17)
 
 
 # ----------------------------------------------------------------------------- opcheck
