@@ -91,8 +91,11 @@ def engine_for(**tensors: torch.Tensor) -> str:
     All must live on one device; CUDA tensors need CuPy."""
     if len(tensors) == 1:  # the common case, without the bookkeeping below
         (name, t), = tensors.items()
-        if isinstance(t, torch.Tensor) and t.is_cpu:  # is_cpu: no torch.device object made (~0.3 us)
-            return cpu_engine()
+        if isinstance(t, torch.Tensor):
+            if t.is_cpu:  # is_cpu / is_cuda: no torch.device object made (~0.3 us)
+                return cpu_engine()
+            if t.is_cuda and _cuda_available():
+                return "cuda"
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if not devices:
         raise InputError("engine_for: expected at least one tensor argument")
