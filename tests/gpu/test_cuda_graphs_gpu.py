@@ -53,7 +53,7 @@ def capture_replay_check(what, fn, inputs, fresh, seed, *, eager_reads_host=Fals
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with sync_debug_error(), torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), sync_debug_error():   # the graph's own set-up synchronises first
         outs = as_list(fn(*inputs))
     for static, new in zip(inputs, fresh):
         if isinstance(static, torch.Tensor):
