@@ -8,8 +8,9 @@ host path makes none. The GPU side (capture, replay, sync-debug mode "error"):
 tests/gpu/test_cuda_graphs_gpu.py.
 
 Exceptions by design, tested here as such: flash_attn_varlen reads cu_seqlens to refuse a
-bad prefix sum (out-of-bounds reads) except while a CUDA graph is captured
-(ops/attention.py: capturing); grouped_gemm_contiguous(debug=True) reads m_indices."""
+bad prefix sum (out-of-bounds reads), once per offsets tensor while it is unchanged, and not
+while a CUDA graph is captured (ops/attention.py); grouped_gemm_contiguous(debug=True) reads
+m_indices."""
 from __future__ import annotations
 
 import contextlib
@@ -107,11 +108,18 @@ def test_attention_makes_no_host_read_and_varlen_only_outside_capture(monkeypatc
     cu_q, cu_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
     with fmo.use_backend("sim"):
         guarded(lambda: fmo.flash_attn(q, k, v, causal=True).backward(dout))
-        varlen = lambda: fmo.flash_attn_varlen(q[0].detach(), k[0], v[0], cu_q, cu_k, 4, 5, causal=True)  # noqa: E731
-        with pytest.raises(HostRead, match="tolist"):  # eager: the offsets are checked on the host
-            guarded(varlen)
+        def varlen(cq, ck):
+            return fmo.flash_attn_varlen(q[0].detach(), k[0], v[0], cq, ck, 4, 5, causal=True)
+
+        with no_host_reads(), pytest.raises(HostRead, match="tolist"):  # new offsets: read on the host
+            varlen(cu_q, cu_k)
+        guarded(varlen, cu_q, cu_k)   # the same tensors again, unchanged: no second read
+        cu_k.add_(0)                  # an in-place write (version bump): read again
+        with no_host_reads(), pytest.raises(HostRead, match="tolist"):
+            varlen(cu_q, cu_k)
         monkeypatch.setattr(attn_launcher, "capturing", lambda t: True)  # as under torch.cuda.graph
-        guarded(varlen)
+        with no_host_reads():
+            varlen(cu_q.clone(), cu_k.clone())
 
 
 def test_static_shape_moe_layer_makes_no_host_read():

@@ -151,3 +151,24 @@ def test_warm_quantisers_keep_validation_and_follow_alignment(name):
                 fn(dense, 32, **bad)
         with pytest.raises(fmo.InputError):
             fn(dense, [32])   # unhashable: no key, validation refuses it
+
+
+def test_varlen_offsets_are_read_again_after_a_change():
+    from attention_util import make_inputs
+
+    q, k, v, _ = make_inputs(1, 6, 9, 2, 1, 64, torch.bfloat16, 37, varlen_cu=True)
+    cu_q, cu_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    with fmo.use_backend("sim"):
+        fmo.flash_attn_varlen(q, k, v, cu_q, cu_k, 4, 5)
+        with pytest.raises(fmo.InputError, match="^max_seqlen_k: expected an int >= the longest sequence \\(5\\)"):
+            fmo.flash_attn_varlen(q, k, v, cu_q, cu_k, 4, 4)      # checked against the remembered read
+        cu_k[1] = 7                                                 # in place: [0, 7, 9], the longest now 7
+        with pytest.raises(fmo.InputError, match="^max_seqlen_k: expected an int >= the longest sequence \\(7\\)"):
+            fmo.flash_attn_varlen(q, k, v, cu_q, cu_k, 4, 5)
+        cu_k[1] = 10                                                # 10 > 9: decreasing offsets
+        with pytest.raises(fmo.InputError, match="^cu_seqlens_k: expected non-decreasing offsets"):
+            fmo.flash_attn_varlen(q, k, v, cu_q, cu_k, 4, 9)
+        view = cu_q[:]                                              # a write through a view bumps the same version
+        view[2] = 5
+        with pytest.raises(fmo.InputError, match="^cu_seqlens_q: expected last offset 6"):
+            fmo.flash_attn_varlen(q, k, v, cu_q, torch.tensor([0, 4, 9], dtype=torch.int32), 4, 5)
