@@ -59,6 +59,7 @@ def cases(device):
     cu_k = torch.tensor([0, 64, 128], dtype=torch.int32, device=device)
     torch.manual_seed(0)
     linear = fmo.nn.FP8Linear(128, 128, device=device).requires_grad_(False)  # inference: no autograd node
+    moe = fmo.nn.MoELayer(128, 128, 8, 2, num_worst_tokens=8, dtype=torch.bfloat16, device=device).requires_grad_(False)
     k1, v1 = k[0], v[0]
     q2 = _bf16(2, 8, 128, device=device)
     return {
@@ -71,6 +72,7 @@ def cases(device):
         "flash_attn": ("B1 Sq1 Sk128 H8/1 D128", lambda: fmo.flash_attn(q, k, v, causal=True), q.abs),
         "flash_attn_varlen": ("2 seqs q1 k64 H8/1 D128", lambda: fmo.flash_attn_varlen(q2, k1, v1, cu_q, cu_k, 1, 64, causal=True), q2.abs),
         "nn.FP8Linear": ("1x128 -> 128", lambda: linear(x), x.abs),
+        "nn.MoELayer[num_worst_tokens]": ("1x128, E8 top2", lambda: moe(x), x.abs),
     }
 
 
