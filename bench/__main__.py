@@ -19,11 +19,12 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
-from . import bench_attention, bench_fp8, bench_moe, bench_sim
+from . import bench_attention, bench_fp8, bench_moe, bench_sim, overhead_bench
 from .harness import format_table, plot, write_json
 from .report import save_results
 
-AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim}
+# "host": host time per call of every public op beside torch.abs (bench/overhead_bench.py)
+AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim, "host": overhead_bench}
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
