@@ -1,0 +1,147 @@
+"""Block-shape choice of the Hopper FP8 GEMM by a cost model, not a hand list.
+
+choose_block(m, n, k, groups=, sms=) is a pure function of the problem and the SM budget
+(integers and Python floats only), so every rank of an expert-parallel job picks the same
+shape and compiles the same kernel. The model ranks candidate tiles; it predicts no time:
+its constants are datasheet-order rates of an H100/H200 SXM, and only their ratios matter.
+
+For a tile BM x BN over K (kb = ceil(K / 128) blocks of 128):
+  waves      ceil(tiles / sms): a persistent grid of min(tiles, sms) CTAs runs the tiles in
+             waves; a last partial wave costs a whole one (the SMs it leaves idle are lost).
+  per tile   kb * max(MMA cycles, L2->SM load cycles) + fixed (pipeline fill + epilogue):
+             MMA = 2 BM BN 128 / FP8_FLOP_PER_SM_CYCLE, load = 128 (BM + BN) / L2_BYTES_PER_SM_CYCLE
+             -- bytes per FLOP: (BM + BN) / (2 BM BN) favours large, square tiles.
+  HBM        the bytes that leave DRAM: A and B once when they fit half the L2, else per wave
+             the A row-blocks and B column-blocks the wave's tiles touch (the scheduler's raster
+             band of RASTER_BAND_M m-blocks: ~band A blocks and ~sms / band B blocks); plus the
+             output once.
+  cost       max(waves * per tile, HBM bytes / HBM_BYTES_PER_CYCLE).
+Ties go to BN dividing N (no padded columns), then fewer tiles, then larger BN, BM.
+
+Feasibility: shared memory (stages * (128 (BM + BN) + scales + barriers) + the epilogue's
+BM x BN staging tile, which is not part of the ring so the next tile's loads need not wait
+for the store) <= 227 KiB with at least MIN_STAGES stages; registers: each of the two math
+warpgroups holds BM / 2 rows (one warpgroup when BM = 64), i.e. BM / 128 * BN / 2 fp32
+accumulators per thread plus as many promoted sums, under the MATH_REGS a thread gets after
+setmaxnreg moves the producer's registers to the math warpgroups.
+
+Decode (M <= 128 rows per group) gets its own candidate rows: BM = 64 when M <= 64 (a 128-row
+tile would be half padding), else 128; its BN is then what the model gives (small BN that
+still fills the SMs once: the weights stream, and more CTAs stream them faster).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..runtime.launch import MAX_DYNAMIC_SMEM
+
+BLOCK_K = 128                    # one promotion (scale) block along K
+FP8_FLOP_PER_SM_CYCLE = 8192     # wgmma e4m3 dense: ~1979 TFLOP/s / 132 SMs / 1.83 GHz
+L2_BYTES_PER_SM_CYCLE = 48       # L2 -> SM fill rate per SM (order of magnitude; unmeasured here)
+HBM_BYTES_PER_CYCLE = 2600       # ~4.8 TB/s at 1.83 GHz (H200 datasheet)
+L2_BYTES = 50 * 1024 * 1024      # Hopper L2
+TILE_FIXED_CYCLES = 1500         # pipeline fill + epilogue per tile (order of magnitude)
+RASTER_BAND_M = 8                # m-blocks per raster band: csrc/gemm/fp8_gemm_ws_scheduler.cuh
+MIN_STAGES, MAX_STAGES = 3, 8    # fewer stages cannot hide a TMA round trip behind the MMAs
+MATH_REGS = 240                  # per math thread after setmaxnreg (producer warpgroup keeps 40)
+OTHER_REGS = 48                  # addresses, scales, loop state of a math thread
+BARRIER_BYTES = 16               # full + empty mbarrier per stage
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    stages: int
+    smem_bytes: int
+    tiles: int
+    waves: int
+    cost: float                  # model cycles: a rank, not a time
+
+    @property
+    def math_warpgroups(self) -> int:
+        return 1 if self.block_m == 64 else 2
+
+
+def ws_candidates():
+    """(BM, BN) of the warp-specialised kernel: wgmma's N steps of 16 up to 256; BM = 64 (one
+    math warpgroup), 128 (two x 64 rows) or 256 (two x 128 rows)."""
+    return tuple((bm, bn) for bm in (64, 128, 256) for bn in range(16, 257, 16))
+
+
+def accumulator_regs(block_m: int, block_n: int) -> int:
+    """fp32 registers per math thread for the accumulators and the promoted sums."""
+    rows_per_warpgroup = block_m if block_m == 64 else block_m // 2
+    return 2 * (rows_per_warpgroup // 64) * (block_n // 2)
+
+
+def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int) -> int:
+    b_scales = 4 * -(-block_n // BLOCK_K)  # 128 x 128 weight scale blocks the tile's columns touch
+    stage = BLOCK_K * (block_m + block_n) + 4 * block_m + b_scales + BARRIER_BYTES
+    return stages * stage + block_m * block_n * out_bytes
+
+
+def _max_stages(block_m: int, block_n: int, out_bytes: int, smem_limit: int) -> int:
+    for stages in range(MAX_STAGES, MIN_STAGES - 1, -1):
+        if smem_bytes(block_m, block_n, stages, out_bytes) <= smem_limit:
+            return stages
+    return 0
+
+
+def _hbm_bytes(m: int, n: int, k: int, groups: int, bm: int, bn: int, sms: int, out_bytes: int) -> float:
+    tiles_m, tiles_n = -(-m // bm), -(-n // bn)
+    operands = groups * (m + n) * k          # fp8: one byte per element (scales are ~1/128 of it)
+    out = groups * m * n * out_bytes
+    if operands <= L2_BYTES // 2:
+        return float(operands + out)
+    tiles = groups * tiles_m * tiles_n
+    in_flight = min(tiles, sms)
+    band = min(RASTER_BAND_M, tiles_m)
+    a_blocks, b_blocks = band, min(tiles_n, -(-in_flight // band))
+    waves = -(-tiles // sms)
+    return float(max(operands, waves * (a_blocks * bm + b_blocks * bn) * k) + out)
+
+
+def tile_cost(m: int, n: int, k: int, groups: int, bm: int, bn: int, sms: int, out_bytes: int) -> tuple:
+    """(model cycles, tiles, waves) of one candidate."""
+    tiles = groups * -(-m // bm) * -(-n // bn)
+    waves = -(-tiles // sms)
+    kb = -(-k // BLOCK_K)
+    mma = 2 * bm * bn * BLOCK_K / FP8_FLOP_PER_SM_CYCLE
+    load = BLOCK_K * (bm + bn) / L2_BYTES_PER_SM_CYCLE
+    per_tile = kb * max(mma, load) + TILE_FIXED_CYCLES
+    hbm = _hbm_bytes(m, n, k, groups, bm, bn, sms, out_bytes) / HBM_BYTES_PER_CYCLE
+    return max(waves * per_tile, hbm), tiles, waves
+
+
+def feasible(bm: int, bn: int, out_bytes: int, smem_limit: int = MAX_DYNAMIC_SMEM) -> bool:
+    return (accumulator_regs(bm, bn) + OTHER_REGS <= MATH_REGS
+            and _max_stages(bm, bn, out_bytes, smem_limit) >= MIN_STAGES)
+
+
+def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes: int = 2,
+                 candidates=None, smem_limit: int = MAX_DYNAMIC_SMEM) -> BlockConfig:
+    """The cheapest feasible tile for `groups` problems of m x n x k (m: rows per group; a
+    contiguous layout passes its total rows and groups=1) on `sms` SMs."""
+    for name, v in (("m", m), ("n", n), ("k", k), ("groups", groups), ("sms", sms)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"choose_block: {name} must be a positive int, got {v!r}")
+    cands = tuple(candidates or ws_candidates())
+    if m <= 128:  # decode: the smallest warpgroup multiple that holds the rows
+        rows = 64 if m <= 64 else 128
+        decode = tuple(c for c in cands if c[0] == rows)
+        cands = decode or cands
+    best, best_key = None, None
+    for bm, bn in cands:
+        if not feasible(bm, bn, out_bytes, smem_limit):
+            continue
+        cost, tiles, waves = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
+        key = (cost, n % bn != 0, tiles, -bn, -bm)
+        if best_key is None or key < best_key:
+            stages = _max_stages(bm, bn, out_bytes, smem_limit)
+            best_key = key
+            best = BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages, out_bytes), tiles, waves, cost)
+    if best is None:
+        raise ValueError(f"choose_block: no candidate tile fits {smem_limit} bytes of shared memory "
+                         f"and {MATH_REGS} registers: {cands}")
+    return best

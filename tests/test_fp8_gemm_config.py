@@ -1,0 +1,85 @@
+"""The Hopper FP8 GEMM's block-shape cost model (fastmoe_ops/ops/fp8_gemm_config.py): pure
+CPU tests of what it must prefer (full waves, BN dividing N, big tiles at large M, decode rows)
+and of the limits it must respect (227 KiB of shared memory, registers after setmaxnreg)."""
+import pytest
+
+from fastmoe_ops.ops import fp8_gemm_config as cfg
+from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
+
+DENSE = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]  # DeepSeek-V3 (N, K)
+
+
+def shapes():
+    for m in (1, 64, 100, 128, 300, 4096):
+        for n, k in DENSE:
+            for sms in (1, 7, 112, 132):
+                yield m, n, k, sms
+
+
+def test_pure_function_of_shape_and_budget_and_waves_over_the_budget():
+    for m, n, k, sms in shapes():
+        a = cfg.choose_block(m, n, k, sms=sms)
+        assert a == cfg.choose_block(m, n, k, sms=sms)
+        assert a.tiles == -(-m // a.block_m) * -(-n // a.block_n)
+        assert a.waves == -(-a.tiles // sms), (m, n, k, sms, a)
+
+
+def test_limits_shared_memory_and_registers():
+    for out_bytes in (2, 4):
+        for m, n, k, sms in shapes():
+            a = cfg.choose_block(m, n, k, sms=sms, out_bytes=out_bytes)
+            assert a.smem_bytes == cfg.smem_bytes(a.block_m, a.block_n, a.stages, out_bytes) <= MAX_DYNAMIC_SMEM
+            assert cfg.MIN_STAGES <= a.stages <= cfg.MAX_STAGES
+            assert cfg.accumulator_regs(a.block_m, a.block_n) + cfg.OTHER_REGS <= cfg.MATH_REGS, a
+    # 128 x 256 (two 64-row warpgroups of 256 accumulators + 256 promoted sums) cannot be picked
+    assert not cfg.feasible(128, 256, 2) and not cfg.feasible(256, 128, 2) and cfg.feasible(128, 128, 2)
+    # a tighter shared-memory limit changes the pick and is obeyed; an impossible one is refused
+    small = cfg.choose_block(4096, 4096, 7168, sms=132, smem_limit=100 * 1024)
+    assert small.smem_bytes <= 100 * 1024 and small.stages >= cfg.MIN_STAGES
+    with pytest.raises(ValueError, match="no candidate tile fits 1000 bytes"):
+        cfg.choose_block(4096, 4096, 7168, sms=132, smem_limit=1000)
+
+
+def test_full_waves():
+    # 8 SMs, 512 x 256: 128 x 128 is exactly one full wave; 64 x 128 two, 128 x 192 pads N
+    a = cfg.choose_block(512, 256, 7168, sms=8)
+    assert (a.block_m, a.block_n, a.tiles, a.waves) == (128, 128, 8, 1), a
+    # at the DeepSeek shapes the last wave is mostly busy: <= 1/4 of the SM-waves idle
+    for n, k in DENSE:
+        for sms in (112, 132):
+            a = cfg.choose_block(4096, n, k, sms=sms)
+            assert a.tiles / (a.waves * sms) >= 0.75, (n, k, sms, a)
+
+
+def test_prefers_bn_dividing_n():
+    assert cfg.choose_block(4096, 1024, 7168, sms=132, candidates=[(128, 144), (128, 128)]).block_n == 128
+    # equal model cost (HBM-bound: one wave of short tiles, 96288 columns): no padded columns wins
+    m, n, k = 64, 96 * 1003, 128
+    assert cfg.tile_cost(m, n, k, 1, 64, 96, 2000, 2)[0] == cfg.tile_cost(m, n, k, 1, 64, 112, 2000, 2)[0]
+    assert n % 112 and cfg.choose_block(m, n, k, sms=2000, candidates=[(64, 112), (64, 96)]).block_n == 96
+    # padding counts as work: 1024 columns in tiles of 144 are 8 tiles of which 1/9 is padding
+    a = cfg.choose_block(4096, 1024, 7168, sms=1, candidates=[(128, 144), (128, 128)])
+    assert a.block_n == 128, a
+
+
+def test_large_m_uses_large_tiles_small_m_its_own_rows():
+    for n, k in DENSE:
+        big = cfg.choose_block(4096, n, k, sms=132)
+        assert big.block_m == 128 and big.block_n >= 128, big  # bytes per FLOP: (BM + BN) / (2 BM BN)
+        for m in (1, 16, 64):
+            assert cfg.choose_block(m, n, k, sms=132).block_m == 64
+        d = cfg.choose_block(128, n, k, sms=132)
+        assert d.block_m == 128 and d.waves == 1 and d.tiles >= 132 // 2, d  # one wave over most SMs
+    # decode: the weights stream, so a smaller BN that fills the SMs beats a big one that does not
+    assert cfg.choose_block(128, 4096, 7168, sms=132).block_n < 128
+
+
+def test_grouped_counts_every_group_and_refuses_bad_input():
+    one = cfg.choose_block(256, 4096, 7168, sms=132)
+    four = cfg.choose_block(256, 4096, 7168, groups=4, sms=132)
+    assert four.tiles == 4 * -(-256 // four.block_m) * -(-4096 // four.block_n)
+    assert one.tiles <= four.tiles
+    for bad in (dict(m=0), dict(n=-1), dict(sms=0), dict(groups=1.5)):
+        args = dict(m=128, n=128, k=128, groups=1, sms=132) | bad
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
+            cfg.choose_block(args.pop("m"), args.pop("n"), args.pop("k"), **args)
