@@ -4,6 +4,11 @@ GEMM (dense, grouped contiguous, masked): TFLOP/s (2 M N K per problem). On a GP
 baseline is torch._scaled_mm on the same e4m3 operands (blockwise 1x128 / 128x128 scales
 where the installed torch takes them, else rowwise) and the ceiling is _scaled_mm's rate on
 an 8192^3 problem measured in the same run; the bf16 torch.matmul time rides in `extra`.
+Grouped rows: on a GPU the baseline is the fastest torch alternative measured in the same run
+(per-expert bf16 torch.matmul, per-expert torch._scaled_mm, torch._scaled_grouped_mm where the
+installed torch runs it: rowwise scales, it takes no block scales); each one's time rides in
+`extra`. The SM-budget row (GPU only) times the dense GEMM with 20 SMs reserved for
+communication against the same GEMM on every SM.
 On the CPU: small shapes through `sim` / `reference` against torch.matmul in fp32 on the
 dequantised operands (simulator throughput, not GPU speed).
 The launcher picks the kernel by device (wgmma on sm_90a and in the simulator, mma.sync on
@@ -23,11 +28,16 @@ from .harness import Row
 GPU_SHAPES = [(128, 7168), (4096, 7168), (4096, 2048), (16384, 7168)]
 CPU_SHAPES = [(16, 512), (64, 2048)]
 
-# DeepSeek-V3 GEMMs: M tokens x (N x K) weights; grouped: experts x tokens per expert.
-GPU_GEMM_SHAPES = [(m, n, k) for m in (128, 4096) for n, k in ((7168, 2048), (2048, 7168), (4096, 7168), (7168, 18432))]
-GPU_GROUPED = [(8, 512, 4096, 7168), (32, 128, 4096, 7168), (32, 256, 7168, 2048)]  # (experts, rows each, N, K)
+# DeepSeek-V3 GEMMs (issue 15's targets): M tokens x (N x K) weights; grouped: (layout,
+# experts, rows each, N, K): contiguous prefill and masked decode.
+GPU_GEMM_SHAPES = [(m, n, k) for m in (128, 4096)
+                   for n, k in ((2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048))]
+GPU_GROUPED = [("contiguous", 8, 4096, 4096, 7168), ("masked", 4, 256, 4096, 7168)]
 CPU_GEMM_SHAPES = [(64, 128, 256), (128, 256, 512)]
-CPU_GROUPED = [(2, 128, 128, 256)]  # rows per expert: a multiple of contiguous_alignment()
+CPU_GROUPED = [("contiguous", 2, 128, 128, 256), ("masked", 2, 128, 128, 256)]  # rows: multiples of contiguous_alignment()
+# GPU only: the dense GEMM with SMs reserved for communication against itself on every SM
+# (target: time grows by at most num_sms / (num_sms - 20) plus 5%).
+BUDGET_SHAPE, RESERVED_SMS = (4096, 4096, 7168), 20
 
 
 def quant_bytes(m: int, k: int, elem: int, group: int = 128) -> int:
@@ -198,14 +208,76 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
                         baseline_s=t_base.median_s, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if gpu else "",
                         ceiling_rate=ceiling_flops, extra=extra))
     rows += _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx)
+    if gpu:
+        rows.append(_budget_row(device, engine, reps, ctx, ceiling_flops, gen))
     return rows
+
+
+def _budget_row(device, engine, reps, ctx, ceiling_flops, gen) -> Row:
+    """GPU only: ours with RESERVED_SMS SMs held by communication vs ours on every SM."""
+    from fastmoe_ops import budget
+
+    m, n, k = BUDGET_SHAPE
+    _, _, (xq, xs), (wq, ws) = _gemm_operands(m, n, k, device, gen)
+
+    def ours():
+        with ctx():
+            return fmo.fp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
+
+    full = time_fn(ours, device=device, reps=reps).median_s
+    with budget.comm_sms(RESERVED_SMS), budget.communication_in_flight():
+        _check(ours(), ref.fp8_gemm_oracle(xq, xs, wq, ws), f"fp8_gemm with {RESERVED_SMS} SMs reserved")
+        reserved = time_fn(ours, device=device, reps=reps).median_s
+    sms = budget.device_num_sms(device)
+    return Row(op=f"fp8_gemm_{RESERVED_SMS}_sms_reserved", shape=f"{m}x{n}x{k}", engine=engine, ours_s=reserved,
+               baseline="ours on every SM", baseline_s=full, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3",
+               ceiling_rate=ceiling_flops,
+               extra={"num_sms": sms, "max_slowdown": round(sms / (sms - RESERVED_SMS) * 1.05, 4)})
+
+
+def scaled_grouped_mm_baseline(xq, wq3, per):
+    """torch._scaled_grouped_mm on the same e4m3 operands (rowwise unit scales: it takes no
+    block scales), or (None, why) where the installed torch or GPU does not run it."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return None, "absent from this torch"
+    g, n, _ = wq3.shape
+    b = wq3.transpose(1, 2)  # [G, K, N] column-major
+    sa = torch.ones(xq.shape[0], device=xq.device, dtype=torch.float32)
+    sb = torch.ones(g, n, device=xq.device, dtype=torch.float32)
+    offs = torch.arange(per, g * per + 1, per, device=xq.device, dtype=torch.int32)
+
+    def fn():
+        return torch._scaled_grouped_mm(xq, b, sa, sb, offs=offs, out_dtype=torch.bfloat16)
+
+    try:
+        fn()
+    except (RuntimeError, TypeError, NotImplementedError, ValueError) as e:
+        return None, f"refused: {str(e).splitlines()[0][:80]}"
+    return fn, ""
+
+
+def _torch_alternatives(device, reps, x, w, xq3, xs3, wq3, ws3, per) -> tuple[str, float, dict]:
+    """The fastest way a torch user runs the g expert GEMMs: (label, seconds, every time)."""
+    g = wq3.shape[0]
+    xe = x.view(g, per, -1)
+    scaled = [scaled_mm_baseline(xq3[i], xs3[i], wq3[i], ws3[i]) for i in range(g)]
+    alts = {f"{g} x torch.matmul bf16": lambda: [xe[i] @ w[i].t() for i in range(g)],
+            f"{g} x torch._scaled_mm {scaled[0][1]}": lambda: [fn() for fn, _ in scaled]}
+    grouped, why = scaled_grouped_mm_baseline(xq3.reshape(g * per, -1), wq3, per)
+    extra = {} if grouped else {"scaled_grouped_mm": why}
+    if grouped:
+        alts["torch._scaled_grouped_mm rowwise"] = grouped
+    times = {label: time_fn(fn, device=device, reps=reps).median_s for label, fn in alts.items()}
+    best = min(times, key=times.get)
+    extra.update({f"{label} s": t for label, t in times.items()})
+    return best, times[best], extra
 
 
 def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[Row]:
     rows = []
     gpu = device.type == "cuda"
     shapes = GPU_GROUPED if gpu else CPU_GROUPED
-    for g, per, n, k in (shapes[:1] if quick else shapes):
+    for layout, g, per, n, k in (shapes[:1] if quick else shapes):
         w = (torch.randn(g, n, k, generator=gen, device=device) * 0.05).to(torch.bfloat16)
         q = [ref.quantize_per_block(w[i]) for i in range(g)]
         wq3, ws3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
@@ -215,30 +287,25 @@ def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[R
         xq3, xs3 = xq.view(g, per, k), xs.view(g, per, -1)
         masked_m = torch.full((g,), per, dtype=torch.int32, device=device)
 
-        def contiguous():
+        def ours():
             with ctx():
-                return fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices)
-
-        def masked():
-            with ctx():
-                return fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m)
+                if layout == "contiguous":
+                    return fmo.fp8.grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices)
+                return fmo.fp8.grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m).reshape(g * per, n)
 
         oracle = torch.cat([ref.fp8_gemm_oracle(xq3[i], xs3[i], wq3[i], ws3[i]) for i in range(g)])
-        _check(contiguous(), oracle, f"grouped contiguous ({engine}) {g}x{per}x{n}x{k}")
-        _check(masked().reshape(g * per, n), oracle, f"grouped masked ({engine}) {g}x{per}x{n}x{k}")
-        if gpu:  # what users would otherwise run: one GEMM per expert
-            base, label = scaled_mm_baseline(xq3[0], xs3[0], wq3[0], ws3[0])
-            baseline = f"{g} x torch._scaled_mm {label}"
-            t_base = time_fn(lambda: [base() for _ in range(g)], device=device, reps=reps)
+        _check(ours(), oracle, f"grouped {layout} ({engine}) {g}x{per}x{n}x{k}")
+        extra = {"kernel": gemm_launcher.kernel_for(engine, device)} if engine != "reference" else {}
+        if gpu:
+            baseline, t_base, more = _torch_alternatives(device, reps, x, w, xq3, xs3, wq3, ws3, per)
+            extra.update(more)
         else:
             a = torch.stack([ref.dequantize_per_token_group(xq3[i], xs3[i]) for i in range(g)]).float()
             b = torch.stack([ref.dequantize_per_block(wq3[i], ws3[i]) for i in range(g)]).float()
             baseline = "torch.bmm fp32 (dequantised)"
-            t_base = time_fn(lambda: torch.bmm(a, b.transpose(1, 2)), device=device, reps=reps)
-        for op, fn in (("fp8_grouped_contiguous", contiguous), ("fp8_grouped_masked", masked)):
-            t = time_fn(fn, device=device, reps=reps)
-            rows.append(Row(op=op, shape=f"{g}x{per}x{n}x{k}", engine=engine, ours_s=t.median_s, baseline=baseline,
-                            baseline_s=t_base.median_s, flops=2.0 * g * per * n * k,
-                            ceiling="_scaled_mm 8192^3" if gpu else "", ceiling_rate=ceiling_flops,
-                            extra={"kernel": gemm_launcher.kernel_for(engine, device)} if engine != "reference" else {}))
+            t_base = time_fn(lambda: torch.bmm(a, b.transpose(1, 2)), device=device, reps=reps).median_s
+        t = time_fn(ours, device=device, reps=reps)
+        rows.append(Row(op=f"fp8_grouped_{layout}", shape=f"{g}x{per}x{n}x{k}", engine=engine, ours_s=t.median_s,
+                        baseline=baseline, baseline_s=t_base, flops=2.0 * g * per * n * k,
+                        ceiling="_scaled_mm 8192^3" if gpu else "", ceiling_rate=ceiling_flops, extra=extra))
     return rows
