@@ -120,5 +120,63 @@ FMO_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
 #endif
 }
 
+#ifdef FMO_SIM
+namespace sim_detail {
+// stmatrix.x4: lane l's register j holds row l / 4, columns 2 (l % 4), +1 of matrix j; lanes
+// 8j..8j+7 give matrix j's row addresses. Each lane writes the row whose address it gave
+// (16 bytes), assembled from the four lanes holding it (.trans: the column of that index).
+template <bool Trans>
+FMO_SIM_EMU void stmatrix_x4_emulate(void* row_addr, const uint32_t (&r)[4]) {
+  struct Mine {
+    unsigned char* addr;
+    uint32_t r[4];
+  } mine{static_cast<unsigned char*>(row_addr), {r[0], r[1], r[2], r[3]}}, all[32];
+  fmo_sim::warp_allgather(0xffffffffu, &mine, all, sizeof(Mine));
+  const unsigned lane = fmo_sim::lane_id();
+  const unsigned j = lane / 8, row = lane % 8;
+  unsigned char* p = all[lane].addr;
+  if (!fmo_sim::is_shared(p))
+    fmo_sim::fail("stmatrix.x4%s: lane %u's row address %p is not in shared memory", Trans ? ".trans" : "", lane,
+                  static_cast<void*>(p));
+  require_aligned(p, 16, "stmatrix row");
+  uint16_t out[8];
+  for (unsigned c = 0; c < 8; ++c) {
+    // element (i, k) of matrix j is in lane 4 i + k / 2, half k % 2
+    const unsigned i = Trans ? c : row, k = Trans ? row : c;
+    out[c] = static_cast<uint16_t>(all[4 * i + k / 2].r[j] >> (16 * (k % 2)));
+  }
+  fmo_sim::check_access(p, 16, true);
+  memcpy(p, out, 16);
+}
+}  // namespace sim_detail
+#endif  // FMO_SIM
+
+// stmatrix.sync.aligned.m8n8.x4.shared.b16 (PTX ISA, "stmatrix"), sm_90: the inverse of
+// ldmatrix_x4: lane l's r_j = row l / 4, columns 2 (l % 4), +1 of matrix j; lane l gives the
+// address of row l % 8 of matrix l / 8 (16-byte aligned).
+FMO_DEVICE void stmatrix_x4(void* smem_row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#ifdef FMO_SIM
+  const uint32_t r[4] = {r0, r1, r2, r3};
+  sim_detail::stmatrix_x4_emulate<false>(smem_row_addr, r);
+#else
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr(smem_row_addr)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
+// .trans: each matrix is stored transposed (the fragment's column c becomes row c).
+FMO_DEVICE void stmatrix_x4_trans(void* smem_row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#ifdef FMO_SIM
+  const uint32_t r[4] = {r0, r1, r2, r3};
+  sim_detail::stmatrix_x4_emulate<true>(smem_row_addr, r);
+#else
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   smem_addr(smem_row_addr)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
 }  // namespace ptx
 }  // namespace fmo

@@ -305,3 +305,60 @@ class _DeviceBytes:
 def device_tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 tensor [nbytes] over device memory the caller owns (no copy)."""
     return torch.as_tensor(_DeviceBytes(ptr, nbytes), device=device)
+
+
+# ------------------------------------------------------------------------ tensor maps
+# CuPy does not expose cuTensorMapEncodeTiled; NVIDIA's cuda-bindings (`cuda.bindings.driver`,
+# pip `cuda-bindings`) does, call for call. Declared like CUPY_API: every name used here, with
+# what it must be (tests/test_cuda_driver_contract.py checks them where the package imports).
+CUDA_BINDINGS_API: tuple[str, ...] = (
+    "cuda.bindings.driver.cuTensorMapEncodeTiled",  # (dtype, rank, addr, dims, strides, box,
+    #                                                  elem strides, interleave, swizzle, l2, oob) -> (err, map)
+    "cuda.bindings.driver.CUresult",
+    "cuda.bindings.driver.CUtensorMapDataType",
+    "cuda.bindings.driver.CUtensorMapInterleave",
+    "cuda.bindings.driver.CUtensorMapSwizzle",
+    "cuda.bindings.driver.CUtensorMapL2promotion",
+    "cuda.bindings.driver.CUtensorMapFloatOOBfill",
+)
+_SWIZZLE_ENUM = {0: "CU_TENSOR_MAP_SWIZZLE_NONE", 32: "CU_TENSOR_MAP_SWIZZLE_32B", 64: "CU_TENSOR_MAP_SWIZZLE_64B",
+                 128: "CU_TENSOR_MAP_SWIZZLE_128B"}
+
+
+def cuda_bindings_problems() -> list[str]:
+    """Every declared cuda-bindings name that the importable package lacks (ImportError where
+    it does not import)."""
+    import cuda.bindings.driver as drv  # type: ignore
+
+    return [p for p in CUDA_BINDINGS_API if not hasattr(drv, p.rsplit(".", 1)[1])]
+
+
+def tensor_map_encode_tiled(cu_dtype: int, address: int, dims: list[int], strides: list[int], box: list[int],
+                            swizzle: int) -> bytes:
+    """cuTensorMapEncodeTiled: 128 bytes (arguments validated by runtime/tensor_map.py; element
+    strides 1, no interleave, L2 promotion 256 B, OOB fill zero)."""
+    try:
+        import cuda.bindings.driver as drv  # type: ignore
+    except Exception as e:
+        raise LaunchError(f"cuTensorMapEncodeTiled: needs cuda-bindings (pip install cuda-bindings), which does "
+                          f"not import here: {e}") from None
+    missing = cuda_bindings_problems()
+    if missing:
+        raise LaunchError(f"cuTensorMapEncodeTiled: the installed cuda-bindings lacks {missing}")
+    rank = len(dims)
+    err, tmap = drv.cuTensorMapEncodeTiled(
+        drv.CUtensorMapDataType(cu_dtype), rank, address, dims, strides, box, [1] * rank,
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise LaunchError(f"cuTensorMapEncodeTiled failed: {err} (dims {dims}, strides {strides}, box {box}, "
+                          f"swizzle {swizzle})")
+    words = getattr(tmap, "opaque", None)
+    if words is not None:
+        import struct
+
+        return struct.pack("<16Q", *[int(x) for x in words])
+    import ctypes
+
+    return ctypes.string_at(int(tmap.getPtr()), 128)

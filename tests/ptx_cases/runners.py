@@ -17,6 +17,10 @@ HEADERS = """
 #include "ptx/cp_async.cuh"
 #include "ptx/ld_st.cuh"
 #include "ptx/barrier.cuh"
+#include "ptx/mbarrier.cuh"
+#include "ptx/tma.cuh"
+#include "ptx/warp.cuh"
+#include "csrc/common/pipeline.cuh"
 using namespace fmo::ptx;
 """
 

@@ -1,0 +1,127 @@
+"""Tiled TMA tensor maps (the 128-byte CUtensorMap a kernel receives as `fmo::ptx::TmaDescriptor`).
+
+`encode_tiled(tensor, box, swizzle=..., engine=...)` validates everything the hardware and the
+driver require before any kernel runs, then encodes: on CUDA through the driver's
+cuTensorMapEncodeTiled (reached through `runtime/cuda_driver.py`, the one driver adapter); on
+the simulator with our own layout, which ptx/tma.cuh's emulation decodes (the simulator has no
+driver). Dimensions are given innermost first, as the driver and the PTX coordinates take them:
+a row-major [rows, cols] tensor is dims (cols, rows), and `box` is (box_cols, box_rows).
+
+Kernels take the bytes inside their Params struct (passed `const __grid_constant__`):
+`TMA_DESCRIPTOR` is the ctypes field type, and a TmaDescriptor member must sit at a multiple of
+64 bytes (C++ `alignas(64)`; ctypes cannot say it): put descriptors first, or pad with
+`pad_to(offset, 64)`; the generated layout static_asserts catch any drift.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Sequence
+
+import torch
+
+from ..errors import InputError
+
+TMA_DESCRIPTOR = ctypes.c_uint64 * 16  # 128 bytes; its offset in Params must be a multiple of 64
+SWIZZLES = (0, 32, 64, 128)  # bytes of the swizzle span (0: none)
+MAX_BOX = 256
+SIM_MAGIC = 0x31_50_41_4D_54_4F_4D_46  # "FMOTMAP1", little endian (ptx/tma.cuh: kTmaMagic)
+
+# CUtensorMapDataType values (cuda.h), and our simulator's dtype codes (1: f32, reducible)
+_CU_DTYPE = {
+    torch.uint8: 0, torch.float8_e4m3fn: 0, torch.float8_e5m2: 0, torch.int8: 0,
+    torch.uint16: 1, torch.int16: 1, torch.uint32: 2, torch.int32: 3, torch.int64: 5,
+    torch.float16: 6, torch.float32: 7, torch.float64: 8, torch.bfloat16: 9,
+}
+_SIM_DTYPE = {torch.float32: 1}
+
+
+def pad_to(offset: int, align: int = 64) -> int:
+    """Bytes of padding that bring `offset` to a multiple of `align` (for Params layouts)."""
+    return -offset % align
+
+
+def _check(tensor, box: Sequence[int], swizzle: int, oob_fill: str) -> tuple[list[int], list[int], list[int], int]:
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"tensor map: tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _CU_DTYPE:
+        raise InputError(f"tensor map: tensor: dtype {tensor.dtype} has no TMA data type "
+                         f"(expected one of {sorted(str(d) for d in _CU_DTYPE)})")
+    rank = tensor.dim()
+    if not 1 <= rank <= 5:
+        raise InputError(f"tensor map: tensor: rank must be 1..5, got {rank}")
+    esize = tensor.element_size()
+    dims = [int(s) for s in reversed(tensor.shape)]
+    strides = [int(s) * esize for s in reversed(tensor.stride())]
+    if strides[0] != esize:
+        raise InputError(f"tensor map: tensor: the innermost dimension must be contiguous (stride 1), got stride "
+                         f"{tensor.stride()[-1]}")
+    for d, n in enumerate(dims):
+        if not 1 <= n <= 2 ** 32:
+            raise InputError(f"tensor map: tensor: dimension {d} (innermost first) must be in 1..2^32, got {n}")
+    for d, s in enumerate(strides[1:], start=1):
+        if s % 16 != 0 or not 0 < s < 2 ** 40:
+            raise InputError(f"tensor map: tensor: stride of dimension {d} (innermost first) must be a positive "
+                             f"multiple of 16 bytes below 2^40, got {s} bytes")
+    if tensor.data_ptr() % 16 != 0:
+        raise InputError(f"tensor map: tensor: address must be 16-byte aligned, got {tensor.data_ptr():#x}")
+    box = list(box)
+    if len(box) != rank or not all(isinstance(b, int) for b in box):
+        raise InputError(f"tensor map: box: expected {rank} ints (innermost first), got {box!r}")
+    for d, b in enumerate(box):
+        if not 1 <= b <= MAX_BOX:
+            raise InputError(f"tensor map: box: dimension {d} must be in 1..{MAX_BOX}, got {b}")
+    inner = box[0] * esize
+    if inner % 16 != 0:
+        raise InputError(f"tensor map: box: the innermost box row must be a multiple of 16 bytes, got {box[0]} x "
+                         f"{esize} = {inner} bytes")
+    if swizzle not in SWIZZLES:
+        raise InputError(f"tensor map: swizzle: expected one of {SWIZZLES} (bytes; 0 = none), got {swizzle!r}")
+    if swizzle and inner != swizzle:
+        # The driver allows inner <= span; we require equality so that the smem image is the
+        # dense box on both engines (the case the kernels use and the conformance tests cover).
+        raise InputError(f"tensor map: box: with the {swizzle}B swizzle the innermost box row must be {swizzle} "
+                         f"bytes, got {inner}")
+    if oob_fill != "zero":
+        raise InputError(f"tensor map: oob_fill: only 'zero' is supported, got {oob_fill!r}")
+    return dims, strides, box, esize
+
+
+def encode_tiled(tensor: torch.Tensor, box: Sequence[int], *, swizzle: int = 0, oob_fill: str = "zero",
+                 engine: str) -> bytes:
+    """The 128-byte tiled tensor map of `tensor` (boxes of `box` elements, innermost first)."""
+    dims, strides, box, esize = _check(tensor, box, swizzle, oob_fill)
+    if engine == "sim":
+        return _encode_sim(tensor, dims, strides, box, esize, swizzle)
+    if engine == "cuda":
+        if tensor.device.type != "cuda":
+            raise InputError(f"tensor map: tensor: engine cuda needs a CUDA tensor, got device {tensor.device}")
+        from . import cuda_driver
+
+        return cuda_driver.tensor_map_encode_tiled(_CU_DTYPE[tensor.dtype], tensor.data_ptr(), dims, strides[1:],
+                                                   box, swizzle)
+    raise InputError(f"tensor map: engine: expected 'sim' or 'cuda', got {engine!r}")
+
+
+def _encode_sim(tensor, dims, strides, box, esize, swizzle) -> bytes:
+    if tensor.device.type != "cpu":
+        raise InputError(f"tensor map: tensor: engine sim needs a CPU tensor, got device {tensor.device}")
+    rank = len(dims)
+    w = [0] * 16
+    w[0] = SIM_MAGIC
+    w[1] = tensor.data_ptr()
+    w[2] = rank | esize << 8 | (swizzle // 32) << 16 | _SIM_DTYPE.get(tensor.dtype, 0) << 32
+    for d in range(rank):
+        w[3 + d] = dims[d]
+    for d in range(1, rank):
+        w[7 + d] = strides[d]
+    for d, b in enumerate(box):
+        w[12 + d // 4] |= b << (16 * (d % 4))
+    return struct.pack("<16Q", *w)
+
+
+def descriptor(data: bytes) -> ctypes.Array:
+    """The bytes as a TMA_DESCRIPTOR value (a Params field, or a kernel argument by value)."""
+    if len(data) != 128:
+        raise InputError(f"tensor map: expected 128 bytes, got {len(data)}")
+    return TMA_DESCRIPTOR(*struct.unpack("<16Q", data))
