@@ -43,7 +43,9 @@ def test_heuristic_and_grid_are_pure_functions_of_shape_and_budget():
     few = launcher.choose_wgmma_spec("dense", 256, 1024, 7168, "bf16", "blk128", compute_sms=132)
     assert (few.block_m, few.block_n) == (64, 64), "16 or 32 larger tiles would leave most SMs idle"
     mid = launcher.choose_wgmma_spec("dense", 1024, 2048, 7168, "bf16", "blk128", compute_sms=132)
-    assert (mid.block_m, mid.block_n) == (64, 128), "128 tiles of 128 x 128 < 132 SMs; 256 of 64 x 128"
+    assert (mid.block_m, mid.block_n) == (128, 128), "one wave of 128 tiles beats two waves of 64 x 128"
+    mid = launcher.choose_wgmma_spec("dense", 512, 2048, 7168, "bf16", "blk128", compute_sms=132)
+    assert (mid.block_m, mid.block_n) == (64, 128), "64 tiles of 128 x 128 leave half the SMs idle; 128 of 64 x 128 do not"
     for spec in launcher.standard_wgmma_specs():
         spec.check()
     # contiguous: m is every group's rows already, so groups must not multiply the tile count

@@ -26,6 +26,7 @@ from ..reference import fp8 as reference
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
 from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from . import fp8_gemm_config
 
 BLOCK_K = 128                       # the scale block along K (one promotion per block)
 MODES = ("dense", "contiguous", "masked")
@@ -211,23 +212,17 @@ class Fp8GemmWgmmaSpec(KernelSpec):
                 f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}>(p)")
 
 
+# The wgmma kernel's tiles and their ring depth (what fits 227 KiB with its staging tile).
+WGMMA_TILES = {(128, 128): 4, (64, 128): 5, (64, 64): 6}
+
+
 def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
                       compute_sms: int | None = None) -> Fp8GemmWgmmaSpec:
-    """Pure heuristic of (shape, SM budget): the largest of 128 x 128 (two warpgroups),
-    64 x 128, 64 x 64 (one) that still gives every SM of the budget a tile, else 64 x 64 (the
-    most tiles); 128 rows only when M > 64 (decode-sized M would waste half the tile)."""
+    """Pure function of (shape, SM budget): the tile of WGMMA_TILES the cost model
+    (fp8_gemm_config: waves over the budget, bytes per FLOP, L2 reuse) ranks first."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
-
-    def tiles(bm, bn):
-        return groups * -(-m // bm) * -(-n // bn)
-
-    if m > 64 and tiles(128, 128) >= sms:
-        bm, bn, stages = 128, 128, 4
-    elif tiles(64, 128) >= sms:
-        bm, bn, stages = 64, 128, 5
-    else:
-        bm, bn, stages = 64, 64, 6
-    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, stages=stages)
+    bm, bn = fp8_gemm_config.cheapest(m, n, k, groups=groups, sms=sms, out_bytes=4 if out == "fp32" else 2, tiles=WGMMA_TILES)
+    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, stages=WGMMA_TILES[bm, bn])
 
 
 def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:

@@ -1,5 +1,10 @@
 """Block-shape choice of the Hopper FP8 GEMM by a cost model, not a hand list.
 
+Users: the wgmma kernel today ranks its three tiles with cheapest() (fp8_gemm.choose_wgmma_spec);
+choose_block() searches the warp-specialised kernel's wider space (issue 15, in progress:
+its feasibility terms, setmaxnreg registers and a separate epilogue staging tile, are that
+kernel's).
+
 choose_block(m, n, k, groups=, sms=) is a pure function of the problem and the SM budget
 (integers and Python floats only), so every rank of an expert-parallel job picks the same
 shape and compiles the same kernel. The model ranks candidate tiles; it predicts no time:
@@ -131,17 +136,21 @@ def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes
         rows = 64 if m <= 64 else 128
         decode = tuple(c for c in cands if c[0] == rows)
         cands = decode or cands
-    best, best_key = None, None
-    for bm, bn in cands:
-        if not feasible(bm, bn, out_bytes, smem_limit):
-            continue
-        cost, tiles, waves = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
-        key = (cost, n % bn != 0, tiles, -bn, -bm)
-        if best_key is None or key < best_key:
-            stages = _max_stages(bm, bn, out_bytes, smem_limit)
-            best_key = key
-            best = BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages, out_bytes), tiles, waves, cost)
-    if best is None:
+    fits = [(bm, bn) for bm, bn in cands if feasible(bm, bn, out_bytes, smem_limit)]
+    if not fits:
         raise ValueError(f"choose_block: no candidate tile fits {smem_limit} bytes of shared memory "
                          f"and {MATH_REGS} registers: {cands}")
-    return best
+    bm, bn = cheapest(m, n, k, groups=groups, sms=sms, out_bytes=out_bytes, tiles=fits)
+    cost, tiles, waves = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
+    stages = _max_stages(bm, bn, out_bytes, smem_limit)
+    return BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages, out_bytes), tiles, waves, cost)
+
+
+def cheapest(m: int, n: int, k: int, *, groups: int, sms: int, out_bytes: int, tiles) -> tuple:
+    """The (BM, BN) of `tiles` (all feasible for the caller's kernel) the model ranks first;
+    ties go to BN dividing N, then fewer tiles, then larger BN, BM."""
+    def key(tile):
+        bm, bn = tile
+        cost, count, _ = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
+        return (cost, n % bn != 0, count, -bn, -bm)
+    return min(tiles, key=key)
