@@ -29,9 +29,13 @@
 //   - a waiter two phases away: this thread's next phase of parity p has already completed
 //     and another after it (the parity bit aliases; hardware would wait a phase too long);
 //   - more bytes completing than announced once all arrivals are in (tx count < 0);
+//   - more arrivals than the count (an arrival while the phase's arrivals are all in and it
+//     waits for transaction bytes; an arrival beyond that starts the next phase, which the
+//     waiters then find two phases away);
 //   - deadlock: every thread of the CTA waits on an mbarrier and nothing changes (report of
 //     the barrier: phase, pending arrivals, outstanding tx bytes, loads in flight).
-// A thread that exits while others wait ends as the runtime's FMO_SIM_TIMEOUT instead.
+// The deadlock check cannot count threads that exited (a producer warp's idle lanes): then a
+// waiter that sees no mbarrier/TMA event in the CTA for 20 s reports the same deadlock.
 #pragma once
 
 #include "ptx/common.cuh"
@@ -49,6 +53,7 @@ namespace ptx {
 namespace sim_detail {
 
 constexpr uint32_t kMbarMaxCount = (1u << 20) - 1;  // ISA: arrive count and tx count range
+constexpr unsigned long long kMbarStallNs = 20ull * 1000 * 1000 * 1000;
 constexpr uint64_t kMbarToken = 0xfb0a5e1500000000ull;
 
 struct MbarState {
@@ -152,6 +157,10 @@ FMO_SIM_EMU void mbar_add_tx(uint64_t* bar, MbarState& b, int64_t bytes, const c
 
 FMO_SIM_EMU void mbar_arrive(uint64_t* bar, uint32_t tx, const char* what) {
   MbarState& b = mbar(bar, what);
+  if (b.pending == 0)
+    fmo_sim::fail("%s: mbarrier #%u at %p: more arrivals than its count %u in phase %lld (all arrived, %lld "
+                  "transaction bytes still outstanding)", what, b.id, static_cast<void*>(bar), b.expected,
+                  static_cast<long long>(b.phase), static_cast<long long>(b.tx));
   mbar_add_tx(bar, b, tx, what);
   --b.pending;
   mbar_try_complete(bar, b, what);
@@ -201,19 +210,30 @@ FMO_SIM_EMU bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* what)
 FMO_SIM_EMU void mbar_wait(uint64_t* bar, uint32_t parity) {
   auto& st = cta_async();
   ++st.waiting;
+  uint64_t seen_epoch = st.epoch;
+  unsigned long long since = fmo_sim::globaltimer();
   for (;;) {
     const uint64_t before = st.epoch;
     if (mbar_try_wait(bar, parity, "mbarrier.try_wait.parity")) break;
     if (st.epoch != before) st.idle_polls = 0;
+    if (st.epoch != seen_epoch) {
+      seen_epoch = st.epoch;
+      since = fmo_sim::globaltimer();
+    }
     const uint32_t n = fmo_sim::cur()->nthreads;
-    if (st.waiting == n && ++st.idle_polls > 4ull * n + 64) {
+    const bool all_wait = st.waiting == n && ++st.idle_polls > 4ull * n + 64;
+    // Threads that exited cannot be counted: past kMbarStallNs without any mbarrier or TMA
+    // event in the CTA while this thread waits, the CTA is reported stuck as well.
+    const bool stalled = fmo_sim::globaltimer() - since > kMbarStallNs;
+    if (all_wait || stalled) {
       const MbarState& b = st.bars.at(bar);
       size_t inflight = 0;
       for (auto& l : st.loads) inflight += l.bar == bar;
-      fmo_sim::fail("deadlock: all %u threads of the CTA wait on mbarriers and nothing changes; this thread "
-                    "waits on mbarrier #%u at %p parity %u: phase %lld has %u of %u arrivals missing and %lld "
-                    "transaction bytes outstanding, %zu TMA loads in flight to it", n, b.id,
-                    static_cast<void*>(bar), parity, static_cast<long long>(b.phase), b.pending, b.expected,
+      fmo_sim::fail("deadlock: %s; this thread waits on mbarrier #%u at %p parity %u: phase %lld has %u of %u "
+                    "arrivals missing and %lld transaction bytes outstanding, %zu TMA loads in flight to it",
+                    all_wait ? "all threads of the CTA wait on mbarriers and nothing changes"
+                             : "no mbarrier or TMA event in the CTA for 20 s while threads wait",
+                    b.id, static_cast<void*>(bar), parity, static_cast<long long>(b.phase), b.pending, b.expected,
                     static_cast<long long>(b.tx), inflight);
     }
     fmo_sim::yield();

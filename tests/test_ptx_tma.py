@@ -1,0 +1,186 @@
+"""ptx/tma.cuh + fastmoe_ops/runtime/tensor_map.py on the simulator, against the numpy model of
+the ISA's TMA shared-memory image (tests/ptx_cases/tma.py: smem_image, the swizzle table of the
+PTX ISA's "Tensor Memory Access" section): 2D/3D loads with every swizzle, boxes hanging past
+each edge of the tensor (zero fill, negative coordinates too), stores and f32 reduce-adds that
+write only the in-bounds part, the asynchrony (shared memory read before the barrier wait is
+poison), a producer/consumer ring on full/empty mbarriers, and the encoder's validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastmoe_ops.errors import InputError
+from fastmoe_ops.runtime.tensor_map import descriptor, encode_tiled
+from ptx_cases.case import assert_equal_bits, poisoned
+from ptx_cases.runners import SimRunner
+from ptx_cases.tma import RING_COLS, RING_ROWS, SOURCE, RingParams, load_case, random_tensor, smem_image
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return SimRunner(SOURCE)
+
+
+def test_swizzle_model_128b_is_the_gemm_layout():
+    """The model's 128-byte swizzle of 8 rows x 128 bytes = row * 128 + (chunk ^ row % 8) * 16
+    (the layout wgmma's B128 descriptors read: tests/test_ptx_wgmma.py)."""
+    g = np.arange(8 * 128, dtype=np.uint8).reshape(8, 128)
+    img = smem_image(g, (0, 0), (128, 8), 128)
+    for r in range(8):
+        for c in range(128):
+            assert img[r * 128 + ((c // 16) ^ (r % 8)) * 16 + c % 16] == g[r, c]
+
+
+@pytest.mark.parametrize("swizzle,dtype,cols", [(0, torch.float32, 24), (32, torch.bfloat16, 16),
+                                                (64, torch.float32, 16), (128, torch.uint8, 128),
+                                                (128, torch.float32, 32)])
+@pytest.mark.parametrize("coords", [(0, 0), (8, 5), (-4, -3), (40, 37)])
+def test_tma_load_2d(runner, swizzle, dtype, cols, coords):
+    t = random_tensor((45, 50 if dtype != torch.uint8 else 176), torch.float32, 7 + swizzle).to(dtype) \
+        if dtype != torch.uint8 else torch.from_numpy(np.random.default_rng(3).integers(1, 255, (45, 176),
+                                                                                       dtype=np.uint8))
+    if t.shape[1] * t.element_size() % 16:
+        t = t[:, :48].contiguous()
+    box = (cols, 16)
+    desc = encode_tiled(t, box, swizzle=swizzle, engine="sim")
+    case = load_case(t, box, coords, swizzle, desc)
+    case.check(runner.run(case))
+
+
+def test_tma_load_3d_strided(runner):
+    """A 3D box of a non-contiguous view (padded row stride): dims/strides innermost first."""
+    base = random_tensor((3, 20, 40), torch.float32, 11)
+    t = base[:, :, :32]  # row stride 40 floats = 160 bytes
+    box = (32, 8, 2)
+    desc = encode_tiled(t, box, swizzle=128, engine="sim")
+    want = smem_image(t.contiguous().view(torch.int32).numpy(), (0, 15, 2), box, 128)
+    case = load_case(t.contiguous(), box, (0, 15, 2), 128, desc)  # model from a contiguous copy
+    out = runner.run(case)[0]
+    assert_equal_bits(out, want, "3D strided TMA load")
+
+
+def test_tma_load_read_before_wait_is_poison(runner):
+    """Shared memory read before waiting on the barrier: the load has not landed (poison),
+    where reading after the wait gives the data (the same kernel, mode 0)."""
+    t = random_tensor((16, 32), torch.float32, 5)
+    desc = encode_tiled(t, (32, 8), swizzle=128, engine="sim")
+    case = load_case(t, (32, 8), (0, 0), 128, desc, mode=1)
+    out = runner.run(case)[0]
+    assert (out == 0xFF).all(), "TMA bytes visible before the barrier wait"
+
+
+@pytest.mark.parametrize("delta,message", [(16, "deadlock: all threads of the CTA wait on mbarriers and nothing changes; .* 16 transaction bytes outstanding"),
+                                           (-16, "more transaction bytes completed than expect_tx announced")])
+def test_tma_expect_tx_mismatch_fails(runner, delta, message):
+    t = random_tensor((16, 32), torch.float32, 6)
+    desc = encode_tiled(t, (32, 8), swizzle=0, engine="sim")
+    case = load_case(t, (32, 8), (0, 0), 0, desc, expect_delta=delta)
+    with pytest.raises(Exception, match=message):
+        runner.run(case)
+
+
+def test_tma_foreign_map_fails(runner):
+    t = random_tensor((16, 32), torch.float32, 6)
+    case = load_case(t, (32, 8), (0, 0), 0, bytes(128))
+    with pytest.raises(Exception, match="not one the simulator's encoder made"):
+        runner.run(case)
+
+
+@pytest.mark.parametrize("reduce", [0, 1])
+@pytest.mark.parametrize("coords", [(0, 0), (-8, 30)])
+def test_tma_store_and_reduce(runner, reduce, coords):
+    """The box image goes back to global un-swizzled; elements outside the tensor are dropped;
+    reduce adds (f32, exact on integers)."""
+    g0 = random_tensor((36, 32), torch.float32, 21)
+    g = g0.clone()
+    box = (32, 8)
+    src = random_tensor((8, 32), torch.float32, 22)
+    img = smem_image(src.numpy(), (0, 0), box, 128)
+    desc = encode_tiled(g, box, swizzle=128, engine="sim")
+    fn = runner.module.get_function("tma_store_box")
+    fn((1, 1, 1), (64, 1, 1), (descriptor(desc), torch.from_numpy(img), np.int32(coords[0]), np.int32(coords[1]),
+                               np.uint32(img.size), np.int32(reduce), np.int32(0)), shared_mem=img.size)
+    want = g0.numpy().astype(np.float64)
+    x, y = coords
+    for r in range(8):
+        for c in range(32):
+            gy, gx = y + r, x + c
+            if 0 <= gy < 36 and 0 <= gx < 32:
+                want[gy, gx] = want[gy, gx] + src[r, c].item() if reduce else src[r, c].item()
+    assert_equal_bits(g.numpy(), want.astype(np.float32), f"TMA {'reduce' if reduce else 'store'} at {coords}")
+
+
+def test_tma_store_without_wait_is_lost(runner):
+    """The emulation performs a store at the wait that retires its group: none, nothing written."""
+    g = random_tensor((8, 32), torch.float32, 23)
+    before = g.clone()
+    img = poisoned((1024,), np.uint8)
+    img[:] = 3
+    desc = encode_tiled(g, (32, 8), swizzle=0, engine="sim")
+    fn = runner.module.get_function("tma_store_box")
+    fn((1, 1, 1), (64, 1, 1), (descriptor(desc), torch.from_numpy(img), np.int32(0), np.int32(0),
+                               np.uint32(1024), np.int32(0), np.int32(1)), shared_mem=1024)
+    assert torch.equal(g, before)
+
+
+def _ring(runner, tiles, consumers, skip_empty_wait=0):
+    t = random_tensor((tiles * RING_ROWS, RING_COLS), torch.float32, 40 + tiles)
+    out = torch.from_numpy(poisoned((32 * consumers,), np.float32))
+    p = RingParams()
+    p.desc = descriptor(encode_tiled(t, (RING_COLS, RING_ROWS), swizzle=128, engine="sim"))
+    p.out = out.data_ptr()
+    p.tiles = tiles
+    p.skip_empty_wait = skip_empty_wait
+    fn = runner.module.get_function("tma_ring")
+    fn((1, 1, 1), (32 * (consumers + 1), 1, 1), (p,), shared_mem=3 * 1024)
+    flat = t.numpy().reshape(tiles, -1).astype(np.float64)
+    want = np.array([flat[:, i::32 * consumers].sum() for i in range(32 * consumers)])
+    return out.numpy(), want
+
+
+@pytest.mark.parametrize("tiles,consumers", [(7, 2), (12, 1)])
+def test_tma_ring_producer_consumer(runner, tiles, consumers):
+    """One producer lane, STAGES = 3 slots, full/empty barriers, 1-2 consumer warps: every
+    tile summed once (exact: integer values), more tiles than stages so the phases wrap."""
+    got, want = _ring(runner, tiles, consumers)
+    assert_equal_bits(got, want.astype(np.float32), f"ring sums ({tiles} tiles, {consumers} consumer warps)")
+
+
+def test_tma_ring_without_empty_wait_fails(runner):
+    """The producer refilling slots without waiting on the empty barriers: the consumers see
+    poison / wrong tiles, or a waiter finds its phase overtaken; either way the test notices."""
+    try:
+        got, want = _ring(runner, 9, 2, skip_empty_wait=1)
+    except Exception as e:
+        assert "more arrivals than its count" in str(e) or "phases away" in str(e), str(e)
+        return
+    assert not np.array_equal(got, want.astype(np.float32))
+
+
+def test_ring_params_layout():
+    """RingParams mirrors the C++ struct: TmaDescriptor is alignas(64), so size 192."""
+    import ctypes
+    assert ctypes.sizeof(RingParams) == 192 and RingParams.desc.offset == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(box=(32, 300)), "box: dimension 1 must be in 1..256"),
+    (dict(box=(3, 8)), "multiple of 16 bytes"),
+    (dict(box=(16, 8), swizzle=128), "with the 128B swizzle the innermost box row must be 128"),
+    (dict(box=(32, 8), swizzle=48), "swizzle: expected one of"),
+    (dict(box=(32,)), "box: expected 2 ints"),
+])
+def test_encoder_validation(kwargs, message):
+    t = torch.ones(16, 32)
+    with pytest.raises(InputError, match=message):
+        encode_tiled(t, engine="sim", **kwargs)
+
+
+def test_encoder_validation_strides_and_address():
+    with pytest.raises(InputError, match="stride of dimension 1 .* multiple of 16"):
+        encode_tiled(torch.ones(16, 33)[:, :32], (32, 8), engine="sim")
+    with pytest.raises(InputError, match="address must be 16-byte aligned"):
+        encode_tiled(torch.ones(16 * 32 + 1)[1:].view(16, 32), (32, 8), engine="sim")
+    with pytest.raises(InputError, match="innermost dimension must be contiguous"):
+        encode_tiled(torch.ones(32, 16).t(), (16, 8), engine="sim")
