@@ -24,7 +24,11 @@ from .runtime import compiler
 from .runtime.spec import registered_specs
 
 # SASS opcode families the report counts (prefix match on the opcode).
-SASS_FAMILIES = ("HMMA", "HGMMA", "QMMA", "QGMMA", "IMMA", "LDSM", "LDGSTS", "UTMALDG", "UTMASTG", "LDG", "STG", "LDS", "STS", "SHFL", "BAR")
+# Hopper's async machinery (ptx/mbarrier.cuh, tma.cuh, warp.cuh, ldmatrix.cuh's stmatrix):
+# SYNCS = mbarrier ops, UTMALDG/UTMASTG/UTMAREDG = TMA load/store/reduce, UBLKCP = bulk copy,
+# ELECT = elect.sync, USETMAXREG = setmaxnreg, STSM = stmatrix.
+SASS_FAMILIES = ("HMMA", "HGMMA", "QMMA", "QGMMA", "IMMA", "LDSM", "STSM", "LDGSTS", "UTMALDG", "UTMASTG",
+                 "UTMAREDG", "UBLKCP", "SYNCS", "ELECT", "USETMAXREG", "LDG", "STG", "LDS", "STS", "SHFL", "BAR")
 
 _PROPS_RE = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED_RE = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?", re.S)

@@ -15,7 +15,7 @@ import pytest
 
 from fastmoe_ops.runtime import compiler
 
-from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma
+from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, tma
 from ptx_cases.build import PTXAS_PROPERTIES, compile_sm90a
 from ptx_cases.runners import HEADERS
 
@@ -46,6 +46,8 @@ SOURCES = {
                                        "ATOM.E.EXCH.STRONG.GPU", "MEMBAR.ALL.SYS"]),
     "barrier": (HEADERS + barrier.SOURCE, ["BAR.ARV", "BAR.SYNC.DEFER_BLOCKING", "MEMBAR.SC.GPU",
                                            "MEMBAR.ALL.GPU", "MEMBAR.ALL.CTA"]),
+    "tma": (HEADERS + tma.SOURCE, ["UTMALDG.2D", "UTMALDG.3D", "UTMASTG.2D", "UTMAREDG.2D.ADD", "UTMACMDFLUSH",
+                                   "SYNCS.ARRIVE.TRANS64.A1T0", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "ELECT"]),
     "bench_gemm": (None, ["HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128", "DEPBAR.LE"]),
 }
 
@@ -66,3 +68,22 @@ def test_compiles_for_sm90a_without_spills_and_emits_expected_sass(family, tmp_p
     ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     missing = [op for op in want_ops if op not in ops]
     assert not missing, f"{family}: SASS lacks {missing}; it has {sorted(o for o in ops if o[:3] in {'HMM', 'LDS', 'LDG', 'ATO', 'BAR', 'MEM', 'F2F', 'DEP', 'STG'})}"
+
+
+def test_tma_ring_kernel_sass_counts(tmp_path):
+    """The producer/consumer ring (tests/ptx_cases/tma.py: tma_ring) compiled for sm_90a, counted
+    with the build report's SASS families: TMA loads and mbarrier (SYNCS) ops, elect.sync, no
+    cp.async (LDGSTS), no spills."""
+    if compiler.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not installed")
+    src = HEADERS + tma.SOURCE.replace('extern "C" __global__ void tma_ring', 'extern "C" __global__ void __launch_bounds__(96) tma_ring')
+    log, cubin = compile_sm90a(src, tmp_path)
+    ring = [p for p in PTXAS_PROPERTIES.findall(log) if p[0] == "tma_ring"]
+    assert ring and ring[0][2:] == ("0", "0"), f"tma_ring spills or is missing: {ring}"
+    sass = compiler.disassemble(cubin)
+    body = sass.split("Function : tma_ring")[1].split("Function :")[0]
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body)
+    counts = {fam: ops.count(fam) for fam in ("UTMALDG", "SYNCS", "ELECT", "LDGSTS", "UTMASTG")}
+    assert counts["UTMALDG"] > 0 and counts["SYNCS"] >= 3 and counts["ELECT"] > 0, counts
+    assert counts["LDGSTS"] == 0, counts
+    print("tma_ring SASS:", counts)
