@@ -1,7 +1,7 @@
 // ptx/wgmma.cuh: warpgroup-level asynchronous MMA on Hopper, wgmma (PTX ISA, "Asynchronous
 // Warpgroup Level Matrix Multiply-Accumulate Instructions"), sm_90a.
 //
-//   wgmma.mma_async.sync.aligned.m64nNk32.f32.e4m3.e4m3  d, a-desc, b-desc, scale-d, 1, 1;  N = 64, 128
+//   wgmma.mma_async.sync.aligned.m64nNk32.f32.e4m3.e4m3  d, a-desc, b-desc, scale-d, 1, 1;  N = 64..256 (below)
 //     D[64xN] = A[64x32] * B[32xN] + (scale-d ? D : 0), f32 accumulate; A and B in shared
 //     memory, both K-major (the only layout for 8-bit inputs), named by matrix descriptors.
 //   wgmma.fence / commit_group / wait_group N: order register accesses, close a group of
@@ -46,6 +46,10 @@
 #pragma once
 
 #include "ptx/common.cuh"
+#include "ptx/mbarrier.cuh"
+#ifndef FMO_SIM
+#include "ptx/wgmma_e4m3_asm.cuh"
+#endif
 #include "ptx/mma.cuh"
 
 #if !defined(FMO_SIM) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -305,11 +309,7 @@ FMO_DEVICE void wgmma_wait() {
 // cp.async) become visible to the async proxy, through which wgmma reads its operands. Each
 // writer fences, then a barrier, then the MMAs. The emulation has one memory: nothing to do,
 // so a missing proxy fence is not caught here (only the GPU shows it, as stale operands).
-FMO_DEVICE void fence_proxy_async_shared() {
-#ifndef FMO_SIM
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
+FMO_DEVICE void fence_proxy_async_shared() { fence_proxy_async(); }
 
 // Keeps the compiler from moving accesses of the accumulator registers across the wgmma
 // fence/commit/wait statements (they are not operands of those): an empty asm that
@@ -324,49 +324,27 @@ FMO_DEVICE void wgmma_fence_operands(float (&d)[R]) {
 #endif
 }
 
-// D[64x128] (+)= A[64x32] * B[32x128], e4m3 x e4m3 -> f32; d: this thread's 64 registers
-// (fragment map at the top of the file). scale_d = 0: D = A * B.
-FMO_DEVICE void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+// D[64xN] (+)= A[64x32] * B[32xN], e4m3 x e4m3 -> f32; d: this thread's N/2 registers (fragment
+// map at the top of the file). scale_d = 0: D = A * B. N: the sizes ptx/gen_wgmma_e4m3.py spells
+// out (64, 96, 112, 128, 144, 160, 192, 256; the ISA allows any multiple of 8 up to 256: add
+// one there). The emulation is the same for every N.
+template <int N>
+FMO_DEVICE void wgmma_m64nNk32_e4m3(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk32: N is a multiple of 8 up to 256");
 #ifdef FMO_SIM
-  sim_detail::wgmma_issue<128>(d, desc_a, desc_b, scale_d);
+  sim_detail::wgmma_issue<N>(d, desc_a, desc_b, scale_d);
 #else
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, "
-      "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, "
-      "%61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-      : "memory");
+  WgmmaE4m3Asm<N>::mma(d, desc_a, desc_b, scale_d);
 #endif
 }
 
-// D[64x64] (+)= A[64x32] * B[32x64], e4m3 x e4m3 -> f32; d: this thread's 32 registers (same
-// fragment map, N = 64). For tiles whose N is small, or to double the tile count.
+// The two sizes the first GEMM used, by their old names.
+FMO_DEVICE void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  wgmma_m64nNk32_e4m3<128>(d, desc_a, desc_b, scale_d);
+}
+
 FMO_DEVICE void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#ifdef FMO_SIM
-  sim_detail::wgmma_issue<64>(d, desc_a, desc_b, scale_d);
-#else
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-      : "memory");
-#endif
+  wgmma_m64nNk32_e4m3<64>(d, desc_a, desc_b, scale_d);
 }
 
 }  // namespace ptx

@@ -52,6 +52,15 @@ def test_wgmma_layouts_bit_exact(runner, sw, padded):
     case.check(runner.run(case))
 
 
+@pytest.mark.parametrize("n", [96, 192, 256])
+@pytest.mark.parametrize("exact", [True, False])
+def test_wgmma_template_sizes_bit_exact(runner, n, exact):
+    """wgmma_m64nNk32_e4m3<N> for N other than 64/128: the model's bits (and float64's on
+    rule-exact inputs); B's rows past 128 land in accumulator registers 64.. of the fragment."""
+    case = wgmma_case("b128", 300 + n + exact, ksteps=2, exact=exact, n=n)
+    case.check(runner.run(case))
+
+
 @pytest.mark.parametrize("sw", list(SWIZZLE))
 @pytest.mark.parametrize("padded", [False, True])
 def test_wgmma_n64_layouts_bit_exact(runner, sw, padded):

@@ -10,7 +10,8 @@ from .case import Case, assert_equal_bits, poisoned
 from .formats import decode_bits, encode
 
 M, N, KSTEP = 64, 128, 32  # N: the default shape; m64n64k32 is tested too (n=64)
-KERNEL_OF_N = {128: "wgmma_e4m3", 64: "wgmma_e4m3_n64"}
+KERNEL_OF_N = {128: "wgmma_e4m3", 64: "wgmma_e4m3_n64", 96: "wgmma_e4m3_n96", 192: "wgmma_e4m3_n192",
+               256: "wgmma_e4m3_n256"}
 SWIZZLE = {"none": 0, "b128": 1, "b64": 2, "b32": 3}
 PITCH = {"b128": 128, "b64": 64, "b32": 32}
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in (the GPU runner does not)
@@ -30,8 +31,11 @@ __device__ void store_d(float* D, const float (&acc)[N / 2]) {
   for (int i = 0; i < N / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
 }
 
+// N = 128 and 64 through their old names, the others through the template.
 __device__ void mma_n(float (&d)[64], uint64_t a, uint64_t b, int s) { wgmma_m64n128k32_e4m3(d, a, b, s); }
 __device__ void mma_n(float (&d)[32], uint64_t a, uint64_t b, int s) { wgmma_m64n64k32_e4m3(d, a, b, s); }
+template <int R>
+__device__ void mma_n(float (&d)[R], uint64_t a, uint64_t b, int s) { wgmma_m64nNk32_e4m3<2 * R>(d, a, b, s); }
 
 template <int N>
 __device__ void wgmma_run(const unsigned char* image, int image_bytes, const float* C, float* D,
@@ -75,6 +79,9 @@ __device__ void wgmma_run(const unsigned char* image, int image_bytes, const flo
   }
 WGMMA_ENTRY(wgmma_e4m3, 128)
 WGMMA_ENTRY(wgmma_e4m3_n64, 64)
+WGMMA_ENTRY(wgmma_e4m3_n96, 96)
+WGMMA_ENTRY(wgmma_e4m3_n192, 192)
+WGMMA_ENTRY(wgmma_e4m3_n256, 256)
 
 // Two accumulators, one commit group each: after wait_group 1 the first group has retired
 // (D1 = A B + C) and the second has not (D2 still C); after wait_group 0 both have.
@@ -270,4 +277,6 @@ def cases(seed: int = 0) -> list[Case]:
     out.append(wgmma_case("b128", seed + 30, ksteps=2, b_sw="none"))
     out.append(wgmma_case("b128", seed + 40, ksteps=4, n=64))
     out.append(wgmma_case("none", seed + 41, ksteps=2, padded=True, n=64))
+    for i, n in enumerate((96, 192, 256)):  # the template's other sizes
+        out.append(wgmma_case("b128", seed + 42 + i, ksteps=2, exact=False, n=n))
     return out + rule_probe_cases(seed + 50)
