@@ -4,7 +4,7 @@ csrc/moe/ipc.cuh moving rows through them on exactly the communication SM budget
 Mapping (one small interface, two implementations; the bootstrap is shared):
   CudaIpcMapping: device memory from cudaMalloc, exported with cudaIpcGetMemHandle and
                   opened by peers with cudaIpcOpenMemHandle (runtime/cuda_driver.py);
-  ShmMapping:     the simulator's stand-in, POSIX shared memory (`fastmoe_ops.sim.ipc`).
+  ShmMapping:     the simulator's stand-in, POSIX shared memory (`fastmoe_ops.comm.shm`).
 Handles are exchanged over the Group once, in the Buffer's constructor, and closed in
 destroy(). Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x slot_rows
 packed rows | combine region: R * slot_rows rows of hidden fp32-sized elements].
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import Group
+from ..comm import Group, shm
 from ..errors import InputError, UnsupportedError
 from ..ops import moe_ipc
 from ..runtime import cuda_driver
@@ -41,18 +41,12 @@ class ShmMapping:
     engine = "sim"
 
     def create(self, nbytes: int):
-        from ..sim import ipc as shm
-
         return shm.create(nbytes)                  # zero-filled
 
     def open(self, handle) -> torch.Tensor:
-        from ..sim import ipc as shm
-
         return shm.open(handle)
 
     def close(self, tensor: torch.Tensor, own: bool) -> None:
-        from ..sim import ipc as shm
-
         shm.close(tensor)
 
 

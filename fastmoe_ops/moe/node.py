@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .. import env
-from ..comm import Group
+from ..comm import Group, shm
 from ..comm.group import timeout_error
 from ..errors import CommError, UnsupportedError
 from . import host, host_native
@@ -91,8 +91,6 @@ class NodeTransport:
     addresses taken once: per call, Python only fills them."""
 
     def __init__(self, group: Group, width: int, rows: host.HostTransport):
-        from ..sim import ipc as shm
-
         self.group, self.width, self.ranks, self.rank = group, width, group.size, group.rank
         self.rows = rows   # the Buffer's reused work buffers (and the PyTorch sum)
         self.fns = host_native.node_functions()
@@ -124,8 +122,6 @@ class NodeTransport:
                                                        ("failed", self._failed), ("extras", self._extras))}
 
     def close(self) -> None:
-        from ..sim import ipc as shm
-
         if self._block is not None:
             shm.close(self._block)
             self._block = None
@@ -146,8 +142,6 @@ class NodeTransport:
         """This rank's `kind` region, at least nbytes long. A too small one is replaced (no
         call is in flight between calls, so no peer reads it); its memory lives on while
         tensors on it do, and is not published again."""
-        from ..sim import ipc as shm
-
         current = self._regions.get(kind)
         if current is None or current[1].numel() < nbytes:
             generation = current[0] + 1 if current else 1
@@ -187,8 +181,6 @@ class NodeTransport:
 
     def _peer_region(self, kind: str, p: int, generation: int) -> torch.Tensor:
         """Peer p's `kind` region `generation`, mapped here on first sight."""
-        from ..sim import ipc as shm
-
         known = self._peer_regions.get((kind, p))
         if known is None or known[0] != generation:
             t = shm.open_named(self._region_name(kind, p, generation))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmoe_ops import sim
-from fastmoe_ops.sim import ipc
+from fastmoe_ops.comm import shm
 
 pytestmark = pytest.mark.skipif(not sim.available(), reason="simulator extension or host compiler missing")
 
@@ -31,19 +31,19 @@ extern "C" __global__ void pingpong(int* flag, int* data, int me) {
 
 def _consumer(handle, queue):
     try:
-        buf = ipc.open(handle)
+        buf = shm.open(handle)
         ints = buf.view(torch.int32)
         f = sim.RawModule(code=PINGPONG).get_function("pingpong")
         f((1,), (32,), (ints[0:1], ints[1:3], np.int32(1)))
         queue.put(("ok", int(ints[2])))
-        ipc.close(buf)
+        shm.close(buf)
     except Exception as e:  # report to the parent instead of dying silently
         queue.put(("error", repr(e)))
 
 
 def test_cross_process_flag():
     f = sim.RawModule(code=PINGPONG).get_function("pingpong")  # compile once; the child hits the cache
-    handle, buf = ipc.create(64)
+    handle, buf = shm.create(64)
     ints = buf.view(torch.int32)
     ints.fill_(0)
     ctx = mp.get_context("spawn")
@@ -60,5 +60,5 @@ def test_cross_process_flag():
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
-        ipc.close(buf)
+        shm.close(buf)
     assert child.exitcode == 0

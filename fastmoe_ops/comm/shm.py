@@ -1,13 +1,14 @@
-"""Cross-process buffers for the simulator: the CPU stand-in for CUDA IPC handles.
+"""Cross-process buffers over POSIX shared memory: the CPU stand-in for CUDA IPC handles.
 
 Ranks on one machine (MPI processes) map the same POSIX shared-memory file (/dev/shm) and see
-it as a torch CPU tensor, so a kernel in one process can spin (with atomics or
-`fmo_sim::yield()`) on a flag that a kernel in another process writes:
+it as a torch CPU tensor, so a kernel in one process (the simulator's, for the ipc transport)
+can spin (with atomics or `fmo_sim::yield()`) on a flag that a kernel in another process
+writes. Plain host code, no simulator: the communication layer owns it.
 
-    handle, buf = ipc.create(nbytes)       # rank 0; send `handle` (picklable) to the peers
-    peer = ipc.open(handle)                # other ranks: a uint8 tensor over the same bytes
+    handle, buf = shm.create(nbytes)       # rank 0; send `handle` (picklable) to the peers
+    peer = shm.open(handle)                # other ranks: a uint8 tensor over the same bytes
     ...
-    ipc.close(peer); ipc.close(buf)        # the creator's close also unlinks the name
+    shm.close(peer); shm.close(buf)        # the creator's close also unlinks the name
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def close(tensor: torch.Tensor) -> None:
     with _lock:
         entry = _maps.pop(tensor.data_ptr(), None)
     if entry is None:
-        raise InputError("tensor: expected a buffer from ipc.create or ipc.open, got another tensor")
+        raise InputError("tensor: expected a buffer from shm.create or shm.open, got another tensor")
     handle, _mm, owner = entry
     if owner:
         unlink(handle)
