@@ -83,3 +83,10 @@ def test_grouped_counts_every_group_and_refuses_bad_input():
         args = dict(m=128, n=128, k=128, groups=1, sms=132) | bad
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
             cfg.choose_block(args.pop("m"), args.pop("n"), args.pop("k"), **args)
+
+
+def test_raster_band_matches_the_device_scheduler():
+    import re
+    from pathlib import Path
+    header = (Path(__file__).parents[1] / "csrc/gemm/fp8_gemm_ws_scheduler.cuh").read_text()
+    assert int(re.search(r"constexpr int kRasterBandM = (\d+);", header).group(1)) == cfg.RASTER_BAND_M

@@ -7,8 +7,9 @@
 // them); what differs is the MMA and the schedule:
 //   mainloop   csrc/gemm/fp8_gemm_wgmma_mainloop.cuh: cp.async into the 128B-swizzled
 //              K-major layout, 4 x wgmma.m64nBNk32 per 128-wide K block, fp32 promotion.
-//   scheduler  csrc/gemm/fp8_gemm_wgmma_scheduler.cuh: persistent CTAs, grid = min(tiles,
-//              SM budget), each CTA loops over tiles.
+//   scheduler  csrc/gemm/fp8_gemm_ws_scheduler.cuh (the warp-specialised kernel's): persistent
+//              CTAs, grid = min(tiles, SM budget), banded L2 raster, masked experts' empty
+//              rows never scheduled.
 //   epilogue   gemm::epilogue (fp8_gemm.cuh): wgmma's accumulator fragment is the mma.sync
 //              C fragment of warp w covering rows 16 w .. 16 w + 15, so it is shared as is.
 // Roles: BM / 64 warpgroups (128 or 256 threads), each computing 64 rows x BN (128 or 64)
@@ -22,7 +23,7 @@
 
 #include "csrc/gemm/fp8_gemm.cuh"
 #include "csrc/gemm/fp8_gemm_wgmma_mainloop.cuh"
-#include "csrc/gemm/fp8_gemm_wgmma_scheduler.cuh"
+#include "csrc/gemm/fp8_gemm_ws_scheduler.cuh"
 
 namespace fmo {
 
@@ -30,14 +31,14 @@ template <int MODE, int BM, int BN, int STAGES, int B_SCALE_ROWS, typename OutT>
 __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmParams& p) {
     using Shape = gemm::WgmmaShape<BM, BN, STAGES, B_SCALE_ROWS>;
     static_assert(sizeof(OutT) == 2 || sizeof(OutT) == 4, "out: bf16 or fp32");
-    const gemm::PersistentScheduler<MODE, BM, Shape::BN> sched(p);
+    gemm::WsScheduler<MODE, BM, Shape::BN, gemm::kRasterBandM> sched(p.m, p.n, p.num_groups, p.masked_m);
     const gemm::WgmmaMainloop<Shape> mainloop{{fmo_fp8_gemm_smem}};
 
-    for (int64_t i = sched.first(); i < sched.total; i += sched.stride()) {
-        const gemm::Tile tile = sched.tile(i);
+    gemm::Tile tile;
+    while (sched.next(tile)) {
         gemm::TileOperands t;
         const gemm::TileKind kind = gemm::resolve_tile<MODE, Shape>(p, tile, t);
-        if (kind == gemm::TileKind::kSkip) continue;  // uniform over the CTA: rows past masked_m[g]
+        if (kind == gemm::TileKind::kSkip) continue;  // resolve_tile's contract; the scheduler already leaves out rows past masked_m[g]
 
         float acc[1][Shape::NI][4];
 #pragma unroll

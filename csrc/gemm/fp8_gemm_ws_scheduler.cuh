@@ -28,6 +28,10 @@
 namespace fmo {
 namespace gemm {
 
+// m-blocks per raster band: fastmoe_ops/ops/fp8_gemm_config.py RASTER_BAND_M (the cost model's
+// L2 term) mirrors it; tests/test_fp8_gemm_config.py keeps the two equal.
+constexpr int kRasterBandM = 8;
+
 template <int MODE, int BM, int BN, int BAND_M>
 struct WsScheduler {
     static_assert(BM > 0 && BN > 0 && BAND_M > 0, "positive tile and band");

@@ -226,7 +226,7 @@ def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str,
 
 
 def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:
-    """min(tiles, SM budget) CTAs (csrc/gemm/fp8_gemm_wgmma_scheduler.cuh): a pure function of
+    """min(tiles, SM budget) CTAs (csrc/gemm/fp8_gemm_ws_scheduler.cuh): a pure function of
     (M, N, groups, tile, budget.compute_sms). m: rows per group (masked: Mmax)."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
     tiles = groups * -(-m // spec.block_m) * -(-n // spec.block_n)
