@@ -293,3 +293,27 @@ def test_bench_rows_single_process():
         sms = bench.reserved_sms_rows(shape, "reference", torch.device("cpu"), reps=1)
     assert row.ours_s > 0 and row.baseline_s > 0 and row.extra["comm_s"] == 0 and row.extra["traced"] is None
     assert [r.extra["reserved_sms"] for r in sms] == list(bench.RESERVED_SMS) and all(r.ours_s > 0 for r in sms)
+
+
+def test_overlap_auto_overlaps_only_on_the_ipc_transport_with_cuda_tensors(monkeypatch):
+    """overlap='auto' (the default) runs the two-micro-batch schedule only where communication
+    has its own SMs (ipc transport, CUDA tensors, a group); elsewhere it is sequential, because
+    on CPUs the two micro-batches share the same cores (bench/README.md measures why)."""
+    layer = make_layer(3)
+    assert layer.overlap == "auto"
+    cases = [(None, "ipc", "cuda", False), (object(), "host", "cuda", False), (object(), "ipc", "cpu", False),
+             (object(), "ipc", "cuda", True)]
+    for group, transport, device, want in cases:
+        layer.group, layer.transport = group, transport
+        assert layer.overlaps(torch.device(device)) is want, (group, transport, device)
+    layer.group = None
+    for forced in (True, False):
+        layer.overlap = forced
+        assert layer.overlaps(torch.device("cpu")) is forced
+    # the CPU forward under 'auto' takes the sequential path: the two-batch function is never called
+    layer.overlap = "auto"
+    import fastmoe_ops.nn.moe_layer as ml
+    monkeypatch.setattr(ml._TwoBatchFn, "apply", lambda *a: pytest.fail("auto overlapped on a CPU"))
+    layer(torch.randn(8, layer.hidden, dtype=layer.w13.dtype))
+    with pytest.raises(InputError, match="overlap"):
+        fmo.nn.MoELayer(32, 32, 4, 2, overlap="yes")

@@ -78,7 +78,11 @@ class MoELayer(torch.nn.Module):
     group: a fastmoe_ops.comm.Group (expert parallel) or None (one process, every expert).
     scoring 'softmax' | 'sigmoid'; normalize_topk: weights / their sum; route_scale: factor.
     expert_bias: keep an [E] selection bias (auxiliary-loss-free balancing).
-    overlap: two-micro-batch overlap of communication and expert compute.
+    overlap: two-micro-batch overlap of communication and expert compute: True, False, or
+    'auto' (default): overlap only where it pays, i.e. transport='ipc' with CUDA tensors and a
+    group, where the communication kernels run on their own reserved SMs. Elsewhere (the host
+    transport, the CPU simulator) both micro-batches compete for the same cores and the split
+    only adds work, so 'auto' runs sequentially (bench/README.md, "Why overlap loses on a CPU").
     num_worst_tokens, transport, max_tokens_per_rank (and device: where transport='ipc' maps its
     buffers): passed to fmo.moe.Buffer; num_worst_tokens > 0
     also selects the static-shape experts (moe_experts.masked_experts: per-expert slots of fixed
@@ -87,7 +91,7 @@ class MoELayer(torch.nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, group=None,
                  scoring: str = "softmax", normalize_topk: bool = False, route_scale: float = 1.0,
-                 expert_bias: bool = False, overlap: bool = False, num_worst_tokens: int = 0, transport: str = "host",
+                 expert_bias: bool = False, overlap: bool | str = "auto", num_worst_tokens: int = 0, transport: str = "host",
                  max_tokens_per_rank: int = 0, dtype=torch.bfloat16, device=None):
         super().__init__()
         expect(isinstance(hidden, int) and hidden > 0 and hidden % 16 == 0, "hidden", "a positive multiple of 16 (GEMM K)", hidden)
@@ -98,10 +102,12 @@ class MoELayer(torch.nn.Module):
                f"a positive multiple of the group size {ranks}", num_experts)
         expect(isinstance(top_k, int) and 1 <= top_k <= num_experts, "top_k", f"an int in [1, {num_experts}]", top_k)
         expect(scoring in ("softmax", "sigmoid"), "scoring", "'softmax' or 'sigmoid'", repr(scoring))
+        expect(overlap in (True, False, "auto"), "overlap", "True, False or 'auto'", repr(overlap))
         expect(dtype in (torch.bfloat16, torch.float32), "dtype", "torch.bfloat16 or torch.float32", dtype)
         self.hidden, self.intermediate, self.num_experts, self.top_k = hidden, intermediate, num_experts, top_k
         self.scoring, self.normalize_topk, self.route_scale, self.overlap = scoring, normalize_topk, float(route_scale), overlap
         self.group, self.rank = group, (group.rank if group is not None else 0)
+        self.transport = transport
         self.static_shapes = num_worst_tokens > 0
         self.num_local_experts = num_experts // ranks
         self.router_weight = torch.nn.Parameter(torch.empty(num_experts, hidden, device=device, dtype=torch.float32))
@@ -208,13 +214,20 @@ class MoELayer(torch.nn.Module):
             idx = topk_idx.reshape(-1)
             self.expert_load.scatter_add_(0, idx, torch.ones_like(idx, dtype=self.expert_load.dtype))
         fp8 = self._fp8_weights()
-        if self.overlap:
+        if self.overlaps(x2.device):
             record = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, weights, self.w13, self.w2))
             out = _TwoBatchFn.apply(x2, weights, self.w13, self.w2, _Schedule(self, topk_idx, fp8, x2.device, record))
         else:
             recv_x, recv_idx, recv_w, handle = self._dispatch(x2, topk_idx, weights)
             out = self._combine(self._experts(recv_x, recv_idx, recv_w, self.w13, self.w2, fp8), handle)
         return out.reshape(*lead, self.hidden)
+
+    def overlaps(self, device: torch.device) -> bool:
+        """Whether a forward on tensors on `device` runs the two-micro-batch schedule: overlap
+        as given, or for 'auto' only with a group on the ipc transport with CUDA tensors."""
+        if self.overlap == "auto":
+            return self.group is not None and self.transport == "ipc" and torch.device(device).type == "cuda"
+        return bool(self.overlap)
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.num_experts} "
