@@ -103,8 +103,13 @@ struct CtaAsyncSlot {
 };
 constexpr uint64_t kCtaAsyncMagic = 0x46'4d'4f'41'53'59'4e'43ull;
 
+// `static` (internal linkage), not a function-local static of an inline function: GCC makes
+// those GNU-unique, bound process-wide across modules, outside this module's shared memory
+// (never poisoned): see ptx/wgmma.cuh's g_wgmma.
+static thread_local CtaAsyncSlot g_cta_async_slot;
+
 FMO_SIM_EMU CtaAsyncState& cta_async() {
-  static thread_local CtaAsyncSlot slot;
+  CtaAsyncSlot& slot = g_cta_async_slot;
   if (slot.magic != kCtaAsyncMagic) {
     static std::mutex mu;
     static std::unordered_map<void*, CtaAsyncState*> pool;

@@ -47,7 +47,8 @@ SOURCES = {
     "barrier": (HEADERS + barrier.SOURCE, ["BAR.ARV", "BAR.SYNC.DEFER_BLOCKING", "MEMBAR.SC.GPU",
                                            "MEMBAR.ALL.GPU", "MEMBAR.ALL.CTA"]),
     "tma": (HEADERS + tma.SOURCE, ["UTMALDG.2D", "UTMALDG.3D", "UTMASTG.2D", "UTMAREDG.2D.ADD", "UTMACMDFLUSH",
-                                   "SYNCS.ARRIVE.TRANS64.A1T0", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "ELECT"]),
+                                   "SYNCS.ARRIVE.TRANS64.A1T0", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "ELECT",
+                                   "STSM.16.M88.4", "STSM.16.MT88.4"]),
     "bench_gemm": (None, ["HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128", "DEPBAR.LE"]),
 }
 

@@ -1,4 +1,4 @@
-"""ptx/mbarrier.cuh (and ptx/warp.cuh's elect_one_sync) on the simulator: the phase/parity
+"""ptx/mbarrier.cuh (and ptx/warp.cuh's elect_one_sync, ldmatrix.cuh's stmatrix) on the simulator: the phase/parity
 rule of the PTX ISA ("mbarrier": try_wait.parity p succeeds once the phase of parity p has
 completed; a fresh barrier's parity-1 phase counts as completed), and each misuse failing
 with its message: waiting two phases away after too many arrivals, a barrier never
@@ -12,18 +12,11 @@ import torch
 
 from ptx_cases.case import poisoned
 from ptx_cases.runners import SimRunner
-from ptx_cases.tma import SOURCE
-
-ELECT = r"""
-extern "C" __global__ void elect_kernel(int* out) {
-  out[threadIdx.x] = elect_one_sync() ? 1 : 0;
-}
-"""
-
+from ptx_cases.tma import SOURCE, cases, elect_case, stmatrix_case
 
 @pytest.fixture(scope="module")
 def runner():
-    return SimRunner(SOURCE + ELECT)
+    return SimRunner(SOURCE)
 
 
 def _misuse(runner, mode: int, threads: int = 32) -> np.ndarray:
@@ -39,7 +32,7 @@ def test_two_phase_handshake_and_fresh_parity(runner):
 
 
 def test_too_many_arrivals_waiter_two_phases_away(runner):
-    with pytest.raises(Exception, match=r"mbarrier #0 .* waits on parity 0 meaning phase 0, but phases up to [1-9][0-9]* "
+    with pytest.raises(Exception, match=r"mbarrier #0 at 0x[0-9a-f]+: this thread waits on parity 0 meaning phase 0, but phases up to [1-9][0-9]* "
                                         r"have completed: two or more phases away"):
         _misuse(runner, 0)
 
@@ -59,8 +52,18 @@ def test_deadlock_names_the_barrier(runner):
 
 @pytest.mark.parametrize("threads", [32, 64, 96])
 def test_elect_one_sync(runner, threads):
-    out = torch.from_numpy(poisoned((threads,), np.int32))
-    runner.module.get_function("elect_kernel")((1, 1, 1), (threads, 1, 1), (out,))
-    want = np.zeros(threads, np.int32)
-    want[::32] = 1
-    assert np.array_equal(out.numpy(), want)
+    case = elect_case(threads)
+    case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_stmatrix_x4(runner, trans):
+    """stmatrix.x4{,.trans} against the ISA's fragment layout (ptx_cases/tma.py: stmatrix_case)."""
+    case = stmatrix_case(77 + trans, trans)
+    case.check(runner.run(case))
+
+
+def test_family_cases_pass_on_the_simulator(runner):
+    """Every GPU conformance case of the family passes its model check on the simulator."""
+    for case in cases(1234):
+        case.check(runner.run(case))

@@ -14,7 +14,7 @@ from fastmoe_ops.errors import InputError
 from fastmoe_ops.runtime.tensor_map import descriptor, encode_tiled
 from ptx_cases.case import assert_equal_bits, poisoned
 from ptx_cases.runners import SimRunner
-from ptx_cases.tma import RING_COLS, RING_ROWS, SOURCE, RingParams, load_case, random_tensor, smem_image
+from ptx_cases.tma import RING_COLS, RING_ROWS, SOURCE, RingParams, load_case, random_tensor, smem_image, store_case
 
 
 @pytest.fixture(scope="module")
@@ -91,37 +91,18 @@ def test_tma_foreign_map_fails(runner):
 @pytest.mark.parametrize("coords", [(0, 0), (-8, 30)])
 def test_tma_store_and_reduce(runner, reduce, coords):
     """The box image goes back to global un-swizzled; elements outside the tensor are dropped;
-    reduce adds (f32, exact on integers)."""
-    g0 = random_tensor((36, 32), torch.float32, 21)
-    g = g0.clone()
-    box = (32, 8)
-    src = random_tensor((8, 32), torch.float32, 22)
-    img = smem_image(src.numpy(), (0, 0), box, 128)
-    desc = encode_tiled(g, box, swizzle=128, engine="sim")
-    fn = runner.module.get_function("tma_store_box")
-    fn((1, 1, 1), (64, 1, 1), (descriptor(desc), torch.from_numpy(img), np.int32(coords[0]), np.int32(coords[1]),
-                               np.uint32(img.size), np.int32(reduce), np.int32(0)), shared_mem=img.size)
-    want = g0.numpy().astype(np.float64)
-    x, y = coords
-    for r in range(8):
-        for c in range(32):
-            gy, gx = y + r, x + c
-            if 0 <= gy < 36 and 0 <= gx < 32:
-                want[gy, gx] = want[gy, gx] + src[r, c].item() if reduce else src[r, c].item()
-    assert_equal_bits(g.numpy(), want.astype(np.float32), f"TMA {'reduce' if reduce else 'store'} at {coords}")
+    reduce adds (f32, exact on integers). The map is encoded by the runner (as on the GPU)."""
+    case = store_case(21, reduce, coords)
+    case.check(runner.run(case))
 
 
 def test_tma_store_without_wait_is_lost(runner):
     """The emulation performs a store at the wait that retires its group: none, nothing written."""
-    g = random_tensor((8, 32), torch.float32, 23)
-    before = g.clone()
-    img = poisoned((1024,), np.uint8)
-    img[:] = 3
-    desc = encode_tiled(g, (32, 8), swizzle=0, engine="sim")
-    fn = runner.module.get_function("tma_store_box")
-    fn((1, 1, 1), (64, 1, 1), (descriptor(desc), torch.from_numpy(img), np.int32(0), np.int32(0),
-                               np.uint32(1024), np.int32(0), np.int32(1)), shared_mem=1024)
-    assert torch.equal(g, before)
+    case = store_case(23, 0, (0, 0))
+    case.args[-1] = np.int32(1)  # mode 1: no tma_store_wait
+    before = case.args[1].copy()
+    got = runner.run(case)[0]
+    assert np.array_equal(got, before)
 
 
 def _ring(runner, tiles, consumers, skip_empty_wait=0):

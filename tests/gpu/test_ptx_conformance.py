@@ -1,7 +1,7 @@
 """Conformance of the ptx/ wrappers' CPU emulation with the GPU.
 
 Every case of the wrapper families (tests/ptx_cases/: mma, ldmatrix, cp_async, ld_st, barrier,
-wgmma; the same cases tests/test_ptx_*.py run on the simulator) runs twice on the same seeded
+wgmma, tma; the same cases tests/test_ptx_*.py run on the simulator) runs twice on the same seeded
 inputs: on the device, compiled by the project's NVRTC path for the device's arch (sm_90a on
 Hopper) and loaded and launched through the library's driver adapter
 (fastmoe_ops/runtime/cuda_driver.py), and on the simulator. Each engine's outputs must pass the
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from gpu_util import WHY_NO_CUDA
-from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, wgmma
+from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, tma, wgmma
 from ptx_cases.case import assert_equal_bits
 from ptx_cases.runners import CudaRunner, SimRunner
 
@@ -38,8 +38,9 @@ FAMILIES = {
     "ld_st": ld_st,
     "barrier": barrier,
     "wgmma": wgmma,  # sm_90a only
+    "tma": tma,  # sm_90: TMA loads/stores/reduce-add (maps encoded per engine), mbarrier, elect, stmatrix
 }
-SM90A_ONLY = {"wgmma"}
+SM90A_ONLY = {"wgmma", "tma"}
 SEED = 1234
 
 

@@ -58,8 +58,18 @@ class SimRunner:
         fn = self.module.get_function(case.kernel)
         fn(case.grid, case.block, tuple(tensors), shared_mem=case.shared_mem)
 
-    def run(self, case: Case) -> list[np.ndarray]:
+    def prepare(self, case: Case) -> list:
+        """The case's arguments on this engine; TMA descriptors (case.extra["tma"]: (descriptor
+        argument, tensor argument, box, swizzle)) encoded for this engine's copy of the tensor."""
         tensors = [self.to_device(a) if isinstance(a, np.ndarray) else a for a in case.args]
+        for di, ti, box, swizzle in case.extra.get("tma", ()):
+            from fastmoe_ops.runtime.tensor_map import descriptor, encode_tiled
+
+            tensors[di] = descriptor(encode_tiled(tensors[ti], box, swizzle=swizzle, engine=self.engine))
+        return tensors
+
+    def run(self, case: Case) -> list[np.ndarray]:
+        tensors = self.prepare(case)
         self.launch(case, tensors)
         return [tensors[i].numpy().copy() for i in case.outputs]
 
@@ -104,6 +114,6 @@ class CudaRunner(SimRunner):
         torch.cuda.synchronize()
 
     def run(self, case: Case) -> list[np.ndarray]:
-        tensors = [self.to_device(a) if isinstance(a, np.ndarray) else a for a in case.args]
+        tensors = self.prepare(case)
         self.launch(case, tensors)
         return [tensors[i].cpu().numpy().copy() for i in case.outputs]

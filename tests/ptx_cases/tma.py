@@ -10,13 +10,16 @@ import torch
 
 from .case import Case, assert_equal_bits, poisoned
 
-SOURCE = r"""
+SOURCE_TMA = r"""
 extern __shared__ __align__(1024) unsigned char smem[];
 
 // One box: thread 0 arms the barrier (expect = box bytes + delta) and issues the load; every
 // thread waits (mode 1: copies shared memory out BEFORE waiting) and copies the raw shared
 // image to out (x = innermost coordinate). 3D when z >= 0.
-extern "C" __global__ void tma_load_box(const __grid_constant__ TmaDescriptor desc, unsigned char* out, int x, int y,
+// `global`: the tensor the map names (an argument so memcheck bounds it, and the runners
+// encode the map for their engine's copy of it).
+extern "C" __global__ void tma_load_box(const __grid_constant__ TmaDescriptor desc, const void* global,
+                                        unsigned char* out, int x, int y,
                                         int z, unsigned box_bytes, int expect_delta, int mode) {
   __shared__ uint64_t bar;
   unsigned char* dst = smem;
@@ -41,7 +44,8 @@ extern "C" __global__ void tma_load_box(const __grid_constant__ TmaDescriptor de
 
 // The raw shared image `img` (box bytes) is written to shared memory by every thread, then
 // thread 0 stores (reduce = 0) or adds (reduce = 1) it at (x, y) and waits; mode 1: no wait.
-extern "C" __global__ void tma_store_box(const __grid_constant__ TmaDescriptor desc, const unsigned char* img, int x,
+extern "C" __global__ void tma_store_box(const __grid_constant__ TmaDescriptor desc, void* global,
+                                         const unsigned char* img, int x,
                                          int y, unsigned box_bytes, int reduce, int mode) {
   for (unsigned i = threadIdx.x; i < box_bytes; i += blockDim.x) smem[i] = img[i];
   fence_proxy_async();
@@ -175,12 +179,13 @@ def random_tensor(shape, dtype, seed: int) -> torch.Tensor:
     return torch.from_numpy(v.astype(np.float32)).to(dtype)
 
 
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def load_case(tensor: torch.Tensor, box, coords, swizzle: int, desc: bytes, *, mode: int = 0,
               expect_delta: int = 0) -> Case:
     box_bytes = int(np.prod(box)) * tensor.element_size()
-    want = smem_image(tensor.view(torch.uint8 if tensor.element_size() == 1 else
-                                  {2: torch.int16, 4: torch.int32}[tensor.element_size()]).numpy(),
-                      coords, box, swizzle)
+    want = smem_image(tensor.view(_RAW[tensor.element_size()]).numpy(), coords, box, swizzle)
     x, y = coords[0], coords[1]
     z = coords[2] if len(coords) > 2 else -1
 
@@ -188,7 +193,113 @@ def load_case(tensor: torch.Tensor, box, coords, swizzle: int, desc: bytes, *, m
         assert_equal_bits(outs[0], want, f"TMA load box {box} at {coords}, swizzle {swizzle}")
 
     from fastmoe_ops.runtime.tensor_map import descriptor
+    # desc None: the runner encodes the map for its engine's copy of `tensor` (argument 1)
+    extra = {} if desc is not None else {"tma": [(0, 1, tuple(box), swizzle)]}
+    garg = tensor if desc is not None else tensor.view(_RAW[tensor.element_size()]).numpy()  # the bits
     return Case(f"tma_load_{swizzle}_{box}_{coords}", "tma_load_box", (1, 1, 1), (64, 1, 1),
-                [descriptor(desc), poisoned((box_bytes,), np.uint8), np.int32(x), np.int32(y), np.int32(z),
-                 np.uint32(box_bytes), np.int32(expect_delta), np.int32(mode)],
-                [1], check, shared_mem=box_bytes, sim_only=mode != 0 or expect_delta != 0)
+                [descriptor(desc) if desc is not None else None, garg, poisoned((box_bytes,), np.uint8),
+                 np.int32(x), np.int32(y), np.int32(z), np.uint32(box_bytes), np.int32(expect_delta),
+                 np.int32(mode)],
+                [2], check, shared_mem=box_bytes, sim_only=mode != 0 or expect_delta != 0, extra=extra)
+
+
+def store_case(seed: int, reduce: int, coords) -> Case:
+    """Store (or f32 add) an 8 x 32 f32 box image (128-byte swizzle) into a 36 x 32 tensor at
+    `coords`: in-bounds elements written / added, the rest of the tensor unchanged."""
+    g0 = random_tensor((36, 32), torch.float32, seed).numpy()
+    src = random_tensor((8, 32), torch.float32, seed + 1).numpy()
+    img = smem_image(src, (0, 0), (32, 8), 128)
+    want = g0.astype(np.float64)
+    x, y = coords
+    for r in range(8):
+        for c in range(32):
+            if 0 <= y + r < 36 and 0 <= x + c < 32:
+                want[y + r, x + c] = want[y + r, x + c] + src[r, c] if reduce else src[r, c]
+
+    def check(outs):
+        assert_equal_bits(outs[0], want.astype(np.float32), f"TMA {'reduce' if reduce else 'store'} at {coords}")
+
+    return Case(f"tma_{'reduce' if reduce else 'store'}_{coords}", "tma_store_box", (1, 1, 1), (64, 1, 1),
+                [None, g0, img, np.int32(x), np.int32(y), np.uint32(img.size), np.int32(reduce), np.int32(0)],
+                [1], check, shared_mem=img.size, extra={"tma": [(0, 1, (32, 8), 128)]})
+
+
+STSM_SOURCE = r"""
+// Lane l's registers r_j = frag[l][j]; lane l gives row l % 8 of matrix l / 8 (16 B each, the
+// four matrices 128 B apart); the 512 bytes of shared memory are copied out.
+extern "C" __global__ void stsm_x4(const uint32_t* frag, unsigned char* out, int trans) {
+  __shared__ __align__(16) unsigned char m[512];
+  const int l = threadIdx.x;
+  for (int i = l; i < 512; i += 32) m[i] = 0xEE;
+  __syncwarp();
+  const uint32_t* r = frag + 4 * l;
+  if (trans) stmatrix_x4_trans(m + (l / 8) * 128 + (l % 8) * 16, r[0], r[1], r[2], r[3]);
+  else stmatrix_x4(m + (l / 8) * 128 + (l % 8) * 16, r[0], r[1], r[2], r[3]);
+  __syncwarp();
+  for (int i = l; i < 512; i += 32) out[i] = m[i];
+}
+
+extern "C" __global__ void elect_kernel(int* out) { out[threadIdx.x] = elect_one_sync() ? 1 : 0; }
+"""
+
+
+def stmatrix_case(seed: int, trans: bool) -> Case:
+    """stmatrix.x4: matrix j, row i, column c = b16 half (c % 2) of lane 4 i + c / 2's r_j (PTX
+    ISA, "stmatrix": the fragment layout of ldmatrix); .trans stores the transpose."""
+    rng = np.random.default_rng(seed)
+    frag = rng.integers(0, 2 ** 32, size=(32, 4), dtype=np.uint32)
+    halves = frag.view(np.uint16).reshape(32, 4, 2)
+    want = np.empty((4, 8, 8), np.uint16)
+    for j in range(4):
+        for i in range(8):
+            for c in range(8):
+                a, b = (c, i) if trans else (i, c)
+                want[j, i, c] = halves[4 * a + b // 2, j, b % 2]
+
+    def check(outs):
+        assert_equal_bits(outs[0].view(np.uint16).reshape(4, 8, 8), want, f"stmatrix.x4{' .trans' if trans else ''}")
+
+    return Case(f"stmatrix_x4{'_trans' if trans else ''}", "stsm_x4", (1, 1, 1), (32, 1, 1),
+                [frag, poisoned((512,), np.uint8), np.int32(trans)], [1], check)
+
+
+def mbarrier_case() -> Case:
+    """mbar_misuse mode 3: two phases of 32 arrivals each, waited with parity 0 then 1."""
+
+    def check(outs):
+        assert (outs[0] == 7).all(), outs[0]
+
+    return Case("mbarrier_two_phases", "mbar_misuse", (1, 1, 1), (32, 1, 1),
+                [np.int32(3), poisoned((32,), np.int32)], [1], check)
+
+
+def elect_case(threads: int) -> Case:
+    want = np.zeros(threads, np.int32)
+    want[::32] = 1
+
+    def check(outs):
+        assert np.array_equal(outs[0], want), outs[0]
+
+    return Case(f"elect_{threads}", "elect_kernel", (1, 1, 1), (threads, 1, 1), [poisoned((threads,), np.int32)],
+                [0], check)
+
+
+def cases(seed: int) -> list[Case]:
+    """Every GPU conformance case of the family (tests/gpu/test_ptx_conformance.py)."""
+    out = []
+    g2 = random_tensor((45, 48), torch.float32, seed)
+    for sw, dtype, cols in ((0, torch.float32, 24), (32, torch.bfloat16, 16), (64, torch.float32, 16),
+                            (128, torch.float32, 32)):
+        t = g2.to(dtype)
+        for coords in ((0, 0), (8, 5), (-4, -3), (40, 37)):
+            out.append(load_case(t, (cols, 16), coords, sw, None))
+    g3 = random_tensor((3, 20, 32), torch.float32, seed + 1)
+    out.append(load_case(g3, (32, 8, 2), (0, 15, 2), 128, None))
+    for reduce in (0, 1):
+        for coords in ((0, 0), (-8, 30)):
+            out.append(store_case(seed + 2, reduce, coords))
+    out += [stmatrix_case(seed + 3, False), stmatrix_case(seed + 4, True), mbarrier_case(), elect_case(64)]
+    return out
+
+
+SOURCE = SOURCE_TMA + STSM_SOURCE
