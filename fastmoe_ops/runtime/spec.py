@@ -64,6 +64,8 @@ class Params(ctypes.Structure):
             "#ifndef __CUDACC_RTC__",
         ]
         for name, _ in cls._fields_:
+            if name.startswith("_pad"):  # explicit padding (runtime/tensor_map.py: aligned_fields), not in C++
+                continue
             offset = getattr(cls, name).offset
             lines.append(
                 f'static_assert(offsetof({cls.cpp_name}, {name}) == {offset}, '
