@@ -1,0 +1,75 @@
+"""ptx/wgmma_bf16.cuh: wgmma.mma_async m64nNk16 with bf16/f16 inputs, SS and RS forms.
+
+What is checked now: the generated asm header is what ptx/gen_wgmma_bf16.py writes; the test
+kernels build for sm_90a without spills and their SASS has HGMMA for every N and form (SS and RS,
+bf16 and f16); on the simulator every form refuses clearly (no emulation yet: ptx/wgmma_bf16.cuh
+says why) instead of computing anything.
+Not yet: numeric checks against a numpy model (they need the emulation; see ptx/README.md).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptx_cases.case import poisoned
+from ptx_cases.runners import HEADERS, SimRunner
+from ptx_cases.wgmma_bf16 import SIZES, SOURCE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_asm_header_is_current():
+    sys.path.insert(0, str(ROOT / "ptx"))
+    try:
+        import gen_wgmma_bf16
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "ptx" / "wgmma_bf16_asm.cuh").read_text() == gen_wgmma_bf16.text(), \
+        "ptx/wgmma_bf16_asm.cuh is stale: run python ptx/gen_wgmma_bf16.py"
+
+
+def test_wgmma_bf16_kernels_compile_for_sm90a_with_hgmma(tmp_path):
+    """The GPU side offline (nvcc, no GPU): every test kernel builds for sm_90a without spills, and
+    the SASS has HGMMA for each N in SS form (both operands by descriptor) and RS form (A from
+    registers, shown by ptxas as an R operand), bf16 and f16."""
+    from fastmoe_ops.runtime import compiler
+    from ptx_cases.build import PTXAS_PROPERTIES, compile_sm90a
+
+    if compiler.nvcc_path() is None:
+        pytest.skip("nvcc not installed")
+    log, cubin = compile_sm90a(HEADERS + SOURCE, tmp_path)
+    props = PTXAS_PROPERTIES.findall(log)
+    assert len(props) >= 9 and not [p for p in props if int(p[2]) or int(p[3])], f"spills or no report: {props}"
+    if compiler.find_cuobjdump() is None:
+        return
+    sass = compiler.disassemble(cubin)
+    ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Za-z][A-Za-z0-9_.]*)", sass))
+    want = [f"HGMMA.64x{n}x16.F32.BF16" for n in SIZES] + ["HGMMA.64x128x16.F32", "WARPGROUP.ARRIVE"]
+    missing = [op for op in want if op not in ops]
+    assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'HG', 'WA'})}"
+    # RS form: HGMMA whose A operand is a register (R<n>), not a descriptor (gdesc/UR)
+    rs = [ln for ln in sass.splitlines() if "HGMMA" in ln and re.search(r"HGMMA\S*\s+R\d+,\s*R\d+", ln)]
+    assert rs, "no HGMMA with a register A operand (the RS form) in the SASS"
+    assert all(".tnspB" in ln for ln in rs), "RS kernels pass imm-trans-b = 1: SASS must show .tnspB"
+    ss = [ln for ln in sass.splitlines() if re.search(r"HGMMA\.64x\d+x16\.F32\S*\s+R\d+,\s*gdesc", ln)]
+    assert ss and not any("tnsp" in ln for ln in ss), "SS kernels: K-major A and B (no transpose) expected"
+
+
+@pytest.mark.parametrize("kernel", ["wgmma_bf16_ss_n128", "wgmma_bf16_rs_n64", "wgmma_f16_ss_n128"])
+def test_simulator_refuses_16bit_wgmma_clearly(kernel):
+    """No emulation yet: the call fails naming why, it does not compute a result at issue."""
+    from fastmoe_ops.errors import SimError
+    from ptx_cases.case import Case
+
+    runner = SimRunner(SOURCE)
+    image = np.zeros(8192, np.uint8)
+    args = [image, np.int32(image.size), np.zeros(128 * 4, np.uint32), poisoned((64, 256), np.float32),
+            np.int32(0), np.int32(4096), np.int32(1), np.int32(16), np.int32(1024), np.int32(1)]
+    case = Case(name=kernel, kernel=kernel, grid=(1,), block=(128,), args=args, outputs=[3],
+                check=lambda outs: None, shared_mem=image.size)
+    with pytest.raises(SimError, match="does not emulate 16-bit wgmma"):
+        runner.run(case)
