@@ -145,6 +145,38 @@ def test_ring_params_layout():
     assert ctypes.sizeof(RingParams) == 192 and RingParams.desc.offset == 0
 
 
+def test_params_with_descriptors_match_cpp_layout():
+    """A Params mirror built with aligned_fields: descriptors after a scalar land at 64 and 192,
+    the size rounds to 256, and the C++ struct's static_asserts (layout_asserts: every offset and
+    the size) compile in the simulator's host compiler; the kernel reads each field back."""
+    import ctypes
+
+    from fastmoe_ops.runtime.spec import Params
+    from fastmoe_ops.runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields
+
+    class TwoMaps(Params):
+        cpp_name = "TwoMaps"
+        _fields_ = aligned_fields([("n", ctypes.c_int32), ("a", TMA_DESCRIPTOR), ("out", ctypes.c_void_p),
+                                   ("b", TMA_DESCRIPTOR), ("m", ctypes.c_int32)])
+
+    assert (TwoMaps.a.offset, TwoMaps.b.offset, ctypes.sizeof(TwoMaps)) == (64, 256, 448)
+    src = ("#include <cstddef>\nstruct TwoMaps { int n; TmaDescriptor a; void* out; TmaDescriptor b; int m; };\n"
+           + TwoMaps.layout_asserts() + """
+extern "C" __global__ void two_maps(const __grid_constant__ TwoMaps p) {
+  if (threadIdx.x == 0) {
+    unsigned long long* o = static_cast<unsigned long long*>(p.out);
+    o[0] = p.n; o[1] = p.a.opaque[3]; o[2] = p.b.opaque[15]; o[3] = p.m;
+  }
+}""")
+    r = SimRunner(src)
+    p = TwoMaps()
+    out = torch.from_numpy(poisoned((4,), np.uint64))
+    p.n, p.m, p.out = 5, -2, out.data_ptr()
+    p.a[3], p.b[15] = 0x1234, 0x9876543210
+    r.module.get_function("two_maps")((1, 1, 1), (32, 1, 1), (p,))
+    assert out.numpy().tolist() == [5, 0x1234, 0x9876543210, 2 ** 64 - 2]
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(box=(32, 300)), "box: dimension 1 must be in 1..256"),
     (dict(box=(3, 8)), "multiple of 16 bytes"),

@@ -8,9 +8,11 @@ driver). Dimensions are given innermost first, as the driver and the PTX coordin
 a row-major [rows, cols] tensor is dims (cols, rows), and `box` is (box_cols, box_rows).
 
 Kernels take the bytes inside their Params struct (passed `const __grid_constant__`):
-`TMA_DESCRIPTOR` is the ctypes field type, and a TmaDescriptor member must sit at a multiple of
-64 bytes (C++ `alignas(64)`; ctypes cannot say it): put descriptors first, or pad with
-`pad_to(offset, 64)`; the generated layout static_asserts catch any drift.
+`TMA_DESCRIPTOR` is the ctypes field type. A TmaDescriptor member sits at a multiple of 64 bytes
+and makes the struct's size a multiple of 64 (C++ `alignas(64)`), which ctypes (Python 3.11)
+cannot say: build the mirror's `_fields_` with `aligned_fields([...])`, which inserts `_pad*`
+fields where C++ pads (Params.layout_asserts skips them and checks every real offset and the
+size).
 """
 from __future__ import annotations
 
@@ -36,9 +38,24 @@ _CU_DTYPE = {
 _SIM_DTYPE = {torch.float32: 1}
 
 
-def pad_to(offset: int, align: int = 64) -> int:
-    """Bytes of padding that bring `offset` to a multiple of `align` (for Params layouts)."""
-    return -offset % align
+def aligned_fields(fields: list[tuple[str, type]]) -> list[tuple[str, type]]:
+    """`fields` with `_pad<i>` byte arrays inserted so that every TMA_DESCRIPTOR field starts at
+    a multiple of 64 and, if there is one, the total size is a multiple of 64 (C++ layout of a
+    struct with an alignas(64) member)."""
+    out, offset, has_desc = [], 0, False
+    for name, ctype in fields:
+        align = 64 if ctype is TMA_DESCRIPTOR else ctypes.alignment(ctype)
+        has_desc |= ctype is TMA_DESCRIPTOR
+        pad = -offset % align
+        if pad:
+            out.append((f"_pad{len(out)}", ctypes.c_uint8 * pad))
+            offset += pad
+        out.append((name, ctype))
+        offset += ctypes.sizeof(ctype)
+    tail = -offset % 64 if has_desc else 0
+    if tail:
+        out.append((f"_pad{len(out)}", ctypes.c_uint8 * tail))
+    return out
 
 
 def _check(tensor, box: Sequence[int], swizzle: int, oob_fill: str) -> tuple[list[int], list[int], list[int], int]:
