@@ -54,7 +54,8 @@ if sim_sources:
     )
 
 setup(
-    packages=find_packages(include=["fastmoe_ops", "fastmoe_ops.*"]),
+    # bench: `python -m bench` from any directory (the editable install maps it like fastmoe_ops)
+    packages=find_packages(include=["fastmoe_ops", "fastmoe_ops.*", "bench"]),
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithKernels, "build_ext": build_ext},
     zip_safe=False,

@@ -20,8 +20,9 @@ import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
 from . import bench_attention, bench_fp8, bench_moe, bench_sim, overhead_bench
-from .harness import format_table, plot, write_json
+from .harness import Row, format_table, plot, write_json
 from .report import save_results
+from .stats import compare
 
 # "host": host time per call of every public op beside torch.abs (bench/overhead_bench.py)
 AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim, "host": overhead_bench}
@@ -69,6 +70,22 @@ def host_overhead_us() -> float | None:
         return stats["median"] * 1e6
 
 
+def self_check(device: torch.device, quick: bool) -> Row:
+    """The statistics checking themselves: one baseline (SDPA forward) timed against itself with
+    the same interleaving as every row. Its ratio must come out 'within noise' of 1.0x; if it
+    does not, the machine's noise defeats the harness and no other row's verdict can be trusted."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 512, 64, generator=gen, device=device).to(torch.bfloat16) for _ in range(3))
+
+    def base():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    c = compare(base, base, device=device, max_seconds=3.0 if quick else 6.0)
+    return Row.compared("self_check", "sdpa B1 H4 S512 D64 causal", "torch", c, baseline="the same call")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a short subset of shapes")
@@ -96,7 +113,7 @@ def main(argv=None) -> int:
     ceilings = {"copy_gbps": copy, "bf16_matmul_tflops": matmul_tflops(device)}
     if ceilings["bf16_matmul_tflops"]:
         print(f"bf16 matmul 8192^3 (measured now): {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s")
-    rows = []
+    rows = [self_check(device, args.quick)]
     jobs = [(name, module, engine) for name, module in AREAS.items() if not args.only or name in args.only for engine in engines]
     for name, module, engine in _progress(jobs):
         rows += module.run(device, engine, args.quick, copy)

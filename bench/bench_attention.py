@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
+from .stats import compare
 from .harness import Row
 
 GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -57,7 +58,8 @@ def _shapes(device, quick):
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     rows = []
     gpu = device.type == "cuda"
-    reps = 10 if gpu else 2
+    reps = 10 if gpu else 2   # the scan over SDPA backends; the row itself is bench.stats.compare
+    max_seconds = 3.0 if quick else 6.0
     gen = torch.Generator(device=device).manual_seed(0)
     ctx = contextlib.nullcontext if gpu else (lambda: fmo.use_backend(engine))
     for b, s, h, d, causal in _shapes(device, quick):
@@ -83,24 +85,34 @@ def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> lis
         pairs = visible_pairs(s, s, causal)
         fwd_flops = 4.0 * b * h * pairs * d
         shape = f"B{b} S{s} H{h} D{d}{' causal' if causal else ''}"
-        t_fwd = time_fn(ours_fwd, device=device, reps=reps)
-        t_bwd = time_fn(ours_bwd, device=device, reps=reps)
-        base_fwd, base_bwd = {}, {}
+        # each backend timed briefly to find the fastest; ours is then interleaved with that one
+        base_fwd, base_bwd, fns = {}, {}, {}
         for name, kernel in sdpa_backends(device):
             if name == "sdpa[math]" and s > 4096:  # materialises [B, H, S, S] fp32: tens of GB, seconds
                 continue
             try:
                 with kernel():
                     o_ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    base_fwd[name] = time_fn(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
-                                             device=device, reps=reps).median_s
-                    base_bwd[name] = time_fn(lambda: o_ref.backward(dout.transpose(1, 2), retain_graph=True),
-                                             device=device, reps=reps).median_s
+
+                def fwd(kernel=kernel):
+                    with kernel():
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+                def bwd(kernel=kernel, o_ref=o_ref):
+                    with kernel():
+                        o_ref.backward(dout.transpose(1, 2), retain_graph=True)
+
+                base_fwd[name] = time_fn(fwd, device=device, reps=reps).median_s
+                base_bwd[name] = time_fn(bwd, device=device, reps=reps).median_s
+                fns[name] = (fwd, bwd)
             except RuntimeError:  # this backend does not take this shape / dtype / GPU
                 continue
-        for op, t_ours, base, flops in (("attn_fwd", t_fwd, base_fwd, fwd_flops), ("attn_bwd", t_bwd, base_bwd, 2.5 * fwd_flops)):
-            best = min(base, key=base.get) if base else "none"
-            rows.append(Row(op=op, shape=shape, engine=engine, ours_s=t_ours.median_s, baseline=best,
-                            baseline_s=base.get(best, float("nan")), flops=flops,
-                            extra={f"{n}_s": t for n, t in base.items()}))
+        for i, (op, ours, base, flops) in enumerate((("attn_fwd", ours_fwd, base_fwd, fwd_flops),
+                                                     ("attn_bwd", ours_bwd, base_bwd, 2.5 * fwd_flops))):
+            if not base:
+                continue
+            best = min(base, key=base.get)
+            c = compare(ours, fns[best][i], device=device, max_seconds=max_seconds)
+            rows.append(Row.compared(op, shape, engine, c, baseline=best, flops=flops,
+                                     extra={f"{n}_s": t for n, t in base.items()}))
     return rows

@@ -23,6 +23,7 @@ from fastmoe_ops.ops import fp8_gemm as gemm_launcher
 from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.timing import time_fn
 
+from .stats import compare
 from .harness import Row
 
 GPU_SHAPES = [(128, 7168), (4096, 7168), (4096, 2048), (16384, 7168)]
@@ -83,10 +84,9 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
         bad = quant_contract_mismatch(ours(), ref.quantize_per_token_group(x, 128))
         if bad:
             raise RuntimeError(f"fp8 quantisation ({engine}) disagrees with the reference at {m}x{k} ({bad}): not timing it")
-        t_ours = time_fn(ours, device=device, reps=30 if device.type == "cuda" else 5)
-        t_base = time_fn(lambda: ref.quantize_per_token_group(x, 128), device=device, reps=30 if device.type == "cuda" else 5)
-        rows.append(Row(op="fp8_quant_token_group", shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
-                        baseline="torch ops (reference)", baseline_s=t_base.median_s, bytes_moved=quant_bytes(m, k, 2),
+        c = compare(ours, lambda: ref.quantize_per_token_group(x, 128), device=device, max_seconds=3.0 if quick else 5.0)
+        rows.append(Row.compared("fp8_quant_token_group", f"{m}x{k} bf16", engine, c,
+                                 baseline="torch ops (reference)", bytes_moved=quant_bytes(m, k, 2),
                         ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
     return rows
 
@@ -112,12 +112,10 @@ def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps
             bad = quant_contract_mismatch(got, want)
             if bad:
                 raise RuntimeError(f"{op} ({engine}) disagrees with the reference at {m}x{k} ({bad}): not timing it")
-            reps = 30 if device.type == "cuda" else 5
-            t_ours = time_fn(ours, device=device, reps=reps)
-            t_base = time_fn(lambda reffn=reffn: reffn(x), device=device, reps=reps)
+            c = compare(ours, lambda reffn=reffn: reffn(x), device=device, max_seconds=3.0 if quick else 5.0)
             moved = m * k * 2 + got[0].numel() + got[1].numel() * 4
-            rows.append(Row(op=op, shape=f"{m}x{k} bf16", engine=engine, ours_s=t_ours.median_s,
-                            baseline="torch ops (reference)", baseline_s=t_base.median_s, bytes_moved=moved,
+            rows.append(Row.compared(op, f"{m}x{k} bf16", engine, c,
+                                     baseline="torch ops (reference)", bytes_moved=moved,
                             ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
     return rows
 
@@ -183,7 +181,6 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
 
         oracle = ref.fp8_gemm_oracle(xq, xs, wq, ws)
         _check(ours(), oracle, f"fp8_gemm ({engine}) at {m}x{n}x{k}")
-        t_ours = time_fn(ours, device=device, reps=reps)
         extra = {}
         if engine != "reference":
             extra["kernel"] = gemm_launcher.kernel_for(engine, device)
@@ -198,14 +195,15 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
         if gpu:
             base, label = scaled_mm_baseline(xq, xs, wq, ws)
             baseline = f"torch._scaled_mm {label}"
-            t_base = time_fn(base, device=device, reps=reps)
             extra["bf16_matmul_s"] = time_fn(lambda: x @ w.t(), device=device, reps=reps).median_s
         else:
             a, b = ref.dequantize_per_token_group(xq, xs).float(), ref.dequantize_per_block(wq, ws).float()
             baseline = "torch.matmul fp32 (dequantised)"
-            t_base = time_fn(lambda: a @ b.t(), device=device, reps=reps)
-        rows.append(Row(op="fp8_gemm", shape=f"{m}x{n}x{k}", engine=engine, ours_s=t_ours.median_s, baseline=baseline,
-                        baseline_s=t_base.median_s, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if gpu else "",
+
+            def base():
+                return a @ b.t()
+        c = compare(ours, base, device=device, max_seconds=3.0 if quick else 5.0)
+        rows.append(Row.compared("fp8_gemm", f"{m}x{n}x{k}", engine, c, baseline=baseline, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if gpu else "",
                         ceiling_rate=ceiling_flops, extra=extra))
     rows += _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx)
     if gpu:

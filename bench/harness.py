@@ -1,4 +1,8 @@
-"""One harness for every op's benchmark: rows, the table, geometric means, JSON."""
+"""One harness for every op's benchmark: rows, the table, geometric means, JSON.
+
+Adding a row: time ours against its baseline with `bench.stats.compare(ours, base, device=...)`
+and build it with `Row.compared(op, shape, engine, comparison, baseline=...)`; everything else
+(the table's verdict column, per-engine geomeans, strict JSON, plots) follows from the Row."""
 from __future__ import annotations
 
 import json
@@ -24,9 +28,17 @@ class Row:
     ceiling: str = ""      # the measured ceiling this row is compared to
     ceiling_rate: float = 0.0
     extra: dict = field(default_factory=dict)
+    stats: dict | None = None  # bench.stats.Comparison.as_dict() when ours and baseline were interleaved
+
+    @classmethod
+    def compared(cls, op: str, shape: str, engine: str, c, **kw) -> "Row":
+        """A row from a bench.stats.Comparison (medians, intervals, the per-pair ratio)."""
+        return cls(op, shape, engine, ours_s=c.ours_s, baseline_s=c.base_s, stats=c.as_dict(), **kw)
 
     @property
     def speedup(self) -> float:
+        if self.stats:
+            return self.stats["ratio"]
         return self.baseline_s / self.ours_s if self.ours_s > 0 else float("nan")
 
     @property
@@ -48,17 +60,52 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
 
 
+def _spread(r: Row) -> str:
+    return f"+-{100 * r.stats['spread'] / 2:.0f}% n={r.stats['pairs']}" if r.stats else ""
+
+
+# (header, cell, applies): a column is printed only when some row has something to say in it
+_COLUMNS = [
+    ("op", lambda r: r.op, lambda r: True),
+    ("shape", lambda r: r.shape, lambda r: True),
+    ("engine", lambda r: r.engine, lambda r: True),
+    ("time", lambda r: _fmt_time(r.ours_s), lambda r: True),
+    ("spread", _spread, lambda r: r.stats is not None),
+    ("rate", lambda r: f"{r.tflops:.3g} TFLOP/s" if r.flops else (f"{r.gbps:.3g} GB/s" if r.bytes_moved else ""),
+     lambda r: bool(r.flops or r.bytes_moved)),
+    ("% ceil", lambda r: f"{r.pct_of_ceiling:.1f}" if r.ceiling_rate else "", lambda r: bool(r.ceiling_rate)),
+    ("baseline", lambda r: r.baseline, lambda r: True),
+    ("base time", lambda r: _fmt_time(r.baseline_s), lambda r: True),
+    ("speedup (95% CI)", lambda r: _verdict(r), lambda r: True),
+]
+
+
+def _verdict(r: Row) -> str:
+    from .stats import Comparison, verdict
+
+    c = Comparison(**{k: v for k, v in r.stats.items() if k != "conclusive"}) if r.stats else None
+    return verdict(c, r.speedup)
+
+
+def geomeans(rows: list[Row]) -> dict[str, float | None]:
+    """Geometric mean of the speed-ups per (op, engine), keyed 'op [engine]': never across
+    engines (a simulator ratio and a reference ratio measure different things)."""
+    keys = sorted({(r.op, r.engine) for r in rows})
+    out = {}
+    for op, engine in keys:
+        g = geomean(r.speedup for r in rows if r.op == op and r.engine == engine)
+        out[f"{op} [{engine}]"] = g if math.isfinite(g) else None
+    return out
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ["op", "shape", "engine", "time", "rate", "% ceil", "baseline", "base time", "speedup"]
+    cols = [c for c in _COLUMNS if any(c[2](r) for r in rows)]
+    header = [c[0] for c in cols]
     lines = [header]
     for r in rows:
-        rate = f"{r.tflops:.3g} TFLOP/s" if r.flops else f"{r.gbps:.3g} GB/s"
-        pct = f"{r.pct_of_ceiling:.1f}" if math.isfinite(r.pct_of_ceiling) else "-"
-        lines.append([r.op, r.shape, r.engine, _fmt_time(r.ours_s), rate, pct, r.baseline, _fmt_time(r.baseline_s), f"{r.speedup:.3g}x"])
-    ops = sorted({r.op for r in rows})
-    for op in ops:
-        sel = [r for r in rows if r.op == op]
-        lines.append([op, "geomean", "", "", "", "", "", "", f"{geomean(r.speedup for r in sel):.3g}x"])
+        lines.append([c[1](r) for c in cols])
+    for key, g in geomeans(rows).items():
+        lines.append([key, "geomean"] + [""] * (len(cols) - 3) + [f"{g:.3g}x" if g is not None else "n/a"])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)) for l in lines]
     out.insert(1, "-" * len(out[0]))
@@ -81,23 +128,55 @@ def environment(device: torch.device) -> dict:
     else:
         info.update(cpu=platform.processor() or platform.machine())
     try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        if device.type == "cuda":
+            info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+    except Exception:  # noqa: BLE001 - CuPy absent or no driver: the CPU machine has neither
+        info["cupy"] = None
+    try:
         info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         pass
     return info
 
 
+SCHEMA_VERSION = 2  # 2: rows carry `stats` (interleaved medians, intervals), geomeans per (op, engine), strict JSON
+
+
+def strict(obj):
+    """obj with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
 def payload(rows: list[Row], device: torch.device, extra: dict | None = None) -> dict:
-    return {
+    def row(r: Row) -> dict:
+        d = dict(asdict(r), speedup=r.speedup, gbps=r.gbps, tflops=r.tflops)
+        if r.ceiling_rate:
+            d["pct_of_ceiling"] = r.pct_of_ceiling
+        return d
+
+    return strict({
+        "schema_version": SCHEMA_VERSION,
         "environment": environment(device),
         **(extra or {}),
-        "rows": [dict(asdict(r), speedup=r.speedup, gbps=r.gbps, tflops=r.tflops, pct_of_ceiling=r.pct_of_ceiling) for r in rows],
-    }
+        "geomeans": geomeans(rows),
+        "rows": [row(r) for r in rows],
+    })
 
 
 def write_json(path: Path, rows: list[Row], device: torch.device, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload(rows, device, extra), indent=2, default=str))
+    path.write_text(json.dumps(payload(rows, device, extra), indent=2, allow_nan=False))
 
 
 def plot(rows: list[Row], directory: Path) -> list[Path]:

@@ -1,0 +1,129 @@
+"""Interleaved A/B timing with a confidence interval: the statistics every benchmark row uses.
+
+Why interleaved: on a shared machine the load drifts over seconds (other processes start and
+stop), so timing all of `ours` then all of the baseline compares two different machines.
+Alternating A, B, A, B puts each pair under the same load; the ratio of a pair (baseline over
+ours) cancels the drift, and the median of those per-pair ratios with its order-statistic
+confidence interval says whether the difference is real.
+
+Adaptive: pairs are added until the 95% interval of the median ratio is within `rel_ci` of the
+median (relative half-width) or `max_seconds` of timing have passed, after warm-ups of both.
+On CUDA each timed run starts on a flushed L2 (fastmoe_ops.timing.L2_FLUSH_BYTES overwritten
+outside the timed region), timed with events.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastmoe_ops.timing import L2_FLUSH_BYTES
+
+Z95 = 1.96
+MIN_PAIRS = 8   # the order-statistic interval needs a few samples on each side of the median
+
+
+def median_ci(samples: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """(median, low, high): the distribution-free interval of the median from order statistics
+    (ranks n/2 -+ z*sqrt(n)/2; a binomial count of samples below the median)."""
+    xs = sorted(samples)
+    n = len(xs)
+    half = z * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return statistics.median(xs), xs[lo], xs[hi]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row's statistics: times of ours and the baseline, and their per-pair ratio."""
+    ours_s: float
+    ours_lo: float
+    ours_hi: float
+    base_s: float
+    base_lo: float
+    base_hi: float
+    ratio: float       # median of baseline/ours over the pairs (> 1: ours is faster)
+    ratio_lo: float
+    ratio_hi: float
+    pairs: int
+    spread: float      # (p90 - p10) / median of ours' samples: the noise seen
+
+    @property
+    def conclusive(self) -> bool:
+        """Does the interval of the ratio exclude 1.0 (a difference the noise cannot explain)?"""
+        return self.ratio_lo > 1.0 or self.ratio_hi < 1.0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"conclusive": self.conclusive}
+
+
+class _Timer:
+    """One timed call of fn on `device` (CUDA: events around the call, L2 flushed before)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def compare(ours: Callable[[], object], baseline: Callable[[], object], *, device: torch.device,
+            rel_ci: float = 0.05, max_seconds: float = 6.0, warmup: int = 2, max_pairs: int = 400) -> Comparison:
+    """Time ours and baseline interleaved until the ratio's 95% interval is within rel_ci of the
+    median (or max_seconds pass, or max_pairs). The order within a pair alternates too (A B, B A)
+    so neither side always runs second on a warm cache."""
+    timer = _Timer(device)
+    for _ in range(warmup):
+        ours()
+        baseline()
+    a, b = [], []
+    deadline = time.perf_counter() + max_seconds
+    while len(a) < max_pairs:
+        if len(a) % 2:
+            tb = timer(baseline)
+            ta = timer(ours)
+        else:
+            ta = timer(ours)
+            tb = timer(baseline)
+        a.append(ta)
+        b.append(tb)
+        if len(a) >= MIN_PAIRS:
+            r, lo, hi = median_ci([y / x for x, y in zip(a, b)])
+            if (hi - lo) / 2 <= rel_ci * r or time.perf_counter() > deadline:
+                break
+    return summarize(a, b)
+
+
+def summarize(a: list[float], b: list[float]) -> Comparison:
+    """The Comparison of paired samples a (ours) and b (baseline)."""
+    oa, ob = median_ci(a), median_ci(b)
+    r = median_ci([y / x for x, y in zip(a, b)])
+    xs = sorted(a)
+    p10, p90 = xs[int(0.1 * (len(xs) - 1))], xs[int(0.9 * (len(xs) - 1))]
+    return Comparison(*oa, *ob, *r, pairs=len(a), spread=(p90 - p10) / oa[0] if oa[0] > 0 else 0.0)
+
+
+def verdict(c: Comparison | None, ratio: float) -> str:
+    """The speed-up column: the ratio with its interval when the noise cannot explain it, else
+    'within noise' (with the interval, so a reader sees how wide the noise was)."""
+    if c is None:
+        return f"{ratio:.3g}x" if math.isfinite(ratio) else "n/a"
+    span = f"[{c.ratio_lo:.3g}, {c.ratio_hi:.3g}]"
+    return f"{c.ratio:.3g}x {span}" if c.conclusive else f"within noise {span}"
