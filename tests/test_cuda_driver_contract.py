@@ -185,3 +185,46 @@ def test_pyproject_declares_the_tested_range():
     low, next_major = re.fullmatch(r">=(\d+\.\d+),<(\d+)", cuda_driver.SUPPORTED_CUPY).groups()
     assert TESTED[0].startswith(low + "."), f"the range starts at {low}: test its first release"
     assert TESTED[-1].split(".")[0] == str(int(next_major) - 1), f"the range ends before {next_major}: test its last major"
+
+
+# cuda-bindings (cuTensorMapEncodeTiled for TMA maps): the declared names exist in the newest
+# 13.x release, and a call with our argument types gets past the binding's conversions to the
+# driver (here, without one, the driver library is reported missing: a LaunchError naming it,
+# never a TypeError from an argument the binding refuses).
+BINDINGS_PROBE = r'''
+import json
+from fastmoe_ops.errors import LaunchError
+from fastmoe_ops.runtime import cuda_driver
+import cuda.bindings
+out = {"version": cuda.bindings.__version__, "problems": cuda_driver.cuda_bindings_problems()}
+try:
+    out["bytes"] = len(cuda_driver.tensor_map_encode_tiled(7, 0x10000, [32, 16], [128], [32, 8], 128))
+except LaunchError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+'''
+
+
+@needs_index
+def test_cuda_bindings_tensor_map_call(tmp_path):
+    target = env.cache_dir().expanduser() / "cuda-bindings" / "cuda-bindings-13"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".cuda-bindings-", dir=target.parent))
+        try:
+            _pip_install(tmp, "cuda-bindings" + cuda_driver.SUPPORTED_CUDA_BINDINGS, "cuda-pathfinder")
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join([str(target), str(REPO)])
+    proc = subprocess.run([sys.executable, "-c", BINDINGS_PROBE], capture_output=True, text=True, env=environ,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["problems"] == [], out
+    if "error" in out:  # no driver here: the call reached it
+        assert "TypeError" not in out["error"] and "cuTensorMapEncodeTiled" in out["error"], out
+    else:
+        assert out["bytes"] == 128, out

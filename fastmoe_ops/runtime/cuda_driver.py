@@ -320,7 +320,11 @@ CUDA_BINDINGS_API: tuple[str, ...] = (
     "cuda.bindings.driver.CUtensorMapSwizzle",
     "cuda.bindings.driver.CUtensorMapL2promotion",
     "cuda.bindings.driver.CUtensorMapFloatOOBfill",
+    "cuda.bindings.driver.cuuint32_t",  # the rank, box and element strides (plain ints are refused)
+    "cuda.bindings.driver.cuuint64_t",  # the dims and strides
 )
+# cuda-bindings releases the contract test covers (pip's range; cuda-bindings 13.x matches CUDA 13)
+SUPPORTED_CUDA_BINDINGS = ">=13,<14"
 _SWIZZLE_ENUM = {0: "CU_TENSOR_MAP_SWIZZLE_NONE", 32: "CU_TENSOR_MAP_SWIZZLE_32B", 64: "CU_TENSOR_MAP_SWIZZLE_64B",
                  128: "CU_TENSOR_MAP_SWIZZLE_128B"}
 
@@ -346,11 +350,17 @@ def tensor_map_encode_tiled(cu_dtype: int, address: int, dims: list[int], stride
     if missing:
         raise LaunchError(f"cuTensorMapEncodeTiled: the installed cuda-bindings lacks {missing}")
     rank = len(dims)
-    err, tmap = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType(cu_dtype), rank, address, dims, strides, box, [1] * rank,
-        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
-        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    u32 = lambda xs: [drv.cuuint32_t(int(x)) for x in xs]  # noqa: E731
+    u64 = lambda xs: [drv.cuuint64_t(int(x)) for x in xs]  # noqa: E731
+    try:
+        err, tmap = drv.cuTensorMapEncodeTiled(
+            drv.CUtensorMapDataType(cu_dtype), drv.cuuint32_t(rank), address, u64(dims), u64(strides), u32(box),
+            u32([1] * rank),
+            drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
+            drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    except Exception as e:  # the driver library missing, an argument refused
+        raise LaunchError(f"cuTensorMapEncodeTiled: {type(e).__name__}: {e}") from None
     if err != drv.CUresult.CUDA_SUCCESS:
         raise LaunchError(f"cuTensorMapEncodeTiled failed: {err} (dims {dims}, strides {strides}, box {box}, "
                           f"swizzle {swizzle})")
