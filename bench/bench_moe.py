@@ -13,12 +13,8 @@ first), the reported time the median. GB/s counts the payload bytes all ranks se
 (dispatch rows + their ids/weights/scales, then combine rows).
 
 CPU tensors: the host transport (packing and the sum on the CPU; no kernel, so the engine
-does not apply): host-cma rows (ranks on one machine read each other's tensors,
-fastmoe_ops.moe.node; what 'auto' picks here), host-cma-zero-copy rows (the same, with x
-and combine's y written into Buffer.dispatch_buffer / combine_buffer, shared memory peers
-read in place, as the raw baseline's buffers are pre-packed) and one
-host-mpi row (MPI messages, what ranks on several machines use), plus one transport='ipc' row: the intra-node kernels on the simulator over
-shared memory (simulator speed, not GPU speed).
+does not apply): host rows (MPI messages per peer), plus one transport='ipc' row: the
+intra-node kernels on the simulator over shared memory (simulator speed, not GPU speed).
 CUDA tensors: the host transport staged through pinned memory (kernels pack and sum on the
 device) and transport='ipc' (CUDA IPC, kernels on comm_sms SMs); "% ceil" compares their
 rate with the device copy bandwidth measured in the same run.
@@ -86,23 +82,12 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
     # Quantised where the rows are: on a GPU by the kernel, not by the CPU engine (the simulator).
     xin = fmo.fp8.quantize_per_token_group(x, 128) if payload == "fp8" else x
     extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k, device=device) if transport == "ipc" else {}
-    if transport in ("host-mpi", "host-cma-zero-copy"):
-        extra = dict(host_transport=transport.split("-")[1])
     buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
-    if transport == "host" and device.type == "cpu":
-        transport = f"host-{buf.host_transport}"   # what 'auto' chose
     engine = "cuda" if device.type == "cuda" else ("sim" if transport == "ipc" else fmo.backends.cpu_engine())
-    if transport == "host-cma-zero-copy":   # x written where peers read it (Buffer.dispatch_buffer)
-        xq = xin[0] if payload == "fp8" else xin
-        shared = buf.dispatch_buffer(tokens, xq.dtype).copy_(xq)
-        xin = (shared, xin[1]) if payload == "fp8" else shared
 
     with fmo.use_backend("sim") if transport == "ipc" and device.type == "cpu" else contextlib.nullcontext():
         recv_x, _, _, _, handle = buf.dispatch(xin, idx, w)
-        if transport == "host-cma-zero-copy":   # y too (Buffer.combine_buffer)
-            y = buf.combine_buffer(handle).fill_(1)
-        else:
-            y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
+        y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
 
         def ours():
             _, _, _, _, h = buf.dispatch(xin, idx, w)
@@ -156,10 +141,6 @@ def main(argv=None) -> int:
     shapes = shapes[:1] if args.quick else shapes
     reps = args.reps or (5 if args.quick else 15)
     runs = [(shape, "host") for shape in shapes]
-    if not gpu:   # CPU rows move by host_transport='auto' (cma on one machine), also with combine's y in the
-        # shared region (zero copy); one row over MPI messages for comparison
-        runs = [(shape, t) for shape in shapes for t in ("host", "host-cma-zero-copy")]
-        runs.insert(2, (shapes[0], "host-mpi"))
     if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
         runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
     from .__main__ import copy_bandwidth_gbps   # the suite's measurement (imported late: it imports this module)

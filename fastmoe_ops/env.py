@@ -29,7 +29,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FMO_SYNC_CHECK", "0", "1: synchronise after every CUDA launch so an asynchronous fault is raised naming its kernel (slow; debugging)."),
     Variable("FMO_COMM_SMS", "20", "SMs reserved for communication kernels (the default SM budget)."),
     Variable("FMO_COMM_TIMEOUT", "60", "Seconds a rank waits for a peer before raising CommTimeoutError."),
-    Variable("FMO_HOST_TRANSPORT", "auto", "Default of `Buffer(host_transport=...)` for CPU rows: `cma` (ranks of one machine read each other's tensors and meet at shared-memory flags), `mpi` (MPI messages), or `auto` (`cma` where every rank is on one machine and the kernel allows the reads, else `mpi`)."),
     Variable("FMO_SIM_RACECHECK", "0", "1: simulator checks shared-memory races (instrumented build of the kernel).", True),
     Variable("FMO_SIM_MEMCHECK", "0", "1: simulator checks every global access against the launch's tensors (instrumented build).", True),
     Variable("FMO_SIM_SEQUENTIAL", "0", "1: simulator runs one CTA at a time, in order (deterministic debugging)."),

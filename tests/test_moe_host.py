@@ -1,14 +1,16 @@
 """The host transport's pieces that need no second rank: the send layout, and combine's
-fixed-order sum in its two formulations (the native one-pass loop of
-csrc/moe/host_combine.cpp and the PyTorch index_add_ one) against an explicit float64-free
-oracle written element by element in ascending rank order. Data movement and a fixed-order
+fixed-order sum (index_add_ of one rank's segment at a time, this rank's own rows read where
+they lie) against an explicit float64-free oracle written element by element in ascending
+rank order. Data movement and a fixed-order
 fp32 sum: everything must match bit for bit, including NaN, infinities, -0 and subnormals."""
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
 
-from fastmoe_ops.moe import host, host_native
+from fastmoe_ops.moe import host
 from fastmoe_ops.reference import moe as ref
 
 from conftest import assert_bitwise_equal
@@ -64,25 +66,15 @@ def test_combine_sum_formulations_bitexact(dtype, tokens, ranks, width):
     transport._work, transport._views = {}, {}
     got = transport.reduce(back, send_src, counts, tokens)
     same_bits(got, want, f"index_add_ formulation {dtype} T{tokens} R{ranks} W{width}", seed)
-    if dtype in host_native.DTYPE_CODE and host_native.available():
-        out = torch.empty(tokens, width, dtype=dtype)   # poisoned by conftest
-        assert host_native.combine(back, index, out)
-        same_bits(out, want, f"native loop {dtype} T{tokens} R{ranks} W{width}", seed)
-        # One rank's rows elsewhere (as combine reads its own rows from y): the same sum.
-        mine = ranks // 2
-        start = sum(counts[:mine])
-        elsewhere = torch.cat([special_rows(3, width, dtype, seed + 1), back[start: start + counts[mine]]])
-        back[start: start + counts[mine]] = float("nan")   # must not be read
-        bases = [back.data_ptr()] * ranks
-        bases[mine] = elsewhere.data_ptr() + (3 - start) * width * back.element_size()
-        out = torch.empty(tokens, width, dtype=dtype)
-        assert host_native.combine(back, index, out, bases)
-        same_bits(out, want, f"native loop, rank {mine}'s rows elsewhere, {dtype} T{tokens} R{ranks} W{width}", seed)
-
-
-def test_native_loop_is_built_here():
-    """The CPU product path must not silently fall back: this machine has a compiler."""
-    assert host_native.available(), "no host compiler: combine falls back to the slower index_add_ formulation"
+    # One rank's rows elsewhere (as combine reads its own rows from y): the same sum, and
+    # stale rows in `back` at its place (NaN here) do not leak into the sum.
+    mine = ranks // 2
+    start = sum(counts[:mine])
+    own = back[start: start + counts[mine]].clone()
+    back[start: start + counts[mine]] = float("nan")
+    transport.group = types.SimpleNamespace(rank=mine)
+    got = transport.combine_host(back, send_src, counts, tokens, own=own)
+    same_bits(got, want, f"rank {mine}'s rows elsewhere, {dtype} T{tokens} R{ranks} W{width}", seed)
 
 
 @pytest.mark.parametrize("tokens, ranks, per, k", [(0, 4, 2, 2), (1, 1, 3, 1), (50, 4, 2, 4), (33, 8, 1, 6)])
@@ -103,34 +95,8 @@ def test_layout_is_the_obvious_one(tokens, ranks, per, k):
                 assert int(lay.pos[t, r]) == row - before == sum(r in dest[u] for u in range(t))
             else:
                 assert row == -1 and int(lay.pos[t, r]) == -1
-    # The PyTorch formulation (no host compiler) and the device one (the layout kernel,
-    # here on a CPU engine) agree.
-    assert host_native.available()
-    plain = host.layout(idx, ranks, per, on_device=False, torch_only=True)
-    assert plain.counts.tolist() == lay.counts.tolist()
-    assert torch.equal(plain.send_src, lay.send_src) and torch.equal(plain.combine_index, lay.combine_index)
-    assert torch.equal(plain.pos, lay.pos)
+    # The device formulation (the layout kernel, here on a CPU engine) agrees.
     staged = host.layout(idx, ranks, per, on_device=True)
     assert staged.counts.tolist() == lay.counts.tolist()
     assert torch.equal(staged.send_src, lay.send_src) and torch.equal(staged.combine_index, lay.combine_index)
     assert torch.equal(staged.pos, lay.pos)
-
-
-@pytest.mark.parametrize("with_weights", [True, False])
-def test_native_localize_matches_the_tensor_formulation(with_weights):
-    """Received expert ids made local, weights masked, per-expert counts: the native pass
-    against the tensor ops it replaces (what runs without a host compiler, and on CUDA)."""
-    assert host_native.available()
-    g = torch.Generator().manual_seed(4)
-    rows, k, first, per = 37, 5, 8, 4
-    idx = torch.randint(-1, 24, (rows, k), generator=g)
-    idx[3] = torch.arange(first, first + k)          # edges: first and past the last local expert
-    w = torch.rand(rows, k, generator=g) if with_weights else None
-    local_idx, local_w, counts = host_native.localize(idx, w, first, per)
-    mine = (idx >= first) & (idx < first + per)
-    assert torch.equal(local_idx, torch.where(mine, idx - first, -1))
-    assert torch.equal(counts, torch.bincount(torch.where(mine, idx - first, -1)[mine], minlength=per))
-    if with_weights:
-        assert torch.equal(local_w.view(torch.int32), torch.where(mine, w, 0.0).view(torch.int32))
-    else:
-        assert local_w is None

@@ -1,13 +1,10 @@
 """`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
 
-Every call starts with one metadata handshake (validation, counts, FMO_COMM_TIMEOUT): at
-flags in shared memory where the node-local transport serves the Buffer, else one small
-per-peer MPI exchange. Then the payload rows move by one of two transports:
-  host (default): CPU tensors: on one machine, every rank reads its rows out of its peers'
-       tensors (host_transport='cma', fastmoe_ops.moe.node), else MPI transfers of host
-       buffers (host_transport='mpi', fastmoe_ops.moe.host); packing and the sum run on the
-       CPU. CUDA tensors are packed and summed by the kernels on their device and staged
-       through pinned host buffers around MPI;
+Every call starts with one metadata handshake (validation, counts, FMO_COMM_TIMEOUT): one
+small per-peer MPI exchange. Then the payload rows move by one of two transports:
+  host (default): MPI transfers of host buffers (fastmoe_ops.moe.host): CPU tensors are
+       packed and summed on the CPU; CUDA tensors are packed and summed by the kernels on
+       their device and staged through pinned host buffers around MPI;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
        write rows straight into peers' buffers (fastmoe_ops.moe.ipc): CUDA tensors through
        CUDA IPC handles on the `cuda` engine; CPU tensors on the `sim` engine over POSIX
@@ -32,22 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import backends, env
+from .. import backends
 from ..comm import Group
-from ..errors import CommError, InputError, UnsupportedError
+from ..errors import CommError, InputError
 from ..ops import moe_ipc
-from . import autograd, host, host_native, kernels, node
+from . import autograd, host, kernels
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
 _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
-# Metadata every rank sends every peer before an exchange (int64), then R counts, then
-# (node-local transport) _ADDRESSES cells: what peers read and where.
+# Metadata every rank sends every peer before an exchange (int64), then R counts.
 _META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
-_ADDRESSES = 3   # the tensor peers read, the packed extras, where the tensor lies in a shared region (or 0)
 # How a call moves its rows (every rank must agree): "transport" column of _META.
-_ROWS_MPI, _ROWS_IPC, _ROWS_CMA = 0, 1, 2
+_ROWS_MPI, _ROWS_IPC = 0, 1
 _IPC_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
 
@@ -93,17 +88,13 @@ class Buffer:
     where those buffers live: a CUDA device (CUDA IPC, for tensors on it), or the CPU (POSIX
     shared memory, for CPU tensors on the `sim` engine); default: the current CUDA device
     where CUDA and CuPy are available, else the CPU. Other tensors take the host transport.
-    host_transport ('auto', 'mpi' or 'cma'; default FMO_HOST_TRANSPORT, itself 'auto'):
-    how CPU rows move on the host transport, see fastmoe_ops.moe.node; 'cma' where it
-    cannot serve raises UnsupportedError on every rank, 'auto' then takes 'mpi'.
-    Owns a duplicate of the group's communicator (and the IPC buffers, the node-local
-    control block), freed by destroy() or on collection."""
+    Owns a duplicate of the group's communicator (and the IPC buffers), freed by destroy()
+    or on collection."""
 
     _next_id = 0
 
     def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0,
-                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None,
-                 host_transport: str | None = None):
+                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None):
         if not isinstance(group, Group):
             raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
         for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -114,18 +105,14 @@ class Buffer:
                              f"(each rank owns num_experts / ranks experts), got {num_experts}")
         if transport not in ("host", "ipc"):
             raise InputError(f"transport: expected 'host' or 'ipc', got {transport!r}")
-        host_transport = env.raw("FMO_HOST_TRANSPORT").strip() if host_transport is None else host_transport
-        if host_transport not in node.MODES:
-            raise InputError(f"host_transport (or FMO_HOST_TRANSPORT): expected one of {node.MODES}, got {host_transport!r}")
         if transport == "ipc" and not (isinstance(max_tokens_per_rank, int) and max_tokens_per_rank >= 1
                                        and isinstance(max_topk, int) and max_topk >= 1):
             raise InputError(f"max_tokens_per_rank, max_topk: expected ints >= 1 with transport='ipc', "
                              f"got {max_tokens_per_rank!r}, {max_topk!r}")
         ipc_device = _ipc_device(device) if transport == "ipc" else None
-        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type",
-                 "host_transport")
+        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type")
         config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk,
-                                  ipc_device.type if ipc_device is not None else None, host_transport), "Buffer()")
+                                  ipc_device.type if ipc_device is not None else None), "Buffer()")
         for i, name in enumerate(names):
             _same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
@@ -133,15 +120,6 @@ class Buffer:
         self.num_local_experts = num_experts // group.size
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
         self._host = host.HostTransport(self.group)
-        self._node = None
-        if host_transport != "mpi":
-            why = node.unavailable_reason(self.group)   # collective: the same answer on every rank
-            if why is None:
-                self._node = node.NodeTransport(self.group, len(_META) + self.num_ranks + _ADDRESSES, self._host)
-            elif host_transport == "cma":
-                self.group.comm.Free()
-                raise UnsupportedError(f"host_transport='cma': {why}")
-        self.host_transport = "cma" if self._node is not None else "mpi"
         self._ipc = None
         if transport == "ipc":
             from .ipc import IpcTransport, mapping_for
@@ -149,7 +127,7 @@ class Buffer:
             self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host, self._node)
+        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -180,39 +158,6 @@ class Buffer:
         Differentiable in y: the backward is a dispatch with the saved handle."""
         self._check_alive("combine")
         return autograd.CombineFn.run(self, y, handle)
-
-    def dispatch_buffer(self, num_tokens: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """A [num_tokens, H] tensor to write dispatch's x into (or xq of an FP8 pair), then
-        pass to dispatch: with the node-local transport it lies in this rank's shared memory
-        and peers copy its rows out directly, with no cross-process read (zero copy).
-        Elsewhere an ordinary CPU tensor. Valid until the next dispatch_buffer call; its
-        contents are not initialised."""
-        self._check_alive("dispatch_buffer")
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
-            raise InputError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
-        if dtype not in _DTYPE_CODE:
-            raise InputError(f"dtype: expected one of {[str(d) for d in _DTYPE_CODE]} (dispatch's x), got {dtype}")
-        return self._shared_tensor("dispatch", (num_tokens, self.hidden), dtype)
-
-    def combine_buffer(self, handle: Handle, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """A [handle.num_recv_rows, H] tensor to write combine's y into (e.g. the experts'
-        `out=`), then pass to combine: with the node-local transport it lies in this rank's
-        shared memory, and peers sum its rows in place instead of first copying them (zero
-        copy). Elsewhere an ordinary tensor on the handle's device. Valid until the next
-        combine_buffer call; its contents are not initialised."""
-        self._check_alive("combine_buffer")
-        self._check_handle(handle, "combine_buffer")
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            raise InputError(f"dtype: expected bf16, fp16, fp32 or fp64 (combine's y), got {dtype}")
-        if handle.device.type != "cpu":
-            return torch.empty(handle.num_recv_rows, self.hidden, dtype=dtype, device=handle.device)
-        return self._shared_tensor("combine", (handle.num_recv_rows, self.hidden), dtype)
-
-    def _shared_tensor(self, kind: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        if self._node is None:
-            return torch.empty(shape, dtype=dtype)
-        nbytes = shape[0] * shape[1] * dtype.itemsize
-        return self._node.region(kind, nbytes)[:nbytes].view(dtype).view(shape)
 
     # ------------------------------------------------------------------ validation
     def _check_alive(self, what: str) -> None:
@@ -260,26 +205,20 @@ class Buffer:
         return tensor.device == self._ipc.device and backends.engine_for(x=tensor) == self._ipc.engine
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
-                   rows: int = _ROWS_MPI, addresses=(0, 0, 0)):
-        """Every rank's send counts [R, R] and the addresses it published [R, 3] (node-local
-        transport); refuses on every rank alike if any rank refused its input or the ranks
-        disagree. rows: how this call moves its rows (_ROWS_*)."""
+                   rows: int = _ROWS_MPI):
+        """Every rank's send counts [R, R]; refuses on every rank alike if any rank refused
+        its input or the ranks disagree. rows: how this call moves its rows (_ROWS_*)."""
         if self._ipc is not None:
             self._ipc.quiesce()   # our previous transport kernel is done before peers may write again
-        meta = np.zeros(len(_META) + self.num_ranks + _ADDRESSES, np.int64)
+        meta = np.zeros(len(_META) + self.num_ranks, np.int64)
         meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
                               int(error is not None), rows, moe_ipc.comm_grid() if rows == _ROWS_IPC else 0)
         if error is None:
-            meta[len(_META): len(_META) + self.num_ranks] = counts
-            meta[len(_META) + self.num_ranks:] = addresses
-        if self._node is not None:
-            table = self._node.handshake(meta, _OP_NAME[op])
-        else:
-            table = self.group.allgather_array(meta[: len(_META) + self.num_ranks], _OP_NAME[op])
+            meta[len(_META):] = counts
+        table = self.group.allgather_array(meta, _OP_NAME[op])
         head = table[:, : len(_META)]
         if not head[0, _META.index("error")] and (head == head[0]).all():   # the common case: no refusal, all agree
-            # The counts are copied out (a handle keeps them; the node-local table is reused).
-            return table[:, len(_META): len(_META) + self.num_ranks].copy(), table[:, len(_META) + self.num_ranks:]
+            return np.ascontiguousarray(table[:, len(_META):])   # a handle keeps them
         col = {name: head[:, i].tolist() for i, name in enumerate(_META)}
         if any(col["error"]):
             messages = self.group.allgather(error, _OP_NAME[op])
@@ -291,8 +230,7 @@ class Buffer:
         _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
         _same(col["topk"], "topk_idx: k")
         _same(col["has_weights"], "topk_weights: given or None")
-        _same(col["transport"], "transport of this call (0: host over MPI, e.g. CUDA tensors; 1: ipc; "
-                                "2: host, node-local, CPU tensors)")
+        _same(col["transport"], "transport of this call (0: host over MPI; 1: ipc)")
         _same(col["comm_sms"], "sm_budget().comm_sms (the transport kernels' grid)")
         raise CommError(f"{_OP_NAME[op]}: the ranks' metadata differ: {head.tolist()} (columns {_META})")   # a column above missed
 
@@ -309,15 +247,8 @@ class Buffer:
         lay = host.layout(topk_idx, ranks, per, on_device) if error is None else None
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
-        node_rows = error is None and not on_device and self._node is not None
-        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0, 0)
-        if node_rows:   # peers read x's rows where they are, and the small extras packed in send order
-            payloads = [p.contiguous() for p in payloads]
-            packed = self._node.pack(payloads[1:], lay.send_src)
-            mode, addresses = _ROWS_CMA, (payloads[0].data_ptr(), packed.data_ptr(),
-                                          self._node.shared_offset(payloads[0], "dispatch"))
-        matrix, published = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
-                                            lay.counts if lay is not None else None, mode, addresses)
+        matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
+                                 lay.counts if lay is not None else None, _ROWS_IPC if ipc else _ROWS_MPI)
         send_counts = matrix[r].tolist()
         recv_counts = matrix[:, r].tolist()
         received = matrix.sum(0)
@@ -331,9 +262,6 @@ class Buffer:
         recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
         if ipc:
             self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid())
-        elif node_rows:
-            self._node.dispatch(payloads[0], packed, recvs, matrix, published, _OP_NAME[_OP_DISPATCH])
-            self._node.finish(_OP_NAME[_OP_DISPATCH])   # no peer reads x or packed any more
         else:
             self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
         recv_idx = recvs[-2] if topk_weights is not None else recvs[-1]
@@ -343,18 +271,13 @@ class Buffer:
             recv_idx[num_recv:] = -1
         # Received expert ids made local (-1: not this rank's), their weights (0 elsewhere),
         # and the (row, slot) count of each local expert.
-        local = None if on_device else host_native.localize(recv_idx, recvs[-1] if topk_weights is not None else None,
-                                                            r * per, per)
-        if local is not None:   # CPU tensors: one native pass
-            recv_topk_idx, recv_w, tokens_per_expert = local
+        mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
+        recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
+        recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
+        if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
+            tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0]
         else:
-            mine = (recv_idx >= r * per) & (recv_idx < (r + 1) * per)
-            recv_topk_idx = torch.where(mine, recv_idx - r * per, -1)
-            recv_w = torch.where(mine, recvs[-1], 0.0) if topk_weights is not None else None
-            if on_device and rows:   # the layout kernel on the device (no atomics: deterministic)
-                tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0]
-            else:
-                tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
+            tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
                         lay.send_src, lay.combine_index, matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
@@ -381,21 +304,10 @@ class Buffer:
         """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
         self._check_handle(handle, "combine backward")
         staged = host.staging_for(g)
-        mode, addresses = _ROWS_MPI, (0, 0, 0)
-        if self._node is not None and not staged:
-            g = g.contiguous()
-            packed = self._node.pack([], handle.send_src)   # just the source tokens
-            mode, addresses = _ROWS_CMA, (g.data_ptr(), packed.data_ptr(), 0)
-        _, published = self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None,
-                                       np.zeros(self.num_ranks, np.int64), mode, addresses)
+        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
-        if mode == _ROWS_CMA:
-            what = _OP_NAME[_OP_DISPATCH_BACKWARD]
-            self._node.dispatch(g, packed, [out], handle.counts, published, what)
-            self._node.finish(what)
-        else:
-            self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
-                                     "combine backward payload", staged)
+        self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
+                                 "combine backward payload", staged)
         out[handle.num_recv:].zero_()
         return out
 
@@ -421,20 +333,10 @@ class Buffer:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
         ipc = error is None and self._use_ipc(y, dtype) and dtype != torch.float8_e4m3fn
-        node_rows = error is None and self._node is not None and not ipc and not host.staging_for(y)
-        mode, addresses = (_ROWS_IPC if ipc else _ROWS_MPI), (0, 0, 0)
         if error is None:
             y = y[: handle.num_recv].contiguous()
-        if node_rows:   # peers read their rows where they are in y (in place, if y is in our shared region)
-            mode, addresses = _ROWS_CMA, (y.data_ptr(), 0, self._node.shared_offset(y, "combine"))
-        _, published = self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64),
-                                       mode, addresses)
-        if node_rows:
-            what = _OP_NAME[_OP_COMBINE]
-            out = self._node.combine(y, handle.combine_index, handle.counts, published, handle.send_src,
-                                     handle.num_tokens, what)
-            self._node.finish(what)   # no peer reads y any more
-            return out
+        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64),
+                        _ROWS_IPC if ipc else _ROWS_MPI)
         if ipc:
             out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
             self._ipc.combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
@@ -473,10 +375,8 @@ def _ipc_device(device) -> torch.device:
     return device
 
 
-def _release(group: Group, ipc, host_transport, node_transport) -> None:
+def _release(group: Group, ipc, host_transport) -> None:
     host_transport.release()
-    if node_transport is not None:
-        node_transport.close()
     if ipc is not None:
         ipc.close()
     group.free()

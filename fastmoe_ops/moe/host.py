@@ -8,17 +8,17 @@ Buffer's semantics already fix:
             (index_select into a reused send buffer).
   combine:  the send order is y's row order, so y goes out as it is; the rows come back in
             this rank's dispatch send order (rank-major segments) into a reused buffer, and
-            the sum adds the segments in ascending rank order (the native loop of
-            csrc/moe/host_combine.cpp, or index_add_ of one segment at a time: each touches
-            a token once): the fixed order, bit for bit the kernels' sum.
+            the sum adds the segments in ascending rank order (index_add_ of one segment
+            at a time: each touches a token once): the fixed order, bit for bit the
+            kernels' sum.
 CPU tensors move as per-peer Isend/Irecv (Group.start_rows), and this rank's own segment
 never crosses MPI: dispatch gathers it straight into place, combine's sum reads it in y.
 Large work buffers are kept per Buffer and reused: a fresh multi-megabyte allocation costs
 more in page faults than the copy into it.
 
 Where the rows live decides who packs them (`Packing`):
-  host:   CPU tensors: index_select and the native sum (or index_add_) on the CPU, no
-          kernel (this *is* the CPU product path, whatever the engine);
+  host:   CPU tensors: index_select and the index_add_ sum on the CPU, no kernel (the
+          CPU path, whatever the engine);
   staged: CUDA tensors: the layout, row gather and fixed-order sum run as the kernels of
           csrc/moe/ on the device; rows cross to pinned host buffers and back around MPI.
           `staging_for` decides; tests force it on CPU tensors, where the "device" is the
@@ -35,7 +35,10 @@ import torch
 
 from ..comm import Group
 from ..reference.moe import acc_dtype
-from . import host_native, kernels
+from . import kernels
+
+# Dtypes the device's fixed-order gather-reduce kernel sums (fp64 sums on the host).
+_KERNEL_SUM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def staging_for(t: torch.Tensor) -> bool:
@@ -56,10 +59,10 @@ class Layout:
     send_src: torch.Tensor
 
 
-def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool, torch_only: bool = False) -> Layout:
+def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool) -> Layout:
     """Bucket each token once per destination rank (expert // per); on_device: by the
     layout kernel where topk_idx lives (CUDA tensors, or the staged path's tests); else
-    by the native loop, or (torch_only, or no host compiler) by PyTorch ops."""
+    by PyTorch ops on the CPU."""
     t = topk_idx.shape[0]
     if on_device and t:   # the layout kernel on the device, then the send order from its positions
         counts, pos = kernels.bucket_layout(topk_idx, ranks, per, once=True)
@@ -74,9 +77,6 @@ def layout(topk_idx: torch.Tensor, ranks: int, per: int, on_device: bool, torch_
     if on_device:   # no tokens: nothing for a kernel to do
         lay = layout(topk_idx.cpu(), ranks, per, False)
         return Layout(lay.counts, *(v.to(topk_idx.device) for v in (lay.pos, lay.combine_index, lay.send_src)))
-    native = host_native.layout(topk_idx, ranks, per) if not torch_only else None
-    if native is not None:   # one native pass instead of a dozen small tensor ops (same result)
-        return Layout(*native)
     dest = torch.where(topk_idx >= 0, topk_idx.div(per, rounding_mode="floor"), ranks)
     hit = torch.zeros(ranks + 1, t, dtype=torch.bool)
     hit.scatter_(0, dest.t(), True)                                 # [R + 1, T]: token t goes to rank r
@@ -208,11 +208,11 @@ class HostTransport:
             back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=True)
             self._wait([self.group.ialltoallv(host, recv_counts, back, send_counts, "combine payload")])
             back = back.view(dtype).view(s, width)
-            if dtype in host_native.DTYPE_CODE and num_tokens:
+            if dtype in _KERNEL_SUM_DTYPES and num_tokens:
                 # The fixed-order gather-reduce kernel on the device (same bits as below).
                 return kernels.gather_reduce(back.to(y.device), combine_index.to(y.device))
             # fp64 (no kernel) or no tokens: the host sum, then one copy
-            return self.combine_host(back, combine_index, layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
+            return self.combine_host(back, layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
         # Host rows: the peers' rows come back into their places in `back`; this rank's own
         # rows stay in y (the same rows in the same order) and the sum reads them there.
         me = self.group.rank
@@ -223,23 +223,12 @@ class HostTransport:
         self.group.wait_rows(self.group.start_rows([(rows, sends, back, recvs)], "combine payload"))
         back = back.view(dtype).view(s, width)
         own = y[rd[me]: rd[me] + send_counts[me]]
-        return self.combine_host(back, combine_index, layout_send_src, send_counts, num_tokens, own=own)
+        return self.combine_host(back, layout_send_src, send_counts, num_tokens, own=own)
 
-    def combine_host(self, back: torch.Tensor, combine_index: torch.Tensor, send_src: torch.Tensor, send_counts,
-                     num_tokens: int, own: torch.Tensor | None = None) -> torch.Tensor:
-        """Combine's sum on the CPU: the native one-pass loop where it is built and the
-        dtype is one it handles, else the PyTorch formulation (`reduce`); same bits.
-        own: this rank's own segment of rows, when it lies there instead of in `back`."""
-        width, dtype = back.shape[1], back.dtype
+    def combine_host(self, back: torch.Tensor, send_src: torch.Tensor, send_counts, num_tokens: int, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Combine's sum on the CPU (`reduce`). own: this rank's own segment of rows,
+        when it lies there instead of in `back`."""
         me, start = self.group.rank, offsets(send_counts)
-        if dtype in host_native.DTYPE_CODE:
-            out = torch.empty(num_tokens, width, dtype=dtype)
-            bases = None
-            if own is not None:   # rank me's rows at own: its row i = combine_index - start[me] + i
-                bases = [back.data_ptr()] * len(send_counts)
-                bases[me] = own.data_ptr() - start[me] * width * back.element_size()
-            if host_native.combine(back, combine_index.cpu(), out, bases):   # one pass, the same bits
-                return out
         if own is not None:
             back[start[me]: start[me] + own.shape[0]].copy_(own)
         return self.reduce(back, send_src, send_counts, num_tokens)
