@@ -181,7 +181,8 @@ def test_nvrtc_compiles_through_the_adapter(probe):
 
 def test_pyproject_declares_the_tested_range():
     text = (REPO / "pyproject.toml").read_text()
-    assert f'cuda = ["cupy-cuda13x{cuda_driver.SUPPORTED_CUPY}"]' in text
+    assert (f'cuda = ["cupy-cuda13x{cuda_driver.SUPPORTED_CUPY}", '
+            f'"cuda-bindings{cuda_driver.SUPPORTED_CUDA_BINDINGS}"]') in text
     low, next_major = re.fullmatch(r">=(\d+\.\d+),<(\d+)", cuda_driver.SUPPORTED_CUPY).groups()
     assert TESTED[0].startswith(low + "."), f"the range starts at {low}: test its first release"
     assert TESTED[-1].split(".")[0] == str(int(next_major) - 1), f"the range ends before {next_major}: test its last major"
