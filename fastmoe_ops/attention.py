@@ -25,6 +25,7 @@ import torch
 
 from .errors import expect
 from .ops import attention as launcher
+from .ops import attention_fp8
 
 Tensor = torch.Tensor
 
@@ -79,12 +80,19 @@ torch.library.register_autograd("fmo::flash_attn_fwd", _fwd_backward, setup_cont
 
 
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_scale: float | None = None, *,
-               return_lse: bool = False):
+               return_lse: bool = False, descale_q: Tensor | None = None, descale_k: Tensor | None = None,
+               descale_v: Tensor | None = None):
     """Fused softmax(q k^T * scale) v without materialising the scores.
 
     q: [B, Sq, Hq, D], k, v: [B, Sk, Hkv, D] bf16/fp16 -> out [B, Sq, Hq, D]
-    (and lse [B, Hq, Sq] fp32 with return_lse)."""
+    (and lse [B, Hq, Sq] fp32 with return_lse). FP8 forward (no autograd): q, k, v
+    float8_e4m3fn with descale_q [B, Hq], descale_k / descale_v [B, Hkv] fp32 -> out bf16
+    (ops/attention_fp8.py: no kernel yet, refused outside the reference engine)."""
     expect(isinstance(causal, bool), "causal", "a bool", causal)
+    if getattr(q, "dtype", None) == attention_fp8.E4M3 or any(s is not None for s in (descale_q, descale_k, descale_v)):
+        out, lse = attention_fp8.attention_forward_fp8(q, k, v, descale_q, descale_k, descale_v, causal=causal,
+                                                       softmax_scale=softmax_scale)
+        return (out, lse) if return_lse else out
     if _needs_autograd(q, k, v):
         launcher.validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
         out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, causal, _scale(q, softmax_scale))

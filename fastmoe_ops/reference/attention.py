@@ -115,3 +115,14 @@ def attention_backward(dout, q, k, v, *, causal: bool, softmax_scale: float, com
     dk = dk.reshape(b, sk, hkv, group, k.shape[-1]).sum(3)
     dv = dv.reshape(b, sk, hkv, group, v.shape[-1]).sum(3)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_fp8(q, k, v, descale_q, descale_k, descale_v, *, causal: bool = False,
+                  softmax_scale: float | None = None):
+    """The FP8 forward's oracle, in float64: e4m3 q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D] times
+    their per-(batch, head) descales (descale_q [B, Hq], descale_k / descale_v [B, Hkv]), then
+    `attention` in float64. (out float64, lse fp32); softmax_scale defaults to 1/sqrt(D)."""
+    qd = q.double() * descale_q.double()[:, None, :, None]
+    kd = k.double() * descale_k.double()[:, None, :, None]
+    vd = v.double() * descale_v.double()[:, None, :, None]
+    return attention(qd, kd, vd, causal=causal, softmax_scale=softmax_scale, compute_dtype=torch.float64)

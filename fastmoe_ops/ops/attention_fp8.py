@@ -1,0 +1,74 @@
+"""FP8 (e4m3) attention forward: validation and kernel selection (issue 16).
+
+    out = fmo.flash_attn(q8, k8, v8, causal=..., descale_q=dq, descale_k=dk, descale_v=dv)
+
+q8: [B, Sq, Hq, D], k8 / v8: [B, Sk, Hkv, D] torch.float8_e4m3fn (D as the bf16 kernel: 64, 128,
+or q/k 192 with v 128); descale_q: [B, Hq] fp32, descale_k / descale_v: [B, Hkv] fp32, finite
+and > 0: the real value of q8[b, :, h, :] is its e4m3 value times descale_q[b, h] (likewise k, v
+with the KV head). out: [B, Sq, Hq, Dv] bf16.
+
+Scale granularity, decided: one scale per (batch, head), FlashAttention-3's convention. The
+kernel folds descale_q * descale_k into the softmax scale once per (batch, head) and
+descale_v into the output once, so no rescaling happens inside the KV loop; a per-(head,
+block) scale on K would need S rescaled per tile (and on V, O rescaled per tile) and is not
+offered until a benchmark shows per-head scales lose accuracy that matters.
+
+Kernel: none yet. The sm_90a FP8 kernel (QGMMA, V transposed in shared memory) and the
+simulator path are issue 16's later steps; until one exists every engine but "reference"
+refuses after validating the input, rather than dequantising to bf16 silently (which would
+look like an FP8 kernel and run at bf16's speed). The oracle is
+fastmoe_ops.reference.attention.attention_fp8 (float64)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+from ..errors import UnsupportedError, expect
+
+E4M3 = torch.float8_e4m3fn
+
+
+def validate(q, k, v, descale_q, descale_k, descale_v) -> None:
+    """Refuse bad input before anything runs, naming the argument, the expectation and what came."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        expect(isinstance(t, torch.Tensor), name, "a torch.Tensor", lambda: type(t).__name__)
+        expect(t.dtype == E4M3, name, "dtype float8_e4m3fn (the FP8 forward: q, k and v all e4m3)", t.dtype)
+        expect(t.dim() == 4, name, "a 4-D tensor [B, S, H, D]", lambda: f"shape {tuple(t.shape)}")
+        expect(t.device == q.device, name, f"a tensor on {q.device} (like q)", t.device)
+    b, sq, hq, dqk = q.shape
+    expect(k.shape[0] == b and v.shape[0] == b, "k", f"batch {b} (like q)", lambda: f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    expect(v.shape[1] == k.shape[1] and v.shape[2] == k.shape[2], "v", f"[B, Sk, Hkv] of k {tuple(k.shape[:3])}",
+           lambda: tuple(v.shape[:3]))
+    hkv = k.shape[2]
+    expect(hkv > 0 and hq % hkv == 0, "k", f"a head count dividing q's {hq}", hkv)
+    expect(k.shape[3] == dqk, "k", f"q's head dim {dqk}", k.shape[3])
+    expect((dqk, v.shape[3]) in ((64, 64), (128, 128), (192, 128)), "v",
+           "head dims (q/k, v) in (64, 64), (128, 128), (192, 128)", (dqk, v.shape[3]))
+    for name, s, heads in (("descale_q", descale_q, hq), ("descale_k", descale_k, hkv), ("descale_v", descale_v, hkv)):
+        expect(isinstance(s, torch.Tensor), name, f"a float32 tensor [B, H] = [{b}, {heads}] (e4m3 input needs its scales)",
+               lambda: type(s).__name__)
+        expect(s.dtype == torch.float32 and tuple(s.shape) == (b, heads), name, f"a float32 tensor [{b}, {heads}]",
+               lambda: f"{s.dtype} {tuple(s.shape)}")
+        expect(s.device == q.device, name, f"a tensor on {q.device} (like q)", s.device)
+        expect(bool(torch.isfinite(s).all() and (s > 0).all()), name, "finite values > 0",
+               lambda: f"min {s.min().item()}, max {s.max().item()}")
+
+
+def attention_forward_fp8(q, k, v, descale_q, descale_k, descale_v, *, causal: bool, softmax_scale=None):
+    """(out [B, Sq, Hq, Dv] bf16, lse [B, Hq, Sq] fp32) of the dequantised attention; softmax_scale
+    (of the dequantised q k^T) defaults to 1/sqrt(D)."""
+    validate(q, k, v, descale_q, descale_k, descale_v)
+    expect(softmax_scale is None or isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+           and softmax_scale > 0, "softmax_scale", "None or a finite number > 0", softmax_scale)
+    engine = backends.engine_for(q=q, k=k, v=v)
+    if engine != "reference":
+        raise UnsupportedError(
+            f"flash_attn with float8_e4m3fn inputs on engine {engine!r}: no FP8 attention kernel yet (issue 16: the "
+            "sm_90a QGMMA kernel is not built); refusing rather than dequantising to bf16 behind the caller's back. "
+            "Dequantise explicitly and call the bf16 kernel, or use engine 'reference' for the float64 oracle")
+    from ..reference.attention import attention_fp8
+
+    out, lse = attention_fp8(q, k, v, descale_q, descale_k, descale_v, causal=causal, softmax_scale=softmax_scale)
+    return out.to(torch.bfloat16), lse
