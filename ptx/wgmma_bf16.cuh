@@ -22,16 +22,19 @@
 // fence / commit / wait and the descriptor helpers are the e4m3 family's (ptx/wgmma.cuh): one
 // queue of in-flight MMAs per warpgroup, whatever the input type.
 //
-// Emulation (FMO_SIM): NOT YET. The queue that wgmma.commit_group / wait_group retire lives in
-// ptx/wgmma.cuh (sim_detail::WgmmaOp), and it executes every op as e4m3 x e4m3 from two
-// descriptors; a 16-bit op (its type, transpose bits, and for RS the A registers captured at
-// issue) needs a per-op executor there. That hook is requested in /work/notes/ptx-requests.md
-// (2026-12-05, issue 16). Until it lands, every call below fails on the simulator with a message
-// saying so, rather than computing at issue time (which would hide the asynchronous errors the
-// e4m3 emulation catches). The arithmetic the emulation will use, for the record: one fused
-// dot-add step per k16 instruction (ptx/tensor_core_numerics.cuh) with HMMA bf16/f16's rule
-// (window 25, result 23 fraction bits): ASSUMED from mma.sync's fitted rule, to be confirmed by
-// the GPU conformance run (ptx/README.md).
+// Emulation (FMO_SIM): HALF DONE. What a retired 16-bit op computes is here
+// (sim_detail::wgmma16_execute: K-major operands through every swizzle and LBO/SBO, A from
+// shared memory or from the RS fragment gathered across each quad; tested bit for bit against
+// numpy by tests/test_ptx_wgmma_bf16.py through a synchronous test kernel). What is missing is
+// the asynchronous half: the queue that wgmma.commit_group / wait_group retire lives in
+// ptx/wgmma.cuh (sim_detail::WgmmaOp) and executes every op as e4m3 x e4m3; a 16-bit op needs a
+// per-op executor there (requested in /work/notes/ptx-requests.md, 2026-12-05, issue 16). Until
+// it lands the wrappers below fail on the simulator with a message saying so, rather than
+// computing at issue time (which would hide the asynchronous errors the e4m3 emulation catches).
+// MN-major (trans = 1) layouts are not modelled yet either (the executor refuses them).
+// Arithmetic: one fused dot-add step per k16 instruction (ptx/tensor_core_numerics.cuh) with
+// HMMA bf16/f16's rule (window 25, result 23 fraction bits): ASSUMED from mma.sync's fitted
+// rule, to be confirmed by a GPU conformance run (ptx/README.md).
 #pragma once
 
 #include "ptx/wgmma.cuh"
@@ -46,6 +49,78 @@ enum class Wgmma16 { bf16, f16 };  // the 16-bit input type of both operands
 
 #ifdef FMO_SIM
 namespace sim_detail {
+// The execution half of the future emulation (what a retired 16-bit op computes), ready for the
+// queue hook: thread t's N / 2 outputs of one m64nNk16 op. K-major operands only (trans = 1, the
+// MN-major layouts, is refused until modelled): a 16-bit K-major row is the e4m3 family's byte
+// layout with 2 bytes per element (k16 = 32 bytes per row), read through kmajor_offset. A from
+// registers: a_regs as captured (fragment map at the top). Arithmetic: one fused dot-add step
+// over 16 products and the accumulator, HMMA's (25, 23) rule (ASSUMED for HGMMA, see above).
+struct Wgmma16Op {
+  float* d;
+  uint64_t a, b;
+  float a_rows[2][16];  // RS: this thread's rows g, g + 8 of A, gathered from its quad at issue
+  int n, scale_d, f16, a_in_regs, trans_a, trans_b;
+};
+
+// RS: the quad of lanes 4g..4g+3 holds rows g and g + 8 of A between them (fragment map at the
+// top); gathered when the warp issues (all lanes arrive together, .sync.aligned). The GPU reads
+// the registers later, so a kernel that changes them before the wait differs from this capture:
+// not caught here.
+FMO_SIM_EMU void gather_a_rows(const uint32_t (&a)[4], bool f16, float (&rows)[2][16]) {
+  uint32_t all[32][4];
+  fmo_sim::warp_allgather(0xffffffffu, a, all, sizeof a);
+  const uint32_t g = fmo_sim::lane_id() / 4;
+  for (uint32_t qq = 0; qq < 4; ++qq)
+    for (uint32_t e = 0; e < 8; ++e) {
+      const uint32_t reg = all[4 * g + qq][e / 2], bits = (e % 2) ? reg >> 16 : reg & 0xffffu;
+      const uint32_t h = (e / 2) % 2, k = 2 * qq + e % 2 + 8 * (e / 4);
+      rows[h][k] = f16 ? decode_f16(bits) : decode_bf16(bits);
+    }
+}
+
+FMO_SIM_EMU void read_kmajor_row16(const unsigned char* base, const WgmmaDesc& d, uint32_t row, bool f16,
+                                   float (&out)[16]) {
+  for (uint32_t c = 0; c < 2; ++c) {  // two 16-byte chunks: k 0..7, 8..15
+    const uint32_t off = kmajor_offset(d, row, 16 * c);
+    if (off + 16 > fmo_sim::kDynamicSmemBytes)
+      fmo_sim::fail("wgmma: operand row %u reaches shared offset %u, past the dynamic buffer", row, off + 16);
+    fmo_sim::check_access(base + off, 16, false);
+    for (uint32_t j = 0; j < 8; ++j) {
+      const uint32_t bits = base[off + 2 * j] | (uint32_t(base[off + 2 * j + 1]) << 8);
+      out[8 * c + j] = f16 ? decode_f16(bits) : decode_bf16(bits);
+    }
+  }
+}
+
+FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
+  if (op.trans_a || op.trans_b)
+    fmo_sim::fail("wgmma m64nNk16: MN-major (transposed) operands are not emulated yet");
+  const unsigned char* base = fmo_sim_dynamic_smem();
+  const WgmmaDesc db = decode_desc(op.b);
+  const unsigned t = fmo_sim::cur()->linear_tid % 128;
+  const uint32_t w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float arow[2][16], bcol[16];
+  if (op.a_in_regs) {
+    std::memcpy(arow, op.a_rows, sizeof arow);
+  } else {
+    const WgmmaDesc da = decode_desc(op.a);
+    if (da.base_offset != 0)
+      fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", da.base_offset);
+    read_kmajor_row16(base, da, 16 * w + g, op.f16, arow[0]);
+    read_kmajor_row16(base, da, 16 * w + g + 8, op.f16, arow[1]);
+  }
+  if (db.base_offset != 0) fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", db.base_offset);
+  const OperandFormat fmt = op.f16 ? kF16Format : kBF16Format;
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int c = 0; c < 2; ++c) {
+      read_kmajor_row16(base, db, 8 * j + 2 * q + c, op.f16, bcol);
+      for (int h = 0; h < 2; ++h) {
+        float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
+        *dst = fused_dot_add(arow[h], bcol, 16, op.scale_d ? *dst : 0.0f, fmt, kHmmaRule);
+      }
+    }
+}
+
 FMO_SIM_EMU void wgmma16_not_emulated(const char* form) {
   fmo_sim::fail("%s: the simulator does not emulate 16-bit wgmma yet (its queue in ptx/wgmma.cuh executes only "
                 "e4m3 ops; the per-op executor hook is requested in /work/notes/ptx-requests.md)", form);

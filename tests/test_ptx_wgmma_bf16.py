@@ -73,3 +73,43 @@ def test_simulator_refuses_16bit_wgmma_clearly(kernel):
                 check=lambda outs: None, shared_mem=image.size)
     with pytest.raises(SimError, match="does not emulate 16-bit wgmma"):
         runner.run(case)
+
+
+@pytest.fixture(scope="module")
+def exec_runner():
+    from ptx_cases.wgmma_bf16 import SIM_EXEC_SOURCE
+    return SimRunner(SIM_EXEC_SOURCE)
+
+
+@pytest.mark.parametrize("sw,b_sw,padded", [("b128", "b128", False), ("b64", "b32", True), ("none", "none", True),
+                                            ("none", "b128", False)])
+@pytest.mark.parametrize("rs", [False, True])
+def test_executor_layouts_and_fragments(exec_runner, sw, b_sw, padded, rs):
+    """The emulation's execution half (synchronous here): K-major 16-bit rows through every swizzle
+    and padded LBO/SBO, A from shared memory or from the RS register fragment, bit exact against
+    the numpy model (one fused step, HMMA's rule) and, on small integers, against float64."""
+    from ptx_cases.wgmma_bf16 import exec_case
+
+    for exact in (True, False):
+        case = exec_case(1000 + 10 * rs + exact + 3 * padded, sw=sw, b_sw=b_sw, padded=padded, rs=rs, exact=exact)
+        case.check(exec_runner.run(case))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("fmt", ["bf16", "f16"])
+def test_executor_sizes_formats_scale_d(exec_runner, n, fmt):
+    from ptx_cases.wgmma_bf16 import exec_case
+
+    case = exec_case(2000 + n, n=n, fmt=fmt, rs=n == 64, scale_d=n != 192)
+    case.check(exec_runner.run(case))
+
+
+def test_executor_wrong_fragment_fails_the_check(exec_runner):
+    """The check can fail: A's register fragment built with rows g / g + 8 swapped gives other bits."""
+    from ptx_cases.wgmma_bf16 import exec_case
+
+    case = exec_case(3000, rs=True)
+    regs = case.args[2].reshape(128, 4).copy()
+    case.args[2] = regs[:, [1, 0, 3, 2]].ravel()
+    with pytest.raises(AssertionError):
+        case.check(exec_runner.run(case))

@@ -4,6 +4,12 @@ instructions (ptx/wgmma_bf16.cuh says why), and a GPU case needs the numpy model
 shared-memory layouts and of HGMMA's arithmetic, which come with the emulation."""
 from __future__ import annotations
 
+import numpy as np
+
+from fastmoe_ops.reference import tensor_core
+
+from .case import Case, assert_equal_bits, poisoned
+
 SIZES = (64, 128, 192, 256)
 
 # One warpgroup; per N an SS kernel (S = Q K^T shape: both K-major) and an RS kernel (O += P V
@@ -63,3 +69,99 @@ WG16_ENTRY(wgmma_bf16_rs_n192, 192, 1)
 WG16_ENTRY(wgmma_bf16_rs_n256, 256, 1)
 WG16_ENTRY(wgmma_f16_ss_n128, 128, 2)
 """
+
+# Simulator only: the execution half of the 16-bit emulation (ptx/wgmma_bf16.cuh's
+# sim_detail::wgmma16_execute) called synchronously, one op per launch, until the queue hook
+# exists. rs = 1: A from registers a_regs[4 * t + r] (gathered across each quad as at issue).
+SIM_EXEC_SOURCE = r"""
+#include "ptx/wgmma_bf16.cuh"
+extern __shared__ __align__(1024) unsigned char wg16_smem[];
+extern "C" __global__ void wgmma16_exec(const unsigned char* image, int image_bytes, const uint32_t* a_regs,
+                                        const float* C, float* D, int a_off, int b_off, int a_lbo, int a_sbo,
+                                        int a_sw, int b_lbo, int b_sbo, int b_sw, int n, int f16, int rs,
+                                        int scale_d) {
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg16_smem[i] = image[i];
+  __syncthreads();
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float acc[128];
+  for (int i = 0; i < n / 2; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * n + 8 * (i / 4) + 2 * q + (i % 2)];
+  sim_detail::Wgmma16Op op{};
+  op.d = acc;
+  op.a = make_smem_desc(wg16_smem + a_off, a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
+  op.b = make_smem_desc(wg16_smem + b_off, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
+  op.n = n, op.scale_d = scale_d, op.f16 = f16, op.a_in_regs = rs;
+  if (rs) {
+    const uint32_t a[4] = {a_regs[4 * t], a_regs[4 * t + 1], a_regs[4 * t + 2], a_regs[4 * t + 3]};
+    sim_detail::gather_a_rows(a, f16, op.a_rows);
+  }
+  sim_detail::wgmma16_execute(op);
+  for (int i = 0; i < n / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * n + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
+}
+"""
+
+
+def bits16(x: np.ndarray, fmt: str) -> np.ndarray:
+    """uint16 codes of float values (bf16: float32's top half, truncated: the value is what the code says)."""
+    if fmt == "f16":
+        return np.asarray(x, np.float16).view(np.uint16)
+    return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def values16(codes: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt == "f16":
+        return codes.view(np.float16).astype(np.float64)
+    return (codes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def a_registers(a_codes: np.ndarray) -> np.ndarray:
+    """A [64, 16] codes as the RS fragment: thread t's 4 registers (rows g / g + 8, k 2q.. / 2q + 8..)."""
+    regs = np.zeros((128, 4), np.uint32)
+    for t in range(128):
+        w, g, q = t // 32, t % 32 // 4, t % 4
+        for r in range(4):
+            row, k = 16 * w + g + 8 * (r % 2), 2 * q + 8 * (r // 2)
+            regs[t, r] = int(a_codes[row, k]) | (int(a_codes[row, k + 1]) << 16)
+    return regs.ravel()
+
+
+def exec_case(seed: int, *, n: int = 128, fmt: str = "bf16", rs: bool = False, sw: str = "b128",
+              b_sw: str | None = None, padded: bool = False, exact: bool = False, scale_d: bool = True) -> Case:
+    """One m64nNk16 op on the executor: D = A B^T (+ C), A [64, 16], B [n, 16] K-major."""
+    from .wgmma import SWIZZLE, layout, place
+
+    rng = np.random.default_rng(seed)
+    b_sw = b_sw or sw
+    if exact:  # small integers: every partial sum exact in fp32, so the rule drops nothing
+        a_val, b_val = rng.integers(-8, 9, (64, 16)), rng.integers(-8, 9, (n, 16))
+        c = rng.integers(-64, 65, (64, n)).astype(np.float32)
+    else:
+        a_val = rng.standard_normal((64, 16)) * 2.0 ** rng.integers(-6, 7, (64, 16))
+        b_val = rng.standard_normal((n, 16)) * 2.0 ** rng.integers(-6, 7, (n, 16))
+        c = rng.standard_normal((64, n)).astype(np.float32)
+    a_codes, b_codes = bits16(a_val, fmt), bits16(b_val, fmt)
+    a64, b64 = values16(a_codes, fmt), values16(b_codes, fmt)
+    a_lbo, a_sbo, a_starts, a_bytes = layout(sw, 64, 1, 0, padded)
+    b_base = -(-a_bytes // 1024) * 1024
+    b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, n, 1, b_base, padded)
+    image = np.full(b_base + b_bytes, 0xff, np.uint8)  # 0xffff: NaN in both formats, wherever the layout leaves holes
+    if not rs:
+        place(image, sw, a_lbo, a_sbo, a_starts, a_codes.view(np.uint8).reshape(64, 32))
+    place(image, b_sw, b_lbo, b_sbo, b_starts, b_codes.view(np.uint8).reshape(n, 32))
+    want = tensor_core.dot_add(a64[:, None, :], b64[None, :, :], c if scale_d else np.zeros_like(c), fmt,
+                               tensor_core.HMMA)
+    want64 = a64 @ b64.T + (c if scale_d else 0)
+    what = (f"wgmma m64n{n}k16 {fmt} {'RS' if rs else 'SS'} A:{sw} B:{b_sw}{' padded' if padded else ''}"
+            f"{' exact' if exact else ''}{'' if scale_d else ' scale-d=0'}")
+
+    def check(outs):
+        (d,) = outs
+        assert_equal_bits(d, want, what, seed)
+        if exact:
+            assert_equal_bits(d, want64.astype(np.float32), what + " vs float64", seed)
+
+    args = [image, np.int32(image.size), a_registers(a_codes), c, poisoned((64, n), np.float32),
+            np.int32(a_starts[0]), np.int32(b_starts[0]), np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]),
+            np.int32(b_lbo), np.int32(b_sbo), np.int32(SWIZZLE[b_sw]), np.int32(n), np.int32(fmt == "f16"),
+            np.int32(rs), np.int32(scale_d)]
+    return Case(name=what, kernel="wgmma16_exec", grid=(1,), block=(128,), args=args, outputs=[4], check=check,
+                shared_mem=image.size, sim_only=True)
