@@ -5,17 +5,18 @@ run sequentially, the compute slowdown from reserving N SMs, and the overlapped 
     mpirun -n 8 python -m bench.bench_moe_layer --json out/moe_layer.json       # one GPU, 8 ranks
 
 Rows (one line per configuration, rank 0 prints):
-  moe_layer_step     forward + backward of the layer, overlap=True (ours) vs overlap=False
-                     (baseline, same layer, same data, same run). A repetition's time is the
-                     slowest rank's (barrier before each), the reported time the median.
-                     `saved/comm` = (t_seq - t_overlap) / t_comm, with t_comm the same step's
-                     dispatch + combine (and their backward) alone: on a GPU the share of the
-                     communication the overlap hid (at most ~1); on a shared CPU it can exceed 1,
-                     because ranks' waits for each other and the simulator's threads overlap too. `traced` = trace.overlapped_fraction
-                     (|busy(comm) & busy(compute)| / |busy(comm)|) of one step under FMO_TRACE=1,
-                     where comm and compute share a clock (CPU; on a GPU host MPI intervals and
-                     %globaltimer have different epochs, so it is left out there).
-  moe_experts_sms    the expert computation alone (grouped FP8 GEMMs, forward + backward) on
+  moe_layer_step     forward + backward of the layer as users get it (overlap='auto', the
+                     default) against the same layer with overlap=False, interleaved
+                     (bench.stats.compare_across_ranks: a barrier before each call, a call's
+                     time the slowest rank's; pairs until the ratio's 95% interval is within 5%
+                     or a time cap). On CPU transports 'auto' runs sequentially, so this row
+                     must read "within noise".
+  moe_layer_overlap  the same with overlap=True (the two-micro-batch schedule forced): what
+                     'auto' picks on the ipc transport with CUDA tensors. `saved_over_comm` in
+                     extra = (t_seq - t_overlap) / t_comm, t_comm the step's dispatch + combine
+                     (and their backward) alone; `traced` = trace.overlapped_fraction of one step
+                     under FMO_TRACE=1 (CPU: comm and compute share a clock).
+  moe_experts_sms    (GPU only) the expert computation alone (grouped FP8 GEMMs, forward + backward) on
                      rank 0 while N SMs are reserved for communication (fmo.comm_sms(N) with
                      communication in flight: persistent compute grids get num_sms - N), N in
                      {0, 8, 16, 20, 24, 32}; baseline N = 0; `slowdown` = t(N) / t(0).
@@ -39,7 +40,8 @@ import fastmoe_ops as fmo
 from fastmoe_ops.budget import communication_in_flight
 
 from . import bench_moe
-from .harness import Row, format_table, write_json
+from .harness import Row, speedup_text, format_table, write_json
+from .stats import compare_across_ranks
 
 # (tokens per rank, hidden, intermediate, experts, top-k)
 CPU_SHAPES = [(64, 256, 256, 8, 2), (128, 512, 256, 16, 4)]
@@ -60,33 +62,43 @@ def make_layer(group, shape, overlap, device, transport):
                            device=device, **extra)
 
 
-def layer_row(comm, group, shape, engine, device, transport, reps, plot_dir=None) -> Row:
+def layer_rows(comm, group, shape, engine, device, transport, max_seconds, plot_dir=None) -> list[Row]:
+    """Two rows against the same layer run sequentially (overlap=False), each interleaved with
+    it (bench.stats.compare_across_ranks): the default (overlap='auto': what users get) and the
+    forced two-micro-batch overlap (overlap=True: what 'auto' chooses on the ipc transport with
+    CUDA tensors)."""
     tokens, hidden, inter, experts, k = shape
     rank, world = comm.Get_rank(), comm.Get_size()
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device).requires_grad_()
     dy = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device)
-    times, traced = {}, None
-    for overlap in (False, True):
-        layer = make_layer(group, shape, overlap, device, transport)
+    layers = {mode: make_layer(group, shape, mode, device, transport) for mode in (False, "auto", True)}
 
+    def step_of(layer):
         def step():
             x.grad = None
             layer.zero_grad(set_to_none=True)
             layer(x).backward(dy)
+        return step
 
-        times[overlap] = timed(comm, step, reps, device)
-        if overlap and device.type == "cpu" and group is not None:   # one process: nothing to overlap with
-            plot = plot_dir / f"moe_layer_timeline_T{tokens}_H{hidden}.png" if plot_dir is not None else None
-            traced = traced_fraction(comm, step, plot)
-        if overlap:
-            t_comm = comm_time(comm, layer, x, dy, reps, device)
-        layer.destroy()
+    seq = step_of(layers[False])
+    t_comm = comm_time(comm, layers[False], x, dy, 3, device)
     flops = 3 * 2 * 3 * hidden * inter * k * sum(comm.allgather(tokens))   # fwd 3 GEMMs (2I, I widths), bwd 2x
-    return Row(op="moe_layer_step", shape=f"R{world} T{tokens} H{hidden} I{inter} E{experts} k{k} {transport}",
-               engine=engine, ours_s=times[True], baseline="same layer, overlap=False", baseline_s=times[False],
-               flops=flops, extra={"comm_s": t_comm, "saved_over_comm": (times[False] - times[True]) / t_comm if t_comm else float("nan"),
-                                   "traced": traced})
+    name = f"R{world} T{tokens} H{hidden} I{inter} E{experts} k{k} {transport}"
+    rows = []
+    for mode, op in (("auto", "moe_layer_step"), (True, "moe_layer_overlap")):
+        c = compare_across_ranks(comm, step_of(layers[mode]), seq, device=device, max_seconds=max_seconds)
+        traced = None
+        if mode is True and device.type == "cpu" and group is not None:   # one process: nothing to overlap with
+            plot = plot_dir / f"moe_layer_timeline_T{tokens}_H{hidden}.png" if plot_dir is not None else None
+            traced = traced_fraction(comm, step_of(layers[True]), plot)
+        overlapped = layers[mode].overlaps(device)
+        rows.append(Row.compared(op, f"{name} overlap={mode}", engine, c, baseline="same layer, overlap=False", flops=flops,
+                                 extra={"comm_s": t_comm, "overlapped": overlapped, "traced": traced,
+                                        "saved_over_comm": (c.base_s - c.ours_s) / t_comm if t_comm else None}))
+    for layer in layers.values():
+        layer.destroy()
+    return rows
 
 
 def comm_time(comm, layer, x, dy, reps, device) -> float:
@@ -193,15 +205,15 @@ def main(argv=None) -> int:
     backend = fmo.use_backend(engine) if not cuda else contextlib.nullcontext()
     with backend:
         for shape in shapes:
-            rows.append(layer_row(comm, group, shape, engine, device, args.transport, reps, args.plot))
+            rows += layer_rows(comm, group, shape, engine, device, args.transport, 8.0 if args.quick else 20.0, args.plot)
             if rank0:
-                r = rows[-1]
-                traced = f"{r.extra['traced']:.2f}" if r.extra["traced"] is not None else "-"
-                print(f"{r.op:<16} {r.shape:<36} {engine:<9} overlap {r.ours_s * 1e3:9.2f} ms  sequential "
-                      f"{r.baseline_s * 1e3:9.2f} ms  speedup {r.speedup:5.2f}x  comm alone {r.extra['comm_s'] * 1e3:8.2f} ms  "
-                      f"saved/comm {r.extra['saved_over_comm']:5.2f}  traced overlap {traced}", flush=True)
+                for r in rows[-2:]:
+                    traced = f", traced overlap {r.extra['traced']:.2f}" if r.extra["traced"] is not None else ""
+                    print(f"{r.op} {r.shape} [{engine}]: {'overlapped' if r.extra['overlapped'] else 'sequential'} "
+                          f"{r.ours_s * 1e3:.2f} ms vs overlap=False {r.baseline_s * 1e3:.2f} ms: {speedup_text(r)} "
+                          f"(comm alone {r.extra['comm_s'] * 1e3:.2f} ms{traced})", flush=True)
             comm.Barrier()
-            if rank0:
+            if rank0 and cuda:   # the simulator does not model SM contention: on a CPU these rows only measured noise
                 for r in reserved_sms_rows(shape, engine, device, reps):
                     rows.append(r)
                     print(f"{r.op:<16} {r.shape:<36} {engine:<9} {r.ours_s * 1e3:9.2f} ms  slowdown vs N=0 "

@@ -76,11 +76,11 @@ _COLUMNS = [
     ("% ceil", lambda r: f"{r.pct_of_ceiling:.1f}" if r.ceiling_rate else "", lambda r: bool(r.ceiling_rate)),
     ("baseline", lambda r: r.baseline, lambda r: True),
     ("base time", lambda r: _fmt_time(r.baseline_s), lambda r: True),
-    ("speedup (95% CI)", lambda r: _verdict(r), lambda r: True),
+    ("speedup (95% CI)", lambda r: speedup_text(r), lambda r: True),
 ]
 
 
-def _verdict(r: Row) -> str:
+def speedup_text(r: Row) -> str:
     from .stats import Comparison, verdict
 
     c = Comparison(**{k: v for k, v in r.stats.items() if k != "conclusive"}) if r.stats else None

@@ -111,6 +111,46 @@ def compare(ours: Callable[[], object], baseline: Callable[[], object], *, devic
     return summarize(a, b)
 
 
+def compare_across_ranks(comm, ours: Callable[[], object], baseline: Callable[[], object], *, device: torch.device,
+                         rel_ci: float = 0.05, max_seconds: float = 20.0, warmup: int = 1, max_pairs: int = 60) -> Comparison:
+    """`compare` for a collective step run by every rank of `comm`: a barrier before each timed
+    call, a call's time the slowest rank's (one allreduce per pair), so every rank holds the
+    same samples and takes the same decision to stop (no rank can leave the loop alone)."""
+    from mpi4py import MPI
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        ours()
+        baseline()
+    sync()
+    a, b = [], []
+    start = time.perf_counter()
+    while len(a) < max_pairs:
+        if len(a) % 2:
+            tb = timed(baseline)
+            ta = timed(ours)
+        else:
+            ta = timed(ours)
+            tb = timed(baseline)
+        ta, tb = comm.allreduce(ta, op=MPI.MAX), comm.allreduce(tb, op=MPI.MAX)
+        a.append(ta)
+        b.append(tb)
+        if len(a) >= MIN_PAIRS:
+            r, lo, hi = median_ci([y / x for x, y in zip(a, b)])
+            late = comm.allreduce(time.perf_counter() - start > max_seconds, op=MPI.LOR)
+            if (hi - lo) / 2 <= rel_ci * r or late:
+                break
+    return summarize(a, b)
+
+
 def summarize(a: list[float], b: list[float]) -> Comparison:
     """The Comparison of paired samples a (ours) and b (baseline)."""
     oa, ob = median_ci(a), median_ci(b)
