@@ -1,14 +1,15 @@
 """`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
 
 Every call starts with one metadata handshake (validation, counts, FMO_COMM_TIMEOUT): one
-small per-peer MPI exchange. Then the payload rows move by one of two transports:
-  host (default): MPI transfers of host buffers (fastmoe_ops.moe.host): CPU tensors are
-       packed and summed on the CPU; CUDA tensors are packed and summed by the kernels on
-       their device and staged through pinned host buffers around MPI;
+small per-peer MPI exchange. Then the payload rows move by the transport the Buffer picked
+at construction (fastmoe_ops.moe.transports, one protocol):
+  host (default): `mpi`, MPI transfers of host buffers: CPU tensors packed and summed on
+       the CPU; CUDA tensors packed and summed by the kernels on their device and staged
+       through pinned host buffers around MPI;
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
-       write rows straight into peers' buffers (fastmoe_ops.moe.ipc): CUDA tensors through
-       CUDA IPC handles on the `cuda` engine; CPU tensors on the `sim` engine over POSIX
-       shared memory. Tensors the Buffer's ipc buffers cannot serve take the host path.
+       write rows straight into peers' buffers: CUDA tensors through CUDA IPC handles on the
+       `cuda` engine; CPU tensors on the `sim` engine over POSIX shared memory. Tensors its
+       buffers cannot serve (another device, fp64), and combine's backward, move over `mpi`.
 
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
     out = buf.combine(y, handle)
@@ -32,8 +33,9 @@ import torch
 from .. import backends
 from ..comm import Group
 from ..errors import CommError, InputError
-from ..ops import moe_ipc
 from . import autograd, host, kernels
+from .transports.ipc import IpcTransport, mapping_for
+from .transports.mpi import MpiTransport
 
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
@@ -41,9 +43,6 @@ _OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
 _OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
 # Metadata every rank sends every peer before an exchange (int64), then R counts.
 _META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
-# How a call moves its rows (every rank must agree): "transport" column of _META.
-_ROWS_MPI, _ROWS_IPC = 0, 1
-_IPC_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
 
 
@@ -119,15 +118,13 @@ class Buffer:
         self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
         self.num_local_experts = num_experts // group.size
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
-        self._host = host.HostTransport(self.group)
-        self._ipc = None
+        self._mpi = MpiTransport(self.group)   # also every call the chosen transport cannot serve
+        self._transport = self._mpi
         if transport == "ipc":
-            from .ipc import IpcTransport, mapping_for
-
-            self._ipc = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
+            self._transport = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group, self._ipc, self._host)
+        self._finalizer = weakref.finalize(self, _release, self.group, self._transport, self._mpi)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -196,23 +193,21 @@ class Buffer:
             return str(e)
         return None
 
-    def _use_ipc(self, tensor, dtype) -> bool:
-        """This call's transport: ipc where the Buffer has one on the tensor's device, the
-        engine is the mapping's (`cuda` for device buffers, `sim` for shared memory) and the
-        dtype is one the kernels move (the handshake checks that every rank agrees)."""
-        if self._ipc is None or not isinstance(tensor, torch.Tensor) or dtype not in _IPC_DTYPES:
-            return False
-        return tensor.device == self._ipc.device and backends.engine_for(x=tensor) == self._ipc.engine
+    def _transport_for(self, tensor, error: str | None):
+        """The Buffer's transport where it serves the tensor, else mpi (the handshake checks
+        that every rank agrees)."""
+        if error is None and self._transport.serves(tensor):
+            return self._transport
+        return self._mpi
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
-                   rows: int = _ROWS_MPI):
+                   rows):
         """Every rank's send counts [R, R]; refuses on every rank alike if any rank refused
-        its input or the ranks disagree. rows: how this call moves its rows (_ROWS_*)."""
-        if self._ipc is not None:
-            self._ipc.quiesce()   # our previous transport kernel is done before peers may write again
+        its input or the ranks disagree. rows: the transport moving this call's rows."""
+        self._transport.quiesce()   # our previous transport kernel is done before peers may write again
         meta = np.zeros(len(_META) + self.num_ranks, np.int64)
         meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
-                              int(error is not None), rows, moe_ipc.comm_grid() if rows == _ROWS_IPC else 0)
+                              int(error is not None), rows.code, rows.handshake_cells())
         if error is None:
             meta[len(_META):] = counts
         table = self.group.allgather_array(meta, _OP_NAME[op])
@@ -241,16 +236,13 @@ class Buffer:
         r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
         dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
-        ipc = error is None and self._use_ipc(xq, dtype)
-        on_device = error is None and host.staging_for(xq)   # layout (and packing) by the kernels there
-        staged = on_device and not ipc
-        lay = host.layout(topk_idx, ranks, per, on_device) if error is None else None
+        rows_by = self._transport_for(xq, error)
+        on_device = error is None and host.staging_for(xq)   # tokens_per_expert by the layout kernel there
+        lay = rows_by.layout(topk_idx, ranks, per) if error is None else None
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
-                                 lay.counts if lay is not None else None, _ROWS_IPC if ipc else _ROWS_MPI)
-        send_counts = matrix[r].tolist()
-        recv_counts = matrix[:, r].tolist()
+                                 lay.counts if lay is not None else None, rows_by)
         received = matrix.sum(0)
         if self.num_worst_tokens and int(received.max()) > self.num_worst_tokens:
             worst = int(received.argmax())
@@ -260,10 +252,7 @@ class Buffer:
         rows = self.num_worst_tokens or num_recv
 
         recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
-        if ipc:
-            self._ipc.dispatch([p.contiguous() for p in payloads], recvs, lay.pos, matrix, moe_ipc.comm_grid())
-        else:
-            self._host_dispatch(payloads, recvs, lay.send_src, send_counts, recv_counts, staged)
+        rows_by.dispatch(payloads, recvs, lay, matrix)
         recv_idx = recvs[-2] if topk_weights is not None else recvs[-1]
         if rows > num_recv:   # padding rows (num_worst_tokens)
             for out in recvs:
@@ -278,38 +267,17 @@ class Buffer:
             tokens_per_expert = kernels.bucket_layout(recv_topk_idx, per, 1, once=False)[0]
         else:
             tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
-        handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(send_counts), tuple(recv_counts),
-                        lay.send_src, lay.combine_index, matrix)
+        handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(matrix[r].tolist()),
+                        tuple(matrix[:, r].tolist()), lay.send_src, lay.combine_index, matrix)
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
-
-    def _host_dispatch(self, payloads, recvs, send_src, send_counts, recv_counts, staged: bool) -> None:
-        """Host tensors: each payload's rows straight from it into its output. Staged: two
-        exchanges in flight at once, x's rows and the small per-row extras (scales, ids,
-        weights) packed side by side, unpacked after."""
-        if not staged:   # every stream straight from its tensor into its output
-            self._host.dispatch_rows(payloads, send_src, send_counts, recv_counts, recvs, "dispatch payload", False)
-            return
-        extras = torch.cat([host.rows_bytes(p) for p in payloads[1:]], 1)
-        packed = torch.empty(recvs[0].shape[0], extras.shape[1], dtype=torch.uint8, device=extras.device)
-        self._host.dispatch_rows([payloads[0], extras], send_src, send_counts, recv_counts, [recvs[0], packed],
-                                 "dispatch payload", staged)
-        at = 0
-        for out in recvs[1:]:
-            width = host.row_bytes(out)
-            host.rows_bytes(out).copy_(packed[:, at:at + width])
-            at += width
 
     def _dispatch_rows(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
         self._check_handle(handle, "combine backward")
-        staged = host.staging_for(g)
-        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64))
-        out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
-        self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
-                                 "combine backward payload", staged)
-        out[handle.num_recv:].zero_()
-        return out
+        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64),
+                        self._mpi)
+        return self._mpi.dispatch_rows(g, handle)
 
     # ------------------------------------------------------------------ combine
     def _check_handle(self, handle, what: str) -> None:
@@ -332,17 +300,11 @@ class Buffer:
         except InputError as e:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
-        ipc = error is None and self._use_ipc(y, dtype) and dtype != torch.float8_e4m3fn
+        rows_by = self._transport_for(y, error)
         if error is None:
             y = y[: handle.num_recv].contiguous()
-        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64),
-                        _ROWS_IPC if ipc else _ROWS_MPI)
-        if ipc:
-            out = torch.empty(handle.num_tokens, width, dtype=y.dtype, device=y.device)
-            self._ipc.combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
-            return out
-        return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
-                                  handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum
+        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), rows_by)
+        return rows_by.combine(y, handle)
 
 
 def _tensor(name: str, t, dtypes, device: torch.device | None = None) -> None:
@@ -375,10 +337,9 @@ def _ipc_device(device) -> torch.device:
     return device
 
 
-def _release(group: Group, ipc, host_transport) -> None:
-    host_transport.release()
-    if ipc is not None:
-        ipc.close()
+def _release(group: Group, transport, mpi: MpiTransport) -> None:
+    mpi.close()
+    transport.close()   # (mpi again when it is the chosen one: close is idempotent)
     group.free()
     try:
         from mpi4py import MPI

@@ -152,7 +152,7 @@ def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeyp
                 _, _, _, _, h2 = staged.dispatch(*args)
                 bitwise(staged.combine(ys[rank].to(DEV), h2).cpu(), out.cpu(), "ipc vs staged combine")
         assert grids == [(6, "cuda")] * 6, f"transport kernels must launch exactly comm_sms CTAs on cuda, got {grids}"
-        ipc = buf._ipc
+        ipc = buf._transport
         assert len(ipc.mapping._opened) == world - 1, "a rank opens every peer's handle and never its own"
         buf.destroy()
         staged.destroy()

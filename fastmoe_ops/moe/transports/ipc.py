@@ -1,5 +1,5 @@
-"""Intra-node transport: every rank's buffer mapped by every peer, and the kernels of
-csrc/moe/ipc.cuh moving rows through them on exactly the communication SM budget.
+"""The ipc transport (ranks of one node): every rank's buffer mapped by every peer, and the
+kernels of csrc/moe/ipc.cuh moving rows through them on exactly the communication SM budget.
 
 Mapping (one small interface, two implementations; the bootstrap is shared):
   CudaIpcMapping: device memory from cudaMalloc, exported with cudaIpcGetMemHandle and
@@ -22,12 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import Group, shm
-from ..errors import InputError, UnsupportedError
-from ..ops import moe_ipc
-from ..runtime import cuda_driver
+from ... import backends
+from ...comm import Group, shm
+from ...errors import InputError, UnsupportedError
+from ...ops import moe_ipc
+from ...runtime import cuda_driver
+from .. import host
 
 SCALE_GROUP = 128
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)   # what the kernels move
 
 
 def _align(n: int, a: int = 128) -> int:
@@ -102,6 +105,8 @@ def mapping_for(device: torch.device):
 
 
 class IpcTransport:
+    code = 1
+
     def __init__(self, group: Group, hidden: int, slot_rows: int, max_topk: int, mapping):
         if group.size > moe_ipc.MAX_RANKS:
             raise UnsupportedError(f"transport='ipc': at most {moe_ipc.MAX_RANKS} ranks per node, got {group.size}")
@@ -120,6 +125,18 @@ class IpcTransport:
         self.expected = [0, 0]                       # counter targets: dispatch, combine
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.done = None                             # event: this rank's last transport kernel
+
+    def serves(self, tensor) -> bool:
+        """Tensors on the mapping's device, of a dtype the kernels move, whose engine is the
+        mapping's (`cuda` for device buffers, `sim` for shared memory)."""
+        return (tensor.dtype in DTYPES and tensor.device == self.device
+                and backends.engine_for(x=tensor) == self.engine)
+
+    def handshake_cells(self) -> int:
+        return moe_ipc.comm_grid()   # the kernels' grid: every rank must launch the same
+
+    def layout(self, topk_idx: torch.Tensor, ranks: int, per: int) -> host.Layout:
+        return host.layout(topk_idx, ranks, per, host.staging_for(topk_idx))
 
     def close(self) -> None:
         for p, t in enumerate(self.peers):
@@ -160,9 +177,17 @@ class IpcTransport:
             p.peers[i] = t.data_ptr()
         return p
 
-    def dispatch(self, streams, outs, send_pos, matrix, grid: int) -> None:
-        """streams: contiguous [T, ...] tensors; outs: [rows, ...] receive tensors; send_pos
-        [T, R] row within the destination's slot; matrix [R, R] counts (src -> dst)."""
+    def dispatch(self, payloads, recvs, layout: host.Layout, counts) -> None:
+        """payloads: [T, ...] tensors; recvs: [rows, ...] receive tensors; layout.pos [T, R]:
+        each token's row within the destination's slot; counts [R, R] (src -> dst)."""
+        self._dispatch([p.contiguous() for p in payloads], recvs, layout.pos, counts, moe_ipc.comm_grid())
+
+    def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
+        out = torch.empty(handle.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        self._combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
+        return out
+
+    def _dispatch(self, streams, outs, send_pos, matrix, grid: int) -> None:
         rank = self.group.rank
         if int(matrix.max(initial=0)) > self.slot_rows:
             raise InputError(f"dispatch: a rank would send {int(matrix.max())} tokens to one peer, more than "
@@ -187,7 +212,7 @@ class IpcTransport:
             moe_ipc.run(moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk), p, grid, engine=self.engine,
                         tensors=(*tensors, *self.peers))
 
-    def combine(self, y, out, combine_index, matrix, grid: int) -> None:
+    def _combine(self, y, out, combine_index, matrix, grid: int) -> None:
         """y [N, H] contiguous (received rows), out [T, H]; combine_index [T, R]."""
         rank = self.group.rank
         row = y.shape[1] * y.element_size()
