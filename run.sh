@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and the two jobs, on a fresh machine, in one command each:
-#   bash run.sh main    # install, then a short demo and the benchmarks on whatever device exists
-#                       # (table on stdout; JSON and plots under out/)
+#   bash run.sh main    # install, then a short demo, the single-process benchmarks, and the
+#                       # multi-rank MoE ones under mpirun (tables on stdout; JSON, plots under out/)
 #   bash run.sh test    # install, then the whole test suite: unit + simulator tests, the build
 #                       # report, and the multi-rank tests under mpirun
 # Extra arguments after the job go to `python -m bench` (main) or pytest (test).
@@ -38,6 +38,14 @@ main)
     setup
     "$PY" -m fastmoe_ops.demo
     "$PY" -m bench --json out/bench.json --plot out/plots "$@"
+    # The multi-rank benchmarks (MoE dispatch/combine, the MoE layer): every GPU as a rank on a
+    # GPU machine, else 4 ranks on the CPU (--quick there: one shape each, the simulator's
+    # steps take seconds on a shared machine). JSON: out/bench_moe.json, out/bench_moe_layer.json.
+    ranks=4 mpi_quick=(--quick)
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        ranks=$(nvidia-smi -L | wc -l) mpi_quick=()
+    fi
+    timeout --kill-after=30 1800 $(mpirun_cmd) -n "$ranks" "$PY" -m bench "${mpi_quick[@]}" --json out/bench.json --plot out/plots
     ;;
 test)
     setup
