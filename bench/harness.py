@@ -179,38 +179,91 @@ def write_json(path: Path, rows: list[Row], device: torch.device, extra: dict | 
     path.write_text(json.dumps(payload(rows, device, extra), indent=2, allow_nan=False))
 
 
+def family(op: str) -> str:
+    """The figure an op is drawn in: ops that share a size axis and a baseline kind."""
+    for prefix in ("attn", "fp8_quant", "fp8_g", "moe_layer", "moe_dispatch", "moe"):
+        if op.startswith(prefix):
+            return {"fp8_g": "fp8_gemm"}.get(prefix, prefix)
+    return op
+
+
+def _variant(r: Row) -> str:
+    """What separates series inside one (op, engine): causal masks, transports, modes."""
+    parts = [r.op]
+    if "causal" in r.shape.split():
+        parts.append("causal")
+    return " ".join(parts)
+
+
 def plot(rows: list[Row], directory: Path) -> list[Path]:
-    """One PNG per (op, engine): rate against problem size, ours and the baseline."""
+    """One PNG per op family: rate against problem size (sorted), one series per (engine,
+    variant) for ours and a dashed one for its baseline, each point labelled by its shape;
+    and ratios.png: ours/baseline per row with its 95% interval as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for op in sorted({r.op for r in rows}):
-        for engine in sorted({r.engine for r in rows if r.op == op}):
-            sel = [r for r in rows if r.op == op and r.engine == engine]
-            use_flops = all(r.flops for r in sel)
-            size = [r.flops if use_flops else r.bytes_moved for r in sel]
-            if not all(size):
-                continue
-            unit = 1e12 if use_flops else 1e9
-            ours = [s / r.ours_s / unit for s, r in zip(size, sel)]
-            base = [s / r.baseline_s / unit for s, r in zip(size, sel)]
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot(size, ours, "o-", label=f"fastmoe-ops ({engine})")
-            ax.plot(size, base, "s--", label=sel[0].baseline)
-            ax.set_xscale("log")
-            ax.set_yscale("log")  # simulator and GPU rates differ by orders of magnitude
-            ax.set_xlabel("FLOP per call" if use_flops else "bytes moved per call")
-            ax.set_ylabel("TFLOP/s" if use_flops else "GB/s")
-            ax.set_title(f"{op} [{engine}]")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-            path = directory / f"{op}-{engine}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+    drawable = [r for r in rows if (r.flops or r.bytes_moved) and r.ours_s > 0 and r.baseline_s > 0]
+    for fam in sorted({family(r.op) for r in drawable}):
+        sel = [r for r in drawable if family(r.op) == fam]
+        use_flops = all(r.flops for r in sel)
+        unit, size_of = (1e12, lambda r: r.flops) if use_flops else (1e9, lambda r: r.bytes_moved)
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for i, key in enumerate(sorted({(r.engine, _variant(r)) for r in sel})):
+            series = sorted((r for r in sel if (r.engine, _variant(r)) == key), key=size_of)
+            xs = [size_of(r) for r in series]
+            color = f"C{i % 10}"
+            ax.plot(xs, [x / r.ours_s / unit for x, r in zip(xs, series)], "o-", color=color,
+                    label=f"ours: {key[1]} [{key[0]}]")
+            ax.plot(xs, [x / r.baseline_s / unit for x, r in zip(xs, series)], "s--", color=color, alpha=0.5,
+                    label=f"{series[0].baseline}: {key[1]} [{key[0]}]")
+            for x, r in zip(xs, series):
+                ax.annotate(r.shape.replace(" causal", ""), (x, x / r.ours_s / unit), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        ax.set_xscale("log")
+        ax.set_yscale("log")  # simulator and GPU rates differ by orders of magnitude
+        for axis in (ax.xaxis, ax.yaxis):  # short engineering labels; minor ticks at 2x and 5x only
+            axis.set_major_formatter(EngFormatter())
+            axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            axis.set_minor_formatter(EngFormatter())
+        ax.tick_params(axis="x", which="both", labelrotation=30, labelsize=8)
+        ax.tick_params(axis="y", which="both", labelsize=8)
+        ax.set_xlabel("FLOP per call" if use_flops else "bytes moved per call")
+        ax.set_ylabel("TFLOP/s" if use_flops else "GB/s")
+        ax.set_title(f"{fam}: ours (solid) and baseline (dashed)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = directory / f"{fam}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    ratio_rows = [r for r in rows if r.stats]
+    if ratio_rows:
+        fig, ax = plt.subplots(figsize=(9, 0.32 * len(ratio_rows) + 1.5))
+        labels = [f"{r.op} {r.shape} [{r.engine}]" for r in ratio_rows]
+        mid = [r.stats["ratio"] for r in ratio_rows]
+        err = [[m - r.stats["ratio_lo"] for m, r in zip(mid, ratio_rows)], [r.stats["ratio_hi"] - m for m, r in zip(mid, ratio_rows)]]
+        ys = list(range(len(ratio_rows)))
+        colors = ["C2" if r.stats["conclusive"] and m > 1 else "C3" if r.stats["conclusive"] else "C7" for r, m in zip(ratio_rows, mid)]
+        ax.errorbar(mid, ys, xerr=err, fmt="none", ecolor="k", capsize=3)
+        ax.scatter(mid, ys, c=colors, zorder=3)
+        ax.axvline(1.0, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks(ys, labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("baseline time / our time (95% interval; grey: within noise)")
+        ax.set_title("ours vs baseline, per row")
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        path = directory / "ratios.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written
