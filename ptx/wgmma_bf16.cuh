@@ -31,7 +31,7 @@
 // per-op executor there (requested in /work/notes/ptx-requests.md, 2026-12-05, issue 16). Until
 // it lands the wrappers below fail on the simulator with a message saying so, rather than
 // computing at issue time (which would hide the asynchronous errors the e4m3 emulation catches).
-// MN-major (trans = 1) layouts are not modelled yet either (the executor refuses them).
+// MN-major (trans = 1) operands are read by the ISA's canonical layouts (mnmajor_offset16).
 // Arithmetic: one fused dot-add step per k16 instruction (ptx/tensor_core_numerics.cuh) with
 // HMMA bf16/f16's rule (window 25, result 23 fraction bits): ASSUMED from mma.sync's fitted
 // rule, to be confirmed by a GPU conformance run (ptx/README.md).
@@ -50,9 +50,9 @@ enum class Wgmma16 { bf16, f16 };  // the 16-bit input type of both operands
 #ifdef FMO_SIM
 namespace sim_detail {
 // The execution half of the future emulation (what a retired 16-bit op computes), ready for the
-// queue hook: thread t's N / 2 outputs of one m64nNk16 op. K-major operands only (trans = 1, the
-// MN-major layouts, is refused until modelled): a 16-bit K-major row is the e4m3 family's byte
-// layout with 2 bytes per element (k16 = 32 bytes per row), read through kmajor_offset. A from
+// queue hook: thread t's N / 2 outputs of one m64nNk16 op. A 16-bit K-major row is the e4m3
+// family's byte layout with 2 bytes per element (k16 = 32 bytes per row), read through
+// kmajor_offset; MN-major operands through mnmajor_offset16 (below). A from
 // registers: a_regs as captured (fragment map at the top). Arithmetic: one fused dot-add step
 // over 16 products and the accumulator, HMMA's (25, 23) rule (ASSUMED for HGMMA, see above).
 struct Wgmma16Op {
@@ -92,9 +92,35 @@ FMO_SIM_EMU void read_kmajor_row16(const unsigned char* base, const WgmmaDesc& d
   }
 }
 
+// Shared-window byte offset of element (mn, k) of an MN-major 16-bit operand (trans = 1), from the
+// ISA's canonical layouts ("Asynchronous Warpgroup Level ... Canonical Layouts", in CuTe
+// notation with T = 8 16-bit elements = 16 bytes):
+//   none:      ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))  -> 2 (mn % 8) + 16 (k % 8) + SBO (mn / 8) + LBO (k / 8)
+//   P-byte swizzle (P = 32, 64, 128; W = P / 16): ((T,W,m),(8,k)):((1,T,LBO),(WT,SBO))
+//              -> u = 2 (mn % 8W) + P (k % 8) + LBO (mn / 8W) + SBO (k / 8), then the same XOR as K-major.
+// (Note the roles: MN-major swizzled LBO steps along MN, SBO along K; unswizzled the reverse.)
+FMO_SIM_EMU uint32_t mnmajor_offset16(const WgmmaDesc& d, uint32_t mn, uint32_t k) {
+  if (d.sw == Swizzle::none) return d.start + 2 * (mn % 8) + 16 * (k % 8) + d.sbo * (mn / 8) + d.lbo * (k / 8);
+  const uint32_t pitch = d.sw == Swizzle::b128 ? 128 : d.sw == Swizzle::b64 ? 64 : 32, per = pitch / 2;
+  const uint32_t u = d.start + 2 * (mn % per) + pitch * (k % 8) + d.lbo * (mn / per) + d.sbo * (k / 8);
+  return u ^ (((u >> 7) & (pitch / 16 - 1)) << 4);
+}
+
+// Row/column `mn` of an operand over k = 0..15, either major-ness.
+FMO_SIM_EMU void read_operand16(const unsigned char* base, const WgmmaDesc& d, bool mn_major, uint32_t mn, bool f16,
+                                float (&out)[16]) {
+  if (!mn_major) return read_kmajor_row16(base, d, mn, f16, out);
+  for (uint32_t k = 0; k < 16; ++k) {
+    const uint32_t off = mnmajor_offset16(d, mn, k);
+    if (off + 2 > fmo_sim::kDynamicSmemBytes)
+      fmo_sim::fail("wgmma: operand element (%u, %u) at shared offset %u, past the dynamic buffer", mn, k, off);
+    fmo_sim::check_access(base + off, 2, false);
+    const uint32_t bits = base[off] | (uint32_t(base[off + 1]) << 8);
+    out[k] = f16 ? decode_f16(bits) : decode_bf16(bits);
+  }
+}
+
 FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
-  if (op.trans_a || op.trans_b)
-    fmo_sim::fail("wgmma m64nNk16: MN-major (transposed) operands are not emulated yet");
   const unsigned char* base = fmo_sim_dynamic_smem();
   const WgmmaDesc db = decode_desc(op.b);
   const unsigned t = fmo_sim::cur()->linear_tid % 128;
@@ -106,14 +132,14 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
     const WgmmaDesc da = decode_desc(op.a);
     if (da.base_offset != 0)
       fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", da.base_offset);
-    read_kmajor_row16(base, da, 16 * w + g, op.f16, arow[0]);
-    read_kmajor_row16(base, da, 16 * w + g + 8, op.f16, arow[1]);
+    read_operand16(base, da, op.trans_a, 16 * w + g, op.f16, arow[0]);
+    read_operand16(base, da, op.trans_a, 16 * w + g + 8, op.f16, arow[1]);
   }
   if (db.base_offset != 0) fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", db.base_offset);
   const OperandFormat fmt = op.f16 ? kF16Format : kBF16Format;
   for (int j = 0; j < op.n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
-      read_kmajor_row16(base, db, 8 * j + 2 * q + c, op.f16, bcol);
+      read_operand16(base, db, op.trans_b, 8 * j + 2 * q + c, op.f16, bcol);
       for (int h = 0; h < 2; ++h) {
         float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
         *dst = fused_dot_add(arow[h], bcol, 16, op.scale_d ? *dst : 0.0f, fmt, kHmmaRule);

@@ -4,7 +4,15 @@ What is checked now: the generated asm header is what ptx/gen_wgmma_bf16.py writ
 kernels build for sm_90a without spills and their SASS has HGMMA for every N and form (SS and RS,
 bf16 and f16); on the simulator every form refuses clearly (no emulation yet: ptx/wgmma_bf16.cuh
 says why) instead of computing anything.
-Not yet: numeric checks against a numpy model (they need the emulation; see ptx/README.md).
+The execution half of the emulation (sim_detail::wgmma16_execute, one op, called synchronously by a
+test kernel) is checked bit for bit against the numpy model (tensor_core.dot_add, HMMA's rule,
+assumed for HGMMA) and float64 on small integers: K-major rows through every swizzle with padded
+LBO/SBO, MN-major (trans) operands through the ISA's canonical layouts, A from the RS fragment,
+N 64..256, bf16 and f16, scale-d. The emulation's layout readers and this file's numpy layout
+models are written from the same ISA tables: a misreading of the ISA shared by both shows only in
+a GPU conformance run (none yet: the conformance test also runs each case through the wrappers on
+the simulator, which refuse until the queue hook exists).
+Not yet: the asynchronous semantics (queue, commit, wait) for 16-bit ops; see ptx/README.md.
 """
 from __future__ import annotations
 
@@ -111,5 +119,37 @@ def test_executor_wrong_fragment_fails_the_check(exec_runner):
     case = exec_case(3000, rs=True)
     regs = case.args[2].reshape(128, 4).copy()
     case.args[2] = regs[:, [1, 0, 3, 2]].ravel()
+    with pytest.raises(AssertionError):
+        case.check(exec_runner.run(case))
+
+
+@pytest.mark.parametrize("sw", ["b128", "b64", "b32", "none"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_executor_mn_major_b_and_a(exec_runner, sw, padded):
+    """trans = 1 (MN-major) through the ISA's canonical layouts: B transposed with A from registers
+    (O += P V with V as stored) and with A in shared memory (also transposed), N 64 and 128 (two
+    P-byte patterns along N under the 128B swizzle)."""
+    from ptx_cases.wgmma_bf16 import exec_case
+
+    for i, (n, rs, ta) in enumerate([(64, True, False), (128, True, False), (128, False, True)]):
+        case = exec_case(4000 + 10 * i + padded, n=n, sw=sw, padded=padded, rs=rs, trans_a=ta, trans_b=True,
+                         exact=i != 1)
+        case.check(exec_runner.run(case))
+
+
+def test_mn_major_layout_model_is_not_k_major():
+    """The two models place elements differently (a wrong trans bit would show)."""
+    from ptx_cases.wgmma import kmajor_offset
+    from ptx_cases.wgmma_bf16 import mn_offset
+
+    r, k = np.meshgrid(np.arange(64), np.arange(16), indexing="ij")
+    assert not np.array_equal(mn_offset("b128", 0, 1024, 1024, r, k), kmajor_offset("b128", 0, 16, 1024, r, 2 * k))
+
+
+def test_executor_wrong_trans_bit_fails_the_check(exec_runner):
+    from ptx_cases.wgmma_bf16 import exec_case
+
+    case = exec_case(5000, rs=True, trans_b=True)
+    case.args[-1] = np.int32(0)  # B laid out MN-major, read as K-major
     with pytest.raises(AssertionError):
         case.check(exec_runner.run(case))

@@ -79,7 +79,7 @@ extern __shared__ __align__(1024) unsigned char wg16_smem[];
 extern "C" __global__ void wgmma16_exec(const unsigned char* image, int image_bytes, const uint32_t* a_regs,
                                         const float* C, float* D, int a_off, int b_off, int a_lbo, int a_sbo,
                                         int a_sw, int b_lbo, int b_sbo, int b_sw, int n, int f16, int rs,
-                                        int scale_d) {
+                                        int scale_d, int trans_a, int trans_b) {
   for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg16_smem[i] = image[i];
   __syncthreads();
   const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
@@ -89,7 +89,7 @@ extern "C" __global__ void wgmma16_exec(const unsigned char* image, int image_by
   op.d = acc;
   op.a = make_smem_desc(wg16_smem + a_off, a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
   op.b = make_smem_desc(wg16_smem + b_off, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
-  op.n = n, op.scale_d = scale_d, op.f16 = f16, op.a_in_regs = rs;
+  op.n = n, op.scale_d = scale_d, op.f16 = f16, op.a_in_regs = rs, op.trans_a = trans_a, op.trans_b = trans_b;
   if (rs) {
     const uint32_t a[4] = {a_regs[4 * t], a_regs[4 * t + 1], a_regs[4 * t + 2], a_regs[4 * t + 3]};
     sim_detail::gather_a_rows(a, f16, op.a_rows);
@@ -124,9 +124,48 @@ def a_registers(a_codes: np.ndarray) -> np.ndarray:
     return regs.ravel()
 
 
+PITCH = {"b128": 128, "b64": 64, "b32": 32}
+
+
+def mn_offset(sw: str, start: int, lbo: int, sbo: int, mn, k):
+    """ISA canonical MN-major layout of 16-bit elements (T = 8 elements = 16 bytes), byte offset of
+    (mn, k): none ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)); P-byte swizzle ((T,W,m),(8,k)):((1,T,LBO),(WT,SBO))
+    with W = P / 16, then the swizzle XOR on address bits (vectorised)."""
+    mn, k = np.asarray(mn), np.asarray(k)
+    if sw == "none":
+        return start + 2 * (mn % 8) + 16 * (k % 8) + sbo * (mn // 8) + lbo * (k // 8)
+    p = PITCH[sw]
+    u = start + 2 * (mn % (p // 2)) + p * (k % 8) + lbo * (mn // (p // 2)) + sbo * (k // 8)
+    return u ^ (((u >> 7) & (p // 16 - 1)) << 4)
+
+
+def mn_layout(sw: str, rows: int, base: int, padded: bool):
+    """(lbo, sbo, bytes used from base) of an MN-major operand [rows, 16]: two k-groups of 8."""
+    if sw == "none":
+        sbo = 256 if padded else 128                 # 8-element MN groups
+        lbo = sbo * (rows // 8) + (128 if padded else 0)  # the second k-group
+        return lbo, sbo, lbo + sbo * (rows // 8)
+    p = PITCH[sw]
+    lbo = 8 * p * (2 if padded else 1)               # next P-byte pattern along MN (keeps 8P alignment)
+    sbo = lbo * -(-rows // (p // 2))                 # the second k-group
+    return lbo, sbo, 2 * sbo
+
+
+def place_mn(image: np.ndarray, sw, lbo, sbo, start, codes: np.ndarray) -> None:
+    """Writes codes [rows, 16] (uint16) MN-major into image; asserts no two elements collide."""
+    rows = codes.shape[0]
+    r, k = np.meshgrid(np.arange(rows), np.arange(16), indexing="ij")
+    off = mn_offset(sw, start, lbo, sbo, r, k)
+    assert len(set(off.ravel().tolist())) == off.size, "layout model: overlapping elements"
+    image[off] = codes & 0xff
+    image[off + 1] = codes >> 8
+
+
 def exec_case(seed: int, *, n: int = 128, fmt: str = "bf16", rs: bool = False, sw: str = "b128",
-              b_sw: str | None = None, padded: bool = False, exact: bool = False, scale_d: bool = True) -> Case:
-    """One m64nNk16 op on the executor: D = A B^T (+ C), A [64, 16], B [n, 16] K-major."""
+              b_sw: str | None = None, padded: bool = False, exact: bool = False, scale_d: bool = True,
+              trans_a: bool = False, trans_b: bool = False) -> Case:
+    """One m64nNk16 op on the executor: D = A B^T (+ C), A [64, 16], B [n, 16], each K-major or
+    (trans) MN-major in shared memory."""
     from .wgmma import SWIZZLE, layout, place
 
     rng = np.random.default_rng(seed)
@@ -140,18 +179,35 @@ def exec_case(seed: int, *, n: int = 128, fmt: str = "bf16", rs: bool = False, s
         c = rng.standard_normal((64, n)).astype(np.float32)
     a_codes, b_codes = bits16(a_val, fmt), bits16(b_val, fmt)
     a64, b64 = values16(a_codes, fmt), values16(b_codes, fmt)
-    a_lbo, a_sbo, a_starts, a_bytes = layout(sw, 64, 1, 0, padded)
+    if trans_a:
+        a_lbo, a_sbo, a_bytes = mn_layout(sw, 64, 0, padded)
+        a_start = 0
+    else:
+        a_lbo, a_sbo, a_starts, a_bytes = layout(sw, 64, 1, 0, padded)
+        a_start = a_starts[0]
     b_base = -(-a_bytes // 1024) * 1024
-    b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, n, 1, b_base, padded)
+    if trans_b:
+        b_lbo, b_sbo, b_bytes = mn_layout(b_sw, n, b_base, padded)
+        b_start = b_base
+    else:
+        b_lbo, b_sbo, b_starts, b_bytes = layout(b_sw, n, 1, b_base, padded)
+        b_start = b_starts[0]
     image = np.full(b_base + b_bytes, 0xff, np.uint8)  # 0xffff: NaN in both formats, wherever the layout leaves holes
     if not rs:
-        place(image, sw, a_lbo, a_sbo, a_starts, a_codes.view(np.uint8).reshape(64, 32))
-    place(image, b_sw, b_lbo, b_sbo, b_starts, b_codes.view(np.uint8).reshape(n, 32))
+        if trans_a:
+            place_mn(image, sw, a_lbo, a_sbo, a_start, a_codes)
+        else:
+            place(image, sw, a_lbo, a_sbo, [a_start], a_codes.view(np.uint8).reshape(64, 32))
+    if trans_b:
+        place_mn(image, b_sw, b_lbo, b_sbo, b_start, b_codes)
+    else:
+        place(image, b_sw, b_lbo, b_sbo, [b_start], b_codes.view(np.uint8).reshape(n, 32))
     want = tensor_core.dot_add(a64[:, None, :], b64[None, :, :], c if scale_d else np.zeros_like(c), fmt,
                                tensor_core.HMMA)
     want64 = a64 @ b64.T + (c if scale_d else 0)
-    what = (f"wgmma m64n{n}k16 {fmt} {'RS' if rs else 'SS'} A:{sw} B:{b_sw}{' padded' if padded else ''}"
-            f"{' exact' if exact else ''}{'' if scale_d else ' scale-d=0'}")
+    what = (f"wgmma m64n{n}k16 {fmt} {'RS' if rs else 'SS'} A:{sw}{'^T' if trans_a else ''} "
+            f"B:{b_sw}{'^T' if trans_b else ''}{' padded' if padded else ''}{' exact' if exact else ''}"
+            f"{'' if scale_d else ' scale-d=0'}")
 
     def check(outs):
         (d,) = outs
@@ -160,8 +216,8 @@ def exec_case(seed: int, *, n: int = 128, fmt: str = "bf16", rs: bool = False, s
             assert_equal_bits(d, want64.astype(np.float32), what + " vs float64", seed)
 
     args = [image, np.int32(image.size), a_registers(a_codes), c, poisoned((64, n), np.float32),
-            np.int32(a_starts[0]), np.int32(b_starts[0]), np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]),
+            np.int32(a_start), np.int32(b_start), np.int32(a_lbo), np.int32(a_sbo), np.int32(SWIZZLE[sw]),
             np.int32(b_lbo), np.int32(b_sbo), np.int32(SWIZZLE[b_sw]), np.int32(n), np.int32(fmt == "f16"),
-            np.int32(rs), np.int32(scale_d)]
+            np.int32(rs), np.int32(scale_d), np.int32(trans_a), np.int32(trans_b)]
     return Case(name=what, kernel="wgmma16_exec", grid=(1,), block=(128,), args=args, outputs=[4], check=check,
                 shared_mem=image.size, sim_only=True)
