@@ -41,9 +41,7 @@
 #include "ptx/common.cuh"
 
 #ifdef FMO_SIM
-#include <mutex>
-#include <unordered_map>
-#include <vector>
+#include <cstdlib>
 #endif
 
 namespace fmo {
@@ -57,88 +55,123 @@ constexpr unsigned long long kMbarStallNs = 20ull * 1000 * 1000 * 1000;
 constexpr uint64_t kMbarToken = 0xfb0a5e1500000000ull;
 
 struct MbarState {
+  const void* addr;   // the barrier (nullptr: free entry)
   uint32_t id;        // k-th barrier initialised in this CTA
   uint32_t expected;  // init count
   uint32_t pending;   // arrivals still missing in the current phase
   int64_t tx;         // transaction bytes outstanding in the current phase
   int64_t phase;      // completed phases (current phase index)
+  int64_t* seen;      // per thread: the last phase it observed completed (-1: none), heap
 };
 
 // A TMA load in flight: bytes read from global at issue, landing in shared memory later.
 struct PendingLoad {
-  uint64_t* bar;
+  uint64_t* bar;  // nullptr: free entry
   unsigned char* dst;
-  std::vector<unsigned char> data;
+  unsigned char* data;  // heap, `bytes` long
+  size_t bytes;
 };
 
 // A TMA store / reduce in a thread's bulk async-group: performed at the wait that retires it.
 struct PendingStore {
-  unsigned char map[128];
+  unsigned char map[128];  // the tensor map (copied at issue)
   const unsigned char* src;
   int32_t coord[5];
-  int rank;
+  uint32_t tid;    // issuing thread
+  int64_t group;   // its bulk group number (-1: still open); -2: free entry
   bool reduce;
 };
 
+// Fixed-size and plain (no STL): emulation state is touched only by no_sanitize_thread code,
+// so checking builds (whose user code is instrumented) see none of it.
+constexpr int kMaxMbar = 64, kMaxLoads = 64, kMaxStores = 64, kMaxThreadsAsync = 1024;
 struct CtaAsyncState {
-  std::unordered_map<const void*, MbarState> bars;
-  std::vector<PendingLoad> loads;
-  // per thread: committed bulk groups (oldest first) and the open one
-  std::unordered_map<uint32_t, std::vector<std::vector<PendingStore>>> committed;
-  std::unordered_map<uint32_t, std::vector<PendingStore>> open;
-  std::unordered_map<uint64_t, int64_t> last_seen;  // (barrier id, thread) -> phase observed
-  uint32_t next_id = 0;
-  uint32_t waiting = 0;     // threads inside mbarrier_wait_parity
-  uint64_t epoch = 0;       // bumped by every state change
-  uint64_t idle_polls = 0;  // failed polls since the last change
-  void reset() { *this = CtaAsyncState(); }
+  MbarState bars[kMaxMbar];
+  PendingLoad loads[kMaxLoads];
+  PendingStore stores[kMaxStores];
+  int64_t groups_committed[kMaxThreadsAsync];  // per thread: bulk groups committed so far
+  int64_t groups_retired[kMaxThreadsAsync];    // per thread: groups below this have retired
+  uint32_t next_id;
+  uint32_t waiting;     // threads inside mbarrier_wait_parity
+  uint64_t epoch;       // bumped by every state change
+  uint64_t idle_polls;  // failed polls since the last change
 };
+
+FMO_SIM_EMU void cta_async_reset(CtaAsyncState* s) {
+  for (auto& b : s->bars) free(b.seen);
+  for (auto& l : s->loads) free(l.data);
+  memset(s, 0, sizeof *s);
+  for (auto& st : s->stores) st.group = -2;
+}
 
 // Per CTA: the module's thread_local block is the CTA's shared memory, poisoned at each CTA
 // start (csrc/sim/device_api.h), so a slot whose magic is gone marks a new CTA on this worker;
-// the heap state behind it is reused, keyed by the slot's address.
+// the heap state behind it is reused, found by the slot's address in a small global table.
 struct CtaAsyncSlot {
   uint64_t magic;
   CtaAsyncState* state;
 };
 constexpr uint64_t kCtaAsyncMagic = 0x46'4d'4f'41'53'59'4e'43ull;
-
 // `static` (internal linkage), not a function-local static of an inline function: GCC makes
 // those GNU-unique, bound process-wide across modules, outside this module's shared memory
 // (never poisoned): see ptx/wgmma.cuh's g_wgmma.
 static thread_local CtaAsyncSlot g_cta_async_slot;
+constexpr int kAsyncPool = 1024;  // workers (slots) per module
+static struct {
+  const void* key;
+  CtaAsyncState* state;
+} g_cta_async_pool[kAsyncPool];
+static int g_cta_async_lock;
 
 FMO_SIM_EMU CtaAsyncState& cta_async() {
   CtaAsyncSlot& slot = g_cta_async_slot;
   if (slot.magic != kCtaAsyncMagic) {
-    static std::mutex mu;
-    static std::unordered_map<void*, CtaAsyncState*> pool;
-    std::lock_guard<std::mutex> g(mu);
-    CtaAsyncState*& s = pool[&slot];
-    if (s == nullptr)
-      s = new CtaAsyncState();
-    else
-      s->reset();
+    while (__atomic_exchange_n(&g_cta_async_lock, 1, __ATOMIC_ACQUIRE)) {
+    }
+    CtaAsyncState* s = nullptr;
+    int i = 0;
+    for (; i < kAsyncPool && g_cta_async_pool[i].key; ++i)
+      if (g_cta_async_pool[i].key == &slot) {
+        s = g_cta_async_pool[i].state;
+        break;
+      }
+    if (s == nullptr) {
+      if (i == kAsyncPool) {
+        __atomic_store_n(&g_cta_async_lock, 0, __ATOMIC_RELEASE);
+        fmo_sim::fail("mbarrier/TMA emulation: more than %d workers", kAsyncPool);
+      }
+      s = static_cast<CtaAsyncState*>(calloc(1, sizeof(CtaAsyncState)));
+      g_cta_async_pool[i].key = &slot;
+      g_cta_async_pool[i].state = s;
+    }
+    __atomic_store_n(&g_cta_async_lock, 0, __ATOMIC_RELEASE);
+    cta_async_reset(s);
     slot.state = s;
     slot.magic = kCtaAsyncMagic;
   }
   return *slot.state;
 }
 
+FMO_SIM_EMU MbarState* mbar_find(const void* bar) {
+  auto& st = cta_async();
+  for (auto& b : st.bars)
+    if (b.addr == bar) return &b;
+  return nullptr;
+}
+
 FMO_SIM_EMU MbarState& mbar(uint64_t* bar, const char* what) {
   if (!fmo_sim::is_shared(bar))
     fmo_sim::fail("%s: mbarrier address %p is not in shared memory", what, static_cast<void*>(bar));
   require_aligned(bar, 8, what);
-  auto& st = cta_async();
-  auto it = st.bars.find(bar);
-  if (it == st.bars.end())
+  MbarState* b = mbar_find(bar);
+  if (b == nullptr)
     fmo_sim::fail("%s: mbarrier at %p was never initialised (mbarrier_init)", what, static_cast<void*>(bar));
   uint64_t word;
   memcpy(&word, bar, 8);
-  if (word != (kMbarToken | it->second.id))
-    fmo_sim::fail("%s: mbarrier #%u at %p was overwritten by ordinary stores after mbarrier_init", what,
-                  it->second.id, static_cast<void*>(bar));
-  return it->second;
+  if (word != (kMbarToken | b->id))
+    fmo_sim::fail("%s: mbarrier #%u at %p was overwritten by ordinary stores after mbarrier_init", what, b->id,
+                  static_cast<void*>(bar));
+  return *b;
 }
 
 FMO_SIM_EMU void mbar_try_complete(uint64_t* bar, MbarState& b, const char* what) {
@@ -175,17 +208,17 @@ FMO_SIM_EMU void mbar_arrive(uint64_t* bar, uint32_t tx, const char* what) {
 // their transaction on the barrier.
 FMO_SIM_EMU void mbar_land(uint64_t* bar) {
   auto& st = cta_async();
-  for (size_t i = 0; i < st.loads.size();) {
-    if (st.loads[i].bar != bar) {
-      ++i;
-      continue;
-    }
-    PendingLoad ld = std::move(st.loads[i]);
-    st.loads.erase(st.loads.begin() + static_cast<long>(i));
-    fmo_sim::check_access(ld.dst, ld.data.size(), true);
-    memcpy(ld.dst, ld.data.data(), ld.data.size());
+  for (auto& ld : st.loads) {  // in issue order (slots are taken lowest first)
+    if (ld.bar != bar) continue;
+    // Not reported to racecheck: the landing runs on whichever thread polls, and racecheck's
+    // barrier intervals do not know that the mbarrier wait orders it before every reader (it
+    // would report each consumer). The destination's bounds were checked at issue.
+    memcpy(ld.dst, ld.data, ld.bytes);
+    free(ld.data);
+    const size_t bytes = ld.bytes;
+    ld = PendingLoad{};
     MbarState& b = mbar(bar, "TMA complete_tx");
-    mbar_add_tx(bar, b, -static_cast<int64_t>(ld.data.size()), "TMA complete_tx");
+    mbar_add_tx(bar, b, -static_cast<int64_t>(bytes), "TMA complete_tx");
     mbar_try_complete(bar, b, "TMA complete_tx");
   }
 }
@@ -194,10 +227,13 @@ FMO_SIM_EMU bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* what)
   if (parity > 1) fmo_sim::fail("%s: parity %u is not 0 or 1", what, parity);
   mbar_land(bar);
   MbarState& b = mbar(bar, what);
-  auto& st = cta_async();
-  const uint64_t key = (static_cast<uint64_t>(b.id) << 32) | fmo_sim::cur()->linear_tid;
-  auto seen = st.last_seen.find(key);
-  const int64_t last = seen == st.last_seen.end() ? -1 : seen->second;  // phase -1: parity 1
+  const uint32_t tid = fmo_sim::cur()->linear_tid;
+  if (b.seen == nullptr) {
+    b.seen = static_cast<int64_t*>(malloc(sizeof(int64_t) * kMaxThreadsAsync));
+    for (int i = 0; i < kMaxThreadsAsync; ++i) b.seen[i] = -1;
+  }
+  if (tid >= static_cast<uint32_t>(kMaxThreadsAsync)) fmo_sim::fail("%s: at most %d threads per CTA", what, kMaxThreadsAsync);
+  const int64_t last = b.seen[tid];  // phase -1: parity 1
   // The phase this thread means: the one it observed last if that has parity p (a repeated
   // wait), else the next one with parity p.
   const int64_t want = ((last & 1) == static_cast<int64_t>(parity)) ? last
@@ -208,7 +244,7 @@ FMO_SIM_EMU bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* what)
                   "extra arrivals)", what, b.id, static_cast<void*>(bar), parity, static_cast<long long>(want),
                   static_cast<long long>(b.phase - 1));
   const bool done = want < b.phase;
-  if (done) st.last_seen[key] = want;
+  if (done) b.seen[tid] = want;
   return done;
 }
 
@@ -231,7 +267,7 @@ FMO_SIM_EMU void mbar_wait(uint64_t* bar, uint32_t parity) {
     // event in the CTA while this thread waits, the CTA is reported stuck as well.
     const bool stalled = fmo_sim::globaltimer() - since > kMbarStallNs;
     if (all_wait || stalled) {
-      const MbarState& b = st.bars.at(bar);
+      const MbarState& b = *mbar_find(bar);
       size_t inflight = 0;
       for (auto& l : st.loads) inflight += l.bar == bar;
       fmo_sim::fail("deadlock: %s; this thread waits on mbarrier #%u at %p parity %u: phase %lld has %u of %u "
@@ -246,6 +282,33 @@ FMO_SIM_EMU void mbar_wait(uint64_t* bar, uint32_t parity) {
   --st.waiting;
 }
 
+FMO_SIM_EMU void mbar_init(uint64_t* bar, uint32_t arrive_count) {
+  if (!fmo_sim::is_shared(bar))
+    fmo_sim::fail("mbarrier.init: address %p is not in shared memory", static_cast<void*>(bar));
+  require_aligned(bar, 8, "mbarrier.init");
+  if (arrive_count == 0 || arrive_count > kMbarMaxCount)
+    fmo_sim::fail("mbarrier.init: arrive count %u is not in 1..2^20-1", arrive_count);
+  auto& st = cta_async();
+  for (auto& l : st.loads)
+    if (l.bar == bar) fmo_sim::fail("mbarrier.init: mbarrier at %p re-initialised with TMA loads in flight to it",
+                                    static_cast<void*>(bar));
+  MbarState* b = mbar_find(bar);
+  if (b == nullptr) b = mbar_find(nullptr);
+  if (b == nullptr) fmo_sim::fail("mbarrier.init: the emulation holds at most %d mbarriers per CTA", kMaxMbar);
+  free(b->seen);
+  *b = MbarState{bar, st.next_id++, arrive_count, arrive_count, 0, 0, nullptr};
+  const uint64_t word = kMbarToken | b->id;
+  fmo_sim::check_access(bar, 8, true);
+  memcpy(bar, &word, 8);
+  ++st.epoch;
+}
+
+FMO_SIM_EMU void mbar_expect_tx(uint64_t* bar, uint32_t tx_bytes) {
+  MbarState& b = mbar(bar, "mbarrier.expect_tx");
+  mbar_add_tx(bar, b, tx_bytes, "mbarrier.expect_tx");
+  ++cta_async().epoch;
+}
+
 }  // namespace sim_detail
 #endif  // FMO_SIM
 
@@ -253,22 +316,7 @@ FMO_SIM_EMU void mbar_wait(uint64_t* bar, uint32_t parity) {
 // thread initialises; fence_mbarrier_init() + a CTA barrier publish it to the others.
 FMO_DEVICE void mbarrier_init(uint64_t* bar, uint32_t arrive_count) {
 #ifdef FMO_SIM
-  using namespace sim_detail;
-  if (!fmo_sim::is_shared(bar))
-    fmo_sim::fail("mbarrier.init: address %p is not in shared memory", static_cast<void*>(bar));
-  require_aligned(bar, 8, "mbarrier.init");
-  if (arrive_count == 0 || arrive_count > kMbarMaxCount)
-    fmo_sim::fail("mbarrier.init: arrive count %u is not in 1..2^20-1", arrive_count);
-  auto& st = cta_async();
-  MbarState b{st.next_id++, arrive_count, arrive_count, 0, 0};
-  for (auto& l : st.loads)
-    if (l.bar == bar) fmo_sim::fail("mbarrier.init: mbarrier at %p re-initialised with TMA loads in flight to it",
-                                    static_cast<void*>(bar));
-  st.bars[bar] = b;
-  const uint64_t word = kMbarToken | b.id;
-  fmo_sim::check_access(bar, 8, true);
-  memcpy(bar, &word, 8);
-  ++st.epoch;
+  sim_detail::mbar_init(bar, arrive_count);
 #else
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrive_count) : "memory");
 #endif
@@ -315,10 +363,7 @@ FMO_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t tx_bytes) {
 // Announce tx_bytes without arriving.
 FMO_DEVICE void mbarrier_expect_tx(uint64_t* bar, uint32_t tx_bytes) {
 #ifdef FMO_SIM
-  using namespace sim_detail;
-  MbarState& b = mbar(bar, "mbarrier.expect_tx");
-  mbar_add_tx(bar, b, tx_bytes, "mbarrier.expect_tx");
-  ++cta_async().epoch;
+  sim_detail::mbar_expect_tx(bar, tx_bytes);
 #else
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(tx_bytes)
                : "memory");

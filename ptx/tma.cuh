@@ -96,9 +96,12 @@ FMO_SIM_EMU void tma_check_smem(const void* smem, const TmaMap& m, int rank, con
   require_aligned(smem, align, what);  // swizzled: the pattern's repeat (the ISA's address bits)
 }
 
-// Visit every element of the box at coordinates c: f(smem offset, global pointer or null if out of bounds).
-template <typename F>
-FMO_SIM_EMU void tma_walk(const TmaMap& m, const int32_t* c, F f) {
+// Copy every element of the box at coordinates c between shared memory `smem` (the swizzled
+// box image) and global memory. kLoad: global -> smem (out-of-bounds elements: zero);
+// kStore / kReduce: smem -> global (f32 add), out-of-bounds elements skipped. One plain
+// function (no callbacks): emulation code stays uninstrumented in checking builds.
+enum TmaMode { kTmaLoad, kTmaStore, kTmaReduce };
+FMO_SIM_EMU void tma_copy(const TmaMap& m, const int32_t* c, unsigned char* smem, TmaMode mode) {
   size_t lin = 0;
   for (uint32_t i4 = 0; i4 < m.box[4]; ++i4)
     for (uint32_t i3 = 0; i3 < m.box[3]; ++i3)
@@ -106,7 +109,7 @@ FMO_SIM_EMU void tma_walk(const TmaMap& m, const int32_t* c, F f) {
         for (uint32_t i1 = 0; i1 < m.box[1]; ++i1)
           for (uint32_t i0 = 0; i0 < m.box[0]; ++i0, lin += m.esize) {
             const uint32_t idx[5] = {i0, i1, i2, i3, i4};
-            const unsigned char* g = m.base;
+            unsigned char* g = const_cast<unsigned char*>(m.base);
             for (int d = 0; d < 5 && g; ++d) {
               const int64_t x = static_cast<int64_t>(c[d]) + idx[d];
               if (x < 0 || static_cast<uint64_t>(x) >= m.dim[d])
@@ -114,7 +117,28 @@ FMO_SIM_EMU void tma_walk(const TmaMap& m, const int32_t* c, F f) {
               else
                 g += static_cast<uint64_t>(x) * m.stride[d];
             }
-            f(tma_swizzle(lin, m.swizzle), g);
+            unsigned char* s = smem + tma_swizzle(lin, m.swizzle);
+            if (mode == kTmaLoad) {
+              if (g) {
+                fmo_sim::check_access(g, m.esize, false);
+                memcpy(s, g, m.esize);
+              } else {
+                memset(s, 0, m.esize);
+              }
+              continue;
+            }
+            if (!g) continue;
+            fmo_sim::check_access(s, m.esize, false);
+            fmo_sim::check_access(g, m.esize, true);
+            if (mode == kTmaReduce) {
+              float a, b;
+              memcpy(&a, g, 4);
+              memcpy(&b, s, 4);
+              a += b;
+              memcpy(g, &a, 4);
+            } else {
+              memcpy(g, s, m.esize);
+            }
           }
 }
 
@@ -125,19 +149,22 @@ FMO_SIM_EMU void tma_load(void* dst, const void* desc, uint64_t* bar, int rank, 
   for (int d = 0; d < rank && d < 5; ++d) c[d] = coord[d];
   tma_check_smem(dst, m, rank, what);
   mbar(bar, what);  // initialised barrier in shared memory
-  PendingLoad ld;
-  ld.bar = bar;
-  ld.dst = static_cast<unsigned char*>(dst);
-  ld.data.assign(tma_box_bytes(m), 0);
-  tma_walk(m, c, [&](size_t off, const unsigned char* g) {
-    if (g) {
-      fmo_sim::check_access(g, m.esize, false);
-      memcpy(&ld.data[off], g, m.esize);
-    }  // else: OOB fill, zero
-  });
-  memset(dst, 0xff, ld.data.size());  // undefined until the bytes land
   auto& st = cta_async();
-  st.loads.push_back(std::move(ld));
+  PendingLoad* ld = nullptr;
+  for (auto& l : st.loads)
+    if (l.bar == nullptr) {
+      ld = &l;
+      break;
+    }
+  if (ld == nullptr) fmo_sim::fail("%s: the emulation holds at most %d TMA loads in flight per CTA", what, kMaxLoads);
+  const size_t bytes = tma_box_bytes(m);
+  if (!fmo_sim::is_shared(static_cast<unsigned char*>(dst) + bytes - 1))
+    fmo_sim::fail("%s: the %zu-byte box at shared address %p runs past the CTA's shared memory", what, bytes, dst);
+  // the box image, staged on the heap (read now, lands when `bar` is polled)
+  unsigned char* data = static_cast<unsigned char*>(malloc(bytes));
+  tma_copy(m, c, data, kTmaLoad);
+  *ld = PendingLoad{bar, static_cast<unsigned char*>(dst), data, bytes};
+  memset(dst, 0xff, bytes);  // undefined until the bytes land
   ++st.epoch;
 }
 
@@ -147,49 +174,51 @@ FMO_SIM_EMU void tma_store(const void* desc, const void* src, int rank, const in
   tma_check_smem(src, m, rank, what);
   if (reduce && m.dtype != 1)
     fmo_sim::fail("%s: the emulation reduces f32 tensor maps only (this map's dtype code %d)", what, m.dtype);
-  PendingStore s{};
-  memcpy(s.map, desc, 128);
-  s.src = static_cast<const unsigned char*>(src);
-  for (int d = 0; d < 5; ++d) s.coord[d] = d < rank ? c[d] : 0;
-  s.rank = rank;
-  s.reduce = reduce;
-  cta_async().open[fmo_sim::cur()->linear_tid].push_back(s);
+  auto& st = cta_async();
+  PendingStore* s = nullptr;
+  for (auto& p : st.stores)
+    if (p.group == -2) {
+      s = &p;
+      break;
+    }
+  if (s == nullptr) fmo_sim::fail("%s: the emulation holds at most %d TMA stores pending per CTA", what, kMaxStores);
+  memcpy(s->map, desc, 128);
+  s->src = static_cast<const unsigned char*>(src);
+  for (int d = 0; d < 5; ++d) s->coord[d] = d < rank ? c[d] : 0;
+  s->tid = fmo_sim::cur()->linear_tid;
+  s->group = -1;
+  s->reduce = reduce;
 }
 
-FMO_SIM_EMU void tma_perform(const PendingStore& s) {
-  const TmaMap m = tma_decode(s.map, "TMA store");
-  tma_walk(m, s.coord, [&](size_t off, const unsigned char* g) {
-    if (!g) return;  // out of bounds: not written
-    unsigned char* out = const_cast<unsigned char*>(g);
-    fmo_sim::check_access(s.src + off, m.esize, false);
-    fmo_sim::check_access(out, m.esize, true);
-    if (s.reduce) {
-      float a, b;
-      memcpy(&a, out, 4);
-      memcpy(&b, s.src + off, 4);
-      a += b;
-      memcpy(out, &a, 4);
-    } else {
-      memcpy(out, s.src + off, m.esize);
-    }
-  });
+FMO_SIM_EMU uint32_t tma_tid() {
+  const uint32_t t = fmo_sim::cur()->linear_tid;
+  if (t >= static_cast<uint32_t>(kMaxThreadsAsync))
+    fmo_sim::fail("TMA store emulation: at most %d threads per CTA", kMaxThreadsAsync);
+  return t;
 }
 
 FMO_SIM_EMU void tma_commit() {
   auto& st = cta_async();
-  const uint32_t t = fmo_sim::cur()->linear_tid;
-  auto& open = st.open[t];
-  st.committed[t].push_back(std::move(open));
-  open.clear();
+  const uint32_t t = tma_tid();
+  const int64_t g = st.groups_committed[t]++;
+  for (auto& p : st.stores)
+    if (p.group == -1 && p.tid == t) p.group = g;
 }
 
+// Retire this thread's groups but the newest n, oldest first (stores in issue order within a
+// group: slots are taken lowest first and performed in slot order per group).
 FMO_SIM_EMU void tma_wait(int n) {
   auto& st = cta_async();
-  auto& groups = st.committed[fmo_sim::cur()->linear_tid];
-  while (static_cast<int>(groups.size()) > n) {  // oldest first: groups retire in order
-    for (const PendingStore& s : groups.front()) tma_perform(s);
-    groups.erase(groups.begin());
-  }
+  const uint32_t t = tma_tid();
+  const int64_t upto = st.groups_committed[t] - n;  // groups < upto retire
+  for (int64_t g = st.groups_retired[t]; g < upto; ++g)
+    for (auto& p : st.stores)
+      if (p.group == g && p.tid == t) {
+        const TmaMap m = tma_decode(p.map, "TMA store");
+        tma_copy(m, p.coord, const_cast<unsigned char*>(p.src), p.reduce ? kTmaReduce : kTmaStore);
+        p.group = -2;
+      }
+  if (upto > st.groups_retired[t]) st.groups_retired[t] = upto;
 }
 
 }  // namespace sim_detail

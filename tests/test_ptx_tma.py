@@ -56,6 +56,7 @@ def test_tma_load_3d_strided(runner):
     desc = encode_tiled(t, box, swizzle=128, engine="sim")
     want = smem_image(t.contiguous().view(torch.int32).numpy(), (0, 15, 2), box, 128)
     case = load_case(t.contiguous(), box, (0, 15, 2), 128, desc)  # model from a contiguous copy
+    case.args[1] = base  # the memory the map names (memcheck bounds the kernel's reads by it)
     out = runner.run(case)[0]
     assert_equal_bits(out, want, "3D strided TMA load")
 
@@ -114,7 +115,8 @@ def _ring(runner, tiles, consumers, skip_empty_wait=0):
     p.tiles = tiles
     p.skip_empty_wait = skip_empty_wait
     fn = runner.module.get_function("tma_ring")
-    fn((1, 1, 1), (32 * (consumers + 1), 1, 1), (p,), shared_mem=3 * 1024)
+    fn((1, 1, 1), (32 * (consumers + 1), 1, 1), (p,), shared_mem=3 * 1024,
+       extra_ranges=[(t.data_ptr(), t.nbytes), (out.data_ptr(), out.nbytes)])  # memcheck: what Params point to
     flat = t.numpy().reshape(tiles, -1).astype(np.float64)
     want = np.array([flat[:, i::32 * consumers].sum() for i in range(32 * consumers)])
     return out.numpy(), want
@@ -173,7 +175,7 @@ extern "C" __global__ void two_maps(const __grid_constant__ TwoMaps p) {
     out = torch.from_numpy(poisoned((4,), np.uint64))
     p.n, p.m, p.out = 5, -2, out.data_ptr()
     p.a[3], p.b[15] = 0x1234, 0x9876543210
-    r.module.get_function("two_maps")((1, 1, 1), (32, 1, 1), (p,))
+    r.module.get_function("two_maps")((1, 1, 1), (32, 1, 1), (p,), extra_ranges=[(out.data_ptr(), out.nbytes)])
     assert out.numpy().tolist() == [5, 0x1234, 0x9876543210, 2 ** 64 - 2]
 
 
