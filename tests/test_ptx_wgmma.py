@@ -185,3 +185,15 @@ def test_wgmma_operand_past_the_launch_shared_memory_fails_under_memcheck(runner
     case.args[11] = np.int32(4096)  # b_sbo: 16 groups of 8 rows at 4 KiB strides = 64 KiB > the image
     with pytest.raises(SimError, match="out-of-bounds dynamic shared memory read"):
         runner.run(case)
+
+
+def test_generated_asm_header_is_current():
+    """ptx/wgmma_e4m3_asm.cuh is exactly what ptx/gen_wgmma_e4m3.py writes (edit the script, not it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "ptx" / "gen_wgmma_e4m3.py"
+    spec = importlib.util.spec_from_file_location("gen_wgmma_e4m3", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.text(), "run python ptx/gen_wgmma_e4m3.py"
