@@ -156,7 +156,8 @@ def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
         return
     sass = compiler.disassemble(cubin)
     ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Za-z][A-Za-z0-9_.]*)", sass))
-    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "QGMMA.64x64x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
+    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "QGMMA.64x64x32.F32.E4M3.E4M3", "QGMMA.64x96x32.F32.E4M3.E4M3",
+            "QGMMA.64x192x32.F32.E4M3.E4M3", "QGMMA.64x256x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
     missing = [op for op in want if op not in ops]
     assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'QG', 'HG', 'WA', 'FE'})}"
 
@@ -173,6 +174,23 @@ def test_wgmma_wait_group_n_retires_all_but_the_newest_n(runner):
     assert_equal_bits(d[0], case.extra["want_bits"], "group 1 after wait_group 1")
     assert_equal_bits(d[1], c, "group 2 after wait_group 1 (still pending: the old D)")
     assert_equal_bits(d[2], case.extra["want_bits"], "group 2 after wait_group 0")
+
+
+def test_wgmma_wait_group_retires_groups_strictly_in_order(runner):
+    """Three groups: wait_group 2 retires only the oldest, wait_group 1 the second, wait_group 0
+    the newest (simulator-defined reads of pending accumulators: the old D)."""
+    case = wgmma_case("b128", 901, ksteps=1, n=64)
+    image, c = case.args[0], case.extra["c"]
+    a_off, b_off = int(case.args[4][0]), int(case.args[5][0])
+    args = [image, np.int32(image.size), c, poisoned((6, M, 64), np.float32), np.int32(a_off), np.int32(b_off),
+            np.int32(case.extra["a_sbo"])]
+    (d,) = runner.run(Case(name="three groups", kernel="wgmma_three_groups", grid=(1,), block=(128,), args=args,
+                           outputs=[3], check=None, shared_mem=image.size))
+    done, old = case.extra["want_bits"], c
+    for k, (want, what) in enumerate([(done, "group 1 after wait 2"), (old, "group 2 after wait 2 (pending)"),
+                                      (old, "group 3 after wait 2 (pending)"), (done, "group 2 after wait 1"),
+                                      (old, "group 3 after wait 1 (pending)"), (done, "group 3 after wait 0")]):
+        assert_equal_bits(d[k], want, what)
 
 
 def test_wgmma_operand_past_the_launch_shared_memory_fails_under_memcheck(runner, monkeypatch):

@@ -110,6 +110,35 @@ extern "C" __global__ void wgmma_two_groups(const unsigned char* image, int imag
   wgmma_wait<0>();
   store_d<128>(D + 2 * 64 * 128, acc2);
 }
+
+// Three groups (m64n64k32, one accumulator each, same operands): D [6][64][64] = the three
+// accumulators after wait_group 2, then D2, D3 after wait_group 1, then D3 after wait_group 0.
+// In order: wait 2 retires group 1 only, wait 1 group 2, wait 0 group 3.
+extern "C" __global__ void wgmma_three_groups(const unsigned char* image, int image_bytes, const float* C, float* D,
+                                              int a_off, int b_off, int sbo) {
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg_smem[i] = image[i];
+  fence_proxy_async_shared();
+  __syncthreads();
+  float acc[3][32];
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int k = 0; k < 3; ++k)
+    for (int i = 0; i < 32; ++i) acc[k][i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 64 + 8 * (i / 4) + 2 * q + (i % 2)];
+  for (int k = 0; k < 3; ++k) wgmma_fence_operands(acc[k]);
+  wgmma_fence();
+  const uint64_t da = make_smem_desc(wg_smem + a_off, 16, sbo, Swizzle::b128);
+  const uint64_t db = make_smem_desc(wg_smem + b_off, 16, sbo, Swizzle::b128);
+  for (int k = 0; k < 3; ++k) {
+    wgmma_m64nNk32_e4m3<64>(acc[k], da, db, 1);
+    wgmma_commit();
+  }
+  wgmma_wait<2>();
+  for (int k = 0; k < 3; ++k) store_d<64>(D + k * 64 * 64, acc[k]);
+  wgmma_wait<1>();
+  store_d<64>(D + 3 * 64 * 64, acc[1]);
+  store_d<64>(D + 4 * 64 * 64, acc[2]);
+  wgmma_wait<0>();
+  store_d<64>(D + 5 * 64 * 64, acc[2]);
+}
 """
 
 
