@@ -4,6 +4,10 @@ Dispatch copies each token to the ranks that own its experts, so its backward su
 copies' gradients back on the source rank: dispatch's backward is a combine. Combine sums
 the copies, so each copy's gradient is the source token's gradient: combine's backward is
 a dispatch with the saved handle (no new layout, no counts exchange).
+
+The functions call the Buffer's collectives without autograd (`exchange_dispatch`,
+`exchange_combine`, `exchange_combine_backward`); every forward output, the handle and
+the integer tensors included, is returned by `apply` (non-tensors pass through it).
 """
 from __future__ import annotations
 
@@ -31,24 +35,24 @@ class DispatchFn(torch.autograd.Function):
     """x [T, H], topk_weights [T, k] -> recv_x [N, H], recv_topk_weights [N, k]."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, buffer, topk_idx, extras: dict):
-        recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle = buffer._dispatch(x, topk_idx, topk_weights)
-        extras.update(recv_topk_idx=recv_topk_idx, tokens_per_expert=tokens_per_expert, handle=handle)
+    def forward(ctx, x, topk_weights, buffer, topk_idx):
+        recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle = buffer.exchange_dispatch(x, topk_idx, topk_weights)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.save_for_backward(recv_topk_idx)
+        ctx.mark_non_differentiable(recv_topk_idx, tokens_per_expert)
         if recv_w is None:
             recv_w = torch.empty(0)      # placeholder output; `run` hands back None
-        return recv_x, recv_w
+        return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
     @staticmethod
-    def backward(ctx, grad_recv_x, grad_recv_w):
+    def backward(ctx, grad_recv_x, _grad_idx, grad_recv_w, _grad_counts, _grad_handle):
         (recv_topk_idx,) = ctx.saved_tensors
         buffer, handle = ctx.buffer, ctx.handle
         # Dispatch's backward is a combine: every rank that received token t returns its
         # gradient row, and the source adds them in ascending rank order.
         if grad_recv_x is None:
             grad_recv_x = torch.zeros(handle.num_recv_rows, handle.hidden, device=recv_topk_idx.device)
-        grad_x = buffer._combine(grad_recv_x, handle) if ctx.needs_input_grad[0] else None
+        grad_x = buffer.exchange_combine(grad_recv_x, handle) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             # Only the owner of slot j's expert saw the weight: mask the others' slots, then
@@ -56,18 +60,15 @@ class DispatchFn(torch.autograd.Function):
             if grad_recv_w is None:
                 grad_recv_w = torch.zeros(recv_topk_idx.shape, dtype=torch.float32, device=recv_topk_idx.device)
             masked = torch.where(recv_topk_idx >= 0, grad_recv_w, 0.0).to(torch.float32)
-            grad_w = buffer._combine(masked, handle, check_hidden=False)
+            grad_w = buffer.exchange_combine(masked, handle, any_width=True)
         return with_nones(DispatchFn, grad_x, grad_w)
 
     @staticmethod
     def run(buffer, x, topk_idx, topk_weights):
         if not _needs_grad(x, topk_weights):   # no graph to record: skip autograd's bookkeeping
-            return buffer._dispatch(x, topk_idx, topk_weights)
-        extras: dict = {}
-        recv_x, recv_w = DispatchFn.apply(x, topk_weights, buffer, topk_idx, extras)
-        if topk_weights is None:
-            recv_w = None
-        return recv_x, extras["recv_topk_idx"], recv_w, extras["tokens_per_expert"], extras["handle"]
+            return buffer.exchange_dispatch(x, topk_idx, topk_weights)
+        recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle = DispatchFn.apply(x, topk_weights, buffer, topk_idx)
+        return recv_x, recv_topk_idx, recv_w if topk_weights is not None else None, tokens_per_expert, handle
 
 
 class CombineFn(torch.autograd.Function):
@@ -76,19 +77,19 @@ class CombineFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, buffer, handle):
         ctx.buffer, ctx.handle, ctx.rows = buffer, handle, y.shape[0]
-        return buffer._combine(y, handle)
+        return buffer.exchange_combine(y, handle)
 
     @staticmethod
     def backward(ctx, grad_out):
         # Combine's backward is a dispatch with the saved handle: each received row's
         # gradient is its source token's gradient.
-        grad_y = ctx.buffer._dispatch_rows(grad_out.contiguous(), ctx.handle)
+        grad_y = ctx.buffer.exchange_combine_backward(grad_out.contiguous(), ctx.handle)
         return with_nones(CombineFn, grad_y[: ctx.rows])
 
     @staticmethod
     def run(buffer, y, handle):
         if not _needs_grad(y):
-            return buffer._combine(y, handle)
+            return buffer.exchange_combine(y, handle)
         return CombineFn.apply(y, buffer, handle)
 
 

@@ -147,7 +147,7 @@ class Buffer:
         the backward is a combine."""
         self._check_alive("dispatch")
         if isinstance(x, (tuple, list)):
-            return self._dispatch(x, topk_idx, topk_weights, fp8=True)
+            return self.exchange_dispatch(x, topk_idx, topk_weights)
         return autograd.DispatchFn.run(self, x, topk_idx, topk_weights)
 
     def combine(self, y: torch.Tensor, handle: Handle) -> torch.Tensor:
@@ -230,7 +230,10 @@ class Buffer:
         raise CommError(f"{_OP_NAME[op]}: the ranks' metadata differ: {head.tolist()} (columns {_META})")   # a column above missed
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self, x, topk_idx, topk_weights, fp8: bool = False):
+    def exchange_dispatch(self, x, topk_idx, topk_weights):
+        """dispatch without autograd (what autograd.DispatchFn records): same arguments
+        and results."""
+        fp8 = isinstance(x, (tuple, list))
         error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8)
         xq = x[0] if fp8 else x
         r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
@@ -272,8 +275,9 @@ class Buffer:
         recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
-    def _dispatch_rows(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
-        """Combine's backward: g [T, H] -> [rows, H], each received row the source token's g."""
+    def exchange_combine_backward(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """Combine's backward (no autograd): g [T, H] -> [rows, H], each received row the
+        source token's g."""
         self._check_handle(handle, "combine backward")
         self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64),
                         self._mpi)
@@ -286,10 +290,11 @@ class Buffer:
         if handle.buffer_id != self.id:
             raise InputError(f"handle: expected a Handle from this Buffer (id {self.id}), got one from Buffer {handle.buffer_id}")
 
-    def _combine(self, y: torch.Tensor, handle: Handle, check_hidden: bool = True) -> torch.Tensor:
-        """check_hidden=False: rows of any width (the topk-weight gradients)."""
+    def exchange_combine(self, y: torch.Tensor, handle: Handle, any_width: bool = False) -> torch.Tensor:
+        """combine without autograd (what autograd.CombineFn records); any_width: rows of any
+        width (the topk-weight gradients), else the Buffer's hidden size."""
         error = None
-        width = self.hidden if check_hidden else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
+        width = self.hidden if not any_width else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
         try:
             self._check_handle(handle, "combine")   # refused in the handshake: no rank left waiting
             _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
