@@ -51,7 +51,7 @@ def test_wgmma_bf16_kernels_compile_for_sm90a_with_hgmma(tmp_path):
         pytest.skip("nvcc not installed")
     log, cubin = compile_sm90a(HEADERS + SOURCE, tmp_path)
     props = PTXAS_PROPERTIES.findall(log)
-    assert len(props) >= 9 and not [p for p in props if int(p[2]) or int(p[3])], f"spills or no report: {props}"
+    assert len(props) >= 11 and not [p for p in props if int(p[2]) or int(p[3])], f"spills or no report: {props}"
     if compiler.find_cuobjdump() is None:
         return
     sass = compiler.disassemble(cubin)
@@ -59,28 +59,35 @@ def test_wgmma_bf16_kernels_compile_for_sm90a_with_hgmma(tmp_path):
     want = [f"HGMMA.64x{n}x16.F32.BF16" for n in SIZES] + ["HGMMA.64x128x16.F32", "WARPGROUP.ARRIVE"]
     missing = [op for op in want if op not in ops]
     assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'HG', 'WA'})}"
-    # RS form: HGMMA whose A operand is a register (R<n>), not a descriptor (gdesc/UR)
-    rs = [ln for ln in sass.splitlines() if "HGMMA" in ln and re.search(r"HGMMA\S*\s+R\d+,\s*R\d+", ln)]
-    assert rs, "no HGMMA with a register A operand (the RS form) in the SASS"
-    assert all(".tnspB" in ln for ln in rs), "RS kernels pass imm-trans-b = 1: SASS must show .tnspB"
-    ss = [ln for ln in sass.splitlines() if re.search(r"HGMMA\.64x\d+x16\.F32\S*\s+R\d+,\s*gdesc", ln)]
-    assert ss and not any("tnsp" in ln for ln in ss), "SS kernels: K-major A and B (no transpose) expected"
+    lines = [ln for ln in sass.splitlines() if "HGMMA.64x" in ln and "x16.F32" in ln]
+    # RS form: the A operand is a register (R<n>), not a descriptor (gdesc)
+    rs = [ln for ln in lines if re.search(r"HGMMA\S*\s+R\d+,\s*R\d+", ln)]
+    ss = [ln for ln in lines if re.search(r"HGMMA\S*\s+R\d+,\s*gdesc", ln)]
+    assert any(".tnspB" in ln for ln in rs) and any("tnsp" not in ln for ln in rs), "RS with and without imm-trans-b"
+    assert any("tnsp" not in ln for ln in ss) and any(".tnspA" in ln for ln in ss), "SS K-major and transposed A"
 
 
-@pytest.mark.parametrize("kernel", ["wgmma_bf16_ss_n128", "wgmma_bf16_rs_n64", "wgmma_f16_ss_n128"])
+@pytest.mark.parametrize("kernel", ["wgmma_bf16_ss_n128", "wgmma_bf16_rs_n64_tb", "wgmma_f16_ss_n128"])
 def test_simulator_refuses_16bit_wgmma_clearly(kernel):
     """No emulation yet: the call fails naming why, it does not compute a result at issue."""
     from fastmoe_ops.errors import SimError
-    from ptx_cases.case import Case
+    from ptx_cases.wgmma_bf16 import exec_case
 
     runner = SimRunner(SOURCE)
-    image = np.zeros(8192, np.uint8)
-    args = [image, np.int32(image.size), np.zeros(128 * 4, np.uint32), poisoned((64, 256), np.float32),
-            np.int32(0), np.int32(4096), np.int32(1), np.int32(16), np.int32(1024), np.int32(1)]
-    case = Case(name=kernel, kernel=kernel, grid=(1,), block=(128,), args=args, outputs=[3],
-                check=lambda outs: None, shared_mem=image.size)
+    n = 64 if "n64" in kernel else 128
+    case = exec_case(6000, n=n, rs="_rs_" in kernel, trans_b="_tb" in kernel, fmt="f16" if kernel.startswith("wgmma_f16") else "bf16")
+    case.kernel = kernel
     with pytest.raises(SimError, match="does not emulate 16-bit wgmma"):
         runner.run(case)
+
+
+def test_gpu_cases_build_and_name_their_kernels():
+    """The GPU test's cases (tests/gpu/test_ptx_wgmma_bf16_gpu.py) exist and each names a kernel of SOURCE."""
+    from ptx_cases.wgmma_bf16 import gpu_cases
+
+    cases = gpu_cases(7)
+    assert len(cases) >= 20 and all(f"void {c.kernel}(" in SOURCE.replace("NAME(", "") or
+                                    f"WG16_ENTRY({c.kernel}," in SOURCE for c in cases)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""The test kernels of ptx/wgmma_bf16.cuh (16-bit wgmma, SS and RS forms): tests/test_ptx_wgmma_bf16.py
-says what they check. No conformance `cases()` yet: the simulator does not emulate these
-instructions (ptx/wgmma_bf16.cuh says why), and a GPU case needs the numpy model of the 16-bit
-shared-memory layouts and of HGMMA's arithmetic, which come with the emulation."""
+"""The test kernels of ptx/wgmma_bf16.cuh (16-bit wgmma, SS and RS forms), the numpy layout models
+and the case builder: tests/test_ptx_wgmma_bf16.py says what they check. gpu_cases(seed): the
+device's HGMMA against the numpy model (tests/gpu/test_ptx_wgmma_bf16_gpu.py); not in the
+conformance test's families yet, since that runs every case on the simulator too, where the
+wrappers refuse until the queue hook exists (ptx/wgmma_bf16.cuh)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,62 +13,60 @@ from .case import Case, assert_equal_bits, poisoned
 
 SIZES = (64, 128, 192, 256)
 
-# One warpgroup; per N an SS kernel (S = Q K^T shape: both K-major) and an RS kernel (O += P V
-# shape: A from registers, B MN-major), and an f16 SS kernel. Descriptors point into dynamic
-# shared memory; the image is copied there first. D is stored by the accumulator map.
+# One warpgroup, one wgmma per launch, with the executor kernel's signature below (so a case built by
+# exec_case runs on either: kernel name -> wrapper instantiation). Per N an SS kernel (S = Q K^T:
+# both K-major) and an RS kernel (O += P V: A from registers, B MN-major); f16, RS with K-major B,
+# and SS with both operands MN-major at N 128. The runtime n / f16 / rs / trans arguments must
+# match the instantiation (otherwise the kernel returns at once and D stays poisoned).
 SOURCE = r"""
 #include "ptx/wgmma_bf16.cuh"
 extern __shared__ __align__(1024) unsigned char wg16_smem[];
 
-template <int N>
-__device__ void wg16_store(float* D, const float (&acc)[N / 2]) {
-  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
-  for (int i = 0; i < N / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
-}
-
-template <int N, int Form>  // Form 0: SS bf16, 1: RS bf16 (B transposed), 2: SS f16
-__device__ void wg16_run(const unsigned char* image, int image_bytes, const uint32_t* a_regs, float* D,
-                         int a_off, int b_off, int ksteps, int lbo, int sbo, int sw) {
+template <int N, Wgmma16 T, int RS, int TA, int TB>
+__device__ void wg16_run(const unsigned char* image, int image_bytes, const uint32_t* a_regs, const float* C, float* D,
+                         int a_off, int b_off, int a_lbo, int a_sbo, int a_sw, int b_lbo, int b_sbo, int b_sw, int n,
+                         int f16, int rs, int scale_d, int trans_a, int trans_b) {
+  if (n != N || f16 != (T == Wgmma16::f16) || rs != RS || trans_a != TA || trans_b != TB) return;  // D stays poisoned
   for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg16_smem[i] = image[i];
   fence_proxy_async_shared();  // generic-proxy stores -> wgmma's async-proxy reads
   __syncthreads();
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
   float acc[N / 2];
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < N / 2; ++i) acc[i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)];
+  const uint32_t a[4] = {a_regs[4 * t], a_regs[4 * t + 1], a_regs[4 * t + 2], a_regs[4 * t + 3]};
   wgmma_fence_operands(acc);
   wgmma_fence();
-  for (int s = 0; s < ksteps; ++s) {
-    const uint64_t da = make_smem_desc(wg16_smem + a_off + 32 * s, lbo, sbo, static_cast<Swizzle>(sw));
-    const uint64_t db = make_smem_desc(wg16_smem + b_off + 32 * s, lbo, sbo, static_cast<Swizzle>(sw));
-    if constexpr (Form == 0) {
-      wgmma_m64nNk16_ss<N>(acc, da, db, s > 0);
-    } else if constexpr (Form == 1) {
-      uint32_t a[4];
-      for (int e = 0; e < 4; ++e) a[e] = a_regs[(s * 128 + threadIdx.x) * 4 + e];
-      wgmma_m64nNk16_rs<N, Wgmma16::bf16, 1>(acc, a, db, s > 0);
-    } else {
-      wgmma_m64nNk16_ss<N, Wgmma16::f16>(acc, da, db, s > 0);
-    }
-  }
+  const uint64_t da = make_smem_desc(wg16_smem + a_off, a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
+  const uint64_t db = make_smem_desc(wg16_smem + b_off, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
+  if constexpr (RS)
+    wgmma_m64nNk16_rs<N, T, TB>(acc, a, db, scale_d);
+  else
+    wgmma_m64nNk16_ss<N, T, TA, TB>(acc, da, db, scale_d);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
-  wg16_store<N>(D, acc);
+  for (int i = 0; i < N / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
 }
 
-#define WG16_ENTRY(NAME, N, FORM)                                                                          \
-  extern "C" __global__ void NAME(const unsigned char* image, int image_bytes, const uint32_t* a_regs,     \
-                                  float* D, int a_off, int b_off, int ksteps, int lbo, int sbo, int sw) {  \
-    wg16_run<N, FORM>(image, image_bytes, a_regs, D, a_off, b_off, ksteps, lbo, sbo, sw);                  \
+#define WG16_ENTRY(NAME, N, T, RS, TA, TB)                                                                         \
+  extern "C" __global__ void NAME(const unsigned char* image, int image_bytes, const uint32_t* a_regs,             \
+                                  const float* C, float* D, int a_off, int b_off, int a_lbo, int a_sbo, int a_sw,  \
+                                  int b_lbo, int b_sbo, int b_sw, int n, int f16, int rs, int scale_d,            \
+                                  int trans_a, int trans_b) {                                                      \
+    wg16_run<N, Wgmma16::T, RS, TA, TB>(image, image_bytes, a_regs, C, D, a_off, b_off, a_lbo, a_sbo, a_sw, b_lbo, \
+                                        b_sbo, b_sw, n, f16, rs, scale_d, trans_a, trans_b);                      \
   }
-WG16_ENTRY(wgmma_bf16_ss_n64, 64, 0)
-WG16_ENTRY(wgmma_bf16_ss_n128, 128, 0)
-WG16_ENTRY(wgmma_bf16_ss_n192, 192, 0)
-WG16_ENTRY(wgmma_bf16_ss_n256, 256, 0)
-WG16_ENTRY(wgmma_bf16_rs_n64, 64, 1)
-WG16_ENTRY(wgmma_bf16_rs_n128, 128, 1)
-WG16_ENTRY(wgmma_bf16_rs_n192, 192, 1)
-WG16_ENTRY(wgmma_bf16_rs_n256, 256, 1)
-WG16_ENTRY(wgmma_f16_ss_n128, 128, 2)
+WG16_ENTRY(wgmma_bf16_ss_n64, 64, bf16, 0, 0, 0)
+WG16_ENTRY(wgmma_bf16_ss_n128, 128, bf16, 0, 0, 0)
+WG16_ENTRY(wgmma_bf16_ss_n192, 192, bf16, 0, 0, 0)
+WG16_ENTRY(wgmma_bf16_ss_n256, 256, bf16, 0, 0, 0)
+WG16_ENTRY(wgmma_bf16_rs_n64_tb, 64, bf16, 1, 0, 1)
+WG16_ENTRY(wgmma_bf16_rs_n128_tb, 128, bf16, 1, 0, 1)
+WG16_ENTRY(wgmma_bf16_rs_n192_tb, 192, bf16, 1, 0, 1)
+WG16_ENTRY(wgmma_bf16_rs_n256_tb, 256, bf16, 1, 0, 1)
+WG16_ENTRY(wgmma_bf16_rs_n128, 128, bf16, 1, 0, 0)
+WG16_ENTRY(wgmma_bf16_ss_n128_ta_tb, 128, bf16, 0, 1, 1)
+WG16_ENTRY(wgmma_f16_ss_n128, 128, f16, 0, 0, 0)
 """
 
 # Simulator only: the execution half of the 16-bit emulation (ptx/wgmma_bf16.cuh's
@@ -221,3 +220,30 @@ def exec_case(seed: int, *, n: int = 128, fmt: str = "bf16", rs: bool = False, s
             np.int32(rs), np.int32(scale_d), np.int32(trans_a), np.int32(trans_b)]
     return Case(name=what, kernel="wgmma16_exec", grid=(1,), block=(128,), args=args, outputs=[4], check=check,
                 shared_mem=image.size, sim_only=True)
+
+
+def wrapper_kernel(n: int, fmt: str, rs: bool, trans_a: bool, trans_b: bool) -> str:
+    """The SOURCE entry instantiating this combination (KeyError where none does)."""
+    name = {(False, False, False): f"wgmma_{fmt}_ss_n{n}", (True, False, True): f"wgmma_{fmt}_rs_n{n}_tb",
+            (True, False, False): f"wgmma_{fmt}_rs_n{n}", (False, True, True): f"wgmma_{fmt}_ss_n{n}_ta_tb"}
+    return name[(rs, trans_a, trans_b)]
+
+
+def gpu_cases(seed: int = 0) -> list[Case]:
+    """One-op launches through the wrappers, each held to the numpy model's bits (HMMA's rule,
+    assumed for HGMMA: a failure here on random inputs is the measurement that corrects it; the
+    exact ones must match float64 whatever the rule)."""
+    specs = [dict(n=n, exact=e) for n in SIZES for e in (True, False)]
+    specs += [dict(n=n, rs=True, trans_b=True, exact=e) for n in SIZES for e in (True, False)]
+    specs += [dict(n=128, sw=sw, padded=p) for sw in ("b64", "b32", "none") for p in (False, True)]
+    specs += [dict(n=128, rs=True, trans_b=True, sw=sw, padded=True) for sw in ("b64", "b32", "none")]
+    specs += [dict(n=128, rs=True), dict(n=128, trans_a=True, trans_b=True), dict(n=128, fmt="f16"),
+              dict(n=128, scale_d=False)]
+    out = []
+    for i, spec in enumerate(specs):
+        case = exec_case(seed + i, **spec)
+        case.kernel = wrapper_kernel(spec["n"], spec.get("fmt", "bf16"), spec.get("rs", False),
+                                     spec.get("trans_a", False), spec.get("trans_b", False))
+        case.sim_only = False
+        out.append(case)
+    return out
