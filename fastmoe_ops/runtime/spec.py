@@ -163,7 +163,9 @@ class KernelSpec:
         )
         signature = (
             f'extern "C" __global__ void __launch_bounds__({self.block_threads()}, {self.min_blocks_per_sm()})\n'
-            f'{name}({self.params.cpp_name} p'
+            # const __grid_constant__: p stays in parameter space with an address (TMA reads
+            # descriptors in Params from there; ptx/tma.cuh), never copied to local memory.
+            f'{name}(const __grid_constant__ {self.params.cpp_name} p'
         )
         if not traced:
             return (f'{head}{self.params.layout_asserts()}\n{signature}) {{\n'
