@@ -240,7 +240,7 @@ class Buffer:
         dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         rows_by = self._transport_for(xq, error)
-        on_device = error is None and host.staging_for(xq)   # tokens_per_expert by the layout kernel there
+        on_device = error is None and host.packed_on_device(xq)   # tokens_per_expert by the layout kernel there
         lay = rows_by.layout(topk_idx, ranks, per) if error is None else None
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])

@@ -21,7 +21,7 @@ Where the rows live decides who packs them (`Packing`):
           CPU path, whatever the engine);
   staged: CUDA tensors: the layout, row gather and fixed-order sum run as the kernels of
           csrc/moe/ on the device; rows cross to pinned host buffers and back around MPI.
-          `staging_for` decides; tests force it on CPU tensors, where the "device" is the
+          `packed_on_device` decides; tests force it on CPU tensors, where the "device" is the
           CPU, the kernels run on the simulator and the staging copies are host copies.
           Staged rows go through one MPI Ialltoallv per payload (own segment included).
 """
@@ -41,7 +41,7 @@ from . import kernels
 _KERNEL_SUM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def staging_for(t: torch.Tensor) -> bool:
+def packed_on_device(t: torch.Tensor) -> bool:
     """Whether rows of `t` are packed on their device and staged through host buffers."""
     return t.device.type == "cuda"
 

@@ -284,7 +284,7 @@ def test_staged_path_bitexact(comm, engine, monkeypatch):
     from fastmoe_ops.moe import host, kernels
 
     need_ranks(comm, 2)
-    monkeypatch.setattr(host, "staging_for", lambda t: True)
+    monkeypatch.setattr(host, "packed_on_device", lambda t: True)
     calls = {"gather_rows": 0, "gather_reduce": 0}
     for name in calls:
         real = getattr(kernels, name)

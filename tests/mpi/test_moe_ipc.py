@@ -159,7 +159,7 @@ def test_ipc_device_path_keeps_tensors_on_the_device(comm, monkeypatch):
     from fastmoe_ops.moe import host
 
     need_ranks(comm, 2)
-    monkeypatch.setattr(host, "staging_for", lambda t: True)
+    monkeypatch.setattr(host, "packed_on_device", lambda t: True)
     with device_tags() as tags:
         buffer_inputs_on_device(monkeypatch, tags)
         for dtype, hidden, k in ((torch.bfloat16, 256, 4), (torch.float32, 72, 3)):

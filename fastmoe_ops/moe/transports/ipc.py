@@ -136,7 +136,7 @@ class IpcTransport:
         return moe_ipc.comm_grid()   # the kernels' grid: every rank must launch the same
 
     def layout(self, topk_idx: torch.Tensor, ranks: int, per: int) -> host.Layout:
-        return host.layout(topk_idx, ranks, per, host.staging_for(topk_idx))
+        return host.layout(topk_idx, ranks, per, host.packed_on_device(topk_idx))
 
     def close(self) -> None:
         for p, t in enumerate(self.peers):

@@ -23,7 +23,7 @@ class MpiTransport:
         return 0
 
     def layout(self, topk_idx: torch.Tensor, ranks: int, per: int) -> host.Layout:
-        return host.layout(topk_idx, ranks, per, host.staging_for(topk_idx))
+        return host.layout(topk_idx, ranks, per, host.packed_on_device(topk_idx))
 
     def dispatch(self, payloads, recvs, layout: host.Layout, counts) -> None:
         """Host tensors: each payload's rows straight from it into its output. Staged: two
@@ -31,7 +31,7 @@ class MpiTransport:
         weights) packed side by side, unpacked after."""
         me = self.group.rank
         send_counts, recv_counts = counts[me].tolist(), counts[:, me].tolist()
-        staged = host.staging_for(payloads[0])
+        staged = host.packed_on_device(payloads[0])
         if not staged or len(payloads) == 1:   # every stream straight from its tensor into its output
             self._host.dispatch_rows(payloads, layout.send_src, send_counts, recv_counts, recvs, "dispatch payload",
                                      staged)
@@ -51,13 +51,13 @@ class MpiTransport:
         (padding rows zero)."""
         out = torch.empty(handle.num_recv_rows, g.shape[1], dtype=g.dtype, device=g.device)
         self._host.dispatch_rows([g], handle.send_src, handle.send_counts, handle.recv_counts, [out],
-                                 "combine backward payload", host.staging_for(g))
+                                 "combine backward payload", host.packed_on_device(g))
         out[handle.num_recv:].zero_()
         return out
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         return self._host.combine(y, handle.send_src, handle.combine_index, handle.send_counts, handle.recv_counts,
-                                  handle.num_tokens, host.staging_for(y))   # the fixed ascending-rank sum
+                                  handle.num_tokens, host.packed_on_device(y))   # the fixed ascending-rank sum
 
     def quiesce(self) -> None:
         pass
