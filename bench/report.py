@@ -147,6 +147,22 @@ def save_results(rows: list[Row], device: torch.device, extra: dict) -> list[Pat
     return [json_path, *render(json_path)]
 
 
+def keep_run(paths: list[Path]) -> list[Path]:
+    """Keep a `bash run.sh main` run: the single-process JSON (first) and the multi-rank ones
+    (out/bench_moe.json, out/bench_moe_layer.json) merged into one
+    bench/results/<device>-<date>.json (rows of all, the first file's environment and
+    ceilings), its markdown, and README's sections regenerated from every kept file."""
+    datas = [json.loads(p.read_text()) for p in paths]
+    merged = dict(datas[0])
+    merged["rows"] = [r for d in datas for r in d["rows"]]
+    merged["geomeans"] = {k: v for d in datas for k, v in d.get("geomeans", {}).items()}
+    merged["date"] = dt.date.today().isoformat()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS / f"{_device_slug(merged['environment'])}-{merged['date']}.json"
+    json_path.write_text(json.dumps(merged, indent=2, allow_nan=False))
+    return [json_path, *render(json_path)]
+
+
 def render(json_path: Path) -> list[Path]:
     """The markdown beside a kept file, then README's sections from every kept file."""
     md_path = json_path.with_suffix(".md")
@@ -260,6 +276,8 @@ if __name__ == "__main__":
         out = Path(args[1])
         out.write_text(runs_summary([Path(a) for a in args[2:]]))
         written = [out]
+    elif len(args) >= 2 and args[0] == "--keep":
+        written = keep_run([Path(a) for a in args[1:]])
     elif len(args) == 3 and args[0] == "--gpu-check":
         written = save_gpu_check(Path(args[1]), Path(args[2]))
     elif len(args) == 1 and not args[0].startswith("-"):
@@ -269,7 +287,7 @@ if __name__ == "__main__":
         written = [README]
     else:
         print("usage: python -m bench.report [bench/results/<file>.json | --gpu-check STEP_DIR OUT_DIR | "
-              "--runs OUT.md FILE.json...]", file=sys.stderr)
+              "--runs OUT.md FILE.json... | --keep out/bench.json out/bench_moe.json out/bench_moe_layer.json]", file=sys.stderr)
         sys.exit(2)
     for p in written:
         print(f"wrote {p}")

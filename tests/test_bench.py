@@ -46,3 +46,25 @@ def test_bench_quick_reference_writes_json_and_plots(tmp_path):
     assert "old" not in text and "tail" in text and "CPU only" in text and "fp8_quant_token_group" in text
     report.update_readme(summary, readme)
     assert readme.read_text() == text, "regenerating the section must be idempotent"
+
+
+def test_keep_run_merges_the_main_jobs_files_and_regenerates_the_readme(tmp_path, monkeypatch):
+    """`python -m bench.report --keep out/bench.json out/bench_moe*.json`: one kept file with
+    the rows of all (single-process and multi-rank), strict JSON, and the README section from it."""
+    env = {"device": "cpu", "cpu": "x86_64", "torch": "2.x", "commit": "abc"}
+    row = {"op": "self_check", "shape": "s", "engine": "torch", "ours_s": 1.0, "baseline": "b", "baseline_s": 1.0,
+           "stats": None}
+    files = []
+    for i, op in enumerate(("self_check", "moe_layer_step")):
+        p = tmp_path / f"b{i}.json"
+        p.write_text(json.dumps({"schema_version": 2, "environment": env, "rows": [dict(row, op=op)],
+                                 "geomeans": {f"{op} [torch]": 1.0}}))
+        files.append(p)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.RUNS_BEGIN}\nold\n{report.RUNS_END}\n\n## Performance\n\n{report.BEGIN}\nold\n{report.END}\n")
+    monkeypatch.setattr(report, "README", readme)
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
+    kept = report.keep_run(files)
+    data = json.loads(kept[0].read_text(), parse_constant=_reject)
+    assert [r["op"] for r in data["rows"]] == ["self_check", "moe_layer_step"] and len(data["geomeans"]) == 2
+    assert "moe_layer_step" in readme.read_text() and "old" not in readme.read_text().split("## Performance")[1]
