@@ -135,6 +135,10 @@ struct WgmmaOp {
   float* d;
   uint64_t a, b;
   int n, scale_d;
+  // Another instruction family's executor (ptx/wgmma_bf16.cuh) and its payload, owned by that
+  // family and alive until the op retires; null: the e4m3 executor below.
+  void (*exec)(const WgmmaOp&) = nullptr;
+  const void* ext = nullptr;
 };
 constexpr int kWgmmaMaxPending = 8;   // emulation limit on issued, not yet retired MMAs
 constexpr int kWgmmaMaxThreads = 512;    // 4 warpgroups
@@ -234,8 +238,11 @@ FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
     }
 }
 
-template <int N>
-FMO_SIM_EMU void wgmma_issue(float* d, uint64_t a, uint64_t b, int scale_d) {
+// Queue one MMA of any family (op.exec null: e4m3) after the ISA's checks: operands uniform
+// across the warp and the warpgroup, a wgmma.fence since the thread's last wait.
+FMO_SIM_EMU void wgmma_issue_op(const WgmmaOp& op) {
+  const uint64_t a = op.a, b = op.b;
+  const int N = op.n, scale_d = op.scale_d;
   wgmma_warp_uniform("wgmma.mma_async", WgmmaUniform{a, b, N, scale_d, 1, 0});
   WgmmaThread& s = wgmma_thread();
   if (!s.fenced)
@@ -244,7 +251,12 @@ FMO_SIM_EMU void wgmma_issue(float* d, uint64_t a, uint64_t b, int scale_d) {
   if (s.count == kWgmmaMaxPending)
     fmo_sim::fail("wgmma emulation: more than %d MMAs issued and not yet retired", kWgmmaMaxPending);
   wgmma_warpgroup_uniform(s.issued++, WgmmaLogEntry{0, a, b, N, scale_d});
-  s.ops[s.count++] = WgmmaOp{d, a, b, N, scale_d};
+  s.ops[s.count++] = op;
+}
+
+template <int N>
+FMO_SIM_EMU void wgmma_issue(float* d, uint64_t a, uint64_t b, int scale_d) {
+  wgmma_issue_op(WgmmaOp{d, a, b, N, scale_d});
 }
 
 FMO_SIM_EMU void wgmma_fence_emulate() {
@@ -264,7 +276,12 @@ FMO_SIM_EMU void wgmma_wait_emulate(int n) {
   WgmmaThread& s = wgmma_thread();
   const int retire = s.groups > n ? s.groups - n : 0;
   const int done = retire ? s.group_end[retire - 1] : 0;
-  for (int i = 0; i < done; ++i) wgmma_execute(s.ops[i]);
+  for (int i = 0; i < done; ++i) {  // oldest first
+    if (s.ops[i].exec)
+      s.ops[i].exec(s.ops[i]);
+    else
+      wgmma_execute(s.ops[i]);
+  }
   for (int i = done; i < s.count; ++i) s.ops[i - done] = s.ops[i];
   for (int i = retire; i < s.groups; ++i) s.group_end[i - retire] = s.group_end[i] - done;
   s.count -= done;
