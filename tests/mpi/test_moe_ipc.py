@@ -6,6 +6,7 @@ budget, and a run under the simulator's memory checker."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fastmoe_ops.ops import moe_ipc
 from fastmoe_ops.reference import moe as ref
 
 from mpi_util import (  # noqa: F401 (comm: a fixture)
-    all_agree, bitwise, buffer_inputs_on_device, comm, experts_for, inputs, need_ranks, run_all,
+    all_agree, bitwise, buffer_inputs_on_device, comm, expect_same_error, experts_for, inputs, need_ranks, run_all,
 )
 
 pytestmark = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="the ipc transport runs on the sim engine here")
@@ -229,3 +230,31 @@ def test_ipc_device_refused_alike(comm):
             msg = str(e)
         messages = comm.allgather(msg)
         all_agree(comm, fragment in msg and len(set(messages)) == 1, msg)
+
+
+def test_ipc_bad_input_and_missing_rank(comm, monkeypatch):
+    """The ipc transport refuses bad input alike on every rank before any kernel runs (an
+    expert id out of range on one rank), stays usable after, and a rank that never calls
+    dispatch makes the others raise CommTimeoutError naming it after FMO_COMM_TIMEOUT
+    (the handshake precedes every transfer kernel, so no kernel waits on the missing rank)."""
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    buf = ipc_buffer(comm, 32, world, max_tokens=4)
+    x, idx = torch.randn(3, 32), torch.zeros(3, 1, dtype=torch.int64)
+    bad = torch.full_like(idx, world) if rank == world - 1 else idx
+    with fmo.use_backend("sim"):
+        expect_same_error(comm, lambda: buf.dispatch(x, bad, None), fmo.InputError,
+                          f"dispatch refused on rank {world - 1}: topk_idx: expected expert ids in [-1, {world})")
+        run_all(comm, lambda: buf.dispatch(x, idx, None)[0].shape)
+        monkeypatch.setenv("FMO_COMM_TIMEOUT", "0.5")
+        if rank == world - 1:
+            ok, detail = True, "skipped"
+        else:
+            t0 = time.monotonic()
+            try:
+                buf.dispatch(x, idx, None)
+                ok, detail = False, "dispatch returned"
+            except fmo.CommTimeoutError as e:
+                ok, detail = f"rank(s) [{world - 1}]" in str(e) and time.monotonic() - t0 < 10, str(e)
+    all_agree(comm, ok, detail)
+    buf.destroy()
