@@ -289,9 +289,13 @@ def test_bench_rows_single_process():
 
     shape = (16, 128, 128, 4, 2)
     with fmo.use_backend("reference"):
-        row = bench.layer_row(MPI.COMM_SELF, None, shape, "reference", torch.device("cpu"), "host", reps=1)
+        rows = bench.layer_rows(MPI.COMM_SELF, None, shape, "reference", torch.device("cpu"), "host", max_seconds=1.0)
         sms = bench.reserved_sms_rows(shape, "reference", torch.device("cpu"), reps=1)
-    assert row.ours_s > 0 and row.baseline_s > 0 and row.extra["comm_s"] == 0 and row.extra["traced"] is None
+    assert [r.op for r in rows] == ["moe_layer_step", "moe_layer_overlap"]
+    assert [r.extra["overlapped"] for r in rows] == [False, True], "the default is sequential on a CPU, the forced row overlaps"
+    for row in rows:
+        assert row.ours_s > 0 and row.baseline_s > 0 and row.extra["comm_s"] == 0 and row.extra["traced"] is None
+        assert row.stats["pairs"] >= 8 and row.stats["ratio_lo"] <= row.stats["ratio"] <= row.stats["ratio_hi"]
     assert [r.extra["reserved_sms"] for r in sms] == list(bench.RESERVED_SMS) and all(r.ours_s > 0 for r in sms)
 
 
