@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fastmoe_ops.runtime import cuda_driver
+
 
 @dataclass
 class Row:
@@ -127,14 +129,9 @@ def environment(device: torch.device) -> dict:
         info.update(gpu=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
     else:
         info.update(cpu=platform.processor() or platform.machine())
-    try:
-        import cupy
-
-        info["cupy"] = cupy.__version__
-        if device.type == "cuda":
-            info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
-    except Exception:  # noqa: BLE001 - CuPy absent or no driver: the CPU machine has neither
-        info["cupy"] = None
+    info["cupy"] = cuda_driver.cupy_version()
+    if device.type == "cuda":
+        info["cuda_driver"] = cuda_driver.driver_version()
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:

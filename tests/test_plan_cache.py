@@ -68,7 +68,9 @@ def test_plans_follow_engine_budget_and_options(monkeypatch):
             fmo.fp8.gemm(xq, xs, wq, ws, torch.float32)
         fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, kernel="mma_sync")
         fmo.fp8.gemm(xq, xs, wq, ws, torch.float32)
-    assert seen[1][1][0] == 12 < seen[0][1][0], f"the persistent grid must follow the budget: {seen[:2]}"
+    # The cost model may pick another tile for 12 SMs (fewer, larger tiles in one wave), so the
+    # budget's mark is a grid within those 12 SMs where the whole machine's plan used more.
+    assert seen[1][1][0] <= 12 < seen[0][1][0], f"the persistent grid must follow the budget: {seen[:2]}"
     assert seen[2][0].op != seen[0][0].op, "kernel= must choose the other kernel"
     assert seen[3] == seen[0], "back to the first signature: the first plan"
     oracle = gemm_oracle(xq, xs, wq, ws)

@@ -45,6 +45,7 @@ CUPY_API: tuple[CupyName, ...] = (
              "launchKernel(intptr_t f, unsigned int grid_dim_x, unsigned int grid_dim_y, unsigned int grid_dim_z, "
              "unsigned int block_dim_x, unsigned int block_dim_y, unsigned int block_dim_z, "
              "unsigned int shared_mem_bytes, intptr_t stream, intptr_t kernel_params, intptr_t extra)"),
+    CupyName("cupy.cuda.runtime.driverGetVersion", "driverGetVersion() -> int"),
     CupyName("cupy.cuda.runtime.malloc", "malloc(size_t size) -> intptr_t"),
     CupyName("cupy.cuda.runtime.free", "free(intptr_t ptr)"),
     CupyName("cupy.cuda.runtime.ipcGetMemHandle", "ipcGetMemHandle(intptr_t devPtr)"),
@@ -289,6 +290,13 @@ def ipc_open_mem_handle(handle: bytes) -> int:
 def ipc_close_mem_handle(ptr: int) -> None:
     _runtime("cudaIpcCloseMemHandle", "ipcCloseMemHandle", ptr)
 
+def driver_version() -> int | None:
+    """The CUDA driver's version (e.g. 13000), None where CuPy or a driver is absent."""
+    try:
+        return _runtime("cudaDriverGetVersion", "driverGetVersion")
+    except FmoError:  # no CuPy, or no driver: the CPU machine has neither
+        return None
+
 
 class _DeviceBytes:
     """`nbytes` of device memory at `ptr` as torch reads foreign memory
@@ -372,3 +380,4 @@ def tensor_map_encode_tiled(cu_dtype: int, address: int, dims: list[int], stride
     import ctypes
 
     return ctypes.string_at(int(tmap.getPtr()), 128)
+
