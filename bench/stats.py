@@ -93,20 +93,32 @@ def compare(ours: Callable[[], object], baseline: Callable[[], object], *, devic
     for _ in range(warmup):
         ours()
         baseline()
-    a, b = [], []
     deadline = time.perf_counter() + max_seconds
+    return _interleaved(timer, ours, baseline, rel_ci=rel_ci, max_pairs=max_pairs,
+                        out_of_time=lambda: time.perf_counter() > deadline)
+
+
+def _interleaved(timed: Callable[[Callable[[], object]], float], ours: Callable[[], object],
+                 baseline: Callable[[], object], *, rel_ci: float, max_pairs: int,
+                 out_of_time: Callable[[], bool],
+                 agree: Callable[[float, float], tuple[float, float]] = lambda ta, tb: (ta, tb)) -> Comparison:
+    """The pairs loop both comparisons share: A B, then B A, until the ratio's interval is within
+    rel_ci of its median, out_of_time() says stop, or max_pairs. `agree` makes every rank hold the
+    same samples under MPI (so every rank takes the same decision to stop)."""
+    a, b = [], []
     while len(a) < max_pairs:
         if len(a) % 2:
-            tb = timer(baseline)
-            ta = timer(ours)
+            tb = timed(baseline)
+            ta = timed(ours)
         else:
-            ta = timer(ours)
-            tb = timer(baseline)
+            ta = timed(ours)
+            tb = timed(baseline)
+        ta, tb = agree(ta, tb)
         a.append(ta)
         b.append(tb)
         if len(a) >= MIN_PAIRS:
             r, lo, hi = median_ci([y / x for x, y in zip(a, b)])
-            if (hi - lo) / 2 <= rel_ci * r or time.perf_counter() > deadline:
+            if (hi - lo) / 2 <= rel_ci * r or out_of_time():
                 break
     return summarize(a, b)
 
@@ -131,24 +143,12 @@ def compare_across_ranks(comm, ours: Callable[[], object], baseline: Callable[[]
         ours()
         baseline()
     sync()
-    a, b = [], []
     start = time.perf_counter()
-    while len(a) < max_pairs:
-        if len(a) % 2:
-            tb = timed(baseline)
-            ta = timed(ours)
-        else:
-            ta = timed(ours)
-            tb = timed(baseline)
-        ta, tb = comm.allreduce(ta, op=MPI.MAX), comm.allreduce(tb, op=MPI.MAX)
-        a.append(ta)
-        b.append(tb)
-        if len(a) >= MIN_PAIRS:
-            r, lo, hi = median_ci([y / x for x, y in zip(a, b)])
-            late = comm.allreduce(time.perf_counter() - start > max_seconds, op=MPI.LOR)
-            if (hi - lo) / 2 <= rel_ci * r or late:
-                break
-    return summarize(a, b)
+    # Ranks hold identical samples, so they short-circuit alike and the allreduce in
+    # out_of_time is reached by all of them or by none.
+    return _interleaved(timed, ours, baseline, rel_ci=rel_ci, max_pairs=max_pairs,
+                        out_of_time=lambda: comm.allreduce(time.perf_counter() - start > max_seconds, op=MPI.LOR),
+                        agree=lambda ta, tb: (comm.allreduce(ta, op=MPI.MAX), comm.allreduce(tb, op=MPI.MAX)))
 
 
 def summarize(a: list[float], b: list[float]) -> Comparison:
