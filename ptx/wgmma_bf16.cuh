@@ -22,15 +22,16 @@
 // fence / commit / wait and the descriptor helpers are the e4m3 family's (ptx/wgmma.cuh): one
 // queue of in-flight MMAs per warpgroup, whatever the input type.
 //
-// Emulation (FMO_SIM): HALF DONE. What a retired 16-bit op computes is here
-// (sim_detail::wgmma16_execute: K-major operands through every swizzle and LBO/SBO, A from
-// shared memory or from the RS fragment gathered across each quad; tested bit for bit against
-// numpy by tests/test_ptx_wgmma_bf16.py through a synchronous test kernel). What is missing is
-// the asynchronous half: the queue that wgmma.commit_group / wait_group retire lives in
-// ptx/wgmma.cuh (sim_detail::WgmmaOp) and executes every op as e4m3 x e4m3; a 16-bit op needs a
-// per-op executor there (requested in /work/notes/ptx-requests.md, 2026-12-05, issue 16). Until
-// it lands the wrappers below fail on the simulator with a message saying so, rather than
-// computing at issue time (which would hide the asynchronous errors the e4m3 emulation catches).
+// Emulation (FMO_SIM), asynchronous like the e4m3 family's: the wrappers queue the op in
+// ptx/wgmma.cuh's per-thread queue (sim_detail::wgmma_issue_op: warp/warpgroup uniformity, fence
+// check) with this file's executor; the wait_group that retires its group runs
+// sim_detail::wgmma16_execute (K-major operands through every swizzle and LBO/SBO, A from shared
+// memory or from the RS fragment). So D read before that wait is the old D, and shared memory
+// overwritten before it is what gets multiplied, as on the GPU. The op's payload (Wgmma16Op) lives
+// in a per-thread ring of kWgmmaMaxPending slots indexed by the thread's issue count: the queue
+// holds at most that many unretired ops and retires them in issue order, so a slot is free again
+// when it comes round. RS: A's registers are gathered across each quad at issue (the GPU reads
+// them later: a kernel that changes them before the wait is wrong on the GPU but not caught here).
 // MN-major (trans = 1) operands are read by the ISA's canonical layouts (mnmajor_offset16).
 // Arithmetic: one fused dot-add step per k16 instruction (ptx/tensor_core_numerics.cuh) with
 // HMMA bf16/f16's rule (window 25, result 23 fraction bits): ASSUMED from mma.sync's fitted
@@ -49,8 +50,7 @@ enum class Wgmma16 { bf16, f16 };  // the 16-bit input type of both operands
 
 #ifdef FMO_SIM
 namespace sim_detail {
-// The execution half of the future emulation (what a retired 16-bit op computes), ready for the
-// queue hook: thread t's N / 2 outputs of one m64nNk16 op. A 16-bit K-major row is the e4m3
+// What a retired 16-bit op computes: thread t's N / 2 outputs of one m64nNk16 op. A 16-bit K-major row is the e4m3
 // family's byte layout with 2 bytes per element (k16 = 32 bytes per row), read through
 // kmajor_offset; MN-major operands through mnmajor_offset16 (below). A from
 // registers: a_regs as captured (fragment map at the top). Arithmetic: one fused dot-add step
@@ -147,9 +147,22 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
     }
 }
 
-FMO_SIM_EMU void wgmma16_not_emulated(const char* form) {
-  fmo_sim::fail("%s: the simulator does not emulate 16-bit wgmma yet (its queue in ptx/wgmma.cuh executes only "
-                "e4m3 ops; the per-op executor hook is requested in /work/notes/ptx-requests.md)", form);
+// The payloads of this thread's queued 16-bit ops (see the top of the file). Module thread_locals
+// are the CTA's shared memory in the simulator: per CTA in flight. `static` for the reason given
+// at g_wgmma (ptx/wgmma.cuh).
+static thread_local Wgmma16Op g_wgmma16[kWgmmaMaxThreads][kWgmmaMaxPending];
+
+FMO_SIM_EMU void wgmma16_retire(const WgmmaOp& op) { wgmma16_execute(*static_cast<const Wgmma16Op*>(op.ext)); }
+
+// Queues one 16-bit op: its payload into the thread's next ring slot, then the shared queue's
+// checks and push (op.a = 0 for RS: the warp-uniformity check then compares B, N and scale-d).
+FMO_SIM_EMU void wgmma16_issue(const Wgmma16Op& op) {
+  WgmmaThread& s = wgmma_thread();
+  if (s.count == kWgmmaMaxPending)  // before the slot write: that slot still belongs to a pending op
+    fmo_sim::fail("wgmma emulation: more than %d MMAs issued and not yet retired", kWgmmaMaxPending);
+  Wgmma16Op& slot = g_wgmma16[fmo_sim::cur()->linear_tid][s.issued % kWgmmaMaxPending];
+  slot = op;
+  wgmma_issue_op(WgmmaOp{op.d, op.a, op.b, op.n, op.scale_d, &wgmma16_retire, &slot});
 }
 }  // namespace sim_detail
 #endif
@@ -161,8 +174,10 @@ FMO_DEVICE void wgmma_m64nNk16_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t d
   static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N is a multiple of 8 up to 256");
   static_assert((TransA == 0 || TransA == 1) && (TransB == 0 || TransB == 1), "wgmma: transpose bits are 0 or 1");
 #ifdef FMO_SIM
-  (void)d, (void)desc_a, (void)desc_b, (void)scale_d;
-  sim_detail::wgmma16_not_emulated("wgmma.mma_async m64nNk16 (SS)");
+  sim_detail::Wgmma16Op op{};
+  op.d = d, op.a = desc_a, op.b = desc_b, op.n = N, op.scale_d = scale_d, op.f16 = T == Wgmma16::f16;
+  op.trans_a = TransA, op.trans_b = TransB;
+  sim_detail::wgmma16_issue(op);
 #else
   if constexpr (T == Wgmma16::bf16)
     WgmmaBf16Asm<N, TransA, TransB>::ss(d, desc_a, desc_b, scale_d);
@@ -179,8 +194,11 @@ FMO_DEVICE void wgmma_m64nNk16_rs(float (&d)[N / 2], const uint32_t (&a)[4], uin
   static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N is a multiple of 8 up to 256");
   static_assert(TransB == 0 || TransB == 1, "wgmma: transpose bits are 0 or 1");
 #ifdef FMO_SIM
-  (void)d, (void)a, (void)desc_b, (void)scale_d;
-  sim_detail::wgmma16_not_emulated("wgmma.mma_async m64nNk16 (RS)");
+  sim_detail::Wgmma16Op op{};
+  op.d = d, op.a = 0, op.b = desc_b, op.n = N, op.scale_d = scale_d, op.f16 = T == Wgmma16::f16;
+  op.a_in_regs = 1, op.trans_b = TransB;
+  sim_detail::gather_a_rows(a, T == Wgmma16::f16, op.a_rows);  // the whole warp, before any check can fail
+  sim_detail::wgmma16_issue(op);
 #else
   if constexpr (T == Wgmma16::bf16)
     WgmmaBf16Asm<N, 0, TransB>::rs(d, a, desc_b, scale_d);

@@ -1,18 +1,18 @@
 """ptx/wgmma_bf16.cuh: wgmma.mma_async m64nNk16 with bf16/f16 inputs, SS and RS forms.
 
-What is checked now: the generated asm header is what ptx/gen_wgmma_bf16.py writes; the test
-kernels build for sm_90a without spills and their SASS has HGMMA for every N and form (SS and RS,
-bf16 and f16); on the simulator every form refuses clearly (no emulation yet: ptx/wgmma_bf16.cuh
-says why) instead of computing anything.
-The execution half of the emulation (sim_detail::wgmma16_execute, one op, called synchronously by a
-test kernel) is checked bit for bit against the numpy model (tensor_core.dot_add, HMMA's rule,
-assumed for HGMMA) and float64 on small integers: K-major rows through every swizzle with padded
-LBO/SBO, MN-major (trans) operands through the ISA's canonical layouts, A from the RS fragment,
-N 64..256, bf16 and f16, scale-d. The emulation's layout readers and this file's numpy layout
-models are written from the same ISA tables: a misreading of the ISA shared by both shows only in
-a GPU conformance run (none yet: the conformance test also runs each case through the wrappers on
-the simulator, which refuse until the queue hook exists).
-Not yet: the asynchronous semantics (queue, commit, wait) for 16-bit ops; see ptx/README.md.
+What is checked: the generated asm header is what ptx/gen_wgmma_bf16.py writes; the test kernels
+build for sm_90a without spills and their SASS has HGMMA for every N and form (SS and RS, bf16 and
+f16). On the simulator, the wrappers' emulation (queued like the e4m3 family's, executed at the
+wait_group that retires the op) runs the GPU test's cases (SS and RS, N 64..256, K-major and
+MN-major operands in every swizzle, bf16 and f16, scale-d) through fence / commit_group /
+wait_group, bit exact against the numpy model (tensor_core.dot_add, HMMA's rule, assumed for
+HGMMA) and, on small integers, float64. The asynchronous semantics: groups retire strictly in
+order with three in flight, D read before its wait is the old D (so a kernel doing that fails its
+check), A's shared memory overwritten before the wait is what gets multiplied, an MMA without a
+fence fails. The executor alone (sim_detail::wgmma16_execute called synchronously) is also checked
+on its layouts (every swizzle, padded LBO/SBO, MN-major). The emulation's layout readers and this
+file's numpy layout models are written from the same ISA tables: a misreading shared by both shows
+only in the GPU run (tests/gpu/test_ptx_wgmma_bf16_gpu.py, same cases, same model).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptx_cases.case import poisoned
+from ptx_cases.case import assert_equal_bits, poisoned
 from ptx_cases.runners import HEADERS, SimRunner
 from ptx_cases.wgmma_bf16 import SIZES, SOURCE
 
@@ -67,18 +67,83 @@ def test_wgmma_bf16_kernels_compile_for_sm90a_with_hgmma(tmp_path):
     assert any("tnsp" not in ln for ln in ss) and any(".tnspA" in ln for ln in ss), "SS K-major and transposed A"
 
 
-@pytest.mark.parametrize("kernel", ["wgmma_bf16_ss_n128", "wgmma_bf16_rs_n64_tb", "wgmma_f16_ss_n128"])
-def test_simulator_refuses_16bit_wgmma_clearly(kernel):
-    """No emulation yet: the call fails naming why, it does not compute a result at issue."""
-    from fastmoe_ops.errors import SimError
+@pytest.fixture(scope="module")
+def wrapper_runner():
+    from ptx_cases.wgmma_bf16 import ASYNC_SOURCE
+    return SimRunner(SOURCE + ASYNC_SOURCE)
+
+
+GPU_SEED = 4321  # the GPU test's seed: the simulator runs the very cases the device will
+
+
+@pytest.mark.parametrize("index", range(29))
+def test_wrappers_async_bit_exact(wrapper_runner, index):
+    """The GPU test's cases through the real wrappers (fence, mma_async, commit_group, wait_group):
+    the queued op runs at the wait, bit exact vs the numpy model (and float64 on exact cases)."""
+    from ptx_cases.wgmma_bf16 import gpu_cases
+
+    cases = gpu_cases(GPU_SEED)
+    assert len(cases) == 29
+    case = cases[index]
+    case.check(wrapper_runner.run(case))
+
+
+def async_case(mode: int, seed: int, rs: bool):
     from ptx_cases.wgmma_bf16 import exec_case
 
-    runner = SimRunner(SOURCE)
-    n = 64 if "n64" in kernel else 128
-    case = exec_case(6000, n=n, rs="_rs_" in kernel, trans_b="_tb" in kernel, fmt="f16" if kernel.startswith("wgmma_f16") else "bf16")
-    case.kernel = kernel
-    with pytest.raises(SimError, match="does not emulate 16-bit wgmma"):
-        runner.run(case)
+    case = exec_case(seed, n=64, rs=rs, trans_b=rs, exact=True)
+    case.kernel = "wgmma16_async"
+    case.args[4] = poisoned({0: (6, 64, 64), 1: (2, 64, 64)}.get(mode, (1, 64, 64)), np.float32)
+    case.args.append(np.int32(mode))
+    return case
+
+
+def test_wrappers_retire_groups_strictly_in_order(wrapper_runner):
+    """Three RS groups in flight: wait_group 2 retires only the oldest, wait_group 1 the second,
+    wait_group 0 the newest (reads of pending accumulators are the old D: simulator-defined)."""
+    case = async_case(0, 6100, rs=True)
+    (d,) = wrapper_runner.run(case)
+    done = d[5]
+    case.check([done])  # the last one retired is the model's A B + C
+    c = case.args[3]
+    for k, (want, what) in enumerate([(done, "group 1 after wait 2"), (c, "group 2 after wait 2 (pending)"),
+                                      (c, "group 3 after wait 2 (pending)"), (done, "group 2 after wait 1"),
+                                      (c, "group 3 after wait 1 (pending)")]):
+        assert_equal_bits(d[k], want, what)
+
+
+def test_wrappers_d_read_before_wait_is_the_old_d(wrapper_runner):
+    """A kernel that stores D after commit_group and before wait_group stores C (it would fail any
+    check against A B + C); after the wait D is A B + C."""
+    case = async_case(1, 6200, rs=False)
+    (d,) = wrapper_runner.run(case)
+    assert_equal_bits(d[0], case.args[3], "D read before wgmma.wait_group")
+    with pytest.raises(AssertionError):
+        case.check([d[0]])
+    case.check([d[1]])
+
+
+def test_wrappers_smem_overwritten_before_wait_is_what_multiplies(wrapper_runner):
+    """A's bytes zeroed between the issue and the wait: the MMA (run at the wait) multiplies the
+    zeros, so D = C exactly (0 * B + C, one rounding of C's own 24 bits)."""
+    case = async_case(2, 6300, rs=False)
+    (d,) = wrapper_runner.run(case)
+    assert_equal_bits(d[0], case.args[3], "A overwritten before wgmma.wait_group")
+
+
+def test_wrappers_rs_registers_captured_at_issue(wrapper_runner):
+    """RS: the A fragment is gathered when the warp issues (simulator-defined: on the GPU changing
+    the registers before the wait is undefined); the op still multiplies the issued A."""
+    case = async_case(4, 6400, rs=True)
+    (d,) = wrapper_runner.run(case)
+    case.check([d[0]])
+
+
+def test_wrappers_without_fence_fail(wrapper_runner):
+    from fastmoe_ops.errors import SimError
+
+    with pytest.raises(SimError, match="without a wgmma.fence"):
+        wrapper_runner.run(async_case(3, 6500, rs=False))
 
 
 def test_gpu_cases_build_and_name_their_kernels():

@@ -3,8 +3,9 @@
 launched through the wrappers and held to the numpy model's bits: one fused dot-add step per
 k16 with HMMA's (25, 23) rule, ASSUMED for HGMMA (ptx/README.md). A failure on a random case
 with the exact cases passing is the measurement that corrects the rule; a failing exact case is
-a layout or fragment error. The device-vs-simulator comparison joins when the simulator
-emulates these instructions (then the family moves into test_ptx_conformance.py)."""
+a layout or fragment error. The simulator runs the same cases (same seed) through the same
+wrappers against the same model (tests/test_ptx_wgmma_bf16.py), so passing here means device ==
+model == simulator."""
 from __future__ import annotations
 
 import pytest

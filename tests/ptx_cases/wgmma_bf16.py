@@ -99,6 +99,69 @@ extern "C" __global__ void wgmma16_exec(const unsigned char* image, int image_by
 """
 
 
+# Simulator only (appended to SOURCE): what reading or writing around the async window does, which
+# the GPU leaves undefined and the emulation defines as the ISA's queue semantics. Same signature as
+# the executor kernel plus `mode`; A [64, 16] and B [64, 16] K-major (SS) or A from registers and B
+# MN-major (RS), N = 64.
+#   mode 0 (RS): three groups, one accumulator each (acc[k] starts at C): D [6][64][64] = the three
+#          accumulators after wait_group 2, then acc[1], acc[2] after wait_group 1, acc[2] after wait 0.
+#   mode 1 (SS): D [2][64][64] = the accumulator stored after commit and before the wait, then after it.
+#   mode 2 (SS): A's bytes (all below b_off) zeroed after the issue and before the wait; D [1][64][64] after the wait.
+#   mode 3 (SS): no wgmma.fence before the MMA (must fail).
+#   mode 4 (RS): A's registers changed (to 0) after the issue, before the wait; D [1][64][64].
+ASYNC_SOURCE = r"""
+__device__ void wg16_store64(float* D, const float (&acc)[32]) {
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int i = 0; i < 32; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * 64 + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
+}
+extern "C" __global__ void wgmma16_async(const unsigned char* image, int image_bytes, const uint32_t* a_regs,
+                                         const float* C, float* D, int a_off, int b_off, int a_lbo, int a_sbo,
+                                         int a_sw, int b_lbo, int b_sbo, int b_sw, int n, int f16, int rs,
+                                         int scale_d, int trans_a, int trans_b, int mode) {
+  for (int i = threadIdx.x; i < image_bytes; i += blockDim.x) wg16_smem[i] = image[i];
+  fence_proxy_async_shared();
+  __syncthreads();
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float acc[3][32];
+  for (int k = 0; k < 3; ++k)
+    for (int i = 0; i < 32; ++i) acc[k][i] = C[(16 * w + g + 8 * ((i / 2) % 2)) * 64 + 8 * (i / 4) + 2 * q + (i % 2)];
+  uint32_t a[4] = {a_regs[4 * t], a_regs[4 * t + 1], a_regs[4 * t + 2], a_regs[4 * t + 3]};
+  const uint64_t da = make_smem_desc(wg16_smem + a_off, a_lbo, a_sbo, static_cast<Swizzle>(a_sw));
+  const uint64_t db = make_smem_desc(wg16_smem + b_off, b_lbo, b_sbo, static_cast<Swizzle>(b_sw));
+  if (mode != 3) wgmma_fence();
+  if (mode == 0) {
+    for (int k = 0; k < 3; ++k) {
+      wgmma_m64nNk16_rs<64, Wgmma16::bf16, 1>(acc[k], a, db, 1);
+      wgmma_commit();
+    }
+    wgmma_wait<2>();
+    for (int k = 0; k < 3; ++k) wg16_store64(D + k * 64 * 64, acc[k]);
+    wgmma_wait<1>();
+    wg16_store64(D + 3 * 64 * 64, acc[1]);
+    wg16_store64(D + 4 * 64 * 64, acc[2]);
+    wgmma_wait<0>();
+    wg16_store64(D + 5 * 64 * 64, acc[2]);
+    return;
+  }
+  if (mode == 4) {
+    wgmma_m64nNk16_rs<64, Wgmma16::bf16, 1>(acc[0], a, db, 1);
+    a[0] = a[1] = a[2] = a[3] = 0;
+  } else {
+    wgmma_m64nNk16_ss<64>(acc[0], da, db, 1);
+  }
+  wgmma_commit();
+  if (mode == 1) wg16_store64(D, acc[0]);
+  if (mode == 2) {
+    __syncthreads();
+    for (int i = t; i < b_off; i += blockDim.x) wg16_smem[i] = 0;  // A lies below B
+    __syncthreads();
+  }
+  wgmma_wait<0>();
+  wg16_store64(D + (mode == 1 ? 64 * 64 : 0), acc[0]);
+  if (a[0] == 12345u) D[0] = 0.f;  // keeps the zeroed registers live
+}
+"""
+
 def bits16(x: np.ndarray, fmt: str) -> np.ndarray:
     """uint16 codes of float values (bf16: float32's top half, truncated: the value is what the code says)."""
     if fmt == "f16":
