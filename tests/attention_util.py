@@ -67,3 +67,25 @@ def oracle_and_pytorch(q, k, v, dout, causal, varlen=None):
         grads = torch.autograd.grad(out, (qs, ks, vs), dout.to(dtype))
         return (out.detach(), lse, *grads)
     return run(torch.float64), run(q.dtype)
+
+
+def uniform_inputs(b, sq, sk, hq, hkv, d):
+    """q = 0: every visible key gets the same weight, so out[i, h] is the mean of v over the keys
+    row i sees; v[j, hk, :] = j + 64 hk (exact in bf16) makes a wrong row, head (GQA mapping),
+    column, mask or tile boundary show as a wrong integer-ish value, not as noise."""
+    q = torch.zeros(b, sq, hq, d, dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hkv, d).to(torch.bfloat16)
+    v = (torch.arange(sk)[:, None, None] + 64 * torch.arange(hkv)[None, :, None]).expand(sk, hkv, d)
+    return q, k, v[None].expand(b, sk, hkv, d).to(torch.bfloat16).contiguous()
+
+
+def assert_uniform_mean(out, lse, sq, sk, hq, hkv, causal):
+    """out [B, Sq, Hq, D], lse [B, Hq, Sq] of uniform_inputs: the mean of the visible keys' v
+    (within bf16's rounding), lse = log(keys seen) within 1e-5."""
+    n = torch.tensor([min(sk, i + sk - sq + 1) if causal else sk for i in range(sq)], dtype=torch.float64)
+    want = (n - 1)[None, :, None, None] / 2 + 64 * (torch.arange(hq) // (hq // hkv)).double()[None, None, :, None]
+    err = (out.double() - want).abs()
+    bad = err > 2.0**-8 * want.abs() + 1e-6
+    assert not bool(bad.any()), f"out: {int(bad.sum())} wrong, first at {tuple(bad.nonzero()[0].tolist())}"
+    lerr = (lse.double() - n.log()[None, None, :]).abs()
+    assert bool((lerr < 1e-5).all()), f"lse: worst error {lerr.max().item():.3g}"

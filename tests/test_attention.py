@@ -4,6 +4,10 @@ within twice the error of PyTorch's same-dtype computation plus rounding, lse wi
 float64 and -inf exactly where the row sees no key. NaN never; outputs are poisoned before
 every run.
 
+Forward: where the simulator (which models sm_90a) takes the Hopper kernel (hopper_fwd.cuh, D 64
+and 128), check_case runs the mma.sync forward too; tests/test_attention_hopper.py has the
+Hopper kernel's own cases.
+
 The default run is a representative subset (~1-2 minutes on 2 cores); the full grid of
 the issue (B {1, 2} x S {1, 17, 128, 257} x D {64, 128} x Hq/Hkv x causal x dtype) is
 behind `-m slow`.
@@ -18,9 +22,11 @@ import torch
 
 import fastmoe_ops as fmo
 from fastmoe_ops.ops import attention as launcher
+from fastmoe_ops.ops import attention_hopper as hopper
 from fastmoe_ops.reference import attention as ref
 
-from attention_util import assert_lse, assert_within_rule, make_inputs, oracle_and_pytorch
+from attention_util import (assert_lse, assert_uniform_mean, assert_within_rule, make_inputs, oracle_and_pytorch,
+                            uniform_inputs)
 
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 
@@ -30,10 +36,14 @@ def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True, dv=N
     q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, dv=dv)
     (o_out, o_lse, o_dq, o_dk, o_dv), (p_out, _, p_dq, p_dk, p_dv) = oracle_and_pytorch(q, k, v, dout, causal)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
-    out, lse = launcher.forward(pb, "sim")
-    out = out.reshape(o_out.shape)
-    assert_within_rule("out", out, o_out, p_out, dtype, ctx)
-    assert_lse(lse, o_lse.double(), ctx)
+    # Both forward kernels where the simulator (sm_90a) would take the wgmma one; the backward
+    # consumes the last (the default choice's) out and lse.
+    kernels = ["mma_sync", None] if isinstance(launcher.forward_launch(pb), hopper.HopperForwardLaunch) else [None]
+    for kernel in kernels:
+        out, lse = launcher.forward(pb, "sim", kernel)
+        out = out.reshape(o_out.shape)
+        assert_within_rule("out", out, o_out, p_out, dtype, f"{ctx} {kernel or 'default'} forward")
+        assert_lse(lse, o_lse.double(), f"{ctx} {kernel or 'default'} forward")
     if backward:
         dq, dk, dv = launcher.backward(pb, dout, out, lse, "sim")
         for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
@@ -43,24 +53,14 @@ def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True, dv=N
 @SIM
 @pytest.mark.parametrize("causal", [False, True])
 def test_structured_uniform_attention(causal):
-    """q = 0: every visible key gets the same weight, so out[i, h] is the mean of v over the
-    keys row i sees, and v[j, hk, d] = j + 64 hk (exact in bf16) makes a wrong row, head,
-    column, mask or tile boundary show as a wrong integer-ish value, not as noise."""
+    """attention_util.uniform_inputs: out is the mean of v over the keys each row sees (both
+    forward kernels where the simulator has two)."""
     b, sq, sk, hq, hkv, d = 1, 70, 100, 4, 2, 64
-    q = torch.zeros(b, sq, hq, d, dtype=torch.bfloat16)
-    k = torch.randn(b, sk, hkv, d).to(torch.bfloat16)
-    v = (torch.arange(sk)[:, None, None] + 64 * torch.arange(hkv)[None, :, None]).expand(sk, hkv, d)
-    v = v[None].to(torch.bfloat16).contiguous()
+    q, k, v = uniform_inputs(b, sq, sk, hq, hkv, d)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
-    out, lse = launcher.forward(pb, "sim")
-    out = out.reshape(b, sq, hq, d)
-    for i in range(sq):
-        n = min(sk, i + sk - sq + 1) if causal else sk
-        for h in range(hq):
-            want = (n - 1) / 2 + 64 * (h // 2)
-            got = out[0, i, h].float()
-            assert torch.all((got - want).abs() <= 2.0**-8 * abs(want) + 1e-6), f"row {i} head {h}: got {got[0].item()}, want {want}"
-            assert abs(lse[0, h, i].item() - math.log(n)) < 1e-5, f"lse row {i} head {h}"
+    for kernel in ("mma_sync", "wgmma"):
+        out, lse = launcher.forward(pb, "sim", kernel)
+        assert_uniform_mean(out.reshape(b, sq, hq, d), lse, sq, sk, hq, hkv, causal)
 
 
 # (B, Sq, Sk, Hq, Hkv, D, causal, dtype): every axis of the issue's grid appears, kept small.

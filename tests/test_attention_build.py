@@ -1,6 +1,7 @@
 """The attention kernels (every registered variant) compile offline for sm_90a with no
 spills and no stack frame, and their SASS holds HMMA (mma.sync), LDSM (ldmatrix) and
-LDGSTS (cp.async); the delta kernel is a plain reduction (no MMA)."""
+LDGSTS (cp.async); the delta kernel is a plain reduction (no MMA). The sm_90a forward
+(hopper_fwd.cuh) holds HGMMA (wgmma), UTMALDG (TMA loads) and USETMAXREG, no spills."""
 from __future__ import annotations
 
 import pytest
@@ -21,3 +22,15 @@ def test_attention_kernels_build_without_spills():
         assert 0 < r.registers <= 255
         if compiler.find_cuobjdump() is not None and "delta" not in r.name:
             assert r.sass["HMMA"] > 0 and r.sass["LDSM"] > 0 and r.sass["LDGSTS"] > 0, f"{r.name}: {r.sass}"
+
+
+def test_hopper_forward_builds_with_hgmma_and_tma():
+    reports = build.build_all("sm_90a", "attn_fwd_sm90")
+    assert len(reports) == 8  # {bf16, fp16} x (64, 64), (128, 128) x causal
+    for r in reports:
+        assert r.ok, r.error
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"
+        assert 0 < r.registers <= 255
+        if compiler.find_cuobjdump() is not None:
+            assert r.sass["HGMMA"] > 0 and r.sass["UTMALDG"] > 0 and r.sass["USETMAXREG"] > 0, f"{r.name}: {r.sass}"
+            assert r.sass["HMMA"] == 0 and r.sass["LDGSTS"] == 0, f"{r.name}: no mma.sync / cp.async left: {r.sass}"

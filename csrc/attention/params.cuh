@@ -14,8 +14,10 @@
 
 // Dynamic shared memory of every attention kernel. C linkage at file scope: one plain
 // symbol, which the simulator aliases to its dynamic buffer like any `extern __shared__`.
+// 1024-aligned: the Hopper kernel's 128B-swizzled TMA boxes and wgmma operands repeat every
+// 1024 bytes on absolute address bits (hopper_fwd.cuh).
 extern "C" {
-extern __shared__ __align__(128) uint8_t fmo_attn_smem[];
+extern __shared__ __align__(1024) uint8_t fmo_attn_smem[];
 }
 
 namespace fmo {

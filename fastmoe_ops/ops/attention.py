@@ -9,10 +9,13 @@ bf16 or fp16, Hq % Hkv == 0, (Dqk, Dv) in {(64, 64), (128, 128), (192, 128)} (th
 MLA's prefill: v and out have Dv), last dim contiguous (other strides are made contiguous
 here). The kernels see both layouts as rows of [rows, H, D].
 
-Seam for the Hopper kernel (wgmma + TMA, warp-specialised; a later issue): a second spec
-class with its own header, returned by `choose_config` for sm_90a, reusing AttnParams,
-the validation and the backward passes. Dqk != Dv: the spec and every template carry
-head_dim and head_dim_v separately; a new pair is one HEAD_DIM_PAIRS entry plus its TILES.
+Two forward kernels: the sm_90a one (csrc/attention/hopper_fwd.cuh, TMA + wgmma, warp-specialised;
+its spec and maps in attention_hopper.py) and the mma.sync one (fwd.cuh) for other archs and the
+head dims the first has no tiles for; attention_hopper.forward_kernel (a pure function of the
+arch and the head dims) is the one place that chooses. Both take AttnParams and share the
+validation, Problem and the backward passes.
+Dqk != Dv: the spec and every template carry head_dim and head_dim_v separately; a new pair is
+one HEAD_DIM_PAIRS entry plus its TILES.
 """
 from __future__ import annotations
 
@@ -322,11 +325,22 @@ class ForwardLaunch:
         return out, lse
 
 
-def forward_launch(pb: Problem) -> ForwardLaunch:
+def forward_launch(pb: Problem, kernel: str | None = None):
+    """The forward's launch (ForwardLaunch, or attention_hopper.HopperForwardLaunch: same run()).
+    kernel: 'wgmma' or 'mma_sync' (tests); None: attention_hopper.forward_kernel's choice."""
     hq = pb.q.shape[1]
     out_shape = (pb.q.shape[0], hq, pb.v.shape[2])
     if pb.q.shape[0] * hq * pb.v.shape[2] == 0 or pb.batch == 0 or pb.seqlen_q == 0:
         return ForwardLaunch(out_shape, pb.lse_shape)
+    if kernel is None:
+        engine = "cuda" if pb.q.is_cuda else "sim"  # a kernel engine: CPU tensors run on the simulator
+        kernel = hopper.forward_kernel(hopper.arch_of(engine, pb.q.device), pb.q.shape[2], pb.v.shape[2], pb.k.shape[0])
+    expect(kernel in hopper.FORWARD_KERNELS, "kernel", f"one of {hopper.FORWARD_KERNELS} (or None: by device)", kernel)
+    if kernel == "wgmma":
+        expect(hopper.forward_kernel("sm_90a", pb.q.shape[2], pb.v.shape[2], pb.k.shape[0]) == "wgmma", "kernel",
+               f"'mma_sync' or None for head dims {(pb.q.shape[2], pb.v.shape[2])} with {pb.k.shape[0]} key rows "
+               f"(the wgmma kernel has tiles for {hopper.HEAD_DIM_PAIRS} and needs keys)", kernel)
+        return hopper.forward_launch(pb, out_shape, pb.params())
     bm = TILES[("fwd", pb.q.shape[2])][0]
     spec = choose_spec("fwd", pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
     config = LaunchConfig.make(grid=(_grid(pb.seqlen_q, bm), hq, pb.batch), block=spec.block_threads(),
@@ -334,9 +348,9 @@ def forward_launch(pb: Problem) -> ForwardLaunch:
     return ForwardLaunch(out_shape, pb.lse_shape, spec, config, pb.params())
 
 
-def forward(pb: Problem, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [rows_q, Hq, Dv], lse in pb.lse_shape) on a kernel engine."""
-    return forward_launch(pb).run(pb.q, pb.k, pb.v, engine, pb.cu_q, pb.cu_k)
+def forward(pb: Problem, engine: str, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [rows_q, Hq, Dv], lse in pb.lse_shape) on a kernel engine; kernel as forward_launch."""
+    return forward_launch(pb, kernel).run(pb.q, pb.k, pb.v, engine, pb.cu_q, pb.cu_k)
 
 
 def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str):
@@ -429,3 +443,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=N
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     dq, dk, dv = backward(pb, dout, out, lse, engine)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+from . import attention_hopper as hopper  # noqa: E402  (it imports AttnParams from here)

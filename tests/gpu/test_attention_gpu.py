@@ -178,3 +178,28 @@ def test_fused_attention_module(monkeypatch, hidden, heads, kv_heads, head_dim, 
     for name, a, o, p in zip(names, got, oracle, pt):
         assert a.dtype == dtype and a.device.type == DEV.type, f"{name}: {a.dtype} on {a.device} ({ctx})"
         assert_within_rule(name, a, o, p, dtype, ctx)
+
+
+@pytest.mark.parametrize("kernel", ["wgmma", "mma_sync"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] in (64, 128)], ids=case_id)
+def test_forward_kernels_explicitly(case, kernel):
+    """Each forward kernel by name (fastmoe_ops/ops/attention_hopper.py: the sm_90a one, TMA +
+    wgmma, and the mma.sync one), so both stay checked on a Hopper GPU, where flash_attn picks
+    the first; and that choice itself."""
+    from fastmoe_ops.ops import attention as launcher
+    from fastmoe_ops.ops import attention_hopper as hopper
+
+    hopper_gpu = torch.cuda.get_device_capability(DEV) == (9, 0)
+    if kernel == "wgmma" and not hopper_gpu:
+        pytest.skip("the wgmma kernel needs sm_90a")
+    b, sq, sk, hq, hkv, d, dv, causal, dtype = case
+    ctx = f"cuda {kernel} {case_id(case)}"
+    q, k, v, dout = (t.to(DEV) for t in make_inputs(b, sq, sk, hq, hkv, d, dtype, sq + sk, dv=dv))
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal)
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
+    assert (hopper.arch_of("cuda", DEV) == "sm_90a") == hopper_gpu
+    assert hopper.forward_kernel(hopper.arch_of("cuda", DEV), d, d, sk) == ("wgmma" if hopper_gpu else "mma_sync")
+    out, lse = launcher.forward(pb, "cuda", kernel)
+    torch.cuda.synchronize()
+    assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, dtype, ctx)
+    assert_lse(lse, o_lse.double(), ctx)

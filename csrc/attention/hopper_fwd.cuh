@@ -1,0 +1,239 @@
+// Fused attention forward on Hopper (sm_90a): TMA + mbarrier ring, warp-specialised, wgmma.
+// Same math, Params fields, grid and lse contract as the mma.sync kernel (fwd.cuh, whose
+// header defines o, lse, causal bottom-right, GQA and varlen); what differs is the machinery:
+//
+//   CTA: BM = 64 NC query rows of one (sequence, query head); grid (ceil(max_sq / BM), Hq, batch)
+//   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane TMA-loads Q once (q_full),
+//                  then every key tile's K and V into the ring (full[s] / empty[s]); warps 1-3
+//                  exit at once.
+//   warpgroup 1+c  consumer c (NC of them, rows 64 c .. 64 c + 63): setmaxnreg.inc; per key tile
+//                    wait full[s]
+//                    S  = Q K^T      DQK / 16 x wgmma m64nBNk16 SS (both K-major), wait
+//                    mask (diagonal / ragged tiles only), online softmax (softmax.cuh) in the
+//                      accumulator registers, which are the mma.sync C layout per warp
+//                    O += P V        BN / 16 x wgmma m64nDVk16 RS: P straight from S's registers
+//                                    (rounded to T), V read MN-major as TMA stored it, wait
+//                    arrive empty[s] (one lane per warp: its MMAs reading s retired)
+//                  then the epilogue (fwd.cuh's fwd_epilogue: o / l, lse).
+//   ring           STAGES x { K [BN][DQK], V [BN][DV] }, Q [BM][DQK] in front of it; a tile of
+//                  D columns is D / 64 panels [rows][64] of 128-byte rows, each one TMA box with
+//                  the 128-byte swizzle = wgmma's K-major B128 layout (SBO 1024, k-step j at
+//                  +32 j inside the row) and, read along N, its MN-major B128 layout (LBO =
+//                  the next panel, SBO = 8 keys). Every panel is a multiple of 1024 bytes, so
+//                  all stay 1024-aligned in the 1024-aligned dynamic buffer.
+//
+// Tensor maps (AttnHopperParams, encoded per call by fastmoe_ops/ops/attention_hopper.py):
+// q, k, v viewed as [B, S, H * D] (dense) or [1, total, H * D] (varlen), dims innermost first
+// (H * D, S, B), box (64, rows, 1): a box never crosses a dense batch's end (zero fill, as
+// the mma.sync kernel's loads). Varlen boxes run into the next sequence's rows: its keys are
+// masked (-inf, so P = 0 exactly), its query rows are never stored.
+// Not yet (issue 16): intra-warpgroup overlap of softmax with the next tile's S = QK^T,
+// ping-pong between the consumer warpgroups, a persistent causal-balancing scheduler.
+#pragma once
+
+#include "csrc/attention/fwd.cuh"
+#include "csrc/common/pipeline.cuh"
+#include "ptx/mbarrier.cuh"
+#include "ptx/tma.cuh"
+#include "ptx/warp.cuh"
+#include "ptx/wgmma_bf16.cuh"
+
+namespace fmo {
+
+struct AttnHopperParams {
+    AttnParams a;
+    ptx::TmaDescriptor q_map;  // q as [B | 1, S | total, Hq * DQK], box (64, BM, 1), 128B swizzle
+    ptx::TmaDescriptor k_map;  // k as [.., Hkv * DQK], box (64, BN, 1)
+    ptx::TmaDescriptor v_map;  // v as [.., Hkv * DV], box (64, BN, 1)
+};
+
+namespace attn {
+
+constexpr int kPanel = 64;            // 16-bit elements per 128-byte swizzled row (one TMA box's width)
+constexpr int kHopperProducerRegs = 24;
+constexpr int kHopperConsumerRegs = 240;  // 128 x 24 + 256 x 240 = 64512 of 65536 (NC = 2)
+
+template <int NC_, int BN_, int DQK_, int DV_, int STAGES_>
+struct HopperFwdShape {
+    static constexpr int NC = NC_, BM = 64 * NC_, BN = BN_, DQK = DQK_, DV = DV_, STAGES = STAGES_;
+    static constexpr int NT = BN / 8, DT = DV / 8;  // n8 column blocks of S and of O (fwd_epilogue's DT)
+    static constexpr int kThreads = 128 * (1 + NC);
+    static constexpr int kQBytes = BM * DQK * 2, kKBytes = BN * DQK * 2, kVBytes = BN * DV * 2;
+    static constexpr int kStageBytes = kKBytes + kVBytes;
+    static constexpr int kBarrierOffset = kQBytes + STAGES * kStageBytes;
+    static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * STAGES + 1);
+    static_assert(NC == 1 || NC == 2, "one or two consumer warpgroups");
+    static_assert(DQK % kPanel == 0 && DV % kPanel == 0, "whole 64-column panels");
+    static_assert(BN % 16 == 0 && BN >= 64 && BN <= 256 && (BN == 64 || BN % 64 == 0), "BN: a wgmma N size");
+    static_assert(DV == 64 || DV == 128 || DV == 192 || DV == 256, "DV: a wgmma N size of wgmma_bf16.cuh");
+    static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "1024-aligned panels");
+};
+
+// Q, the ring and its barriers in the dynamic buffer.
+template <class Shape>
+struct HopperSmem {
+    uint8_t* base;
+    FMO_DEVICE uint8_t* q() const { return base; }
+    FMO_DEVICE uint8_t* k(int s) const { return base + Shape::kQBytes + s * Shape::kStageBytes; }
+    FMO_DEVICE uint8_t* v(int s) const { return k(s) + Shape::kKBytes; }
+    FMO_DEVICE uint64_t* full(int s) const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset) + s; }
+    FMO_DEVICE uint64_t* empty(int s) const { return full(Shape::STAGES) + s; }
+    FMO_DEVICE uint64_t* q_full() const { return full(2 * Shape::STAGES); }
+
+    // One thread, before the roles split (then __syncthreads publishes them).
+    FMO_DEVICE void init() const {
+        for (int s = 0; s < Shape::STAGES; ++s) {
+            ptx::mbarrier_init(full(s), 1);                 // the producer's arrive.expect_tx
+            ptx::mbarrier_init(empty(s), 4 * Shape::NC);    // one lane per consumer warp
+        }
+        ptx::mbarrier_init(q_full(), 1);
+        ptx::fence_mbarrier_init();  // the inits, to the async proxy (TMA completes on them)
+    }
+};
+
+// Where one (sequence, head) lives in the maps' [B | 1, rows, H * D] views.
+struct MapRows {
+    int32_t q_row, k_row, batch;
+};
+FMO_DEVICE MapRows map_rows(const AttnParams& p, const SeqView& s, int64_t b, int m0) {
+    if (p.cu_seqlens_q != nullptr) return MapRows{int32_t(s.q_start + m0), int32_t(s.k_start), 0};
+    return MapRows{m0, 0, int32_t(b)};
+}
+
+// `rows` x D of one head as D / 64 boxes (panels) into dst.
+template <int D, int ROWS>
+FMO_DEVICE void tma_load_panels(uint8_t* dst, const ptx::TmaDescriptor* map, uint64_t* bar, int head, int32_t row,
+                                int32_t batch) {
+#pragma unroll
+    for (int pc = 0; pc < D / kPanel; ++pc)
+        ptx::tma_load_3d(dst + pc * ROWS * 128, map, bar, head * D + pc * kPanel, row, batch);
+}
+
+template <class Shape>
+FMO_DEVICE void produce(const AttnHopperParams& P, const HopperSmem<Shape>& sm, int h, int hk, const MapRows& r,
+                        int n_tiles) {
+    ptx::tma_prefetch_descriptor(&P.q_map);
+    ptx::tma_prefetch_descriptor(&P.k_map);
+    ptx::tma_prefetch_descriptor(&P.v_map);
+    ptx::mbarrier_arrive_expect_tx(sm.q_full(), Shape::kQBytes);  // whole boxes, zero-filled rows included
+    tma_load_panels<Shape::DQK, Shape::BM>(sm.q(), &P.q_map, sm.q_full(), h, r.q_row, r.batch);
+    PipelineState ps;
+    for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
+        ptx::mbarrier_wait_parity(sm.empty(ps.stage), ps.phase ^ 1);  // the stage's last MMAs retired
+        ptx::mbarrier_arrive_expect_tx(sm.full(ps.stage), Shape::kStageBytes);
+        const int32_t row = r.k_row + j * Shape::BN;
+        tma_load_panels<Shape::DQK, Shape::BN>(sm.k(ps.stage), &P.k_map, sm.full(ps.stage), hk, row, r.batch);
+        tma_load_panels<Shape::DV, Shape::BN>(sm.v(ps.stage), &P.v_map, sm.full(ps.stage), hk, row, r.batch);
+    }
+}
+
+template <typename T>
+struct WgmmaType {
+    static constexpr ptx::Wgmma16 value = IsBf16<T>::value ? ptx::Wgmma16::bf16 : ptx::Wgmma16::f16;
+};
+
+// S[64 rows of warpgroup wg, BN] = Q K^T over DQK: DQK / 16 SS MMAs, committed, not waited for.
+template <typename T, class Shape>
+FMO_DEVICE void issue_qk(float (&s)[Shape::BN / 2], const uint8_t* q, const uint8_t* k, int wg) {
+#pragma unroll
+    for (int ks = 0; ks < Shape::DQK / 16; ++ks) {
+        const int pc = ks / 4, off = 32 * (ks % 4);  // panel, byte offset of the k-step in the 128-byte row
+        // K-major B128: SBO = 8 rows of 128 bytes; LBO unused ("assumed 1", ISA)
+        const uint64_t da = ptx::make_smem_desc(q + pc * Shape::BM * 128 + wg * 64 * 128 + off, 16, 1024, ptx::Swizzle::b128);
+        const uint64_t db = ptx::make_smem_desc(k + pc * Shape::BN * 128 + off, 16, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_ss<Shape::BN, WgmmaType<T>::value>(s, da, db, ks > 0 ? 1 : 0);
+    }
+    ptx::wgmma_commit();
+}
+
+// O[64, DV] += P V: P's k-step kk is S's registers 8 kk .. 8 kk + 7 as T pairs (the RS A
+// fragment is S's accumulator map for N = 16: ptx/wgmma_bf16.cuh), V [BN keys][DV] read
+// MN-major (trans-b): keys 16 kk.. start at +16 kk rows, LBO = the next 64-column panel, SBO =
+// 8 keys. The P registers must live until the wait (the ISA reads them asynchronously).
+template <typename T, class Shape>
+FMO_DEVICE void issue_pv(float (&o)[Shape::DV / 2], const uint32_t (&pa)[Shape::BN / 16][4], const uint8_t* v) {
+#pragma unroll
+    for (int kk = 0; kk < Shape::BN / 16; ++kk) {
+        const uint64_t db = ptx::make_smem_desc(v + kk * 16 * 128, Shape::BN * 128, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_rs<Shape::DV, WgmmaType<T>::value, 1>(o, pa[kk], db, 1);
+    }
+    ptx::wgmma_commit();
+}
+
+template <class Shape>
+FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.empty(stage));
+}
+
+// UNSAFE_EARLY_RELEASE (tests only): free the stage right after issuing the MMAs that read V,
+// before they retired -- the bug this design must not have: the simulator's TMA poisons the
+// refilled stage under the pending MMAs (tests/test_attention_hopper.py).
+template <typename T, class Shape, bool CAUSAL, bool UNSAFE_EARLY_RELEASE>
+FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const SeqView& s, int h, int m0,
+                        int n_tiles) {
+    const int wg = int(threadIdx.x) / 128 - 1, warp = (int(threadIdx.x) / 32) % 4;
+    const int row0 = m0 + wg * 64 + warp * 16;  // this warp's 16 rows (the mma.sync kernel's warp tile)
+    float o[Shape::DT][4];
+    zero(o);
+    OnlineSoftmax softmax;
+    float(&of)[Shape::DV / 2] = reinterpret_cast<float(&)[Shape::DV / 2]>(o);
+    ptx::mbarrier_wait_parity(sm.q_full(), 0);
+    PipelineState ps;
+    for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
+        const int n0 = j * Shape::BN;
+        float sc[Shape::NT][4];
+        float(&sf)[Shape::BN / 2] = reinterpret_cast<float(&)[Shape::BN / 2]>(sc);
+        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile j landed
+        ptx::wgmma_fence();  // orders the previous tile's register reads of s before the MMAs write it
+        issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operands(sf);
+        // Only tiles crossing the diagonal or the end of the keys need the mask.
+        const bool edge = n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq);
+        if (edge) apply_mask(sc, CAUSAL, row0, n0, s.sq, s.sk);
+        softmax.update(sc, o, p.scale_log2);
+        uint32_t pa[Shape::BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < Shape::BN / 16; ++kk) {
+            pa[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+            pa[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+            pa[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        }
+        ptx::wgmma_fence_operands(of);
+        ptx::wgmma_fence();  // the softmax's rescaling of o happens before the MMAs accumulate into it
+        issue_pv<T, Shape>(of, pa, sm.v(ps.stage));
+        if (UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operands(of);
+        if (!UNSAFE_EARLY_RELEASE) release(sm, ps.stage);  // this warp's MMAs reading the stage retired
+    }
+    fwd_epilogue<T, Shape>(p, s, h, row0, o, softmax);
+}
+
+template <typename T, int NC, int BN, int DQK, int DV, int STAGES, bool CAUSAL, bool UNSAFE_EARLY_RELEASE = false>
+FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
+    using Shape = HopperFwdShape<NC, BN, DQK, DV, STAGES>;
+    const AttnParams& p = P.a;
+    const int m0 = int(blockIdx.x) * Shape::BM, h = int(blockIdx.y);
+    const SeqView s = sequence(p, blockIdx.z);
+    if (m0 >= s.sq) return;  // varlen: this sequence is shorter than the grid (whole CTA)
+    const int hk = h / int(p.heads_q / p.heads_kv);
+    const int n_tiles = (causal_key_end(CAUSAL, m0, Shape::BM, s.sq, s.sk) + Shape::BN - 1) / Shape::BN;
+    const HopperSmem<Shape> sm{fmo_attn_smem};
+    if (threadIdx.x == 0) sm.init();
+    __syncthreads();  // barriers initialised before any role uses them (the last CTA-wide barrier)
+
+    if (threadIdx.x < 128) {  // producer warpgroup
+        ptx::setmaxnreg_dec<kHopperProducerRegs>();
+        if (threadIdx.x / 32 == 0 && ptx::elect_one_sync())
+            produce<Shape>(P, sm, h, hk, map_rows(p, s, blockIdx.z, m0), n_tiles);
+        return;
+    }
+    ptx::setmaxnreg_inc<kHopperConsumerRegs>();
+    consume<T, Shape, CAUSAL, UNSAFE_EARLY_RELEASE>(p, sm, s, h, m0, n_tiles);
+}
+
+}  // namespace attn
+}  // namespace fmo

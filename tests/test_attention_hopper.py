@@ -1,0 +1,156 @@
+"""The sm_90a attention forward (csrc/attention/hopper_fwd.cuh: TMA ring, producer warp, wgmma
+consumer warpgroups) on the simulator, which models sm_90a: its own CUDA source with the TMA,
+mbarrier and wgmma emulations (asynchronous: a tile read before its barrier, a stage refilled
+under pending MMAs or D read before its wait shows as poison or wrong values).
+
+Against float64 by FlashAttention's rule (tests/attention_util.py): out within twice the error of
+PyTorch's same-dtype computation plus rounding, lse within 1e-3 and -inf exactly where a row sees
+no key; outputs poisoned (torch.empty on the simulator is the launch's poison) and NaN never
+passes. The cases cover D 64 and 128, causal (diagonal tiles masked, tiles past the diagonal
+never loaded) and not, Sq > Sk (rows that see no key), Sq < Sk, ragged tiles, GQA and MQA, bf16
+and fp16, dense and varlen (empty sequences; boxes that run into the next sequence), and the
+choice of kernel (attention_hopper.forward_kernel). ~20 s on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+from fastmoe_ops.ops import attention as launcher
+from fastmoe_ops.ops import attention_hopper as hopper
+
+from attention_util import (assert_lse, assert_uniform_mean, assert_within_rule, make_inputs, oracle_and_pytorch,
+                            uniform_inputs)
+
+SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
+
+
+def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0):
+    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal} {dtype} seed={seed}"
+    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed)
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal)
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
+    fl = launcher.forward_launch(pb)
+    assert isinstance(fl, hopper.HopperForwardLaunch), f"the simulator should take the sm_90a kernel ({ctx})"
+    out, lse = fl.run(pb.q, pb.k, pb.v, "sim")
+    assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, dtype, ctx)
+    assert_lse(lse, o_lse.double(), ctx)
+
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, dtype): BM = 128 query rows, BN = 128 keys per tile.
+CASES = [
+    (1, 1, 1, 1, 1, 64, False, torch.bfloat16),
+    (2, 17, 17, 4, 1, 64, True, torch.float16),      # MQA, ragged tiles, two batches (map's zero fill)
+    (1, 200, 300, 2, 2, 64, True, torch.bfloat16),   # Sq < Sk: three key tiles, the ring wraps
+    (1, 257, 129, 2, 1, 128, True, torch.bfloat16),  # Sq > Sk: rows that see no key (lse -inf, out 0)
+    (2, 40, 150, 4, 2, 128, False, torch.float16),   # GQA, ragged last key tile
+]
+
+
+@SIM
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_d{}_{}_{}".format(*c[:6], "causal" if c[6] else "full", str(c[7])[6:]))
+def test_hopper_forward_vs_float64(case):
+    check_forward(*case)
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_structured_uniform_attention(causal):
+    """attention_util.uniform_inputs: out is the mean of v over the keys each row sees; two query
+    tiles, three key tiles (the ring wraps), two panels of D, GQA."""
+    b, sq, sk, hq, hkv, d = 1, 150, 260, 4, 2, 128
+    q, k, v = uniform_inputs(b, sq, sk, hq, hkv, d)
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
+    out, lse = launcher.forward(pb, "sim", "wgmma")
+    assert_uniform_mean(out.reshape(b, sq, hq, d), lse, sq, sk, hq, hkv, causal)
+
+
+@SIM
+def test_hopper_varlen_with_empty_sequences():
+    """Packed sequences: an empty query sequence, one whose keys are empty (out 0, lse -inf), and
+    boxes that run past a sequence's end into the next one's rows (masked, never stored)."""
+    cu_q = torch.tensor([0, 0, 17, 145, 145, 150], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 133, 150, 150], dtype=torch.int32)
+    hq, hkv, d = 4, 2, 64
+    for causal, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        ctx = f"varlen causal={causal} {dtype}"
+        q, k, v, dout = make_inputs(1, 150, 150, hq, hkv, d, dtype, 7, varlen_cu=True)
+        (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal, (cu_q, cu_k))
+        pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              max_seqlen_q=128, max_seqlen_k=128)
+        out, lse = launcher.forward(pb, "sim", "wgmma")
+        assert_within_rule("out", out, o_out, p_out, dtype, ctx)
+        assert_lse(lse, o_lse.double(), ctx)
+
+
+@SIM
+def test_hopper_public_function_takes_the_new_kernel(monkeypatch):
+    """fmo.flash_attn on the simulator goes through the sm_90a kernel (D 64) and agrees with the
+    mma.sync kernel's forward within the rule's bound (both against float64)."""
+    calls = []
+    real = hopper.HopperForwardLaunch.run
+    monkeypatch.setattr(hopper.HopperForwardLaunch, "run", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    q, k, v, dout = make_inputs(2, 33, 40, 4, 2, 64, torch.bfloat16, 3)
+    (o_out, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, True)
+    with fmo.use_backend("sim"):
+        out = fmo.flash_attn(q, k, v, causal=True)
+    assert calls, "the public function did not launch the sm_90a kernel"
+    assert_within_rule("out", out, o_out, p_out, torch.bfloat16, "flash_attn")
+
+
+@SIM
+def test_hopper_memcheck_and_racecheck(monkeypatch):
+    """Every global access inside the launch's tensors (TMA boxes included), no shared-memory races."""
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
+    check_forward(2, 20, 150, 2, 1, 64, True, torch.bfloat16, seed=5)
+
+
+@SIM
+def test_hopper_early_stage_release_fails():
+    """The pipeline bug the simulator must catch: a consumer frees a K/V stage right after issuing
+    the MMAs that read it, before they retired; the producer refills it (TMA poisons the stage
+    until it lands) under the pending MMAs, which then multiply the poison or the next tile."""
+    import dataclasses
+
+    q, k, v, dout = make_inputs(1, 200, 300, 2, 2, 64, torch.bfloat16, 0)
+    (o_out, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, False)
+    pb = launcher.problem(q, k, v, causal=False, softmax_scale=None)
+    fl = launcher.forward_launch(pb, "wgmma")
+    out, _ = fl.run(pb.q, pb.k, pb.v, "sim")
+    assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, torch.bfloat16, "safe release")
+    fl.spec = dataclasses.replace(fl.spec, unsafe_early_release=True)
+    out, _ = fl.run(pb.q, pb.k, pb.v, "sim")
+    with pytest.raises(AssertionError):
+        assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, torch.bfloat16, "early release")
+
+
+def test_forward_kernel_choice():
+    """One function chooses: sm_90a (a Hopper GPU, or the simulator, which models one) takes the
+    wgmma kernel for the head dims it has tiles for and at least one key; everything else the
+    mma.sync kernel. (The GPU's arch from its capability: tests/gpu/test_attention_gpu.py.)"""
+    assert hopper.arch_of("sim", torch.device("cpu")) == "sm_90a"
+    assert hopper.forward_kernel("sm_90a", 64, 64, 10) == "wgmma"
+    assert hopper.forward_kernel("sm_90a", 128, 128, 1) == "wgmma"
+    assert hopper.forward_kernel("sm_90a", 192, 128, 10) == "mma_sync"  # MLA: no tiles yet
+    assert hopper.forward_kernel("sm_90a", 64, 64, 0) == "mma_sync"     # no keys: a map needs dims >= 1
+    for arch in ("sm_80", "sm_89", "sm_90", "sm_100a", "sm_120"):
+        assert hopper.forward_kernel(arch, 128, 128, 10) == "mma_sync", arch
+
+
+def test_hopper_specs_and_refusals():
+    from fastmoe_ops.errors import UnsupportedError
+    from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
+
+    specs = list(hopper.standard_specs())
+    assert len(specs) == 8 and len({s.entry_name() for s in specs}) == 8
+    for s in specs:
+        assert s.block_threads() == 384 and s.smem_bytes() <= MAX_DYNAMIC_SMEM
+        assert "fmo::attn::attn_fwd_hopper<" in s.stub()
+    with pytest.raises(UnsupportedError, match="head_dim"):
+        hopper.AttnHopperSpec("bf16", 192, 128, 2, 128, 2, False).check()
+    with pytest.raises(UnsupportedError, match="block_n"):
+        hopper.AttnHopperSpec("bf16", 64, 64, 2, 96, 2, False).check()
+    with pytest.raises(UnsupportedError, match="stages"):
+        hopper.AttnHopperSpec("bf16", 128, 128, 2, 256, 4, False).check()
