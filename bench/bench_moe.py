@@ -6,10 +6,10 @@
 Each row times one dispatch + combine (layout, metadata handshake, packing, transfers, the
 fixed-order combine sum) on every rank and, in the same run, two raw `comm.Alltoallv` calls
 moving exactly the same bytes between pre-packed host buffers (no layout, no handshake, no
-sum): what the exchange costs without the library. The two alternate repetition by
-repetition, so a drift in the machine's speed touches both alike. Speedup = raw time / ours (1.5x
-slower is 0.67x). A repetition's time is the slowest rank's (barrier before each, warm-up
-first), the reported time the median. GB/s counts the payload bytes all ranks send
+sum): what the exchange costs without the library. The two are timed by
+bench.stats.compare_across_ranks: interleaved pairs until the ratio's 95% interval is narrow
+enough or the time budget ends, a call's time the slowest rank's (barrier before each, warm-up
+first). Speedup = raw time / ours (1.5x slower is 0.67x), printed with its interval. GB/s counts the payload bytes all ranks send
 (dispatch rows + their ids/weights/scales, then combine rows).
 
 CPU tensors: the host transport (packing and the sum on the CPU; no kernel, so the engine
@@ -34,6 +34,7 @@ import torch
 import fastmoe_ops as fmo
 
 from .harness import Row, format_table, write_json
+from .stats import compare, compare_across_ranks, one_thread_per_side_on_cpu
 
 # (tokens per rank, hidden, experts, top-k, payload)
 CPU_SHAPES = [(512, 2048, 32, 4, "bf16"), (256, 7168, 64, 8, "bf16"), (256, 7168, 64, 8, "fp8")]
@@ -72,8 +73,8 @@ def timed_together(comm, fns, reps: int, device: torch.device, warmup: int = 3) 
     return out
 
 
-def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str, reps: int,
-              transport: str = "host", ceiling: float = 0.0) -> Row:
+def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str,
+              max_seconds: float, transport: str = "host", ceiling: float = 0.0) -> Row:
     rank, world = comm.Get_rank(), comm.Get_size()
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device)
@@ -112,13 +113,31 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
             comm.Alltoallv([a_send, spec(send_rows, row_in), MPI.BYTE], [a_recv, spec(recv_rows, row_in), MPI.BYTE])
             comm.Alltoallv([b_send, spec(recv_rows, row_back), MPI.BYTE], [b_recv, spec(send_rows, row_back), MPI.BYTE])
 
-        (t_ours, cpu_ours), (t_raw, cpu_raw) = timed_together(comm, [ours, raw], reps, device)
+        # CPU seconds per call beside the wall time: they separate the work done from waiting
+        # for a core or a peer on a machine whose cores the ranks share.
+        cpu_ours, cpu_raw = [], []
+        c = compare_across_ranks(comm, with_cpu_time(ours, cpu_ours), with_cpu_time(raw, cpu_raw), device=device,
+                                 max_seconds=max_seconds)
     moved = sum(comm.allgather(a_send.size + b_send.size))
     buf.destroy()
-    return Row(op="moe_dispatch_combine", shape=f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload} {transport}", engine=engine,
-               ours_s=t_ours, baseline="MPI Alltoallv x2 (same bytes)", baseline_s=t_raw, bytes_moved=moved,
-               ceiling="device copy" if ceiling else "", ceiling_rate=ceiling,
-               extra={"cpu_s": cpu_ours, "baseline_cpu_s": cpu_raw})
+    return Row.compared("moe_dispatch_combine", f"R{world} T{tokens} H{hidden} E{experts} k{k} {payload} {transport}", engine,
+                        c, baseline="MPI Alltoallv x2 (same bytes)", bytes_moved=moved,
+                        ceiling="device copy" if ceiling else "", ceiling_rate=ceiling,
+                        extra={"cpu_s": _mean_over_ranks(comm, cpu_ours), "baseline_cpu_s": _mean_over_ranks(comm, cpu_raw)})
+
+
+def with_cpu_time(fn, seconds: list):
+    """fn, appending the CPU time of each call to `seconds`."""
+    def run():
+        c0 = time.process_time()
+        fn()
+        seconds.append(time.process_time() - c0)
+    return run
+
+
+def _mean_over_ranks(comm, seconds: list) -> float:
+    """The ranks' mean of their median CPU time per call."""
+    return comm.allreduce(statistics.median(seconds)) / comm.Get_size()
 
 
 def main(argv=None) -> int:
@@ -128,9 +147,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the first shape only, fewer repetitions")
     p.add_argument("--cpu", action="store_true", help="CPU tensors even where a GPU is available")
     p.add_argument("--no-ipc", action="store_true", help="skip the transport='ipc' rows")
-    p.add_argument("--reps", type=int, default=0, help="repetitions per row (default 15, 5 with --quick)")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="timing budget per row (default 20 s, 8 s with --quick; bench.stats.compare_across_ranks)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     args = p.parse_args(argv)
+    one_thread_per_side_on_cpu()
     comm = MPI.COMM_WORLD
     gpu = not args.cpu and torch.cuda.is_available() and "cuda" in fmo.available_backends()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     shapes = shapes[:1] if args.quick else shapes
-    reps = args.reps or (5 if args.quick else 15)
+    max_seconds = args.max_seconds or (8.0 if args.quick else 20.0)
     runs = [(shape, "host") for shape in shapes]
     if not args.no_ipc and (gpu or "sim" in fmo.available_backends()):
         runs += [(shape, "ipc") for shape in (shapes if gpu else shapes[:1])]   # the simulator is slow
@@ -148,7 +169,7 @@ def main(argv=None) -> int:
     ceiling = copy_bandwidth_gbps(device) * 1e9   # bytes/s; 0 on the CPU
     rows = []
     for shape, transport in runs:
-        rows.append(run_shape(comm, device, *shape, reps=reps, transport=transport, ceiling=ceiling))
+        rows.append(run_shape(comm, device, *shape, max_seconds=max_seconds, transport=transport, ceiling=ceiling))
         if comm.Get_rank() == 0:
             print(f"done: {rows[-1].shape} {rows[-1].engine}", file=sys.stderr, flush=True)
     if comm.Get_rank() == 0:
@@ -194,8 +215,6 @@ def _index_baseline(x, idx, weights, num_experts):
 
 
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
-    from fastmoe_ops.timing import time_fn
-
     shapes = PERMUTE_GPU_SHAPES if device.type == "cuda" else PERMUTE_CPU_SHAPES
     rows = []
     for n, hidden, experts, k in shapes[:1] if quick else shapes:
@@ -210,11 +229,10 @@ def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> lis
                 y, pmap = fmo.moe.permute(x, idx, experts)
                 return fmo.moe.unpermute(y, pmap, w)
 
-        t_ours = time_fn(ours, device=device, reps=20 if device.type == "cuda" else 3)
-        t_base = time_fn(lambda: _index_baseline(x, idx, w, experts), device=device, reps=20 if device.type == "cuda" else 3)
+        c = compare(ours, lambda: _index_baseline(x, idx, w, experts), device=device, max_seconds=3.0 if quick else 6.0)
         pairs = int((idx >= 0).sum())
         moved = 2 * (n * hidden * 2 + pairs * hidden * 2)   # permute: read rows, write copies; unpermute: read copies, write rows
-        rows.append(Row(op="moe_permute_unpermute", shape=f"N{n} H{hidden} E{experts} k{k} bf16", engine=engine,
-                        ours_s=t_ours.median_s, baseline="index_select + index_add_", baseline_s=t_base.median_s,
-                        bytes_moved=moved, ceiling="device copy" if copy_gbps else "", ceiling_rate=copy_gbps * 1e9))
+        rows.append(Row.compared("moe_permute_unpermute", f"N{n} H{hidden} E{experts} k{k} bf16", engine, c,
+                                 baseline="index_select + index_add_", bytes_moved=moved,
+                                 ceiling="device copy" if copy_gbps else "", ceiling_rate=copy_gbps * 1e9))
     return rows

@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     p.add_argument("--plot", type=Path, help="directory: rank 0's traced timeline per shape (CPU runs)")
     args = p.parse_args(argv)
+    one_thread_per_side_on_cpu()
     comm = MPI.COMM_WORLD
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")   # every rank on device 0

@@ -121,8 +121,13 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_gemm(reps: int, seed: int = 0) -> dict:
-    M = N = K = 256
+GEMM_MNK = 256
+REDUCE_N = 1 << 20
+
+
+def checked_gemm(seed: int = 0):
+    """The simulator's 256^3 bf16 GEMM launch, its result checked against float64 once."""
+    M = N = K = GEMM_MNK
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(M, K, generator=g).to(torch.bfloat16)
     b = torch.randn(K, N, generator=g).to(torch.bfloat16)
@@ -142,13 +147,20 @@ def bench_gemm(reps: int, seed: int = 0) -> dict:
         worst = int(torch.argmax(err - bound))
         raise SystemExit(f"gemm_bf16: wrong result at {divmod(worst, N)}: got {c.view(-1)[worst].item()}, "
                          f"want {ref.view(-1)[worst].item()} (seed {seed})")
+    return run, float(err.max())
+
+
+def bench_gemm(reps: int, seed: int = 0) -> dict:
+    run, err = checked_gemm(seed)
     t = timed(run, reps)
+    n = GEMM_MNK
     return {"name": "gemm_bf16 256x256x256 (mma.sync+ldmatrix+cp.async)", "seconds": t,
-            "elements_per_s": M * N / t, "macs_per_s": M * N * K / t, "max_abs_err": float(err.max())}
+            "elements_per_s": n * n / t, "macs_per_s": n**3 / t, "max_abs_err": err}
 
 
-def bench_reduce(reps: int, seed: int = 0) -> dict:
-    n = 1 << 20
+def checked_reduce(seed: int = 0):
+    """The simulator's 2^20 f32 reduction launch, its result checked against float64 once."""
+    n = REDUCE_N
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     out = torch.zeros(1)
     f = module(REDUCE).get_function("reduce_sum")
@@ -162,9 +174,14 @@ def bench_reduce(reps: int, seed: int = 0) -> dict:
     tol = 2 * 64 * 2.0**-24 * x.double().abs().sum().item()  # fp32 partial sums, depth << 64
     if not abs(out.item() - ref) <= tol:
         raise SystemExit(f"reduce_sum: got {out.item()}, want {ref} +- {tol} (seed {seed})")
+    return run, abs(out.item() - ref)
+
+
+def bench_reduce(reps: int, seed: int = 0) -> dict:
+    run, err = checked_reduce(seed)
     t = timed(run, reps)
-    return {"name": "reduce_sum 2^20 f32 (ld.global.nc.v4 + red.add.f32)", "seconds": t, "elements_per_s": n / t,
-            "abs_err": abs(out.item() - ref)}
+    return {"name": "reduce_sum 2^20 f32 (ld.global.nc.v4 + red.add.f32)", "seconds": t, "elements_per_s": REDUCE_N / t,
+            "abs_err": err}
 
 
 def main(argv=None) -> int:
@@ -196,18 +213,18 @@ def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> lis
     if device.type != "cpu" or engine != "sim":
         return []
     from bench.harness import Row
-    from fastmoe_ops.timing import time_fn
+    from bench.stats import compare
 
-    reps = 2 if quick else 3
-    gemm = bench_gemm(reps)
-    a = torch.randn(256, 256).to(torch.bfloat16)
-    t_mm = time_fn(lambda: a.float() @ a.float(), device=device, reps=reps)
-    red = bench_reduce(reps)
-    x = torch.randn(1 << 20)
-    t_sum = time_fn(lambda: x.sum(), device=device, reps=reps)
+    budget = 4.0 if quick else 8.0
+    gemm, _ = checked_gemm()
+    a = torch.randn(GEMM_MNK, GEMM_MNK).to(torch.bfloat16)
+    c_mm = compare(gemm, lambda: a.float() @ a.float(), device=device, max_seconds=budget)
+    reduce, _ = checked_reduce()
+    x = torch.randn(REDUCE_N)
+    c_sum = compare(reduce, lambda: x.sum(), device=device, max_seconds=budget)
     return [
-        Row(op="sim_throughput", shape="gemm bf16 256^3 (mma.sync)", engine="sim", ours_s=gemm["seconds"],
-            baseline="torch.matmul fp32 (CPU)", baseline_s=t_mm.median_s, flops=2 * 256**3),
-        Row(op="sim_throughput", shape="reduce f32 2^20", engine="sim", ours_s=red["seconds"],
-            baseline="torch.sum (CPU)", baseline_s=t_sum.median_s, bytes_moved=4 << 20),
+        Row.compared("sim_throughput", "gemm bf16 256^3 (mma.sync)", "sim", c_mm,
+                     baseline="torch.matmul fp32 (CPU)", flops=2 * GEMM_MNK**3),
+        Row.compared("sim_throughput", "reduce f32 2^20", "sim", c_sum,
+                     baseline="torch.sum (CPU)", bytes_moved=4 * REDUCE_N),
     ]

@@ -23,9 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -112,25 +110,23 @@ def _no_span(t):
     return None
 
 
-def per_call_s(fn, calls: int, device, repeats: int = 5) -> float:
-    """Median over `repeats` of (time of `calls` back-to-back calls + one sync) / calls."""
+def batch_of(fn, calls: int, device):
+    """fn called `calls` times back to back, then one synchronisation: one timed sample."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(min(calls, 50)):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def run():
         for _ in range(calls):
             fn()
         sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return run
 
 
-def measure(device, engine: str, calls: int = 2000, only=None):
-    """[(op, shape, ours_s, torch_s)] for every case, ours and torch.abs interleaved per op
-    (same process, same moment: machine noise hits both)."""
+def measure(device, engine: str, calls: int = 2000, only=None, max_seconds: float = 2.0):
+    """[(op, shape, Comparison per call)] for every case: batches of ours and of torch.abs
+    interleaved by bench.stats.compare (same process, same moment: machine noise hits both),
+    timed on the host clock (what is measured is host time, so never CUDA events)."""
+    from bench.stats import compare
+
     out = []
     ctx = contextlib.nullcontext() if engine == "cuda" else fmo.use_backend(engine)
     skip = sim_kernels_skipped if engine == "sim" else contextlib.nullcontext
@@ -141,19 +137,25 @@ def measure(device, engine: str, calls: int = 2000, only=None):
                 continue
             ours()  # compile and load outside the timing (the simulator runs it once, for real)
             n = calls if engine != "reference" or name.startswith("fp8.quant") else max(calls // 10, 50)
-            with skip():
-                ours_s = per_call_s(ours, n, device)
-            out.append((name, shape, ours_s, per_call_s(theirs, n, device)))
+            ours_batch, theirs_batch = batch_of(ours, n, device), batch_of(theirs, n, device)
+
+            def ours_skipping_kernels():
+                with skip():
+                    ours_batch()
+
+            c = compare(ours_skipping_kernels, theirs_batch, device=torch.device("cpu"), max_seconds=max_seconds,
+                        warmup=1)
+            out.append((name, shape, c.per_call(n)))
     return out
 
 
-def rows(device, engine: str, calls: int = 2000):
+def rows(device, engine: str, calls: int = 2000, max_seconds: float = 2.0):
     """The measurements as bench harness rows: op "host_time_per_call", the public op in the
     shape column; speedup = torch / ours (target >= 1, i.e. ours / torch <= 1)."""
     from bench.harness import Row
 
-    return [Row("host_time_per_call", f"{name} {shape}", engine, ours_s, BASELINE, torch_s)
-            for name, shape, ours_s, torch_s in measure(device, engine, calls)]
+    return [Row.compared("host_time_per_call", f"{name} {shape}", engine, c, baseline=BASELINE)
+            for name, shape, c in measure(device, engine, calls, max_seconds=max_seconds)]
 
 
 def main(argv=None) -> int:
@@ -161,15 +163,19 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=["cuda", "sim", "reference"], action="append",
                    help="default: cuda on a GPU, else sim and reference")
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--max-seconds", type=float, default=2.0, help="timing budget per op (bench.stats.compare)")
     p.add_argument("--json", type=Path, help="also write the rows here (a list of harness Row fields)")
     args = p.parse_args(argv)
+    from bench.stats import one_thread_per_side_on_cpu
+
+    one_thread_per_side_on_cpu()
     on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
     engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
     print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")
     out = []
     for engine in engines:
         device = torch.device("cuda" if engine == "cuda" else "cpu")
-        for r in rows(device, engine, args.calls):
+        for r in rows(device, engine, args.calls, args.max_seconds):
             out.append(r)
             name, shape = r.shape.split(" ", 1)
             print(f"{name:<42} {shape:<26} {engine:<10} {r.ours_s * 1e6:>7.2f}us {r.baseline_s * 1e6:>8.2f}us "
@@ -187,7 +193,7 @@ def run(device, engine: str, quick: bool, ceiling: float = 0.0):
     return rows_in_subprocess([engine], calls=500 if quick else 2000)
 
 
-def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 120.0):
+def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 120.0, max_seconds: float = 2.0):
     """rows() for each engine, measured in a fresh process (inside a process that holds every
     benchmark's tensors and threads, host times read about 1.5x higher) -> harness Rows."""
     import subprocess
@@ -197,7 +203,8 @@ def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 120.0):
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "bench.overhead_bench", "--calls", str(calls), "--json", str(path)]
+        cmd = [sys.executable, "-m", "bench.overhead_bench", "--calls", str(calls), "--max-seconds", str(max_seconds),
+               "--json", str(path)]
         for engine in engines:
             cmd += ["--engine", engine]
         try:

@@ -1,0 +1,99 @@
+"""bench/stats.py: the statistics every benchmark row uses (interleaving, the adaptive stop,
+the interval of the median ratio, its resolution floor), on scripted timers so that nothing
+here depends on the machine's speed."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from bench import stats
+
+
+def scripted(times: dict):
+    """A `timed` callable that returns the next scripted time of whichever function it is given,
+    and records the order of the calls."""
+    order, its = [], {name: iter(seq) for name, seq in times.items()}
+
+    def timed(fn):
+        order.append(fn.__name__)
+        return next(its[fn.__name__])
+    return timed, order
+
+
+def ours():
+    pass
+
+
+def base():
+    pass
+
+
+def test_median_interval_is_the_order_statistics_around_the_median():
+    xs = [float(i) for i in range(1, 101)]           # n = 100: ranks 50 -+ 1.96 * 10 / 2
+    med, lo, hi = stats.median_ci(xs)
+    assert med == 50.5
+    assert (lo, hi) == (xs[math.floor(50 - 9.8)], xs[math.ceil(50 + 9.8) - 1])
+
+
+def test_pairs_alternate_order_and_stop_once_the_interval_is_tight():
+    timed, order = scripted({"ours": itertools.repeat(2.0), "base": itertools.repeat(1.0)})
+    c = stats._interleaved(timed, ours, base, rel_ci=0.05, max_pairs=400, out_of_time=lambda: False)
+    assert c.pairs == stats.MIN_PAIRS                 # identical pairs: tight from the first chance
+    assert order[:4] == ["ours", "base", "base", "ours"]
+    assert c.ratio == 0.5 and c.conclusive            # ours twice as slow: beyond any noise
+
+
+def test_noisy_pairs_run_to_the_cap_and_a_difference_inside_the_noise_is_not_claimed():
+    noise = [1.0, 1.3, 0.8, 1.2, 0.9, 1.1, 0.7, 1.25]
+    timed, _ = scripted({"ours": itertools.cycle(noise), "base": itertools.cycle(noise[3:] + noise[:3])})
+    c = stats._interleaved(timed, ours, base, rel_ci=0.01, max_pairs=40, out_of_time=lambda: False)
+    assert c.pairs == 40
+    assert not c.conclusive and c.ratio_lo < 1.0 < c.ratio_hi
+    assert stats.verdict(c, c.ratio).startswith("within noise [")
+
+
+def test_time_budget_stops_the_loop_after_the_minimum_pairs():
+    timed, _ = scripted({"ours": itertools.cycle([1.0, 2.0]), "base": itertools.repeat(1.0)})
+    c = stats._interleaved(timed, ours, base, rel_ci=0.0, max_pairs=400, out_of_time=lambda: True)
+    assert c.pairs == stats.MIN_PAIRS
+
+
+def test_stated_interval_is_never_narrower_than_the_resolution():
+    c = stats.summarize([1.0] * 10, [1.02] * 10)      # a perfectly steady 2% difference
+    assert c.ratio == pytest.approx(1.02)
+    assert c.ratio_lo == pytest.approx(1.02 * (1 - stats.RESOLUTION))
+    assert c.ratio_hi == pytest.approx(1.02 * (1 + stats.RESOLUTION))
+    assert not c.conclusive                           # 2% is below what the harness can claim
+    wide = stats.summarize([1.0, 2.0] * 8, [1.0] * 16)
+    assert wide.ratio_hi - wide.ratio_lo > 2 * stats.RESOLUTION   # a wider statistical interval is kept
+
+
+def test_per_call_divides_the_times_and_keeps_the_ratio():
+    c = stats.summarize([2.0, 2.2, 1.8] * 4, [1.0, 1.1, 0.9] * 4)
+    p = c.per_call(100)
+    assert p.ours_s == pytest.approx(c.ours_s / 100) and p.base_hi == pytest.approx(c.base_hi / 100)
+    assert (p.ratio, p.ratio_lo, p.ratio_hi, p.pairs) == (c.ratio, c.ratio_lo, c.ratio_hi, c.pairs)
+
+
+def test_compare_on_the_cpu_clock_returns_a_consistent_comparison():
+    c = stats.compare(lambda: sum(range(2000)), lambda: sum(range(2000)), device=torch.device("cpu"),
+                      max_seconds=0.2, warmup=1)
+    assert c.pairs >= stats.MIN_PAIRS
+    assert c.ratio_lo <= c.ratio <= c.ratio_hi and c.ours_lo <= c.ours_s <= c.ours_hi
+
+
+def test_cpu_runs_use_one_thread_per_side(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("FMO_SIM_WORKERS", raising=False)
+    try:
+        stats.one_thread_per_side_on_cpu()
+        assert torch.get_num_threads() == 1 and os.environ["FMO_SIM_WORKERS"] == "1"
+        monkeypatch.setenv("FMO_SIM_WORKERS", "4")    # a user's choice is kept
+        stats.one_thread_per_side_on_cpu()
+        assert os.environ["FMO_SIM_WORKERS"] == "4"
+    finally:
+        torch.set_num_threads(threads)
