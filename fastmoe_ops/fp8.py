@@ -1,6 +1,7 @@
 """FP8 with DeepSeek's fine-grained scaling: public functions (`fmo.fp8.*`)."""
 from .ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_transposed  # noqa: F401
 from .ops.fp8_quant import quantize_per_token_group  # noqa: F401
+from .ops.fp8_swiglu_quant import swiglu_quantize_per_token_group  # noqa: F401
 from .reference.fp8 import dequantize_per_block, dequantize_per_token_group  # noqa: F401
 from .ops.fp8_gemm import contiguous_alignment, gemm  # noqa: F401
 from .reference.fp8 import calc_diff  # noqa: F401

@@ -209,6 +209,7 @@ def opcheck_cases():
         ("fp8_quant_token_group", (x, 128, False, 1e-12), ALL_CHECKS),
         ("fp8_quant_per_block", (x, 128, True, 1e-12), ALL_CHECKS),
         ("fp8_quant_token_group_transposed", (x, 128, False, 1e-12), ALL_CHECKS),
+        ("fp8_swiglu_quant_token_group", (x, 128, False, 1e-12), ALL_CHECKS),
         ("fp8_gemm", (xq, xs, wq, ws, torch.float32), NO_FP8_SCHEMA),
         ("fp8_grouped_gemm_contiguous", (xq, xs, wq3, ws3, m_indices, torch.bfloat16), NO_FP8_SCHEMA),
         ("fp8_grouped_gemm_masked", (xq3, xs3, wq3, ws3, masked_m, torch.float32), NO_FP8_SCHEMA),
@@ -229,7 +230,7 @@ def test_every_fmo_op_has_an_opcheck_case():
                                   f"cases for ops that do not exist: {sorted(covered - registered)}"
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     # reference engine: opcheck runs each op a dozen times (the sim engine passes too, slowly)
     with fmo.use_backend("reference"):

@@ -101,11 +101,12 @@ def test_overlap_equals_sequential(engine):
 TIGHT_BOUND = {"reference": 1e-9, "sim": 5e-5}
 
 
+@pytest.mark.parametrize("inter", [64, 128])   # 128: the fused SwiGLU + quantisation kernel
 @pytest.mark.parametrize("engine", cpu_engines())
-def test_grouped_experts_tight(engine):
+def test_grouped_experts_tight(engine, inter):
     """y, dx, dW13, dW2 of the grouped FP8 experts against float64 products of the operands the
     recipe quantises (dequantised with the same scale layout); TIGHT_BOUND says why per engine."""
-    e, hidden, inter, n = 3, 128, 64, 150
+    e, hidden, n = 3, 128, 150
     g = torch.Generator().manual_seed(21)
     recv_x = torch.randn(n, hidden, generator=g)
     idx = torch.randint(0, e, (n, 1), generator=g)
@@ -150,6 +151,29 @@ def test_grouped_experts_tight(engine):
         d = ref.calc_diff(got, want)
         assert d < TIGHT_BOUND[engine], f"{name}: calc_diff {d:.3g} vs float64 products of the quantised operands ({engine}, seed 21)"
     assert torch.count_nonzero(y[~real]) == 0, "padding rows must stay zero"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_experts_use_the_fused_swiglu_quantisation(monkeypatch, static):
+    """I % 128 == 0: the forward quantises silu(gate) * up with the fused kernel (once per
+    forward, on h [rows, 2I]), and still trains (the backward recomputes silu from h: the
+    gradients are checked against float64 by the tests above, at I = 128); I = 64: not fused."""
+    calls = []
+    fused = moe_experts.swiglu_quantize_per_token_group
+
+    def counting(h, *a, **kw):
+        calls.append(tuple(h.shape))
+        return fused(h, *a, **kw)
+
+    monkeypatch.setattr(moe_experts, "swiglu_quantize_per_token_group", counting)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(4))
+    for inter, want in ((128, 1), (64, 0)):
+        calls.clear()
+        layer = make_layer(15, inter=inter, experts=4, k=2, num_worst_tokens=64 if static else 0)
+        with fmo.use_backend("sim" if "sim" in fmo.available_backends() else "reference"):
+            layer(x.clone().requires_grad_()).sum().backward()
+        assert len(calls) == want and all(c[1] == 2 * inter for c in calls), (inter, calls)
+        assert layer.w13.grad is not None and layer.w13.grad.abs().sum() > 0 and layer.w2.grad.abs().sum() > 0
 
 
 def test_empty_batch_and_inference():

@@ -31,30 +31,57 @@ struct Fp8GroupQuantParams {
     int32_t reserved;      // keeps the struct's size a multiple of 8 on every compiler
 };
 
-template <typename T, int GROUP, int VEC, bool POW2, int BLOCK>
-__device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams& p) {
+// Which (row, group) a lane's team owns, for a team of TEAM = min(32, GROUP/VEC) lanes per
+// 1 x GROUP group of a [rows, groups * GROUP] output: shared by the per-token-group quantisers
+// (fp8_quant_token_group below, swiglu_quant_token_group in csrc/quant/swiglu_quant.cuh).
+template <int GROUP, int VEC, int BLOCK>
+struct TokenGroupTeam {
     static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
-    constexpr int TEAM = (GROUP / VEC) < 32 ? (GROUP / VEC) : 32;
-    constexpr int CHUNKS = GROUP / (TEAM * VEC);
+    static constexpr int TEAM = (GROUP / VEC) < 32 ? (GROUP / VEC) : 32;
+    static constexpr int CHUNKS = GROUP / (TEAM * VEC);   // VEC-wide chunks per lane
     static_assert(CHUNKS * TEAM * VEC == GROUP, "GROUP must split evenly into TEAM lanes x VEC elements");
     static_assert(BLOCK % 32 == 0 && BLOCK % TEAM == 0, "BLOCK must be whole warps of whole teams");
-    constexpr int GROUPS_PER_BLOCK = BLOCK / TEAM;
 
-    const int team_lane = threadIdx.x % TEAM;
-    const int64_t group = int64_t(blockIdx.x) * GROUPS_PER_BLOCK + threadIdx.x / TEAM;
-    const bool active = group < p.rows * p.groups;  // whole teams are active or not
-    // Out-of-range teams still take part in the shuffles below with neutral values, so
-    // every lane of the warp reaches them (full-mask collectives need all 32 lanes).
-    const int64_t row = active ? group / p.groups : 0;
-    const int64_t col0 = active ? (group % p.groups) * GROUP : 0;
+    int team_lane;
+    bool active;     // whole teams are active or not
+    int64_t row;     // 0 for inactive teams, which still join the shuffles of team_amax
+    int64_t col0;    // the group's first column
+
+    __device__ __forceinline__ TokenGroupTeam(int64_t rows, int64_t groups) {
+        team_lane = threadIdx.x % TEAM;
+        const int64_t group = int64_t(blockIdx.x) * (BLOCK / TEAM) + threadIdx.x / TEAM;
+        active = group < rows * groups;
+        row = active ? group / groups : 0;
+        col0 = active ? (group % groups) * GROUP : 0;
+    }
+
+    // First column of this lane's chunk c.
+    __device__ __forceinline__ int64_t col(int c) const { return col0 + (int64_t(c) * TEAM + team_lane) * VEC; }
+
+    // max over the team's lanes by xor-shuffles: every lane of the warp must call it
+    // (full-mask collectives), inactive teams with a neutral amax.
+    __device__ __forceinline__ static float team_amax(float amax) {
+#pragma unroll
+        for (int offset = TEAM / 2; offset > 0; offset /= 2)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+        return amax;
+    }
+};
+
+template <typename T, int GROUP, int VEC, bool POW2, int BLOCK>
+__device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams& p) {
+    using Team = TokenGroupTeam<GROUP, VEC, BLOCK>;
+    constexpr int CHUNKS = Team::CHUNKS;
+    const Team team(p.rows, p.groups);
+    const int64_t row = team.row;
 
     const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
     float vals[CHUNKS][VEC];
     float amax = 0.0f;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-        const int64_t col = col0 + (int64_t(c) * TEAM + team_lane) * VEC;
-        if (active && col < p.cols) {  // VEC > 1 implies cols % VEC == 0: all or none
+        const int64_t col = team.col(c);
+        if (team.active && col < p.cols) {  // VEC > 1 implies cols % VEC == 0: all or none
             const Vec<T, VEC> v = load_vec<T, VEC>(x + col);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
@@ -66,17 +93,15 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
             for (int i = 0; i < VEC; ++i) vals[c][i] = 0.0f;
         }
     }
-#pragma unroll
-    for (int offset = TEAM / 2; offset > 0; offset /= 2)
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    amax = Team::team_amax(amax);
 
     const float scale = fp8_scale_from_amax<POW2>(amax, p.min_amax);
-    if (!active) return;
+    if (!team.active) return;
 
     __nv_fp8_e4m3* xq = static_cast<__nv_fp8_e4m3*>(p.xq) + row * p.cols;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-        const int64_t col = col0 + (int64_t(c) * TEAM + team_lane) * VEC;
+        const int64_t col = team.col(c);
         if (col < p.cols) {
             Vec<__nv_fp8_storage_t, VEC> q;
 #pragma unroll
@@ -85,7 +110,7 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
             store_vec<__nv_fp8_storage_t, VEC>(reinterpret_cast<__nv_fp8_storage_t*>(xq) + col, q);
         }
     }
-    if (team_lane == 0) p.xs[row * p.groups + col0 / GROUP] = scale;
+    if (team.team_lane == 0) p.xs[row * p.groups + team.col0 / GROUP] = scale;
 }
 
 }  // namespace fmo

@@ -8,6 +8,8 @@ w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) and w2 [E, H, I]:
   forward   h  [M, 2I] = grouped(x per 1x128 group,  w13[e] per 128x128 block)   fp32 out
             a  [M, I]  = silu(h[:, :I]) * h[:, I:]                               fp32
             y  [M, H]  = grouped(a per 1x128 group,  w2[e] per 128x128 block)
+            (a and its quantisation are one kernel, fmo.fp8.swiglu_quantize_per_token_group,
+            when I % 128 == 0: `a` is never written, and the backward recomputes it from h)
   dgrad     da [M, I]  = grouped(dy per 1x128 group, w2[e]^T)   (w2^T's blocks are w2's blocks
                          transposed: wq.transpose(1, 2) with ws.transpose(1, 2), no requantisation)
             dh [M, 2I] = [da * up * silu'(gate), da * silu(gate)]                fp32
@@ -26,10 +28,14 @@ zero-filled outputs (rows past masked_m stay 0, so SiLU*up and the wgrad see zer
 wgrad loops over experts with static bounds. No host synchronisation anywhere in this path.
 
 Everything is FP8 (e4m3) with fp32 accumulation and promotion per 128 of K, as
-fmo.nn.FP8Linear's recipe; only the SiLU-and-multiply and its derivative are fp32 PyTorch
-element-wise ops (h is kept in fp32 for them: e4m3 would add a third rounding to the gate
-and the derivative, and the op is memory-bound, so a separate kernel would not pay before
-the GEMM epilogue can fuse it). The wgrad loop needs the segment offsets on the host: one
+fmo.nn.FP8Linear's recipe. The forward's SiLU-and-multiply is fused with the quantisation of
+its result (csrc/quant/swiglu_quant.cuh: one pass over h, gate | up halves as w13's rows) where
+I % 128 == 0, else two PyTorch steps (fp32 silu * up, then quantize_per_token_group). h stays
+fp32 (e4m3 would add a third rounding to the gate and the derivative). The fused op has no
+gradient of its own (its outputs are FP8): this Function's backward recomputes a = silu(gate) *
+up from the saved h in fp32 PyTorch for dW2 and the derivative, which also saves keeping the
+[M, I] activation between forward and backward. The recomputed a differs from the kernel's by
+a few fp32 ulps (its expf), far below the e4m3 rounding both go through next. The wgrad loop needs the segment offsets on the host: one
 host synchronisation in the backward (`expert_offsets.tolist()`). GEMM K dimensions are H,
 I, 2I and the segments, so H and I must be multiples of 16.
 """
@@ -42,6 +48,7 @@ from ..ops.fp8_block_quant import quantize_per_block, quantize_per_token_group_t
 from ..ops.fp8_gemm import contiguous_alignment, gemm
 from ..ops.fp8_gemm_grouped import grouped_gemm_contiguous, grouped_gemm_masked
 from ..ops.fp8_quant import quantize_per_token_group
+from ..ops.fp8_swiglu_quant import swiglu_quantize_per_token_group
 from ..moe.autograd import nones_for
 
 GROUP = 128   # 1 x 128 activation groups, 128 x 128 weight blocks (DeepSeek-V3's recipe)
@@ -83,9 +90,19 @@ def _silu_mul_backward(h: torch.Tensor, da: torch.Tensor, inter: int) -> torch.T
     return torch.cat([dgate, da * silu], dim=1)
 
 
+def _swiglu_quantized(h: torch.Tensor, inter: int):
+    """(aq [M, I] e4m3, as [M, I/128] fp32) of silu(gate) * up: fused where I % 128 == 0."""
+    if inter % GROUP == 0:
+        return swiglu_quantize_per_token_group(h, GROUP)
+    return quantize_per_token_group(_silu_mul(h, inter), GROUP)
+
+
 def _grouped(act: torch.Tensor, wq, ws, m_idx) -> torch.Tensor:
-    aq, as_ = quantize_per_token_group(act, GROUP)
-    return grouped_gemm_contiguous(aq, as_, wq, ws, m_idx, torch.float32)
+    return _grouped_q(quantize_per_token_group(act, GROUP), wq, ws, m_idx)
+
+
+def _grouped_q(act_fp8, wq, ws, m_idx) -> torch.Tensor:
+    return grouped_gemm_contiguous(*act_fp8, wq, ws, m_idx, torch.float32)
 
 
 def _wgrad(dout: torch.Tensor, inp: torch.Tensor, offsets: list[int], dtype) -> torch.Tensor:
@@ -108,15 +125,14 @@ class GroupedExpertsFn(torch.autograd.Function):
     def forward(ctx, x, w13, w2, m_idx, expert_offsets, w13_fp8, w2_fp8):
         inter = w2.shape[2]
         h = _grouped(x, *w13_fp8, m_idx)                          # [M, 2I] fp32
-        a = _silu_mul(h, inter)                                   # [M, I] fp32
-        y = _grouped(a, *w2_fp8, m_idx)                           # [M, H] fp32
-        ctx.save_for_backward(x, h, a, m_idx, expert_offsets, *w13_fp8, *w2_fp8)
+        y = _grouped_q(_swiglu_quantized(h, inter), *w2_fp8, m_idx)   # [M, H] fp32
+        ctx.save_for_backward(x, h, m_idx, expert_offsets, *w13_fp8, *w2_fp8)
         ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, a, m_idx, expert_offsets, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        x, h, m_idx, expert_offsets, w13q, w13s, w2q, w2s = ctx.saved_tensors
         dy = dy.contiguous()
         da = _grouped(dy, *transposed(w2q, w2s), m_idx)             # [M, I]
         dh = _silu_mul_backward(h, da, ctx.inter)                   # [M, 2I]
@@ -126,8 +142,8 @@ class GroupedExpertsFn(torch.autograd.Function):
             offsets = expert_offsets.tolist()     # host sync: the per-expert wgrad loop's bounds
             if ctx.needs_input_grad[1]:
                 dw13 = _wgrad(dh, x.float(), offsets, ctx.w_dtypes[0])
-            if ctx.needs_input_grad[2]:
-                dw2 = _wgrad(dy.float(), a, offsets, ctx.w_dtypes[1])
+            if ctx.needs_input_grad[2]:   # a recomputed from h (the forward never kept it)
+                dw2 = _wgrad(dy.float(), _silu_mul(h, ctx.inter), offsets, ctx.w_dtypes[1])
         return _grouped_grads(dx, dw13, dw2)
 
 
@@ -159,9 +175,15 @@ def grouped_experts(x_sorted: torch.Tensor, pmap, w13: torch.Tensor, w2: torch.T
 def _masked(act3: torch.Tensor, wq, ws, masked_m) -> torch.Tensor:
     """[E, Mmax, K] -> [E, Mmax, N] fp32; rows past masked_m[e] are 0 (zero-filled `out`)."""
     e, mmax, k = act3.shape
-    aq, as_ = quantize_per_token_group(act3.reshape(e * mmax, k), GROUP)
-    out = torch.zeros(e, mmax, wq.shape[1], dtype=torch.float32, device=act3.device)
-    return grouped_gemm_masked(aq.view(e, mmax, k), as_.view(e, mmax, -1), wq, ws, masked_m, torch.float32, out=out)
+    return _masked_q(quantize_per_token_group(act3.reshape(e * mmax, k), GROUP), e, wq, ws, masked_m)
+
+
+def _masked_q(act_fp8, e: int, wq, ws, masked_m) -> torch.Tensor:
+    """_masked of the quantised [E * Mmax, K] rows."""
+    aq, as_ = act_fp8
+    mmax = aq.shape[0] // e
+    out = torch.zeros(e, mmax, wq.shape[1], dtype=torch.float32, device=aq.device)
+    return grouped_gemm_masked(aq.view(e, mmax, -1), as_.view(e, mmax, -1), wq, ws, masked_m, torch.float32, out=out)
 
 
 def _wgrad_masked(dout3: torch.Tensor, inp3: torch.Tensor, dtype) -> torch.Tensor:
@@ -180,22 +202,23 @@ class MaskedExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, w13, w2, masked_m, w13_fp8, w2_fp8):
         inter = w2.shape[2]
+        e, mmax, _ = x3.shape
         h3 = _masked(x3, *w13_fp8, masked_m)                      # [E, Mmax, 2I]
-        a3 = torch.nn.functional.silu(h3[..., :inter]) * h3[..., inter:]
-        y3 = _masked(a3, *w2_fp8, masked_m)
-        ctx.save_for_backward(x3, h3, a3, masked_m, *w13_fp8, *w2_fp8)
+        y3 = _masked_q(_swiglu_quantized(h3.view(e * mmax, -1), inter), e, *w2_fp8, masked_m)
+        ctx.save_for_backward(x3, h3, masked_m, *w13_fp8, *w2_fp8)
         ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
         return y3.to(x3.dtype)
 
     @staticmethod
     def backward(ctx, dy3):
-        x3, h3, a3, masked_m, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        x3, h3, masked_m, w13q, w13s, w2q, w2s = ctx.saved_tensors
         e, mmax, _ = x3.shape
         dy3 = dy3.contiguous()
         da3 = _masked(dy3, *transposed(w2q, w2s), masked_m)
         dh3 = _silu_mul_backward(h3.reshape(e * mmax, -1), da3.reshape(e * mmax, -1), ctx.inter).view(e, mmax, -1)
         dx3 = _masked(dh3, *transposed(w13q, w13s), masked_m).to(x3.dtype) if ctx.needs_input_grad[0] else None
         dw13 = _wgrad_masked(dh3, x3.float(), ctx.w_dtypes[0]) if ctx.needs_input_grad[1] else None
+        a3 = _silu_mul(h3.view(e * mmax, -1), ctx.inter).view(e, mmax, -1) if ctx.needs_input_grad[2] else None
         dw2 = _wgrad_masked(dy3.float(), a3, ctx.w_dtypes[1]) if ctx.needs_input_grad[2] else None
         return _masked_grads(dx3, dw13, dw2)
 

@@ -1,5 +1,6 @@
 """Imports every op module so each registers its kernel specs (build report, benchmarks)."""
 from . import fp8_quant  # noqa: F401
+from . import fp8_swiglu_quant  # noqa: F401
 from . import fp8_block_quant  # noqa: F401
 from . import fp8_gemm  # noqa: F401
 from . import moe_ipc, moe_layout, moe_permute  # noqa: F401

@@ -5,6 +5,7 @@ kernels' output shapes, dtypes and (contiguous) strides.
     fmo::fp8_quant_token_group(x, group_size, pow2_scale, eps) -> (xq [M, K], xs [M, ceil(K/g)])
     fmo::fp8_quant_per_block(w, block_size, pow2_scale, eps) -> (wq [N, K], ws [ceil(N/b), ceil(K/b)])
     fmo::fp8_quant_token_group_transposed(x, group_size, pow2_scale, eps) -> (xq_t [K, Mp], xs_t [K, ceil(M/g)])
+    fmo::fp8_swiglu_quant_token_group(h, group_size, pow2_scale, eps) -> (aq [T, I], as [T, I/g]), h [T, 2I]
     fmo::fp8_gemm(xq, xs, wq, ws, out_dtype, kernel=None) -> y [M, N]
     fmo::fp8_grouped_gemm_contiguous(xq, xs, wq3, ws3, m_indices, out_dtype, debug, kernel) -> y [M, N]
     fmo::fp8_grouped_gemm_masked(xq3, xs3, wq3, ws3, masked_m, out_dtype, expected_m, kernel) -> y [G, Mmax, N]
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import fp8_block_quant, fp8_gemm, fp8_gemm_grouped, fp8_quant
+from . import fp8_block_quant, fp8_gemm, fp8_gemm_grouped, fp8_quant, fp8_swiglu_quant
 
 Tensor = torch.Tensor
 E4M3 = torch.float8_e4m3fn
@@ -36,7 +37,7 @@ def _cdiv(a, b):
 
 
 def _quantiser(name: str, eager, shapes):
-    """fmo::<name>(x, size, pow2_scale, eps) -> (q e4m3, scales fp32): the three quantisers
+    """fmo::<name>(x, size, pow2_scale, eps) -> (q e4m3, scales fp32): the quantisers
     share a signature; `shapes(rows, cols, size)` gives (q's shape, the scales' shape)."""
 
     @torch.library.custom_op(f"fmo::{name}", mutates_args=())
@@ -57,6 +58,8 @@ _quantiser("fp8_quant_per_block", fp8_block_quant.quantize_per_block,
            lambda n, k, b: ((n, k), (_cdiv(n, b), _cdiv(k, b))))
 _quantiser("fp8_quant_token_group_transposed", fp8_block_quant.quantize_per_token_group_transposed,
            lambda m, k, g: ((k, _cdiv(m, 16) * 16), (k, _cdiv(m, g))))
+_quantiser("fp8_swiglu_quant_token_group", fp8_swiglu_quant.swiglu_quantize_per_token_group,
+           lambda t, i2, g: ((t, i2 // 2), (t, i2 // 2 // g)))
 
 
 # ------------------------------------------------------------------------------- GEMMs

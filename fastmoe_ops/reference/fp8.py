@@ -94,6 +94,23 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     return out, s
 
 
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [T, 2I] (gate | up halves, w13's row order in fastmoe_ops/nn/moe_experts.py) ->
+    silu(gate) * up [T, I], computed in h's precision widened to at least fp32."""
+    inter = h.shape[1] // 2
+    hf = h if h.dtype == torch.float64 else h.float()
+    return torch.nn.functional.silu(hf[:, :inter]) * hf[:, inter:]
+
+
+def swiglu_quantize_per_token_group(h: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False,
+                                    eps: float = 1e-12):
+    """h [T, 2I] -> (aq [T, I] float8_e4m3fn, as [T, I/group_size] fp32): silu(gate) * up in fp32,
+    then quantize_per_token_group. The kernel (csrc/quant/swiglu_quant.cuh) computes the fp32
+    product with its own expf, so the two agree within the bound its header derives, not bit
+    for bit (the tests compare both with a float64 oracle)."""
+    return quantize_per_token_group(silu_mul(h.float()), group_size, pow2_scale=pow2_scale, eps=eps)
+
+
 def dequantize_per_token_group(xq: torch.Tensor, xs: torch.Tensor, group_size: int = 128) -> torch.Tensor:
     """float64 x ~= xq * xs (the oracle's view of a quantised activation)."""
     k = xq.shape[1]
