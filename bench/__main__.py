@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", action="store_true",
                    help="keep the run: bench/results/<device>-<date>.json + .md, and regenerate README's performance section")
     args = p.parse_args(argv)
-    one_thread_per_side_on_cpu()
+    one_thread_per_side_on_cpu(across_ranks=_mpi_world_size() > 1)
 
     if _mpi_world_size() > 1:
         return _main_across_ranks(args)

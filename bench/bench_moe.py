@@ -151,13 +151,10 @@ def main(argv=None) -> int:
                    help="timing budget per row (default 20 s, 8 s with --quick; bench.stats.compare_across_ranks)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     args = p.parse_args(argv)
-    one_thread_per_side_on_cpu()
+    one_thread_per_side_on_cpu(across_ranks=True)
     comm = MPI.COMM_WORLD
     gpu = not args.cpu and torch.cuda.is_available() and "cuda" in fmo.available_backends()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-    # One intra-op thread per rank: ranks already fill the cores, and torch's default (a
-    # thread per core in every rank) oversubscribes them.
-    torch.set_num_threads(1)
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     shapes = shapes[:1] if args.quick else shapes
     max_seconds = args.max_seconds or (8.0 if args.quick else 20.0)

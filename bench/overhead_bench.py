@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from bench.stats import one_thread_per_side_on_cpu
 
-    one_thread_per_side_on_cpu()
+    one_thread_per_side_on_cpu(across_ranks=False)
     on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
     engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
     print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")

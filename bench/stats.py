@@ -35,19 +35,23 @@ MIN_PAIRS = 8   # the order-statistic interval needs a few samples on each side 
 RESOLUTION = 0.03  # smallest relative half-width ever stated (see the module docstring)
 
 
-def one_thread_per_side_on_cpu() -> None:
-    """CPU runs: torch on one thread and the simulator on one worker (unless FMO_SIM_WORKERS is
-    set). With torch's default of a thread per core, and the simulator's of a worker per CTA
-    (up to 128), both sides of a pair fight over the 2 cores and over each other's spinning
-    OpenMP threads: the same row differed up to 10x between two runs minutes apart (the
-    ratio's intervals disjoint on 17 of 31 rows). One thread each measures the work, not the
-    scheduler: two runs then agreed on 31 of 33 rows (bench/README.md)."""
+def one_thread_per_side_on_cpu(*, across_ranks: bool) -> None:
+    """CPU runs: torch on one thread and, in a single process, the simulator on one worker
+    (unless FMO_SIM_WORKERS is set). With torch's default of a thread per core, and the
+    simulator's of a worker per CTA (up to 128), both sides of a pair fight over the 2 cores
+    and over each other's spinning OpenMP threads: the same row differed up to 10x between two
+    runs minutes apart (the ratio's intervals disjoint on 17 of 31 rows). One thread each
+    measures the work, not the scheduler: two runs then agreed on 31 of 33 rows
+    (bench/README.md). Across ranks the simulator keeps its default: the ipc transport's CTAs
+    wait for their peers' CTAs, so (as on a GPU, where the comm grid fits the reserved SMs)
+    the whole grid must be resident; one worker deadlocks them."""
     import os
 
     if torch.cuda.is_available():
         return
     torch.set_num_threads(1)
-    os.environ.setdefault("FMO_SIM_WORKERS", "1")
+    if not across_ranks:
+        os.environ.setdefault("FMO_SIM_WORKERS", "1")
 
 
 def median_ci(samples: list[float], z: float = Z95) -> tuple[float, float, float]:

@@ -90,10 +90,12 @@ def test_cpu_runs_use_one_thread_per_side(monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.delenv("FMO_SIM_WORKERS", raising=False)
     try:
-        stats.one_thread_per_side_on_cpu()
-        assert torch.get_num_threads() == 1 and os.environ["FMO_SIM_WORKERS"] == "1"
+        stats.one_thread_per_side_on_cpu(across_ranks=True)
+        assert torch.get_num_threads() == 1 and "FMO_SIM_WORKERS" not in os.environ   # ipc CTAs wait for peers
+        stats.one_thread_per_side_on_cpu(across_ranks=False)
+        assert os.environ["FMO_SIM_WORKERS"] == "1"
         monkeypatch.setenv("FMO_SIM_WORKERS", "4")    # a user's choice is kept
-        stats.one_thread_per_side_on_cpu()
+        stats.one_thread_per_side_on_cpu(across_ranks=False)
         assert os.environ["FMO_SIM_WORKERS"] == "4"
     finally:
         torch.set_num_threads(threads)
