@@ -15,6 +15,12 @@
 //   source's counter here reaches `expected` (= calls so far x G), bar.sync. (4) receive:
 //   the CTAs copy the received rows out of the slots into the contiguous outputs, ordered
 //   by source rank, then by token.
+// moe_ipc_dispatch_fp8: the same, but stream 0 of the source is x [tokens, hidden] (bf16 /
+//   fp16 / fp32) and the send phase quantises each row once, per 1 x 128 group (the contract
+//   of csrc/quant/fp8_scale.cuh, bit for bit quantize_per_token_group), writing the e4m3
+//   codes as stream 0 and the fp32 scales as stream 1 of the packed row at every
+//   destination: a team of 128/VEC lanes per group, BLOCK/TEAM groups of a row at a time.
+//   The packed row is the one an FP8 pair (xq, xs) dispatch sends, so receivers cannot tell.
 // moe_ipc_combine: (1) each received row i from source s goes back to s's combine region
 //   at row back_offset[s] + i, (2)-(3) as above with the combine counters, (4) the fixed
 //   ascending-rank gather-reduce of this rank's combine region (moe_gather_reduce).
@@ -26,6 +32,7 @@
 
 #include "csrc/common/types.cuh"
 #include "csrc/moe/permute.cuh"
+#include "csrc/quant/fp8_quant.cuh"
 #include "ptx/barrier.cuh"
 #include "ptx/ld_st.cuh"
 
@@ -54,8 +61,12 @@ struct MoeIpcParams {
     int64_t dispatch_region;             // byte offsets inside each buffer
     int64_t combine_region;
     int64_t expected;                    // counter value that completes this call
-    int64_t hidden;                      // combine: elements per row
+    int64_t hidden;                      // combine: elements per row; dispatch_fp8: of x
+    float min_amax;                      // dispatch_fp8: eps of the quantisation contract
+    int32_t reserved;                    // keeps the struct's size a multiple of 8
 };
+
+constexpr int kScaleGroup = 128;         // dispatch_fp8: one scale per 1 x 128 group
 
 // NC: the source is read-only during the kernel (this rank's payloads); the receive
 // regions are written by peers' kernels running concurrently and need coherent loads.
@@ -84,20 +95,67 @@ __device__ __forceinline__ void signal_and_wait(const MoeIpcParams& p, int which
     __syncthreads();
 }
 
-template <typename Chunk, int BLOCK>
-__device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
-    // (1) send: packed rows into slot `rank` of each destination.
-    for (int64_t t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+// Token t's packed row in slot `rank` of destination r's dispatch region, or null when t
+// does not go to r.
+__device__ __forceinline__ char* dispatch_row(const MoeIpcParams& p, int64_t t, int64_t r) {
+    const int64_t pos = p.send_pos[t * p.ranks + r];
+    return pos < 0 ? nullptr
+                   : static_cast<char*>(p.peers[r]) + p.dispatch_region + (p.rank * p.slot_rows + pos) * p.row_stride;
+}
+
+// (1) of dispatch_fp8 for token t: x's row quantised per 1 x kScaleGroup group into streams
+// 0 (codes) and 1 (scales) of its packed row at every destination. Every thread of the
+// block runs the same number of rounds (the team shuffles need whole warps).
+template <typename T, int VEC, int BLOCK>
+__device__ __forceinline__ void quantize_row_to_peers(const MoeIpcParams& p, int64_t t) {
+    using Team = TokenGroupTeam<kScaleGroup, VEC, BLOCK>;
+    constexpr int CHUNKS = Team::CHUNKS;
+    constexpr int TEAMS = BLOCK / Team::TEAM;
+    const int lane = threadIdx.x % Team::TEAM;
+    const int64_t groups = (p.hidden + kScaleGroup - 1) / kScaleGroup;
+    const T* x = reinterpret_cast<const T*>(static_cast<const char*>(p.src[0]) + t * p.src_stride[0]);
+    for (int64_t g0 = 0; g0 < groups; g0 += TEAMS) {
+        const int64_t g = g0 + threadIdx.x / Team::TEAM;
+        const Team team(lane, g * kScaleGroup, g < groups);
+        float vals[CHUNKS][VEC];
+        const float amax = Team::team_amax(team.load(x, p.hidden, vals));
+        if (!team.active) continue;
+        const float scale = fp8_scale_from_amax<false>(amax, p.min_amax);
+        Vec<__nv_fp8_storage_t, VEC> q[CHUNKS];
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) q[c].v[i] = fp8_quantize(vals[c][i], scale);
         for (int64_t r = 0; r < p.ranks; ++r) {
-            const int64_t pos = p.send_pos[t * p.ranks + r];
-            if (pos < 0) continue;
-            char* row = static_cast<char*>(p.peers[r]) + p.dispatch_region + (p.rank * p.slot_rows + pos) * p.row_stride;
-            for (int64_t s = 0; s < p.num_streams; ++s)
+            char* row = dispatch_row(p, t, r);
+            if (row == nullptr) continue;
+            auto* codes = reinterpret_cast<__nv_fp8_storage_t*>(row + p.seg_offset[0]);
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c)
+                if (team.col(c) < p.hidden) store_vec<__nv_fp8_storage_t, VEC>(codes + team.col(c), q[c]);
+            if (lane == 0) reinterpret_cast<float*>(row + p.seg_offset[1])[g] = scale;
+        }
+    }
+}
+
+// (1) send: packed rows into slot `rank` of each destination; with QUANT, streams 0 and 1
+// come from quantize_row_to_peers and the copies start at stream 2.
+template <typename Chunk, int BLOCK, bool QUANT, typename T = float, int VEC = 1>
+__device__ __forceinline__ void moe_ipc_dispatch_send(const MoeIpcParams& p) {
+    for (int64_t t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+        if constexpr (QUANT) quantize_row_to_peers<T, VEC, BLOCK>(p, t);
+        for (int64_t r = 0; r < p.ranks; ++r) {
+            char* row = dispatch_row(p, t, r);
+            if (row == nullptr) continue;
+            for (int64_t s = QUANT ? 2 : 0; s < p.num_streams; ++s)
                 copy_bytes<Chunk, BLOCK, true>(row + p.seg_offset[s], static_cast<const char*>(p.src[s]) + t * p.src_stride[s], p.seg_bytes[s]);
         }
     }
-    signal_and_wait<BLOCK>(p, 0);
-    // (4) receive: slot s row i -> output row (rows from earlier sources) + i.
+}
+
+// (4) receive: slot s row i -> output row (rows from earlier sources) + i.
+template <typename Chunk, int BLOCK>
+__device__ __forceinline__ void moe_ipc_dispatch_receive(const MoeIpcParams& p) {
     int64_t first = 0;
     for (int64_t s = 0; s < p.ranks; ++s) {
         for (int64_t i = blockIdx.x; i < p.recv_counts[s]; i += gridDim.x) {
@@ -109,6 +167,19 @@ __device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
     }
 }
 
+template <typename Chunk, int BLOCK>
+__device__ __forceinline__ void moe_ipc_dispatch(const MoeIpcParams& p) {
+    moe_ipc_dispatch_send<Chunk, BLOCK, false>(p);
+    signal_and_wait<BLOCK>(p, 0);
+    moe_ipc_dispatch_receive<Chunk, BLOCK>(p);
+}
+
+template <typename T, int VEC, typename Chunk, int BLOCK>
+__device__ __forceinline__ void moe_ipc_dispatch_fp8(const MoeIpcParams& p) {
+    moe_ipc_dispatch_send<Chunk, BLOCK, true, T, VEC>(p);
+    signal_and_wait<BLOCK>(p, 0);
+    moe_ipc_dispatch_receive<Chunk, BLOCK>(p);
+}
 template <typename T, typename Chunk, int VEC, int BLOCK>
 __device__ __forceinline__ void moe_ipc_combine(const MoeIpcParams& p) {
     // (1) received row i from source s -> row back_offset[s] + i of s's combine region.

@@ -47,6 +47,7 @@ struct TokenGroupTeam {
     int64_t row;     // 0 for inactive teams, which still join the shuffles of team_amax
     int64_t col0;    // the group's first column
 
+    // Team (blockIdx.x * BLOCK/TEAM + threadIdx.x / TEAM) of a grid over rows x groups.
     __device__ __forceinline__ TokenGroupTeam(int64_t rows, int64_t groups) {
         team_lane = threadIdx.x % TEAM;
         const int64_t group = int64_t(blockIdx.x) * (BLOCK / TEAM) + threadIdx.x / TEAM;
@@ -55,8 +56,34 @@ struct TokenGroupTeam {
         col0 = active ? (group % groups) * GROUP : 0;
     }
 
+    // A team placed by its caller (csrc/moe/ipc.cuh walks a row's groups in rounds).
+    __device__ __forceinline__ TokenGroupTeam(int lane, int64_t first_col, bool is_active)
+        : team_lane(lane), active(is_active), row(0), col0(is_active ? first_col : 0) {}
+
     // First column of this lane's chunk c.
     __device__ __forceinline__ int64_t col(int c) const { return col0 + (int64_t(c) * TEAM + team_lane) * VEC; }
+
+    // This lane's elements of the group in x_row (cols wide), widened to fp32 (0 past cols
+    // or when inactive); returns their finite amax (fold_finite_amax), before team_amax.
+    template <typename T>
+    __device__ __forceinline__ float load(const T* x_row, int64_t cols, float (&vals)[CHUNKS][VEC]) const {
+        float amax = 0.0f;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            if (active && col(c) < cols) {  // VEC > 1 implies cols % VEC == 0: all or none
+                const Vec<T, VEC> v = load_vec<T, VEC>(x_row + col(c));
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    vals[c][i] = to_float(v.v[i]);
+                    amax = fold_finite_amax(amax, vals[c][i]);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) vals[c][i] = 0.0f;
+            }
+        }
+        return amax;
+    }
 
     // max over the team's lanes by xor-shuffles: every lane of the warp must call it
     // (full-mask collectives), inactive teams with a neutral amax.
@@ -75,25 +102,8 @@ __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams&
     const Team team(p.rows, p.groups);
     const int64_t row = team.row;
 
-    const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
     float vals[CHUNKS][VEC];
-    float amax = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-        const int64_t col = team.col(c);
-        if (team.active && col < p.cols) {  // VEC > 1 implies cols % VEC == 0: all or none
-            const Vec<T, VEC> v = load_vec<T, VEC>(x + col);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                vals[c][i] = to_float(v.v[i]);
-                amax = fold_finite_amax(amax, vals[c][i]);
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) vals[c][i] = 0.0f;
-        }
-    }
-    amax = Team::team_amax(amax);
+    const float amax = Team::team_amax(team.load(static_cast<const T*>(p.x) + row * p.x_row_stride, p.cols, vals));
 
     const float scale = fp8_scale_from_amax<POW2>(amax, p.min_amax);
     if (!team.active) return;

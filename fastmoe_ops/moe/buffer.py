@@ -139,16 +139,19 @@ class Buffer:
         self._finalizer()
 
     # ------------------------------------------------------------------ public API
-    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None):
+    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None, *, use_fp8: bool = False):
         """Send each token once to every rank owning one of its experts.
 
         Returns (recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle);
-        recv_x is a pair (recv_xq, recv_xs) when x is. Differentiable in x and topk_weights:
-        the backward is a combine."""
+        recv_x is a pair (recv_xq, recv_xs) when x is, or when use_fp8: x (bf16/fp16/fp32)
+        is quantised per 1 x 128 group on the way (inside the ipc kernel; on mpi by
+        quantize_per_token_group before sending), bit for bit quantise-then-dispatch.
+        Differentiable in x and topk_weights: the backward is a combine (of x's gradient
+        rows with use_fp8: autograd.DispatchFn)."""
         self._check_alive("dispatch")
         if isinstance(x, (tuple, list)):
-            return self.exchange_dispatch(x, topk_idx, topk_weights)
-        return autograd.DispatchFn.run(self, x, topk_idx, topk_weights)
+            return self.exchange_dispatch(x, topk_idx, topk_weights, use_fp8)
+        return autograd.DispatchFn.run(self, x, topk_idx, topk_weights, use_fp8)
 
     def combine(self, y: torch.Tensor, handle: Handle) -> torch.Tensor:
         """out [T, H]: for each source token, the ascending-rank sum of its received rows.
@@ -161,9 +164,13 @@ class Buffer:
         if not self.alive:
             raise CommError(f"{what}: this Buffer was destroyed")
 
-    def _local_dispatch_error(self, x, topk_idx, topk_weights, fp8: bool) -> str | None:
+    def _local_dispatch_error(self, x, topk_idx, topk_weights, fp8: bool, use_fp8: bool) -> str | None:
         try:
-            if fp8:
+            if use_fp8.__class__ is not bool or (use_fp8 and fp8):
+                raise InputError(f"use_fp8: expected a bool, False when x is already an FP8 pair, got {use_fp8!r}")
+            if use_fp8:
+                _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32))   # what the quantisation takes
+            elif fp8:
                 if len(x) != 2:
                     raise InputError(f"x: expected a pair (xq, xs), got {len(x)} items")
                 xq, xs = x
@@ -230,20 +237,21 @@ class Buffer:
         raise CommError(f"{_OP_NAME[op]}: the ranks' metadata differ: {head.tolist()} (columns {_META})")   # a column above missed
 
     # ------------------------------------------------------------------ dispatch
-    def exchange_dispatch(self, x, topk_idx, topk_weights):
+    def exchange_dispatch(self, x, topk_idx, topk_weights, use_fp8: bool = False):
         """dispatch without autograd (what autograd.DispatchFn records): same arguments
         and results."""
         fp8 = isinstance(x, (tuple, list))
-        error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8)
+        error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8, use_fp8)
         xq = x[0] if fp8 else x
         r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
-        dtype = xq.dtype if isinstance(xq, torch.Tensor) else None
+        # The rows sent are e4m3 with use_fp8, whichever rank quantises: a pair and use_fp8 mix.
+        dtype = torch.float8_e4m3fn if use_fp8 is True else xq.dtype if isinstance(xq, torch.Tensor) else None
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         rows_by = self._transport_for(xq, error)
         on_device = error is None and host.packed_on_device(xq)   # tokens_per_expert by the layout kernel there
         lay = rows_by.layout(topk_idx, ranks, per) if error is None else None
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
-        payloads = [xq] + ([x[1]] if fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
+        payloads = [xq] + ([x[1]] if fp8 else [None] if use_fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
         matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
                                  lay.counts if lay is not None else None, rows_by)
         received = matrix.sum(0)
@@ -254,8 +262,11 @@ class Buffer:
         num_recv = int(received[r])
         rows = self.num_worst_tokens or num_recv
 
-        recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads]
-        rows_by.dispatch(payloads, recvs, lay, matrix)
+        recvs = [torch.empty((rows,) + tuple(p.shape[1:]), dtype=p.dtype, device=xq.device) for p in payloads if p is not None]
+        if use_fp8:   # x arrives as e4m3 rows and their scales (the quantisation makes payloads[1])
+            recvs[:1] = [torch.empty(rows, self.hidden, dtype=torch.float8_e4m3fn, device=xq.device),
+                         torch.empty(rows, -(-self.hidden // SCALE_GROUP), dtype=torch.float32, device=xq.device)]
+        rows_by.dispatch(payloads, recvs, lay, matrix, use_fp8)
         recv_idx = recvs[-2] if topk_weights is not None else recvs[-1]
         if rows > num_recv:   # padding rows (num_worst_tokens)
             for out in recvs:
@@ -272,7 +283,7 @@ class Buffer:
             tokens_per_expert = torch.bincount(recv_topk_idx[mine], minlength=per)
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(matrix[r].tolist()),
                         tuple(matrix[:, r].tolist()), lay.send_src, lay.combine_index, matrix)
-        recv_x = (recvs[0], recvs[1]) if fp8 else recvs[0]
+        recv_x = autograd.Fp8Rows((recvs[0], recvs[1])) if fp8 or use_fp8 else recvs[0]
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
     def exchange_combine_backward(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Both launch exactly `sm_budget().comm_sms` persistent CTAs inside
 `communication_in_flight()`, so compute kernels size their grids around them.
 dispatch: packed rows of up to 4 streams (x, FP8 scales, topk ids, weights) into peers'
-buffers, then out of this rank's buffer into the receive tensors.
+buffers, then out of this rank's buffer into the receive tensors; dispatch_fp8: the same with
+x quantised per 1 x 128 group on the way out (the FP8 pair's packed row).
 combine:  rows y [N, H] back into their sources' buffers, then the fixed-order sum
 -> out [T, H] (bf16 | fp16 | fp32).
 """
@@ -52,6 +53,8 @@ class MoeIpcParams(Params):
         ("combine_region", ctypes.c_int64),
         ("expected", ctypes.c_int64),
         ("hidden", ctypes.c_int64),
+        ("min_amax", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
     ]
 
 
@@ -73,6 +76,34 @@ class MoeIpcDispatchSpec(KernelSpec):
 
     def device_call(self) -> str:
         return f"fmo::moe_ipc_dispatch<{_CHUNKS[self.chunk_bytes]}, {BLOCK_THREADS}>(p)"
+
+
+@dataclass(frozen=True)
+class MoeIpcDispatchFp8Spec(KernelSpec):
+    """dispatch that quantises x (dtype) per 1 x 128 group on its way out: e4m3 codes and fp32
+    scales in the packed row (csrc/quant/fp8_scale.cuh's contract; quantize_per_token_group's)."""
+
+    dtype: str             # x: bf16 | fp16 | fp32
+    vec_width: int         # elements of x per load: 16 bytes when rows and x allow, else 1
+    chunk_bytes: int       # bytes per access of the other streams' copies
+
+    op: ClassVar[str] = "moe_ipc_dispatch_fp8"
+    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    params: ClassVar[type[Params]] = MoeIpcParams
+
+    def check(self) -> None:
+        super().check()
+        check_element_type(self.op, self.dtype)
+        check_vector_width(self.op, self.dtype, self.vec_width)
+        if self.chunk_bytes not in _CHUNKS:
+            raise UnsupportedError(f"{self.op}: chunk_bytes must be one of {sorted(_CHUNKS)}, got {self.chunk_bytes}")
+
+    def block_threads(self) -> int:
+        return BLOCK_THREADS
+
+    def device_call(self) -> str:
+        return (f"fmo::moe_ipc_dispatch_fp8<{CUDA_TYPE[self.dtype]}, {self.vec_width}, {_CHUNKS[self.chunk_bytes]}, "
+                f"{BLOCK_THREADS}>(p)")
 
 
 @dataclass(frozen=True)
@@ -104,6 +135,12 @@ class MoeIpcCombineSpec(KernelSpec):
 def dispatch_specs():
     for chunk in (4, 16):
         yield MoeIpcDispatchSpec(chunk_bytes=chunk)
+
+
+@register_op("moe_ipc_dispatch_fp8")
+def dispatch_fp8_specs():
+    for dtype, vec in (("bf16", 8), ("fp16", 8), ("fp32", 4)):
+        yield MoeIpcDispatchFp8Spec(dtype=dtype, vec_width=vec, chunk_bytes=16)
 
 
 @register_op("moe_ipc_combine")

@@ -162,6 +162,45 @@ def test_ipc_cuda_bitexact_repeatable_and_closed(comm, dtype, hidden, k, monkeyp
     run_all(comm, body)
 
 
+@pytest.mark.parametrize("transport", ["host", "ipc"])
+@pytest.mark.parametrize("dtype, hidden", [(torch.bfloat16, 7168), (torch.float32, 200)])
+def test_use_fp8_dispatch_cuda_bitexact(comm, transport, dtype, hidden, monkeypatch):
+    """dispatch(x, use_fp8=True) on CUDA: quantised in the ipc kernel (moe_ipc_dispatch_fp8) or
+    by quantize_per_token_group before the staged send; bit for bit the reference's
+    quantisation then the gather (tests/mpi/test_moe_dispatch_fp8.py on the CPU)."""
+    from fastmoe_ops.reference import fp8 as ref_fp8
+
+    world, rank = comm.Get_size(), comm.Get_rank()
+    k = 8 if world * 2 >= 8 else 2
+    experts = experts_for(world, k)
+    launched = []
+    real_run = moe_ipc.run
+
+    def recording_run(spec, params, grid, **kw):
+        launched.append(type(spec).__name__)
+        return real_run(spec, params, grid, **kw)
+
+    monkeypatch.setattr(moe_ipc, "run", recording_run)
+
+    def body():
+        extra = dict(transport="ipc", max_tokens_per_rank=128, max_topk=8, device=DEV) if transport == "ipc" else {}
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
+        tokens = [100 + 7 * r for r in range(world)]
+        xs, idxs, ws = inputs(world, 81, tokens, k, experts, hidden, dtype, minus_one=0.2)
+        pairs = [ref_fp8.quantize_per_token_group(x, 128) for x in xs]
+        want_q = ref.dispatch([p[0].view(torch.uint8) for p in pairs], idxs, ws, experts)
+        want_s = ref.dispatch([p[1] for p in pairs], idxs, ws, experts)
+        (rq, rs), ridx, rw, _, _ = buf.dispatch(*to_dev(xs[rank], idxs[rank], ws[rank]), use_fp8=True)
+        bitwise(rq.cpu().view(torch.uint8), want_q[rank]["x"], f"{transport} use_fp8 codes")
+        bitwise(rs.cpu(), want_s[rank]["x"], f"{transport} use_fp8 scales")
+        bitwise(ridx.cpu(), want_q[rank]["topk_idx"], f"{transport} use_fp8 recv_topk_idx")
+        assert launched == (["MoeIpcDispatchFp8Spec"] if transport == "ipc" else []), launched
+        buf.destroy()
+        return "ok"
+
+    run_all(comm, body)
+
+
 @pytest.mark.parametrize("dtype, rows, fp8", [(torch.bfloat16, 300, False), (torch.float64, 70, False),
                                               (torch.float32, 90, True), (torch.bfloat16, 0, False)])
 def test_permute_unpermute_cuda_equals_cpu(dtype, rows, fp8):

@@ -31,9 +31,12 @@ class Transport(Protocol):
     def layout(self, topk_idx: torch.Tensor, ranks: int, per: int) -> Layout:
         """Publish where this rank's tokens go (counts per rank, positions, send order)."""
 
-    def dispatch(self, payloads: list, recvs: list, layout: Layout, counts: np.ndarray) -> None:
+    def dispatch(self, payloads: list, recvs: list, layout: Layout, counts: np.ndarray, quantize: bool = False) -> None:
         """Move rows: payloads[i] [T, ...] -> recvs[i] [rows, ...] in receive order
-        (source rank, then source token). counts [R, R]: rows from src to dst."""
+        (source rank, then source token). counts [R, R]: rows from src to dst. quantize:
+        payloads[0] is x [T, H] (bf16/fp16/fp32) and payloads[1] None; recvs[0], recvs[1]
+        receive x quantised per 1 x 128 group (e4m3 [rows, H], fp32 [rows, ceil(H/128)]),
+        bit for bit quantize_per_token_group(x) then dispatch."""
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         """Sum rows: y [N, W] received rows -> [T, W], each token's copies summed in ascending

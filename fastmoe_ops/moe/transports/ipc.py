@@ -30,6 +30,7 @@ from ...runtime import cuda_driver
 from .. import host
 
 SCALE_GROUP = 128
+SCALE_EPS = 1e-12   # quantising dispatch: quantize_per_token_group's default eps
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)   # what the kernels move
 
 
@@ -177,22 +178,24 @@ class IpcTransport:
             p.peers[i] = t.data_ptr()
         return p
 
-    def dispatch(self, payloads, recvs, layout: host.Layout, counts) -> None:
+    def dispatch(self, payloads, recvs, layout: host.Layout, counts, quantize: bool = False) -> None:
         """payloads: [T, ...] tensors; recvs: [rows, ...] receive tensors; layout.pos [T, R]:
-        each token's row within the destination's slot; counts [R, R] (src -> dst)."""
-        self._dispatch([p.contiguous() for p in payloads], recvs, layout.pos, counts, moe_ipc.comm_grid())
+        each token's row within the destination's slot; counts [R, R] (src -> dst).
+        quantize: payloads[1] is None and the kernel quantises payloads[0] on the way out."""
+        streams = [p.contiguous() if p is not None else None for p in payloads]
+        self._dispatch(streams, recvs, layout.pos, counts, moe_ipc.comm_grid(), quantize)
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         out = torch.empty(handle.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
         self._combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
         return out
 
-    def _dispatch(self, streams, outs, send_pos, matrix, grid: int) -> None:
+    def _dispatch(self, streams, outs, send_pos, matrix, grid: int, quantize: bool) -> None:
         rank = self.group.rank
         if int(matrix.max(initial=0)) > self.slot_rows:
             raise InputError(f"dispatch: a rank would send {int(matrix.max())} tokens to one peer, more than "
                              f"max_tokens_per_rank={self.slot_rows} (Buffer(transport='ipc'))")
-        seg = [s[0].numel() * s.element_size() if s.shape[0] else s.shape[1:].numel() * s.element_size() for s in streams]
+        seg = [o.shape[1:].numel() * o.element_size() for o in outs]    # bytes of each stream's received row
         offsets, at = [], 0
         for b in seg:
             offsets.append(at)
@@ -202,15 +205,25 @@ class IpcTransport:
                              f"(x wider than fp32 or k > max_topk={self.max_topk})")
         p = self._params(send_pos.shape[0], rank, grid, 0)
         p.send_pos, p.num_streams, p.row_stride = send_pos.data_ptr(), len(streams), at
+        present = [s for s in streams if s is not None]
         for i, (s, o) in enumerate(zip(streams, outs)):
-            p.src[i], p.out[i], p.src_stride[i], p.seg_bytes[i], p.seg_offset[i] = s.data_ptr(), o.data_ptr(), seg[i], seg[i], offsets[i]
+            p.out[i], p.seg_bytes[i], p.seg_offset[i] = o.data_ptr(), seg[i], offsets[i]
+            if s is not None:
+                p.src[i], p.src_stride[i] = s.data_ptr(), s.shape[1:].numel() * s.element_size()
         for s in range(self.group.size):
             p.recv_counts[s] = int(matrix[s, rank])
-        chunk = moe_ipc.chunk_bytes(*seg, at, self.dispatch_region, *(t.data_ptr() for t in (*streams, *outs, self.mine)))
-        tensors = (*streams, *outs, send_pos)
+        chunk = moe_ipc.chunk_bytes(*seg, at, self.dispatch_region, *(t.data_ptr() for t in (*present, *outs, self.mine)))
+        spec = moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk)
+        if quantize:   # the packed row of the FP8 pair (xq, xs), the kernel quantising x into it
+            x = streams[0]
+            vec = 16 // x.element_size()
+            aligned = x.shape[1] % vec == 0 and x.data_ptr() % 16 == 0 and offsets[0] % 16 == 0 and at % 16 == 0
+            p.hidden, p.min_amax = x.shape[1], SCALE_EPS
+            spec = moe_ipc.MoeIpcDispatchFp8Spec(dtype=moe_ipc.dtype_name(x.dtype), vec_width=vec if aligned else 1,
+                                                 chunk_bytes=chunk)
+        tensors = (*present, *outs, send_pos)
         with self._comm_stream(tensors):
-            moe_ipc.run(moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk), p, grid, engine=self.engine,
-                        tensors=(*tensors, *self.peers))
+            moe_ipc.run(spec, p, grid, engine=self.engine, tensors=(*tensors, *self.peers))
 
     def _combine(self, y, out, combine_index, matrix, grid: int) -> None:
         """y [N, H] contiguous (received rows), out [T, H]; combine_index [T, R]."""

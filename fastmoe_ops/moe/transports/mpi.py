@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from ...comm import Group
+from ...ops.fp8_quant import quantize_per_token_group
 from .. import host
+
+SCALE_GROUP = 128
 
 
 class MpiTransport:
@@ -25,10 +28,13 @@ class MpiTransport:
     def layout(self, topk_idx: torch.Tensor, ranks: int, per: int) -> host.Layout:
         return host.layout(topk_idx, ranks, per, host.packed_on_device(topk_idx))
 
-    def dispatch(self, payloads, recvs, layout: host.Layout, counts) -> None:
+    def dispatch(self, payloads, recvs, layout: host.Layout, counts, quantize: bool = False) -> None:
         """Host tensors: each payload's rows straight from it into its output. Staged: two
         exchanges in flight at once, x's rows and the small per-row extras (scales, ids,
-        weights) packed side by side, unpacked after."""
+        weights) packed side by side, unpacked after. quantize: payloads[1] is None; x is
+        quantised first by quantize_per_token_group (on its device), then sent as the pair."""
+        if quantize:
+            payloads = [*quantize_per_token_group(payloads[0], SCALE_GROUP), *payloads[2:]]
         me = self.group.rank
         send_counts, recv_counts = counts[me].tolist(), counts[:, me].tolist()
         staged = host.packed_on_device(payloads[0])
