@@ -28,11 +28,11 @@ def test_limits_shared_memory_and_registers():
     for out_bytes in (2, 4):
         for m, n, k, sms in shapes():
             a = cfg.choose_block(m, n, k, sms=sms, out_bytes=out_bytes)
-            assert a.smem_bytes == cfg.smem_bytes(a.block_m, a.block_n, a.stages, out_bytes) <= MAX_DYNAMIC_SMEM
+            assert a.smem_bytes == cfg.smem_bytes(a.block_m, a.block_n, a.stages) <= MAX_DYNAMIC_SMEM
             assert cfg.MIN_STAGES <= a.stages <= cfg.MAX_STAGES
             assert cfg.accumulator_regs(a.block_m, a.block_n) + cfg.OTHER_REGS <= cfg.MATH_REGS, a
-    # 128 x 256 (two 64-row warpgroups of 256 accumulators + 256 promoted sums) cannot be picked
-    assert not cfg.feasible(128, 256, 2) and not cfg.feasible(256, 128, 2) and cfg.feasible(128, 128, 2)
+    # 128 x 144 (per thread 72 accumulators + 2 x 72 partial sums + the rest > 232) cannot be picked
+    assert not cfg.feasible(128, 144) and not cfg.feasible(256, 128) and cfg.feasible(128, 128) and cfg.feasible(64, 128)
     # a tighter shared-memory limit changes the pick and is obeyed; an impossible one is refused
     small = cfg.choose_block(4096, 4096, 7168, sms=132, smem_limit=100 * 1024)
     assert small.smem_bytes <= 100 * 1024 and small.stages >= cfg.MIN_STAGES
@@ -52,24 +52,27 @@ def test_full_waves():
 
 
 def test_prefers_bn_dividing_n():
-    assert cfg.choose_block(4096, 1024, 7168, sms=132, candidates=[(128, 144), (128, 128)]).block_n == 128
+    assert cfg.choose_block(4096, 1024, 7168, sms=132, candidates=[(128, 112), (128, 128)]).block_n == 128
     # equal model cost (HBM-bound: one wave of short tiles, 96288 columns): no padded columns wins
     m, n, k = 64, 96 * 1003, 128
     assert cfg.tile_cost(m, n, k, 1, 64, 96, 2000, 2)[0] == cfg.tile_cost(m, n, k, 1, 64, 112, 2000, 2)[0]
     assert n % 112 and cfg.choose_block(m, n, k, sms=2000, candidates=[(64, 112), (64, 96)]).block_n == 96
-    # padding counts as work: 1024 columns in tiles of 144 are 8 tiles of which 1/9 is padding
-    a = cfg.choose_block(4096, 1024, 7168, sms=1, candidates=[(128, 144), (128, 128)])
+    # padding counts as work: 1024 columns in tiles of 112 are 10 tiles of which 1/35 is padding
+    a = cfg.choose_block(4096, 1024, 7168, sms=1, candidates=[(128, 112), (128, 128)])
     assert a.block_n == 128, a
 
 
 def test_large_m_uses_large_tiles_small_m_its_own_rows():
     for n, k in DENSE:
         big = cfg.choose_block(4096, n, k, sms=132)
-        assert big.block_m == 128 and big.block_n >= 128, big  # bytes per FLOP: (BM + BN) / (2 BM BN)
+        # bytes per FLOP: (BM + BN) / (2 BM BN): the largest tiles (wave quantisation may trade 128 for 112)
+        assert big.block_m == 128 and big.block_n >= 112, big
         for m in (1, 16, 64):
             assert cfg.choose_block(m, n, k, sms=132).block_m == 64
         d = cfg.choose_block(128, n, k, sms=132)
-        assert d.block_m == 128 and d.waves == 1 and d.tiles >= 132 // 2, d  # one wave over most SMs
+        fewest = min(-(-(-(-n // bn)) // 132) for bn in cfg.WGMMA_BLOCK_N)
+        assert d.block_m == 128 and d.waves == fewest, d  # as few waves as any BN allows ...
+        assert d.tiles >= min(132 // 2, -(-n // min(cfg.WGMMA_BLOCK_N))), d  # ... over most SMs (or all BN 64 gives)
     # decode: the weights stream, so a smaller BN that fills the SMs beats a big one that does not
     assert cfg.choose_block(128, 4096, 7168, sms=132).block_n < 128
 
@@ -90,3 +93,22 @@ def test_raster_band_matches_the_device_scheduler():
     from pathlib import Path
     header = (Path(__file__).parents[1] / "csrc/gemm/fp8_gemm_ws_scheduler.cuh").read_text()
     assert int(re.search(r"constexpr int kRasterBandM = (\d+);", header).group(1)) == cfg.RASTER_BAND_M
+
+
+def test_block_ns_are_wgmma_sizes_the_kernel_has():
+    """WGMMA_BLOCK_N are N sizes ptx/wgmma.cuh's generated bodies spell out (ptx/gen_wgmma_e4m3.py
+    SIZES), each feasible at BM = 128; per-row b scales a subset; the spec's shared memory is the
+    model's (one formula: fp8_gemm_config.smem_bytes)."""
+    import re
+    from pathlib import Path
+
+    from fastmoe_ops.ops import fp8_gemm as launcher
+
+    gen = (Path(__file__).parents[1] / "ptx/gen_wgmma_e4m3.py").read_text()
+    sizes = {int(x) for x in re.search(r"SIZES = \(([\d, ]+)\)", gen).group(1).split(",")}
+    assert set(cfg.WGMMA_BLOCK_N) <= sizes and set(cfg.WGMMA_BLOCK_N_ROW_SCALES) <= set(cfg.WGMMA_BLOCK_N)
+    assert all(cfg.feasible(128, bn) for bn in cfg.WGMMA_BLOCK_N)
+    spec = launcher.choose_wgmma_spec("dense", 4096, 4096, 7168, "bf16", "blk128", compute_sms=132)
+    assert spec.smem_bytes() == cfg.smem_bytes(spec.block_m, spec.block_n, spec.stages) <= MAX_DYNAMIC_SMEM
+    row = launcher.choose_wgmma_spec("dense", 4096, 4096, 7168, "fp32", "row", compute_sms=132)
+    assert row.block_n in cfg.WGMMA_BLOCK_N_ROW_SCALES

@@ -5,6 +5,8 @@ groups, masked with masked_m = 0 and partial tiles), under memcheck/racecheck to
 the float64 oracle. Tolerances as tests/test_fp8_gemm.py (same operands and promotion)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,21 +90,50 @@ def test_dense_raster_bands_cover_every_tile():
     assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws), "wgmma raster bands", 15)
 
 
+def _run_spec(spec, m, n, k, seed, *, ctas, b_rows=False):
+    """One launch of `spec` on the simulator with `ctas` persistent CTAs, output poisoned."""
+    xq, xs, wq, ws = quantised_operands(m, n, k, seed, b_rows=b_rows)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16 if spec.out == "bf16" else torch.float32))
+    launcher.run_kernel(spec, grid=(ctas, 1, 1), a=xq, a_scale=xs, b=wq, b_scale=ws, out=out, m=m, n=n, k=k,
+                        engine="sim")
+    return out, gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128)
+
+
 @SIM
-@pytest.mark.parametrize("b_rows", [False, True])
-def test_dense_64x64_tiles(b_rows):
-    """The 64 x 64 tile (wgmma m64n64k32) that a budget larger than the tile count picks;
-    ragged N across 4 column tiles, per-column b scales too."""
-    m, n, k = 100, 200, 400
-    xq, xs, wq, ws = quantised_operands(m, n, k, 16, b_rows=b_rows)
-    with compute_sms(8):
-        spec, grid = launcher.select("dense", "wgmma", m, n, k, "fp32", "row" if b_rows else "blk128")
-        assert (spec.block_m, spec.block_n, grid) == (64, 64, (8, 1, 1))
-        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
-        with fmo.use_backend("sim"):
-            y = fmo.fp8.gemm(xq, xs, wq, ws, torch.bfloat16, out=out, kernel="wgmma")
-    assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
-                           f"wgmma 64x64 b_rows={b_rows}", 16)
+@pytest.mark.parametrize("bm,bn,stages,b_rows,shape", [
+    (64, 64, 3, True, (100, 200, 400)),     # per-column b scales, ragged N over 4 column tiles
+    (128, 96, 2, False, (150, 200, 912)),   # tiles straddle two 128 x 128 b-scale blocks; a 2-stage ring
+    (64, 112, 4, False, (70, 230, 48)),     # K shorter than one block (the maps' zero fill)
+])
+def test_tile_shapes(bm, bn, stages, b_rows, shape):
+    """Tiles the cost model may pick (wgmma N 64 / 96 / 112), launched directly: ragged M, N, K,
+    fewer CTAs than tiles (the ring's phases wrap across tiles), against the float64 oracle."""
+    m, n, k = shape
+    spec = launcher.Fp8GemmWgmmaSpec(mode="dense", out="bf16", b_scale="row" if b_rows else "blk128",
+                                     block_m=bm, block_n=bn, stages=stages)
+    y, oracle = _run_spec(spec, m, n, k, 16, ctas=3, b_rows=b_rows)
+    assert_close_to_oracle(y, oracle, f"wgmma {bm}x{bn} s{stages} b_rows={b_rows}", 16)
+
+
+@SIM
+def test_releasing_a_stage_before_its_mmas_retire_fails():
+    """The pipeline bug the design must not have, built in on purpose (unsafe_early_release:
+    empty[s] arrives right after the MMAs reading s are committed, not after they retired): the
+    producer refills the stage under the pending MMAs and the simulator's TMA poison (0xFF, an
+    e4m3 NaN) reaches them, or a barrier check fails. Either way the run cannot pass."""
+    spec = launcher.Fp8GemmWgmmaSpec(mode="dense", out="fp32", b_scale="blk128", block_m=64, block_n=64, stages=2,
+                                     unsafe_early_release=True)
+    try:
+        y, oracle = _run_spec(spec, 64, 64, 768, 17, ctas=1)
+    except Exception as e:  # a barrier misuse report is as good as wrong numbers
+        assert "mbarrier" in str(e) or "phase" in str(e), str(e)
+        return
+    with pytest.raises(AssertionError):
+        assert_close_to_oracle(y, oracle, "early release", 17)
+    # the same spec without the bug passes (so the failure above is the bug's)
+    good = dataclasses.replace(spec, unsafe_early_release=False)
+    y, oracle = _run_spec(good, 64, 64, 768, 17, ctas=1)
+    assert_close_to_oracle(y, oracle, "release after retire", 17)
 
 
 @SIM
@@ -154,3 +185,24 @@ def test_dense_row_scaled_b_persistent_under_checks(monkeypatch):
     with compute_sms(1), fmo.use_backend("sim"):
         y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, kernel="wgmma")
     assert_close_to_oracle(y, gemm_oracle(xq, xs, wq, ws, b_scale_rows=1), "wgmma row-scaled b", 14)
+
+
+@SIM
+def test_tensor_maps_cached_per_plan_and_misaligned_operands_refused():
+    """A plan keeps the last call's TMA maps (same pointers: not re-encoded; new pointers: new
+    maps); an operand whose address is not 16-byte aligned (a TMA requirement) is refused,
+    naming it, before any launch."""
+    m, n, k = 16, 64, 128
+    xq, xs, wq, ws = quantised_operands(m, n, k, 18)
+    spec = launcher.choose_wgmma_spec("dense", m, n, k, "fp32", "blk128", compute_sms=4)
+    plan = launcher.GemmPlan.make(spec, (1, 1, 1), engine="sim", m=m, n=n, k=k, b_scale_rows=ws.shape[0])
+    first = plan.tensor_maps(xq, wq)
+    assert all(a is b for a, b in zip(plan.tensor_maps(xq, wq), first)), "same pointers: maps reused"
+    assert plan.tensor_maps(xq.clone(), wq)[0] is not first[0], "new A pointer: a new A map"
+    raw = torch.empty(m * k + 8, dtype=torch.uint8)
+    shifted = raw[8:].view(torch.float8_e4m3fn).view(m, k)
+    shifted.copy_(xq)
+    out = poison_(torch.empty(m, n))
+    with fmo.use_backend("sim"), pytest.raises(fmo.InputError, match=r"a \(xq\): expected a 16-byte aligned address"):
+        fmo.fp8.gemm(shifted, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
+    assert torch.isnan(out).all(), "nothing may run before the refusal"

@@ -17,7 +17,7 @@
 //                the launcher's debug mode names the bad row).
 //   kMasked      a [G, Mmax, K], grid.z = G; rows >= masked_m[g] are neither read nor written.
 // Roles: one CTA per output tile (TileScheduler; the sm_90a kernel, fp8_gemm_wgmma.cuh, has the
-// persistent, SM-budget-aware one and shares resolve_tile and the epilogue); every warp
+// persistent, SM-budget-aware one and shares resolve_tile and the row policy); every warp
 // computes and loads.
 // Epilogue: fp32 -> out_dtype staged through the (then idle) pipeline smem, written out in
 // coalesced 16-byte row chunks. Shared memory: the mainloop's
@@ -89,6 +89,8 @@ FMO_DEVICE TileKind resolve_tile(const Fp8GemmParams& p, const Tile& tile, TileO
         if (tile.m0 >= rows) kind = TileKind::kSkip;
         a += group * p.m * p.k;
     }
+    t.a_row = (MODE == kMasked ? group * p.m : 0) + tile.m0;
+    t.b_row = group * p.n + tile.n0;
     t.a = a + tile.m0 * p.k;
     t.a_scale = p.a_scale + (MODE == kMasked ? group * p.m * p.k_blocks : 0) + tile.m0 * p.k_blocks;
     t.b = b + (group * p.n + tile.n0) * p.k;

@@ -59,6 +59,7 @@ struct TileOperands {
     int64_t n0;              // first column (for the b-scale row)
     int64_t k;
     int64_t k_blocks;        // K blocks to run (0: the accumulator stays 0)
+    int64_t a_row, b_row;    // the tile's first row in A and B viewed as [rows, K] (the TMA maps' y)
 };
 
 // Also, with the tile at a multiple of 1024 bytes, wgmma's 128-byte-swizzle K-major layout

@@ -55,22 +55,23 @@ struct WsScheduler {
     FMO_DEVICE bool next(Tile& t) {
         const int64_t i = index;
         index += gridDim.x;
-        if (MODE != kMasked) {
+        if constexpr (MODE != kMasked) {
             if (i >= tiles_m * tiles_n) return false;
             t = raster(i, 0);
             return true;
-        }
-        while (group < num_groups) {
-            const int64_t count = tiles_m * tiles_n;
-            if (i < group_first + count) {
-                t = raster(i - group_first, group);
-                return true;
+        } else {
+            while (group < num_groups) {
+                const int64_t count = tiles_m * tiles_n;
+                if (i < group_first + count) {
+                    t = raster(i - group_first, group);
+                    return true;
+                }
+                group_first += count;
+                ++group;
+                tiles_m = group < num_groups ? group_tiles_m(group) : 0;
             }
-            group_first += count;
-            ++group;
-            tiles_m = group < num_groups ? group_tiles_m(group) : 0;
+            return false;
         }
-        return false;
     }
 
    private:

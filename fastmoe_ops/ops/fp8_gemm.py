@@ -4,11 +4,13 @@
 xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32 (1 x 128 groups)
 wq: [N, K] float8_e4m3fn, ws: [ceil(N/128), ceil(K/128)] fp32 (128 x 128 blocks)
                        or ws: [N, ceil(K/128)] fp32 (1 x 128 groups: the wgrad layout)
-All contiguous; K % 16 == 0 (16-byte rows for cp.async: pad K with zeros otherwise).
+All contiguous; K % 16 == 0 (rows of 16-byte multiples: cp.async's chunks, TMA's row stride; pad K
+with zeros otherwise); the wgmma kernel also wants xq and wq 16-byte aligned (TMA).
 The grouped variants (fp8_gemm_grouped.py) share the specs, the heuristics and the kernels.
 
 Two kernels (`kernel_for`): on sm_90a (Hopper GPUs, and the simulator, which models one)
-the wgmma kernel (csrc/gemm/fp8_gemm_wgmma.cuh: QGMMA, persistent CTAs over the SM budget);
+the warp-specialised wgmma kernel (csrc/gemm/fp8_gemm_wgmma.cuh: a TMA producer warp, wgmma math
+warpgroups, an mbarrier ring, persistent CTAs over the SM budget);
 elsewhere (sm_89) the mma.sync kernel (csrc/gemm/fp8_gemm.cuh). `kernel=` forces either.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..reference import fp8 as reference
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
 from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
 from . import fp8_gemm_config
 
 BLOCK_K = 128                       # the scale block along K (one promotion per block)
@@ -172,57 +175,68 @@ def standard_specs():
 
 # ------------------------------------------------------------------ Hopper: wgmma kernel
 
+class Fp8GemmWsParams(Params):
+    """The warp-specialised kernel's Params: the shared fields, then A's and B's TMA maps."""
+    cpp_name = "fmo::Fp8GemmWsParams"
+    _fields_ = aligned_fields([("g", Fp8GemmParams), ("a_map", TMA_DESCRIPTOR), ("b_map", TMA_DESCRIPTOR)])
+
+
+def wgmma_block_ns(b_scale: str) -> tuple:
+    """The BN sizes the wgmma kernel takes with this b-scale layout (fp8_gemm_config owns them)."""
+    return fp8_gemm_config.WGMMA_BLOCK_N_ROW_SCALES if b_scale == "row" else fp8_gemm_config.WGMMA_BLOCK_N
+
+
 @dataclass(frozen=True)
 class Fp8GemmWgmmaSpec(KernelSpec):
-    """The sm_90a kernel: BM / 64 warpgroups of wgmma.m64n{block_n}k32, persistent grid."""
+    """The sm_90a kernel (csrc/gemm/fp8_gemm_wgmma.cuh): a TMA producer warp, BM / 64 math
+    warpgroups of wgmma.m64n{block_n}k32, a ring of `stages` full/empty mbarrier stages,
+    persistent grid. unsafe_early_release: tests only (a pipeline bug the simulator must catch)."""
     mode: str        # dense | contiguous | masked
     out: str         # bf16 | fp32
     b_scale: str     # blk128 | row
-    block_m: int     # 64 (one warpgroup) or 128 (two)
-    block_n: int     # 128 or 64: the wgmma N (one instruction spans the tile's columns)
+    block_m: int     # 64 (one math warpgroup) or 128 (two)
+    block_n: int     # a wgmma N: WGMMA_BLOCK_N
     stages: int
+    unsafe_early_release: bool = False
 
     op: ClassVar[str] = "fp8_gemm_wgmma"
     header: ClassVar[str] = "csrc/gemm/fp8_gemm_wgmma.cuh"
-    params: ClassVar[type[Params]] = Fp8GemmParams
-    archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma: other targets fail with ptx/wgmma.cuh's #error
+    params: ClassVar[type[Params]] = Fp8GemmWsParams
+    archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma, setmaxnreg: other targets fail with ptx/'s #error
 
     def check(self) -> None:
         super().check()
         refuse = _refuser(self)
         _check_problem_fields(self, refuse)
         if self.block_m not in (64, 128):
-            refuse("block_m must be 64 or 128 (whole warpgroups of wgmma's 64 rows; 2 at most: "
-                   "64 + 64 fp32 registers per thread already hold the accumulators)")
-        if self.block_n not in (64, 128):
-            refuse("block_n must be 64 or 128 (the wgmma shapes ptx/wgmma.cuh wraps)")
+            refuse("block_m must be 64 or 128 (one or two math warpgroups of wgmma's 64 rows)")
+        if self.block_n not in wgmma_block_ns(self.b_scale):
+            refuse(f"block_n must be one of {wgmma_block_ns(self.b_scale)} with b_scale {self.b_scale} (wgmma N "
+                   "sizes ptx/wgmma.cuh wraps whose accumulator and two partial sums fit the registers)")
         if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
             refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
 
     def block_threads(self) -> int:
-        return 2 * self.block_m  # block_m / 64 warpgroups of 128 threads
+        return 128 + 2 * self.block_m  # the producer warpgroup + block_m / 64 math warpgroups
 
-    def smem_bytes(self) -> int:  # mirrors MainloopShape::kSmemBytes
-        b_scales = 1 if self.b_scale == "blk128" else self.block_n
-        return self.stages * (BLOCK_K * (self.block_m + self.block_n) + 4 * (self.block_m + b_scales))
+    def smem_bytes(self) -> int:  # mirrors WsShape::kSmemBytes
+        return fp8_gemm_config.smem_bytes(self.block_m, self.block_n, self.stages)
 
     def device_call(self) -> str:
         mode = {"dense": "kDense", "contiguous": "kContiguous", "masked": "kMasked"}[self.mode]
         return (f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.block_n}, {self.stages}, "
-                f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}>(p)")
-
-
-# The wgmma kernel's tiles and their ring depth (what fits 227 KiB with its staging tile).
-WGMMA_TILES = {(128, 128): 4, (64, 128): 5, (64, 64): 6}
+                f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}, {'true' if self.unsafe_early_release else 'false'}>(p)")
 
 
 def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
                       compute_sms: int | None = None) -> Fp8GemmWgmmaSpec:
-    """Pure function of (shape, SM budget): the tile of WGMMA_TILES the cost model
-    (fp8_gemm_config: waves over the budget, bytes per FLOP, L2 reuse) ranks first."""
+    """Pure function of (shape, SM budget): the tile and ring depth the cost model
+    (fp8_gemm_config.choose_block: waves over the budget, bytes per FLOP, L2 reuse; decode
+    rows) ranks first among the kernel's (BM, BN)."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
-    bm, bn = fp8_gemm_config.cheapest(m, n, k, groups=groups, sms=sms, out_bytes=4 if out == "fp32" else 2, tiles=WGMMA_TILES)
-    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, stages=WGMMA_TILES[bm, bn])
+    c = fp8_gemm_config.choose_block(m, n, k, groups=groups, sms=sms, out_bytes=4 if out == "fp32" else 2,
+                                     candidates=fp8_gemm_config.ws_candidates(wgmma_block_ns(b_scale)))
+    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=c.block_m, block_n=c.block_n, stages=c.stages)
 
 
 def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:
@@ -297,7 +311,7 @@ def validate_operand(q, s, name_q: str, name_s: str, lead: tuple, rows: int, k: 
 
 
 def validate_common(k: int, out_dtype) -> None:
-    expect(k % 16 == 0, "K", "a multiple of 16 (rows of 16-byte chunks for cp.async; pad K with zeros)", k)
+    expect(k % 16 == 0, "K", "a multiple of 16 (16-byte rows: cp.async chunks, TMA's row stride; pad K with zeros)", k)
     expect(out_dtype in OUT_DTYPES, "out_dtype", "torch.bfloat16 or torch.float32", out_dtype)
 
 
@@ -310,7 +324,9 @@ def b_scale_kind(ws: torch.Tensor, n: int) -> str:
 class GemmPlan:
     """One GEMM call's launch, but for the pointers: what its signature fixes (built once per
     signature by the launchers, runtime/plans.py). spec None: nothing to launch (an empty
-    output, or zeros when K == 0 or there are no groups)."""
+    output, or zeros when K == 0 or there are no groups). The wgmma kernel's A and B tensor
+    maps depend on the pointers too: encoded per call, the last pair kept (a layer calls with
+    the same weights and often the same activation buffers)."""
 
     engine: str
     out_shape: tuple
@@ -318,25 +334,47 @@ class GemmPlan:
     b_scale_rows: int = 128                  # reference plans: 128 (blocks) or 1 (rows); kernel plans: ws rows
     spec: KernelSpec | None = None
     config: LaunchConfig | None = None
-    params: Fp8GemmParams | None = None      # every field but the pointers; copied per call
+    params: Params | None = None             # every field but the pointers (and maps); copied per call
     zero: bool = False
+    maps: tuple | None = None                # wgmma: ((a ptr, b ptr), a map, b map) of the last call
 
     @staticmethod
     def make(spec, grid, *, engine, m, n, k, b_scale_rows, groups=1, out_shape=None, device=None) -> "GemmPlan":
         params = Fp8GemmParams(m=m, n=n, k=k, k_blocks=-(-k // BLOCK_K), b_scale_rows=b_scale_rows, num_groups=groups)
+        if isinstance(spec, Fp8GemmWgmmaSpec):
+            params = Fp8GemmWsParams(g=params)
         config = LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes())
         return GemmPlan(engine, out_shape, device, b_scale_rows, spec, config, params)
+
+    def tensor_maps(self, a, b) -> tuple:
+        """A and B as [rows, K] e4m3 with boxes of 128 K x block_m / block_n rows, 128B swizzle."""
+        key = (a.data_ptr(), b.data_ptr(), a.shape, b.shape)
+        cached = self.maps
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        k = a.shape[-1]
+        for t, name in ((a, "a (xq)"), (b, "b (wq)")):
+            expect(t.data_ptr() % 16 == 0, name, "a 16-byte aligned address (TMA)", hex(t.data_ptr()))
+            expect(t.numel() // max(k, 1) < 2**31, name, "fewer than 2^31 rows (TMA coordinates are int32)",
+                   t.numel() // max(k, 1))
+        a_map = descriptor(encode_tiled(a.view(-1, k), (BLOCK_K, self.spec.block_m), swizzle=128, engine=self.engine))
+        b_map = descriptor(encode_tiled(b.view(-1, k), (BLOCK_K, self.spec.block_n), swizzle=128, engine=self.engine))
+        self.maps = (key, a_map, b_map)
+        return a_map, b_map
 
     def run(self, out, a, a_scale, b, b_scale, m_indices=None, masked_m=None) -> torch.Tensor:
         if self.spec is None:
             return out.zero_() if self.zero else out
-        p = Fp8GemmParams.from_buffer_copy(self.params)
-        p.a, p.a_scale, p.b, p.b_scale, p.out = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), out.data_ptr()
+        p = type(self.params).from_buffer_copy(self.params)
+        g = p.g if isinstance(p, Fp8GemmWsParams) else p
+        if g is not p:
+            p.a_map, p.b_map = self.tensor_maps(a, b)
+        g.a, g.a_scale, g.b, g.b_scale, g.out = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), out.data_ptr()
         tensors = (a, a_scale, b, b_scale, out)
         if m_indices is not None:
-            p.m_indices, tensors = m_indices.data_ptr(), tensors + (m_indices,)
+            g.m_indices, tensors = m_indices.data_ptr(), tensors + (m_indices,)
         if masked_m is not None:
-            p.masked_m, tensors = masked_m.data_ptr(), tensors + (masked_m,)
+            g.masked_m, tensors = masked_m.data_ptr(), tensors + (masked_m,)
         launch(self.spec, self.config, p, engine=self.engine, tensors=tensors)
         return out
 

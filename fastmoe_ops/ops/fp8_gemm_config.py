@@ -1,9 +1,7 @@
 """Block-shape choice of the Hopper FP8 GEMM by a cost model, not a hand list.
 
-Users: the wgmma kernel today ranks its three tiles with cheapest() (fp8_gemm.choose_wgmma_spec);
-choose_block() searches the warp-specialised kernel's wider space (issue 15, in progress:
-its feasibility terms, setmaxnreg registers and a separate epilogue staging tile, are that
-kernel's).
+User: the warp-specialised Hopper kernel (csrc/gemm/fp8_gemm_wgmma.cuh), through
+fp8_gemm.choose_wgmma_spec: choose_block() over its (BM, BN), BN among the wgmma sizes it has.
 
 choose_block(m, n, k, groups=, sms=) is a pure function of the problem and the SM budget
 (integers and Python floats only), so every rank of an expert-parallel job picks the same
@@ -23,12 +21,12 @@ For a tile BM x BN over K (kb = ceil(K / 128) blocks of 128):
   cost       max(waves * per tile, HBM bytes / HBM_BYTES_PER_CYCLE).
 Ties go to BN dividing N (no padded columns), then fewer tiles, then larger BN, BM.
 
-Feasibility: shared memory (stages * (128 (BM + BN) + scales + barriers) + the epilogue's
-BM x BN staging tile, which is not part of the ring so the next tile's loads need not wait
-for the store) <= 227 KiB with at least MIN_STAGES stages; registers: each of the two math
-warpgroups holds BM / 2 rows (one warpgroup when BM = 64), i.e. BM / 128 * BN / 2 fp32
-accumulators per thread plus as many promoted sums, under the MATH_REGS a thread gets after
-setmaxnreg moves the producer's registers to the math warpgroups.
+Feasibility: shared memory (stages * (128 (BM + BN) + barriers): the epilogue stores from
+registers and the scales are plain loads, so the ring is all of it) <= 227 KiB with at least
+MIN_STAGES stages; registers: each math warpgroup holds 64 rows (BM = 64: one warpgroup,
+128: two), i.e. an accumulator and two partial sums of BN / 2 fp32 per thread (the promotion
+of block kb-1 runs while block kb's MMAs write the other), under the MATH_REGS a thread gets
+after setmaxnreg moves the producer's registers to the math warpgroups.
 
 Decode (M <= 128 rows per group) gets its own candidate rows: BM = 64 when M <= 64 (a 128-row
 tile would be half padding), else 128; its BN is then what the model gives (small BN that
@@ -48,8 +46,8 @@ L2_BYTES = 50 * 1024 * 1024      # Hopper L2
 TILE_FIXED_CYCLES = 1500         # pipeline fill + epilogue per tile (order of magnitude)
 RASTER_BAND_M = 8                # m-blocks per raster band: csrc/gemm/fp8_gemm_ws_scheduler.cuh
 MIN_STAGES, MAX_STAGES = 3, 8    # fewer stages cannot hide a TMA round trip behind the MMAs
-MATH_REGS = 240                  # per math thread after setmaxnreg (producer warpgroup keeps 40)
-OTHER_REGS = 48                  # addresses, scales, loop state of a math thread
+MATH_REGS = 232                  # per math thread after setmaxnreg (the kernel's kMathRegs; producer keeps 40)
+OTHER_REGS = 40                  # addresses, scales, loop state of a math thread
 BARRIER_BYTES = 16               # full + empty mbarrier per stage
 
 
@@ -68,27 +66,36 @@ class BlockConfig:
         return 1 if self.block_m == 64 else 2
 
 
-def ws_candidates():
-    """(BM, BN) of the warp-specialised kernel: wgmma's N steps of 16 up to 256; BM = 64 (one
-    math warpgroup), 128 (two x 64 rows) or 256 (two x 128 rows)."""
-    return tuple((bm, bn) for bm in (64, 128, 256) for bn in range(16, 257, 16))
+# The wgmma N sizes ptx/wgmma.cuh wraps (ptx/gen_wgmma_e4m3.py SIZES) that the kernel's registers
+# allow: BN <= 128 (accumulator_regs; tests/test_fp8_gemm_config.py keeps these within SIZES).
+# Per-row b scales (the wgrad layout) hold BN / 32 more registers per K block in flight: BN 128
+# spills there (ptxas, sm_90a), 112 does not.
+WGMMA_BLOCK_N = (64, 96, 112, 128)
+WGMMA_BLOCK_N_ROW_SCALES = (64, 96, 112)
+
+
+def ws_candidates(block_ns=WGMMA_BLOCK_N):
+    """(BM, BN) of the warp-specialised kernel: BM = 64 (one math warpgroup) or 128 (two x 64
+    rows); BN from `block_ns` (wgmma N sizes the kernel has)."""
+    return tuple((bm, bn) for bm in (64, 128) for bn in block_ns)
 
 
 def accumulator_regs(block_m: int, block_n: int) -> int:
-    """fp32 registers per math thread for the accumulators and the promoted sums."""
+    """fp32 registers per math thread: the accumulator and two partial sums (the K block whose
+    MMAs run and the one being promoted), BN / 2 each per 64 rows a warpgroup holds."""
     rows_per_warpgroup = block_m if block_m == 64 else block_m // 2
-    return 2 * (rows_per_warpgroup // 64) * (block_n // 2)
+    return 3 * (rows_per_warpgroup // 64) * (block_n // 2)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int) -> int:
-    b_scales = 4 * -(-block_n // BLOCK_K)  # 128 x 128 weight scale blocks the tile's columns touch
-    stage = BLOCK_K * (block_m + block_n) + 4 * block_m + b_scales + BARRIER_BYTES
-    return stages * stage + block_m * block_n * out_bytes
+def smem_bytes(block_m: int, block_n: int, stages: int) -> int:
+    """The ring: A and B boxes plus a full and an empty mbarrier per stage (scales are read by
+    plain loads, the epilogue stores from registers: neither takes shared memory)."""
+    return stages * (BLOCK_K * (block_m + block_n) + BARRIER_BYTES)
 
 
-def _max_stages(block_m: int, block_n: int, out_bytes: int, smem_limit: int) -> int:
+def _max_stages(block_m: int, block_n: int, smem_limit: int) -> int:
     for stages in range(MAX_STAGES, MIN_STAGES - 1, -1):
-        if smem_bytes(block_m, block_n, stages, out_bytes) <= smem_limit:
+        if smem_bytes(block_m, block_n, stages) <= smem_limit:
             return stages
     return 0
 
@@ -119,9 +126,8 @@ def tile_cost(m: int, n: int, k: int, groups: int, bm: int, bn: int, sms: int, o
     return max(waves * per_tile, hbm), tiles, waves
 
 
-def feasible(bm: int, bn: int, out_bytes: int, smem_limit: int = MAX_DYNAMIC_SMEM) -> bool:
-    return (accumulator_regs(bm, bn) + OTHER_REGS <= MATH_REGS
-            and _max_stages(bm, bn, out_bytes, smem_limit) >= MIN_STAGES)
+def feasible(bm: int, bn: int, smem_limit: int = MAX_DYNAMIC_SMEM) -> bool:
+    return accumulator_regs(bm, bn) + OTHER_REGS <= MATH_REGS and _max_stages(bm, bn, smem_limit) >= MIN_STAGES
 
 
 def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes: int = 2,
@@ -136,14 +142,14 @@ def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes
         rows = 64 if m <= 64 else 128
         decode = tuple(c for c in cands if c[0] == rows)
         cands = decode or cands
-    fits = [(bm, bn) for bm, bn in cands if feasible(bm, bn, out_bytes, smem_limit)]
+    fits = [(bm, bn) for bm, bn in cands if feasible(bm, bn, smem_limit)]
     if not fits:
         raise ValueError(f"choose_block: no candidate tile fits {smem_limit} bytes of shared memory "
                          f"and {MATH_REGS} registers: {cands}")
     bm, bn = cheapest(m, n, k, groups=groups, sms=sms, out_bytes=out_bytes, tiles=fits)
     cost, tiles, waves = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
-    stages = _max_stages(bm, bn, out_bytes, smem_limit)
-    return BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages, out_bytes), tiles, waves, cost)
+    stages = _max_stages(bm, bn, smem_limit)
+    return BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages), tiles, waves, cost)
 
 
 def cheapest(m: int, n: int, k: int, *, groups: int, sms: int, out_bytes: int, tiles) -> tuple:

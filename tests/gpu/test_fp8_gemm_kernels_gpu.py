@@ -92,3 +92,23 @@ def test_grouped(kernel):
             assert_close_to_oracle(y3[g, :r].cpu(), gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g], kernel=kernel),
                                    f"cuda {kernel} masked {g}", 23)
         assert torch.isnan(y3[g, r:]).all(), f"{kernel}: group {g} rows >= masked_m written"
+
+
+@pytest.mark.skipif("wgmma" not in kernels(), reason="the warp-specialised kernel needs sm_90a")
+@pytest.mark.parametrize("bm,bn,stages,b_rows,shape", [
+    (64, 64, 3, True, (100, 200, 400)), (128, 96, 2, False, (150, 200, 912)), (64, 112, 4, False, (70, 230, 48)),
+    (128, 112, 7, True, (300, 500, 1040)), (128, 128, 7, False, (1000, 1000, 2048))])
+def test_wgmma_tile_shapes(bm, bn, stages, b_rows, shape):
+    """Every wgmma N the cost model may pick, launched directly on 3 persistent CTAs (the ring's
+    phases wrap across tiles; 2 stages too), driver-encoded TMA maps, ragged M, N, K."""
+    from fastmoe_ops.ops import fp8_gemm as launcher
+
+    m, n, k = shape
+    xq, xs, wq, ws = quantised_operands(m, n, k, 24, b_rows=b_rows)
+    spec = launcher.Fp8GemmWgmmaSpec(mode="dense", out="bf16", b_scale="row" if b_rows else "blk128",
+                                     block_m=bm, block_n=bn, stages=stages)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=DEV))
+    a, a_s, b, b_s = to_dev(xq, xs, wq, ws)
+    launcher.run_kernel(spec, grid=(3, 1, 1), a=a, a_scale=a_s, b=b, b_scale=b_s, out=out, m=m, n=n, k=k, engine="cuda")
+    assert_close_to_oracle(out.cpu(), gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
+                           f"cuda wgmma {bm}x{bn} s{stages}", 24)
