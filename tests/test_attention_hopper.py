@@ -8,7 +8,7 @@ PyTorch's same-dtype computation plus rounding, lse within 1e-3 and -inf exactly
 no key; outputs poisoned (torch.empty on the simulator is the launch's poison) and NaN never
 passes. The cases cover D 64 and 128, causal (diagonal tiles masked, tiles past the diagonal
 never loaded) and not, Sq > Sk (rows that see no key), Sq < Sk, ragged tiles, GQA and MQA, bf16
-and fp16, dense and varlen (empty sequences; boxes that run into the next sequence), and the
+and fp16, MLA's (192, 128), dense and varlen (empty sequences; boxes that run into the next sequence), and the
 choice of kernel (attention_hopper.forward_kernel). ~20 s on 2 cores.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from attention_util import (assert_lse, assert_uniform_mean, assert_within_rule,
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 
 
-def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0):
-    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal} {dtype} seed={seed}"
-    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed)
+def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, dv=None):
+    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} Dv={dv or d} causal={causal} {dtype} seed={seed}"
+    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, dv=dv)
     (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
     fl = launcher.forward_launch(pb)
@@ -52,6 +52,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_d{}_{}_{}".format(*c[:6], "causal" if c[6] else "full", str(c[7])[6:]))
 def test_hopper_forward_vs_float64(case):
     check_forward(*case)
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_mla_head_dims(causal):
+    """MLA prefill: q/k head dim 192 (three panels of Q and K), v head dim 128; Sq != Sk, GQA."""
+    check_forward(1, 140, 75, 4, 2, 192, causal, torch.bfloat16, seed=21, dv=128)
 
 
 @SIM
@@ -133,7 +140,8 @@ def test_forward_kernel_choice():
     assert hopper.arch_of("sim", torch.device("cpu")) == "sm_90a"
     assert hopper.forward_kernel("sm_90a", 64, 64, 10) == "wgmma"
     assert hopper.forward_kernel("sm_90a", 128, 128, 1) == "wgmma"
-    assert hopper.forward_kernel("sm_90a", 192, 128, 10) == "mma_sync"  # MLA: no tiles yet
+    assert hopper.forward_kernel("sm_90a", 192, 128, 10) == "wgmma"     # MLA prefill
+    assert hopper.forward_kernel("sm_90a", 256, 256, 10) == "mma_sync"  # no tiles (the launcher refuses D 256 anyway)
     assert hopper.forward_kernel("sm_90a", 64, 64, 0) == "mma_sync"     # no keys: a map needs dims >= 1
     for arch in ("sm_80", "sm_89", "sm_90", "sm_100a", "sm_120"):
         assert hopper.forward_kernel(arch, 128, 128, 10) == "mma_sync", arch
@@ -144,12 +152,12 @@ def test_hopper_specs_and_refusals():
     from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
 
     specs = list(hopper.standard_specs())
-    assert len(specs) == 8 and len({s.entry_name() for s in specs}) == 8
+    assert len(specs) == 12 and len({s.entry_name() for s in specs}) == 12
     for s in specs:
         assert s.block_threads() == 384 and s.smem_bytes() <= MAX_DYNAMIC_SMEM
         assert "fmo::attn::attn_fwd_hopper<" in s.stub()
     with pytest.raises(UnsupportedError, match="head_dim"):
-        hopper.AttnHopperSpec("bf16", 192, 128, 2, 128, 2, False).check()
+        hopper.AttnHopperSpec("bf16", 192, 192, 2, 128, 2, False).check()
     with pytest.raises(UnsupportedError, match="block_n"):
         hopper.AttnHopperSpec("bf16", 64, 64, 2, 96, 2, False).check()
     with pytest.raises(UnsupportedError, match="stages"):

@@ -24,8 +24,9 @@ from .attention import AttnParams
 PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
 # (Dqk, Dv) -> (consumer warpgroups, block_n, stages). Two consumer warpgroups (BM = 128) share
 # each K/V tile; BN = 128 keeps S (64) + O (32 or 64) + P (32) fp32/packed registers per consumer
-# thread under setmaxnreg's 240; two stages: one tile computed while the next lands.
-TILES = {(64, 64): (2, 128, 2), (128, 128): (2, 128, 2)}
+# thread under setmaxnreg's 240; two stages: one tile computed while the next lands. MLA prefill
+# (192, 128): O as D 128, Q and K one panel wider (208 KB of shared memory with two stages).
+TILES = {(64, 64): (2, 128, 2), (128, 128): (2, 128, 2), (192, 128): (2, 128, 2)}
 HEAD_DIM_PAIRS = tuple(TILES)
 
 
