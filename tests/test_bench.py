@@ -68,3 +68,11 @@ def test_keep_run_merges_the_main_jobs_files_and_regenerates_the_readme(tmp_path
     data = json.loads(kept[0].read_text(), parse_constant=_reject)
     assert [r["op"] for r in data["rows"]] == ["self_check", "moe_layer_step"] and len(data["geomeans"]) == 2
     assert "moe_layer_step" in readme.read_text() and "old" not in readme.read_text().split("## Performance")[1]
+
+
+def test_committed_results_are_strict_json():
+    """Every kept results file parses with a strict parser (NaN and Infinity are not JSON)."""
+    files = sorted((ROOT / "bench" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        json.loads(path.read_text(), parse_constant=_reject)
