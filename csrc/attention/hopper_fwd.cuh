@@ -8,12 +8,13 @@
 //                  exit at once.
 //   warpgroup 1+c  consumer c (NC of them, rows 64 c .. 64 c + 63): setmaxnreg.inc; per key tile
 //                    wait full[s]
-//                    S  = Q K^T      DQK / 16 x wgmma m64nBNk16 SS (both K-major), wait
+//                    S  = Q K^T      DQK / 16 x wgmma m64nBNk16 SS (both K-major)
 //                    mask (diagonal / ragged tiles only), online softmax (softmax.cuh) in the
 //                      accumulator registers, which are the mma.sync C layout per warp
 //                    O += P V        BN / 16 x wgmma m64nDVk16 RS: P straight from S's registers
-//                                    (rounded to T), V read MN-major as TMA stored it, wait
+//                                    (rounded to T), V read MN-major as TMA stored it
 //                    arrive empty[s] (one lane per warp: its MMAs reading s retired)
+//                  with tile j's softmax overlapping tile j - 1's P V (consume() below)
 //                  then the epilogue (fwd.cuh's fwd_epilogue: o / l, lse).
 //   ring           STAGES x { K [BN][DQK], V [BN][DV] }, Q [BM][DQK] in front of it; a tile of
 //                  D columns is D / 64 panels [rows][64] of 128-byte rows, each one TMA box with
@@ -27,8 +28,8 @@
 // (H * D, S, B), box (64, rows, 1): a box never crosses a dense batch's end (zero fill, as
 // the mma.sync kernel's loads). Varlen boxes run into the next sequence's rows: its keys are
 // masked (-inf, so P = 0 exactly), its query rows are never stored.
-// Not yet (issue 16): intra-warpgroup overlap of softmax with the next tile's S = QK^T,
-// ping-pong between the consumer warpgroups, a persistent causal-balancing scheduler.
+// Not yet (issue 16): ping-pong between the consumer warpgroups (named barriers), a persistent
+// causal-balancing scheduler, separate K and V barriers (S could start before V lands).
 #pragma once
 
 #include "csrc/attention/fwd.cuh"
@@ -166,8 +167,31 @@ FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) {
     if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.empty(stage));
 }
 
-// UNSAFE_EARLY_RELEASE (tests only): free the stage right after issuing the MMAs that read V,
-// before they retired -- the bug this design must not have: the simulator's TMA poisons the
+// S's probabilities as the RS A fragments of P's k-steps (pack2 rounds to T).
+template <typename T, class Shape>
+FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shape::NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < Shape::BN / 16; ++kk) {
+        pa[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+}
+
+// One consumer warpgroup's key loop. Tile j's softmax overlaps tile j - 1's P V on the tensor
+// cores (FA3's intra-warpgroup pipelining):
+//
+//   j = 0        S = Q K_0, wait; softmax -> P_0
+//   j = 1 ..     wait full[j]; S = Q K_j (group 1), O += P_{j-1} V_{j-1} (group 2)
+//                wait_group 1: S retired (groups retire in order), O's group may still run
+//                mask, softmax of S -> alpha_j, P (fp32, in S's registers)
+//                wait_group 0: O retired; release stage j - 1; O *= alpha_j; P_j = T(P)
+//   end          O += P_last V_last, wait; release the last stage
+//
+// P_{j-1} (pa) must stay untouched until the wait that retires its MMAs: P_j is packed after it.
+// UNSAFE_EARLY_RELEASE (tests only): free each stage right after issuing the MMAs that read its
+// V, before they retired -- the bug this design must not have: the simulator's TMA poisons the
 // refilled stage under the pending MMAs (tests/test_attention_hopper.py).
 template <typename T, class Shape, bool CAUSAL, bool UNSAFE_EARLY_RELEASE>
 FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const SeqView& s, int h, int m0,
@@ -178,36 +202,55 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     zero(o);
     OnlineSoftmax softmax;
     float(&of)[Shape::DV / 2] = reinterpret_cast<float(&)[Shape::DV / 2]>(o);
-    ptx::mbarrier_wait_parity(sm.q_full(), 0);
-    PipelineState ps;
-    for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
+    float sc[Shape::NT][4];
+    float(&sf)[Shape::BN / 2] = reinterpret_cast<float(&)[Shape::BN / 2]>(sc);
+    uint32_t pa[Shape::BN / 16][4];
+    // Scores of tile j -> probabilities; masks only tiles crossing the diagonal or the keys' end.
+    auto softmax_tile = [&](int j, float (&alpha)[2]) {
         const int n0 = j * Shape::BN;
-        float sc[Shape::NT][4];
-        float(&sf)[Shape::BN / 2] = reinterpret_cast<float(&)[Shape::BN / 2]>(sc);
-        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile j landed
-        ptx::wgmma_fence();  // orders the previous tile's register reads of s before the MMAs write it
+        const bool edge = n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq);
+        if (edge) apply_mask(sc, CAUSAL, row0, n0, s.sq, s.sk);
+        softmax.scores(sc, p.scale_log2, alpha);
+    };
+    ptx::mbarrier_wait_parity(sm.q_full(), 0);
+    PipelineState ps, prev;
+    if (n_tiles > 0) {
+        float alpha[2];  // o is 0: nothing to rescale
+        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile 0 landed
+        ptx::wgmma_fence();
         issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(sf);
-        // Only tiles crossing the diagonal or the end of the keys need the mask.
-        const bool edge = n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq);
-        if (edge) apply_mask(sc, CAUSAL, row0, n0, s.sq, s.sk);
-        softmax.update(sc, o, p.scale_log2);
-        uint32_t pa[Shape::BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < Shape::BN / 16; ++kk) {
-            pa[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-            pa[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-            pa[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        }
+        softmax_tile(0, alpha);
+        pack_p<T, Shape>(pa, sc);
+    }
+    for (int j = 1; j < n_tiles; ++j) {
+        prev = ps;
+        ps.advance(Shape::STAGES);
+        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile j landed
         ptx::wgmma_fence_operands(of);
-        ptx::wgmma_fence();  // the softmax's rescaling of o happens before the MMAs accumulate into it
+        ptx::wgmma_fence();  // o's rescaling and s's reads (register accesses) before the MMAs write them
+        issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
+        issue_pv<T, Shape>(of, pa, sm.v(prev.stage));
+        if (UNSAFE_EARLY_RELEASE) release(sm, prev.stage);
+        ptx::wgmma_wait<1>();  // S = Q K_j retired; P_{j-1} V_{j-1} may still run
+        ptx::wgmma_fence_operands(sf);
+        float alpha[2];
+        softmax_tile(j, alpha);
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operands(of);
+        if (!UNSAFE_EARLY_RELEASE) release(sm, prev.stage);  // this warp's MMAs reading stage j - 1 retired
+        OnlineSoftmax::rescale(o, alpha);
+        pack_p<T, Shape>(pa, sc);
+    }
+    if (n_tiles > 0) {
+        ptx::wgmma_fence_operands(of);
+        ptx::wgmma_fence();
         issue_pv<T, Shape>(of, pa, sm.v(ps.stage));
         if (UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(of);
-        if (!UNSAFE_EARLY_RELEASE) release(sm, ps.stage);  // this warp's MMAs reading the stage retired
+        if (!UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
     }
     fwd_epilogue<T, Shape>(p, s, h, row0, o, softmax);
 }

@@ -48,6 +48,17 @@ struct OnlineSoftmax {
     // o (the output accumulator) is rescaled by exp2(m_old - m_new).
     template <int NT, int DT>
     FMO_DEVICE void update(float (&s)[NT][4], float (&o)[DT][4], float scale_log2) {
+        float alpha[2];
+        scores(s, scale_log2, alpha);
+        rescale(o, alpha);
+    }
+
+    // update() in two halves, for a kernel whose o is still being accumulated by an
+    // asynchronous MMA while the next tile's scores are exponentiated (hopper_fwd.cuh):
+    // scores() updates m and l and turns s into probabilities; alpha[h] = exp2(m_old - m_new)
+    // is what o's row h must be multiplied by, by rescale(), once o is readable.
+    template <int NT>
+    FMO_DEVICE void scores(float (&s)[NT][4], float scale_log2, float (&alpha)[2]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float mx = neg_inf();
@@ -60,7 +71,7 @@ struct OnlineSoftmax {
             // exp2(-inf - (-inf)) would be NaN: subtract 0 instead, so every p is
             // exp2(-inf) = 0, alpha is 0 and the row stays empty (l = 0, o = 0).
             const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = exp2f(m[h] - m_use);  // m[h] = -inf -> 0
+            alpha[h] = exp2f(m[h] - m_use);  // m[h] = -inf -> 0
             float sum = 0.0f;
 #pragma unroll
             for (int ni = 0; ni < NT; ++ni)
@@ -70,14 +81,17 @@ struct OnlineSoftmax {
                     s[ni][2 * h + c] = pv;
                     sum += pv;
                 }
-            l[h] = l[h] * alpha + sum;
+            l[h] = l[h] * alpha[h] + sum;
             m[h] = m_new;
-#pragma unroll
-            for (int di = 0; di < DT; ++di) {
-                o[di][2 * h] *= alpha;
-                o[di][2 * h + 1] *= alpha;
-            }
         }
+    }
+
+    template <int DT>
+    FMO_DEVICE static void rescale(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+        for (int di = 0; di < DT; ++di)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[di][e] *= alpha[e / 2];
     }
 
     // Totals over the quad; inv_l[h]: 1 / l (0 for a row that saw no key, whose output is
