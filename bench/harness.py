@@ -205,12 +205,17 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     drawable = [r for r in rows if (r.flops or r.bytes_moved) and r.ours_s > 0 and r.baseline_s > 0]
-    for fam in sorted({family(r.op) for r in drawable}):
-        sel = [r for r in drawable if family(r.op) == fam]
-        use_flops = all(r.flops for r in sel)
+    # A figure per (family, size axis): FLOP-counted rows (GEMMs) and byte-counted rows
+    # (copies, reductions) never share an axis.
+    figures = sorted({(family(r.op), bool(r.flops)) for r in drawable})
+    for fam, use_flops in figures:
+        sel = [r for r in drawable if family(r.op) == fam and bool(r.flops) == use_flops]
+        keys = sorted({(r.engine, _variant(r)) for r in sel})
+        if len(sel) == len(keys):
+            continue   # one point per series draws no curve: such rows are in ratios.png only
         unit, size_of = (1e12, lambda r: r.flops) if use_flops else (1e9, lambda r: r.bytes_moved)
         fig, ax = plt.subplots(figsize=(9, 5.5))
-        for i, key in enumerate(sorted({(r.engine, _variant(r)) for r in sel})):
+        for i, key in enumerate(keys):
             series = sorted((r for r in sel if (r.engine, _variant(r)) == key), key=size_of)
             xs = [size_of(r) for r in series]
             color = f"C{i % 10}"
@@ -235,7 +240,8 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        path = directory / f"{fam}.png"
+        mixed = sum(f == fam for f, _ in figures) > 1
+        path = directory / (f"{fam}-{'flops' if use_flops else 'bytes'}.png" if mixed else f"{fam}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

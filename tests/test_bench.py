@@ -76,3 +76,13 @@ def test_committed_results_are_strict_json():
     assert files
     for path in files:
         json.loads(path.read_text(), parse_constant=_reject)
+
+
+def test_plots_keep_flop_and_byte_rows_apart_and_skip_single_points(tmp_path):
+    from bench.harness import Row, plot
+
+    rows = [Row("fp8_gemm", f"{m}x128x128", "sim", 1e-3 * m, "matmul", 1e-4 * m, flops=2 * m * 128 * 128) for m in (64, 128)]
+    rows += [Row("fp8_gemm", "quant", "sim", 1e-3, "torch", 1e-4, bytes_moved=4096),        # a byte row in a GEMM family
+             Row("sim_throughput", "reduce", "sim", 1e-3, "torch.sum", 1e-4, bytes_moved=4096)]  # a single point
+    names = sorted(p.name for p in plot(rows, tmp_path))
+    assert names == ["fp8_gemm-flops.png"], names   # no ratios.png: none of these rows has intervals
