@@ -214,7 +214,7 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
         if len(sel) == len(keys):
             continue   # one point per series draws no curve: such rows are in ratios.png only
         unit, size_of = (1e12, lambda r: r.flops) if use_flops else (1e9, lambda r: r.bytes_moved)
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        fig, ax = plt.subplots(figsize=(12, 5.5))
         for i, key in enumerate(keys):
             series = sorted((r for r in sel if (r.engine, _variant(r)) == key), key=size_of)
             xs = [size_of(r) for r in series]
@@ -238,7 +238,7 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
         ax.set_ylabel("TFLOP/s" if use_flops else "GB/s")
         ax.set_title(f"{fam}: ours (solid) and baseline (dashed)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: never over the points
         fig.tight_layout()
         mixed = sum(f == fam for f, _ in figures) > 1
         path = directory / (f"{fam}-{'flops' if use_flops else 'bytes'}.png" if mixed else f"{fam}.png")
