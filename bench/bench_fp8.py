@@ -94,7 +94,7 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
 def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     """Per-block (weights) and transposed per-token-group (wgrad) quantisation, same checks."""
     rows = []
-    shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES[:1]
+    shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
     gen = torch.Generator(device=device).manual_seed(1)
     cases = (("fp8_quant_block", fmo.fp8.quantize_per_block, ref.quantize_per_block),
              ("fp8_quant_token_group_transposed", fmo.fp8.quantize_per_token_group_transposed,
