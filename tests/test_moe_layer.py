@@ -176,6 +176,20 @@ def test_experts_use_the_fused_swiglu_quantisation(monkeypatch, static):
         assert layer.w13.grad is not None and layer.w13.grad.abs().sum() > 0 and layer.w2.grad.abs().sum() > 0
 
 
+def test_experts_refuse_a_pair_without_its_gradient_anchor():
+    """FP8 rows reach the experts only from a dispatch with use_fp8 (their anchor carries x's
+    gradient and dtype; tests/mpi/test_moe_layer.py checks that path bit for bit against a
+    bf16 dispatch); a bare pair is refused, naming the argument."""
+    w13, w2 = torch.randn(2, 256, 128), torch.randn(2, 128, 128)
+    pair = fmo.fp8.quantize_per_token_group(torch.randn(4, 128))
+    idx = torch.tensor([[0], [1], [0], [1]])
+    _, pmap = permute(pair, idx, 2, alignment=fmo.fp8.contiguous_alignment())
+    with pytest.raises(InputError, match="^x_sorted: expected a tensor, or the FP8 rows of a dispatch with use_fp8=True"):
+        moe_experts.grouped_experts(pair, pmap, w13, w2)
+    with pytest.raises(InputError, match="^recv_x: expected a tensor, or the FP8 rows"):
+        moe_experts.masked_experts(pair, idx, torch.ones(4, 1), w13, w2)
+
+
 def test_empty_batch_and_inference():
     """No tokens: an empty output (and a backward that reaches every parameter). Under
     no_grad the overlap schedule builds no sub-graphs and still equals the sequential layer."""

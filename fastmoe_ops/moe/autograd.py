@@ -55,7 +55,7 @@ class DispatchFn(torch.autograd.Function):
         if use_fp8 is True:
             xq, xs, anchor, recv_topk_idx, recv_w, counts, handle = Fp8DispatchFn.apply(x, topk_weights, buffer, topk_idx)
             recv_x = Fp8Rows((xq, xs))
-            recv_x.grad_anchor = anchor if anchor.requires_grad else None
+            recv_x.grad_anchor = anchor
         else:
             recv_x, recv_topk_idx, recv_w, counts, handle = DispatchFn.apply(x, topk_weights, buffer, topk_idx)
         return recv_x, recv_topk_idx, recv_w if topk_weights is not None else None, counts, handle
@@ -63,11 +63,11 @@ class DispatchFn(torch.autograd.Function):
 
 class Fp8Rows(tuple):
     """A use_fp8 dispatch's rows: unpacks as the pair (q [N, H] e4m3, s [N, ceil(H/128)] fp32).
-    FP8 tensors carry no gradient, so when x's is recorded `grad_anchor` is an [N, H] tensor of
-    x's dtype (zeros, expanded: no memory) standing in for recv_x: a consumer computing
-    differentiably from (q, s) makes the anchor an input of its autograd Function and returns
-    d loss / d recv_x as its gradient (fmo.nn's experts do); dispatch's backward then combines
-    that, exactly as for a bf16 dispatch. None when nothing records x's gradient."""
+    FP8 tensors carry no gradient, so `grad_anchor` is an [N, H] tensor of x's dtype (zeros,
+    expanded: no memory) standing in for recv_x, requiring grad when x's gradient is recorded:
+    a consumer computing differentiably from (q, s) makes the anchor an input of its autograd
+    Function and returns d loss / d recv_x as its gradient (fmo.nn's experts do); dispatch's
+    backward then combines that, exactly as for a bf16 dispatch. None for a caller's pair."""
 
     grad_anchor = None
 
@@ -78,11 +78,11 @@ class Fp8DispatchFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_weights, buffer, topk_idx):
-        (xq, xs), recv_topk_idx, recv_w, tokens_per_expert, handle = buffer.exchange_dispatch(x, topk_idx, topk_weights, True)
+        rows, recv_topk_idx, recv_w, tokens_per_expert, handle = buffer.exchange_dispatch(x, topk_idx, topk_weights, True)
+        (xq, xs), anchor = rows, rows.grad_anchor
         ctx.buffer, ctx.handle = buffer, handle
         ctx.save_for_backward(recv_topk_idx)
         ctx.mark_non_differentiable(xq, xs, recv_topk_idx, tokens_per_expert)
-        anchor = x.new_zeros(()).expand(handle.num_recv_rows, x.shape[1])
         if recv_w is None:
             recv_w = torch.empty(0)      # placeholder output; `run` hands back None
         return xq, xs, anchor, recv_topk_idx, recv_w, tokens_per_expert, handle

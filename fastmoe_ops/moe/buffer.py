@@ -284,6 +284,8 @@ class Buffer:
         handle = Handle(self.id, xq.shape[0], num_recv, rows, self.hidden, tuple(matrix[r].tolist()),
                         tuple(matrix[:, r].tolist()), lay.send_src, lay.combine_index, matrix)
         recv_x = autograd.Fp8Rows((recvs[0], recvs[1])) if fp8 or use_fp8 else recvs[0]
+        if use_fp8:   # x's dtype and the rows' shape for consumers (autograd.Fp8Rows); no memory
+            recv_x.grad_anchor = xq.new_zeros(()).expand(rows, self.hidden)
         return recv_x, recv_topk_idx, recv_w, tokens_per_expert, handle
 
     def exchange_combine_backward(self, g: torch.Tensor, handle: Handle) -> torch.Tensor:

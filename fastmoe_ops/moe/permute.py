@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError, expect
 from ..reference import moe as reference
 from . import kernels
-from .autograd import nones_for
+from .autograd import Fp8Rows, nones_for
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -56,7 +56,9 @@ def _check_rows(name, t, dtypes, rows=None):
 
 
 def permute(recv_x, recv_topk_idx: torch.Tensor, num_local_experts: int, *, alignment: int = 1):
-    """-> (x_sorted [M, H] (a pair for an FP8 pair), PermuteMap). Differentiable in recv_x.
+    """-> (x_sorted [M, H] (a pair for an FP8 pair, keeping a dispatch's grad_anchor: the
+    receive rows', whose gradient the consumer forms from pmap, as grouped_experts does),
+    PermuteMap). Differentiable in recv_x.
     Reads two things on the host (on CUDA, each a synchronisation): the ids' range (the
     check) and the sorted row count M (it sizes the outputs)."""
     fp8 = isinstance(recv_x, (tuple, list))
@@ -71,10 +73,12 @@ def permute(recv_x, recv_topk_idx: torch.Tensor, num_local_experts: int, *, alig
     counts, pos = kernels.bucket_layout(recv_topk_idx, num_local_experts, 1, once=False)
     slot_rows, src_slots, offsets, counts = reference.permute_from_layout(recv_topk_idx, counts, pos, alignment)
     pmap = PermuteMap(slot_rows, src_slots, offsets, counts, alignment)
-    if fp8:
+    if fp8:   # FP8 rows carry no gradient; a dispatch's anchor (Fp8Rows) stays the receive rows'
         _check_rows("recv_x[1]", recv_x[1], (torch.float32,), x.shape[0])
         src = pmap.src_rows
-        return (kernels.gather_rows(recv_x[0], src), kernels.gather_rows(recv_x[1], src)), pmap
+        rows = Fp8Rows((kernels.gather_rows(recv_x[0], src), kernels.gather_rows(recv_x[1], src)))
+        rows.grad_anchor = getattr(recv_x, "grad_anchor", None)
+        return rows, pmap
     return PermuteFn.apply(x, pmap.src_rows, pmap.slot_rows), pmap
 
 

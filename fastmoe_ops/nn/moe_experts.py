@@ -49,6 +49,7 @@ from ..ops.fp8_gemm import contiguous_alignment, gemm
 from ..ops.fp8_gemm_grouped import grouped_gemm_contiguous, grouped_gemm_masked
 from ..ops.fp8_quant import quantize_per_token_group
 from ..ops.fp8_swiglu_quant import swiglu_quantize_per_token_group
+from ..moe import kernels as moe_kernels
 from ..moe.autograd import nones_for
 
 GROUP = 128   # 1 x 128 activation groups, 128 x 128 weight blocks (DeepSeek-V3's recipe)
@@ -118,30 +119,48 @@ def _wgrad(dout: torch.Tensor, inp: torch.Tensor, offsets: list[int], dtype) -> 
     return out.to(dtype)
 
 
+def _rows_fp32(x: torch.Tensor, x_fp8) -> torch.Tensor:
+    """The expert input as the first GEMM saw it, in fp32 (wgrad's operand): x, or for FP8
+    rows their dequantisation xq * xs (padding rows: codes and scales 0)."""
+    if x_fp8 is None:
+        return x.float()
+    xq, xs = x_fp8
+    return xq.float() * xs.repeat_interleave(GROUP, dim=-1)[..., : xq.shape[-1]]
+
+
 class GroupedExpertsFn(torch.autograd.Function):
-    """x_sorted [M, H], w13 [E, 2I, H], w2 [E, H, I] -> y_sorted [M, H] (x's dtype)."""
+    """x_sorted [M, H], w13 [E, 2I, H], w2 [E, H, I] -> y_sorted [M, H] (x's dtype).
+
+    FP8 rows (a dispatch with use_fp8, then permute): x is their gradient anchor [N, H]
+    (fmo.moe.autograd.Fp8Rows), x_fp8 the sorted (xq, xs), which the first GEMM reads as they
+    arrived, and slot_rows permute's map: the anchor's gradient is permute's backward (the
+    unweighted unpermute) of the sorted rows' gradient, so dx is bit for bit the bf16 path's;
+    the w13 gradient uses the dequantised rows (what the GEMM saw), one more e4m3 rounding."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, m_idx, expert_offsets, w13_fp8, w2_fp8):
+    def forward(ctx, x, w13, w2, m_idx, expert_offsets, w13_fp8, w2_fp8, x_fp8=None, slot_rows=None):
         inter = w2.shape[2]
-        h = _grouped(x, *w13_fp8, m_idx)                          # [M, 2I] fp32
+        h = _grouped_q(x_fp8 or quantize_per_token_group(x, GROUP), *w13_fp8, m_idx)   # [M, 2I] fp32
         y = _grouped_q(_swiglu_quantized(h, inter), *w2_fp8, m_idx)   # [M, H] fp32
-        ctx.save_for_backward(x, h, m_idx, expert_offsets, *w13_fp8, *w2_fp8)
-        ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
+        ctx.save_for_backward(*(x_fp8 or (x, None)), slot_rows, h, m_idx, expert_offsets, *w13_fp8, *w2_fp8)
+        ctx.inter, ctx.w_dtypes, ctx.fp8 = inter, (w13.dtype, w2.dtype), x_fp8 is not None
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, m_idx, expert_offsets, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        xa, xb, slot_rows, h, m_idx, expert_offsets, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        x_dtype = dy.dtype
         dy = dy.contiguous()
         da = _grouped(dy, *transposed(w2q, w2s), m_idx)             # [M, I]
         dh = _silu_mul_backward(h, da, ctx.inter)                   # [M, 2I]
-        dx = _grouped(dh, *transposed(w13q, w13s), m_idx).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dx = _grouped(dh, *transposed(w13q, w13s), m_idx).to(x_dtype) if ctx.needs_input_grad[0] else None
+        if dx is not None and ctx.fp8:   # the anchor's gradient: permute's backward, as PermuteFn's
+            dx = moe_kernels.gather_reduce(dx, slot_rows)
         dw13 = dw2 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             offsets = expert_offsets.tolist()     # host sync: the per-expert wgrad loop's bounds
             if ctx.needs_input_grad[1]:
-                dw13 = _wgrad(dh, x.float(), offsets, ctx.w_dtypes[0])
+                dw13 = _wgrad(dh, _rows_fp32(xa, (xa, xb) if ctx.fp8 else None), offsets, ctx.w_dtypes[0])
             if ctx.needs_input_grad[2]:   # a recomputed from h (the forward never kept it)
                 dw2 = _wgrad(dy.float(), _silu_mul(h, ctx.inter), offsets, ctx.w_dtypes[1])
         return _grouped_grads(dx, dw13, dw2)
@@ -151,7 +170,9 @@ def grouped_experts(x_sorted: torch.Tensor, pmap, w13: torch.Tensor, w2: torch.T
     """y_sorted [M, H] = w2[e] (silu(gate) * up)(w13[e] x) for every sorted row of expert e.
 
     x_sorted, pmap: from fmo.moe.permute(..., alignment=contiguous_alignment()); w13 [E, 2I, H],
-    w2 [E, H, I]; w13_fp8/w2_fp8: their quantise_expert_weights() (computed when None)."""
+    w2 [E, H, I]; w13_fp8/w2_fp8: their quantise_expert_weights() (computed when None).
+    x_sorted may be FP8 rows (permute of a use_fp8 dispatch's Fp8Rows): y_sorted then has the
+    anchor's dtype, and the gradient goes to the anchor (see GroupedExpertsFn)."""
     expect(pmap.alignment % contiguous_alignment() == 0, "pmap", f"a permute with alignment a multiple of {contiguous_alignment()}",
            pmap.alignment)
     e, i2, hidden = w13.shape
@@ -160,13 +181,28 @@ def grouped_experts(x_sorted: torch.Tensor, pmap, w13: torch.Tensor, w2: torch.T
     expect(hidden % 16 == 0 and (i2 // 2) % 16 == 0, "w13", "hidden and intermediate sizes that are multiples of 16 (GEMM K)",
            tuple(w13.shape))
     expect(pmap.expert_offsets.shape[0] == e + 1, "pmap", f"{e} local experts (like w13)", pmap.expert_offsets.shape[0] - 1)
-    expect(x_sorted.dim() == 2 and x_sorted.shape[1] == hidden, "x_sorted", f"[M, {hidden}]", tuple(x_sorted.shape))
-    if x_sorted.shape[0] == 0:   # nothing received: the weights still join the graph (zero gradient)
-        return x_sorted + 0 * (w13.sum() + w2.sum()).to(x_sorted.dtype)
+    x_fp8, anchor = _fp8_rows(x_sorted, "x_sorted")
+    rows = x_fp8[0] if x_fp8 else x_sorted
+    expect(rows.dim() == 2 and rows.shape[1] == hidden, "x_sorted", f"[M, {hidden}]", tuple(rows.shape))
+    if rows.shape[0] == 0:   # nothing received: the weights still join the graph (zero gradient)
+        like = anchor[:0] if x_fp8 else x_sorted
+        return like + 0 * (w13.sum() + w2.sum()).to(like.dtype)
     w13_fp8 = w13_fp8 if w13_fp8 is not None else quantize_expert_weights(w13)
     w2_fp8 = w2_fp8 if w2_fp8 is not None else quantize_expert_weights(w2)
     m_idx = m_indices(pmap.src_slots, pmap.expert_offsets)
+    if x_fp8:
+        return GroupedExpertsFn.apply(anchor, w13, w2, m_idx, pmap.expert_offsets, w13_fp8, w2_fp8, x_fp8, pmap.slot_rows)
     return GroupedExpertsFn.apply(x_sorted.contiguous(), w13, w2, m_idx, pmap.expert_offsets, w13_fp8, w2_fp8)
+
+
+def _fp8_rows(x, name: str):
+    """(None, None) for a tensor; for FP8 rows ((xq, xs) contiguous, their gradient anchor)."""
+    if not isinstance(x, (tuple, list)):
+        return None, None
+    anchor = getattr(x, "grad_anchor", None)
+    expect(len(x) == 2 and anchor is not None, name, "a tensor, or the FP8 rows of a dispatch with use_fp8=True "
+           "(fmo.moe.autograd.Fp8Rows, with its grad_anchor) or their permute", lambda: f"a {type(x).__name__} of {len(x)}")
+    return (x[0].contiguous(), x[1].contiguous()), anchor
 
 
 # ------------------------------------------------------------- static shapes: masked layout
@@ -197,27 +233,37 @@ def _wgrad_masked(dout3: torch.Tensor, inp3: torch.Tensor, dtype) -> torch.Tenso
 
 
 class MaskedExpertsFn(torch.autograd.Function):
-    """x3 [E, Mmax, H] (rows past masked_m zero), w13, w2 -> y3 [E, Mmax, H] (x3's dtype)."""
+    """x3 [E, Mmax, H] (rows past masked_m zero), w13, w2 -> y3 [E, Mmax, H] (x3's dtype).
+
+    FP8 rows: x3 is the receive rows' gradient anchor [N, H], x3_fp8 the slots' (xq [E*Mmax, H],
+    xs [E*Mmax, H/128]) and dest [N*k] each (row, slot)'s slot row (E*Mmax: none): the anchor's
+    gradient gathers the slots' gradients back, as the bf16 path's index_copy does."""
 
     @staticmethod
-    def forward(ctx, x3, w13, w2, masked_m, w13_fp8, w2_fp8):
+    def forward(ctx, x3, w13, w2, masked_m, w13_fp8, w2_fp8, x3_fp8=None, dest=None):
         inter = w2.shape[2]
-        e, mmax, _ = x3.shape
-        h3 = _masked(x3, *w13_fp8, masked_m)                      # [E, Mmax, 2I]
+        e = masked_m.shape[0]
+        h3 = _masked_q(x3_fp8, e, *w13_fp8, masked_m) if x3_fp8 else _masked(x3, *w13_fp8, masked_m)   # [E, Mmax, 2I]
+        mmax = h3.shape[1]
         y3 = _masked_q(_swiglu_quantized(h3.view(e * mmax, -1), inter), e, *w2_fp8, masked_m)
-        ctx.save_for_backward(x3, h3, masked_m, *w13_fp8, *w2_fp8)
-        ctx.inter, ctx.w_dtypes = inter, (w13.dtype, w2.dtype)
+        ctx.save_for_backward(*(x3_fp8 or (x3, None)), dest, h3, masked_m, *w13_fp8, *w2_fp8)
+        ctx.inter, ctx.w_dtypes, ctx.fp8, ctx.rows = inter, (w13.dtype, w2.dtype), x3_fp8 is not None, x3.shape[0]
         return y3.to(x3.dtype)
 
     @staticmethod
     def backward(ctx, dy3):
-        x3, h3, masked_m, w13q, w13s, w2q, w2s = ctx.saved_tensors
-        e, mmax, _ = x3.shape
+        xa, xb, dest, h3, masked_m, w13q, w13s, w2q, w2s = ctx.saved_tensors
+        e, mmax, _ = h3.shape
         dy3 = dy3.contiguous()
         da3 = _masked(dy3, *transposed(w2q, w2s), masked_m)
         dh3 = _silu_mul_backward(h3.reshape(e * mmax, -1), da3.reshape(e * mmax, -1), ctx.inter).view(e, mmax, -1)
-        dx3 = _masked(dh3, *transposed(w13q, w13s), masked_m).to(x3.dtype) if ctx.needs_input_grad[0] else None
-        dw13 = _wgrad_masked(dh3, x3.float(), ctx.w_dtypes[0]) if ctx.needs_input_grad[1] else None
+        dx3 = _masked(dh3, *transposed(w13q, w13s), masked_m).to(dy3.dtype) if ctx.needs_input_grad[0] else None
+        if dx3 is not None and ctx.fp8:   # slot rows -> the receive rows' anchor, slots summed in order
+            k = dest.shape[0] // max(ctx.rows, 1)
+            rows = torch.cat([dx3.reshape(e * mmax, -1), dx3.new_zeros(1, dx3.shape[2])]).index_select(0, dest)
+            dx3 = rows.view(ctx.rows, k, -1).sum(1)
+        x3 = _rows_fp32(xa, (xa, xb) if ctx.fp8 else None).view(e, mmax, -1)
+        dw13 = _wgrad_masked(dh3, x3, ctx.w_dtypes[0]) if ctx.needs_input_grad[1] else None
         a3 = _silu_mul(h3.view(e * mmax, -1), ctx.inter).view(e, mmax, -1) if ctx.needs_input_grad[2] else None
         dw2 = _wgrad_masked(dy3.float(), a3, ctx.w_dtypes[1]) if ctx.needs_input_grad[2] else None
         return _masked_grads(dx3, dw13, dw2)
@@ -236,6 +282,7 @@ def masked_experts(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.T
     e, i2, hidden = w13.shape
     expect(tuple(w2.shape) == (e, hidden, i2 // 2), "w2", f"shape ({e}, {hidden}, {i2 // 2}) to match w13", tuple(w2.shape))
     n, k = recv_idx.shape
+    x_fp8, anchor = _fp8_rows(recv_x, "recv_x")
     mmax = max(GROUP, -(-n // GROUP) * GROUP)     # a row meets an expert at most once: N rows suffice
     experts = torch.arange(e, device=recv_idx.device)
     hit = (recv_idx.reshape(n * k, 1) == experts).to(torch.int32)            # [N*k, E]
@@ -243,12 +290,16 @@ def masked_experts(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.T
     masked_m = hit.sum(0, dtype=torch.int32)                                  # [E] on the device
     valid = recv_idx.reshape(-1) >= 0
     dest = torch.where(valid, recv_idx.reshape(-1).clamp(min=0) * mmax + pos, e * mmax)   # e * mmax: the dump row
-    src = recv_x.repeat_interleave(k, 0) if k > 1 else recv_x                 # [N*k, H]: row of slot n*k + j
-    x3 = torch.zeros(e * mmax + 1, hidden, dtype=recv_x.dtype, device=recv_x.device).index_copy(0, dest, src)
-    x3 = x3[: e * mmax].view(e, mmax, hidden)
     w13_fp8 = w13_fp8 if w13_fp8 is not None else quantize_expert_weights(w13)
     w2_fp8 = w2_fp8 if w2_fp8 is not None else quantize_expert_weights(w2)
-    y3 = MaskedExpertsFn.apply(x3.contiguous(), w13, w2, masked_m, w13_fp8, w2_fp8)
+    if x_fp8:   # the codes (as bytes) and scales into their slots, the anchor carries the gradient
+        x3_fp8 = tuple(_to_slots(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t, k, dest, e * mmax).view(t.dtype)
+                       for t in x_fp8)
+        y3 = MaskedExpertsFn.apply(anchor, w13, w2, masked_m, w13_fp8, w2_fp8, x3_fp8, dest)
+        recv_x = anchor
+    else:
+        x3 = _to_slots(recv_x, k, dest, e * mmax).view(e, mmax, hidden)
+        y3 = MaskedExpertsFn.apply(x3.contiguous(), w13, w2, masked_m, w13_fp8, w2_fp8)
     y_rows = torch.cat([y3.reshape(e * mmax, hidden), y3.new_zeros(1, hidden)]).index_select(0, dest)   # [N*k, H]
     acc = torch.float64 if recv_x.dtype == torch.float64 else torch.float32
     y_rows = y_rows.view(n, k, hidden).to(acc)
@@ -257,3 +308,10 @@ def masked_experts(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.T
     for j in range(1, k):                                                      # slots in order, fp32
         out = out + y_rows[:, j] * w[:, j:j + 1]
     return out.to(recv_x.dtype)
+
+
+def _to_slots(rows: torch.Tensor, k: int, dest: torch.Tensor, slots: int) -> torch.Tensor:
+    """[slots, W]: slot dest[n*k + j] holds rows[n] (zeros elsewhere; dest == slots: dropped)."""
+    src = rows.repeat_interleave(k, 0) if k > 1 else rows                    # [N*k, W]: row of slot n*k + j
+    return torch.zeros(slots + 1, rows.shape[1], dtype=rows.dtype, device=rows.device).index_copy(0, dest, src)[:slots]
+

@@ -10,6 +10,10 @@ unbiased scores at those experts, optionally normalised to sum 1, times route_sc
 Routing is exposed as `last_topk_idx`: the oracle is run with the experts the layer chose,
 so a near-tie decided differently in float64 cannot fail a test.
 
+Dispatch with a group sends x as FP8 (Buffer.dispatch(use_fp8=True): quantised inside the ipc
+kernel, or before MPI on the host transport), the very quantisation the experts' first GEMM
+would apply, so the forward is unchanged and the bytes on the wire halve (bf16) or quarter
+(fp32); x's gradient comes back through the FP8 rows' anchor (fmo.moe.autograd.Fp8Rows).
 Experts: fmo.moe.permute (segments aligned for the grouped GEMM) -> moe_experts.grouped_experts
 (gate/up grouped GEMM, SiLU*up, down grouped GEMM, all FP8) -> fmo.moe.unpermute (weighted sum
 of a row's slots); with num_worst_tokens (static shapes) moe_experts.masked_experts instead:
@@ -45,7 +49,7 @@ import torch
 from ..budget import communication_in_flight
 from ..errors import expect
 from ..moe import Buffer, permute, unpermute
-from ..moe.autograd import with_nones
+from ..moe.autograd import Fp8Rows, with_nones
 from ..ops.fp8_gemm import contiguous_alignment
 from .. import streams as fs
 from .. import trace as ft
@@ -184,8 +188,8 @@ class MoELayer(torch.nn.Module):
         """-> (recv_x, recv_topk_idx, recv_weights, handle)."""
         if self.buffer is None:
             return x, topk_idx, weights, None
-        with _host_span("dispatch"):
-            recv_x, recv_idx, recv_w, _, handle = self.buffer.dispatch(x, topk_idx, weights)
+        with _host_span("dispatch"):   # the expert GEMMs read FP8 x: it travels as FP8 (Fp8Rows)
+            recv_x, recv_idx, recv_w, _, handle = self.buffer.dispatch(x, topk_idx, weights, use_fp8=True)
         return recv_x, recv_idx, recv_w, handle
 
     def _experts(self, recv_x, recv_idx, recv_w, w13, w2, fp8):
@@ -235,12 +239,23 @@ class MoELayer(torch.nn.Module):
 
 
 def _leaf(t):
-    """A stage's input, cut from the previous stage's graph (each stage is its own sub-graph)."""
+    """A stage's input, cut from the previous stage's graph (each stage is its own sub-graph);
+    FP8 rows: their gradient anchor is the cut (the pair carries no gradient)."""
+    if isinstance(t, Fp8Rows):
+        rows = Fp8Rows(t)
+        rows.grad_anchor = t.grad_anchor.detach().requires_grad_()
+        return rows
     return None if t is None else t.detach().requires_grad_()
+
+
+def _differentiable(t):
+    """What a stage differentiates for `t`: t, or FP8 rows' gradient anchor."""
+    return t.grad_anchor if isinstance(t, Fp8Rows) else t
 
 
 def _grad(outputs, inputs, grads):
     """torch.autograd.grad over one stage's sub-graph; None where an input is unused."""
+    outputs, inputs = [_differentiable(o) for o in outputs], [_differentiable(i) for i in inputs]
     pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
     wanted = [i for i in inputs if i is not None]
     if not pairs:
@@ -266,9 +281,12 @@ def _cuda_handoff(tensors, producer):
 
 
 def _used_here(*tensors):
-    """CUDA: tensors made on another stream and read on the current one (see _cuda_handoff)."""
+    """CUDA: tensors made on another stream and read on the current one (see _cuda_handoff);
+    a pair (FP8 rows) counts as its tensors."""
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_cuda:
+        if isinstance(t, tuple):
+            _used_here(*t)
+        elif isinstance(t, torch.Tensor) and t.is_cuda:
             t.record_stream(torch.cuda.current_stream(t.device))
 
 

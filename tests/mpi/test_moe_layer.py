@@ -155,6 +155,55 @@ def test_static_shapes_and_an_empty_rank(comm, overlap):
     run_all(comm, body)
 
 
+FP8_DISPATCH_WGRAD_BOUND = 1e-3   # d w13 from dequantised x: one more e4m3 rounding (~3e-4)
+
+
+@pytest.mark.parametrize("transport, static, overlap", [("host", False, False), ("host", True, True), ("ipc", False, True),
+                                                        ("ipc", True, False)])
+def test_fp8_dispatch_equals_bf16_dispatch(comm, monkeypatch, transport, static, overlap):
+    """The layer dispatches x as FP8 (use_fp8=True; on ipc the kernel quantises): the very
+    quantisation the experts' first GEMM applies to bf16 rows, so out, dx (through the FP8
+    rows' gradient anchor), the router and w2 gradients equal a bf16 dispatch's bit for bit;
+    the w13 gradient reads the dequantised rows (one more e4m3 rounding of x): calc_diff
+    below FP8_DISPATCH_WGRAD_BOUND."""
+    if transport == "ipc" and "sim" not in ENGINES:
+        pytest.skip("the ipc transport runs on the sim engine here")
+    need_ranks(comm, 2)
+    seed, dtype, k = 17, torch.bfloat16, 2
+    counts = [19, 0, 27, 5][: comm.Get_size()] + [11] * (comm.Get_size() - 4)
+    group = fmo.comm.Group(comm)
+    sent = []
+    real = fmo.moe.Buffer.dispatch
+
+    def recording(buf, x, topk_idx, topk_weights=None, use_fp8=False):   # bf16[0]: the bf16 run
+        sent.append(use_fp8)
+        return real(buf, x, topk_idx, topk_weights, use_fp8=use_fp8 and not bf16[0])
+
+    bf16 = [False]
+    monkeypatch.setattr(fmo.moe.Buffer, "dispatch", recording)
+    kw = dict(transport=transport, max_tokens_per_rank=64) if transport == "ipc" else {}
+    if static:
+        kw["num_worst_tokens"] = sum(counts)
+
+    def body():
+        runs = []
+        for bf16[0] in (False, True):
+            layer, x, dy, out = run_layer(group, counts, seed, dtype, overlap, k, **kw)
+            runs.append((out.detach(), x.grad, layer.router_weight.grad, layer.w2.grad, layer.w13.grad))
+            layer.destroy()
+        assert sent and all(sent), f"the layer must dispatch with use_fp8=True: {sent}"
+        for name, a, b in zip(("out", "dx", "d router", "d w2"), runs[0], runs[1]):
+            assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
+                               b.view(torch.int16) if b.dtype == torch.bfloat16 else b), \
+                f"{name}: FP8 dispatch differs from bf16 dispatch (max {(a.double() - b.double()).abs().max().item():.3g})"
+        d = calc_diff(runs[0][4], runs[1][4])
+        assert d < FP8_DISPATCH_WGRAD_BOUND, f"d w13: calc_diff {d:.3g} between FP8 and bf16 dispatch"
+        return d
+
+    with fmo.use_backend("sim" if "sim" in ENGINES else "reference"):
+        run_all(comm, body)
+
+
 def test_expert_bias_update_uses_the_global_load(comm):
     """update_expert_bias sums every rank's expert load (collective) and moves each bias by
     rate * sign(mean - load): the same bias on every rank, from the routing every rank chose."""
