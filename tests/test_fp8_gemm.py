@@ -93,14 +93,16 @@ def structured_operands(m: int, n: int, k: int, b_scale: str):
 
 
 def structured_cases():
-    """(kernel, tile, b_scale, out_dtype): every tile of both kernels with each b-scale layout it
-    takes (the wgmma kernel's BN 128 only with 128 x 128 blocks: fp8_gemm.wgmma_block_ns), both
-    outputs for the mma.sync tiles and the wgmma 128 x 128 tile, fp32 for the other wgmma tiles
-    (the output conversion is one code path for every tile: CI time)."""
+    """(kernel, tile, b_scale, out_dtype): every tile of both kernels; mma.sync: both b-scale
+    layouts and outputs. wgmma (CI time: each case compiles a module): every tile with weight
+    blocks and fp32 out; per-row b scales on the BM = 128 tiles that take them (BN <= 112:
+    fp8_gemm.wgmma_block_ns; the BM = 64 warpgroup runs the same promotion code); bf16 out on
+    128 x 128 (the output conversion is one code path for every tile)."""
     for kernel in KERNELS:
         for tile in TILES[kernel]:
             for b_scale in launcher.B_SCALES:
-                if kernel == "wgmma" and tile[1] not in launcher.wgmma_block_ns(b_scale):
+                if kernel == "wgmma" and (tile[1] not in launcher.wgmma_block_ns(b_scale)
+                                          or (b_scale == "row" and tile[0] != 128)):
                     continue
                 both = kernel == "mma_sync" or tile[:2] == (128, 128)
                 for out_dtype in ((torch.float32, torch.bfloat16) if both else (torch.float32,)):
