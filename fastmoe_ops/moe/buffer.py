@@ -13,6 +13,7 @@ at construction (fastmoe_ops.moe.transports, one protocol):
 
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
     out = buf.combine(y, handle)
+    (recv_xq, recv_xs), ... = buf.dispatch(x, topk_idx, topk_weights, use_fp8=True)   # x quantised on the way
 
 Shapes on rank r of R, E experts, rank r owning experts [r*E/R, (r+1)*E/R):
   x [T, H] bf16 | fp16 | fp32 | fp64, or the FP8 pair (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32)
