@@ -1,8 +1,12 @@
-"""The Hopper FP8 GEMM (wgmma, persistent tile scheduler) on the simulator: the launcher's
+"""The Hopper FP8 GEMM (warp-specialised: TMA producer warp, wgmma math warpgroups, mbarrier
+ring, persistent tile scheduler; csrc/gemm/fp8_gemm_wgmma.cuh) on the simulator: the launcher's
 kernel choice, the pure (shape, SM budget) heuristic and grid, and runs whose SM budget is
-shrunk so that each CTA loops over several tiles (dense, grouped contiguous with empty
-groups, masked with masked_m = 0 and partial tiles), under memcheck/racecheck too, against
-the float64 oracle. Tolerances as tests/test_fp8_gemm.py (same operands and promotion)."""
+shrunk so that each CTA loops over several tiles (dense, grouped contiguous with empty groups
+and padding rows, masked with masked_m = 0 and partial tiles), each wgmma N the model may pick
+(tiles across two weight-scale blocks, a 2-stage ring, K under one block), under
+memcheck/racecheck too, against the float64 oracle; a deliberately broken pipeline (a stage
+released before its MMAs retired) must fail; the plan's TMA maps and their refusals.
+Tolerances as tests/test_fp8_gemm.py (same operands and promotion)."""
 from __future__ import annotations
 
 import dataclasses
@@ -206,3 +210,36 @@ def test_tensor_maps_cached_per_plan_and_misaligned_operands_refused():
     with fmo.use_backend("sim"), pytest.raises(fmo.InputError, match=r"a \(xq\): expected a 16-byte aligned address"):
         fmo.fp8.gemm(shifted, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
     assert torch.isnan(out).all(), "nothing may run before the refusal"
+
+
+@SIM
+@pytest.mark.parametrize("mode", ["contiguous", "masked"])
+def test_grouped_with_wide_tiles_across_weight_blocks(mode):
+    """Grouped views on tiles whose columns straddle two 128 x 128 weight-scale blocks and whose
+    B box runs into the next expert's rows (N = 200 is no multiple of BN): contiguous 128 x 96
+    with padding rows and an empty expert, masked 64 x 112 with an empty expert and a partial
+    one (A's map spans every expert's Mmax rows); 2 CTAs walk all tiles."""
+    groups, n, k = 3, 200, 400
+    wq3, ws3 = expert_weights(groups, n, k, 19)
+    if mode == "contiguous":
+        xq, xs, m_indices = contiguous_layout([70, 0, 140], k, 19)
+        spec = launcher.Fp8GemmWgmmaSpec(mode=mode, out="fp32", b_scale="blk128", block_m=128, block_n=96, stages=3)
+        out = poison_(torch.empty(xq.shape[0], n))
+        launcher.run_kernel(spec, grid=(2, 1, 1), a=xq, a_scale=xs, b=wq3, b_scale=ws3, out=out, m=xq.shape[0], n=n,
+                            k=k, groups=groups, m_indices=m_indices, engine="sim")
+        assert torch.all(out[m_indices < 0] == 0), "padding rows (-1) must be zero"
+        assert_close_to_oracle(out, contiguous_oracle(xq, xs, wq3, ws3, m_indices), "wgmma contiguous 128x96", 19)
+        return
+    mmax, masked = 100, [0, 100, 37]
+    x = torch.randn(groups, mmax, k, generator=torch.Generator().manual_seed(19))
+    q = [ref.quantize_per_token_group(x[i]) for i in range(groups)]
+    xq3, xs3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
+    spec = launcher.Fp8GemmWgmmaSpec(mode=mode, out="fp32", b_scale="blk128", block_m=64, block_n=112, stages=4)
+    out = poison_(torch.empty(groups, mmax, n))
+    launcher.run_kernel(spec, grid=(2, 1, 1), a=xq3, a_scale=xs3, b=wq3, b_scale=ws3, out=out, m=mmax, n=n, k=k,
+                        groups=groups, masked_m=torch.tensor(masked, dtype=torch.int32), engine="sim")
+    for g, r in enumerate(masked):
+        if r:
+            assert_close_to_oracle(out[g, :r], gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
+                                   f"wgmma masked 64x112 group {g}", 19)
+        assert torch.isnan(out[g, r:]).all(), f"group {g}: rows >= masked_m must not be written"
