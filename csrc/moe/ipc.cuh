@@ -111,6 +111,9 @@ __device__ __forceinline__ void quantize_row_to_peers(const MoeIpcParams& p, int
     using Team = TokenGroupTeam<kScaleGroup, VEC, BLOCK>;
     constexpr int CHUNKS = Team::CHUNKS;
     constexpr int TEAMS = BLOCK / Team::TEAM;
+    bool sent = false;   // block-uniform: every thread reads the same send_pos row
+    for (int64_t r = 0; r < p.ranks; ++r) sent = sent || p.send_pos[t * p.ranks + r] >= 0;
+    if (!sent) return;   // a token with no expert anywhere: nothing to quantise
     const int lane = threadIdx.x % Team::TEAM;
     const int64_t groups = (p.hidden + kScaleGroup - 1) / kScaleGroup;
     const T* x = reinterpret_cast<const T*>(static_cast<const char*>(p.src[0]) + t * p.src_stride[0]);
