@@ -1,5 +1,6 @@
-"""Grouped FP8 GEMMs for MoE experts, on the dense GEMM's kernel and mainloop
-(csrc/gemm/fp8_gemm.cuh, modes kContiguous and kMasked).
+"""Grouped FP8 GEMMs for MoE experts, on the dense GEMM's kernels (modes kContiguous and
+kMasked of csrc/gemm/fp8_gemm_wgmma.cuh on sm_90a and the simulator, csrc/gemm/fp8_gemm.cuh
+elsewhere; fp8_gemm.kernel_for).
 
 Contiguous (training / prefill: tokens sorted by expert):
     xq [M, K] e4m3, xs [M, ceil(K/128)] fp32, wq3 [G, N, K] e4m3, ws3 [G, ceil(N/128), ceil(K/128)],
