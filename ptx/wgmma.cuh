@@ -140,7 +140,7 @@ struct WgmmaOp {
   void (*exec)(const WgmmaOp&) = nullptr;
   const void* ext = nullptr;
 };
-constexpr int kWgmmaMaxPending = 16;  // emulation limit on issued, not yet retired MMAs (attention D 256: 16 k-steps)
+constexpr int kWgmmaMaxPending = 32;  // emulation limit on issued, not yet retired MMAs (attention: 20 with MLA dims)
 constexpr int kWgmmaMaxThreads = 512;    // 4 warpgroups
 constexpr uint32_t kWgmmaMagic = 0x57474d4du;  // "WGMM": state set up in this CTA
 struct WgmmaThread {

@@ -58,7 +58,7 @@ namespace sim_detail {
 struct Wgmma16Op {
   float* d;
   uint64_t a, b;
-  float a_rows[2][16];  // RS: this thread's rows g, g + 8 of A, gathered from its quad at issue
+  uint16_t a_rows[2][16];  // RS: this thread's rows g, g + 8 of A (codes), gathered from its quad at issue
   int n, scale_d, f16, a_in_regs, trans_a, trans_b;
 };
 
@@ -66,7 +66,7 @@ struct Wgmma16Op {
 // top); gathered when the warp issues (all lanes arrive together, .sync.aligned). The GPU reads
 // the registers later, so a kernel that changes them before the wait differs from this capture:
 // not caught here.
-FMO_SIM_EMU void gather_a_rows(const uint32_t (&a)[4], bool f16, float (&rows)[2][16]) {
+FMO_SIM_EMU void gather_a_rows(const uint32_t (&a)[4], uint16_t (&rows)[2][16]) {
   uint32_t all[32][4];
   fmo_sim::warp_allgather(0xffffffffu, a, all, sizeof a);
   const uint32_t g = fmo_sim::lane_id() / 4;
@@ -74,7 +74,7 @@ FMO_SIM_EMU void gather_a_rows(const uint32_t (&a)[4], bool f16, float (&rows)[2
     for (uint32_t e = 0; e < 8; ++e) {
       const uint32_t reg = all[4 * g + qq][e / 2], bits = (e % 2) ? reg >> 16 : reg & 0xffffu;
       const uint32_t h = (e / 2) % 2, k = 2 * qq + e % 2 + 8 * (e / 4);
-      rows[h][k] = f16 ? decode_f16(bits) : decode_bf16(bits);
+      rows[h][k] = static_cast<uint16_t>(bits);
     }
 }
 
@@ -127,7 +127,8 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
   const uint32_t w = t / 32, g = (t % 32) / 4, q = t % 4;
   float arow[2][16], bcol[16];
   if (op.a_in_regs) {
-    std::memcpy(arow, op.a_rows, sizeof arow);
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) arow[h][k] = op.f16 ? decode_f16(op.a_rows[h][k]) : decode_bf16(op.a_rows[h][k]);
   } else {
     const WgmmaDesc da = decode_desc(op.a);
     if (da.base_offset != 0)
@@ -197,7 +198,7 @@ FMO_DEVICE void wgmma_m64nNk16_rs(float (&d)[N / 2], const uint32_t (&a)[4], uin
   sim_detail::Wgmma16Op op{};
   op.d = d, op.a = 0, op.b = desc_b, op.n = N, op.scale_d = scale_d, op.f16 = T == Wgmma16::f16;
   op.a_in_regs = 1, op.trans_b = TransB;
-  sim_detail::gather_a_rows(a, T == Wgmma16::f16, op.a_rows);  // the whole warp, before any check can fail
+  sim_detail::gather_a_rows(a, op.a_rows);  // the whole warp, before any check can fail
   sim_detail::wgmma16_issue(op);
 #else
   if constexpr (T == Wgmma16::bf16)

@@ -91,7 +91,7 @@ extern "C" __global__ void wgmma16_exec(const unsigned char* image, int image_by
   op.n = n, op.scale_d = scale_d, op.f16 = f16, op.a_in_regs = rs, op.trans_a = trans_a, op.trans_b = trans_b;
   if (rs) {
     const uint32_t a[4] = {a_regs[4 * t], a_regs[4 * t + 1], a_regs[4 * t + 2], a_regs[4 * t + 3]};
-    sim_detail::gather_a_rows(a, f16, op.a_rows);
+    sim_detail::gather_a_rows(a, op.a_rows);
   }
   sim_detail::wgmma16_execute(op);
   for (int i = 0; i < n / 2; ++i) D[(16 * w + g + 8 * ((i / 2) % 2)) * n + 8 * (i / 4) + 2 * q + (i % 2)] = acc[i];
