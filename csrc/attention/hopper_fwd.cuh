@@ -2,7 +2,8 @@
 // Same math, Params fields, grid and lse contract as the mma.sync kernel (fwd.cuh, whose
 // header defines o, lse, causal bottom-right, GQA and varlen); what differs is the machinery:
 //
-//   CTA: BM = 64 NC query rows of one (sequence, query head); grid (ceil(max_sq / BM), Hq, batch)
+//   CTA: BM = 64 NC query rows of one (sequence, query head); grid (ceil(max_sq / BM), Hq, batch),
+//        causal: query tiles in reverse (longest first)
 //   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane TMA-loads Q once (q_full),
 //                  then every key tile's K and V into the ring (full[s] / empty[s]); warps 1-3
 //                  exit at once.
@@ -28,12 +29,15 @@
 // (H * D, S, B), box (64, rows, 1): a box never crosses a dense batch's end (zero fill, as
 // the mma.sync kernel's loads). Varlen boxes run into the next sequence's rows: its keys are
 // masked (-inf, so P = 0 exactly), its query rows are never stored.
-// Not yet (issue 16): ping-pong between the consumer warpgroups (named barriers), a persistent
-// causal-balancing scheduler, separate K and V barriers (S could start before V lands).
+// The two consumer warpgroups take turns issuing their MMAs (Turns: named barriers), so one's
+// softmax runs under the other's GEMMs.
+// Not yet (issue 16): a persistent scheduler (causal balance beyond the reversed tile order,
+// varlen), separate K and V barriers (S could start before V lands).
 #pragma once
 
 #include "csrc/attention/fwd.cuh"
 #include "csrc/common/pipeline.cuh"
+#include "ptx/barrier.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/warp.cuh"
@@ -167,6 +171,28 @@ FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) {
     if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.empty(stage));
 }
 
+// Ping-pong between the two consumer warpgroups (FA3's inter-warpgroup schedule): they take
+// turns issuing their MMAs, so one's softmax runs while the other's GEMMs use the tensor cores.
+// Named barrier kTurnBarrier + w is warpgroup w's turn: it bar.syncs there (128 threads) before
+// issuing and bar.arrives (128) at the other's after. Warpgroup 1 opens with an arrival at
+// warpgroup 0's barrier and leaves out its arrival after its last issue, so every sync has
+// exactly one arrival (both issue n_tiles + 1 times). NC = 1: no-ops. Ids >= 1 (0 is
+// __syncthreads).
+constexpr unsigned kTurnBarrier = 1;
+template <int NC>
+struct Turns {
+    int wg;
+    FMO_DEVICE void open(int n_tiles) const {
+        if (NC == 2 && wg == 1 && n_tiles > 0) ptx::bar_arrive(kTurnBarrier, 256);
+    }
+    FMO_DEVICE void wait() const {
+        if (NC == 2) ptx::bar_sync(kTurnBarrier + wg, 256);
+    }
+    FMO_DEVICE void pass(bool last) const {
+        if (NC == 2 && !(wg == 1 && last)) ptx::bar_arrive(kTurnBarrier + (1 - wg), 256);
+    }
+};
+
 // S's probabilities as the RS A fragments of P's k-steps (pack2 rounds to T).
 template <typename T, class Shape>
 FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shape::NT][4]) {
@@ -212,13 +238,17 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         if (edge) apply_mask(sc, CAUSAL, row0, n0, s.sq, s.sk);
         softmax.scores(sc, p.scale_log2, alpha);
     };
+    const Turns<Shape::NC> turns{wg};
+    turns.open(n_tiles);
     ptx::mbarrier_wait_parity(sm.q_full(), 0);
     PipelineState ps, prev;
     if (n_tiles > 0) {
         float alpha[2];  // o is 0: nothing to rescale
         ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile 0 landed
+        turns.wait();
         ptx::wgmma_fence();
         issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
+        turns.pass(false);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(sf);
         softmax_tile(0, alpha);
@@ -229,9 +259,11 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         ps.advance(Shape::STAGES);
         ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile j landed
         ptx::wgmma_fence_operands(of);
+        turns.wait();
         ptx::wgmma_fence();  // o's rescaling and s's reads (register accesses) before the MMAs write them
         issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
         issue_pv<T, Shape>(of, pa, sm.v(prev.stage));
+        turns.pass(false);
         if (UNSAFE_EARLY_RELEASE) release(sm, prev.stage);
         ptx::wgmma_wait<1>();  // S = Q K_j retired; P_{j-1} V_{j-1} may still run
         ptx::wgmma_fence_operands(sf);
@@ -245,8 +277,10 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     }
     if (n_tiles > 0) {
         ptx::wgmma_fence_operands(of);
+        turns.wait();
         ptx::wgmma_fence();
         issue_pv<T, Shape>(of, pa, sm.v(ps.stage));
+        turns.pass(true);
         if (UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(of);
@@ -259,7 +293,10 @@ template <typename T, int NC, int BN, int DQK, int DV, int STAGES, bool CAUSAL, 
 FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
     using Shape = HopperFwdShape<NC, BN, DQK, DV, STAGES>;
     const AttnParams& p = P.a;
-    const int m0 = int(blockIdx.x) * Shape::BM, h = int(blockIdx.y);
+    // Causal: the last query tiles see the most keys; x runs fastest in the hardware's launch
+    // order, so reversing it starts each head's longest tiles first (the short ones fill the tail).
+    const int mb = CAUSAL ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+    const int m0 = mb * Shape::BM, h = int(blockIdx.y);
     const SeqView s = sequence(p, blockIdx.z);
     if (m0 >= s.sq) return;  // varlen: this sequence is shorter than the grid (whole CTA)
     const int hk = h / int(p.heads_q / p.heads_kv);
