@@ -5,24 +5,24 @@
 //   CTA: BM = 64 NC query rows of one (sequence, query head); grid (ceil(max_sq / BM), Hq, batch),
 //        causal: query tiles in reverse (longest first)
 //   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane TMA-loads Q once (q_full),
-//                  then every key tile's K and V into the ring (full[s] / empty[s]); warps 1-3
-//                  exit at once.
+//                  then every key tile's K and V into the ring (full_k[s], full_v[s], empty[s]);
+//                  warps 1-3 exit at once.
 //   warpgroup 1+c  consumer c (NC of them, rows 64 c .. 64 c + 63): setmaxnreg.inc; per key tile
-//                    wait full[s]
-//                    S  = Q K^T      DQK / 16 x wgmma m64nBNk16 SS (both K-major)
+//                    wait full_k[s]; S = Q K^T: DQK / 16 x wgmma m64nBNk16 SS (both K-major)
 //                    mask (diagonal / ragged tiles only), online softmax (softmax.cuh) in the
 //                      accumulator registers, which are the mma.sync C layout per warp
-//                    O += P V        BN / 16 x wgmma m64nDVk16 RS: P straight from S's registers
-//                                    (rounded to T), V read MN-major as TMA stored it
+//                    wait full_v[s]; O += P V: BN / 16 x wgmma m64nDVk16 RS, P straight from S's
+//                      registers (rounded to T), V read MN-major as TMA stored it
 //                    arrive empty[s] (one lane per warp: its MMAs reading s retired)
-//                  with tile j's softmax overlapping tile j - 1's P V (consume() below)
-//                  then the epilogue (fwd.cuh's fwd_epilogue: o / l, lse).
-//   ring           STAGES x { K [BN][DQK], V [BN][DV] }, Q [BM][DQK] in front of it; a tile of
-//                  D columns is D / 64 panels [rows][64] of 128-byte rows, each one TMA box with
-//                  the 128-byte swizzle = wgmma's K-major B128 layout (SBO 1024, k-step j at
-//                  +32 j inside the row) and, read along N, its MN-major B128 layout (LBO =
-//                  the next panel, SBO = 8 keys). Every panel is a multiple of 1024 bytes, so
-//                  all stay 1024-aligned in the 1024-aligned dynamic buffer.
+//                  with tile j's softmax overlapping tile j - 1's P V (consume() below), then
+//                  the epilogue (fwd.cuh's fwd_epilogue: o / l, lse).
+//   smem           Q [BM][DQK], then the ring: STAGES x { K [BN][DQK], V [BN][DV] } (K and V
+//                  land on separate barriers: S = Q K^T starts before V is in), then the
+//                  barriers. A tile of D columns is D / 64 panels [rows][64] of 128-byte rows,
+//                  each one TMA box with the 128-byte swizzle = wgmma's K-major B128 layout
+//                  (SBO 1024, k-step j at +32 j inside the row) and, read along N, its MN-major
+//                  B128 layout (LBO = the next panel, SBO = 8 keys). Every panel is a multiple
+//                  of 1024 bytes, so all stay 1024-aligned in the 1024-aligned dynamic buffer.
 //
 // Tensor maps (AttnHopperParams, encoded per call by fastmoe_ops/ops/attention_hopper.py):
 // q, k, v viewed as [B, S, H * D] (dense) or [1, total, H * D] (varlen), dims innermost first
@@ -32,7 +32,7 @@
 // The two consumer warpgroups take turns issuing their MMAs (Turns: named barriers), so one's
 // softmax runs under the other's GEMMs.
 // Not yet (issue 16): a persistent scheduler (causal balance beyond the reversed tile order,
-// varlen), separate K and V barriers (S could start before V lands).
+// varlen).
 #pragma once
 
 #include "csrc/attention/fwd.cuh"
@@ -66,7 +66,7 @@ struct HopperFwdShape {
     static constexpr int kQBytes = BM * DQK * 2, kKBytes = BN * DQK * 2, kVBytes = BN * DV * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kBarrierOffset = kQBytes + STAGES * kStageBytes;
-    static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * STAGES + 1);
+    static constexpr int kSmemBytes = kBarrierOffset + 8 * (3 * STAGES + 1);
     static_assert(NC == 1 || NC == 2, "one or two consumer warpgroups");
     static_assert(DQK % kPanel == 0 && DV % kPanel == 0, "whole 64-column panels");
     static_assert(BN % 16 == 0 && BN >= 64 && BN <= 256 && (BN == 64 || BN % 64 == 0), "BN: a wgmma N size");
@@ -81,14 +81,18 @@ struct HopperSmem {
     FMO_DEVICE uint8_t* q() const { return base; }
     FMO_DEVICE uint8_t* k(int s) const { return base + Shape::kQBytes + s * Shape::kStageBytes; }
     FMO_DEVICE uint8_t* v(int s) const { return k(s) + Shape::kKBytes; }
-    FMO_DEVICE uint64_t* full(int s) const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset) + s; }
-    FMO_DEVICE uint64_t* empty(int s) const { return full(Shape::STAGES) + s; }
-    FMO_DEVICE uint64_t* q_full() const { return full(2 * Shape::STAGES); }
+    // full_k[s], full_v[s]: stage s's K (V) bytes landed; separate, so S = Q K^T can start while V
+    // is still on its way. empty[s]: every consumer warp's MMAs reading stage s retired.
+    FMO_DEVICE uint64_t* full_k(int s) const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset) + s; }
+    FMO_DEVICE uint64_t* full_v(int s) const { return full_k(Shape::STAGES) + s; }
+    FMO_DEVICE uint64_t* empty(int s) const { return full_k(2 * Shape::STAGES) + s; }
+    FMO_DEVICE uint64_t* q_full() const { return full_k(3 * Shape::STAGES); }
 
     // One thread, before the roles split (then __syncthreads publishes them).
     FMO_DEVICE void init() const {
         for (int s = 0; s < Shape::STAGES; ++s) {
-            ptx::mbarrier_init(full(s), 1);                 // the producer's arrive.expect_tx
+            ptx::mbarrier_init(full_k(s), 1);               // the producer's arrive.expect_tx
+            ptx::mbarrier_init(full_v(s), 1);
             ptx::mbarrier_init(empty(s), 4 * Shape::NC);    // one lane per consumer warp
         }
         ptx::mbarrier_init(q_full(), 1);
@@ -125,10 +129,11 @@ FMO_DEVICE void produce(const AttnHopperParams& P, const HopperSmem<Shape>& sm, 
     PipelineState ps;
     for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
         ptx::mbarrier_wait_parity(sm.empty(ps.stage), ps.phase ^ 1);  // the stage's last MMAs retired
-        ptx::mbarrier_arrive_expect_tx(sm.full(ps.stage), Shape::kStageBytes);
         const int32_t row = r.k_row + j * Shape::BN;
-        tma_load_panels<Shape::DQK, Shape::BN>(sm.k(ps.stage), &P.k_map, sm.full(ps.stage), hk, row, r.batch);
-        tma_load_panels<Shape::DV, Shape::BN>(sm.v(ps.stage), &P.v_map, sm.full(ps.stage), hk, row, r.batch);
+        ptx::mbarrier_arrive_expect_tx(sm.full_k(ps.stage), Shape::kKBytes);
+        tma_load_panels<Shape::DQK, Shape::BN>(sm.k(ps.stage), &P.k_map, sm.full_k(ps.stage), hk, row, r.batch);
+        ptx::mbarrier_arrive_expect_tx(sm.full_v(ps.stage), Shape::kVBytes);
+        tma_load_panels<Shape::DV, Shape::BN>(sm.v(ps.stage), &P.v_map, sm.full_v(ps.stage), hk, row, r.batch);
     }
 }
 
@@ -244,7 +249,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     PipelineState ps, prev;
     if (n_tiles > 0) {
         float alpha[2];  // o is 0: nothing to rescale
-        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile 0 landed
+        ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);  // K of tile 0 landed
         turns.wait();
         ptx::wgmma_fence();
         issue_qk<T, Shape>(sf, sm.q(), sm.k(ps.stage), wg);
@@ -257,7 +262,8 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     for (int j = 1; j < n_tiles; ++j) {
         prev = ps;
         ps.advance(Shape::STAGES);
-        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // K and V of tile j landed
+        ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);     // K of tile j landed
+        ptx::mbarrier_wait_parity(sm.full_v(prev.stage), prev.phase);  // V of tile j - 1 landed
         ptx::wgmma_fence_operands(of);
         turns.wait();
         ptx::wgmma_fence();  // o's rescaling and s's reads (register accesses) before the MMAs write them
@@ -276,6 +282,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         pack_p<T, Shape>(pa, sc);
     }
     if (n_tiles > 0) {
+        ptx::mbarrier_wait_parity(sm.full_v(ps.stage), ps.phase);  // V of the last tile landed
         ptx::wgmma_fence_operands(of);
         turns.wait();
         ptx::wgmma_fence();

@@ -84,7 +84,7 @@ class AttnHopperSpec(KernelSpec):
 
     def smem_bytes(self) -> int:  # mirrors HopperFwdShape::kSmemBytes
         bm, bn, dqk, dv = self.block_m, self.block_n, self.head_dim, self.head_dim_v
-        return 2 * bm * dqk + self.stages * 2 * bn * (dqk + dv) + 8 * (2 * self.stages + 1)
+        return 2 * bm * dqk + self.stages * 2 * bn * (dqk + dv) + 8 * (3 * self.stages + 1)
 
     def device_call(self) -> str:
         return (f"fmo::attn::attn_fwd_hopper<{CUDA_TYPE[self.dtype]}, {self.consumers}, {self.block_n}, "
