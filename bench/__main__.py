@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         device = torch.device("cpu")
         engines = [args.engine] if args.engine else [e for e in ("sim", "reference") if e in fmo.available_backends()]
         print(f"No GPU here: running small shapes on the CPU through the {' and '.join(engines)} engine(s). "
-              "`sim` rows are simulator throughput (the kernels' own CUDA source run on the CPU), not GPU speed.")
+              "`sim` rows are simulator throughput (the kernels' own CUDA source run on the CPU), not GPU speed. "
+              "Times are the process's CPU seconds, one thread per side (bench/stats.py).")
     copy = copy_bandwidth_gbps(device)
     if copy:
         print(f"device copy bandwidth (measured now): {copy:.0f} GB/s")

@@ -96,7 +96,12 @@ class Comparison:
 
 
 class _Timer:
-    """One timed call of fn on `device` (CUDA: events around the call, L2 flushed before)."""
+    """One timed call of fn on `device`. CUDA: events around the call, L2 flushed before. CPU:
+    the process's CPU seconds (user + system, all its threads: torch's and the simulator's
+    workers), not wall time: on a shared 2-vCPU machine wall time also counts the moments
+    another process (or the hypervisor) holds the core, which hit one side of a pair and not
+    the other; with that, two main-job runs disagreed on 18 of 63 rows (sim rows up to 2.5x
+    apart) against 3 of 37 on CPU seconds (bench/README.md)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -112,9 +117,9 @@ class _Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
 
 def compare(ours: Callable[[], object], baseline: Callable[[], object], *, device: torch.device,
