@@ -62,7 +62,8 @@ def quant_contract_mismatch(got, want) -> str:
 
 def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
     """Quantisation rows, then the GEMM rows."""
-    rows = run_quant(device, engine, quick, copy_gbps) + run_quant_backward(device, engine, quick, copy_gbps)
+    rows = (run_quant(device, engine, quick, copy_gbps) + run_quant_backward(device, engine, quick, copy_gbps)
+            + run_swiglu_quant(device, engine, quick, copy_gbps))
     ceiling = fp8_ceiling_flops(device) if device.type == "cuda" else 0.0
     return rows + run_gemm(device, engine, quick, ceiling)
 
@@ -117,6 +118,50 @@ def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps
             rows.append(Row.compared(op, f"{m}x{k} bf16", engine, c,
                                      baseline="torch ops (reference)", bytes_moved=moved,
                             ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    return rows
+
+
+def dequantised_mismatch(got, want, group: int = 128) -> str:
+    """'' when two (codes, scales) pairs dequantise to within one e4m3 step of their group's
+    largest value (32 / 448 of it: the top binade's spacing), else where they first differ.
+    For the fused SwiGLU quantiser, whose fp32 product may differ from the reference's by a
+    few ulps and so round a code the other way (tests/test_fp8_swiglu_quant.py bounds it)."""
+    def deq(q, s):
+        v = q.float().unflatten(-1, (-1, group)) * s.unsqueeze(-1)
+        return v, v.abs().amax(-1, keepdim=True)
+    a, amax = deq(*got)
+    b, _ = deq(*want)
+    bad = ((a - b).abs() > amax * (32 / 448) + 1e-30).nonzero()
+    if len(bad):
+        i = tuple(bad[0].tolist())
+        return f"{len(bad)} values differ by more than one e4m3 step, first at {i}: {a[i].item()} vs {b[i].item()}"
+    return ""
+
+
+def run_swiglu_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
+    """The expert MLP's activation (issue 18): silu(gate) * up then per-token-group FP8 in one
+    pass, against the same two steps in torch ops (what a user writes)."""
+    rows = []
+    shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
+    gen = torch.Generator(device=device).manual_seed(2)
+    for m, inter in shapes:
+        h = torch.randn(m, 2 * inter, generator=gen, device=device).to(torch.bfloat16)
+
+        def ours():
+            if engine == "cuda":
+                return fmo.fp8.swiglu_quantize_per_token_group(h)
+            with fmo.use_backend(engine):
+                return fmo.fp8.swiglu_quantize_per_token_group(h)
+
+        got = ours()
+        bad = dequantised_mismatch(got, ref.swiglu_quantize_per_token_group(h))
+        if bad:
+            raise RuntimeError(f"fused SwiGLU quantisation ({engine}) disagrees with the reference at {m}x{inter} ({bad})")
+        c = compare(ours, lambda: ref.swiglu_quantize_per_token_group(h), device=device, max_seconds=3.0 if quick else 5.0)
+        moved = m * 2 * inter * 2 + got[0].numel() + got[1].numel() * 4
+        rows.append(Row.compared("fp8_swiglu_quant", f"{m}x{2 * inter} bf16", engine, c,
+                                 baseline="silu*up, then quantise (torch ops)", bytes_moved=moved,
+                                 ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
     return rows
 
 
