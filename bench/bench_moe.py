@@ -36,9 +36,11 @@ import fastmoe_ops as fmo
 from .harness import Row, format_table, write_json
 from .stats import compare, compare_across_ranks, one_thread_per_side_on_cpu
 
-# (tokens per rank, hidden, experts, top-k, payload)
-CPU_SHAPES = [(512, 2048, 32, 4, "bf16"), (256, 7168, 64, 8, "bf16"), (256, 7168, 64, 8, "fp8")]
-GPU_SHAPES = [(4096, 7168, 256, 8, "bf16"), (4096, 7168, 256, 8, "fp8")]
+# (tokens per rank, hidden, experts, top-k, payload): "fp8" sends rows the caller quantised,
+# "bf16->fp8" passes bf16 x with use_fp8=True (quantised inside the dispatch, issue 18).
+CPU_SHAPES = [(512, 2048, 32, 4, "bf16"), (256, 7168, 64, 8, "bf16"), (256, 7168, 64, 8, "fp8"),
+              (256, 7168, 64, 8, "bf16->fp8")]
+GPU_SHAPES = [(4096, 7168, 256, 8, "bf16"), (4096, 7168, 256, 8, "fp8"), (4096, 7168, 256, 8, "bf16->fp8")]
 
 
 def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> tuple[float, float]:
@@ -82,20 +84,22 @@ def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int
     w = torch.rand(tokens, k, generator=g).to(device)
     # Quantised where the rows are: on a GPU by the kernel, not by the CPU engine (the simulator).
     xin = fmo.fp8.quantize_per_token_group(x, 128) if payload == "fp8" else x
+    fp8_on_wire = payload in ("fp8", "bf16->fp8")
+    dispatch_kw = {"use_fp8": True} if payload == "bf16->fp8" else {}
     extra = dict(transport="ipc", max_tokens_per_rank=tokens, max_topk=k, device=device) if transport == "ipc" else {}
     buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, **extra)
     engine = "cuda" if device.type == "cuda" else ("sim" if transport == "ipc" else fmo.backends.cpu_engine())
 
     with fmo.use_backend("sim") if transport == "ipc" and device.type == "cpu" else contextlib.nullcontext():
-        recv_x, _, _, _, handle = buf.dispatch(xin, idx, w)
+        recv_x, _, _, _, handle = buf.dispatch(xin, idx, w, **dispatch_kw)
         y = torch.ones(handle.num_recv, hidden, dtype=torch.bfloat16, device=device)
 
         def ours():
-            _, _, _, _, h = buf.dispatch(xin, idx, w)
+            _, _, _, _, h = buf.dispatch(xin, idx, w, **dispatch_kw)
             buf.combine(y, h)
 
         # The same bytes through raw Alltoallv: dispatch rows (payload + ids + weights), then combine rows.
-        row_in = hidden * (1 if payload == "fp8" else 2) + (4 * -(-hidden // 128) if payload == "fp8" else 0) + 12 * k
+        row_in = hidden * (1 if fp8_on_wire else 2) + (4 * -(-hidden // 128) if fp8_on_wire else 0) + 12 * k
         row_back = hidden * 2
         send_rows, recv_rows = np.array(handle.send_counts), np.array(handle.recv_counts)
         a_send = np.zeros(int(send_rows.sum()) * row_in, np.uint8)
