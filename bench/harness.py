@@ -133,7 +133,9 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         info["cuda_driver"] = cuda_driver.driver_version()
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        # cwd: the package's checkout, wherever the run was started from; null outside a git checkout
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                        cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except OSError:
         pass
     return info
