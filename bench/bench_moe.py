@@ -43,36 +43,22 @@ CPU_SHAPES = [(512, 2048, 32, 4, "bf16"), (256, 7168, 64, 8, "bf16"), (256, 7168
 GPU_SHAPES = [(4096, 7168, 256, 8, "bf16"), (4096, 7168, 256, 8, "fp8"), (4096, 7168, 256, 8, "bf16->fp8")]
 
 
-def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> tuple[float, float]:
-    """(median over reps of the slowest rank's wall time for fn(), median over reps of
-    the mean CPU time per rank): the CPU time separates the work done from waiting on a
-    machine whose cores the ranks share. On a GPU each repetition ends synchronised."""
-    return timed_together(comm, [fn], reps, device, warmup)[0]
-
-
-def timed_together(comm, fns, reps: int, device: torch.device, warmup: int = 3) -> list[tuple[float, float]]:
-    """`timed` for several functions at once, their repetitions interleaved (f0, f1, f0,
-    f1, ...): a machine whose speed drifts (shared cores, other tenants) then slows each
-    alike instead of whichever ran during the slow spell."""
+def timed(comm, fn, reps: int, device: torch.device, warmup: int = 3) -> float:
+    """Median over reps of the slowest rank's wall time for fn() (a barrier before each; on a
+    GPU each repetition ends synchronised). For one function alone; a comparison of two goes
+    through bench.stats.compare_across_ranks."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
+    for _ in range(warmup):
+        fn()
     sync()
-    samples = [([], []) for _ in fns]
+    wall = []
     for _ in range(reps):
-        for fn, (wall, cpu) in zip(fns, samples):
-            comm.Barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    out = []
-    for wall, cpu in samples:
-        out.append((statistics.median(np.max(np.array(comm.allgather(wall)), axis=0).tolist()),
-                    statistics.median(np.mean(np.array(comm.allgather(cpu)), axis=0).tolist())))
-    return out
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(np.max(np.array(comm.allgather(wall)), axis=0).tolist())
 
 
 def run_shape(comm, device: torch.device, tokens: int, hidden: int, experts: int, k: int, payload: str,

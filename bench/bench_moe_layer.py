@@ -51,7 +51,7 @@ RESERVED_SMS = (0, 8, 16, 20, 24, 32)
 
 def timed(comm, fn, reps: int, device) -> float:
     """Median over reps of the slowest rank's wall time of fn() (bench_moe.timed, one warm-up)."""
-    return bench_moe.timed(comm, fn, reps, device, warmup=1)[0]
+    return bench_moe.timed(comm, fn, reps, device, warmup=1)
 
 
 def make_layer(group, shape, overlap, device, transport):
