@@ -1,10 +1,15 @@
 """Writes ptx/wgmma_e4m3_asm.cuh: the inline-asm bodies of wgmma.mma_async m64nNk32 e4m3 for each
 N in SIZES (inline asm needs literal operand lists, so each N is spelled out). Run
 `python ptx/gen_wgmma_e4m3.py` after changing SIZES; tests/test_ptx_wgmma.py checks that the
-header is what this script writes."""
+header is what this script writes.
+
+Legal N (PTX ISA 9.0, "wgmma.mma_async", Syntax, FP8 floating point type: .shape = .m64n8k32,
+.m64n16k32, ..., .m64n256k32): every multiple of 8 from 8 to 256. SIZES holds the ones a kernel
+uses: 16..56 for the GEMM's decode tiles (small M: more, narrower tiles over the SMs), the
+rest for its throughput tiles and the tests."""
 from pathlib import Path
 
-SIZES = (64, 96, 112, 128, 144, 160, 192, 256)
+SIZES = (16, 24, 32, 40, 48, 56, 64, 96, 112, 128, 144, 160, 192, 256)
 OUT = Path(__file__).with_name("wgmma_e4m3_asm.cuh")
 
 

@@ -1,7 +1,8 @@
 // ptx/wgmma.cuh: warpgroup-level asynchronous MMA on Hopper, wgmma (PTX ISA, "Asynchronous
 // Warpgroup Level Matrix Multiply-Accumulate Instructions"), sm_90a.
 //
-//   wgmma.mma_async.sync.aligned.m64nNk32.f32.e4m3.e4m3  d, a-desc, b-desc, scale-d, 1, 1;  N = 64..256 (below)
+//   wgmma.mma_async.sync.aligned.m64nNk32.f32.e4m3.e4m3  d, a-desc, b-desc, scale-d, 1, 1;  N = 16..256 (below;
+//     the ISA's FP8 shapes are .m64n8k32 .. .m64n256k32 in steps of 8: "wgmma.mma_async", Syntax)
 //     D[64xN] = A[64x32] * B[32xN] + (scale-d ? D : 0), f32 accumulate; A and B in shared
 //     memory, both K-major (the only layout for 8-bit inputs), named by matrix descriptors.
 //   wgmma.fence / commit_group / wait_group N: order register accesses, close a group of
@@ -343,8 +344,9 @@ FMO_DEVICE void wgmma_fence_operands(float (&d)[R]) {
 
 // D[64xN] (+)= A[64x32] * B[32xN], e4m3 x e4m3 -> f32; d: this thread's N/2 registers (fragment
 // map at the top of the file). scale_d = 0: D = A * B. N: the sizes ptx/gen_wgmma_e4m3.py spells
-// out (64, 96, 112, 128, 144, 160, 192, 256; the ISA allows any multiple of 8 up to 256: add
-// one there). The emulation is the same for every N.
+// out (16, 24, 32, 40, 48, 56 for decode-sized GEMM tiles; 64, 96, 112, 128, 144, 160, 192, 256;
+// the ISA allows any multiple of 8 up to 256: add one there). The emulation is the same for
+// every N (B's N rows: N / 8 groups of 8 rows, SBO apart, an odd count as well as an even one).
 template <int N>
 FMO_DEVICE void wgmma_m64nNk32_e4m3(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk32: N is a multiple of 8 up to 256");

@@ -23,7 +23,7 @@ import pytest
 
 from ptx_cases.case import Case, assert_equal_bits, poisoned
 from ptx_cases.runners import HEADERS, SimRunner
-from ptx_cases.wgmma import M, N, SOURCE, SWIZZLE, kmajor_offset, rule_probe_cases, wgmma_case
+from ptx_cases.wgmma import KERNEL_OF_N, M, N, SOURCE, SWIZZLE, kmajor_offset, rule_probe_cases, wgmma_case
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,26 @@ def test_wgmma_template_sizes_bit_exact(runner, n, exact):
     rule-exact inputs); B's rows past 128 land in accumulator registers 64.. of the fragment."""
     case = wgmma_case("b128", 300 + n + exact, ksteps=2, exact=exact, n=n)
     case.check(runner.run(case))
+
+
+@pytest.mark.parametrize("n,sw,padded,exact", [
+    (16, "b128", False, False), (24, "b128", True, True), (40, "none", True, True), (56, "b64", False, False),
+    (24, "b32", False, False)])
+def test_wgmma_decode_sizes_bit_exact(runner, n, sw, padded, exact):
+    """The GEMM's decode tiles' N (16..56; 24, 40, 56 are an odd number of 8-row groups of B):
+    4 k-steps (2 unswizzled) issued between one fence and one commit, retired by wait_group 0,
+    bit for bit the model's (and float64's on rule-exact inputs), swizzled and padded layouts."""
+    case = wgmma_case(sw, 1100 + n + 7 * padded + SWIZZLE[sw], ksteps=4 if sw != "none" else 2, padded=padded,
+                      exact=exact, n=n)
+    case.check(runner.run(case))
+
+
+def test_wgmma_decode_size_d_before_wait_is_the_old_d(runner):
+    """The asynchronous path at N = 24: D stored between commit and wait is the old D."""
+    case = wgmma_case("b128", 1200, ksteps=2, n=24)
+    case.args[14] = np.int32(1)
+    (d,) = runner.run(case)
+    assert_equal_bits(d, case.extra["c"], "m64n24k32: D read before wgmma.wait_group")
 
 
 @pytest.mark.parametrize("sw", list(SWIZZLE))
@@ -140,7 +160,7 @@ def test_wgmma_descriptors_differing_across_warps_fail(runner):
 
 def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
     """The GPU side offline (nvcc, no GPU): the test kernel builds for sm_90a without spills and
-    its SASS has QGMMA (wgmma e4m3, both N), the warpgroup arrive/depbar of fence and wait, and the
+    its SASS has QGMMA (wgmma e4m3) at every N the cases launch (16 .. 256), the warpgroup arrive/depbar of fence and wait, and the
     async-proxy fence (the checks of tests/test_ptx_build.py, for this family)."""
     import re
 
@@ -156,8 +176,8 @@ def test_wgmma_kernel_compiles_for_sm90a_with_qgmma(tmp_path):
         return
     sass = compiler.disassemble(cubin)
     ops = set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Za-z][A-Za-z0-9_.]*)", sass))
-    want = ["QGMMA.64x128x32.F32.E4M3.E4M3", "QGMMA.64x64x32.F32.E4M3.E4M3", "QGMMA.64x96x32.F32.E4M3.E4M3",
-            "QGMMA.64x192x32.F32.E4M3.E4M3", "QGMMA.64x256x32.F32.E4M3.E4M3", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
+    want = [f"QGMMA.64x{n}x32.F32.E4M3.E4M3" for n in sorted(KERNEL_OF_N)] + [
+        "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR.LE", "FENCE.VIEW.ASYNC.S"]
     missing = [op for op in want if op not in ops]
     assert not missing, f"SASS lacks {missing}: {sorted(o for o in ops if o[:2] in {'QG', 'HG', 'WA', 'FE'})}"
 

@@ -11,7 +11,8 @@ from .formats import decode_bits, encode
 
 M, N, KSTEP = 64, 128, 32  # N: the default shape; m64n64k32 is tested too (n=64)
 KERNEL_OF_N = {128: "wgmma_e4m3", 64: "wgmma_e4m3_n64", 96: "wgmma_e4m3_n96", 192: "wgmma_e4m3_n192",
-               256: "wgmma_e4m3_n256"}
+               256: "wgmma_e4m3_n256", 16: "wgmma_e4m3_n16", 24: "wgmma_e4m3_n24", 40: "wgmma_e4m3_n40",
+               56: "wgmma_e4m3_n56"}  # 16..56: the GEMM's decode tiles (24, 40, 56: an odd number of 8-row groups)
 SWIZZLE = {"none": 0, "b128": 1, "b64": 2, "b32": 3}
 PITCH = {"b128": 128, "b64": 64, "b32": 32}
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in (the GPU runner does not)
@@ -82,6 +83,10 @@ WGMMA_ENTRY(wgmma_e4m3_n64, 64)
 WGMMA_ENTRY(wgmma_e4m3_n96, 96)
 WGMMA_ENTRY(wgmma_e4m3_n192, 192)
 WGMMA_ENTRY(wgmma_e4m3_n256, 256)
+WGMMA_ENTRY(wgmma_e4m3_n16, 16)
+WGMMA_ENTRY(wgmma_e4m3_n24, 24)
+WGMMA_ENTRY(wgmma_e4m3_n40, 40)
+WGMMA_ENTRY(wgmma_e4m3_n56, 56)
 
 // Two accumulators, one commit group each: after wait_group 1 the first group has retired
 // (D1 = A B + C) and the second has not (D2 still C); after wait_group 0 both have.
@@ -308,4 +313,7 @@ def cases(seed: int = 0) -> list[Case]:
     out.append(wgmma_case("none", seed + 41, ksteps=2, padded=True, n=64))
     for i, n in enumerate((96, 192, 256)):  # the template's other sizes
         out.append(wgmma_case("b128", seed + 42 + i, ksteps=2, exact=False, n=n))
+    for i, n in enumerate((16, 24, 40, 56)):  # decode sizes: random codes and rule-exact, swizzled and not
+        out.append(wgmma_case("b128", seed + 60 + i, ksteps=4, exact=False, n=n))
+        out.append(wgmma_case("none", seed + 64 + i, ksteps=2, padded=True, n=n))
     return out + rule_probe_cases(seed + 50)
