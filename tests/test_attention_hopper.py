@@ -26,13 +26,17 @@ from attention_util import (assert_lse, assert_uniform_mean, assert_within_rule,
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 
 
-def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, dv=None):
-    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} Dv={dv or d} causal={causal} {dtype} seed={seed}"
+def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, dv=None, sms=None):
+    """sms: the SM budget (persistent CTAs); small budgets make each CTA walk several work tiles."""
+    ctx = f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} Dv={dv or d} causal={causal} {dtype} seed={seed} sms={sms}"
     q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed, dv=dv)
     (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
     fl = launcher.forward_launch(pb)
     assert isinstance(fl, hopper.HopperForwardLaunch), f"the simulator should take the sm_90a kernel ({ctx})"
+    if sms is not None:
+        fl = hopper.forward_launch(pb, fl.out_shape, fl.params, compute_sms=sms)
+        assert fl.config.grid[0] == min(sms, -(-sq // 128) * hq * b)
     out, lse = fl.run(pb.q, pb.k, pb.v, "sim")
     assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, dtype, ctx)
     assert_lse(lse, o_lse.double(), ctx)
@@ -52,6 +56,31 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_d{}_{}_{}".format(*c[:6], "causal" if c[6] else "full", str(c[7])[6:]))
 def test_hopper_forward_vs_float64(case):
     check_forward(*case)
+
+
+@SIM
+@pytest.mark.parametrize("sms, causal", [(1, True), (2, False), (5, True)])
+def test_hopper_persistent_ctas_walk_several_tiles(sms, causal):
+    """Budgets of 1, 2 and 5 SMs: each persistent CTA walks several work tiles (query blocks x heads
+    x batches, causal longest first), reusing Q's buffer (q_full / q_empty) and carrying the K/V
+    ring's stage and phase from one work tile into the next."""
+    check_forward(2, 300, 200, 2, 1, 64, causal, torch.bfloat16, seed=31 + sms, sms=sms)
+
+
+@SIM
+def test_hopper_varlen_persistent():
+    """Varlen with 3 persistent CTAs: work tiles past a sequence's end are skipped by every role."""
+    cu_q = torch.tensor([0, 130, 133, 400], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 300, 430], dtype=torch.int32)
+    q, k, v, dout = make_inputs(1, 400, 430, 2, 1, 128, torch.float16, 8, varlen_cu=True)
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, True, (cu_q, cu_k))
+    pb = launcher.problem(q, k, v, causal=True, softmax_scale=None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          max_seqlen_q=267, max_seqlen_k=280)
+    fl = launcher.forward_launch(pb)
+    fl = hopper.forward_launch(pb, fl.out_shape, fl.params, compute_sms=3)
+    out, lse = fl.run(pb.q, pb.k, pb.v, "sim", pb.cu_q, pb.cu_k)
+    assert_within_rule("out", out, o_out, p_out, torch.float16, "varlen, 3 SMs")
+    assert_lse(lse, o_lse.double(), "varlen, 3 SMs")
 
 
 @SIM

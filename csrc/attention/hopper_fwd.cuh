@@ -2,10 +2,12 @@
 // Same math, Params fields, grid and lse contract as the mma.sync kernel (fwd.cuh, whose
 // header defines o, lse, causal bottom-right, GQA and varlen); what differs is the machinery:
 //
-//   CTA: BM = 64 NC query rows of one (sequence, query head); grid (ceil(max_sq / BM), Hq, batch),
-//        causal: query tiles in reverse (longest first)
-//   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane TMA-loads Q once (q_full),
-//                  then every key tile's K and V into the ring (full_k[s], full_v[s], empty[s]);
+//   CTA  persistent: grid = min(work tiles, SM budget); a work tile is BM = 64 NC query rows of
+//        one (sequence, query head); every role walks the same tiles (WorkTiles: causal from
+//        the longest, the last query blocks, to the shortest)
+//   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane, per work tile, TMA-loads Q
+//                  (q_full; after q_empty: the previous tile's MMAs reading Q retired), then
+//                  every key tile's K and V into the ring (full_k[s], full_v[s], empty[s]);
 //                  warps 1-3 exit at once.
 //   warpgroup 1+c  consumer c (NC of them, rows 64 c .. 64 c + 63): setmaxnreg.inc; per key tile
 //                    wait full_k[s]; S = Q K^T: DQK / 16 x wgmma m64nBNk16 SS (both K-major)
@@ -30,9 +32,10 @@
 // the mma.sync kernel's loads). Varlen boxes run into the next sequence's rows: its keys are
 // masked (-inf, so P = 0 exactly), its query rows are never stored.
 // The two consumer warpgroups take turns issuing their MMAs (Turns: named barriers), so one's
-// softmax runs under the other's GEMMs.
-// Not yet (issue 16): a persistent scheduler (causal balance beyond the reversed tile order,
-// varlen).
+// softmax runs under the other's GEMMs. The ring's stage and phase carry from one work tile to
+// the next (the producer runs ahead into the next tile's keys while the consumers finish).
+// Not yet (issue 16): the next tile's Q loads only after this tile's last S = Q K^T (one Q
+// buffer); a varlen-aware order (tiles past a sequence's end are skipped, not compacted).
 #pragma once
 
 #include "csrc/attention/fwd.cuh"
@@ -66,7 +69,7 @@ struct HopperFwdShape {
     static constexpr int kQBytes = BM * DQK * 2, kKBytes = BN * DQK * 2, kVBytes = BN * DV * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kBarrierOffset = kQBytes + STAGES * kStageBytes;
-    static constexpr int kSmemBytes = kBarrierOffset + 8 * (3 * STAGES + 1);
+    static constexpr int kSmemBytes = kBarrierOffset + 8 * (3 * STAGES + 2);
     static_assert(NC == 1 || NC == 2, "one or two consumer warpgroups");
     static_assert(DQK % kPanel == 0 && DV % kPanel == 0, "whole 64-column panels");
     static_assert(BN % 16 == 0 && BN >= 64 && BN <= 256 && (BN == 64 || BN % 64 == 0), "BN: a wgmma N size");
@@ -86,7 +89,10 @@ struct HopperSmem {
     FMO_DEVICE uint64_t* full_k(int s) const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset) + s; }
     FMO_DEVICE uint64_t* full_v(int s) const { return full_k(Shape::STAGES) + s; }
     FMO_DEVICE uint64_t* empty(int s) const { return full_k(2 * Shape::STAGES) + s; }
+    // q_full: a tile's Q landed; q_empty: every consumer warp's MMAs reading it retired (the
+    // persistent CTA then loads the next tile's Q into the same place).
     FMO_DEVICE uint64_t* q_full() const { return full_k(3 * Shape::STAGES); }
+    FMO_DEVICE uint64_t* q_empty() const { return full_k(3 * Shape::STAGES + 1); }
 
     // One thread, before the roles split (then __syncthreads publishes them).
     FMO_DEVICE void init() const {
@@ -96,6 +102,7 @@ struct HopperSmem {
             ptx::mbarrier_init(empty(s), 4 * Shape::NC);    // one lane per consumer warp
         }
         ptx::mbarrier_init(q_full(), 1);
+        ptx::mbarrier_init(q_empty(), 4 * Shape::NC);
         ptx::fence_mbarrier_init();  // the inits, to the async proxy (TMA completes on them)
     }
 };
@@ -118,15 +125,14 @@ FMO_DEVICE void tma_load_panels(uint8_t* dst, const ptx::TmaDescriptor* map, uin
         ptx::tma_load_3d(dst + pc * ROWS * 128, map, bar, head * D + pc * kPanel, row, batch);
 }
 
+// The producer lane's work for one work tile: its Q once the previous tile's consumers are done
+// with Q (q_phase: the parity of this CTA's work tiles so far), then its n_tiles key tiles.
 template <class Shape>
 FMO_DEVICE void produce(const AttnHopperParams& P, const HopperSmem<Shape>& sm, int h, int hk, const MapRows& r,
-                        int n_tiles) {
-    ptx::tma_prefetch_descriptor(&P.q_map);
-    ptx::tma_prefetch_descriptor(&P.k_map);
-    ptx::tma_prefetch_descriptor(&P.v_map);
+                        int n_tiles, PipelineState& ps, uint32_t q_phase) {
+    ptx::mbarrier_wait_parity(sm.q_empty(), q_phase ^ 1);  // the previous tile's MMAs reading Q retired
     ptx::mbarrier_arrive_expect_tx(sm.q_full(), Shape::kQBytes);  // whole boxes, zero-filled rows included
     tma_load_panels<Shape::DQK, Shape::BM>(sm.q(), &P.q_map, sm.q_full(), h, r.q_row, r.batch);
-    PipelineState ps;
     for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
         ptx::mbarrier_wait_parity(sm.empty(ps.stage), ps.phase ^ 1);  // the stage's last MMAs retired
         const int32_t row = r.k_row + j * Shape::BN;
@@ -174,6 +180,12 @@ template <class Shape>
 FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) {
     __syncwarp();
     if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.empty(stage));
+}
+
+template <class Shape>
+FMO_DEVICE void release_q(const HopperSmem<Shape>& sm) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.q_empty());
 }
 
 // Ping-pong between the two consumer warpgroups (FA3's inter-warpgroup schedule): they take
@@ -226,7 +238,7 @@ FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shap
 // refilled stage under the pending MMAs (tests/test_attention_hopper.py).
 template <typename T, class Shape, bool CAUSAL, bool UNSAFE_EARLY_RELEASE>
 FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const SeqView& s, int h, int m0,
-                        int n_tiles) {
+                        int n_tiles, PipelineState& ps, uint32_t q_phase) {
     const int wg = int(threadIdx.x) / 128 - 1, warp = (int(threadIdx.x) / 32) % 4;
     const int row0 = m0 + wg * 64 + warp * 16;  // this warp's 16 rows (the mma.sync kernel's warp tile)
     float o[Shape::DT][4];
@@ -245,8 +257,8 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     };
     const Turns<Shape::NC> turns{wg};
     turns.open(n_tiles);
-    ptx::mbarrier_wait_parity(sm.q_full(), 0);
-    PipelineState ps, prev;
+    ptx::mbarrier_wait_parity(sm.q_full(), q_phase);
+    PipelineState prev;
     if (n_tiles > 0) {
         float alpha[2];  // o is 0: nothing to rescale
         ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);  // K of tile 0 landed
@@ -292,34 +304,76 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(of);
         if (!UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
+        ps.advance(Shape::STAGES);  // the next work tile's first stage
     }
+    release_q(sm);  // every MMA reading Q retired (the last S = Q K^T before the final P V)
     fwd_epilogue<T, Shape>(p, s, h, row0, o, softmax);
+}
+
+// Persistent work tiles (one query block of one (sequence, head)), the same walk in every role:
+// CTA c takes tiles c, c + G, c + 2G, ... (G = gridDim.x <= the SM budget). Heads and batches run
+// fastest; causal walks query blocks from the last (the most keys) to the first, so the
+// longest tiles start first and the short ones fill the tail. Varlen: blocks past a sequence's
+// end are skipped by every role alike.
+template <int BM, bool CAUSAL>
+struct WorkTiles {
+    int m_blocks, heads, batch;
+    FMO_DEVICE explicit WorkTiles(const AttnParams& p)
+        : m_blocks(int((p.seqlen_q + BM - 1) / BM)), heads(int(p.heads_q)), batch(int(p.batch)) {}
+    FMO_DEVICE int count() const { return m_blocks * heads * batch; }
+    FMO_DEVICE void at(int t, int& mb, int& h, int& b) const {
+        const int hb = t % (heads * batch), r = t / (heads * batch);
+        h = hb % heads;
+        b = hb / heads;
+        mb = CAUSAL ? m_blocks - 1 - r : r;
+    }
+};
+
+// Key tiles a work tile at query row m0 reads (causal: up to its last row's diagonal).
+template <class Shape, bool CAUSAL>
+FMO_DEVICE int key_tiles(const SeqView& s, int m0) {
+    return (causal_key_end(CAUSAL, m0, Shape::BM, s.sq, s.sk) + Shape::BN - 1) / Shape::BN;
 }
 
 template <typename T, int NC, int BN, int DQK, int DV, int STAGES, bool CAUSAL, bool UNSAFE_EARLY_RELEASE = false>
 FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
     using Shape = HopperFwdShape<NC, BN, DQK, DV, STAGES>;
     const AttnParams& p = P.a;
-    // Causal: the last query tiles see the most keys; x runs fastest in the hardware's launch
-    // order, so reversing it starts each head's longest tiles first (the short ones fill the tail).
-    const int mb = CAUSAL ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-    const int m0 = mb * Shape::BM, h = int(blockIdx.y);
-    const SeqView s = sequence(p, blockIdx.z);
-    if (m0 >= s.sq) return;  // varlen: this sequence is shorter than the grid (whole CTA)
-    const int hk = h / int(p.heads_q / p.heads_kv);
-    const int n_tiles = (causal_key_end(CAUSAL, m0, Shape::BM, s.sq, s.sk) + Shape::BN - 1) / Shape::BN;
+    const WorkTiles<Shape::BM, CAUSAL> tiles(p);
     const HopperSmem<Shape> sm{fmo_attn_smem};
     if (threadIdx.x == 0) sm.init();
     __syncthreads();  // barriers initialised before any role uses them (the last CTA-wide barrier)
 
+    PipelineState ps;
+    uint32_t q_phase = 0;  // parity of this CTA's work tiles so far (q_full / q_empty)
     if (threadIdx.x < 128) {  // producer warpgroup
         ptx::setmaxnreg_dec<kHopperProducerRegs>();
-        if (threadIdx.x / 32 == 0 && ptx::elect_one_sync())
-            produce<Shape>(P, sm, h, hk, map_rows(p, s, blockIdx.z, m0), n_tiles);
+        if (threadIdx.x / 32 != 0 || !ptx::elect_one_sync()) return;
+        ptx::tma_prefetch_descriptor(&P.q_map);
+        ptx::tma_prefetch_descriptor(&P.k_map);
+        ptx::tma_prefetch_descriptor(&P.v_map);
+        for (int t = int(blockIdx.x); t < tiles.count(); t += int(gridDim.x)) {
+            int mb, h, b;
+            tiles.at(t, mb, h, b);
+            const SeqView s = sequence(p, b);
+            if (mb * Shape::BM >= s.sq) continue;  // varlen: this sequence is shorter than max_seqlen_q
+            const int n_tiles = key_tiles<Shape, CAUSAL>(s, mb * Shape::BM);
+            produce<Shape>(P, sm, h, h / int(p.heads_q / p.heads_kv), map_rows(p, s, b, mb * Shape::BM), n_tiles, ps,
+                           q_phase);
+            q_phase ^= 1;
+        }
         return;
     }
     ptx::setmaxnreg_inc<kHopperConsumerRegs>();
-    consume<T, Shape, CAUSAL, UNSAFE_EARLY_RELEASE>(p, sm, s, h, m0, n_tiles);
+    for (int t = int(blockIdx.x); t < tiles.count(); t += int(gridDim.x)) {
+        int mb, h, b;
+        tiles.at(t, mb, h, b);
+        const SeqView s = sequence(p, b);
+        if (mb * Shape::BM >= s.sq) continue;
+        consume<T, Shape, CAUSAL, UNSAFE_EARLY_RELEASE>(p, sm, s, h, mb * Shape::BM,
+                                                        key_tiles<Shape, CAUSAL>(s, mb * Shape::BM), ps, q_phase);
+        q_phase ^= 1;
+    }
 }
 
 }  // namespace attn

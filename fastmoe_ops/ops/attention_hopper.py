@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from ..budget import sm_budget
 from ..errors import UnsupportedError
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
@@ -84,7 +85,7 @@ class AttnHopperSpec(KernelSpec):
 
     def smem_bytes(self) -> int:  # mirrors HopperFwdShape::kSmemBytes
         bm, bn, dqk, dv = self.block_m, self.block_n, self.head_dim, self.head_dim_v
-        return 2 * bm * dqk + self.stages * 2 * bn * (dqk + dv) + 8 * (3 * self.stages + 1)
+        return 2 * bm * dqk + self.stages * 2 * bn * (dqk + dv) + 8 * (3 * self.stages + 2)
 
     def device_call(self) -> str:
         return (f"fmo::attn::attn_fwd_hopper<{CUDA_TYPE[self.dtype]}, {self.consumers}, {self.block_n}, "
@@ -164,9 +165,18 @@ class HopperForwardLaunch:
         return out, lse
 
 
-def forward_launch(pb, out_shape: tuple, params: AttnParams) -> HopperForwardLaunch:
-    """pb: attention.Problem with at least one query and one key row."""
+def persistent_grid(spec: AttnHopperSpec, pb, compute_sms: int | None = None) -> tuple:
+    """min(work tiles, SM budget) CTAs (hopper_fwd.cuh: WorkTiles); a work tile is one query block
+    of one (sequence, head). A pure function of the shapes and the budget."""
+    sms = sm_budget(pb.q.device).compute_sms if compute_sms is None else compute_sms
+    tiles = -(-pb.seqlen_q // spec.block_m) * pb.q.shape[1] * pb.batch
+    return (max(1, min(tiles, sms)), 1, 1)
+
+
+def forward_launch(pb, out_shape: tuple, params: AttnParams, compute_sms: int | None = None) -> HopperForwardLaunch:
+    """pb: attention.Problem with at least one query and one key row. compute_sms: the SM budget
+    (default: budget.sm_budget's)."""
     spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
-    config = LaunchConfig.make(grid=(-(-pb.seqlen_q // spec.block_m), pb.q.shape[1], pb.batch),
-                               block=spec.block_threads(), shared_mem=spec.smem_bytes())
+    config = LaunchConfig.make(grid=persistent_grid(spec, pb, compute_sms), block=spec.block_threads(),
+                               shared_mem=spec.smem_bytes())
     return HopperForwardLaunch(out_shape, pb.lse_shape, spec, config, params, None if pb.cu_q is not None else pb.batch)
