@@ -221,14 +221,27 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
             expect(isinstance(cu, torch.Tensor) and cu.dtype == torch.int32 and cu.dim() == 1 and cu.numel() >= 2,
                    name, "a 1-D int32 tensor [B + 1]", lambda: f"{_dtype_name(cu)} {tuple(getattr(cu, 'shape', ()))}")
             expect(cu.device == q.device, name, f"a tensor on {q.device}", cu.device)
-            if capturing(cu):
-                continue  # a host read is illegal in a CUDA graph: the caller vouches for the offsets there
-            last, longest = _offsets_summary(cu, name)
-            expect(last == total, name, f"last offset {total} (rows of the packed tensor)", last)
-            expect(isinstance(mx, int) and mx >= longest, name.replace("cu_seqlens", "max_seqlen"),
-                   f"an int >= the longest sequence ({longest})", mx)
+            _check_offsets(name, cu, total, mx)
+            expect(isinstance(mx, int), name.replace("cu_seqlens", "max_seqlen"), "an int >= the longest sequence", mx)
         expect(cu_seqlens_k.numel() == cu_seqlens_q.numel(), "cu_seqlens_k", f"{cu_seqlens_q.numel()} offsets (like cu_seqlens_q)",
                cu_seqlens_k.numel())
+
+
+def check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The varlen checks on the offsets' values (data: no signature covers them), run on every
+    call; a host read only when an offsets tensor is new or was written (_offsets_summary)."""
+    _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+
+
+def _check_offsets(name: str, cu: torch.Tensor, total: int, mx) -> None:
+    """cu: a prefix sum ending at its packed tensor's rows `total`, its longest sequence <= mx."""
+    if capturing(cu):
+        return  # a host read is illegal in a CUDA graph: the caller vouches for the offsets there
+    last, longest = _offsets_summary(cu, name)
+    expect(last == total, name, f"last offset {total} (rows of the packed tensor)", last)
+    expect(isinstance(mx, int) and mx >= longest, name.replace("cu_seqlens", "max_seqlen"),
+           f"an int >= the longest sequence ({longest})", mx)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -383,6 +396,7 @@ def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tens
 
 
 _dense = PlanCache()   # dense forward signatures: False (reference engine) or their ForwardLaunch
+_varlen = PlanCache()  # varlen forward signatures (max_seqlen_q/k among the options): the same
 _SCALE_TYPES = (float, int, type(None))
 
 
@@ -397,9 +411,16 @@ def attention_forward(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q
         if fl is not False:  # a kernel engine (the key's, when cached)
             out, lse = fl.run(_rows(q), _rows(k), _rows(v), "cuda" if q.is_cuda else backends.cpu_engine())
             return out.reshape(*q.shape[:-1], v.shape[-1]), lse
-    else:  # the offsets are data: checked every call
-        validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    else:  # the same, but the offsets are data: their values are checked every call
+        key = _varlen.key((causal, softmax_scale, softmax_scale.__class__, max_seqlen_q, max_seqlen_q.__class__,
+                           max_seqlen_k, max_seqlen_k.__class__), (q, k, v, cu_seqlens_q, cu_seqlens_k)) \
+            if softmax_scale.__class__ in _SCALE_TYPES else None
+        fl = _varlen.get(key, lambda: _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                      causal, softmax_scale))
+        check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)  # a hit skipped validate's
+        if fl is not False:
+            return fl.run(_rows(q), _rows(k), _rows(v), "cuda" if q.is_cuda else backends.cpu_engine(),
+                          cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
     engine = backends.engine_for(q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if engine == "reference":  # contiguous, as the kernels' outputs (and the fake impls) are
@@ -424,6 +445,19 @@ def _dense_forward(q, k, v, causal, softmax_scale):
         return False
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return forward_launch(problem(q, k, v, causal=causal, softmax_scale=scale))
+
+
+def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    """A varlen signature's first call, as _dense_forward: everything but the offsets' values
+    (checked per call: check_offsets) is a function of the key, max_seqlen_q/k included
+    (they fix the grid and the Params)."""
+    validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    if backends.engine_for(q=q, k=k, v=v) == "reference":
+        return False
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return forward_launch(problem(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,

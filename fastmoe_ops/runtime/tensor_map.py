@@ -106,7 +106,49 @@ def _check(tensor, box: Sequence[int], swizzle: int, oob_fill: str) -> tuple[lis
 
 def encode_tiled(tensor: torch.Tensor, box: Sequence[int], *, swizzle: int = 0, oob_fill: str = "zero",
                  engine: str) -> bytes:
-    """The 128-byte tiled tensor map of `tensor` (boxes of `box` elements, innermost first)."""
+    """The 128-byte tiled tensor map of `tensor` (boxes of `box` elements, innermost first).
+
+    Hot path (a launch encodes up to three maps per call): everything `_check` validates but
+    the address is a function of (engine, device kind, dtype, shape, strides, box and its
+    element classes, swizzle, oob_fill), so a repeat of that geometry skips the checks; the
+    address's alignment is checked every call. The simulator's map is then the cached
+    geometry with the address patched in; the driver's map is opaque, so a CUDA encoding is
+    reused only for the same geometry *and* address (weights, the caching allocator's recurring
+    activation buffers), else cuTensorMapEncodeTiled runs again."""
+    if tensor.__class__ is not torch.Tensor:  # subclasses, non-tensors: the full check every time
+        return _encode(tensor, box, swizzle, oob_fill, engine)
+    box = box if box.__class__ is tuple else tuple(box)
+    key = (engine, tensor.is_cpu, tensor.is_cuda, tensor.dtype, tensor.shape, tensor.stride(), box, tuple(map(type, box)),
+           swizzle, swizzle.__class__, oob_fill)
+    address = tensor.data_ptr()
+    try:
+        geometry = _geometries.get(key)
+    except TypeError:  # an unhashable argument (a list for swizzle): _check refuses it
+        return _encode(tensor, box, swizzle, oob_fill, engine)
+    if geometry is None or address % 16:
+        data = _encode(tensor, box, swizzle, oob_fill, engine)  # raises on bad input: nothing kept
+        if len(_geometries) >= _CACHE_LIMIT:
+            _geometries.clear()
+        # sim: the map without its address (word 1); cuda: the last few encodings by address
+        _geometries[key] = data[:8] + bytes(8) + data[16:] if engine == "sim" else {address: data}
+        return data
+    if engine == "sim":
+        return geometry[:8] + address.to_bytes(8, "little") + geometry[16:]
+    data = geometry.get(address)
+    if data is None:
+        data = _encode(tensor, box, swizzle, oob_fill, engine)
+        if len(geometry) >= _ADDRESSES_PER_GEOMETRY:
+            geometry.clear()
+        geometry[address] = data
+    return data
+
+
+_geometries: dict = {}
+_CACHE_LIMIT = 4096           # geometries (token counts vary per batch); rebuilding one is cheap
+_ADDRESSES_PER_GEOMETRY = 64  # cuda: encodings kept per geometry
+
+
+def _encode(tensor, box, swizzle, oob_fill, engine) -> bytes:
     dims, strides, box, esize = _check(tensor, box, swizzle, oob_fill)
     if engine == "sim":
         return _encode_sim(tensor, dims, strides, box, esize, swizzle)
@@ -141,4 +183,4 @@ def descriptor(data: bytes) -> ctypes.Array:
     """The bytes as a TMA_DESCRIPTOR value (a Params field, or a kernel argument by value)."""
     if len(data) != 128:
         raise InputError(f"tensor map: expected 128 bytes, got {len(data)}")
-    return TMA_DESCRIPTOR(*struct.unpack("<16Q", data))
+    return TMA_DESCRIPTOR.from_buffer_copy(data)  # one copy (unpacking 16 words costs microseconds)
