@@ -325,8 +325,8 @@ class GemmPlan:
     """One GEMM call's launch, but for the pointers: what its signature fixes (built once per
     signature by the launchers, runtime/plans.py). spec None: nothing to launch (an empty
     output, or zeros when K == 0 or there are no groups). The wgmma kernel's A and B tensor
-    maps depend on the pointers too: encoded per call, the last pair kept (a layer calls with
-    the same weights and often the same activation buffers)."""
+    maps depend on the pointers too: kept per operand address (a layer calls with the same
+    weights and the caching allocator's few recurring activation buffers)."""
 
     engine: str
     out_shape: tuple
@@ -336,7 +336,7 @@ class GemmPlan:
     config: LaunchConfig | None = None
     params: Params | None = None             # every field but the pointers (and maps); copied per call
     zero: bool = False
-    maps: tuple | None = None                # wgmma: ((a ptr, b ptr), a map, b map) of the last call
+    maps: dict | None = None                 # wgmma: (operand, address, shape) -> its map (_map)
 
     @staticmethod
     def make(spec, grid, *, engine, m, n, k, b_scale_rows, groups=1, out_shape=None, device=None) -> "GemmPlan":
@@ -348,19 +348,26 @@ class GemmPlan:
 
     def tensor_maps(self, a, b) -> tuple:
         """A and B as [rows, K] e4m3 with boxes of 128 K x block_m / block_n rows, 128B swizzle."""
-        key = (a.data_ptr(), b.data_ptr(), a.shape, b.shape)
-        cached = self.maps
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        k = a.shape[-1]
-        for t, name in ((a, "a (xq)"), (b, "b (wq)")):
-            expect(t.data_ptr() % 16 == 0, name, "a 16-byte aligned address (TMA)", hex(t.data_ptr()))
+        return self._map(a, "a (xq)", self.spec.block_m), self._map(b, "b (wq)", self.spec.block_n)
+
+    def _map(self, t, name: str, box_rows: int):
+        """One operand's map, kept per (address, shape) for the plan (the weights' address is
+        fixed, activations cycle through a few of the caching allocator's blocks)."""
+        maps = self.maps
+        if maps is None:
+            maps = self.maps = {}
+        key = (name, t.data_ptr(), t.shape)
+        found = maps.get(key)
+        if found is None:
+            k = t.shape[-1]
+            expect(key[1] % 16 == 0, name, "a 16-byte aligned address (TMA)", hex(key[1]))
             expect(t.numel() // max(k, 1) < 2**31, name, "fewer than 2^31 rows (TMA coordinates are int32)",
                    t.numel() // max(k, 1))
-        a_map = descriptor(encode_tiled(a.view(-1, k), (BLOCK_K, self.spec.block_m), swizzle=128, engine=self.engine))
-        b_map = descriptor(encode_tiled(b.view(-1, k), (BLOCK_K, self.spec.block_n), swizzle=128, engine=self.engine))
-        self.maps = (key, a_map, b_map)
-        return a_map, b_map
+            found = descriptor(encode_tiled(t.view(-1, k), (BLOCK_K, box_rows), swizzle=128, engine=self.engine))
+            if len(maps) >= 64:
+                maps.clear()
+            maps[key] = found
+        return found
 
     def run(self, out, a, a_scale, b, b_scale, m_indices=None, masked_m=None) -> torch.Tensor:
         if self.spec is None:
