@@ -199,8 +199,8 @@ def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: st
             except Exception as e:
                 raise LaunchError(f"{fn.name}: kernel failed: {e}") from None
     elif engine == "sim":
-        ranges = tuple(tensor_span(t) for t in tensors)  # each view's bytes, not its whole storage
-        fn = lookup(spec, engine, None)
+        ranges = tuple(map(tensor_span, tensors))  # each view's bytes, not its whole storage
+        fn = sim_function(spec, spec.traced())  # lookup(spec, "sim", None) without its engine dispatch
         if fn.num_params == 1:  # untraced build
             fn(config.grid, config.block, (params,), shared_mem=config.shared_mem, extra_ranges=ranges)
             return
