@@ -34,8 +34,10 @@
 // The two consumer warpgroups take turns issuing their MMAs (Turns: named barriers), so one's
 // softmax runs under the other's GEMMs. The ring's stage and phase carry from one work tile to
 // the next (the producer runs ahead into the next tile's keys while the consumers finish).
-// Not yet (issue 16): the next tile's Q loads only after this tile's last S = Q K^T (one Q
-// buffer); a varlen-aware order (tiles past a sequence's end are skipped, not compacted).
+// The next work tile's Q loads as soon as this tile's last S = Q K^T retired (one Q buffer):
+// under the last P V and the epilogue.
+// Not yet (issue 16): a varlen-aware order (tiles past a sequence's end are skipped, not
+// compacted).
 #pragma once
 
 #include "csrc/attention/fwd.cuh"
@@ -268,6 +270,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         turns.pass(false);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(sf);
+        if (n_tiles == 1) release_q(sm);  // the tile's only MMA reading Q retired
         softmax_tile(0, alpha);
         pack_p<T, Shape>(pa, sc);
     }
@@ -285,6 +288,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         if (UNSAFE_EARLY_RELEASE) release(sm, prev.stage);
         ptx::wgmma_wait<1>();  // S = Q K_j retired; P_{j-1} V_{j-1} may still run
         ptx::wgmma_fence_operands(sf);
+        if (j == n_tiles - 1) release_q(sm);  // the tile's last MMA reading Q retired
         float alpha[2];
         softmax_tile(j, alpha);
         ptx::wgmma_wait<0>();
@@ -306,7 +310,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         if (!UNSAFE_EARLY_RELEASE) release(sm, ps.stage);
         ps.advance(Shape::STAGES);  // the next work tile's first stage
     }
-    release_q(sm);  // every MMA reading Q retired (the last S = Q K^T before the final P V)
+    if (n_tiles == 0) release_q(sm);  // no MMA read Q (it landed: q_full was waited for)
     fwd_epilogue<T, Shape>(p, s, h, row0, o, softmax);
 }
 
