@@ -13,6 +13,7 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops import budget
 from fastmoe_ops.ops import fp8_gemm as launcher
+from fastmoe_ops.ops import fp8_gemm_config
 from fastmoe_ops.reference import fp8 as ref
 
 from conftest import cpu_engines, poison_
@@ -48,9 +49,10 @@ def tile_of(spec) -> tuple:
 
 
 # Every tile each kernel's heuristic can choose; test_tiles_cover_every_heuristic_choice keeps
-# the list complete, so the exact test below cannot silently lose a tile.
+# the list complete, so the exact test below cannot silently lose a tile (wgmma's decode tiles:
+# NARROW_STRUCTURED).
 TILES = {"wgmma": [(128, 128, 7), (128, 112, 7), (128, 96, 8), (128, 64, 8), (64, 128, 8), (64, 112, 8), (64, 96, 8),
-                   (64, 64, 8)],
+                   (64, 64, 8)] + [(bm, bn, 8) for bm in (128, 64) for bn in (56, 48, 40, 32, 24, 16)],
          "mma_sync": [(128, 128, 2, 4, 3), (64, 128, 2, 4, 4), (64, 64, 2, 2, 4)]}
 CHOOSE = {"wgmma": launcher.choose_wgmma_spec, "mma_sync": launcher.choose_spec}
 
@@ -68,6 +70,8 @@ def test_tiles_cover_every_heuristic_choice():
                             for sms in (1, 2, 3, 5, 8, 13, 32, 66, 100, 132):
                                 found.add(tile_of(choose(mode, m, n, 2048, "bf16", b_scale, groups=groups, compute_sms=sms)))
         assert found == set(TILES[kernel]), f"{kernel}: the heuristic chooses {sorted(found)}, TILES has {TILES[kernel]}"
+    narrow = {t[:2] for t in TILES["wgmma"] if t[1] < 64}
+    assert {c[:2] for c in NARROW_STRUCTURED} <= narrow and {bn for _, bn in narrow} == set(fp8_gemm_config.DECODE_BLOCK_N)
 
 
 def structured_operands(m: int, n: int, k: int, b_scale: str):
@@ -92,17 +96,27 @@ def structured_operands(m: int, n: int, k: int, b_scale: str):
     return xq, xs, wq, ws, oracle
 
 
+# The decode tiles (BN 16..56) run one code path whose BN-dependent branches are: weight-scale
+# blocks per tile (1 when BN divides 128, else 2), per-row b-scale registers (BN / 32 rounded up:
+# 1 or 2), B's 8-row groups (odd or even), BM 64 / 128. These cover each branch (CI time: a module
+# per case; tests/test_fp8_gemm_wgmma.py runs 128 x 24 through the launcher and 64 x 16 with row scales).
+NARROW_STRUCTURED = {(128, 24, "blk128"), (64, 16, "blk128"), (64, 48, "blk128"), (128, 40, "row"), (128, 16, "row")}
+
+
 def structured_cases():
     """(kernel, tile, b_scale, out_dtype): every tile of both kernels; mma.sync: both b-scale
-    layouts and outputs. wgmma (CI time: each case compiles a module): every tile with weight
-    blocks and fp32 out; per-row b scales on the BM = 128 tiles that take them (BN <= 112:
-    fp8_gemm.wgmma_block_ns; the BM = 64 warpgroup runs the same promotion code); bf16 out on
-    128 x 128 (the output conversion is one code path for every tile)."""
+    layouts and outputs. wgmma (CI time: each case compiles a module): every tile of BN >= 64
+    with weight blocks and fp32 out; per-row b scales on the BM = 128 tiles that take them
+    (BN <= 112: fp8_gemm.wgmma_block_ns; the BM = 64 warpgroup runs the same promotion code);
+    bf16 out on 128 x 128 (the output conversion is one code path for every tile); the narrow
+    tiles as NARROW_STRUCTURED says."""
     for kernel in KERNELS:
         for tile in TILES[kernel]:
             for b_scale in launcher.B_SCALES:
                 if kernel == "wgmma" and (tile[1] not in launcher.wgmma_block_ns(b_scale)
                                           or (b_scale == "row" and tile[0] != 128)):
+                    continue
+                if kernel == "wgmma" and tile[1] < 64 and (*tile[:2], b_scale) not in NARROW_STRUCTURED:
                     continue
                 both = kernel == "mma_sync" or tile[:2] == (128, 128)
                 for out_dtype in ((torch.float32, torch.bfloat16) if both else (torch.float32,)):

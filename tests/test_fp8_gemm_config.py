@@ -70,11 +70,34 @@ def test_large_m_uses_large_tiles_small_m_its_own_rows():
         for m in (1, 16, 64):
             assert cfg.choose_block(m, n, k, sms=132).block_m == 64
         d = cfg.choose_block(128, n, k, sms=132)
-        fewest = min(-(-(-(-n // bn)) // 132) for bn in cfg.WGMMA_BLOCK_N)
-        assert d.block_m == 128 and d.waves == fewest, d  # as few waves as any BN allows ...
-        assert d.tiles >= min(132 // 2, -(-n // min(cfg.WGMMA_BLOCK_N))), d  # ... over most SMs (or all BN 64 gives)
+        if -(-n // max(cfg.WGMMA_BLOCK_N)) <= 132:  # one wave over most SMs (the decode tiles make it hold again)
+            assert d.block_m == 128 and d.waves == 1 and d.tiles >= 132 // 2, d
+        else:  # N 24576: 192 tiles even at BN 128 (the largest BN the registers allow): as few waves as any BN gives
+            assert d.block_m == 128 and d.waves == -(-(-(-n // max(cfg.WGMMA_BLOCK_N))) // 132), d
     # decode: the weights stream, so a smaller BN that fills the SMs beats a big one that does not
     assert cfg.choose_block(128, 4096, 7168, sms=132).block_n < 128
+
+
+def test_decode_picks_narrow_tiles_when_they_fill_more_sms():
+    """The rule (fp8_gemm_config's docstring): a narrow BN (16..56) wins where the big tiles leave
+    SMs of their wave idle and the narrow one fills them without another wave; not at large M."""
+    d = cfg.choose_block(128, 2112, 7168, sms=132)
+    wide = cfg.choose_block(128, 2112, 7168, sms=132, candidates=cfg.ws_candidates((64, 96, 112, 128)))
+    assert (wide.block_n, wide.tiles, wide.waves) == (64, 33, 1), wide  # what BN >= 64 can do: 99 SMs idle
+    assert d.block_n < 64 and d.block_n in cfg.DECODE_BLOCK_N and d.waves == 1 and d.tiles > wide.tiles, d
+    assert (d.block_n, d.tiles) == (16, 132), d  # every SM holds one 128 x 16 tile
+    for n, k in DENSE:
+        for m in (1, 64, 128):
+            for sms in (112, 132):
+                d = cfg.choose_block(m, n, k, sms=sms)
+                w = cfg.choose_block(m, n, k, sms=sms, candidates=cfg.ws_candidates((64, 96, 112, 128)))
+                if d.block_n < 64:  # narrow: more SMs busy in no more waves than the wide tiles need
+                    assert d.waves <= w.waves and d.tiles / (d.waves * sms) > w.tiles / (w.waves * sms), (d, w)
+        for m in (256, 4096):  # large M: the big tiles' bytes per FLOP win
+            assert cfg.choose_block(m, n, k, sms=132).block_n >= 64
+    assert cfg.choose_block(4096, 2112, 7168, sms=132).block_n >= 112
+    # a narrow tile's ring: more stages fit (B box BN x 128 bytes), never under MIN_STAGES
+    assert cfg.choose_block(128, 2112, 7168, sms=132).stages == cfg.MAX_STAGES
 
 
 def test_grouped_counts_every_group_and_refuses_bad_input():

@@ -47,7 +47,7 @@ def test_heuristic_and_grid_are_pure_functions_of_shape_and_budget():
     assert launcher.choose_wgmma_spec("dense", 4096, 7168, 2048, "bf16", "blk128", compute_sms=132).block_m == 128
     assert launcher.choose_wgmma_spec("dense", 64, 7168, 2048, "bf16", "blk128", compute_sms=1).block_m == 64
     few = launcher.choose_wgmma_spec("dense", 256, 1024, 7168, "bf16", "blk128", compute_sms=132)
-    assert (few.block_m, few.block_n) == (64, 64), "16 or 32 larger tiles would leave most SMs idle"
+    assert (few.block_m, few.block_n) == (64, 32), "64 tiles of 64 x 64 would leave half the SMs idle; 128 of 64 x 32 do not"
     mid = launcher.choose_wgmma_spec("dense", 1024, 2048, 7168, "bf16", "blk128", compute_sms=132)
     assert (mid.block_m, mid.block_n) == (128, 128), "one wave of 128 tiles beats two waves of 64 x 128"
     mid = launcher.choose_wgmma_spec("dense", 512, 2048, 7168, "bf16", "blk128", compute_sms=132)
@@ -107,9 +107,10 @@ def _run_spec(spec, m, n, k, seed, *, ctas, b_rows=False):
 @pytest.mark.parametrize("bm,bn,stages,b_rows,shape", [
     (128, 96, 2, False, (150, 200, 912)),   # tiles straddle two 128 x 128 b-scale blocks; a 2-stage ring
     (64, 112, 8, False, (70, 230, 48)),     # K shorter than one block (the maps' zero fill)
+    (64, 16, 3, True, (40, 70, 288)),       # decode tile, per-row b scales (lanes 0..15 hold them), last tile 6 columns
 ])
 def test_tile_shapes(bm, bn, stages, b_rows, shape):
-    """Random operands on tiles the cost model may pick (wgmma N 96 / 112; every tile runs
+    """Random operands on tiles the cost model may pick (wgmma N 96 / 112 / 16; every tile runs
     exact structured inputs in tests/test_fp8_gemm.py), launched directly: ragged M, N, K,
     fewer CTAs than tiles (the ring's phases wrap across tiles), against the float64 oracle."""
     m, n, k = shape
@@ -117,6 +118,26 @@ def test_tile_shapes(bm, bn, stages, b_rows, shape):
                                      block_m=bm, block_n=bn, stages=stages)
     y, oracle = _run_spec(spec, m, n, k, 16, ctas=3, b_rows=b_rows)
     assert_close_to_oracle(y, oracle, f"wgmma {bm}x{bn} s{stages} b_rows={b_rows}", 16)
+
+
+@SIM
+def test_decode_tile_chosen_and_run():
+    """Decode-sized M on a budget of 12 SMs: the launcher picks a narrow tile (128 x 24: 9 tiles in
+    one wave, where BN >= 64 gives 4), ragged N (200 = 8 x 24 + 8: the last tile has 8 columns; the
+    tile at column 120 straddles two weight-scale blocks), ragged M and K; then the same spec on 2
+    persistent CTAs (the 8-stage ring's phases wrap across a CTA's tiles)."""
+    m, n, k = 100, 200, 400
+    xq, xs, wq, ws = quantised_operands(m, n, k, 25)
+    oracle = gemm_oracle(xq, xs, wq, ws)
+    with compute_sms(12):
+        spec, grid = launcher.select("dense", "wgmma", m, n, k, "fp32", "blk128")
+        assert (spec.block_m, spec.block_n, grid) == (128, 24, (9, 1, 1)), (spec, grid)
+        out = poison_(torch.empty(m, n))
+        with fmo.use_backend("sim"):
+            y = fmo.fp8.gemm(xq, xs, wq, ws, torch.float32, out=out, kernel="wgmma")
+    assert_close_to_oracle(y, oracle, "wgmma decode 128x24 (launcher)", 25)
+    y, _ = _run_spec(spec, m, n, k, 25, ctas=2)
+    assert_close_to_oracle(y, oracle, "wgmma decode 128x24 on 2 CTAs", 25)
 
 
 @SIM

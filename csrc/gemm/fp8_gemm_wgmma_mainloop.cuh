@@ -17,7 +17,9 @@
 // which is wgmma's K-major B128 layout when the box starts at a multiple of 1024 bytes:
 // SBO = 1024 (8 rows of 128 bytes), k-step j at start + 32 j, warpgroup w's rows at
 // A[s] + w * 64 * 128. 128 (BM + BN) is a multiple of 1024 (BN % 8 == 0), so every box stays
-// 1024-aligned in the 1024-aligned dynamic buffer. Out-of-range rows and the K tail are the
+// 1024-aligned in the 1024-aligned dynamic buffer. Every box's inner extent is 128 K bytes, the
+// 128B swizzle's span (runtime/tensor_map.py requires it); BM / BN are the outer extents, so a
+// decode tile (BN 16..56) only shortens B's box. Out-of-range rows and the K tail are the
 // map's zero fill (they add 0); the full box's bytes are always announced (TMA counts them).
 //
 // Scales are not in the ring: a_scale is [M, ceil(K/128)] fp32, so the 128 (or 64) scales of
@@ -61,7 +63,9 @@ struct WsShape {
     // (tiles start at multiples of BN), else at most two (BN <= 128).
     static constexpr int kBScaleBlocks = B_SCALE_ROWS == 1 ? 0 : (128 % BN == 0 ? 1 : 2);
     static_assert(BM == 64 || BM == 128, "BM: one or two math warpgroups of 64 rows");
-    static_assert(BN % 16 == 0 && BN >= 64 && BN <= 128, "BN: a wgmma N of ptx/wgmma.cuh, <= 128 (registers)");
+    // BN 16..56: decode tiles (small M: more, narrower tiles over the SMs); any multiple of 8 keeps
+    // the B box a whole number of 8-row swizzle groups (1024 B) and the stage 1024-aligned.
+    static_assert(BN % 8 == 0 && BN >= 16 && BN <= 128, "BN: a wgmma N of ptx/wgmma.cuh, 16..128 (registers)");
     static_assert(kStageBytes % 1024 == 0, "every TMA box starts at a multiple of 1024 bytes (128B swizzle)");
     static_assert(B_SCALE_ROWS == 1 || B_SCALE_ROWS == 128, "b scales per row or per 128 x 128 block");
     static_assert(B_SCALE_ROWS == 128 || BN <= 112, "per-row b scales: BN <= 112 (BN 128 spills)");

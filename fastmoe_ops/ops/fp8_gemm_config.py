@@ -29,8 +29,20 @@ of block kb-1 runs while block kb's MMAs write the other), under the MATH_REGS a
 after setmaxnreg moves the producer's registers to the math warpgroups.
 
 Decode (M <= 128 rows per group) gets its own candidate rows: BM = 64 when M <= 64 (a 128-row
-tile would be half padding), else 128; its BN is then what the model gives (small BN that
-still fills the SMs once: the weights stream, and more CTAs stream them faster).
+tile would be half padding), else 128; its BN is then what the model gives.
+
+Narrow tiles (BN 16..56, the decode sizes) are candidates at every shape, and the same model
+decides. The rule it implies: at a fixed BM, a narrower tile streams fewer bytes per K block
+(128 (BM + BN)), so among BN with the same number of waves the narrower one is cheaper per
+tile; at large M the waves grow with the tile count and the total is ~ waves * per-tile ~ the
+bytes per output (BM + BN) / (BM BN), which the big tiles win. So a narrow BN wins where the
+big tiles leave SMs of their (often only) wave idle and a narrower one fills them without
+adding a wave: decode (M <= 128) and other problems of fewer tiles than SMs. E.g. M 128 x
+N 2112 x K 7168 on 132 SMs: BN 64 is 33 tiles (99 SMs idle), BN 16 is 132 tiles in the same
+one wave, every SM streaming its slice of the weights. Where the HBM term decides (operands
+past half the L2, many waves) the bytes re-read per wave rank the tiles instead (8 experts of
+24576 x 7168 at decode: BN 56 over 64 by ~1%). At M >= 256 on the DeepSeek-V3 shapes the big
+tiles stay (tests/test_fp8_gemm_config.py checks both).
 """
 from __future__ import annotations
 
@@ -67,11 +79,12 @@ class BlockConfig:
 
 
 # The wgmma N sizes ptx/wgmma.cuh wraps (ptx/gen_wgmma_e4m3.py SIZES) that the kernel's registers
-# allow: BN <= 128 (accumulator_regs; tests/test_fp8_gemm_config.py keeps these within SIZES).
-# Per-row b scales (the wgrad layout) hold BN / 32 more registers per K block in flight: BN 128
-# spills there (ptxas, sm_90a), 112 does not.
-WGMMA_BLOCK_N = (64, 96, 112, 128)
-WGMMA_BLOCK_N_ROW_SCALES = (64, 96, 112)
+# allow: BN <= 128 (accumulator_regs; tests/test_fp8_gemm_config.py keeps these within SIZES);
+# 16..56 are the decode tiles. Per-row b scales (the wgrad layout) hold BN / 32 more registers
+# per K block in flight: BN 128 spills there (ptxas, sm_90a), 112 does not.
+DECODE_BLOCK_N = (16, 24, 32, 40, 48, 56)
+WGMMA_BLOCK_N = DECODE_BLOCK_N + (64, 96, 112, 128)
+WGMMA_BLOCK_N_ROW_SCALES = DECODE_BLOCK_N + (64, 96, 112)
 
 
 def ws_candidates(block_ns=WGMMA_BLOCK_N):

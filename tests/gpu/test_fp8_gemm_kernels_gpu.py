@@ -97,10 +97,15 @@ def test_grouped(kernel):
 @pytest.mark.skipif("wgmma" not in kernels(), reason="the warp-specialised kernel needs sm_90a")
 @pytest.mark.parametrize("bm,bn,stages,b_rows,shape", [
     (64, 64, 3, True, (100, 200, 400)), (128, 96, 2, False, (150, 200, 912)), (64, 112, 4, False, (70, 230, 48)),
-    (128, 112, 7, True, (300, 500, 1040)), (128, 128, 7, False, (1000, 1000, 2048))])
+    (128, 112, 7, True, (300, 500, 1040)), (128, 128, 7, False, (1000, 1000, 2048)),
+    # decode tiles (BN 16..56): DeepSeek-V3's M 128 x N 2112 x K 7168 at BN 16, ragged N at odd 8-row groups
+    (128, 16, 8, False, (128, 2112, 7168)), (128, 24, 8, False, (100, 200, 400)), (64, 40, 8, True, (40, 330, 1040)),
+    (64, 56, 4, False, (64, 1000, 400)), (128, 48, 8, True, (128, 300, 656))])
 def test_wgmma_tile_shapes(bm, bn, stages, b_rows, shape):
-    """Every wgmma N the cost model may pick, launched directly on 3 persistent CTAs (the ring's
-    phases wrap across tiles; 2 stages too), driver-encoded TMA maps, ragged M, N, K."""
+    """Every wgmma N >= 64 the cost model may pick and the decode tiles' branches (weight-scale
+    blocks 1 / 2, per-row b-scale registers 1 / 2, odd / even 8-row groups of B), launched
+    directly on 3 persistent CTAs (the ring's phases wrap across tiles; 2 stages too),
+    driver-encoded TMA maps, ragged M, N, K."""
     from fastmoe_ops.ops import fp8_gemm as launcher
 
     m, n, k = shape
