@@ -88,7 +88,12 @@ class AttnHopperSpec(KernelSpec):
         return 2 * bm * dqk + self.stages * 2 * bn * (dqk + dv) + 8 * (3 * self.stages + 2)
 
     def device_call(self) -> str:
-        return (f"fmo::attn::attn_fwd_hopper<{CUDA_TYPE[self.dtype]}, {self.consumers}, {self.block_n}, "
+        """The kernel call, after a static_assert that smem_bytes() (the launch's request) is the
+        kernel's own HopperFwdShape::kSmemBytes: a drift between the two cannot compile."""
+        shape = f"fmo::attn::HopperFwdShape<{self.consumers}, {self.block_n}, {self.head_dim}, {self.head_dim_v}, {self.stages}>"
+        return (f'static_assert({shape}::kSmemBytes == {self.smem_bytes()}, "{self.entry_name()}: the launcher\'s '
+                f'shared memory size differs from the kernel\'s"); '
+                f"fmo::attn::attn_fwd_hopper<{CUDA_TYPE[self.dtype]}, {self.consumers}, {self.block_n}, "
                 f"{self.head_dim}, {self.head_dim_v}, {self.stages}, {'true' if self.causal else 'false'}, "
                 f"{'true' if self.unsafe_early_release else 'false'}>(p)")
 
