@@ -178,17 +178,18 @@ FMO_DEVICE void issue_pv(float (&o)[Shape::DV / 2], const uint32_t (&pa)[Shape::
     ptx::wgmma_commit();
 }
 
-template <class Shape>
-FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) {
+// One arrival per warp on a consumer-released barrier (empty[s], q_empty: count 4 NC), after
+// every lane's wait that retired the MMAs reading the buffer.
+FMO_DEVICE void arrive_per_warp(uint64_t* bar) {
     __syncwarp();
-    if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.empty(stage));
+    if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(bar);
 }
 
 template <class Shape>
-FMO_DEVICE void release_q(const HopperSmem<Shape>& sm) {
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(sm.q_empty());
-}
+FMO_DEVICE void release(const HopperSmem<Shape>& sm, uint32_t stage) { arrive_per_warp(sm.empty(stage)); }
+
+template <class Shape>
+FMO_DEVICE void release_q(const HopperSmem<Shape>& sm) { arrive_per_warp(sm.q_empty()); }
 
 // Ping-pong between the two consumer warpgroups (FA3's inter-warpgroup schedule): they take
 // turns issuing their MMAs, so one's softmax runs while the other's GEMMs use the tensor cores.
