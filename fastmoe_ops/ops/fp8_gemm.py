@@ -418,7 +418,7 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
         y = reference.fp8_gemm(xq, xs, wq, ws, out_dtype, b_scale_rows=plan.b_scale_rows)
         return y if out is None else out.copy_(y)
     if out is None:
-        out = torch.empty(plan.out_shape, dtype=out_dtype, device=plan.device)
+        out = torch.empty(*plan.out_shape, dtype=out_dtype, device=plan.device)  # varargs: faster than a tuple
     return plan.run(out, xq, xs, wq, ws)
 
 
