@@ -14,6 +14,9 @@ at construction (fastmoe_ops.moe.transports, one protocol):
     recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = buf.dispatch(x, topk_idx, topk_weights)
     out = buf.combine(y, handle)
     (recv_xq, recv_xs), ... = buf.dispatch(x, topk_idx, topk_weights, use_fp8=True)   # x quantised on the way
+Decode batches (Buffer(..., transport='ipc', low_latency=True); fastmoe_ops.moe.low_latency):
+    recv_x, masked_m, ll_handle = buf.low_latency_dispatch(x, topk_idx, topk_weights)   # masked layout, no host sync
+    out = buf.low_latency_combine(y, ll_handle)
 
 Shapes on rank r of R, E experts, rank r owning experts [r*E/R, (r+1)*E/R):
   x [T, H] bf16 | fp16 | fp32 | fp64, or the FP8 pair (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32)
@@ -35,6 +38,7 @@ from .. import backends
 from ..comm import Group
 from ..errors import CommError, InputError
 from . import autograd, host, kernels
+from .low_latency import LowLatency
 from .transports.ipc import IpcTransport, mapping_for
 from .transports.mpi import MpiTransport
 
@@ -94,7 +98,8 @@ class Buffer:
     _next_id = 0
 
     def __init__(self, group: Group, *, hidden: int, num_experts: int, num_worst_tokens: int = 0,
-                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None):
+                 transport: str = "host", max_tokens_per_rank: int = 0, max_topk: int = 8, device=None,
+                 low_latency: bool = False):
         if not isinstance(group, Group):
             raise InputError(f"group: expected a fastmoe_ops.comm.Group, got {type(group).__name__}")
         for name, value, low in (("hidden", hidden, 1), ("num_experts", num_experts, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -109,10 +114,14 @@ class Buffer:
                                        and isinstance(max_topk, int) and max_topk >= 1):
             raise InputError(f"max_tokens_per_rank, max_topk: expected ints >= 1 with transport='ipc', "
                              f"got {max_tokens_per_rank!r}, {max_topk!r}")
+        if low_latency.__class__ is not bool or (low_latency and transport != "ipc"):
+            raise InputError(f"low_latency: expected a bool, True only with transport='ipc', got {low_latency!r} "
+                             f"with transport={transport!r}")
         ipc_device = _ipc_device(device) if transport == "ipc" else None
-        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type")
+        names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type",
+                 "low_latency")
         config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk,
-                                  ipc_device.type if ipc_device is not None else None), "Buffer()")
+                                  ipc_device.type if ipc_device is not None else None, low_latency), "Buffer()")
         for i, name in enumerate(names):
             _same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
@@ -125,7 +134,13 @@ class Buffer:
             self._transport = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
         Buffer._next_id += 1
         self.id = Buffer._next_id
-        self._finalizer = weakref.finalize(self, _release, self.group, self._transport, self._mpi)
+        try:
+            self._ll = LowLatency(self.group, self.id, hidden=hidden, num_experts=num_experts, max_tokens=max_tokens_per_rank,
+                                  max_topk=max_topk, mapping=mapping_for(ipc_device)) if low_latency else None
+        except BaseException:   # refused alike on every rank: free what was built
+            _release(self.group, self._transport, self._mpi, None)
+            raise
+        self._finalizer = weakref.finalize(self, _release, self.group, self._transport, self._mpi, self._ll)
 
     def __repr__(self) -> str:
         return (f"Buffer(rank={self.rank}/{self.num_ranks}, hidden={self.hidden}, num_experts={self.num_experts}, "
@@ -159,6 +174,27 @@ class Buffer:
         Differentiable in y: the backward is a dispatch with the saved handle."""
         self._check_alive("combine")
         return autograd.CombineFn.run(self, y, handle)
+
+    def low_latency_dispatch(self, x, topk_idx, topk_weights=None, *, use_fp8: bool = False,
+                             return_recv_hook: bool = False):
+        """Decode dispatch into the masked layout (see fastmoe_ops.moe.low_latency): returns
+        (recv_x [E_l, R*M, H] or (xq, xs), masked_m [E_l] int32 on the device, handle[, hook])."""
+        return self._low_latency("low_latency_dispatch").dispatch(x, topk_idx, topk_weights, use_fp8=use_fp8,
+                                                                  return_recv_hook=return_recv_hook)
+
+    def low_latency_combine(self, y, handle):
+        """y [E_l, R*M, H] -> out [T, H]: each token's expert rows, weighted, summed in slot order."""
+        return self._low_latency("low_latency_combine").combine(y, handle)
+
+    def low_latency_check(self) -> None:
+        """Raise CommTimeoutError if a low-latency kernel gave up waiting (synchronises)."""
+        self._low_latency("low_latency_check").check()
+
+    def _low_latency(self, what: str) -> LowLatency:
+        self._check_alive(what)
+        if self._ll is None:
+            raise InputError(f"{what}: expected a Buffer built with transport='ipc', low_latency=True")
+        return self._ll
 
     # ------------------------------------------------------------------ validation
     def _check_alive(self, what: str) -> None:
@@ -356,7 +392,9 @@ def _ipc_device(device) -> torch.device:
     return device
 
 
-def _release(group: Group, transport, mpi: MpiTransport) -> None:
+def _release(group: Group, transport, mpi: MpiTransport, low_latency) -> None:
+    if low_latency is not None:
+        low_latency.close()
     mpi.close()
     transport.close()   # (mpi again when it is the chosen one: close is idempotent)
     group.free()

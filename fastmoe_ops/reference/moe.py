@@ -156,3 +156,39 @@ def combine(ys, srcs, num_tokens):
         for row, (s, t) in enumerate(srcs[r]):
             outs[s][t] = outs[s][t] + ys[r][row].to(acc_t)
     return [o.to(ys[0].dtype) for o in outs]
+
+
+def low_latency_sources(topk_idxs, num_experts: int):
+    """Per destination rank r and local expert e, the (source rank, token) pairs it receives
+    in the low-latency masked layout, in order: source rank, then token; a token once per
+    expert it names (a repeated id, or one outside [0, E), sends nothing more)."""
+    ranks = len(topk_idxs)
+    per = num_experts // ranks
+    lists = [[[] for _ in range(per)] for _ in range(ranks)]
+    for s in range(ranks):
+        for t, row in enumerate(topk_idxs[s].tolist()):
+            for e in sorted({e for e in row if 0 <= e < num_experts}):
+                lists[e // per][e % per].append((s, t))
+    return lists
+
+
+def low_latency_combine(ys, topk_idxs, topk_weights, num_experts: int):
+    """out[s][t] = sum over slots j ascending with an expert e in [0, E) of
+    w[s][t, j] * ys[owner(e)][e % E_local, row of (s, t)], accumulated like `gather_reduce`
+    (a rounded fp32 product, then a rounded fp32 sum), rounded once. ys[r] [E_local, rows, H];
+    topk_weights None: weights 1."""
+    ranks = len(ys)
+    per = num_experts // ranks
+    sources = low_latency_sources(topk_idxs, num_experts)
+    where = {(r, e, st): i for r in range(ranks) for e in range(per) for i, st in enumerate(sources[r][e])}
+    outs = []
+    for s in range(ranks):
+        t_count, k = topk_idxs[s].shape
+        out = torch.zeros(t_count, ys[0].shape[2], dtype=torch.float32)
+        for t, row in enumerate(topk_idxs[s].tolist()):
+            for j, e in enumerate(row):
+                if 0 <= e < num_experts:
+                    y = ys[e // per][e % per, where[(e // per, e % per, (s, t))]].float()
+                    out[t] = out[t] + (y if topk_weights is None else topk_weights[s][t, j] * y)
+        outs.append(out.to(ys[0].dtype))
+    return outs

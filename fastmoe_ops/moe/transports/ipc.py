@@ -105,6 +105,26 @@ def mapping_for(device: torch.device):
     return CudaIpcMapping(device) if device.type == "cuda" else ShmMapping()
 
 
+def map_peers(group: Group, mapping, nbytes: int, what: str):
+    """The bootstrap every mapped buffer shares (the transport's, the low-latency mode's):
+    create this rank's buffer, exchange handles over the Group, open every peer's, barrier.
+    Returns (handle, mine, peers) with peers[rank] = mine."""
+    handle, mine = mapping.create(nbytes)
+    handles = group.allgather(handle, what)
+    peers = [mine if p == group.rank else mapping.open(h) for p, h in enumerate(handles)]
+    group.barrier(what)   # every peer has mapped every buffer
+    return handle, mine, peers
+
+
+def unmap_peers(mapping, rank: int, mine, peers) -> None:
+    """Close every peer's mapping, then this rank's own buffer (nothing when peers is empty)."""
+    for p, t in enumerate(peers):
+        if p != rank:
+            mapping.close(t, own=False)
+    if peers:
+        mapping.close(mine, own=True)
+
+
 class IpcTransport:
     code = 1
 
@@ -119,10 +139,7 @@ class IpcTransport:
         self.combine_region = self.dispatch_region + _align(r * slot_rows * self.max_row)
         nbytes = self.combine_region + _align(r * slot_rows * hidden * 4)
         self.mapping, self.device, self.engine = mapping, mapping.device, mapping.engine
-        self.handle, self.mine = mapping.create(nbytes)
-        handles = group.allgather(self.handle, "Buffer(transport='ipc')")
-        self.peers = [self.mine if p == group.rank else mapping.open(h) for p, h in enumerate(handles)]
-        group.barrier("Buffer(transport='ipc')")   # every peer has mapped every buffer
+        self.handle, self.mine, self.peers = map_peers(group, mapping, nbytes, "Buffer(transport='ipc')")
         self.expected = [0, 0]                       # counter targets: dispatch, combine
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.done = None                             # event: this rank's last transport kernel
@@ -140,11 +157,7 @@ class IpcTransport:
         return host.layout(topk_idx, ranks, per, host.packed_on_device(topk_idx))
 
     def close(self) -> None:
-        for p, t in enumerate(self.peers):
-            if p != self.group.rank:
-                self.mapping.close(t, own=False)
-        if self.peers:
-            self.mapping.close(self.mine, own=True)
+        unmap_peers(self.mapping, self.group.rank, self.mine, self.peers)
         self.peers = []
 
     def quiesce(self) -> None:
