@@ -108,37 +108,20 @@ __device__ __forceinline__ char* dispatch_row(const MoeIpcParams& p, int64_t t, 
 // block runs the same number of rounds (the team shuffles need whole warps).
 template <typename T, int VEC, int BLOCK>
 __device__ __forceinline__ void quantize_row_to_peers(const MoeIpcParams& p, int64_t t) {
-    using Team = TokenGroupTeam<kScaleGroup, VEC, BLOCK>;
-    constexpr int CHUNKS = Team::CHUNKS;
-    constexpr int TEAMS = BLOCK / Team::TEAM;
     bool sent = false;   // block-uniform: every thread reads the same send_pos row
     for (int64_t r = 0; r < p.ranks; ++r) sent = sent || p.send_pos[t * p.ranks + r] >= 0;
     if (!sent) return;   // a token with no expert anywhere: nothing to quantise
-    const int lane = threadIdx.x % Team::TEAM;
-    const int64_t groups = (p.hidden + kScaleGroup - 1) / kScaleGroup;
     const T* x = reinterpret_cast<const T*>(static_cast<const char*>(p.src[0]) + t * p.src_stride[0]);
-    for (int64_t g0 = 0; g0 < groups; g0 += TEAMS) {
-        const int64_t g = g0 + threadIdx.x / Team::TEAM;
-        const Team team(lane, g * kScaleGroup, g < groups);
-        float vals[CHUNKS][VEC];
-        const float amax = Team::team_amax(team.load(x, p.hidden, vals));
-        if (!team.active) continue;
-        const float scale = fp8_scale_from_amax<false>(amax, p.min_amax);
-        Vec<__nv_fp8_storage_t, VEC> q[CHUNKS];
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) q[c].v[i] = fp8_quantize(vals[c][i], scale);
+    quantize_row_by_groups<kScaleGroup, VEC, BLOCK>(x, p.hidden, p.min_amax, [&](const auto& team, int64_t g,
+                                                                                 const auto& q, float scale) {
         for (int64_t r = 0; r < p.ranks; ++r) {
             char* row = dispatch_row(p, t, r);
             if (row == nullptr) continue;
-            auto* codes = reinterpret_cast<__nv_fp8_storage_t*>(row + p.seg_offset[0]);
-#pragma unroll
-            for (int c = 0; c < CHUNKS; ++c)
-                if (team.col(c) < p.hidden) store_vec<__nv_fp8_storage_t, VEC>(codes + team.col(c), q[c]);
-            if (lane == 0) reinterpret_cast<float*>(row + p.seg_offset[1])[g] = scale;
+            store_group_codes<TokenGroupTeam<kScaleGroup, VEC, BLOCK>, VEC>(
+                team, g, q, scale, reinterpret_cast<__nv_fp8_storage_t*>(row + p.seg_offset[0]),
+                reinterpret_cast<float*>(row + p.seg_offset[1]), p.hidden);
         }
-    }
+    });
 }
 
 // (1) send: packed rows into slot `rank` of each destination; with QUANT, streams 0 and 1

@@ -172,32 +172,15 @@ __device__ __forceinline__ void ll_reset(const MoeLlParams& p, int which) {
 // thread runs the same rounds (the team shuffles need whole warps).
 template <typename T, int VEC, int BLOCK>
 __device__ __forceinline__ void ll_quantize_row(const MoeLlParams& p, const T* x, char* const* dst, int64_t n) {
-    using Team = TokenGroupTeam<kScaleGroup, VEC, BLOCK>;
-    constexpr int CHUNKS = Team::CHUNKS;
-    constexpr int TEAMS = BLOCK / Team::TEAM;
-    const int lane = threadIdx.x % Team::TEAM;
-    const int64_t groups = (p.hidden + kScaleGroup - 1) / kScaleGroup;
-    for (int64_t g0 = 0; g0 < groups; g0 += TEAMS) {
-        const int64_t g = g0 + threadIdx.x / Team::TEAM;
-        const Team team(lane, g * kScaleGroup, g < groups);
-        float vals[CHUNKS][VEC];
-        const float amax = Team::team_amax(team.load(x, p.hidden, vals));
-        if (!team.active) continue;
-        const float scale = fp8_scale_from_amax<false>(amax, p.min_amax);
-        Vec<__nv_fp8_storage_t, VEC> q[CHUNKS];
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) q[c].v[i] = fp8_quantize(vals[c][i], scale);
+    quantize_row_by_groups<kScaleGroup, VEC, BLOCK>(x, p.hidden, p.min_amax, [&](const auto& team, int64_t g,
+                                                                                 const auto& q, float scale) {
         for (int64_t j = 0; j < n; ++j) {
             if (dst[j] == nullptr) continue;
-            auto* codes = reinterpret_cast<__nv_fp8_storage_t*>(dst[j]);
-#pragma unroll
-            for (int c = 0; c < CHUNKS; ++c)
-                if (team.col(c) < p.hidden) store_vec<__nv_fp8_storage_t, VEC>(codes + team.col(c), q[c]);
-            if (lane == 0) reinterpret_cast<float*>(dst[j] + p.scale_offset)[g] = scale;
+            store_group_codes<TokenGroupTeam<kScaleGroup, VEC, BLOCK>, VEC>(
+                team, g, q, scale, reinterpret_cast<__nv_fp8_storage_t*>(dst[j]),
+                reinterpret_cast<float*>(dst[j] + p.scale_offset), p.hidden);
         }
-    }
+    });
 }
 
 template <typename T, bool QUANT, int VEC, int BLOCK>

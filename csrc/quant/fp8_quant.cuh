@@ -95,6 +95,46 @@ struct TokenGroupTeam {
     }
 };
 
+// One row of `cols` elements quantised per 1 x GROUP group by the whole block, in rounds of
+// BLOCK / TEAM groups (every thread runs every round: the team shuffles need whole warps).
+// For each group, store(team, group, codes, scale) is called by its team's lanes with their
+// chunks' e4m3 codes: the caller writes them wherever the row goes (one or several places).
+// Used by the dispatch kernels that quantise while sending (csrc/moe/ipc.cuh, low_latency.cuh).
+template <int GROUP, int VEC, int BLOCK, typename T, typename Store>
+__device__ __forceinline__ void quantize_row_by_groups(const T* x, int64_t cols, float min_amax, Store&& store) {
+    using Team = TokenGroupTeam<GROUP, VEC, BLOCK>;
+    constexpr int CHUNKS = Team::CHUNKS;
+    constexpr int TEAMS = BLOCK / Team::TEAM;
+    const int lane = threadIdx.x % Team::TEAM;
+    const int64_t groups = (cols + GROUP - 1) / GROUP;
+    for (int64_t g0 = 0; g0 < groups; g0 += TEAMS) {
+        const int64_t g = g0 + threadIdx.x / Team::TEAM;
+        const Team team(lane, g * GROUP, g < groups);
+        float vals[CHUNKS][VEC];
+        const float amax = Team::team_amax(team.load(x, cols, vals));
+        if (!team.active) continue;
+        const float scale = fp8_scale_from_amax<false>(amax, min_amax);
+        Vec<__nv_fp8_storage_t, VEC> q[CHUNKS];
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) q[c].v[i] = fp8_quantize(vals[c][i], scale);
+        store(team, g, q, scale);
+    }
+}
+
+// The codes of one team's chunks written into a row of e4m3 codes (cols wide) and the group's
+// scale into its fp32 scales (by the team's lane 0): the store of quantize_row_by_groups.
+template <typename Team, int VEC>
+__device__ __forceinline__ void store_group_codes(const Team& team, int64_t group,
+                                                  const Vec<__nv_fp8_storage_t, VEC> (&q)[Team::CHUNKS], float scale,
+                                                  __nv_fp8_storage_t* codes, float* scales, int64_t cols) {
+#pragma unroll
+    for (int c = 0; c < Team::CHUNKS; ++c)
+        if (team.col(c) < cols) store_vec<__nv_fp8_storage_t, VEC>(codes + team.col(c), q[c]);
+    if (team.team_lane == 0) scales[group] = scale;
+}
+
 template <typename T, int GROUP, int VEC, bool POW2, int BLOCK>
 __device__ __forceinline__ void fp8_quant_token_group(const Fp8GroupQuantParams& p) {
     using Team = TokenGroupTeam<GROUP, VEC, BLOCK>;
