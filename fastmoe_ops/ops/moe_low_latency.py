@@ -61,33 +61,36 @@ class MoeLlParams(Params):
     ]
 
 
-def _check(op: str, dtype: str, phase: str) -> None:
-    if dtype not in DTYPES:
-        raise UnsupportedError(f"{op}: dtype must be one of {DTYPES}, got {dtype!r}")
-    if phase not in PHASES:
-        raise UnsupportedError(f"{op}: phase must be one of {PHASES}, got {phase!r}")
-
-
 def _phases(phase: str) -> str:
     return {"both": "true, true", "send": "true, false", "recv": "false, true"}[phase]
 
 
 @dataclass(frozen=True)
-class MoeLlDispatchSpec(KernelSpec):
-    dtype: str             # x: bf16 | fp16
-    quantize: bool         # send e4m3 codes + fp32 scales (x quantised per 1 x 128 group)
+class _MoeLlSpec(KernelSpec):
+    """What the low-latency dispatch and combine kernels share: the element type, the phase
+    (both halves, or send / receive apart for the receive hook), the block and the params."""
+    dtype: str             # x (dispatch) or y, out (combine): bf16 | fp16
     phase: str             # both | send | recv
 
-    op: ClassVar[str] = "moe_ll_dispatch"
     header: ClassVar[str] = "csrc/moe/low_latency.cuh"
     params: ClassVar[type[Params]] = MoeLlParams
 
     def check(self) -> None:
         super().check()
-        _check(self.op, self.dtype, self.phase)
+        if self.dtype not in DTYPES:
+            raise UnsupportedError(f"{self.op}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.phase not in PHASES:
+            raise UnsupportedError(f"{self.op}: phase must be one of {PHASES}, got {self.phase!r}")
 
     def block_threads(self) -> int:
         return BLOCK_THREADS
+
+
+@dataclass(frozen=True)
+class MoeLlDispatchSpec(_MoeLlSpec):
+    quantize: bool = False  # send e4m3 codes + fp32 scales (x quantised per 1 x 128 group)
+
+    op: ClassVar[str] = "moe_ll_dispatch"
 
     def device_call(self) -> str:
         return (f"fmo::moe_ll_dispatch<{CUDA_TYPE[self.dtype]}, {str(self.quantize).lower()}, {VEC}, {BLOCK_THREADS}, "
@@ -95,21 +98,10 @@ class MoeLlDispatchSpec(KernelSpec):
 
 
 @dataclass(frozen=True)
-class MoeLlCombineSpec(KernelSpec):
-    dtype: str             # y, out: bf16 | fp16
-    weighted: bool         # topk_weights given at dispatch
-    phase: str             # both | send | recv
+class MoeLlCombineSpec(_MoeLlSpec):
+    weighted: bool = False  # topk_weights given at dispatch
 
     op: ClassVar[str] = "moe_ll_combine"
-    header: ClassVar[str] = "csrc/moe/low_latency.cuh"
-    params: ClassVar[type[Params]] = MoeLlParams
-
-    def check(self) -> None:
-        super().check()
-        _check(self.op, self.dtype, self.phase)
-
-    def block_threads(self) -> int:
-        return BLOCK_THREADS
 
     def device_call(self) -> str:
         return (f"fmo::moe_ll_combine<{CUDA_TYPE[self.dtype]}, {VEC}, {str(self.weighted).lower()}, {BLOCK_THREADS}, "
