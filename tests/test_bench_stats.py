@@ -88,7 +88,9 @@ def test_compare_on_the_cpu_clock_returns_a_consistent_comparison():
 
 def test_cpu_runs_use_one_thread_per_side(monkeypatch):
     threads = torch.get_num_threads()
-    monkeypatch.delenv("FMO_SIM_WORKERS", raising=False)
+    # A private environment: the function sets FMO_SIM_WORKERS, which must not leak into later
+    # tests (one worker deadlocks kernels whose CTAs wait for each other).
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "FMO_SIM_WORKERS"})
     try:
         stats.one_thread_per_side_on_cpu(across_ranks=True)
         assert torch.get_num_threads() == 1 and "FMO_SIM_WORKERS" not in os.environ   # ipc CTAs wait for peers

@@ -33,6 +33,15 @@ class _Recorder:
         self.launches.append((self.spec, grid))
 
 
+@pytest.fixture(autouse=True)
+def cold_plan_caches(monkeypatch):
+    """Every test starts with empty plan caches: what it counts must not depend on which
+    earlier test (in the same process) already planned the same signature."""
+    monkeypatch.setattr(fp8_quant, "_shape_plans", {})
+    for cache in (fp8_gemm._plans, attention._dense, attention._varlen):
+        cache.clear()
+
+
 @pytest.fixture
 def launches(monkeypatch):
     seen = []
