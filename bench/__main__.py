@@ -22,7 +22,7 @@ from fastmoe_ops.timing import time_fn
 from . import bench_attention, bench_fp8, bench_moe, bench_sim, overhead_bench
 from .harness import Row, format_table, plot, write_json
 from .report import save_results
-from .stats import compare, one_thread_per_side_on_cpu
+from .stats import compare, steady_timing_process
 
 # "host": host time per call of every public op beside torch.abs (bench/overhead_bench.py)
 AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim, "host": overhead_bench}
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", action="store_true",
                    help="keep the run: bench/results/<device>-<date>.json + .md, and regenerate README's performance section")
     args = p.parse_args(argv)
-    one_thread_per_side_on_cpu(across_ranks=_mpi_world_size() > 1)
+    steady_timing_process(across_ranks=_mpi_world_size() > 1)
 
     if _mpi_world_size() > 1:
         return _main_across_ranks(args)

@@ -41,7 +41,7 @@ from fastmoe_ops.budget import communication_in_flight
 
 from . import bench_moe
 from .harness import Row, speedup_text, format_table, write_json
-from .stats import compare_across_ranks, one_thread_per_side_on_cpu
+from .stats import compare_across_ranks, steady_timing_process
 
 # (tokens per rank, hidden, intermediate, experts, top-k)
 CPU_SHAPES = [(64, 256, 256, 8, 2), (128, 512, 256, 16, 4)]
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     p.add_argument("--plot", type=Path, help="directory: rank 0's traced timeline per shape (CPU runs)")
     args = p.parse_args(argv)
-    one_thread_per_side_on_cpu(across_ranks=True)
+    steady_timing_process(across_ranks=True)
     comm = MPI.COMM_WORLD
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")   # every rank on device 0

@@ -166,9 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=2.0, help="timing budget per op (bench.stats.compare)")
     p.add_argument("--json", type=Path, help="also write the rows here (a list of harness Row fields)")
     args = p.parse_args(argv)
-    from bench.stats import one_thread_per_side_on_cpu
+    from bench.stats import steady_timing_process
 
-    one_thread_per_side_on_cpu(across_ranks=False)
+    steady_timing_process(across_ranks=False)
     on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
     engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
     print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")

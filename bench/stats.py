@@ -35,6 +35,41 @@ MIN_PAIRS = 8   # the order-statistic interval needs a few samples on each side 
 RESOLUTION = 0.03  # smallest relative half-width ever stated (see the module docstring)
 
 
+def steady_timing_process(*, across_ranks: bool) -> None:
+    """What every benchmark process sets before it times anything: a heap that keeps what it
+    freed (every machine: host-side work is timed on GPUs too), and on a CPU-only machine one
+    thread per side. across_ranks: the process is one rank of an MPI job."""
+    keep_freed_memory()
+    one_thread_per_side_on_cpu(across_ranks=across_ranks)
+
+
+# glibc's mallopt parameters (malloc.h) and the values the benchmarks fix them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 256 << 20   # larger blocks still go to mmap (and back to the system)
+_TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Fix glibc malloc's thresholds so freed blocks below 256 MiB are kept and reused, not
+    handed back to the system. Left dynamic (glibc's default), a process's threshold depends on
+    what it freed before: the same reference quantiser (64 x 2048, one thread) then took
+    0.36-0.50 ms per call in some processes and 1.1 ms in others (3 of 12), where each call
+    mapped fresh pages and took 512 page faults (ru_minflt) and 0.55 ms of system time;
+    with the thresholds fixed, 12 of 12 processes ran it at 0.36-0.38 ms. That is a property
+    of the process, so no interval of one run could see it: two runs disagreed on such rows
+    (bench/README.md). Returns whether the thresholds were set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to fix
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+
+
 def one_thread_per_side_on_cpu(*, across_ranks: bool) -> None:
     """CPU runs: torch on one thread and, in a single process, the simulator on one worker
     (unless FMO_SIM_WORKERS is set). With torch's default of a thread per core, and the
