@@ -3,7 +3,9 @@ SASS holds the FP8 tensor-core path. mma.sync kernels (fp8_gemm): QMMA.16832 (na
 mma) on sm_89; on sm_90a ptxas lowers mma.sync e4m3 to F2FP e4m3->f16 unpacks + HMMA.16816,
 both with LDSM (ldmatrix) and LDGSTS (cp.async). The Hopper kernels (fp8_gemm_wgmma, what the
 launcher runs on sm_90a, csrc/gemm/fp8_gemm_wgmma.cuh): QGMMA (wgmma e4m3), UTMALDG (TMA loads),
-SYNCS (mbarriers), USETMAXREG (setmaxnreg), no LDGSTS and no HMMA/QMMA fallback; and ptxas keeps
+SYNCS (mbarriers), USETMAXREG (setmaxnreg), no LDGSTS and no HMMA/QMMA fallback; the
+tma_store epilogue's variants UTMASTG (TMA stores, from STS-written staging: no STG when dense),
+the registers epilogue's none; and ptxas keeps
 their wgmmas asynchronous (no C7514 "wgmma serialized" / C7517 "warpgroup.wait injected" note,
 which would undo the overlap of the promotion with the next block's MMAs)."""
 from __future__ import annotations
@@ -31,6 +33,7 @@ def test_fp8_gemm_kernels_build_without_spills(arch, mma):
 
 def test_fp8_gemm_wgmma_kernels_build_without_spills_with_tma_and_qgmma():
     reports = build.build_all("sm_90a", "fp8_gemm_wgmma")
+    assert any(r.name.endswith("_tma_store") for r in reports), "the tma_store twins are registered"
     assert {(r.name.split("_")[4], r.name.split("_")[5]) for r in reports} >= {
         ("dense", "bf16"), ("dense", "fp32"), ("contiguous", "bf16"), ("masked", "bf16")}, [r.name for r in reports]
     for r in reports:
@@ -42,14 +45,19 @@ def test_fp8_gemm_wgmma_kernels_build_without_spills_with_tma_and_qgmma():
                 assert r.sass[fam] > 0, f"{r.name}: no {fam}: {r.sass}"
             assert r.sass["LDGSTS"] == 0, f"{r.name}: cp.async in the TMA kernel: {r.sass}"
             assert r.sass["HMMA"] == 0 and r.sass["QMMA"] == 0, f"{r.name}: an mma.sync path crept in: {r.sass}"
+            # the epilogue: TMA stores (UTMASTG) in the staged variant, none in the registers one
+            staged = r.name.endswith("_tma_store")
+            assert (r.sass["UTMASTG"] > 0) == staged, f"{r.name}: UTMASTG {r.sass['UTMASTG']}"
+            if staged and "_dense_" in r.name:  # dense never takes the registers path
+                assert r.sass["STG"] == 0 and r.sass["STS"] > 0, f"{r.name}: stores {r.sass}"
 
 
 def test_fp8_gemm_wgmma_mmas_stay_asynchronous():
     """ptxas serialises wgmmas (and says so) when a non-wgmma instruction may read accumulator
     registers an MMA in flight still writes: the mainloop's structure must not let it."""
-    from fastmoe_ops.ops.fp8_gemm import standard_wgmma_specs
+    from fastmoe_ops.ops.fp8_gemm import standard_wgmma_specs, tma_store_wgmma_specs
 
-    for spec in standard_wgmma_specs():
+    for spec in (*standard_wgmma_specs(), *tma_store_wgmma_specs()):
         log = compiler.compile_nvcc(spec.stub(), spec.entry_name(), "sm_90a").log
         notes = [ln for ln in log.splitlines() if "C7514" in ln or "C7517" in ln]
         assert not notes, f"{spec.entry_name()}: {notes}"

@@ -135,3 +135,36 @@ def test_block_ns_are_wgmma_sizes_the_kernel_has():
     assert spec.smem_bytes() == cfg.smem_bytes(spec.block_m, spec.block_n, spec.stages) <= MAX_DYNAMIC_SMEM
     row = launcher.choose_wgmma_spec("dense", 4096, 4096, 7168, "fp32", "row", compute_sms=132)
     assert row.block_n in cfg.WGMMA_BLOCK_N_ROW_SCALES
+
+
+def test_tma_store_epilogue_staging_boxes_and_rule():
+    """The tma_store epilogue: its staging (BM x BN of the output type) comes out of the ring's
+    shared memory (fewer stages, never fewer than MIN_STAGES, never over the limit) without
+    changing the tile the model ranks first; the box geometry the launcher encodes (store_box:
+    the widest swizzle span dividing a tile row, else 16 bytes unswizzled); the one rule for where
+    TMA can store the output."""
+    from fastmoe_ops.ops import fp8_gemm as launcher
+
+    for out_bytes in (2, 4):
+        for m, n, k, sms in shapes():
+            a = cfg.choose_block(m, n, k, sms=sms, out_bytes=out_bytes)
+            t = cfg.choose_block(m, n, k, sms=sms, out_bytes=out_bytes, epilogue="tma_store")
+            staging = a.block_m * a.block_n * out_bytes
+            assert (t.block_m, t.block_n) == (a.block_m, a.block_n), (m, n, k, sms)
+            assert t.smem_bytes == cfg.smem_bytes(t.block_m, t.block_n, t.stages, staging) <= MAX_DYNAMIC_SMEM
+            assert cfg.MIN_STAGES <= t.stages <= a.stages
+    # 128 x 128 fp32: 64 KiB of staging leaves 5 of the registers epilogue's 7 stages
+    assert [cfg.choose_block(4096, 7168, 2048, sms=132, out_bytes=4, epilogue=e).stages for e in cfg.EPILOGUES] == [7, 5]
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        cfg.choose_block(128, 128, 128, sms=1, epilogue="smem")
+    assert [cfg.store_box(bn, 2) for bn in (128, 64, 32, 16, 24, 40, 56)] == [
+        (128, 128), (128, 128), (64, 64), (32, 32), (16, 0), (16, 0), (16, 0)]
+    assert [cfg.store_box(bn, 4) for bn in (128, 96, 48, 40, 16)] == [(128, 128), (128, 128), (64, 64), (32, 32), (64, 64)]
+    assert cfg.tma_store_possible(264, 2) and not cfg.tma_store_possible(260, 2) and cfg.tma_store_possible(260, 4)
+    assert not cfg.tma_store_possible(264, 2, out_address=0x1008) and cfg.tma_store_possible(264, 2, out_address=0x1010)
+    assert [cfg.choose_epilogue(e, 260, 2) for e in (None, "registers", "tma_store")] == ["registers"] * 3
+    assert cfg.choose_epilogue("tma_store", 264, 2) == "tma_store"
+    spec = launcher.choose_wgmma_spec("dense", 4096, 4096, 7168, "fp32", "blk128", compute_sms=132, epilogue="tma_store")
+    assert spec.epilogue == "tma_store" and spec.store_box() == ((32, 64), 128)
+    assert spec.smem_bytes() == cfg.smem_bytes(spec.block_m, spec.block_n, spec.stages,
+                                               cfg.staging_bytes(spec.block_m, spec.block_n, 4, "tma_store"))

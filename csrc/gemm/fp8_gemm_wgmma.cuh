@@ -19,21 +19,24 @@
 //                full[s] (1 arrival + 128 (BM + BN) transaction bytes), empty[s] (one arrival
 //                per math warp): fp8_gemm_wgmma_mainloop.cuh.
 //
-// Epilogue: registers straight to global memory (4- or 8-byte column pairs per thread, the
-// mma.sync C layout), no shared-memory staging and no barrier between the math warpgroups.
-// So the ring is never borrowed by the epilogue: the producer keeps loading the next tile's
-// blocks while a warpgroup stores, and neither warpgroup waits for the other. A staged TMA
-// store writes whole 128-byte lines instead of 32-byte sectors; whether that wins is for the
-// GPU benchmark to say (bench/bench_fp8.py), not yet measured.
+// Epilogue (EPILOGUE, csrc/gemm/fp8_gemm_epilogue.cuh): kRegisters stores registers straight
+// to global memory; kTmaStore stages each warpgroup's 64 x BN outputs in its own shared-memory
+// region (not the ring) and TMA-stores them. Neither borrows the ring, so the producer keeps
+// loading the next tile's blocks while a warpgroup stores, and neither warpgroup waits for the
+// other. Which wins is for the GPU benchmark to say (bench/bench_fp8.py times both), not yet
+// measured; the launcher defaults to kRegisters.
 // Scales: plain loads by the math threads, not TMA (a_scale's per-tile column is 4 bytes
 // wide, under TMA's 16-byte minimum): see fp8_gemm_wgmma_mainloop.cuh.
-// Shared memory: STAGES * (128 (BM + BN) + 16) bytes.
+// Shared memory: kTmaStore's staging, BM x BN OutT (one region per math warpgroup), then the
+// ring, STAGES * (128 (BM + BN) + 16) bytes (WsSmem below).
 // Constraints (the launcher refuses otherwise, before any launch): K % 16 == 0 (the maps'
 // row stride is K bytes, which TMA wants a multiple of 16), 16-byte aligned A and B, contiguous
-// operands. Ragged M, N and K are the maps' zero fill plus the epilogue's bounds.
+// operands; kTmaStore also N * sizeof(OutT) % 16 == 0 and a 16-byte aligned out (else the
+// launcher picks kRegisters). Ragged M, N and K are the maps' zero fill plus the epilogue's bounds.
 #pragma once
 
 #include "csrc/gemm/fp8_gemm.cuh"
+#include "csrc/gemm/fp8_gemm_epilogue.cuh"
 #include "csrc/gemm/fp8_gemm_wgmma_mainloop.cuh"
 #include "csrc/gemm/fp8_gemm_ws_scheduler.cuh"
 #include "ptx/warp.cuh"
@@ -44,6 +47,7 @@ struct Fp8GemmWsParams {
     Fp8GemmParams g;          // pointers (A and B also through the maps) and sizes
     ptx::TmaDescriptor a_map; // A as [rows, K] e4m3 (masked: G * Mmax rows), box 128 x BM, 128B swizzle
     ptx::TmaDescriptor b_map; // B as [G * N, K] e4m3, box 128 x BN, 128B swizzle
+    ptx::TmaDescriptor out_map; // kTmaStore: out as [rows, N] (masked: G * Mmax rows), box StoreBox (else unused)
 };
 
 namespace gemm {
@@ -54,54 +58,27 @@ constexpr int kProducerRegs = 40;  // the producer lane needs addresses and a lo
 // is the smaller, so the cost model's register check holds for both).
 constexpr uint32_t kMathRegs2 = 232, kMathRegs1 = 248;  // two math warpgroups (BM = 128), one (BM = 64)
 
-template <typename OutT>
-FMO_DEVICE OutT from_float(float v) {
-    if constexpr (sizeof(OutT) == 2) return __float2bfloat16(v); else return v;
-}
-
-// Registers -> global. Row policy as the mma.sync epilogue: contiguous padding rows (m_indices
-// -1) are 0, a bad group's rows NaN, rows past the tile's valid rows and columns past N unwritten.
-template <int MODE, class Shape, typename OutT>
-FMO_DEVICE void store_tile(const Fp8GemmParams& p, const Tile& tile, const TileOperands& t, const float (&acc)[Shape::R],
-                           bool nan_rows) {
-    const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int g = lane / 4, tq = lane % 4;
-    OutT* out = static_cast<OutT*>(p.out) + (MODE == kMasked ? tile.group * p.m * p.n : 0);
-    const bool pairs = p.n % 2 == 0 && reinterpret_cast<unsigned long long>(p.out) % (2 * sizeof(OutT)) == 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = wg * kWarpgroupRows + warp * 16 + g + 8 * h;
-        if (r >= t.rows_a) continue;
-        const bool zero = MODE == kContiguous && p.m_indices[tile.m0 + r] < 0;
-        OutT* row = out + (tile.m0 + r) * p.n + tile.n0;
-#pragma unroll
-        for (int ni = 0; ni < Shape::BN / 8; ++ni) {
-            const int c = ni * 8 + 2 * tq;
-            if (c >= t.rows_b) continue;
-            float v0 = acc[4 * ni + 2 * h], v1 = acc[4 * ni + 2 * h + 1];
-            if (zero) v0 = v1 = 0.0f;
-            if (nan_rows) v0 = v1 = __int_as_float(0x7fc00000);
-            if (pairs && c + 1 < t.rows_b) {  // n even: c + 1 < rows_b whenever c < rows_b
-                if constexpr (sizeof(OutT) == 2)
-                    *reinterpret_cast<__nv_bfloat162*>(row + c) = __floats2bfloat162_rn(v0, v1);
-                else
-                    *reinterpret_cast<float2*>(row + c) = make_float2(v0, v1);
-            } else {
-                row[c] = from_float<OutT>(v0);
-                if (c + 1 < t.rows_b) row[c + 1] = from_float<OutT>(v1);
-            }
-        }
-    }
-}
-
 }  // namespace gemm
 
-template <int MODE, int BM, int BN, int STAGES, int B_SCALE_ROWS, typename OutT, bool UNSAFE_EARLY_RELEASE = false>
+// Dynamic shared memory of one variant: staging (kTmaStore) then the ring. The launcher's
+// smem_bytes() mirrors it (its stub static_asserts the two agree).
+template <int BM, int BN, int STAGES, int B_SCALE_ROWS, typename OutT, int EPILOGUE>
+struct WsSmem {
+    static constexpr int kStagingBytes =
+        EPILOGUE == gemm::kTmaStore ? BM / gemm::kWarpgroupRows * gemm::StoreBox<BN, OutT>::kStagingBytes : 0;
+    static constexpr int kSmemBytes = kStagingBytes + gemm::WsShape<BM, BN, STAGES, B_SCALE_ROWS>::kSmemBytes;
+};
+
+template <int MODE, int BM, int BN, int STAGES, int B_SCALE_ROWS, typename OutT, int EPILOGUE = gemm::kRegisters,
+          bool UNSAFE_EARLY_RELEASE = false, bool UNSAFE_STORE_REUSE = false>
 __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmWsParams& P) {
     using Shape = gemm::WsShape<BM, BN, STAGES, B_SCALE_ROWS>;
+    using Smem = WsSmem<BM, BN, STAGES, B_SCALE_ROWS, OutT, EPILOGUE>;
     static_assert(sizeof(OutT) == 2 || sizeof(OutT) == 4, "out: bf16 or fp32");
+    static_assert(EPILOGUE == gemm::kRegisters || EPILOGUE == gemm::kTmaStore, "epilogue: registers or TMA store");
+    static_assert(!UNSAFE_STORE_REUSE || EPILOGUE == gemm::kTmaStore, "unsafe_store_reuse: a TMA-store bug");
     const Fp8GemmParams& p = P.g;
-    const gemm::Ring<Shape> ring{fmo_fp8_gemm_smem};
+    const gemm::Ring<Shape> ring{fmo_fp8_gemm_smem + Smem::kStagingBytes};
     if (threadIdx.x == 0) ring.init();
     __syncthreads();  // the barriers are initialised before any role uses them (the last CTA-wide barrier)
 
@@ -124,6 +101,8 @@ __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmWsParams& P) {
 
     ptx::setmaxnreg_inc<(BM == 128 ? gemm::kMathRegs2 : gemm::kMathRegs1)>();
     const gemm::WsMainloop<Shape, UNSAFE_EARLY_RELEASE> mainloop{ring, &p};
+    using Staged = gemm::StagedStore<MODE, Shape, OutT, UNSAFE_STORE_REUSE>;
+    const Staged staged{fmo_fp8_gemm_smem + (threadIdx.x / 128 - 1) * Staged::Box::kStagingBytes, &P.out_map};
     while (sched.next(tile)) {
         gemm::TileOperands t;
         const gemm::TileKind kind = gemm::resolve_tile<MODE, Shape>(p, tile, t);
@@ -132,8 +111,13 @@ __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmWsParams& P) {
 #pragma unroll
         for (int i = 0; i < Shape::R; ++i) acc[i] = 0.0f;
         mainloop.run(t, ps, acc);
-        gemm::store_tile<MODE, Shape, OutT>(p, tile, t, acc, kind == gemm::TileKind::kInvalidGroup);
+        const bool nan_rows = kind == gemm::TileKind::kInvalidGroup;
+        if (EPILOGUE == gemm::kTmaStore && Staged::staged(t))
+            staged.store(p, tile, t, acc, nan_rows);
+        else
+            gemm::store_tile<MODE, Shape, OutT>(p, tile, t, acc, nan_rows);
     }
+    if (EPILOGUE == gemm::kTmaStore) Staged::drain();
 }
 
 }  // namespace fmo

@@ -16,6 +16,7 @@ elsewhere (sm_89) the mma.sync kernel (csrc/gemm/fp8_gemm.cuh). `kernel=` forces
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,6 +55,10 @@ class Fp8GemmParams(Params):
         ("b_scale_rows", ctypes.c_int64),
         ("num_groups", ctypes.c_int64),
     ]
+
+
+def _cpp_bool(v: bool) -> str:
+    return "true" if v else "false"
 
 
 def _refuser(spec):
@@ -157,13 +162,17 @@ def choose_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, gr
     return Fp8GemmSpec(mode=mode, out=out, b_scale=b_scale, block_m=bm, block_n=bn, warps_m=wm, warps_n=wn, stages=st)
 
 
+# DeepSeek-V3 layers (M, N, K) the registered variants are chosen for.
+STANDARD_SHAPES = ((128, 7168, 2048), (4096, 7168, 2048), (128, 2048, 7168), (4096, 4096, 7168), (4096, 7168, 18432),
+                   (16, 4096, 7168))
+
+
 @register_op("fp8_gemm")
 def standard_specs():
     """The variants the heuristic picks for the standard shapes (DeepSeek-V3 layers, grouped
     MoE with 8-32 experts, wgrad with 1 x 128 b scales)."""
     seen = set()
-    shapes = [(128, 7168, 2048), (4096, 7168, 2048), (128, 2048, 7168), (4096, 4096, 7168), (4096, 7168, 18432), (16, 4096, 7168)]
-    for m, n, k in shapes:
+    for m, n, k in STANDARD_SHAPES:
         for out in ("bf16", "fp32"):
             seen.add(choose_spec("dense", m, n, k, out, "blk128"))
         seen.add(choose_spec("dense", n, k, m, "fp32", "row"))      # wgrad: [N, M] x [K, M]^T
@@ -178,7 +187,8 @@ def standard_specs():
 class Fp8GemmWsParams(Params):
     """The warp-specialised kernel's Params: the shared fields, then A's and B's TMA maps."""
     cpp_name = "fmo::Fp8GemmWsParams"
-    _fields_ = aligned_fields([("g", Fp8GemmParams), ("a_map", TMA_DESCRIPTOR), ("b_map", TMA_DESCRIPTOR)])
+    _fields_ = aligned_fields([("g", Fp8GemmParams), ("a_map", TMA_DESCRIPTOR), ("b_map", TMA_DESCRIPTOR),
+                               ("out_map", TMA_DESCRIPTOR)])  # out_map: the tma_store epilogue's (else unused)
 
 
 def wgmma_block_ns(b_scale: str) -> tuple:
@@ -190,14 +200,19 @@ def wgmma_block_ns(b_scale: str) -> tuple:
 class Fp8GemmWgmmaSpec(KernelSpec):
     """The sm_90a kernel (csrc/gemm/fp8_gemm_wgmma.cuh): a TMA producer warp, BM / 64 math
     warpgroups of wgmma.m64n{block_n}k32, a ring of `stages` full/empty mbarrier stages,
-    persistent grid. unsafe_early_release: tests only (a pipeline bug the simulator must catch)."""
+    persistent grid; epilogue: registers straight to global, or staged in shared memory and
+    TMA-stored (csrc/gemm/fp8_gemm_epilogue.cuh). unsafe_early_release, unsafe_store_reuse: tests
+    only (pipeline bugs the simulator must catch: a stage released before its MMAs retired, the
+    staging overwritten before the TMA store read it)."""
     mode: str        # dense | contiguous | masked
     out: str         # bf16 | fp32
     b_scale: str     # blk128 | row
     block_m: int     # 64 (one math warpgroup) or 128 (two)
     block_n: int     # a wgmma N: WGMMA_BLOCK_N
     stages: int
+    epilogue: str = fp8_gemm_config.DEFAULT_EPILOGUE  # registers | tma_store
     unsafe_early_release: bool = False
+    unsafe_store_reuse: bool = False
 
     op: ClassVar[str] = "fp8_gemm_wgmma"
     header: ClassVar[str] = "csrc/gemm/fp8_gemm_wgmma.cuh"
@@ -213,30 +228,58 @@ class Fp8GemmWgmmaSpec(KernelSpec):
         if self.block_n not in wgmma_block_ns(self.b_scale):
             refuse(f"block_n must be one of {wgmma_block_ns(self.b_scale)} with b_scale {self.b_scale} (wgmma N "
                    "sizes ptx/wgmma.cuh wraps whose accumulator and two partial sums fit the registers)")
+        if self.epilogue not in fp8_gemm_config.EPILOGUES:
+            refuse(f"epilogue must be one of {fp8_gemm_config.EPILOGUES}")
+        if self.unsafe_store_reuse and self.epilogue != "tma_store":
+            refuse("unsafe_store_reuse is a bug of the tma_store epilogue")
         if not 2 <= self.stages <= 8 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
             refuse(f"stages must be 2..8 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
 
     def block_threads(self) -> int:
         return 128 + 2 * self.block_m  # the producer warpgroup + block_m / 64 math warpgroups
 
-    def smem_bytes(self) -> int:  # mirrors WsShape::kSmemBytes
-        return fp8_gemm_config.smem_bytes(self.block_m, self.block_n, self.stages)
+    def out_bytes(self) -> int:
+        return 4 if self.out == "fp32" else 2
+
+    def smem_bytes(self) -> int:  # mirrors WsSmem::kSmemBytes (device_call asserts it)
+        staging = fp8_gemm_config.staging_bytes(self.block_m, self.block_n, self.out_bytes(), self.epilogue)
+        return fp8_gemm_config.smem_bytes(self.block_m, self.block_n, self.stages, staging)
+
+    def store_box(self) -> tuple:
+        """The out map's box (inner elements, rows) and swizzle bytes: tma_store only."""
+        inner, swizzle = fp8_gemm_config.store_box(self.block_n, self.out_bytes())
+        return (inner // self.out_bytes(), fp8_gemm_config.WARPGROUP_ROWS), swizzle
 
     def device_call(self) -> str:
+        """The kernel call, after static_asserts that smem_bytes() (the launch's request) and the
+        out map's box (store_box) are the kernel's own: a drift between them cannot compile."""
         mode = {"dense": "kDense", "contiguous": "kContiguous", "masked": "kMasked"}[self.mode]
-        return (f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.block_n}, {self.stages}, "
-                f"{B_SCALES[self.b_scale]}, {CUDA_TYPE[self.out]}, {'true' if self.unsafe_early_release else 'false'}>(p)")
+        out, epilogue = CUDA_TYPE[self.out], {"registers": "kRegisters", "tma_store": "kTmaStore"}[self.epilogue]
+        smem = f"fmo::WsSmem<{self.block_m}, {self.block_n}, {self.stages}, {B_SCALES[self.b_scale]}, {out}, fmo::gemm::{epilogue}>"
+        box = f"fmo::gemm::StoreBox<{self.block_n}, {out}>"
+        (cols, _), swizzle = self.store_box()
+        return (f'static_assert({smem}::kSmemBytes == {self.smem_bytes()}, "{self.entry_name()}: the launcher\'s '
+                f'shared memory size differs from the kernel\'s"); '
+                f'static_assert({box}::kCols == {cols} && {box}::kSwizzle == {swizzle}, "{self.entry_name()}: the '
+                f'launcher\'s out map box differs from the kernel\'s"); '
+                f"fmo::fp8_gemm_wgmma<fmo::gemm::{mode}, {self.block_m}, {self.block_n}, {self.stages}, "
+                f"{B_SCALES[self.b_scale]}, {out}, fmo::gemm::{epilogue}, {_cpp_bool(self.unsafe_early_release)}, "
+                f"{_cpp_bool(self.unsafe_store_reuse)}>(p)")
 
 
 def choose_wgmma_spec(mode: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
-                      compute_sms: int | None = None) -> Fp8GemmWgmmaSpec:
-    """Pure function of (shape, SM budget): the tile and ring depth the cost model
-    (fp8_gemm_config.choose_block: waves over the budget, bytes per FLOP, L2 reuse; decode
-    rows) ranks first among the kernel's (BM, BN)."""
+                      compute_sms: int | None = None, epilogue: str | None = None) -> Fp8GemmWgmmaSpec:
+    """Pure function of (shape, SM budget, epilogue request): the tile and ring depth the cost
+    model (fp8_gemm_config.choose_block: waves over the budget, bytes per FLOP, L2 reuse; decode
+    rows) ranks first among the kernel's (BM, BN), and the epilogue (fp8_gemm_config.choose_epilogue)."""
     sms = sm_budget().compute_sms if compute_sms is None else compute_sms
-    c = fp8_gemm_config.choose_block(m, n, k, groups=groups, sms=sms, out_bytes=4 if out == "fp32" else 2,
+    out_bytes = 4 if out == "fp32" else 2
+    epilogue = fp8_gemm_config.choose_epilogue(epilogue, n, out_bytes)
+    c = fp8_gemm_config.choose_block(m, n, k, groups=groups, sms=sms, out_bytes=out_bytes, epilogue=epilogue,
                                      candidates=fp8_gemm_config.ws_candidates(wgmma_block_ns(b_scale)))
-    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=c.block_m, block_n=c.block_n, stages=c.stages)
+    return Fp8GemmWgmmaSpec(mode=mode, out=out, b_scale=b_scale, block_m=c.block_m, block_n=c.block_n, stages=c.stages,
+                            epilogue=epilogue)
+
 
 
 def persistent_grid(spec: Fp8GemmWgmmaSpec, m: int, n: int, *, groups: int = 1, compute_sms: int | None = None) -> tuple:
@@ -260,15 +303,18 @@ def kernel_for(engine: str, device: torch.device) -> str:
 
 
 def select(mode: str, kernel: str, m: int, n: int, k: int, out: str, b_scale: str, *, groups: int = 1,
-           heuristic_m: int | None = None):
+           heuristic_m: int | None = None, epilogue: str | None = None):
     """(spec, grid) of one launch. m: rows of a (masked: Mmax, per group); heuristic_m: the
     rows per group the tile heuristic assumes (default m). groups multiplies the tiles only
-    when masked: a contiguous a already holds every group's rows in its m."""
+    when masked: a contiguous a already holds every group's rows in its m. epilogue: the
+    wgmma kernel's request (fp8_gemm_config.choose_epilogue, which also refuses a bad name for
+    the mma.sync kernel, whose one epilogue stores registers)."""
     expect(kernel in KERNELS, "kernel", f"one of {KERNELS} (or None: by device)", kernel)
+    epilogue = fp8_gemm_config.choose_epilogue(epilogue, n, 4 if out == "fp32" else 2)
     hm = heuristic_m or m
     tile_groups = groups if mode == "masked" else 1
     if kernel == "wgmma":
-        spec = choose_wgmma_spec(mode, hm, n, k, out, b_scale, groups=tile_groups)
+        spec = choose_wgmma_spec(mode, hm, n, k, out, b_scale, groups=tile_groups, epilogue=epilogue)
         return spec, persistent_grid(spec, m, n, groups=tile_groups)
     spec = choose_spec(mode, hm, n, k, out, b_scale, groups=tile_groups)
     grid = (-(-n // spec.block_n), -(-m // spec.block_m)) + ((groups,) if mode == "masked" else ())
@@ -281,14 +327,22 @@ def select(mode: str, kernel: str, m: int, n: int, k: int, out: str, b_scale: st
 def standard_wgmma_specs():
     """The wgmma variants the heuristic picks for the standard shapes (as standard_specs)."""
     seen = set()
-    shapes = [(128, 7168, 2048), (4096, 7168, 2048), (128, 2048, 7168), (4096, 4096, 7168), (4096, 7168, 18432), (16, 4096, 7168)]
-    for m, n, k in shapes:
+    for m, n, k in STANDARD_SHAPES:
         for out in ("bf16", "fp32"):
             seen.add(choose_wgmma_spec("dense", m, n, k, out, "blk128", compute_sms=132))
         seen.add(choose_wgmma_spec("dense", n, k, m, "fp32", "row", compute_sms=132))
         seen.add(choose_wgmma_spec("contiguous", m, n, k, "bf16", "blk128", compute_sms=132))
         for g in (8, 32):
             seen.add(choose_wgmma_spec("masked", max(m // g, 1), n, k, "bf16", "blk128", groups=g, compute_sms=132))
+    yield from sorted(seen, key=lambda s: s.entry_name())
+
+
+@register_op("fp8_gemm_wgmma_tma_store")
+def tma_store_wgmma_specs():
+    """The tma_store twins of the standard dense wgmma variants (bench/bench_fp8.py times both
+    epilogues on a GPU): apart from standard_wgmma_specs, which are the default's choices."""
+    seen = {choose_wgmma_spec("dense", m, n, k, out, "blk128", compute_sms=132, epilogue="tma_store")
+            for m, n, k in STANDARD_SHAPES for out in ("bf16", "fp32")}
     yield from sorted(seen, key=lambda s: s.entry_name())
 
 
@@ -325,8 +379,10 @@ class GemmPlan:
     """One GEMM call's launch, but for the pointers: what its signature fixes (built once per
     signature by the launchers, runtime/plans.py). spec None: nothing to launch (an empty
     output, or zeros when K == 0 or there are no groups). The wgmma kernel's A and B tensor
-    maps depend on the pointers too: kept per operand address (a layer calls with the same
-    weights and the caching allocator's few recurring activation buffers)."""
+    maps (and the tma_store epilogue's out map) depend on the pointers too: kept per operand
+    address (a layer calls with the same weights and the caching allocator's few recurring
+    activation and output buffers). A tma_store plan keeps the registers variant of its spec
+    for an output whose address TMA cannot take (a caller's misaligned `out`)."""
 
     engine: str
     out_shape: tuple
@@ -337,6 +393,7 @@ class GemmPlan:
     params: Params | None = None             # every field but the pointers (and maps); copied per call
     zero: bool = False
     maps: dict | None = None                 # wgmma: (operand, address, shape) -> its map (_map)
+    registers: tuple | None = None           # tma_store: (spec, config) of the registers epilogue
 
     @staticmethod
     def make(spec, grid, *, engine, m, n, k, b_scale_rows, groups=1, out_shape=None, device=None) -> "GemmPlan":
@@ -344,15 +401,27 @@ class GemmPlan:
         if isinstance(spec, Fp8GemmWgmmaSpec):
             params = Fp8GemmWsParams(g=params)
         config = LaunchConfig.make(grid=grid, block=spec.block_threads(), shared_mem=spec.smem_bytes())
-        return GemmPlan(engine, out_shape, device, b_scale_rows, spec, config, params)
+        plan = GemmPlan(engine, out_shape, device, b_scale_rows, spec, config, params)
+        if getattr(spec, "epilogue", None) == "tma_store":
+            # the same tile and ring depth, which fit (the staging's bytes are not requested)
+            regs = dataclasses.replace(spec, epilogue="registers", unsafe_store_reuse=False)
+            plan.registers = regs, LaunchConfig.make(grid=grid, block=regs.block_threads(), shared_mem=regs.smem_bytes())
+        return plan
 
     def tensor_maps(self, a, b) -> tuple:
         """A and B as [rows, K] e4m3 with boxes of 128 K x block_m / block_n rows, 128B swizzle."""
-        return self._map(a, "a (xq)", self.spec.block_m), self._map(b, "b (wq)", self.spec.block_n)
+        return (self._map(a, "a (xq)", (BLOCK_K, self.spec.block_m), 128),
+                self._map(b, "b (wq)", (BLOCK_K, self.spec.block_n), 128))
 
-    def _map(self, t, name: str, box_rows: int):
-        """One operand's map, kept per (address, shape) for the plan (the weights' address is
-        fixed, activations cycle through a few of the caching allocator's blocks)."""
+    def out_map(self, out):
+        """tma_store: out as [rows, N] with the kernel's store box (Fp8GemmWgmmaSpec.store_box)."""
+        box, swizzle = self.spec.store_box()
+        return self._map(out, "out", box, swizzle)
+
+    def _map(self, t, name: str, box: tuple, swizzle: int):
+        """One tensor's map as [rows, last dim], kept per (address, shape) for the plan (the weights'
+        address is fixed, activations and outputs cycle through a few of the caching allocator's
+        blocks)."""
         maps = self.maps
         if maps is None:
             maps = self.maps = {}
@@ -363,7 +432,7 @@ class GemmPlan:
             expect(key[1] % 16 == 0, name, "a 16-byte aligned address (TMA)", hex(key[1]))
             expect(t.numel() // max(k, 1) < 2**31, name, "fewer than 2^31 rows (TMA coordinates are int32)",
                    t.numel() // max(k, 1))
-            found = descriptor(encode_tiled(t.view(-1, k), (BLOCK_K, box_rows), swizzle=128, engine=self.engine))
+            found = descriptor(encode_tiled(t.view(-1, k), box, swizzle=swizzle, engine=self.engine))
             if len(maps) >= 64:
                 maps.clear()
             maps[key] = found
@@ -374,15 +443,21 @@ class GemmPlan:
             return out.zero_() if self.zero else out
         p = type(self.params).from_buffer_copy(self.params)
         g = p.g if isinstance(p, Fp8GemmWsParams) else p
+        spec, config = self.spec, self.config
         if g is not p:
             p.a_map, p.b_map = self.tensor_maps(a, b)
+            if self.registers is not None:  # tma_store, where TMA can store this out (else its registers twin)
+                if fp8_gemm_config.tma_store_possible(out.shape[-1], out.element_size(), out.data_ptr()):
+                    p.out_map = self.out_map(out)
+                else:
+                    spec, config = self.registers
         g.a, g.a_scale, g.b, g.b_scale, g.out = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), out.data_ptr()
         tensors = (a, a_scale, b, b_scale, out)
         if m_indices is not None:
             g.m_indices, tensors = m_indices.data_ptr(), tensors + (m_indices,)
         if masked_m is not None:
             g.masked_m, tensors = masked_m.data_ptr(), tensors + (masked_m,)
-        launch(self.spec, self.config, p, engine=self.engine, tensors=tensors)
+        launch(spec, config, p, engine=self.engine, tensors=tensors)
         return out
 
 
@@ -400,18 +475,22 @@ def validate_out(out, shape: tuple, out_dtype, device) -> None:
 
 
 def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype=torch.bfloat16, *,
-         out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, kernel: str | None = None, epilogue: str | None = None) -> torch.Tensor:
     """y [M, N] = (xq * xs) @ (wq * ws)^T with fp32 promotion per 128-wide K block.
 
     xq: [M, K] float8_e4m3fn, xs: [M, ceil(K/128)] fp32; wq: [N, K] float8_e4m3fn,
     ws: [ceil(N/128), ceil(K/128)] fp32 (weight blocks) or [N, ceil(K/128)] (1 x 128 groups).
     K % 16 == 0. out_dtype: bfloat16 or float32; `out` (optional): a preallocated [M, N].
-    kernel: "wgmma" | "mma_sync" | None (by device: kernel_for)."""
+    kernel: "wgmma" | "mma_sync" | None (by device: kernel_for).
+    epilogue: the wgmma kernel's, "registers" | "tma_store" | None (the default,
+    fp8_gemm_config.DEFAULT_EPILOGUE); tma_store runs as registers where TMA cannot store the
+    output (choose_epilogue). For the benchmark's comparison; the traced op takes the default."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
+        expect(epilogue is None, "epilogue", "None under torch.compile (the traced op has the default epilogue)", epilogue)
         y = torch.ops.fmo.fp8_gemm(xq, xs, wq, ws, out_dtype, kernel)
         return y if out is None else out.copy_(y)
-    plan = _plans.get(_plans.key(("dense", out_dtype, kernel), (xq, xs, wq, ws)),
-                      lambda: _dense_plan(xq, xs, wq, ws, out_dtype, kernel))
+    plan = _plans.get(_plans.key(("dense", out_dtype, kernel, epilogue), (xq, xs, wq, ws)),
+                      lambda: _dense_plan(xq, xs, wq, ws, out_dtype, kernel, epilogue))
     if out is not None:
         validate_out(out, plan.out_shape, out_dtype, xq.device)
     if plan.engine == "reference":
@@ -425,7 +504,7 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
 _plans = PlanCache()
 
 
-def _dense_plan(xq, xs, wq, ws, out_dtype, kernel) -> GemmPlan:
+def _dense_plan(xq, xs, wq, ws, out_dtype, kernel, epilogue=None) -> GemmPlan:
     """Validation, engine and kernel choice of a dense GEMM: once per signature."""
     expect(_is_e4m3(xq) and xq.dim() == 2, "xq", "a 2-D float8_e4m3fn tensor [M, K]", f"{getattr(xq, 'dtype', type(xq))} {tuple(getattr(xq, 'shape', ()))}")
     expect(_is_e4m3(wq) and wq.dim() == 2, "wq", "a 2-D float8_e4m3fn tensor [N, K]", f"{getattr(wq, 'dtype', type(wq))} {tuple(getattr(wq, 'shape', ()))}")
@@ -438,6 +517,7 @@ def _dense_plan(xq, xs, wq, ws, out_dtype, kernel) -> GemmPlan:
     kind = b_scale_kind(ws, n)
     if engine == "reference" or m * n == 0 or k == 0:
         return GemmPlan(engine, (m, n), xq.device, B_SCALES[kind], zero=k == 0)
-    spec, grid = select("dense", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], kind)
+    spec, grid = select("dense", kernel or kernel_for(engine, xq.device), m, n, k, OUT_DTYPES[out_dtype], kind,
+                        epilogue=epilogue)
     return GemmPlan.make(spec, grid, engine=engine, m=m, n=n, k=k, b_scale_rows=ws.shape[-2], out_shape=(m, n),
                          device=xq.device)

@@ -21,9 +21,9 @@ For a tile BM x BN over K (kb = ceil(K / 128) blocks of 128):
   cost       max(waves * per tile, HBM bytes / HBM_BYTES_PER_CYCLE).
 Ties go to BN dividing N (no padded columns), then fewer tiles, then larger BN, BM.
 
-Feasibility: shared memory (stages * (128 (BM + BN) + barriers): the epilogue stores from
-registers and the scales are plain loads, so the ring is all of it) <= 227 KiB with at least
-MIN_STAGES stages; registers: each math warpgroup holds 64 rows (BM = 64: one warpgroup,
+Feasibility: shared memory (stages * (128 (BM + BN) + barriers), plus the tma_store epilogue's
+staging, BM x BN of the output type; the registers epilogue and the plain-load scales take none)
+<= 227 KiB with at least MIN_STAGES stages (the staging costs the ring its last stage or two); registers: each math warpgroup holds 64 rows (BM = 64: one warpgroup,
 128: two), i.e. an accumulator and two partial sums of BN / 2 fp32 per thread (the promotion
 of block kb-1 runs while block kb's MMAs write the other), under the MATH_REGS a thread gets
 after setmaxnreg moves the producer's registers to the math warpgroups.
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import expect
 from ..runtime.launch import MAX_DYNAMIC_SMEM
 
 BLOCK_K = 128                    # one promotion (scale) block along K
@@ -61,6 +62,11 @@ MIN_STAGES, MAX_STAGES = 3, 8    # fewer stages cannot hide a TMA round trip beh
 MATH_REGS = 232                  # per math thread after setmaxnreg (the kernel's kMathRegs; producer keeps 40)
 OTHER_REGS = 40                  # addresses, scales, loop state of a math thread
 BARRIER_BYTES = 16               # full + empty mbarrier per stage
+WARPGROUP_ROWS = 64              # wgmma's M: the rows of one math warpgroup (and of a TMA-store box)
+# The kernel's two epilogues (csrc/gemm/fp8_gemm_epilogue.cuh). registers stays the default until a
+# GPU run of bench/bench_fp8.py, which times both on its dense rows, says otherwise.
+EPILOGUES = ("registers", "tma_store")
+DEFAULT_EPILOGUE = "registers"
 
 
 @dataclass(frozen=True)
@@ -100,15 +106,51 @@ def accumulator_regs(block_m: int, block_n: int) -> int:
     return 3 * (rows_per_warpgroup // 64) * (block_n // 2)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int) -> int:
-    """The ring: A and B boxes plus a full and an empty mbarrier per stage (scales are read by
-    plain loads, the epilogue stores from registers: neither takes shared memory)."""
-    return stages * (BLOCK_K * (block_m + block_n) + BARRIER_BYTES)
+def tma_store_possible(n: int, out_bytes: int, out_address: int = 0) -> bool:
+    """The rule for the tma_store epilogue, in one place: TMA can store the output when its rows
+    (the map's row stride, N * out_bytes) are a multiple of 16 bytes and the output starts at a
+    16-byte aligned address (runtime/tensor_map.py requires both). Elsewhere the launcher runs
+    the registers epilogue: at plan time for N, per call for the address (fp8_gemm.GemmPlan)."""
+    return (n * out_bytes) % 16 == 0 and out_address % 16 == 0
 
 
-def _max_stages(block_m: int, block_n: int, smem_limit: int) -> int:
+def choose_epilogue(requested: str | None, n: int, out_bytes: int) -> str:
+    """The wgmma kernel's epilogue: `requested` (None: DEFAULT_EPILOGUE), but registers where TMA
+    cannot store an N-column output (tma_store_possible; the launcher checks the output's
+    address per call). A name not in EPILOGUES is refused, naming the argument."""
+    epilogue = DEFAULT_EPILOGUE if requested is None else requested
+    expect(epilogue in EPILOGUES, "epilogue", f"one of {EPILOGUES} (or None: the default)", requested)
+    if epilogue == "tma_store" and not tma_store_possible(n, out_bytes):
+        return "registers"
+    return epilogue
+
+
+def store_box(block_n: int, out_bytes: int) -> tuple:
+    """(inner bytes, swizzle bytes) of the tma_store epilogue's boxes of [64 rows][inner bytes]
+    (csrc/gemm/fp8_gemm_epilogue.cuh StoreBox, which this mirrors): the widest swizzle span
+    (128, 64, 32) dividing a tile row of block_n * out_bytes bytes, else 16 bytes unswizzled."""
+    row = block_n * out_bytes
+    inner = next((span for span in (128, 64, 32) if row % span == 0), 16)
+    return inner, inner if inner >= 32 else 0
+
+
+def staging_bytes(block_m: int, block_n: int, out_bytes: int, epilogue: str) -> int:
+    """Shared memory of the epilogue: tma_store stages a block_m x block_n output tile (each math
+    warpgroup its 64 rows, outside the ring); registers none."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"staging_bytes: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return block_m * block_n * out_bytes if epilogue == "tma_store" else 0
+
+
+def smem_bytes(block_m: int, block_n: int, stages: int, staging: int = 0) -> int:
+    """The ring (A and B boxes plus a full and an empty mbarrier per stage; scales are read by
+    plain loads) after `staging` bytes of epilogue staging (staging_bytes)."""
+    return staging + stages * (BLOCK_K * (block_m + block_n) + BARRIER_BYTES)
+
+
+def _max_stages(block_m: int, block_n: int, smem_limit: int, staging: int = 0) -> int:
     for stages in range(MAX_STAGES, MIN_STAGES - 1, -1):
-        if smem_bytes(block_m, block_n, stages) <= smem_limit:
+        if smem_bytes(block_m, block_n, stages, staging) <= smem_limit:
             return stages
     return 0
 
@@ -139,14 +181,15 @@ def tile_cost(m: int, n: int, k: int, groups: int, bm: int, bn: int, sms: int, o
     return max(waves * per_tile, hbm), tiles, waves
 
 
-def feasible(bm: int, bn: int, smem_limit: int = MAX_DYNAMIC_SMEM) -> bool:
-    return accumulator_regs(bm, bn) + OTHER_REGS <= MATH_REGS and _max_stages(bm, bn, smem_limit) >= MIN_STAGES
+def feasible(bm: int, bn: int, smem_limit: int = MAX_DYNAMIC_SMEM, staging: int = 0) -> bool:
+    return accumulator_regs(bm, bn) + OTHER_REGS <= MATH_REGS and _max_stages(bm, bn, smem_limit, staging) >= MIN_STAGES
 
 
 def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes: int = 2,
-                 candidates=None, smem_limit: int = MAX_DYNAMIC_SMEM) -> BlockConfig:
+                 candidates=None, smem_limit: int = MAX_DYNAMIC_SMEM, epilogue: str = DEFAULT_EPILOGUE) -> BlockConfig:
     """The cheapest feasible tile for `groups` problems of m x n x k (m: rows per group; a
-    contiguous layout passes its total rows and groups=1) on `sms` SMs."""
+    contiguous layout passes its total rows and groups=1) on `sms` SMs. The epilogue only
+    changes the shared memory left to the ring (its stages and feasibility), not the ranking."""
     for name, v in (("m", m), ("n", n), ("k", k), ("groups", groups), ("sms", sms)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"choose_block: {name} must be a positive int, got {v!r}")
@@ -155,14 +198,15 @@ def choose_block(m: int, n: int, k: int, *, groups: int = 1, sms: int, out_bytes
         rows = 64 if m <= 64 else 128
         decode = tuple(c for c in cands if c[0] == rows)
         cands = decode or cands
-    fits = [(bm, bn) for bm, bn in cands if feasible(bm, bn, smem_limit)]
+    staging = {c: staging_bytes(*c, out_bytes, epilogue) for c in cands}
+    fits = [(bm, bn) for bm, bn in cands if feasible(bm, bn, smem_limit, staging[bm, bn])]
     if not fits:
         raise ValueError(f"choose_block: no candidate tile fits {smem_limit} bytes of shared memory "
                          f"and {MATH_REGS} registers: {cands}")
     bm, bn = cheapest(m, n, k, groups=groups, sms=sms, out_bytes=out_bytes, tiles=fits)
     cost, tiles, waves = tile_cost(m, n, k, groups, bm, bn, sms, out_bytes)
-    stages = _max_stages(bm, bn, smem_limit)
-    return BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages), tiles, waves, cost)
+    stages = _max_stages(bm, bn, smem_limit, staging[bm, bn])
+    return BlockConfig(bm, bn, stages, smem_bytes(bm, bn, stages, staging[bm, bn]), tiles, waves, cost)
 
 
 def cheapest(m: int, n: int, k: int, *, groups: int, sms: int, out_bytes: int, tiles) -> tuple:
