@@ -13,7 +13,10 @@ On the CPU: small shapes through `sim` / `reference` against torch.matmul in fp3
 dequantised operands (simulator throughput, not GPU speed).
 The launcher picks the kernel by device (wgmma on sm_90a and in the simulator, mma.sync on
 sm_89: fastmoe_ops.ops.fp8_gemm.kernel_for); `extra.kernel` names it, and on an sm_90a GPU
-the dense rows also time the mma.sync kernel on the same operands (`extra.mma_sync_s`)."""
+the dense rows also time the mma.sync kernel on the same operands (`extra.mma_sync_s`), and each
+dense shape gets a second row, `fp8_gemm_tma_store_epilogue`: the wgmma kernel with its staged
+TMA-store epilogue against the same kernel with the registers epilogue (bench.stats.compare,
+interleaved, same operands and tile), so the GPU run decides fp8_gemm_config.DEFAULT_EPILOGUE."""
 from __future__ import annotations
 
 import torch
@@ -237,6 +240,7 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
 
             _check(mma_sync(), oracle, f"fp8_gemm mma_sync ({engine}) at {m}x{n}x{k}")
             extra["mma_sync_s"] = time_fn(mma_sync, device=device, reps=reps).median_s
+            epilogue_row = _epilogue_row(device, engine, quick, ctx, (xq, xs, wq, ws), oracle, ceiling_flops)
         if gpu:
             base, label = scaled_mm_baseline(xq, xs, wq, ws)
             baseline = f"torch._scaled_mm {label}"
@@ -250,10 +254,36 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
         c = compare(ours, base, device=device, max_seconds=3.0 if quick else 5.0)
         rows.append(Row.compared("fp8_gemm", f"{m}x{n}x{k}", engine, c, baseline=baseline, flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if gpu else "",
                         ceiling_rate=ceiling_flops, extra=extra))
+        if gpu and extra.get("kernel") == "wgmma":
+            rows.append(epilogue_row)
     rows += _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx)
     if gpu:
         rows.append(_budget_row(device, engine, reps, ctx, ceiling_flops, gen))
     return rows
+
+
+def _epilogue_row(device, engine, quick, ctx, operands, oracle, ceiling_flops) -> Row:
+    """The wgmma kernel's two epilogues on the same operands: tma_store (staged in shared memory,
+    TMA stores) as `ours`, registers (straight to global) as the baseline; `extra` names the
+    spec each ran (the launcher's rule may turn tma_store into registers: then it says so)."""
+    xq, xs, wq, ws = operands
+    (m, k), n = xq.shape, wq.shape[0]
+
+    def run(epilogue):
+        def fn():
+            with ctx():
+                return fmo.fp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16, kernel="wgmma", epilogue=epilogue)
+        return fn
+
+    staged, registers = run("tma_store"), run("registers")
+    for epilogue, fn in (("tma_store", staged), ("registers", registers)):
+        _check(fn(), oracle, f"fp8_gemm wgmma {epilogue} epilogue ({engine}) at {m}x{n}x{k}")
+    specs = {e: gemm_launcher.select("dense", "wgmma", m, n, k, "bf16", gemm_launcher.b_scale_kind(ws, n), epilogue=e)[0]
+             for e in ("tma_store", "registers")}
+    c = compare(staged, registers, device=device, max_seconds=3.0 if quick else 5.0)
+    return Row.compared("fp8_gemm_tma_store_epilogue", f"{m}x{n}x{k}", engine, c, baseline="fp8_gemm registers epilogue",
+                        flops=2.0 * m * n * k, ceiling="_scaled_mm 8192^3" if device.type == "cuda" else "",
+                        ceiling_rate=ceiling_flops, extra={f"{e}_spec": s.entry_name() for e, s in specs.items()})
 
 
 def _budget_row(device, engine, reps, ctx, ceiling_flops, gen) -> Row:

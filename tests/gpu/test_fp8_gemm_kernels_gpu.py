@@ -2,12 +2,14 @@
 and the mma.sync kernel (sm_89 and sm_90a), against the float64 oracle (calc_diff < 1e-5 +
 the elementwise bound of tests/fp8_gemm_util.py), exact structured inputs bit for bit, the
 persistent grid under a shrunken SM budget (several tiles per CTA, raster bands), and the
-grouped views with empty groups and masked_m = 0. tests/gpu/test_fp8_gpu.py runs the launcher's
+grouped views with empty groups and masked_m = 0; the wgmma kernel's tma_store epilogue too.
+tests/gpu/test_fp8_gpu.py runs the launcher's
 own pick; this file makes sure the other kernel is checked on the same device too.
 Skipped without a CUDA device and CuPy; well under a minute on one H100/H200."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -117,3 +119,59 @@ def test_wgmma_tile_shapes(bm, bn, stages, b_rows, shape):
     launcher.run_kernel(spec, grid=(3, 1, 1), a=a, a_scale=a_s, b=b, b_scale=b_s, out=out, m=m, n=n, k=k, engine="cuda")
     assert_close_to_oracle(out.cpu(), gemm_oracle(xq, xs, wq, ws, b_scale_rows=1 if b_rows else 128),
                            f"cuda wgmma {bm}x{bn} s{stages}", 24)
+
+
+@pytest.mark.skipif("wgmma" not in kernels(), reason="the warp-specialised kernel needs sm_90a")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(100, 264, 400), (4096, 2048, 7168), (128, 2112, 7168)])
+def test_wgmma_tma_store_epilogue_vs_oracle(out_dtype, shape):
+    """The staged epilogue (epilogue="tma_store": shared memory + TMA stores, driver-encoded out
+    map) through the launcher, ragged M and N included, against the oracle: what a GPU run of
+    bench/bench_fp8.py times against the registers epilogue."""
+    m, n, k = shape
+    xq, xs, wq, ws = quantised_operands(m, n, k, 25)
+    out = poison_(torch.empty(m, n, dtype=out_dtype, device=DEV))
+    y = fmo.fp8.gemm(*to_dev(xq, xs, wq, ws), out_dtype, out=out, kernel="wgmma", epilogue="tma_store")
+    assert_close_to_oracle(y.cpu(), gemm_oracle(xq, xs, wq, ws), f"cuda wgmma tma_store {shape} {out_dtype}", 25)
+
+
+@pytest.mark.skipif("wgmma" not in kernels(), reason="the warp-specialised kernel needs sm_90a")
+@pytest.mark.parametrize("bm,bn,out", [(128, 128, "fp32"), (128, 96, "bf16"), (64, 40, "fp32"), (64, 24, "bf16"),
+                                       (128, 16, "bf16")])
+def test_wgmma_tma_store_boxes_and_grouped(bm, bn, out):
+    """Every kind of store box (128/64/32-byte swizzles, 16-byte unswizzled, several per row) on 3
+    persistent CTAs over ragged M and N, then the grouped views with the same tile: contiguous
+    (padding rows 0, empty experts) and masked (rows >= masked_m unwritten; a warpgroup's partial
+    rows from registers)."""
+    from fastmoe_ops.ops import fp8_gemm as launcher
+
+    dtype = torch.bfloat16 if out == "bf16" else torch.float32
+    spec = launcher.Fp8GemmWgmmaSpec(mode="dense", out=out, b_scale="blk128", block_m=bm, block_n=bn, stages=4,
+                                     epilogue="tma_store")
+    m, n, k = 300, 456, 656
+    xq, xs, wq, ws = quantised_operands(m, n, k, 26)
+    y = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
+    a, a_s, b, b_s = to_dev(xq, xs, wq, ws)
+    launcher.run_kernel(spec, grid=(3, 1, 1), a=a, a_scale=a_s, b=b, b_scale=b_s, out=y, m=m, n=n, k=k, engine="cuda")
+    assert_close_to_oracle(y.cpu(), gemm_oracle(xq, xs, wq, ws), f"cuda tma_store {bm}x{bn} {out}", 26)
+
+    wq3, ws3 = expert_weights(4, 256, 512, 27)
+    xq, xs, m_indices = contiguous_layout([5, 0, 130, 300], 512, 27)
+    y = poison_(torch.empty(xq.shape[0], 256, dtype=dtype, device=DEV))
+    a, a_s, b, b_s, idx = to_dev(xq, xs, wq3, ws3, m_indices)
+    launcher.run_kernel(dataclasses.replace(spec, mode="contiguous"), grid=(3, 1, 1), a=a, a_scale=a_s, b=b,
+                        b_scale=b_s, out=y, m=xq.shape[0], n=256, k=512, groups=4, m_indices=idx, engine="cuda")
+    assert torch.all(y.cpu()[m_indices < 0] == 0)
+    assert_close_to_oracle(y.cpu(), contiguous_oracle(xq, xs, wq3, ws3, m_indices), f"cuda tma_store contiguous {bn}", 27)
+    masked = torch.tensor([0, 3, 130, 65], dtype=torch.int32)
+    xq3, xs3 = xq[:4 * 130].reshape(4, 130, 512), xs[:4 * 130].reshape(4, 130, -1)
+    y3 = poison_(torch.empty(4, 130, 256, dtype=dtype, device=DEV))
+    a, a_s, mm = to_dev(xq3, xs3, masked)
+    launcher.run_kernel(dataclasses.replace(spec, mode="masked"), grid=(3, 1, 1), a=a, a_scale=a_s, b=b, b_scale=b_s,
+                        out=y3, m=130, n=256, k=512, groups=4, masked_m=mm, engine="cuda")
+    for g in range(4):
+        r = int(masked[g])
+        if r:
+            assert_close_to_oracle(y3[g, :r].cpu(), gemm_oracle(xq3[g, :r], xs3[g, :r], wq3[g], ws3[g]),
+                                   f"cuda tma_store masked {g}", 27)
+        assert torch.isnan(y3[g, r:].float()).all(), f"tma_store: group {g} rows >= masked_m written"
