@@ -92,6 +92,17 @@ def test_hopper_mla_head_dims(causal):
 
 @SIM
 @pytest.mark.parametrize("causal", [False, True])
+def test_hopper_head_dim_256(causal):
+    """D 256 (BN 64 tiles: O is 128 registers per thread): four panels of Q, K and V, two query
+    tiles (the second ragged), two key tiles (the second ragged: masked columns), Sq > Sk, GQA."""
+    fl = launcher.forward_launch(launcher.problem(*make_inputs(1, 2, 2, 2, 1, 256, torch.bfloat16, 0)[:3],
+                                                  causal=causal, softmax_scale=None))
+    assert (fl.spec.block_m, fl.spec.block_n, fl.spec.head_dim_v) == (128, 64, 256), fl.spec
+    check_forward(1, 130, 100, 2, 1, 256, causal, torch.bfloat16, seed=41)
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
 def test_hopper_structured_uniform_attention(causal):
     """attention_util.uniform_inputs: out is the mean of v over the keys each row sees; two query
     tiles, three key tiles (the ring wraps), two panels of D, GQA."""
@@ -170,7 +181,8 @@ def test_forward_kernel_choice():
     assert hopper.forward_kernel("sm_90a", 64, 64, 10) == "wgmma"
     assert hopper.forward_kernel("sm_90a", 128, 128, 1) == "wgmma"
     assert hopper.forward_kernel("sm_90a", 192, 128, 10) == "wgmma"     # MLA prefill
-    assert hopper.forward_kernel("sm_90a", 256, 256, 10) == "mma_sync"  # no tiles (the launcher refuses D 256 anyway)
+    assert hopper.forward_kernel("sm_90a", 256, 256, 10) == "wgmma"     # D 256: BN 64 tiles
+    assert hopper.forward_kernel("sm_90a", 256, 128, 10) == "mma_sync"  # no tiles for this pair
     assert hopper.forward_kernel("sm_90a", 64, 64, 0) == "mma_sync"     # no keys: a map needs dims >= 1
     for arch in ("sm_80", "sm_89", "sm_90", "sm_100a", "sm_120"):
         assert hopper.forward_kernel(arch, 128, 128, 10) == "mma_sync", arch
@@ -181,7 +193,7 @@ def test_hopper_specs_and_refusals():
     from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
 
     specs = list(hopper.standard_specs())
-    assert len(specs) == 12 and len({s.entry_name() for s in specs}) == 12
+    assert len(specs) == 16 and len({s.entry_name() for s in specs}) == 16
     for s in specs:
         assert s.block_threads() == 384 and s.smem_bytes() <= MAX_DYNAMIC_SMEM
         assert "fmo::attn::attn_fwd_hopper<" in s.stub()

@@ -27,7 +27,10 @@ PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
 # each K/V tile; BN = 128 keeps S (64) + O (32 or 64) + P (32) fp32/packed registers per consumer
 # thread under setmaxnreg's 240; two stages: one tile computed while the next lands. MLA prefill
 # (192, 128): O as D 128, Q and K one panel wider (208 KB of shared memory with two stages).
-TILES = {(64, 64): (2, 128, 2), (128, 128): (2, 128, 2), (192, 128): (2, 128, 2)}
+# D 256: O alone is 64 x 256 fp32 = 128 registers per consumer thread, so S narrows to BN = 64
+# (32 registers, P 16): 176 + softmax state and addresses under 240; shared memory 64 KB of Q +
+# 2 x 64 KB of K/V stages = 192 KB (BN 128 would need 256 KB for two stages).
+TILES = {(64, 64): (2, 128, 2), (128, 128): (2, 128, 2), (192, 128): (2, 128, 2), (256, 256): (2, 64, 2)}
 HEAD_DIM_PAIRS = tuple(TILES)
 
 
