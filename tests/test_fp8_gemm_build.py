@@ -67,3 +67,21 @@ def test_fp8_gemm_wgmma_mmas_stay_asynchronous():
 def test_fp8_quant_kernels_build_without_spills(op):
     reports = build.build_all("sm_90a", op)
     assert reports and all(r.ok and r.spill_stores == 0 and r.spill_loads == 0 for r in reports), reports
+
+
+def test_fp8_gemm_wgmma_tma_store_grouped_views_build_without_spills():
+    """The registry holds dense tma_store variants only; the grouped views (masked: the copy of a
+    warpgroup's partial rows out of staging) must not spill either, at the largest tile."""
+    import dataclasses
+
+    from fastmoe_ops.ops.fp8_gemm import tma_store_wgmma_specs
+
+    cuobjdump = compiler.find_cuobjdump()
+    for spec in tma_store_wgmma_specs():
+        if (spec.block_m, spec.block_n) != (128, 128):
+            continue
+        for mode in ("contiguous", "masked"):
+            r = build._report(dataclasses.replace(spec, mode=mode), "sm_90a", cuobjdump)
+            assert r.ok and r.spill_stores == 0 and r.spill_loads == 0, f"{r.name}: {r.error or r}"
+            if cuobjdump is not None:
+                assert r.sass["UTMASTG"] > 0 and r.sass["QGMMA"] > 0, f"{r.name}: {r.sass}"

@@ -3,7 +3,7 @@ through its own shared-memory region and TMA stores; csrc/gemm/fp8_gemm_epilogue
 simulator, against the float64 oracle with poisoned outputs: dense through the launcher (ragged
 M and N, bf16 and fp32 out, several tiles per CTA), every box geometry (128/64/32-byte swizzles,
 16-byte unswizzled boxes, several boxes per row), contiguous with padding rows, an empty expert
-and a bad group, masked (rows past masked_m unwritten, a warpgroup's partial rows from registers)
+and a bad group, masked (rows past masked_m unwritten: a warpgroup's partial rows copied out of staging)
 under memcheck and racecheck; the launcher's rule for where TMA cannot store (N * sizeof(out) not
 a multiple of 16, a misaligned out); a deliberately broken variant (staging overwritten before
 the previous tile's store read it) must fail. Tolerances as tests/test_fp8_gemm.py."""
@@ -96,8 +96,9 @@ def test_contiguous_padding_empty_expert_and_bad_group():
 @SIM
 def test_masked_rows_past_masked_m_stay_unwritten_under_checks(monkeypatch):
     """Masked, 128 x 64 bf16 on 2 CTAs, memcheck and racecheck on: masked_m = 0, 130 (a tile of
-    two full warpgroups, then one whose rows end after 2), 65 (warpgroup 0 staged, warpgroup 1's
-    single row from registers): rows >= masked_m keep their poison, the rest match the oracle."""
+    two full warpgroups, then one whose rows end after 2), 65 (warpgroup 0 by TMA store, warpgroup 1's
+    single row copied out of staging by plain stores): rows >= masked_m keep their poison, the rest
+    match the oracle."""
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
     groups, mmax, n, k = 3, 130, 136, 272

@@ -32,8 +32,10 @@
 // Row policy, both epilogues: contiguous padding rows (m_indices -1) are 0, a bad group's rows
 // NaN, rows past the tile's valid rows and columns past N unwritten. A masked group's rows past
 // masked_m must stay unwritten, but a box stops only at the map's bounds (a 3D [G, Mmax, N] map
-// would stop at Mmax, not at masked_m): a warpgroup whose 64 rows are not all valid stores its
-// tile from registers instead (at most one tile per group and warpgroup, the group's last).
+// would stop at Mmax, not at masked_m): a warpgroup whose 64 rows are not all valid copies its
+// valid rows out of staging with plain stores instead of the TMA store (at most one tile per
+// group and warpgroup, the group's last). Not store_tile: a second path from the accumulators
+// keeps them live across both and spilled (ptxas, masked 128 x 128).
 #pragma once
 
 #include "csrc/gemm/fp8_gemm.cuh"
@@ -62,7 +64,7 @@ FMO_DEVICE void apply_row_policy(const Fp8GemmParams& p, const Tile& tile, const
     if (nan_rows) v0 = v1 = __int_as_float(0x7fc00000);
 }
 
-// Registers -> global (kRegisters, and kTmaStore's masked tiles that end inside a warpgroup).
+// Registers -> global (kRegisters).
 template <int MODE, class Shape, typename OutT>
 FMO_DEVICE void store_tile(const Fp8GemmParams& p, const Tile& tile, const TileOperands& t, const float (&acc)[Shape::R],
                            bool nan_rows) {
@@ -109,7 +111,7 @@ struct StoreBox {
     static_assert(kStagingBytes % 1024 == 0, "each region (and the ring after them) stays 1024-aligned");
     static_assert(kBoxBytes % (kSwizzle == 0 ? 128 : 8 * kSwizzle) == 0, "every box starts where its swizzle repeats");
 
-    // Byte offset in a warpgroup's region of (row, even column) c: the box, then the
+    // Byte offset in a warpgroup's region of element (row, col): the box, then the
     // swizzle's XOR of the 16-byte chunk index with the 128-byte line (ptx/tma.cuh).
     FMO_DEVICE static int offset(int row, int col) {
         const int bytes = col * int(sizeof(OutT));
@@ -131,9 +133,9 @@ struct StagedStore {
     FMO_DEVICE static bool issuer() { return threadIdx.x % 128 == 0; }
     FMO_DEVICE static void sync() { ptx::bar_sync(1 + warpgroup(), 128); }  // id 0 is __syncthreads
 
-    // Whether this warpgroup's rows of the tile go through staging (see the header: masked tiles
-    // ending inside the warpgroup's rows do not). Uniform over the warpgroup.
-    FMO_DEVICE static bool staged(const TileOperands& t) {
+    // Whether this warpgroup's rows of the tile leave staging by TMA store (see the header: masked
+    // tiles ending inside the warpgroup's rows do not). Uniform over the warpgroup.
+    FMO_DEVICE static bool by_tma(const TileOperands& t) {
         return MODE != kMasked || t.rows_a >= (warpgroup() + 1) * kWarpgroupRows;
     }
 
@@ -163,13 +165,26 @@ struct StagedStore {
         }
         ptx::fence_proxy_async();  // publishes this thread's st.shared writes to the TMA store (async proxy)
         sync();
-        if (issuer()) {
-            const int64_t row0 = (MODE == kMasked ? tile.group * p.m : 0) + tile.m0 + wg * kWarpgroupRows;
+        const int64_t row0 = (MODE == kMasked ? tile.group * p.m : 0) + tile.m0 + wg * kWarpgroupRows;
+        if (!by_tma(t)) {
+            copy_rows(p, row0, tile.n0, int(t.rows_a - wg * kWarpgroupRows), t.rows_b);
+        } else if (issuer()) {
 #pragma unroll
             for (int b = 0; b < Box::kBoxes; ++b)
                 ptx::tma_store_2d(out_map, staging + b * Box::kBoxBytes, int32_t(tile.n0 + b * Box::kCols),
                                   int32_t(row0));
             ptx::tma_store_commit();
+        }
+    }
+
+    // The first `rows` rows (< 64) and `cols` columns of staging to out[row0.., n0..], by the
+    // warpgroup's 128 threads, consecutive threads on consecutive columns (coalesced). The next
+    // store()'s first barrier keeps staging until every thread has read its elements.
+    FMO_DEVICE void copy_rows(const Fp8GemmParams& p, int64_t row0, int64_t n0, int rows, int64_t cols) const {
+        OutT* out = static_cast<OutT*>(p.out) + row0 * p.n + n0;
+        for (int i = threadIdx.x % 128; i < rows * Shape::BN; i += 128) {
+            const int r = i / Shape::BN, c = i % Shape::BN;
+            if (c < cols) out[r * p.n + c] = *reinterpret_cast<const OutT*>(staging + Box::offset(r, c));
         }
     }
 

@@ -112,7 +112,7 @@ __device__ __forceinline__ void fp8_gemm_wgmma(const Fp8GemmWsParams& P) {
         for (int i = 0; i < Shape::R; ++i) acc[i] = 0.0f;
         mainloop.run(t, ps, acc);
         const bool nan_rows = kind == gemm::TileKind::kInvalidGroup;
-        if (EPILOGUE == gemm::kTmaStore && Staged::staged(t))
+        if (EPILOGUE == gemm::kTmaStore)
             staged.store(p, tile, t, acc, nan_rows);
         else
             gemm::store_tile<MODE, Shape, OutT>(p, tile, t, acc, nan_rows);

@@ -142,7 +142,7 @@ def test_wgmma_tma_store_boxes_and_grouped(bm, bn, out):
     """Every kind of store box (128/64/32-byte swizzles, 16-byte unswizzled, several per row) on 3
     persistent CTAs over ragged M and N, then the grouped views with the same tile: contiguous
     (padding rows 0, empty experts) and masked (rows >= masked_m unwritten; a warpgroup's partial
-    rows from registers)."""
+    rows copied out of staging)."""
     from fastmoe_ops.ops import fp8_gemm as launcher
 
     dtype = torch.bfloat16 if out == "bf16" else torch.float32
