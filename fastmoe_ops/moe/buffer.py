@@ -34,21 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import backends
 from ..comm import Group
 from ..errors import CommError, InputError
 from . import autograd, host, kernels
+from .handshake import COMBINE, DISPATCH, DISPATCH_BACKWARD, handshake
 from .low_latency import LowLatency
 from .transports.ipc import IpcTransport, mapping_for
 from .transports.mpi import MpiTransport
-
-_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
-_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
-_OP_DISPATCH, _OP_COMBINE, _OP_DISPATCH_BACKWARD = 1, 2, 3
-_OP_NAME = {_OP_DISPATCH: "dispatch", _OP_COMBINE: "combine", _OP_DISPATCH_BACKWARD: "combine backward (a dispatch)"}
-# Metadata every rank sends every peer before an exchange (int64), then R counts.
-_META = ("op", "hidden", "dtype", "topk", "num_experts", "has_weights", "error", "transport", "comm_sms")
-SCALE_GROUP = 128  # FP8 pairs: one fp32 scale per 1 x 128 group (fmo.fp8.quantize_per_token_group)
+from .validate import SCALE_GROUP, combine_input, dispatch_error, ipc_device, same
 
 
 @dataclass(frozen=True)
@@ -74,11 +67,6 @@ class Handle:
     def device(self) -> torch.device:
         """Where the dispatch ran (its tensors' device): combine's y must be there too."""
         return self.combine_index.device
-
-
-def _same(values, what: str) -> None:
-    if len(set(values)) != 1:
-        raise InputError(f"{what}: expected the same value on every rank, got {dict(enumerate(values))}")
 
 
 class Buffer:
@@ -117,13 +105,13 @@ class Buffer:
         if low_latency.__class__ is not bool or (low_latency and transport != "ipc"):
             raise InputError(f"low_latency: expected a bool, True only with transport='ipc', got {low_latency!r} "
                              f"with transport={transport!r}")
-        ipc_device = _ipc_device(device) if transport == "ipc" else None
+        ipc_buffers_on = ipc_device(device) if transport == "ipc" else None
         names = ("hidden", "num_experts", "num_worst_tokens", "transport", "max_tokens_per_rank", "max_topk", "device type",
                  "low_latency")
         config = group.allgather((hidden, num_experts, num_worst_tokens, transport, max_tokens_per_rank, max_topk,
-                                  ipc_device.type if ipc_device is not None else None, low_latency), "Buffer()")
+                                  ipc_buffers_on.type if ipc_buffers_on is not None else None, low_latency), "Buffer()")
         for i, name in enumerate(names):
-            _same([c[i] for c in config], f"Buffer({name})")
+            same([c[i] for c in config], f"Buffer({name})")
         self.rank, self.num_ranks = group.rank, group.size
         self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
         self.num_local_experts = num_experts // group.size
@@ -131,12 +119,12 @@ class Buffer:
         self._mpi = MpiTransport(self.group)   # also every call the chosen transport cannot serve
         self._transport = self._mpi
         if transport == "ipc":
-            self._transport = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_device))
+            self._transport = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_buffers_on))
         Buffer._next_id += 1
         self.id = Buffer._next_id
         try:
             self._ll = LowLatency(self.group, self.id, hidden=hidden, num_experts=num_experts, max_tokens=max_tokens_per_rank,
-                                  max_topk=max_topk, mapping=mapping_for(ipc_device)) if low_latency else None
+                                  max_topk=max_topk, mapping=mapping_for(ipc_buffers_on)) if low_latency else None
         except BaseException:   # refused alike on every rank: free what was built
             _release(self.group, self._transport, self._mpi, None)
             raise
@@ -201,42 +189,6 @@ class Buffer:
         if not self.alive:
             raise CommError(f"{what}: this Buffer was destroyed")
 
-    def _local_dispatch_error(self, x, topk_idx, topk_weights, fp8: bool, use_fp8: bool) -> str | None:
-        try:
-            if use_fp8.__class__ is not bool or (use_fp8 and fp8):
-                raise InputError(f"use_fp8: expected a bool, False when x is already an FP8 pair, got {use_fp8!r}")
-            if use_fp8:
-                _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32))   # what the quantisation takes
-            elif fp8:
-                if len(x) != 2:
-                    raise InputError(f"x: expected a pair (xq, xs), got {len(x)} items")
-                xq, xs = x
-                _tensor("x[0] (xq)", xq, (torch.float8_e4m3fn,))
-                _tensor("x[1] (xs)", xs, (torch.float32,), xq.device)
-                groups = -(-self.hidden // SCALE_GROUP)
-                if tuple(xs.shape) != (xq.shape[0], groups):
-                    raise InputError(f"x[1] (xs): expected shape ({xq.shape[0]}, {groups}) (one scale per 1x{SCALE_GROUP} group), got {tuple(xs.shape)}")
-                x = xq
-            else:
-                _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
-            if x.shape[1] != self.hidden:
-                raise InputError(f"x: expected hidden size {self.hidden} (Buffer(hidden=...)), got shape {tuple(x.shape)}")
-            _tensor("topk_idx", topk_idx, (torch.int64,), x.device)
-            t, k = topk_idx.shape
-            if t != x.shape[0] or k < 1:
-                raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
-            lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist() if t else (0, 0)   # one host read
-            if lo < -1 or hi >= self.num_experts:
-                bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.num_experts)][0].item()
-                raise InputError(f"topk_idx: expected expert ids in [-1, {self.num_experts}), got {bad}")
-            if topk_weights is not None:
-                _tensor("topk_weights", topk_weights, (torch.float32,), x.device)
-                if topk_weights.shape != topk_idx.shape:
-                    raise InputError(f"topk_weights: expected shape {tuple(topk_idx.shape)} like topk_idx, got {tuple(topk_weights.shape)}")
-        except InputError as e:
-            return str(e)
-        return None
-
     def _transport_for(self, tensor, error: str | None):
         """The Buffer's transport where it serves the tensor, else mpi (the handshake checks
         that every rank agrees)."""
@@ -246,39 +198,17 @@ class Buffer:
 
     def _handshake(self, op: int, hidden: int, dtype, topk: int, has_weights: bool, error: str | None, counts,
                    rows):
-        """Every rank's send counts [R, R]; refuses on every rank alike if any rank refused
-        its input or the ranks disagree. rows: the transport moving this call's rows."""
+        """Every rank's send counts [R, R] (fastmoe_ops.moe.handshake)."""
         self._transport.quiesce()   # our previous transport kernel is done before peers may write again
-        meta = np.zeros(len(_META) + self.num_ranks, np.int64)
-        meta[: len(_META)] = (op, hidden, _DTYPE_CODE.get(dtype, 0), topk, self.num_experts, int(has_weights),
-                              int(error is not None), rows.code, rows.handshake_cells())
-        if error is None:
-            meta[len(_META):] = counts
-        table = self.group.allgather_array(meta, _OP_NAME[op])
-        head = table[:, : len(_META)]
-        if not head[0, _META.index("error")] and (head == head[0]).all():   # the common case: no refusal, all agree
-            return np.ascontiguousarray(table[:, len(_META):])   # a handle keeps them
-        col = {name: head[:, i].tolist() for i, name in enumerate(_META)}
-        if any(col["error"]):
-            messages = self.group.allgather(error, _OP_NAME[op])
-            first = next(r for r, m in enumerate(messages) if m is not None)
-            raise InputError(f"{_OP_NAME[op]} refused on rank {first}: {messages[first]}")
-        if len(set(col["op"])) != 1:
-            raise CommError(f"ranks called different operations: { {r: _OP_NAME.get(o, o) for r, o in enumerate(col['op'])} }")
-        _same(col["hidden"], "x: hidden size")
-        _same([str(_CODE_DTYPE.get(c)) for c in col["dtype"]], "x: dtype")
-        _same(col["topk"], "topk_idx: k")
-        _same(col["has_weights"], "topk_weights: given or None")
-        _same(col["transport"], "transport of this call (0: host over MPI; 1: ipc)")
-        _same(col["comm_sms"], "sm_budget().comm_sms (the transport kernels' grid)")
-        raise CommError(f"{_OP_NAME[op]}: the ranks' metadata differ: {head.tolist()} (columns {_META})")   # a column above missed
+        return handshake(self.group, op, hidden=hidden, dtype=dtype, topk=topk, num_experts=self.num_experts,
+                         has_weights=has_weights, error=error, counts=counts, rows=rows)
 
     # ------------------------------------------------------------------ dispatch
     def exchange_dispatch(self, x, topk_idx, topk_weights, use_fp8: bool = False):
         """dispatch without autograd (what autograd.DispatchFn records): same arguments
         and results."""
         fp8 = isinstance(x, (tuple, list))
-        error = self._local_dispatch_error(x, topk_idx, topk_weights, fp8, use_fp8)
+        error = dispatch_error(x, topk_idx, topk_weights, fp8, use_fp8, self.hidden, self.num_experts)
         xq = x[0] if fp8 else x
         r, ranks, per = self.rank, self.num_ranks, self.num_local_experts
         # The rows sent are e4m3 with use_fp8, whichever rank quantises: a pair and use_fp8 mix.
@@ -289,7 +219,7 @@ class Buffer:
         lay = rows_by.layout(topk_idx, ranks, per) if error is None else None
         # Streams: x (or xq), [xs], topk_idx, [topk_weights]; received rows in receive order.
         payloads = [xq] + ([x[1]] if fp8 else [None] if use_fp8 else []) + [topk_idx] + ([topk_weights] if topk_weights is not None else [])
-        matrix = self._handshake(_OP_DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
+        matrix = self._handshake(DISPATCH, self.hidden, dtype, k, topk_weights is not None, error,
                                  lay.counts if lay is not None else None, rows_by)
         received = matrix.sum(0)
         if self.num_worst_tokens and int(received.max()) > self.num_worst_tokens:
@@ -329,7 +259,7 @@ class Buffer:
         """Combine's backward (no autograd): g [T, H] -> [rows, H], each received row the
         source token's g."""
         self._check_handle(handle, "combine backward")
-        self._handshake(_OP_DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64),
+        self._handshake(DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64),
                         self._mpi)
         return self._mpi.dispatch_rows(g, handle)
 
@@ -347,49 +277,15 @@ class Buffer:
         width = self.hidden if not any_width else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
         try:
             self._check_handle(handle, "combine")   # refused in the handshake: no rank left waiting
-            _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
-            if y.shape[0] not in (handle.num_recv, handle.num_recv_rows) or y.shape[1] != width:
-                raise InputError(f"y: expected shape ({handle.num_recv_rows}, {width}) like dispatch's recv_x, got {tuple(y.shape)}")
-            if y.device != handle.device:
-                raise InputError(f"y: expected a tensor on {handle.device} (where its dispatch ran), got one on {y.device}")
+            combine_input(y, handle, width)
         except InputError as e:
             error = str(e)
         dtype = y.dtype if isinstance(y, torch.Tensor) else None
         rows_by = self._transport_for(y, error)
         if error is None:
             y = y[: handle.num_recv].contiguous()
-        self._handshake(_OP_COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), rows_by)
+        self._handshake(COMBINE, width, dtype, 0, False, error, np.zeros(self.num_ranks, np.int64), rows_by)
         return rows_by.combine(y, handle)
-
-
-def _tensor(name: str, t, dtypes, device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise InputError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
-    if device is not None and t.device != device:
-        raise InputError(f"{name}: expected a tensor on {device} (like x), got one on {t.device}")
-    if t.dim() != 2:
-        raise InputError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-
-
-def _ipc_device(device) -> torch.device:
-    """Where transport='ipc' buffers live (see Buffer)."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if "cuda" in backends.available_backends() else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device: expected a torch.device, 'cpu' or 'cuda[:n]', got {device!r}") from None
-    if device.type == "cuda":
-        if "cuda" not in backends.available_backends():
-            raise InputError(f"device: {device} given, but CUDA with CuPy is not available here")
-        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-    if device.type != "cpu":
-        raise InputError(f"device: expected a CPU or CUDA device, got {device}")
-    return device
 
 
 def _release(group: Group, transport, mpi: MpiTransport, low_latency) -> None:

@@ -28,8 +28,8 @@ from ...errors import InputError, UnsupportedError
 from ...ops import moe_ipc
 from ...runtime import cuda_driver
 from .. import host
+from ..validate import SCALE_GROUP
 
-SCALE_GROUP = 128
 SCALE_EPS = 1e-12   # quantising dispatch: quantize_per_token_group's default eps
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)   # what the kernels move
 

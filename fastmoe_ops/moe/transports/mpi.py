@@ -8,8 +8,7 @@ import torch
 from ...comm import Group
 from ...ops.fp8_quant import quantize_per_token_group
 from .. import host
-
-SCALE_GROUP = 128
+from ..validate import SCALE_GROUP
 
 
 class MpiTransport:
