@@ -26,7 +26,7 @@ def test_attention_kernels_build_without_spills():
 
 def test_hopper_forward_builds_with_hgmma_and_tma():
     reports = build.build_all("sm_90a", "attn_fwd_sm90")
-    assert len(reports) == 16  # {bf16, fp16} x (64, 64), (128, 128), (192, 128), (256, 256) x causal
+    assert len(reports) == 32  # {bf16, fp16} x (64, 64), (128, 128), (192, 128), (256, 256) x causal x GQA-packed
     for r in reports:
         assert r.ok, r.error
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"

@@ -8,8 +8,9 @@ PyTorch's same-dtype computation plus rounding, lse within 1e-3 and -inf exactly
 no key; outputs poisoned (torch.empty on the simulator is the launch's poison) and NaN never
 passes. The cases cover D 64 and 128, causal (diagonal tiles masked, tiles past the diagonal
 never loaded) and not, Sq > Sk (rows that see no key), Sq < Sk, ragged tiles, GQA and MQA, bf16
-and fp16, MLA's (192, 128), dense and varlen (empty sequences; boxes that run into the next sequence), and the
-choice of kernel (attention_hopper.forward_kernel). ~20 s on 2 cores.
+and fp16, MLA's (192, 128), D 256, dense and varlen (empty sequences; boxes that run into the next sequence),
+GQA packing (the query heads of a KV head in one work tile: forced on and off, equal bit for bit, and
+the rule that chooses it) and the choice of kernel (attention_hopper.forward_kernel). ~40 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def check_forward(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, dv=None, sms=Non
     assert isinstance(fl, hopper.HopperForwardLaunch), f"the simulator should take the sm_90a kernel ({ctx})"
     if sms is not None:
         fl = hopper.forward_launch(pb, fl.out_shape, fl.params, compute_sms=sms)
-        assert fl.config.grid[0] == min(sms, -(-sq // 128) * hq * b)
+        rows, heads = (128 // (hq // hkv), hkv) if fl.spec.pack_gqa else (128, hq)  # a tile's positions, heads walked
+        assert fl.config.grid[0] == min(sms, -(-sq // rows) * heads * b)
     out, lse = fl.run(pb.q, pb.k, pb.v, "sim")
     assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, dtype, ctx)
     assert_lse(lse, o_lse.double(), ctx)
@@ -152,6 +154,7 @@ def test_hopper_memcheck_and_racecheck(monkeypatch):
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
     check_forward(2, 20, 150, 2, 1, 64, True, torch.bfloat16, seed=5)
+    check_forward(2, 5, 150, 4, 1, 64, True, torch.bfloat16, seed=6)  # packed (MQA): boxes of (64, 4 heads, 32 rows)
 
 
 @SIM
@@ -171,6 +174,88 @@ def test_hopper_early_stage_release_fails():
     out, _ = fl.run(pb.q, pb.k, pb.v, "sim")
     with pytest.raises(AssertionError):
         assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, torch.bfloat16, "early release")
+
+
+def run_packed_and_unpacked(q, k, v, dout, causal, ctx, varlen=None, max_seqlen=None):
+    """The forward with GQA packing forced on and off: both within the rule against float64 (outputs
+    poisoned: torch.empty on the simulator), and equal to each other bit for bit (each row's
+    arithmetic is the same, in the same order; only the rows' places in the tile differ)."""
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal, varlen)
+    cu = dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[1], max_seqlen_q=max_seqlen[0],
+              max_seqlen_k=max_seqlen[1]) if varlen else {}
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None, **cu)
+    fl = launcher.forward_launch(pb)
+    results = []
+    for pack in (True, False):
+        fp = hopper.forward_launch(pb, fl.out_shape, fl.params, pack_gqa=pack)
+        assert fp.spec.pack_gqa == pack and fp.spec.entry_name().endswith("_packgqa") == pack
+        out, lse = fp.run(pb.q, pb.k, pb.v, "sim", pb.cu_q, pb.cu_k)
+        assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, q.dtype, f"{ctx} pack_gqa={pack}")
+        assert_lse(lse, o_lse.double(), f"{ctx} pack_gqa={pack}")
+        results.append((out, lse))
+    (po, pl), (uo, ul) = results
+    assert torch.equal(po, uo) and torch.equal(pl, ul), f"packed and unpacked outputs differ ({ctx})"
+    return fl
+
+
+@SIM
+@pytest.mark.parametrize("hq, hkv", [(8, 2), (4, 1)])
+@pytest.mark.parametrize("sq", [1, 5, 16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_gqa_packed_decode(hq, hkv, sq, causal):
+    """Decode-like GQA (Hq 8 / Hkv 2) and MQA (Hq 4 / Hkv 1): one packed work tile holds the
+    positions of all G query heads of a KV head; causal rows mask by their own position (Sk 70:
+    a ragged key tile, bottom-right diagonal), two batches (a box past the first batch's end reads
+    the second's rows: masked, never stored). The launcher packs these shapes by itself."""
+    ctx = f"B=2 Sq={sq} Sk=70 Hq={hq} Hkv={hkv} causal={causal}"
+    q, k, v, dout = make_inputs(2, sq, 70, hq, hkv, 64, torch.bfloat16, 50 + sq)
+    fl = run_packed_and_unpacked(q, k, v, dout, causal, ctx)
+    assert fl.spec.pack_gqa, f"the launcher should pack {ctx}"
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_gqa_packed_varlen(causal):
+    """Varlen, packed: sequences of 1, 5, 0 and 16 queries over 30, 1, 9 and 100 keys (Hq 8 / Hkv
+    2, D 128, fp16): a box reads the next sequence's rows (masked, never stored), a sequence with
+    more queries than keys (causal: rows that see no key, out 0 and lse -inf)."""
+    cu_q = torch.tensor([0, 1, 6, 6, 22], dtype=torch.int32)
+    cu_k = torch.tensor([0, 30, 31, 40, 140], dtype=torch.int32)
+    q, k, v, dout = make_inputs(1, 22, 140, 8, 2, 128, torch.float16, 9, varlen_cu=True)
+    run_packed_and_unpacked(q, k, v, dout, causal, f"varlen causal={causal}", (cu_q, cu_k), (16, 100))
+
+
+@SIM
+def test_hopper_gqa_packed_persistent_several_tiles():
+    """Packed tiles walked by 3 persistent CTAs: Sq 40 x G 4 = 160 rows -> two packed query blocks
+    (32 positions each) x 2 KV heads x 2 batches, D 256 (BN 64: two key tiles)."""
+    q, k, v, dout = make_inputs(2, 40, 100, 8, 2, 256, torch.bfloat16, 13)
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, True)
+    pb = launcher.problem(q, k, v, causal=True, softmax_scale=None)
+    fl = launcher.forward_launch(pb)
+    fl = hopper.forward_launch(pb, fl.out_shape, fl.params, compute_sms=3, pack_gqa=True)
+    assert fl.config.grid == (3, 1, 1)
+    out, lse = fl.run(pb.q, pb.k, pb.v, "sim")
+    assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, torch.bfloat16, "packed, 3 SMs")
+    assert_lse(lse, o_lse.double(), "packed, 3 SMs")
+
+
+def test_pack_gqa_rule():
+    """pack_gqa_heads: pack when it makes fewer work tiles (decode), not at a tie, never without
+    GQA or when G does not divide the tile's rows; forcing it there is refused by name."""
+    from fastmoe_ops.errors import InputError
+
+    assert hopper.pack_gqa_heads(1, 32, 8, 128)        # 1 tile per KV head instead of 4
+    assert hopper.pack_gqa_heads(16, 32, 8, 128)       # 64 rows: still one tile
+    assert hopper.pack_gqa_heads(40, 8, 2, 128)        # 160 rows: 2 tiles per KV head instead of 4
+    assert not hopper.pack_gqa_heads(128, 32, 8, 128)  # 4 tiles either way
+    assert not hopper.pack_gqa_heads(5, 8, 8, 128)     # no GQA
+    assert not hopper.pack_gqa_heads(5, 6, 1, 128)     # G 6 does not divide 128
+    q, k, v, _ = make_inputs(1, 5, 9, 2, 2, 64, torch.bfloat16, 0)
+    pb = launcher.problem(q, k, v, causal=False, softmax_scale=None)
+    fl = launcher.forward_launch(pb)
+    with pytest.raises(InputError, match="pack_gqa"):
+        hopper.forward_launch(pb, fl.out_shape, fl.params, pack_gqa=True)
 
 
 def test_forward_kernel_choice():
@@ -193,7 +278,7 @@ def test_hopper_specs_and_refusals():
     from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
 
     specs = list(hopper.standard_specs())
-    assert len(specs) == 16 and len({s.entry_name() for s in specs}) == 16
+    assert len(specs) == 32 and len({s.entry_name() for s in specs}) == 32
     for s in specs:
         assert s.block_threads() == 384 and s.smem_bytes() <= MAX_DYNAMIC_SMEM
         assert "fmo::attn::attn_fwd_hopper<" in s.stub()

@@ -3,8 +3,10 @@
 // header defines o, lse, causal bottom-right, GQA and varlen); what differs is the machinery:
 //
 //   CTA  persistent: grid = min(work tiles, SM budget); a work tile is BM = 64 NC query rows of
-//        one (sequence, query head); every role walks the same tiles (WorkTiles: causal from
-//        the longest, the last query blocks, to the shortest)
+//        one (sequence, query head), or, packed (PACK, GQA), BM / G query positions of the G
+//        query heads that share one KV head, so their K/V tiles are loaded once, not G times
+//        (TileRows); every role walks the same tiles (WorkTiles: causal from the longest, the
+//        last query blocks, to the shortest)
 //   warpgroup 0    producer: setmaxnreg.dec; warp 0's elected lane, per work tile, TMA-loads Q
 //                  (q_full; after q_empty: the previous tile's MMAs reading Q retired), then
 //                  every key tile's K and V into the ring (full_k[s], full_v[s], empty[s]);
@@ -30,7 +32,9 @@
 // q, k, v viewed as [B, S, H * D] (dense) or [1, total, H * D] (varlen), dims innermost first
 // (H * D, S, B), box (64, rows, 1): a box never crosses a dense batch's end (zero fill, as
 // the mma.sync kernel's loads). Varlen boxes run into the next sequence's rows: its keys are
-// masked (-inf, so P = 0 exactly), its query rows are never stored.
+// masked (-inf, so P = 0 exactly), its query rows are never stored. Packed, q is viewed as
+// [rows, Hq, DQK] (dims DQK, Hq, rows), box (64, G, BM / G): rows past the sequence's (or the
+// dense batch's) end are the next one's, masked and never stored likewise.
 // The two consumer warpgroups take turns issuing their MMAs (Turns: named barriers), so one's
 // softmax runs under the other's GEMMs. The ring's stage and phase carry from one work tile to
 // the next (the producer runs ahead into the next tile's keys while the consumers finish).
@@ -52,7 +56,8 @@ namespace fmo {
 
 struct AttnHopperParams {
     AttnParams a;
-    ptx::TmaDescriptor q_map;  // q as [B | 1, S | total, Hq * DQK], box (64, BM, 1), 128B swizzle
+    ptx::TmaDescriptor q_map;  // q as [B | 1, S | total, Hq * DQK], box (64, BM, 1), 128B swizzle;
+                               // packed: [rows, Hq, DQK], box (64, G, BM / G)
     ptx::TmaDescriptor k_map;  // k as [.., Hkv * DQK], box (64, BN, 1)
     ptx::TmaDescriptor v_map;  // v as [.., Hkv * DV], box (64, BN, 1)
 };
@@ -118,6 +123,20 @@ FMO_DEVICE MapRows map_rows(const AttnParams& p, const SeqView& s, int64_t b, in
     return MapRows{m0, 0, int32_t(b)};
 }
 
+// A work tile's rows. Unpacked: BM consecutive query positions of one query head. Packed (GQA,
+// G = Hq / Hkv query heads per KV head): row r is query position pos0 + r / G of head
+// head0 + r % G (head0 = hk G): q's own [rows, Hq, D] order, so one 3-D box loads a panel, and
+// each row masks and stores by its own position and head.
+template <int BM, bool PACK>
+struct TileRows {
+    int pack;   // G packed, 1 otherwise
+    int pos0;   // the first row's query position in its sequence
+    int head0;  // the first row's query head
+    FMO_DEVICE int positions() const { return PACK ? BM / pack : BM; }
+    FMO_DEVICE int pos(int r) const { return pos0 + (PACK ? r / pack : r); }
+    FMO_DEVICE int head(int r) const { return head0 + (PACK ? r % pack : 0); }
+};
+
 // `rows` x D of one head as D / 64 boxes (panels) into dst.
 template <int D, int ROWS>
 FMO_DEVICE void tma_load_panels(uint8_t* dst, const ptx::TmaDescriptor* map, uint64_t* bar, int head, int32_t row,
@@ -129,12 +148,19 @@ FMO_DEVICE void tma_load_panels(uint8_t* dst, const ptx::TmaDescriptor* map, uin
 
 // The producer lane's work for one work tile: its Q once the previous tile's consumers are done
 // with Q (q_phase: the parity of this CTA's work tiles so far), then its n_tiles key tiles.
-template <class Shape>
-FMO_DEVICE void produce(const AttnHopperParams& P, const HopperSmem<Shape>& sm, int h, int hk, const MapRows& r,
-                        int n_tiles, PipelineState& ps, uint32_t q_phase) {
+template <class Shape, bool PACK>
+FMO_DEVICE void produce(const AttnHopperParams& P, const HopperSmem<Shape>& sm, const TileRows<Shape::BM, PACK>& rows,
+                        int hk, const SeqView& s, const MapRows& r, int n_tiles, PipelineState& ps, uint32_t q_phase) {
     ptx::mbarrier_wait_parity(sm.q_empty(), q_phase ^ 1);  // the previous tile's MMAs reading Q retired
     ptx::mbarrier_arrive_expect_tx(sm.q_full(), Shape::kQBytes);  // whole boxes, zero-filled rows included
-    tma_load_panels<Shape::DQK, Shape::BM>(sm.q(), &P.q_map, sm.q_full(), h, r.q_row, r.batch);
+    if (PACK) {  // box (64, G heads, BM / G positions): BM rows of 128 bytes per panel, as unpacked
+#pragma unroll
+        for (int pc = 0; pc < Shape::DQK / kPanel; ++pc)
+            ptx::tma_load_3d(sm.q() + pc * Shape::BM * 128, &P.q_map, sm.q_full(), pc * kPanel, rows.head0,
+                             int32_t(s.q_start + rows.pos0));
+    } else {
+        tma_load_panels<Shape::DQK, Shape::BM>(sm.q(), &P.q_map, sm.q_full(), rows.head0, r.q_row, r.batch);
+    }
     for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
         ptx::mbarrier_wait_parity(sm.empty(ps.stage), ps.phase ^ 1);  // the stage's last MMAs retired
         const int32_t row = r.k_row + j * Shape::BN;
@@ -225,6 +251,40 @@ FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shap
     }
 }
 
+// -inf for the scores a thread's two rows (query positions qi[h]) may not see: keys past sk,
+// rows past sq, and, causal, keys after the row's bottom-right diagonal (softmax.cuh's
+// apply_mask, with each row's own position: packed rows of one warp are not consecutive).
+template <int NT>
+FMO_DEVICE void mask_rows(float (&sc)[NT][4], bool causal, const int (&qi)[2], int n0, int sq, int sk) {
+    const int t = int(threadIdx.x) % 4;
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = qi[e / 2], kj = n0 + ni * 8 + 2 * t + e % 2;
+            if (kj >= sk || row >= sq || (causal && kj > row + sk - sq)) sc[ni][e] = neg_inf();
+        }
+}
+
+// o / l and lse of a thread's two rows (positions qi[h] of heads hd[h]); rows past sq (a box's
+// zero fill or the next sequence's rows) are not stored. fwd.cuh's fwd_epilogue, per row's head.
+template <typename T, class Shape>
+FMO_DEVICE void store_rows(const AttnParams& p, const SeqView& s, const int (&qi)[2], const int (&hd)[2],
+                           const float (&o)[Shape::DT][4], OnlineSoftmax& softmax) {
+    float inv_l[2], lse[2];
+    softmax.finish(inv_l, lse);
+    const int t = int(threadIdx.x) % 4;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        if (qi[hh] >= s.sq) continue;
+        T* out = static_cast<T*>(p.o) + (s.q_start + qi[hh]) * p.o_row_stride + int64_t(hd[hh]) * Shape::DV;
+#pragma unroll
+        for (int di = 0; di < Shape::DT; ++di)
+            *reinterpret_cast<uint32_t*>(out + di * 8 + 2 * t) = pack2<T>(o[di][2 * hh] * inv_l[hh], o[di][2 * hh + 1] * inv_l[hh]);
+        if (t == 0) p.lse[s.lse_base + hd[hh] * p.lse_head_stride + qi[hh]] = lse[hh];
+    }
+}
+
 // One consumer warpgroup's key loop. Tile j's softmax overlaps tile j - 1's P V on the tensor
 // cores (FA3's intra-warpgroup pipelining):
 //
@@ -239,11 +299,14 @@ FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shap
 // UNSAFE_EARLY_RELEASE (tests only): free each stage right after issuing the MMAs that read its
 // V, before they retired -- the bug this design must not have: the simulator's TMA poisons the
 // refilled stage under the pending MMAs (tests/test_attention_hopper.py).
-template <typename T, class Shape, bool CAUSAL, bool UNSAFE_EARLY_RELEASE>
-FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const SeqView& s, int h, int m0,
-                        int n_tiles, PipelineState& ps, uint32_t q_phase) {
+template <typename T, class Shape, bool CAUSAL, bool PACK, bool UNSAFE_EARLY_RELEASE>
+FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const SeqView& s,
+                        const TileRows<Shape::BM, PACK>& rows, int n_tiles, PipelineState& ps, uint32_t q_phase) {
     const int wg = int(threadIdx.x) / 128 - 1, warp = (int(threadIdx.x) / 32) % 4;
-    const int row0 = m0 + wg * 64 + warp * 16;  // this warp's 16 rows (the mma.sync kernel's warp tile)
+    const int r0 = wg * 64 + warp * 16;  // this warp's 16 rows of the tile (the mma.sync kernel's warp tile)
+    const int row0 = rows.pos(r0);       // their first (smallest) query position
+    const int g = int(threadIdx.x) % 32 / 4;  // a thread's rows: r0 + g and r0 + g + 8
+    const int qi[2] = {rows.pos(r0 + g), rows.pos(r0 + g + 8)};
     float o[Shape::DT][4];
     zero(o);
     OnlineSoftmax softmax;
@@ -255,7 +318,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     auto softmax_tile = [&](int j, float (&alpha)[2]) {
         const int n0 = j * Shape::BN;
         const bool edge = n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq);
-        if (edge) apply_mask(sc, CAUSAL, row0, n0, s.sq, s.sk);
+        if (edge) mask_rows(sc, CAUSAL, qi, n0, s.sq, s.sk);
         softmax.scores(sc, p.scale_log2, alpha);
     };
     const Turns<Shape::NC> turns{wg};
@@ -312,19 +375,25 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
         ps.advance(Shape::STAGES);  // the next work tile's first stage
     }
     if (n_tiles == 0) release_q(sm);  // no MMA read Q (it landed: q_full was waited for)
-    fwd_epilogue<T, Shape>(p, s, h, row0, o, softmax);
+    const int hd[2] = {rows.head(r0 + g), rows.head(r0 + g + 8)};
+    store_rows<T, Shape>(p, s, qi, hd, o, softmax);
 }
 
-// Persistent work tiles (one query block of one (sequence, head)), the same walk in every role:
+// Persistent work tiles (one query block of one (sequence, head), packed: of one (sequence, KV
+// head)), the same walk in every role:
 // CTA c takes tiles c, c + G, c + 2G, ... (G = gridDim.x <= the SM budget). Heads and batches run
 // fastest; causal walks query blocks from the last (the most keys) to the first, so the
 // longest tiles start first and the short ones fill the tail. Varlen: blocks past a sequence's
 // end are skipped by every role alike.
-template <int BM, bool CAUSAL>
+template <int BM, bool CAUSAL, bool PACK>
 struct WorkTiles {
-    int m_blocks, heads, batch;
+    int group, pack, m_blocks, heads, batch;  // heads: walked per batch (Hq, packed Hkv)
     FMO_DEVICE explicit WorkTiles(const AttnParams& p)
-        : m_blocks(int((p.seqlen_q + BM - 1) / BM)), heads(int(p.heads_q)), batch(int(p.batch)) {}
+        : group(int(p.heads_q / p.heads_kv)),
+          pack(PACK ? group : 1),
+          m_blocks(int((p.seqlen_q + BM / pack - 1) / (BM / pack))),
+          heads(int(p.heads_q) / pack),
+          batch(int(p.batch)) {}
     FMO_DEVICE int count() const { return m_blocks * heads * batch; }
     FMO_DEVICE void at(int t, int& mb, int& h, int& b) const {
         const int hb = t % (heads * batch), r = t / (heads * batch);
@@ -332,19 +401,22 @@ struct WorkTiles {
         b = hb / heads;
         mb = CAUSAL ? m_blocks - 1 - r : r;
     }
+    FMO_DEVICE TileRows<BM, PACK> rows(int mb, int h) const { return {pack, mb * (BM / pack), h * pack}; }
+    FMO_DEVICE int kv_head(int h) const { return h * pack / group; }
 };
 
-// Key tiles a work tile at query row m0 reads (causal: up to its last row's diagonal).
-template <class Shape, bool CAUSAL>
-FMO_DEVICE int key_tiles(const SeqView& s, int m0) {
-    return (causal_key_end(CAUSAL, m0, Shape::BM, s.sq, s.sk) + Shape::BN - 1) / Shape::BN;
+// Key tiles a work tile reads (causal: up to its last position's diagonal).
+template <class Shape, bool CAUSAL, bool PACK>
+FMO_DEVICE int key_tiles(const SeqView& s, const TileRows<Shape::BM, PACK>& rows) {
+    return (causal_key_end(CAUSAL, rows.pos0, rows.positions(), s.sq, s.sk) + Shape::BN - 1) / Shape::BN;
 }
 
-template <typename T, int NC, int BN, int DQK, int DV, int STAGES, bool CAUSAL, bool UNSAFE_EARLY_RELEASE = false>
+template <typename T, int NC, int BN, int DQK, int DV, int STAGES, bool CAUSAL, bool PACK,
+          bool UNSAFE_EARLY_RELEASE = false>
 FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
     using Shape = HopperFwdShape<NC, BN, DQK, DV, STAGES>;
     const AttnParams& p = P.a;
-    const WorkTiles<Shape::BM, CAUSAL> tiles(p);
+    const WorkTiles<Shape::BM, CAUSAL, PACK> tiles(p);
     const HopperSmem<Shape> sm{fmo_attn_smem};
     if (threadIdx.x == 0) sm.init();
     __syncthreads();  // barriers initialised before any role uses them (the last CTA-wide barrier)
@@ -361,10 +433,10 @@ FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
             int mb, h, b;
             tiles.at(t, mb, h, b);
             const SeqView s = sequence(p, b);
-            if (mb * Shape::BM >= s.sq) continue;  // varlen: this sequence is shorter than max_seqlen_q
-            const int n_tiles = key_tiles<Shape, CAUSAL>(s, mb * Shape::BM);
-            produce<Shape>(P, sm, h, h / int(p.heads_q / p.heads_kv), map_rows(p, s, b, mb * Shape::BM), n_tiles, ps,
-                           q_phase);
+            const TileRows<Shape::BM, PACK> rows = tiles.rows(mb, h);
+            if (rows.pos0 >= s.sq) continue;  // varlen: this sequence is shorter than max_seqlen_q
+            produce<Shape>(P, sm, rows, tiles.kv_head(h), s, map_rows(p, s, b, rows.pos0),
+                           key_tiles<Shape, CAUSAL>(s, rows), ps, q_phase);
             q_phase ^= 1;
         }
         return;
@@ -374,9 +446,10 @@ FMO_DEVICE void attn_fwd_hopper(const AttnHopperParams& P) {
         int mb, h, b;
         tiles.at(t, mb, h, b);
         const SeqView s = sequence(p, b);
-        if (mb * Shape::BM >= s.sq) continue;
-        consume<T, Shape, CAUSAL, UNSAFE_EARLY_RELEASE>(p, sm, s, h, mb * Shape::BM,
-                                                        key_tiles<Shape, CAUSAL>(s, mb * Shape::BM), ps, q_phase);
+        const TileRows<Shape::BM, PACK> rows = tiles.rows(mb, h);
+        if (rows.pos0 >= s.sq) continue;
+        consume<T, Shape, CAUSAL, PACK, UNSAFE_EARLY_RELEASE>(p, sm, s, rows, key_tiles<Shape, CAUSAL>(s, rows), ps,
+                                                              q_phase);
         q_phase ^= 1;
     }
 }

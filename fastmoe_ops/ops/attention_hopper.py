@@ -6,7 +6,9 @@ Same inputs, outputs, lse contract and refusals as the mma.sync forward: validat
 the output shapes are attention.py's. What this kernel adds are three TMA tensor maps per call
 (q, k, v viewed as [B, S, H * D] dense or [1, total, H * D] varlen; boxes of 64 columns x the
 tile's rows, 128-byte swizzle), encoded for the call's engine (the driver on CUDA, the
-simulator's encoder on the CPU) because they hold the tensors' addresses.
+simulator's encoder on the CPU) because they hold the tensors' addresses. With GQA packing
+(pack_gqa_heads) q is mapped as [rows, Hq, D] instead, boxes of (64 columns, G heads, BM / G
+positions): one work tile holds the G query heads that share a KV head, so K/V load once for them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import sm_budget
-from ..errors import UnsupportedError
+from ..errors import UnsupportedError, expect
 from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
@@ -50,6 +52,7 @@ class AttnHopperSpec(KernelSpec):
     block_n: int       # keys per tile (a wgmma N)
     stages: int        # K/V ring depth
     causal: bool
+    pack_gqa: bool = False  # a work tile: the query heads sharing a KV head (pack_gqa_heads' rule)
     unsafe_early_release: bool = False  # tests only: a pipeline bug the simulator must catch
 
     op: ClassVar[str] = "attn_fwd_sm90"
@@ -65,7 +68,8 @@ class AttnHopperSpec(KernelSpec):
         """e.g. fmo_attn_fwd_sm90_bf16_d128_bm128_bn128_s2_causal."""
         d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
         return (f"fmo_{self.op}_{self.dtype}_{d}_bm{self.block_m}_bn{self.block_n}_s{self.stages}"
-                + ("_causal" if self.causal else "") + ("_unsafe_early_release" if self.unsafe_early_release else ""))
+                + ("_causal" if self.causal else "") + ("_packgqa" if self.pack_gqa else "")
+                + ("_unsafe_early_release" if self.unsafe_early_release else ""))
 
     def check(self) -> None:
         super().check()
@@ -98,22 +102,38 @@ class AttnHopperSpec(KernelSpec):
                 f'shared memory size differs from the kernel\'s"); '
                 f"fmo::attn::attn_fwd_hopper<{CUDA_TYPE[self.dtype]}, {self.consumers}, {self.block_n}, "
                 f"{self.head_dim}, {self.head_dim_v}, {self.stages}, {'true' if self.causal else 'false'}, "
-                f"{'true' if self.unsafe_early_release else 'false'}>(p)")
+                f"{'true' if self.pack_gqa else 'false'}, {'true' if self.unsafe_early_release else 'false'}>(p)")
 
 
-def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AttnHopperSpec:
+def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, pack_gqa: bool = False) -> AttnHopperSpec:
     nc, bn, stages = TILES[(head_dim, head_dim_v)]
     return AttnHopperSpec(dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, consumers=nc, block_n=bn,
-                          stages=stages, causal=causal)
+                          stages=stages, causal=causal, pack_gqa=pack_gqa)
+
+
+def pack_gqa_heads(seqlen_q: int, heads_q: int, heads_kv: int, block_m: int) -> bool:
+    """Whether a work tile packs the G = Hq / Hkv query heads that share a KV head (rows
+    (position, head in group)) instead of holding one query head's positions. Every work tile
+    streams all the K/V tiles of its KV head, so K/V traffic is proportional to the number of
+    work tiles: ceil(Sq G / BM) Hkv packed against ceil(Sq / BM) Hq unpacked. Packing wins when
+    it makes fewer tiles, i.e. when Sq alone leaves a BM tile partly empty (decode: Sq 1..16,
+    G 4..8: one packed tile instead of G); at a tie the unpacked tiles are kept (as many tiles,
+    so as many SMs busy, and no per-row division). G must divide BM: a Q box holds BM / G whole
+    positions of G heads. Varlen: seqlen_q is max_seqlen_q; shorter sequences' rows are masked."""
+    group = heads_q // heads_kv
+    if group == 1 or block_m % group:
+        return False
+    return -(-seqlen_q * group // block_m) < group * -(-seqlen_q // block_m)
 
 
 @register_op("attn_fwd_sm90")
 def standard_specs():
-    """Every variant: {bf16, fp16} x (Dqk, Dv) x causal or not."""
+    """Every variant: {bf16, fp16} x (Dqk, Dv) x causal or not x GQA-packed or not."""
     for dtype in ("bf16", "fp16"):
         for dqk, dv in HEAD_DIM_PAIRS:
             for causal in (False, True):
-                yield choose_spec(dtype, dqk, dv, causal)
+                for pack_gqa in (False, True):
+                    yield choose_spec(dtype, dqk, dv, causal, pack_gqa)
 
 
 FORWARD_KERNELS = ("wgmma", "mma_sync")
@@ -166,7 +186,11 @@ class HopperForwardLaunch:
         if cu_q is not None:
             P.a.cu_seqlens_q, P.a.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
             tensors += (cu_q, cu_k)
-        P.q_map = _map(q, self.batch, self.spec.block_m, engine)
+        if self.spec.pack_gqa:  # q [rows, Hq, D]: boxes of (64 columns, G heads, BM / G positions)
+            group = q.shape[1] // k.shape[1]
+            P.q_map = descriptor(encode_tiled(q, (PANEL, group, self.spec.block_m // group), swizzle=128, engine=engine))
+        else:
+            P.q_map = _map(q, self.batch, self.spec.block_m, engine)
         P.k_map = _map(k, self.batch, self.spec.block_n, engine)
         P.v_map = _map(v, self.batch, self.spec.block_n, engine)
         launch(self.spec, self.config, P, engine=engine, tensors=tensors)
@@ -175,16 +199,27 @@ class HopperForwardLaunch:
 
 def persistent_grid(spec: AttnHopperSpec, pb, compute_sms: int | None = None) -> tuple:
     """min(work tiles, SM budget) CTAs (hopper_fwd.cuh: WorkTiles); a work tile is one query block
-    of one (sequence, head). A pure function of the shapes and the budget."""
+    of one (sequence, head), packed: BM / G positions of one (sequence, KV head). A pure function
+    of the shapes and the budget."""
     sms = sm_budget(pb.q.device).compute_sms if compute_sms is None else compute_sms
-    tiles = -(-pb.seqlen_q // spec.block_m) * pb.q.shape[1] * pb.batch
+    pack = pb.q.shape[1] // pb.k.shape[1] if spec.pack_gqa else 1
+    tiles = -(-pb.seqlen_q // (spec.block_m // pack)) * (pb.q.shape[1] // pack) * pb.batch
     return (max(1, min(tiles, sms)), 1, 1)
 
 
-def forward_launch(pb, out_shape: tuple, params: AttnParams, compute_sms: int | None = None) -> HopperForwardLaunch:
+def forward_launch(pb, out_shape: tuple, params: AttnParams, compute_sms: int | None = None,
+                   pack_gqa: bool | None = None) -> HopperForwardLaunch:
     """pb: attention.Problem with at least one query and one key row. compute_sms: the SM budget
-    (default: budget.sm_budget's)."""
-    spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
+    (default: budget.sm_budget's). pack_gqa: None: pack_gqa_heads' choice (tests force either)."""
+    hq, hkv = pb.q.shape[1], pb.k.shape[1]
+    block_m = 64 * TILES[(pb.q.shape[2], pb.v.shape[2])][0]
+    if pack_gqa is None:
+        pack_gqa = pack_gqa_heads(pb.seqlen_q, hq, hkv, block_m)
+    elif pack_gqa:
+        expect(hq > hkv and block_m % (hq // hkv) == 0, "pack_gqa",
+               f"False for {hq} query heads over {hkv} KV heads (packing needs Hq > Hkv and G = Hq / Hkv "
+               f"dividing the {block_m}-row tile)", pack_gqa)
+    spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal, pack_gqa)
     config = LaunchConfig.make(grid=persistent_grid(spec, pb, compute_sms), block=spec.block_threads(),
                                shared_mem=spec.smem_bytes())
     return HopperForwardLaunch(out_shape, pb.lse_shape, spec, config, params, None if pb.cu_q is not None else pb.batch)
