@@ -29,6 +29,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FMO_SYNC_CHECK", "0", "1: synchronise after every CUDA launch so an asynchronous fault is raised naming its kernel (slow; debugging)."),
     Variable("FMO_COMM_SMS", "20", "SMs reserved for communication kernels (the default SM budget)."),
     Variable("FMO_COMM_TIMEOUT", "60", "Seconds a rank waits for a peer before raising CommTimeoutError."),
+    Variable("FMO_MPI_CUDA_AWARE", "auto", "The `mpi` transport and CUDA tensors: `1` hands device buffers to MPI (the library must be CUDA-aware), `0` stages rows through pinned host memory, `auto` asks the library (`MPIX_Query_cuda_support` through mpi4py; staging where it cannot say). Decided when a Buffer is built; staging on every rank unless all ranks choose device buffers."),
     Variable("FMO_SIM_RACECHECK", "0", "1: simulator checks shared-memory races (instrumented build of the kernel).", True),
     Variable("FMO_SIM_MEMCHECK", "0", "1: simulator checks every global access against the launch's tensors (instrumented build).", True),
     Variable("FMO_SIM_SEQUENTIAL", "0", "1: simulator runs one CTA at a time, in order (deterministic debugging)."),

@@ -37,9 +37,12 @@ def _mpi():
     return MPI
 
 
-def _host_bytes(t: torch.Tensor) -> np.ndarray:
-    """A numpy uint8 view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks)."""
-    return t.view(torch.uint8).reshape(-1).numpy()
+def _host_bytes(t: torch.Tensor):
+    """The bytes MPI reads or writes: a numpy uint8 view of a contiguous CPU tensor (works for
+    bf16/fp8, which numpy lacks); a CUDA tensor's uint8 view as it is (mpi4py takes its
+    __cuda_array_interface__: only for a CUDA-aware MPI, see FMO_MPI_CUDA_AWARE)."""
+    flat = t.view(torch.uint8).reshape(-1)
+    return flat if flat.is_cuda else flat.numpy()
 
 
 def timeout_error(what: str, missing) -> CommTimeoutError:
@@ -199,7 +202,8 @@ class Group:
     def ialltoallv(self, send: torch.Tensor, send_counts, recv: torch.Tensor, recv_counts, what: str):
         """Start an MPI Ialltoallv of rows: `send` [sum(send_counts), ...] goes in rank-major
         segments, `recv` [sum(recv_counts), ...] receives rank-major segments. Both contiguous
-        CPU tensors with the same row size in bytes. Returns the request (see `wait`)."""
+        tensors with the same row size in bytes: CPU tensors, or CUDA tensors with a
+        CUDA-aware MPI. Returns the request (see `wait`)."""
         self._check_usable(what)
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         recv_row = math.prod(recv.shape[1:]) * recv.element_size()

@@ -5,7 +5,8 @@ small per-peer MPI exchange. Then the payload rows move by the transport the Buf
 at construction (fastmoe_ops.moe.transports, one protocol):
   host (default): `mpi`, MPI transfers of host buffers: CPU tensors packed and summed on
        the CPU; CUDA tensors packed and summed by the kernels on their device and staged
-       through pinned host buffers around MPI;
+       through pinned host buffers around MPI (or given to it as device buffers where
+       every rank's MPI is CUDA-aware: FMO_MPI_CUDA_AWARE);
   ipc  (transport='ipc', ranks on one node): kernels on exactly the communication SM budget
        write rows straight into peers' buffers: CUDA tensors through CUDA IPC handles on the
        `cuda` engine; CPU tensors on the `sim` engine over POSIX shared memory. Tensors its
@@ -40,7 +41,7 @@ from . import autograd, host, kernels
 from .handshake import COMBINE, DISPATCH, DISPATCH_BACKWARD, handshake
 from .low_latency import LowLatency
 from .transports.ipc import IpcTransport, mapping_for
-from .transports.mpi import MpiTransport
+from .transports.mpi import MpiTransport, mpi_reads_device_memory
 from .validate import SCALE_GROUP, combine_input, dispatch_error, ipc_device, same
 
 
@@ -115,8 +116,9 @@ class Buffer:
         self.rank, self.num_ranks = group.rank, group.size
         self.hidden, self.num_experts, self.num_worst_tokens = hidden, num_experts, num_worst_tokens
         self.num_local_experts = num_experts // group.size
+        mpi_device_buffers = mpi_reads_device_memory(group)   # (before the Dup: a refusal leaves nothing to free)
         self.group = Group(group.comm.Dup())  # private message stream; its failures stay here
-        self._mpi = MpiTransport(self.group)   # also every call the chosen transport cannot serve
+        self._mpi = MpiTransport(self.group, mpi_device_buffers)   # also every call the chosen transport cannot serve
         self._transport = self._mpi
         if transport == "ipc":
             self._transport = IpcTransport(self.group, hidden, max_tokens_per_rank, max_topk, mapping_for(ipc_buffers_on))

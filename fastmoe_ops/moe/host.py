@@ -24,6 +24,9 @@ Where the rows live decides who packs them (`Packing`):
           `packed_on_device` decides; tests force it on CPU tensors, where the "device" is the
           CPU, the kernels run on the simulator and the staging copies are host copies.
           Staged rows go through one MPI Ialltoallv per payload (own segment included).
+          With a CUDA-aware MPI (`device_buffers`, see transports.mpi) the packed device
+          rows go to that Ialltoallv as they are and arrive in device buffers: no pinned
+          copies either way.
 """
 from __future__ import annotations
 
@@ -114,8 +117,9 @@ def row_bytes(t: torch.Tensor) -> int:
 class HostTransport:
     """The exchanges of one Buffer over its private Group, with its reused work buffers."""
 
-    def __init__(self, group: Group):
+    def __init__(self, group: Group, device_buffers: bool = False):
         self.group = group
+        self.device_buffers = device_buffers   # staged rows: MPI reads and writes device memory
         self._work: dict[str, torch.Tensor] = {}
         self._views: dict[tuple, tuple] = {}   # (name, shape, dtype, pinned) -> (buffer, its key, view of it)
         self.peers = [p for p in range(group.size) if p != group.rank]
@@ -149,14 +153,25 @@ class HostTransport:
         self.group.wait(pending, peers_hint=self.peers)
 
     def send_rows(self, name: str, src: torch.Tensor, send_src: torch.Tensor) -> torch.Tensor:
-        """Staged: src [T, ...] (device) -> pinned host [S, row_bytes] uint8, row i = src[send_src[i]]."""
+        """Staged: src [T, ...] (device) -> [S, row_bytes] uint8, row i = src[send_src[i]]:
+        in pinned host memory, or where src is with device_buffers."""
         rows = rows_bytes(src)
         if send_src.shape[0] == 0:
+            if self.device_buffers:
+                return rows.new_empty((0, rows.shape[1]))
             return self.work(name, (0, rows.shape[1]), torch.uint8, pinned=True)
         packed = rows_bytes(kernels.gather_rows(rows, send_src))   # the gather kernel on the device
+        if self.device_buffers:
+            return packed
         host = self.work(name, packed.shape, torch.uint8, pinned=True)
         host.copy_(packed)
         return host
+
+    def _device_ready(self, t: torch.Tensor) -> None:
+        """Before MPI reads device rows: the kernels that wrote them have finished (MPI does
+        not order itself after a CUDA stream)."""
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
 
     def dispatch_rows(self, srcs, send_src: torch.Tensor, send_counts, recv_counts, outs, what: str,
                       staged: bool) -> None:
@@ -167,13 +182,18 @@ class HostTransport:
         never crosses MPI: it is gathered straight into place while the peers' rows are in
         flight."""
         n = int(sum(recv_counts))
-        if staged:   # gather on the device, exchange pinned host rows, then one copy each to the device
+        if staged:   # gather on the device, exchange pinned host rows (or the device rows), then into outs
             sends = [self.send_rows(f"{what} send {i}", src, send_src) for i, src in enumerate(srcs)]
-            targets = [self.work(f"{what} recv {i}", (n, s.shape[1]), torch.uint8, pinned=True) for i, s in enumerate(sends)]
+            if self.device_buffers:   # MPI receives straight into the outputs (their first n rows)
+                targets = [rows_bytes(out)[:n] for out in outs]
+                self._device_ready(sends[0])
+            else:
+                targets = [self.work(f"{what} recv {i}", (n, s.shape[1]), torch.uint8, pinned=True) for i, s in enumerate(sends)]
             self._wait([self.group.ialltoallv(s, send_counts, t, recv_counts, f"{what} {i}")
                         for i, (s, t) in enumerate(zip(sends, targets))])
-            for t, out in zip(targets, outs):
-                rows_bytes(out)[:n].copy_(t)
+            if not self.device_buffers:
+                for t, out in zip(targets, outs):
+                    rows_bytes(out)[:n].copy_(t)
             return
         me, peers = self.group.rank, self.peers
         sd, rd = offsets(send_counts), offsets(recv_counts)
@@ -203,16 +223,21 @@ class HostTransport:
         s = int(sum(send_counts))
         rows = rows_bytes(y)
         if staged:
-            host = self.work("combine send", rows.shape, torch.uint8, pinned=True)
-            host.copy_(rows)
-            back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=True)
-            self._wait([self.group.ialltoallv(host, recv_counts, back, send_counts, "combine payload")])
+            if self.device_buffers:   # y's rows go out as they are; the rows come back on the device
+                outgoing = rows
+                back = rows.new_empty((s, rows.shape[1]))
+                self._device_ready(rows)
+            else:
+                outgoing = self.work("combine send", rows.shape, torch.uint8, pinned=True)
+                outgoing.copy_(rows)
+                back = self.work("combine back", (s, rows.shape[1]), torch.uint8, pinned=True)
+            self._wait([self.group.ialltoallv(outgoing, recv_counts, back, send_counts, "combine payload")])
             back = back.view(dtype).view(s, width)
             if dtype in _KERNEL_SUM_DTYPES and num_tokens:
                 # The fixed-order gather-reduce kernel on the device (same bits as below).
                 return kernels.gather_reduce(back.to(y.device), combine_index.to(y.device))
             # fp64 (no kernel) or no tokens: the host sum, then one copy
-            return self.combine_host(back, layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
+            return self.combine_host(back.cpu(), layout_send_src.cpu(), send_counts, num_tokens).to(y.device)
         # Host rows: the peers' rows come back into their places in `back`; this rank's own
         # rows stay in y (the same rows in the same order) and the sum reads them there.
         me = self.group.rank

@@ -1,7 +1,8 @@
 """How a Buffer's rows move between ranks: one small protocol, one module per transport.
 
     mpi: host/MPI, any machines (CPU tensors moved as they are, CUDA tensors packed and
-         summed on their device and staged through pinned host buffers);
+         summed on their device and staged through pinned host buffers, or handed to a
+         CUDA-aware MPI as device buffers);
     ipc: ranks of one node, kernels on the reserved SMs writing into peers' mapped buffers
          (CUDA IPC on a GPU, POSIX shared memory for the simulator).
 

@@ -1,22 +1,60 @@
-"""The MPI transport: rows over MPI messages between host buffers (fastmoe_ops.moe.host
-holds the exchanges). Serves every tensor the Buffer accepts, on any set of machines;
-also the transport of combine's backward (a dispatch of the saved handle's rows)."""
+"""The MPI transport: rows over MPI messages (fastmoe_ops.moe.host holds the exchanges).
+Serves every tensor the Buffer accepts, on any set of machines; also the transport of
+combine's backward (a dispatch of the saved handle's rows). CUDA tensors' packed rows are
+staged through pinned host buffers, or handed to MPI as device buffers when every rank's
+MPI is CUDA-aware (`mpi_reads_device_memory`, FMO_MPI_CUDA_AWARE)."""
 from __future__ import annotations
 
 import torch
 
+from ... import env
 from ...comm import Group
+from ...errors import InputError
 from ...ops.fp8_quant import quantize_per_token_group
 from .. import host
 from ..validate import SCALE_GROUP
 
 
+CUDA_AWARE_SETTINGS = ("auto", "0", "1")
+
+
+def library_is_cuda_aware() -> bool:
+    """What the MPI library says of itself (Open MPI's MPIX_Query_cuda_support, which
+    mpi4py exposes as MPI.Query_cuda_support where its build has it); False where it
+    cannot say."""
+    from mpi4py import MPI
+
+    query = getattr(MPI, "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:   # the extension is there but the query failed: stage, which always works
+        return False
+
+
+def mpi_reads_device_memory(group: Group) -> bool:
+    """Whether CUDA tensors' packed rows go to MPI as device buffers (else staged through
+    pinned host memory). Each rank's choice (FMO_MPI_CUDA_AWARE: 1, 0, or auto: ask the
+    library), then one vote: device buffers only when every rank chose them (ranks whose
+    libraries disagree are a mixed installation; staging works on every one, and one path
+    on all ranks is the path the tests run). Collective; a bad setting on any rank is
+    refused on every rank."""
+    setting = env.raw("FMO_MPI_CUDA_AWARE").strip().lower()
+    mine = setting == "1" or (setting == "auto" and library_is_cuda_aware())
+    votes = group.allgather((setting, mine), "Buffer(): FMO_MPI_CUDA_AWARE")   # refusals alike on every rank
+    for rank, (theirs, _) in enumerate(votes):
+        if theirs not in CUDA_AWARE_SETTINGS:
+            raise InputError(f"FMO_MPI_CUDA_AWARE: expected one of {list(CUDA_AWARE_SETTINGS)}, got {theirs!r} on rank {rank}")
+    return all(vote for _, vote in votes)
+
+
 class MpiTransport:
     code = 0
 
-    def __init__(self, group: Group):
+    def __init__(self, group: Group, device_buffers: bool):
+        """device_buffers: mpi_reads_device_memory's decision (the same on every rank)."""
         self.group = group
-        self._host = host.HostTransport(group)
+        self.device_buffers = device_buffers
+        self._host = host.HostTransport(group, device_buffers)
 
     def serves(self, tensor) -> bool:
         return True
