@@ -19,13 +19,13 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.timing import time_fn
 
-from . import bench_attention, bench_fp8, bench_moe, bench_sim, overhead_bench
+from . import bench_attention, bench_fp8, bench_moe, bench_moe_kernels, bench_sim, overhead_bench
 from .harness import Row, format_table, plot, write_json
 from .report import save_results
 from .stats import compare, steady_timing_process
 
 # "host": host time per call of every public op beside torch.abs (bench/overhead_bench.py)
-AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe, "sim": bench_sim, "host": overhead_bench}
+AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe_kernels, "sim": bench_sim, "host": overhead_bench}
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:

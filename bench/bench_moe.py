@@ -42,7 +42,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref_fp8
 
 from .harness import Row, format_table, write_json
-from .stats import compare, compare_across_ranks, one_thread_per_side_on_cpu
+from .stats import compare_across_ranks, one_thread_per_side_on_cpu
 
 # (tokens per rank, hidden, experts, top-k, payload): "fp8" sends rows the caller quantised,
 # "bf16->fp8" passes bf16 x with use_fp8=True (quantised inside the dispatch, issue 18).
@@ -341,47 +341,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# --- single-process rows for `python -m bench`: permute/unpermute against plain PyTorch ---
-
-PERMUTE_CPU_SHAPES = [(512, 1024, 8, 4), (1024, 2048, 16, 8)]   # (received rows, hidden, local experts, top-k)
-PERMUTE_GPU_SHAPES = [(8192, 7168, 8, 8), (32768, 7168, 32, 8)]
-
-
-def _index_baseline(x, idx, weights, num_experts):
-    """What a user would write: sort (row, slot) pairs by expert, index_select the rows,
-    then index_add_ the weighted rows back (no padding)."""
-    n, k = idx.shape
-    flat = idx.reshape(-1)
-    valid = (flat >= 0).nonzero().squeeze(1)
-    order = valid[torch.argsort(flat[valid], stable=True)]
-    rows = order.div(k, rounding_mode="floor")
-    x_sorted = x.index_select(0, rows)
-    out = torch.zeros_like(x, dtype=torch.float32)
-    out.index_add_(0, rows, x_sorted.float() * weights.reshape(-1)[order, None])
-    return out.to(x.dtype)
-
-
-def run(device: torch.device, engine: str, quick: bool, copy_gbps: float) -> list[Row]:
-    shapes = PERMUTE_GPU_SHAPES if device.type == "cuda" else PERMUTE_CPU_SHAPES
-    rows = []
-    for n, hidden, experts, k in shapes[:1] if quick else shapes:
-        g = torch.Generator(device="cpu").manual_seed(7)
-        x = torch.randn(n, hidden, generator=g).to(torch.bfloat16).to(device)
-        idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]).to(device)
-        idx[torch.rand(n, k, generator=g).to(device) < 0.1] = -1   # some slots route elsewhere
-        w = torch.rand(n, k, generator=g).to(device)
-
-        def ours():
-            with fmo.use_backend(engine) if engine != "cuda" else contextlib.nullcontext():
-                y, pmap = fmo.moe.permute(x, idx, experts)
-                return fmo.moe.unpermute(y, pmap, w)
-
-        c = compare(ours, lambda: _index_baseline(x, idx, w, experts), device=device, max_seconds=3.0 if quick else 6.0)
-        pairs = int((idx >= 0).sum())
-        moved = 2 * (n * hidden * 2 + pairs * hidden * 2)   # permute: read rows, write copies; unpermute: read copies, write rows
-        rows.append(Row.compared("moe_permute_unpermute", f"N{n} H{hidden} E{experts} k{k} bf16", engine, c,
-                                 baseline="index_select + index_add_", bytes_moved=moved,
-                                 ceiling="device copy" if copy_gbps else "", ceiling_rate=copy_gbps * 1e9))
-    return rows
