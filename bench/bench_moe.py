@@ -42,7 +42,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref_fp8
 
 from .harness import Row, format_table, write_json
-from .stats import compare_across_ranks, one_thread_per_side_on_cpu
+from .stats import compare_across_ranks, steady_timing_process
 
 # (tokens per rank, hidden, experts, top-k, payload): "fp8" sends rows the caller quantised,
 # "bf16->fp8" passes bf16 x with use_fp8=True (quantised inside the dispatch, issue 18).
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                    help="timing budget per row (default 20 s, 8 s with --quick; bench.stats.compare_across_ranks)")
     p.add_argument("--json", type=Path, help="write the rows and the environment to this file (rank 0)")
     args = p.parse_args(argv)
-    one_thread_per_side_on_cpu(across_ranks=True)
+    steady_timing_process(across_ranks=True)
     comm = MPI.COMM_WORLD
     gpu = not args.cpu and torch.cuda.is_available() and "cuda" in fmo.available_backends()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
