@@ -34,24 +34,23 @@ struct FwdShape {
     static_assert(BM % 16 == 0 && BN % 16 == 0, "whole m16 row tiles and k16 key steps");
 };
 
-// Store the normalised output rows and their lse (epilogue).
+// The epilogue: o / l and lse of a thread's two rows, query positions qi[h] of query heads hd[h]
+// (consecutive rows of one head here; hopper_fwd.cuh's packed rows each have their own). Rows at
+// or past sq (a tile's ragged end, a TMA box's zero fill or the next sequence's rows) are not stored.
 template <typename T, class Shape>
-FMO_DEVICE void fwd_epilogue(const AttnParams& p, const SeqView& s, int h, int row0, const float (&o)[Shape::DT][4],
-                             OnlineSoftmax& sm) {
+FMO_DEVICE void fwd_epilogue(const AttnParams& p, const SeqView& s, const int (&qi)[2], const int (&hd)[2],
+                             const float (&o)[Shape::DT][4], OnlineSoftmax& sm) {
     float inv_l[2], lse[2];
     sm.finish(inv_l, lse);
-    const int lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-    T* out = static_cast<T*>(p.o) + s.q_start * p.o_row_stride + int64_t(h) * Shape::DV;
+    const int t = int(threadIdx.x) % 4;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        const int r = row0 + g + 8 * hh;
-        if (r >= s.sq) continue;
+        if (qi[hh] >= s.sq) continue;
+        T* out = static_cast<T*>(p.o) + (s.q_start + qi[hh]) * p.o_row_stride + int64_t(hd[hh]) * Shape::DV;
 #pragma unroll
-        for (int di = 0; di < Shape::DT; ++di) {
-            const uint32_t v = pack2<T>(o[di][2 * hh] * inv_l[hh], o[di][2 * hh + 1] * inv_l[hh]);
-            *reinterpret_cast<uint32_t*>(out + r * p.o_row_stride + di * 8 + 2 * t) = v;
-        }
-        if (t == 0) p.lse[s.lse_base + h * p.lse_head_stride + r] = lse[hh];
+        for (int di = 0; di < Shape::DT; ++di)
+            *reinterpret_cast<uint32_t*>(out + di * 8 + 2 * t) = pack2<T>(o[di][2 * hh] * inv_l[hh], o[di][2 * hh + 1] * inv_l[hh]);
+        if (t == 0) p.lse[s.lse_base + hd[hh] * p.lse_head_stride + qi[hh]] = lse[hh];
     }
 }
 
@@ -86,6 +85,8 @@ FMO_DEVICE void attn_fwd(const AttnParams& p) {
     }
     ptx::cp_async_commit();
 
+    int qi[2];  // this thread's two query positions (rows g, g + 8 of the warp's 16)
+    consecutive_rows(qi, m0 + warp * 16);
     float o[Shape::DT][4];
     zero(o);
     OnlineSoftmax sm;
@@ -106,12 +107,13 @@ FMO_DEVICE void attn_fwd(const AttnParams& p) {
         gemm_ss<T>(sc, tq, warp * 16, tk(st), 0);
         // Only tiles crossing the diagonal or the end of the keys need the mask.
         const bool edge = n0 + BN > s.sk || (CAUSAL && n0 + BN - 1 > m0 + warp * 16 + s.sk - s.sq);
-        if (edge) apply_mask(sc, CAUSAL, m0 + warp * 16, n0, s.sq, s.sk);
+        if (edge) mask_rows(sc, CAUSAL, qi, n0, s.sq, s.sk);
         sm.update(sc, o, p.scale_log2);
         gemm_rs<T>(o, sc, tv(st), 0);
     }
     ptx::cp_async_wait_all();  // nothing may still land in shared memory after the CTA
-    fwd_epilogue<T, Shape>(p, s, h, m0 + warp * 16, o, sm);
+    const int hd[2] = {h, h};
+    fwd_epilogue<T, Shape>(p, s, qi, hd, o, sm);
 }
 
 }  // namespace attn

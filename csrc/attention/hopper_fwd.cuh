@@ -251,40 +251,6 @@ FMO_DEVICE void pack_p(uint32_t (&pa)[Shape::BN / 16][4], const float (&sc)[Shap
     }
 }
 
-// -inf for the scores a thread's two rows (query positions qi[h]) may not see: keys past sk,
-// rows past sq, and, causal, keys after the row's bottom-right diagonal (softmax.cuh's
-// apply_mask, with each row's own position: packed rows of one warp are not consecutive).
-template <int NT>
-FMO_DEVICE void mask_rows(float (&sc)[NT][4], bool causal, const int (&qi)[2], int n0, int sq, int sk) {
-    const int t = int(threadIdx.x) % 4;
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = qi[e / 2], kj = n0 + ni * 8 + 2 * t + e % 2;
-            if (kj >= sk || row >= sq || (causal && kj > row + sk - sq)) sc[ni][e] = neg_inf();
-        }
-}
-
-// o / l and lse of a thread's two rows (positions qi[h] of heads hd[h]); rows past sq (a box's
-// zero fill or the next sequence's rows) are not stored. fwd.cuh's fwd_epilogue, per row's head.
-template <typename T, class Shape>
-FMO_DEVICE void store_rows(const AttnParams& p, const SeqView& s, const int (&qi)[2], const int (&hd)[2],
-                           const float (&o)[Shape::DT][4], OnlineSoftmax& softmax) {
-    float inv_l[2], lse[2];
-    softmax.finish(inv_l, lse);
-    const int t = int(threadIdx.x) % 4;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        if (qi[hh] >= s.sq) continue;
-        T* out = static_cast<T*>(p.o) + (s.q_start + qi[hh]) * p.o_row_stride + int64_t(hd[hh]) * Shape::DV;
-#pragma unroll
-        for (int di = 0; di < Shape::DT; ++di)
-            *reinterpret_cast<uint32_t*>(out + di * 8 + 2 * t) = pack2<T>(o[di][2 * hh] * inv_l[hh], o[di][2 * hh + 1] * inv_l[hh]);
-        if (t == 0) p.lse[s.lse_base + hd[hh] * p.lse_head_stride + qi[hh]] = lse[hh];
-    }
-}
-
 // One consumer warpgroup's key loop. Tile j's softmax overlaps tile j - 1's P V on the tensor
 // cores (FA3's intra-warpgroup pipelining):
 //
@@ -376,7 +342,7 @@ FMO_DEVICE void consume(const AttnParams& p, const HopperSmem<Shape>& sm, const 
     }
     if (n_tiles == 0) release_q(sm);  // no MMA read Q (it landed: q_full was waited for)
     const int hd[2] = {rows.head(r0 + g), rows.head(r0 + g + 8)};
-    store_rows<T, Shape>(p, s, qi, hd, o, softmax);
+    fwd_epilogue<T, Shape>(p, s, qi, hd, o, softmax);
 }
 
 // Persistent work tiles (one query block of one (sequence, head), packed: of one (sequence, KV

@@ -16,10 +16,39 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 FMO_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
-// Set scores this query row may not see to -inf: keys at or past sk (zero-filled tile rows)
-// and, when causal, keys after the row's bottom-right-aligned diagonal. `row0`/`col0`: the
-// sequence positions of the warp tile's first row and column. TRANSPOSED: rows are keys
-// and columns queries (the dK/dV kernel's S^T).
+// The masking rule, in one place: -inf for the score of query position qi and key kj when kj is
+// at or past sk (zero-filled tile rows), qi is at or past sq (rows past the sequence: never
+// stored), or, causal, kj is after qi's bottom-right-aligned diagonal. (It writes the score
+// itself: as a bool function whose result the caller tests, the same rule cost the backward's
+// dQ kernel registers, D 192 sm_80 230 -> 253.)
+FMO_DEVICE void hide_key(float& score, int qi, int kj, bool causal, int sq, int sk) {
+    const bool hidden = kj >= sk || qi >= sq || (causal && kj > qi + sk - sq);
+    if (hidden) score = neg_inf();
+}
+
+// -inf for the scores a thread's two rows (h = 0, 1 at query positions qi[h]) may not see; col0:
+// the key position of the tile's first column. Each row brings its own position, so the rows of
+// one warp need not be consecutive (hopper_fwd.cuh's GQA-packed rows: position, head pairs).
+template <int NT>
+FMO_DEVICE void mask_rows(float (&s)[NT][4], bool causal, const int (&qi)[2], int col0, int sq, int sk) {
+    const int t = int(threadIdx.x) % 4;
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            hide_key(s[ni][e], qi[e / 2], col0 + ni * 8 + 2 * t + e % 2, causal, sq, sk);
+}
+
+// A thread's two query positions when the warp tile's 16 rows are consecutive from row0.
+FMO_DEVICE void consecutive_rows(int (&qi)[2], int row0) {
+    const int g = int(threadIdx.x) % 32 / 4;
+    qi[0] = row0 + g;
+    qi[1] = row0 + g + 8;
+}
+
+// The backward's mask of a warp tile of consecutive rows: `row0`/`col0` the sequence positions of
+// its first row and column. TRANSPOSED: rows are keys and columns queries (the dK/dV kernel's
+// S^T), so the query position varies along a row and the rule applies per element.
 template <int NT, bool TRANSPOSED = false>
 FMO_DEVICE void apply_mask(float (&s)[NT][4], bool causal, int row0, int col0, int sq, int sk) {
     const int lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -28,9 +57,7 @@ FMO_DEVICE void apply_mask(float (&s)[NT][4], bool causal, int row0, int col0, i
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int row = row0 + g + 8 * (e / 2), col = col0 + ni * 8 + 2 * t + e % 2;
-            const int qi = TRANSPOSED ? col : row, kj = TRANSPOSED ? row : col;
-            const bool hidden = kj >= sk || qi >= sq || (causal && kj > qi + sk - sq);
-            if (hidden) s[ni][e] = neg_inf();
+            hide_key(s[ni][e], TRANSPOSED ? col : row, TRANSPOSED ? row : col, causal, sq, sk);
         }
 }
 
