@@ -1,0 +1,328 @@
+// Fused attention backward on Hopper (sm_90a), first version: TMA + mbarrier ring, a producer
+// warp and one consumer warpgroup of wgmma. Same math, Params fields and lse/delta contract as
+// the mma.sync backward (bwd.cuh, whose header gives the formulas; delta comes from its
+// attn_bwd_delta pre-pass); what differs is that dQ is not a separate pass: each CTA adds its
+// share of dQ into an fp32 buffer with red.global.add (non-deterministic summation order), and
+// the launcher converts that buffer to the output dtype.
+//
+//   CTA  one per (key tile of BN = 64 keys, KV head, sequence); it walks the query tiles
+//        (BM = 64 rows) of the G = Hq / Hkv query heads sharing its KV head (causal: from the
+//        first tile that sees one of its keys), so dK / dV of GQA are summed in registers.
+//   warpgroup 0  producer: warp 0's elected lane TMA-loads K and V once (kv_full), then per
+//                query tile Q and dO into the ring (full[s]; after empty[s]); warps 1-3 exit.
+//   warpgroup 1  consumer, warp w owns keys 16 w .. 16 w + 15 of the tile. Per query tile:
+//                  wait full[s]
+//                  S^T = K Q^T, dP^T = V dO^T: wgmma SS (all operands K-major), one group, waited
+//                  P^T = exp2(S^T scale log2e - lse log2e) (masked: ragged keys, rows past sq,
+//                    causal bottom-right), dS^T = P^T (dP^T - delta)   (lse / delta per column)
+//                  dS^T to shared memory (T, 128-byte swizzle, the layout of a TMA box), then
+//                  dV += P^T dO: wgmma RS, P^T straight from the S^T accumulator registers (the
+//                    RS A fragment is the accumulator map, as in the forward's P V), dO read
+//                    MN-major as TMA stored it
+//                  dK += dS^T Q: wgmma SS, A = the staged dS^T (K-major), Q read MN-major
+//                  per 64-column panel of DQK: dQ = dS K, wgmma SS with A = dS read MN-major out
+//                    of the staged dS^T and B = K read MN-major; retired, its fp32 values (times
+//                    the softmax scale) red.global.add-ed into dq_accum
+//                  arrive empty[s] (every MMA reading Q and dO retired)
+//                then dK (times the scale) and dV stored as T.
+//   smem  K [BN][DQK], V [BN][DV], STAGES x { Q [BM][DQK], dO [BM][DV] }, dS^T [BN][BM],
+//         barriers. Tiles of D columns are D / 64 panels [rows][64] of 128-byte swizzled rows
+//         (hopper_fwd.cuh's layout: K-major B128 along D, MN-major B128 along the rows).
+//
+// No setmaxnreg: two warpgroups at one CTA per SM leave 255 registers to every thread.
+// Not yet (issue 16): two consumer warpgroups (BN 128), overlap of the dQ atomics with the next
+// tile's MMAs, TMA for lse / delta (their rows are not 16-byte aligned for every Sq: the consumer
+// reads them from global memory), a deterministic mode, MLA head dims, persistent CTAs.
+#pragma once
+
+#include "csrc/attention/bwd.cuh"
+#include "csrc/attention/hopper_fwd.cuh"
+#include "ptx/ld_st.cuh"
+
+namespace fmo {
+
+struct AttnHopperBwdParams {
+    AttnParams a;               // o, lse, dout, delta, dk, dv used; dq unused (dq_accum instead)
+    float* dq_accum;            // [rows_q, Hq, DQK] fp32, zeroed by the launcher: sum of scale dS K
+    ptx::TmaDescriptor q_map;   // q as [B | 1, S | total, Hq * DQK], box (64, BM, 1), 128B swizzle
+    ptx::TmaDescriptor k_map;   // k as [.., Hkv * DQK], box (64, BN, 1)
+    ptx::TmaDescriptor v_map;   // v as [.., Hkv * DV], box (64, BN, 1)
+    ptx::TmaDescriptor do_map;  // dout as [.., Hq * DV], box (64, BM, 1)
+};
+
+namespace attn {
+
+template <int DQK_, int DV_, int STAGES_>
+struct HopperBwdShape {
+    static constexpr int BM = 64, BN = 64, DQK = DQK_, DV = DV_, STAGES = STAGES_;
+    static constexpr int MT = BM / 8;  // n8 column blocks of S^T (query columns)
+    static constexpr int kThreads = 256;
+    static constexpr int kKBytes = BN * DQK * 2, kVBytes = BN * DV * 2;
+    static constexpr int kQBytes = BM * DQK * 2, kDoBytes = BM * DV * 2, kStageBytes = kQBytes + kDoBytes;
+    static constexpr int kDsOffset = kKBytes + kVBytes + STAGES * kStageBytes;
+    static constexpr int kRowsOffset = kDsOffset + BN * BM * 2;  // lse log2 [BM], delta [BM] fp32
+    static constexpr int kBarrierOffset = kRowsOffset + 2 * BM * 4;
+    static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 2 * STAGES);
+    static_assert(BM == kPanel, "dS^T rows are one 128-byte swizzled panel: BM = 64 query columns");
+    static_assert(DQK % kPanel == 0 && DV % kPanel == 0, "whole 64-column panels");
+    static_assert(DQK == 64 || DQK == 128, "DQK: 64 or 128 (a wgmma N size; MLA not yet)");
+    static_assert(DV == 64 || DV == 128, "DV: 64 or 128 (a wgmma N size; MLA not yet)");
+};
+
+template <class Shape>
+struct HopperBwdSmem {
+    uint8_t* base;
+    FMO_DEVICE uint8_t* k() const { return base; }
+    FMO_DEVICE uint8_t* v() const { return base + Shape::kKBytes; }
+    FMO_DEVICE uint8_t* q(int s) const { return base + Shape::kKBytes + Shape::kVBytes + s * Shape::kStageBytes; }
+    FMO_DEVICE uint8_t* dout(int s) const { return q(s) + Shape::kQBytes; }
+    FMO_DEVICE uint8_t* ds() const { return base + Shape::kDsOffset; }
+    FMO_DEVICE float* lse2() const { return reinterpret_cast<float*>(base + Shape::kRowsOffset); }
+    FMO_DEVICE float* delta() const { return lse2() + Shape::BM; }
+    // kv_full: K and V landed (once per CTA). full[s]: stage s's Q and dO landed. empty[s]: every
+    // consumer warp's MMAs reading stage s retired.
+    FMO_DEVICE uint64_t* kv_full() const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset); }
+    FMO_DEVICE uint64_t* full(int s) const { return kv_full() + 1 + s; }
+    FMO_DEVICE uint64_t* empty(int s) const { return kv_full() + 1 + Shape::STAGES + s; }
+
+    FMO_DEVICE void init() const {  // one thread, before the roles split
+        ptx::mbarrier_init(kv_full(), 1);  // the producer's arrive.expect_tx
+        for (int s = 0; s < Shape::STAGES; ++s) {
+            ptx::mbarrier_init(full(s), 1);
+            ptx::mbarrier_init(empty(s), 4);  // one lane per consumer warp
+        }
+        ptx::fence_mbarrier_init();  // the inits, to the async proxy (TMA completes on them)
+    }
+};
+
+// The query tiles a key tile's CTA walks: for each of the G query heads of its KV head, the tiles
+// from the first one that sees a key of [n0, n0 + BN) (bottom-right causal: query i sees key j iff
+// j <= i + sk - sq) to the last. Iteration it: head hk G + it / per_head, tile m_first + it % per_head.
+struct QueryTiles {
+    int group, m_first, per_head;
+    FMO_DEVICE QueryTiles(const AttnParams& p, const SeqView& s, int n0, int bm, bool causal) {
+        group = int(p.heads_q / p.heads_kv);
+        const int first_q = causal && n0 - (s.sk - s.sq) > 0 ? n0 - (s.sk - s.sq) : 0;
+        m_first = first_q / bm;
+        const int m_tiles = (s.sq + bm - 1) / bm;
+        per_head = m_tiles > m_first ? m_tiles - m_first : 0;
+    }
+    FMO_DEVICE int count() const { return group * per_head; }
+    FMO_DEVICE int head(int it, int hk) const { return hk * group + it / per_head; }
+    FMO_DEVICE int m0(int it, int bm) const { return (m_first + it % per_head) * bm; }
+};
+
+template <class Shape>
+FMO_DEVICE void produce_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Shape>& sm, const SeqView& s,
+                            const QueryTiles& qt, int hk, int n0, int64_t b) {
+    const AttnParams& p = P.a;
+    const MapRows kr = map_rows(p, s, b, 0);
+    ptx::mbarrier_arrive_expect_tx(sm.kv_full(), Shape::kKBytes + Shape::kVBytes);  // whole boxes
+    tma_load_panels<Shape::DQK, Shape::BN>(sm.k(), &P.k_map, sm.kv_full(), hk, kr.k_row + n0, kr.batch);
+    tma_load_panels<Shape::DV, Shape::BN>(sm.v(), &P.v_map, sm.kv_full(), hk, kr.k_row + n0, kr.batch);
+    PipelineState ps;
+    for (int it = 0; it < qt.count(); ++it, ps.advance(Shape::STAGES)) {
+        ptx::mbarrier_wait_parity(sm.empty(ps.stage), ps.phase ^ 1);  // the stage's last MMAs retired
+        const MapRows r = map_rows(p, s, b, qt.m0(it, Shape::BM));
+        const int h = qt.head(it, hk);
+        ptx::mbarrier_arrive_expect_tx(sm.full(ps.stage), Shape::kStageBytes);
+        tma_load_panels<Shape::DQK, Shape::BM>(sm.q(ps.stage), &P.q_map, sm.full(ps.stage), h, r.q_row, r.batch);
+        tma_load_panels<Shape::DV, Shape::BM>(sm.dout(ps.stage), &P.do_map, sm.full(ps.stage), h, r.q_row, r.batch);
+    }
+}
+
+// acc[64 keys, BM] = A[keys][D] B[BM][D]^T over D: both operands K-major panels (S^T = K Q^T,
+// dP^T = V dO^T), issued without commit.
+template <typename T, class Shape, int D>
+FMO_DEVICE void issue_nt(float (&acc)[Shape::BM / 2], const uint8_t* a, const uint8_t* b) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        const int pc = ks / 4, off = 32 * (ks % 4);  // panel, byte offset of the k-step in the 128-byte row
+        const uint64_t da = ptx::make_smem_desc(a + pc * Shape::BN * 128 + off, 16, 1024, ptx::Swizzle::b128);
+        const uint64_t db = ptx::make_smem_desc(b + pc * Shape::BM * 128 + off, 16, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_ss<Shape::BM, WgmmaType<T>::value>(acc, da, db, ks > 0 ? 1 : 0);
+    }
+}
+
+// acc[64 keys, N] += A^T-fragments[64 keys, BM] . B[BM][N]: A from registers (P^T or dS^T), B
+// (dO or Q) read MN-major as stored (the forward's issue_pv with queries in the keys' place).
+template <typename T, class Shape, int N>
+FMO_DEVICE void issue_tn(float (&acc)[N / 2], const uint32_t (&a)[Shape::BM / 16][4], const uint8_t* b) {
+#pragma unroll
+    for (int kk = 0; kk < Shape::BM / 16; ++kk) {
+        const uint64_t db = ptx::make_smem_desc(b + kk * 16 * 128, Shape::BM * 128, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_rs<N, WgmmaType<T>::value, 1>(acc, a[kk], db, 1);
+    }
+}
+
+// dK[64 keys, DQK] += dS^T[keys, BM] Q[BM, DQK]: A = the staged dS^T, K-major (queries along its
+// 128-byte rows); B = Q read MN-major (issue_tn's B). Staged, dS^T's registers are free before
+// the MMAs run (as an RS operand they would stay live until the wait: D 128 spilled).
+template <typename T, class Shape>
+FMO_DEVICE void issue_ds_q(float (&acc)[Shape::DQK / 2], const uint8_t* ds, const uint8_t* q) {
+#pragma unroll
+    for (int kk = 0; kk < Shape::BM / 16; ++kk) {
+        const uint64_t da = ptx::make_smem_desc(ds + 32 * kk, 16, 1024, ptx::Swizzle::b128);
+        const uint64_t db = ptx::make_smem_desc(q + kk * 16 * 128, Shape::BM * 128, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_ss<Shape::DQK, WgmmaType<T>::value, 0, 1>(acc, da, db, 1);
+    }
+}
+
+// dS^T [64 keys][BM] into shared memory as T, the 128-byte swizzle of a TMA box: key row r at
+// 128 r, 16-byte chunk c at (c ^ r % 8) 16 (the forward's V layout, so dS reads MN-major like V).
+template <typename T, class Shape>
+FMO_DEVICE void stage_ds(uint8_t* ds, const uint32_t (&da)[Shape::BM / 16][4]) {
+    const int warp = (int(threadIdx.x) / 32) % 4, g = int(threadIdx.x) % 32 / 4, t = int(threadIdx.x) % 4;
+#pragma unroll
+    for (int kk = 0; kk < Shape::BM / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // RS fragment register r: row g + 8 (r % 2), columns 16 kk + 8 (r / 2) + 2t..
+            const int key = 16 * warp + g + 8 * (r % 2), chunk = 2 * kk + r / 2;
+            *reinterpret_cast<uint32_t*>(ds + key * 128 + ((chunk ^ (key % 8)) * 16) + 4 * t) = da[kk][r];
+        }
+}
+
+// One 64-column panel of dQ[BM, 64] = dS[BM, 64 keys] K[keys, 64 cols]: A = dS read MN-major out
+// of dS^T (query m contiguous, keys 16 kk.. at +16 kk rows), B = K's panel pc read MN-major.
+template <typename T, class Shape>
+FMO_DEVICE void issue_dq(float (&acc)[kPanel / 2], const uint8_t* ds, const uint8_t* k, int pc) {
+#pragma unroll
+    for (int kk = 0; kk < Shape::BN / 16; ++kk) {
+        const uint64_t da = ptx::make_smem_desc(ds + kk * 16 * 128, Shape::BN * 128, 1024, ptx::Swizzle::b128);
+        const uint64_t db =
+            ptx::make_smem_desc(k + pc * Shape::BN * 128 + kk * 16 * 128, Shape::BN * 128, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_ss<kPanel, WgmmaType<T>::value, 1, 1>(acc, da, db, kk > 0 ? 1 : 0);
+    }
+}
+
+constexpr unsigned kDsBarrier = 1;  // the consumer warpgroup's 128 threads around its shared buffers
+
+// The tile's lse (log2 domain) and delta into shared memory, one consumer thread per value (lanes
+// 0..63 lse, 64..127 delta). Columns past sq: lse +inf (their scores are masked to -inf too), so
+// P = 0 and dS = 0 there. Read from global, not by TMA: a row of lse is Sq floats, not 16-byte
+// aligned for every Sq. Staged rather than loaded per column in registers: 32 values per thread,
+// which ptxas hoisted and D 128 spilled. No thread still reads the previous tile's values: every
+// thread read them before the previous tile's first dS^T barrier, which this thread passed.
+template <class Shape>
+FMO_DEVICE void load_rows(const AttnParams& p, const HopperBwdSmem<Shape>& sm, const SeqView& s, int h, int m0) {
+    const int i = int(threadIdx.x) % 128, col = i % Shape::BM;
+    const bool valid = m0 + col < s.sq;
+    const int64_t idx = s.lse_base + int64_t(h) * p.lse_head_stride + m0 + col;
+    if (i < Shape::BM)
+        sm.lse2()[col] = valid ? lse_log2_for_backward(p.lse[idx]) : -neg_inf();
+    else
+        sm.delta()[col] = valid ? p.delta[idx] : 0.0f;
+}
+
+template <typename T, class Shape, bool CAUSAL>
+FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Shape>& sm, const SeqView& s,
+                            const QueryTiles& qt, int hk, int n0) {
+    const AttnParams& p = P.a;
+    constexpr int MT = Shape::MT;
+    const int warp = (int(threadIdx.x) / 32) % 4, g = int(threadIdx.x) % 32 / 4, t = int(threadIdx.x) % 4;
+    float dk[Shape::DQK / 8][4], dv[Shape::DV / 8][4];
+    zero(dk);
+    zero(dv);
+    float(&dkf)[Shape::DQK / 2] = reinterpret_cast<float(&)[Shape::DQK / 2]>(dk);
+    float(&dvf)[Shape::DV / 2] = reinterpret_cast<float(&)[Shape::DV / 2]>(dv);
+    if (qt.count() > 0) ptx::mbarrier_wait_parity(sm.kv_full(), 0);
+    PipelineState ps;
+    for (int it = 0; it < qt.count(); ++it, ps.advance(Shape::STAGES)) {
+        const int h = qt.head(it, hk), m0 = qt.m0(it, Shape::BM);
+        float st[MT][4], dpt[MT][4];
+        float(&stf)[Shape::BM / 2] = reinterpret_cast<float(&)[Shape::BM / 2]>(st);
+        float(&dptf)[Shape::BM / 2] = reinterpret_cast<float(&)[Shape::BM / 2]>(dpt);
+        load_rows<Shape>(p, sm, s, h, m0);
+        ptx::mbarrier_wait_parity(sm.full(ps.stage), ps.phase);  // Q and dO of this tile landed
+        ptx::wgmma_fence();  // the previous tile's reads of st / dpt before the MMAs overwrite them
+        issue_nt<T, Shape, Shape::DQK>(stf, sm.k(), sm.q(ps.stage));
+        issue_nt<T, Shape, Shape::DV>(dptf, sm.v(), sm.dout(ps.stage));
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operands(stf);
+        ptx::wgmma_fence_operands(dptf);
+        ptx::bar_sync(kDsBarrier, 128);  // the tile's lse / delta in shared memory (load_rows)
+
+        apply_mask<MT, true>(st, CAUSAL, n0 + 16 * warp, m0, s.sq, s.sk);
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int col = mi * 8 + 2 * t + c;  // the query column
+                const float lse2 = sm.lse2()[col], delta = sm.delta()[col];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int e = 2 * hh + c;
+                    st[mi][e] = exp2f(fmaf(st[mi][e], p.scale_log2, -lse2));  // P^T
+                    dpt[mi][e] = st[mi][e] * (dpt[mi][e] - delta);               // dS^T
+                }
+            }
+        uint32_t pa[Shape::BM / 16][4], da[Shape::BM / 16][4];
+        pack_p<T, HopperFwdShape<1, Shape::BM, 64, 64, 2>>(pa, st);  // the forward's S -> RS fragments
+        pack_p<T, HopperFwdShape<1, Shape::BM, 64, 64, 2>>(da, dpt);
+        ptx::bar_sync(kDsBarrier, 128);  // every warp's MMAs of the previous tile reading dS^T retired
+        stage_ds<T, Shape>(sm.ds(), da);
+        ptx::fence_proxy_async();         // dS^T's st.shared, to the async proxy the wgmma reads through
+        ptx::bar_sync(kDsBarrier, 128);  // the whole dS^T written before any warp's MMA reads it
+        ptx::wgmma_fence();  // pa written before the MMAs read it
+        issue_tn<T, Shape, Shape::DV>(dvf, pa, sm.dout(ps.stage));
+        issue_ds_q<T, Shape>(dkf, sm.ds(), sm.q(ps.stage));
+        ptx::wgmma_commit();
+        float dq[kPanel / 8][4];
+        float(&dqf)[kPanel / 2] = reinterpret_cast<float(&)[kPanel / 2]>(dq);
+        float* dq_rows = P.dq_accum + (s.q_start + m0) * p.q_row_stride + int64_t(h) * Shape::DQK;
+#pragma unroll 1
+        for (int pc = 0; pc < Shape::DQK / kPanel; ++pc) {
+            ptx::wgmma_fence();  // the previous panel's reads of dq before the MMAs overwrite it
+            issue_dq<T, Shape>(dqf, sm.ds(), sm.k(), pc);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();  // also retires dV / dK's group: pa, da and stage s are free
+            ptx::wgmma_fence_operands(dqf);
+            if (pc == 0) arrive_per_warp(sm.empty(ps.stage));  // this warp's MMAs reading Q and dO retired
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = 16 * warp + g + 8 * hh;  // dQ's row: a query of the tile
+                if (m0 + r >= s.sq) continue;
+#pragma unroll
+                for (int ni = 0; ni < kPanel / 8; ++ni)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        ptx::red_add(dq_rows + r * p.q_row_stride + pc * kPanel + ni * 8 + 2 * t + c,
+                                     dq[ni][2 * hh + c] * p.softmax_scale);
+            }
+        }
+    }
+    ptx::wgmma_fence_operands(dkf);
+    ptx::wgmma_fence_operands(dvf);
+    T* dkp = static_cast<T*>(p.dk) + (s.k_start + n0) * p.k_row_stride + int64_t(hk) * Shape::DQK;
+    T* dvp = static_cast<T*>(p.dv) + (s.k_start + n0) * p.v_row_stride + int64_t(hk) * Shape::DV;
+    store_rows<T>(dkp, p.k_row_stride, 16 * warp, s.sk - n0, dk, p.softmax_scale);
+    store_rows<T>(dvp, p.v_row_stride, 16 * warp, s.sk - n0, dv, 1.0f);
+}
+
+// grid (ceil(max_sk / BN), Hkv, batch), 256 threads.
+template <typename T, int DQK, int DV, int STAGES, bool CAUSAL>
+FMO_DEVICE void attn_bwd_hopper(const AttnHopperBwdParams& P) {
+    using Shape = HopperBwdShape<DQK, DV, STAGES>;
+    const AttnParams& p = P.a;
+    const int n0 = int(blockIdx.x) * Shape::BN, hk = int(blockIdx.y);
+    const SeqView s = sequence(p, blockIdx.z);
+    if (n0 >= s.sk) return;  // varlen: this sequence has fewer keys than max_seqlen_k (every thread)
+    const QueryTiles qt(p, s, n0, Shape::BM, CAUSAL);
+    const HopperBwdSmem<Shape> sm{fmo_attn_smem};
+    if (threadIdx.x == 0) sm.init();
+    __syncthreads();  // barriers initialised before any role uses them (the last CTA-wide barrier)
+    if (threadIdx.x < 128) {  // producer warpgroup
+        if (threadIdx.x / 32 != 0 || !ptx::elect_one_sync() || qt.count() == 0) return;
+        ptx::tma_prefetch_descriptor(&P.q_map);
+        ptx::tma_prefetch_descriptor(&P.k_map);
+        ptx::tma_prefetch_descriptor(&P.v_map);
+        ptx::tma_prefetch_descriptor(&P.do_map);
+        produce_bwd<Shape>(P, sm, s, qt, hk, n0, blockIdx.z);
+        return;
+    }
+    consume_bwd<T, Shape, CAUSAL>(P, sm, s, qt, hk, n0);
+}
+
+}  // namespace attn
+}  // namespace fmo

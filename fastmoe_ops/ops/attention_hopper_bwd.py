@@ -1,0 +1,169 @@
+"""Launcher of the sm_90a attention backward (csrc/attention/hopper_bwd.cuh: a producer warp
+TMA-loading K/V once and streaming Q/dO tiles through an mbarrier ring, one consumer warpgroup of
+wgmma accumulating dK/dV per key tile and adding dQ into an fp32 buffer with red.global.add).
+
+Inputs as attention.attention_backward's (dense [B, S, H, D] or varlen [total, H, D] with
+cu_seqlens; lse [B, Hq, Sq] or [Hq, total_q] fp32 from the forward), outputs dq, dk, dv shaped like
+q, k, v (GQA: dk, dv summed over the query heads of a KV head). The steps:
+  delta = rowsum(dout * o)   the mma.sync backward's pre-pass (attention.py's "bwd_delta" spec)
+  dq_accum = 0 (fp32 [rows_q, Hq, D]); the sm_90a kernel: dk, dv, dq_accum += scale dS K
+  dq = dq_accum as the input dtype
+dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit reproducible (the
+mma.sync backward is; a deterministic mode is not there yet). First version: head dims (64, 64)
+and (128, 128); not wired into fmo.flash_attn's backward (attention.py chooses the kernels).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import UnsupportedError, expect
+from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
+from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
+from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
+from . import attention
+from .attention import AttnParams
+
+PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
+BLOCK_M = BLOCK_N = 64  # query rows per ring stage, keys per CTA (one consumer warpgroup's 64 rows)
+HEAD_DIM_PAIRS = ((64, 64), (128, 128))
+STAGES = 2  # Q/dO ring depth: one tile computed while the next lands
+
+
+class AttnHopperBwdParams(Params):
+    """Mirror of fmo::AttnHopperBwdParams."""
+    cpp_name = "fmo::AttnHopperBwdParams"
+    _fields_ = aligned_fields([("a", AttnParams), ("dq_accum", ctypes.c_void_p), ("q_map", TMA_DESCRIPTOR),
+                               ("k_map", TMA_DESCRIPTOR), ("v_map", TMA_DESCRIPTOR), ("do_map", TMA_DESCRIPTOR)])
+
+
+@dataclass(frozen=True)
+class AttnHopperBwdSpec(KernelSpec):
+    dtype: str       # bf16 | fp16
+    head_dim: int    # Dqk
+    head_dim_v: int  # Dv
+    stages: int      # Q/dO ring depth
+    causal: bool
+
+    op: ClassVar[str] = "attn_bwd_sm90"
+    header: ClassVar[str] = "csrc/attention/hopper_bwd.cuh"
+    params: ClassVar[type[Params]] = AttnHopperBwdParams
+    archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma, TMA
+
+    def entry_name(self) -> str:
+        """e.g. fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal."""
+        d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+        return (f"fmo_{self.op}_{self.dtype}_{d}_bm{BLOCK_M}_bn{BLOCK_N}_s{self.stages}"
+                + ("_causal" if self.causal else ""))
+
+    def check(self) -> None:
+        super().check()
+
+        def refuse(msg):
+            raise UnsupportedError(f"{self.op} {self}: {msg}")
+        if self.dtype not in ("bf16", "fp16"):
+            refuse("dtype must be bf16 or fp16")
+        if (self.head_dim, self.head_dim_v) not in HEAD_DIM_PAIRS:
+            refuse(f"(head_dim, head_dim_v) must be one of {HEAD_DIM_PAIRS}")
+        if not 2 <= self.stages <= 4 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
+            refuse(f"stages must be 2..4 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+
+    def block_threads(self) -> int:
+        return 256  # the producer warpgroup + one consumer warpgroup
+
+    def smem_bytes(self) -> int:  # mirrors HopperBwdShape::kSmemBytes
+        dqk, dv = self.head_dim, self.head_dim_v
+        return 2 * (BLOCK_N * (dqk + dv) + self.stages * BLOCK_M * (dqk + dv) + BLOCK_N * BLOCK_M) \
+            + 2 * BLOCK_M * 4 + 8 * (1 + 2 * self.stages)  # ..., dS^T, lse and delta, barriers
+
+    def device_call(self) -> str:
+        """The kernel call after a static_assert that smem_bytes() is the kernel's own size."""
+        shape = f"fmo::attn::HopperBwdShape<{self.head_dim}, {self.head_dim_v}, {self.stages}>"
+        return (f'static_assert({shape}::kSmemBytes == {self.smem_bytes()}, "{self.entry_name()}: the launcher\'s '
+                f'shared memory size differs from the kernel\'s"); '
+                f"fmo::attn::attn_bwd_hopper<{CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.head_dim_v}, "
+                f"{self.stages}, {'true' if self.causal else 'false'}>(p)")
+
+
+def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AttnHopperBwdSpec:
+    return AttnHopperBwdSpec(dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, stages=STAGES, causal=causal)
+
+
+@register_op("attn_bwd_sm90")
+def standard_specs():
+    """Every variant: {bf16, fp16} x (Dqk, Dv) x causal or not."""
+    for dtype in ("bf16", "fp16"):
+        for dqk, dv in HEAD_DIM_PAIRS:
+            for causal in (False, True):
+                yield choose_spec(dtype, dqk, dv, causal)
+
+
+def _map(t: torch.Tensor, batch: int | None, box_rows: int, engine: str):
+    """t [rows, H, D] as [B, S, H * D] (dense) or [1, total, H * D] (varlen), boxes (64, box_rows, 1)."""
+    view = t.reshape(batch if batch is not None else 1, -1, t.shape[1] * t.shape[2])
+    return descriptor(encode_tiled(view, (PANEL, box_rows, 1), swizzle=128, engine=engine))
+
+
+def _check_grads(q, o, lse, dout, pb) -> None:
+    """o, dout like the forward's out; lse the forward's [B, Hq, Sq] / [Hq, total_q] fp32."""
+    out_shape = (*q.shape[:-1], pb.v.shape[2])
+    for name, t in (("o", o), ("dout", dout)):
+        expect(isinstance(t, torch.Tensor) and tuple(t.shape) == out_shape and t.dtype == q.dtype
+               and t.device == q.device, name, f"a {q.dtype} tensor of shape {out_shape} on {q.device} (the forward's out)",
+               lambda: f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        expect(t.stride(-1) == 1, name, "a contiguous last dimension (stride 1)", lambda: f"strides {t.stride()}")
+    expect(isinstance(lse, torch.Tensor) and tuple(lse.shape) == pb.lse_shape and lse.dtype == torch.float32
+           and lse.device == q.device, "lse", f"a float32 tensor of shape {pb.lse_shape} on {q.device} (the forward's lse)",
+           lambda: f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+
+
+def backward(q, k, v, o, lse, dout, *, causal: bool, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None, engine: str | None = None):
+    """(dq, dk, dv) shaped like q, k, v on a kernel engine ('sim' or 'cuda'; None: by q's device).
+
+    q: [B, Sq, Hq, D] (varlen [total_q, Hq, D]), k, v: [B, Sk, Hkv, D], o, dout like the forward's
+    out, lse [B, Hq, Sq] (varlen [Hq, total_q]) fp32; D 64 or 128 (Dv = D)."""
+    varlen = cu_seqlens_q is not None
+    attention.validate(q, k, v, varlen=varlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    pair = (q.shape[-1], v.shape[-1])
+    expect(pair in HEAD_DIM_PAIRS, "q", f"(Dqk, Dv) in {HEAD_DIM_PAIRS} (the sm_90a backward's tiles)", pair)
+    engine = engine or ("cuda" if q.is_cuda else "sim")
+    expect(engine in ("sim", "cuda"), "engine", "'sim' or 'cuda'", engine)
+    pb = attention.problem(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    _check_grads(q, o, lse, dout, pb)
+    dq, dk, dv = _run(pb, attention._rows(dout), attention._rows(o), lse.contiguous(), engine)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+def _run(pb, dout, out, lse, engine: str):
+    """pb: attention.Problem; dout, out [rows_q, Hq, Dv] -> (dq, dk, dv) as [rows, H, D]."""
+    hq, hkv = pb.q.shape[1], pb.k.shape[1]
+    dq_accum = torch.zeros(pb.q.shape, dtype=torch.float32, device=pb.q.device)
+    dk = torch.empty_like(pb.k)
+    dv = torch.empty_like(pb.v)
+    if pb.batch == 0 or pb.k.shape[0] == 0 or pb.seqlen_k == 0 or pb.q.shape[0] == 0:
+        return dq_accum.to(pb.q.dtype), dk.zero_(), dv.zero_()  # no keys or no queries: every gradient 0
+    delta = torch.empty_like(lse)
+    grads = dict(o=out, lse=lse, dout=dout, delta=delta)
+    tensors = (out, lse, dout, delta)
+    # the mma.sync backward's delta pre-pass
+    pb.plan("bwd_delta", -(-pb.q.shape[0] * hq // attention.DELTA_WARPS), tensors, **grads).run(engine)
+    spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
+    P = AttnHopperBwdParams()
+    P.a = pb.params(dk=dk, dv=dv, **grads)
+    P.dq_accum = dq_accum.data_ptr()
+    batch = None if pb.cu_q is not None else pb.batch
+    P.q_map = _map(pb.q, batch, BLOCK_M, engine)
+    P.do_map = _map(dout, batch, BLOCK_M, engine)
+    P.k_map = _map(pb.k, batch, BLOCK_N, engine)
+    P.v_map = _map(pb.v, batch, BLOCK_N, engine)
+    config = LaunchConfig.make(grid=(-(-pb.seqlen_k // BLOCK_N), hkv, pb.batch), block=spec.block_threads(),
+                               shared_mem=spec.smem_bytes())
+    cu = tuple(t for t in (pb.cu_q, pb.cu_k) if t is not None)
+    launch(spec, config, P, engine=engine, tensors=(pb.q, pb.k, pb.v, *cu, *tensors, dq_accum, dk, dv))
+    return dq_accum.to(pb.q.dtype), dk, dv

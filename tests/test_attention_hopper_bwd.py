@@ -1,0 +1,117 @@
+"""The sm_90a attention backward (csrc/attention/hopper_bwd.cuh: producer warp with TMA, one wgmma
+consumer warpgroup, dQ by fp32 red.global.add) on the simulator, which models sm_90a (TMA lands
+only when polled and poisons its destination until then, wgmma runs at its wait).
+
+dq, dk, dv against the float64 oracle's gradients by FlashAttention's rule (tests/attention_util.py:
+within twice PyTorch's same-dtype error plus rounding; NaN never passes); the forward that makes
+out and lse is the project's own. dk and dv come from torch.empty (poisoned by conftest: a row the
+kernel leaves unwritten fails), dq from an fp32 buffer every contributing CTA adds into (a missing
+key tile's share shows as a wrong value). Cases: D 64 and 128, causal and not, Sq > Sk (rows that
+see no key), Sq < Sk (several key tiles add into one dQ row), ragged tiles, GQA (dk / dv summed
+over the group), two dense batches (TMA boxes zero-filled at a batch's end), varlen with empty
+sequences. Then the refusals and the sm_90a build (0 spills, HGMMA, UTMALDG). ~30 s on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmoe_ops as fmo
+from fastmoe_ops.errors import InputError, UnsupportedError
+from fastmoe_ops.ops import attention as launcher
+from fastmoe_ops.ops import attention_hopper_bwd as hbwd
+from fastmoe_ops.runtime import compiler
+from fastmoe_ops.runtime.launch import MAX_DYNAMIC_SMEM
+
+from attention_util import assert_within_rule, make_inputs, oracle_and_pytorch
+
+SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
+
+
+def check_grads(q, k, v, dout, causal, ctx, varlen=None, max_seqlen=None):
+    """The kernel's (dq, dk, dv) against float64 by the rule; varlen: (cu_q, cu_k)."""
+    (o_out, o_lse, o_dq, o_dk, o_dv), (_, _, p_dq, p_dk, p_dv) = oracle_and_pytorch(q, k, v, dout, causal, varlen)
+    cu = dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[1], max_seqlen_q=max_seqlen,
+              max_seqlen_k=max_seqlen) if varlen else {}
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None, **cu)
+    out, lse = launcher.forward(pb, "sim")
+    out = out.reshape(*q.shape[:-1], v.shape[-1])
+    dq, dk, dv = hbwd.backward(q, k, v, out, lse, dout, causal=causal, engine="sim", **cu)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape, ctx
+    assert dq.dtype == dk.dtype == dv.dtype == q.dtype, ctx
+    for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
+        assert_within_rule(name, got, want, pt, q.dtype, ctx)
+
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, dtype): BM = 64 query rows per ring stage, BN = 64 keys per CTA.
+CASES = [
+    (1, 64, 64, 1, 1, 64, False, torch.bfloat16),     # one tile each way
+    (1, 130, 100, 2, 1, 64, True, torch.bfloat16),    # Sq > Sk: rows that see no key (lse -inf, dq 0); GQA 2
+    (1, 70, 130, 2, 2, 128, True, torch.float16),     # Sq < Sk: three key tiles add into each dQ row
+    (2, 100, 77, 4, 2, 128, False, torch.bfloat16),   # GQA, two batches: boxes zero-filled at a batch's end
+    (1, 129, 65, 1, 1, 128, False, torch.float16),    # ragged query tiles (3 stages' worth: the ring wraps)
+]
+
+
+@SIM
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_d{}_{}_{}".format(*c[:6], "causal" if c[6] else "full", str(c[7])[6:]))
+def test_hopper_backward_vs_float64(case):
+    b, sq, sk, hq, hkv, d, causal, dtype = case
+    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, d, dtype, seed=3)
+    check_grads(q, k, v, dout, causal, f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal} {dtype} seed=3")
+
+
+@SIM
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_backward_varlen_with_empty_sequences(causal):
+    """An empty query sequence (its keys get dk = dv = 0), one with no keys (its rows: dq = 0), and
+    boxes that run past a sequence's end into the next one's rows (masked, never stored)."""
+    cu_q = torch.tensor([0, 0, 17, 145, 145, 150], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 133, 150, 150], dtype=torch.int32)
+    dtype = torch.bfloat16 if causal else torch.float16
+    q, k, v, dout = make_inputs(1, 150, 150, 4, 2, 64, dtype, 7, varlen_cu=True)
+    check_grads(q, k, v, dout, causal, f"varlen causal={causal} {dtype} seed=7", (cu_q, cu_k), 128)
+
+
+@SIM
+def test_hopper_backward_refuses_bad_input_by_name():
+    q, k, v, dout = make_inputs(1, 8, 8, 2, 1, 64, torch.bfloat16, 0)
+    lse = torch.zeros(1, 2, 8)
+    with pytest.raises(InputError, match="lse: expected a float32 tensor of shape \\(1, 2, 8\\)"):
+        hbwd.backward(q, k, v, dout, lse[:, :1], dout, causal=False, engine="sim")
+    with pytest.raises(InputError, match="dout: expected a torch.bfloat16 tensor"):
+        hbwd.backward(q, k, v, dout, lse, dout.half(), causal=False, engine="sim")
+    with pytest.raises(InputError, match="o: expected .* shape \\(1, 8, 2, 64\\)"):
+        hbwd.backward(q, k, v, dout[:, :4], lse, dout, causal=False, engine="sim")
+    q2, k2, v2, dout2 = make_inputs(1, 8, 8, 1, 1, 192, torch.bfloat16, 0, dv=128)
+    with pytest.raises(InputError, match="q: expected \\(Dqk, Dv\\) in"):
+        hbwd.backward(q2, k2, v2, dout2, torch.zeros(1, 1, 8), dout2, causal=False, engine="sim")
+    with pytest.raises(InputError, match="engine: expected 'sim' or 'cuda'"):
+        hbwd.backward(q, k, v, dout, lse, dout, causal=False, engine="reference")
+
+
+def test_spec_names_sizes_and_refusals():
+    spec = hbwd.choose_spec("bf16", 128, 128, True)
+    assert spec.entry_name() == "fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal"
+    # K, V, two Q/dO stages, dS^T, lse + delta, barriers: the kernel's static_assert checks the same sum
+    assert spec.smem_bytes() == 2 * (64 * 256 + 2 * 64 * 256 + 64 * 64) + 512 + 40 <= MAX_DYNAMIC_SMEM
+    assert len(list(hbwd.standard_specs())) == 8
+    with pytest.raises(UnsupportedError, match="head_dim_v"):
+        hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=192, head_dim_v=128, stages=2, causal=False).check()
+    with pytest.raises(UnsupportedError, match="stages"):
+        hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=64, head_dim_v=64, stages=1, causal=False).check()
+
+
+@pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")
+def test_hopper_backward_builds_with_hgmma_and_tma():
+    from fastmoe_ops import build
+    from fastmoe_ops.ops import _all  # noqa: F401  (registers the specs)
+    reports = build.build_all("sm_90a", "attn_bwd_sm90")
+    assert len(reports) == 8  # {bf16, fp16} x (64, 64), (128, 128) x causal
+    for r in reports:
+        assert r.ok, r.error
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"
+        assert 0 < r.registers <= 255
+        if compiler.find_cuobjdump() is not None:
+            assert r.sass["HGMMA"] > 0 and r.sass["UTMALDG"] > 0, f"{r.name}: {r.sass}"
+            assert r.sass["HMMA"] == 0 and r.sass["LDGSTS"] == 0, f"{r.name}: no mma.sync / cp.async: {r.sass}"
