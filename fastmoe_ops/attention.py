@@ -6,7 +6,9 @@
 
 q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] (varlen: [total, H, D] with int32 cu_seqlens
 [B + 1]); bf16 or fp16; Hq % Hkv == 0; D in {64, 128}, or q/k 192 with v 128 (MLA prefill;
-out then has v's 128); softmax_scale defaults to 1/sqrt(q's D).
+out then has v's 128), or 256 (forward only: the sm_90a kernel, the simulator and the reference
+engine; refused on other archs, and at the forward when gradients will be needed on a kernel
+engine); softmax_scale defaults to 1/sqrt(q's D).
 out: like q; lse: fp32 natural log, dense [B, Hq, Sq], varlen [Hq, total_q]. Causal masks
 align to the bottom right (query i sees key j <= i + Sk - Sq); a row that sees no key gives
 zeros and lse = -inf. Differentiable in q, k, v (lse is not: its gradient is ignored).
@@ -23,6 +25,7 @@ import math
 
 import torch
 
+from . import backends
 from .errors import expect
 from .ops import attention as launcher
 from .ops import attention_fp8
@@ -95,10 +98,23 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_sc
         return (out, lse) if return_lse else out
     if _needs_autograd(q, k, v):
         launcher.validate(q, k, v, varlen=False, softmax_scale=softmax_scale)
+        _refuse_missing_backward(q, k, v)
         out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, causal, _scale(q, softmax_scale))
     else:  # inference: the launcher (validation cached per signature) without the dispatcher's round trip
         out, lse = launcher.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return (out, lse) if return_lse else out
+
+
+def _refuse_missing_backward(q, k, v) -> None:
+    """A forward whose gradients will be needed (autograd records it) but whose head dims have no
+    backward kernel (D 256) is refused now, before its forward runs, not at the backward. The
+    engine is looked up only for such head dims (host time per call otherwise), and not while
+    dynamo traces (its context variable would break the graph): the backward op refuses then,
+    before its kernels."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in (q, k, v))
+            and (q.shape[-1], v.shape[-1]) not in launcher.HEAD_DIM_PAIRS):
+        launcher.check_backward_head_dims(q, v, backends.engine_for(q=q, k=k, v=v),
+                                          "with requires_grad (a backward will be needed)")
 
 
 def _needs_autograd(q, k, v) -> bool:
@@ -173,6 +189,7 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     if not torch.compiler.is_compiling():  # compiled: the op validates when it runs (the offsets are data)
         launcher.validate(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
+    _refuse_missing_backward(q, k, v)
     out, lse = torch.ops.fmo.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                    int(max_seqlen_k), causal, _scale(q, softmax_scale))
     return (out, lse) if return_lse else out

@@ -8,7 +8,8 @@ PyTorch's same-dtype computation plus rounding, lse within 1e-3 and -inf exactly
 no key; outputs poisoned (torch.empty on the simulator is the launch's poison) and NaN never
 passes. The cases cover D 64 and 128, causal (diagonal tiles masked, tiles past the diagonal
 never loaded) and not, Sq > Sk (rows that see no key), Sq < Sk, ragged tiles, GQA and MQA, bf16
-and fp16, MLA's (192, 128), D 256, dense and varlen (empty sequences; boxes that run into the next sequence),
+and fp16, MLA's (192, 128), D 256 (also through the public functions, and its refusals where no
+kernel has tiles: the mma.sync forward, the backward), dense and varlen (empty sequences; boxes that run into the next sequence),
 GQA packing (the query heads of a KV head in one work tile: forced on and off, equal bit for bit, and
 the rule that chooses it) and the choice of kernel (attention_hopper.forward_kernel). ~40 s on 2 cores.
 """
@@ -238,6 +239,85 @@ def test_hopper_gqa_packed_persistent_several_tiles():
     out, lse = fl.run(pb.q, pb.k, pb.v, "sim")
     assert_within_rule("out", out.reshape(o_out.shape), o_out, p_out, torch.bfloat16, "packed, 3 SMs")
     assert_lse(lse, o_lse.double(), "packed, 3 SMs")
+
+
+def _count_launches(monkeypatch) -> list:
+    """Records every kernel launch of the attention launchers (a refusal must come before any)."""
+    from fastmoe_ops.ops import attention_hopper
+    launches = []
+    for mod in (launcher, attention_hopper):
+        real = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda *a, _real=real, **kw: launches.append(a[0]) or _real(*a, **kw))
+    return launches
+
+
+@SIM
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_256_through_the_public_functions(causal, monkeypatch):
+    """fmo.flash_attn and flash_attn_varlen take D 256 on the simulator (the sm_90a forward) against
+    float64: dense with GQA and a ragged key tile, varlen with a sequence of more queries than keys
+    (causal: rows that see no key, out 0 and lse -inf) and an empty one; lse returned too."""
+    launches = _count_launches(monkeypatch)
+    q, k, v, dout = make_inputs(1, 9, 70, 4, 2, 256, torch.bfloat16, 61)
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal)
+    with fmo.use_backend("sim"):
+        out, lse = fmo.flash_attn(q, k, v, causal=causal, return_lse=True)
+    assert [s.op for s in launches] == ["attn_fwd_sm90"], launches
+    assert_within_rule("out", out, o_out, p_out, torch.bfloat16, f"flash_attn D 256 causal={causal}")
+    assert_lse(lse, o_lse.double(), f"flash_attn D 256 causal={causal}")
+
+    cu_q = torch.tensor([0, 20, 20, 26], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 17, 80], dtype=torch.int32)
+    q, k, v, dout = make_inputs(1, 26, 80, 2, 1, 256, torch.float16, 62, varlen_cu=True)
+    (o_out, o_lse, *_), (p_out, *_) = oracle_and_pytorch(q, k, v, dout, causal, (cu_q, cu_k))
+    with fmo.use_backend("sim"):
+        out, lse = fmo.flash_attn_varlen(q, k, v, cu_q, cu_k, 20, 63, causal=causal, return_lse=True)
+    assert_within_rule("out", out, o_out, p_out, torch.float16, f"flash_attn_varlen D 256 causal={causal}")
+    assert_lse(lse, o_lse.double(), f"flash_attn_varlen D 256 causal={causal}")
+
+
+def test_head_dim_256_on_the_reference_engine():
+    """The reference engine has no tiles to lack: D 256 forward and backward both run there."""
+    q, k, v, dout = make_inputs(1, 5, 6, 2, 1, 256, torch.bfloat16, 63)
+    q.requires_grad_(True)
+    with fmo.use_backend("reference"):
+        out = fmo.flash_attn(q, k, v, causal=True)
+        out.backward(dout)
+    want = oracle_and_pytorch(q, k, v, dout, True)[0]
+    assert torch.allclose(out.double(), want[0], atol=2e-2) and q.grad.shape == q.shape
+    assert not bool(q.grad.isnan().any())
+
+
+@SIM
+def test_head_dim_256_refused_where_no_kernel_has_tiles(monkeypatch):
+    """D 256 has only the sm_90a forward: the mma.sync forward (another arch, or forced) and the
+    backward (no D 256 tiles) are refused by name, with what came, before any kernel runs; a
+    forward whose gradients will be needed is refused at the forward, not after it ran."""
+    from fastmoe_ops.errors import InputError
+
+    launches = _count_launches(monkeypatch)
+    q, k, v, dout = make_inputs(1, 3, 11, 2, 1, 256, torch.bfloat16, 64)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    cu_k = torch.tensor([0, 11], dtype=torch.int32)
+    with fmo.use_backend("sim"):
+        with pytest.raises(InputError, match=r"^q: expected head dims .* for the backward .*got \(256, 256\) with requires_grad"):
+            fmo.flash_attn(q.clone().requires_grad_(True), k, v)
+        with pytest.raises(InputError, match=r"^q: expected head dims .* for the backward .*got \(256, 256\) with requires_grad"):
+            fmo.flash_attn_varlen(q[0], k[0], v[0].clone().requires_grad_(True), cu, cu_k, 3, 11)
+        with pytest.raises(InputError, match=r"^q: expected head dims .* for the backward .*got \(256, 256\) in a backward"):
+            torch.ops.fmo.flash_attn_bwd(dout, q, k, v, torch.zeros_like(q), torch.zeros(1, 2, 3), False, 0.0625)
+        with torch.no_grad():  # no gradients: the forward alone is fine
+            fmo.flash_attn(q.clone().requires_grad_(True), k, v)
+        assert [s.op for s in launches] == ["attn_fwd_sm90"], launches
+        launches.clear()
+        monkeypatch.setattr(hopper, "arch_of", lambda engine, device: "sm_80")  # the mma.sync forward's archs
+        q2, k2, v2, _ = make_inputs(1, 4, 13, 2, 2, 256, torch.bfloat16, 65)  # a signature not planned before
+        with pytest.raises(InputError, match=r"^q: expected head dims .* the mma.sync forward's tiles .*got \(256, 256\) "
+                                             r"for the mma.sync forward \(sm_80, 13 key rows\)"):
+            fmo.flash_attn(q2, k2, v2)
+    with pytest.raises(InputError, match=r"got \(256, 256\) for the mma.sync forward \(a forced choice"):
+        launcher.forward_launch(launcher.problem(q, k, v, causal=False, softmax_scale=None), "mma_sync")
+    assert launches == []
 
 
 def test_pack_gqa_rule():

@@ -6,8 +6,9 @@ dense   q: [B, Sq, Hq, D], k: [B, Sk, Hkv, D], v: [B, Sk, Hkv, D] -> out [B, Sq,
 varlen  q: [total_q, Hq, D], k/v: [total_k, Hkv, D], cu_seqlens_q/k: [B + 1] int32
         -> out [total_q, Hq, D], lse [Hq, total_q] fp32
 bf16 or fp16, Hq % Hkv == 0, (Dqk, Dv) in {(64, 64), (128, 128), (192, 128)} (the last is
-MLA's prefill: v and out have Dv), last dim contiguous (other strides are made contiguous
-here). The kernels see both layouts as rows of [rows, H, D].
+MLA's prefill: v and out have Dv), and for the forward (256, 256) on sm_90a (FORWARD_HEAD_DIM_PAIRS),
+last dim contiguous (other strides are made contiguous here). The kernels see both layouts as rows
+of [rows, H, D].
 
 Two forward kernels: the sm_90a one (csrc/attention/hopper_fwd.cuh, TMA + wgmma, warp-specialised;
 its spec and maps in attention_hopper.py) and the mma.sync one (fwd.cuh) for other archs and the
@@ -208,9 +209,10 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
     if not varlen:
         expect(k.shape[0] == q.shape[0], "k", f"batch {q.shape[0]} (like q)", k.shape[0])
     d = q.shape[-1]
-    expect(d in (64, 128, 192), "q", "head dim in (64, 128) or 192 (with v's 128: MLA)", d)
+    expect(d in FORWARD_HEAD_DIMS, "q", "head dim in (64, 128, 256) or 192 (with v's 128: MLA; 256: the forward "
+           "on sm_90a only)", d)
     expect(k.shape[-1] == d, "k", f"head dim {d} (like q)", k.shape[-1])
-    pairs = [dv for dqk, dv in HEAD_DIM_PAIRS if dqk == d]
+    pairs = [dv for dqk, dv in FORWARD_HEAD_DIM_PAIRS if dqk == d]
     expect(v.shape[-1] in pairs, "v", f"head dim {' or '.join(map(str, pairs))} (with q/k's {d})", v.shape[-1])
     if softmax_scale is not None:
         expect(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale), "softmax_scale",
@@ -225,6 +227,15 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
             expect(isinstance(mx, int), name.replace("cu_seqlens", "max_seqlen"), "an int >= the longest sequence", mx)
         expect(cu_seqlens_k.numel() == cu_seqlens_q.numel(), "cu_seqlens_k", f"{cu_seqlens_q.numel()} offsets (like cu_seqlens_q)",
                cu_seqlens_k.numel())
+
+
+def check_backward_head_dims(q, v, engine: str, when: str) -> None:
+    """The backward kernels have tiles for HEAD_DIM_PAIRS only (no D 256): others are refused on a
+    kernel engine before any launch (`when`: why a backward is due); the reference engine has all."""
+    dims = (q.shape[-1], v.shape[-1])
+    if engine != "reference" and dims not in HEAD_DIM_PAIRS:  # (the message formatted only then: per call)
+        expect(False, "q", f"head dims (q, v) among {HEAD_DIM_PAIRS} for the backward (the backward kernels "
+               f"have no tiles for others)", f"{dims} {when}")
 
 
 def check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
@@ -346,15 +357,21 @@ def forward_launch(pb: Problem, kernel: str | None = None):
     out_shape = (pb.q.shape[0], hq, pb.v.shape[2])
     if pb.q.shape[0] * hq * pb.v.shape[2] == 0 or pb.batch == 0 or pb.seqlen_q == 0:
         return ForwardLaunch(out_shape, pb.lse_shape)
+    arch = "a forced choice"
     if kernel is None:
         engine = "cuda" if pb.q.is_cuda else "sim"  # a kernel engine: CPU tensors run on the simulator
-        kernel = hopper.forward_kernel(hopper.arch_of(engine, pb.q.device), pb.q.shape[2], pb.v.shape[2], pb.k.shape[0])
+        arch = hopper.arch_of(engine, pb.q.device)
+        kernel = hopper.forward_kernel(arch, pb.q.shape[2], pb.v.shape[2], pb.k.shape[0])
     expect(kernel in hopper.FORWARD_KERNELS, "kernel", f"one of {hopper.FORWARD_KERNELS} (or None: by device)", kernel)
     if kernel == "wgmma":
         expect(hopper.forward_kernel("sm_90a", pb.q.shape[2], pb.v.shape[2], pb.k.shape[0]) == "wgmma", "kernel",
                f"'mma_sync' or None for head dims {(pb.q.shape[2], pb.v.shape[2])} with {pb.k.shape[0]} key rows "
                f"(the wgmma kernel has tiles for {hopper.HEAD_DIM_PAIRS} and needs keys)", kernel)
         return hopper.forward_launch(pb, out_shape, pb.params())
+    dims = (pb.q.shape[2], pb.v.shape[2])
+    expect(dims in HEAD_DIM_PAIRS, "q", f"head dims (q, v) among {HEAD_DIM_PAIRS}, the mma.sync forward's tiles "
+           f"(others need the sm_90a forward and at least one key row)",
+           lambda: f"{dims} for the mma.sync forward ({arch}, {pb.k.shape[0]} key rows)")
     bm = TILES[("fwd", pb.q.shape[2])][0]
     spec = choose_spec("fwd", pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
     config = LaunchConfig.make(grid=(_grid(pb.seqlen_q, bm), hq, pb.batch), block=spec.block_threads(),
@@ -468,6 +485,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=N
            f"a {out.dtype} tensor of shape {tuple(out.shape)} (like out)",
            lambda: f"{_dtype_name(dout)} {tuple(getattr(dout, 'shape', ()))}")
     engine = backends.engine_for(q=q, k=k, v=v, dout=dout)
+    check_backward_head_dims(q, v, engine, "in a backward")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if engine == "reference":
         grads = reference.attention_backward(dout, q, k, v, causal=causal, softmax_scale=scale,
@@ -481,3 +499,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=N
 
 
 from . import attention_hopper as hopper  # noqa: E402  (it imports AttnParams from here)
+
+# Every (Dqk, Dv) some forward kernel has tiles for: the mma.sync one's and the sm_90a one's (D 256).
+FORWARD_HEAD_DIM_PAIRS = HEAD_DIM_PAIRS + tuple(pair for pair in hopper.HEAD_DIM_PAIRS if pair not in HEAD_DIM_PAIRS)
+FORWARD_HEAD_DIMS = tuple(sorted({dqk for dqk, _ in FORWARD_HEAD_DIM_PAIRS}))
