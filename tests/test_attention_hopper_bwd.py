@@ -9,7 +9,7 @@ kernel leaves unwritten fails), dq from an fp32 buffer every contributing CTA ad
 key tile's share shows as a wrong value). Cases: D 64 and 128, causal and not, Sq > Sk (rows that
 see no key), Sq < Sk (several key tiles add into one dQ row), ragged tiles, GQA (dk / dv summed
 over the group), two dense batches (TMA boxes zero-filled at a batch's end), varlen with empty
-sequences. Then the refusals and the sm_90a build (0 spills, HGMMA, UTMALDG). ~30 s on 2 cores.
+sequences; the deterministic mode (its fp32 dQ sum equal bit for bit to a key-tile-order run while the CTAs run last tile first). Then the refusals and the sm_90a build (0 spills, HGMMA, UTMALDG). ~30 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -28,19 +28,20 @@ from attention_util import assert_within_rule, make_inputs, oracle_and_pytorch
 SIM = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built (test_sim_is_built fails instead)")
 
 
-def check_grads(q, k, v, dout, causal, ctx, varlen=None, max_seqlen=None):
-    """The kernel's (dq, dk, dv) against float64 by the rule; varlen: (cu_q, cu_k)."""
+def check_grads(q, k, v, dout, causal, ctx, varlen=None, max_seqlen=None, deterministic=False):
+    """The kernel's (dq, dk, dv) against float64 by the rule, returned; varlen: (cu_q, cu_k)."""
     (o_out, o_lse, o_dq, o_dk, o_dv), (_, _, p_dq, p_dk, p_dv) = oracle_and_pytorch(q, k, v, dout, causal, varlen)
     cu = dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[1], max_seqlen_q=max_seqlen,
               max_seqlen_k=max_seqlen) if varlen else {}
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None, **cu)
     out, lse = launcher.forward(pb, "sim")
     out = out.reshape(*q.shape[:-1], v.shape[-1])
-    dq, dk, dv = hbwd.backward(q, k, v, out, lse, dout, causal=causal, engine="sim", **cu)
+    dq, dk, dv = hbwd.backward(q, k, v, out, lse, dout, causal=causal, engine="sim", deterministic=deterministic, **cu)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape, ctx
     assert dq.dtype == dk.dtype == dv.dtype == q.dtype, ctx
     for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
         assert_within_rule(name, got, want, pt, q.dtype, ctx)
+    return dq, dk, dv, out, lse
 
 
 # (B, Sq, Sk, Hq, Hkv, D, causal, dtype): BM = 64 query rows per ring stage, BN = 64 keys per CTA.
@@ -74,6 +75,30 @@ def test_hopper_backward_varlen_with_empty_sequences(causal):
 
 
 @SIM
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_backward_deterministic(causal, monkeypatch):
+    """deterministic=True: the key tiles add into dQ's fp32 sum in key-tile order, whatever order
+    the CTAs run in. The test-only reverse_grid variant starts the last key tile first; one CTA at
+    a time (FMO_SIM_WORKERS=1) in grid order is key-tile order. The fp32 sums (rounding to bf16
+    hides the order) of the reversed deterministic run and the in-order run must be equal bit for
+    bit, and the reversed run without the turns must differ (else this test could not see a
+    broken order)."""
+    ctx = f"deterministic causal={causal} seed=5"
+    q, k, v, dout = make_inputs(1, 100, 256, 2, 1, 64, torch.bfloat16, 5)  # 4 key tiles add into each dQ row
+    check_grads(q, k, v, dout, causal, ctx, deterministic=True)
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
+    out, lse = launcher.forward(pb, "sim")
+    args = (pb, launcher._rows(dout), out, lse, "sim")
+    turns = hbwd.accumulate(*args, deterministic=True, reverse_grid=True)  # the turns: CTAs must run at once
+    monkeypatch.setenv("FMO_SIM_WORKERS", "1")
+    in_order = hbwd.accumulate(*args)
+    reversed_adds = hbwd.accumulate(*args, reverse_grid=True)
+    assert not torch.equal(reversed_adds[0], in_order[0]), f"the order of the adds does not show ({ctx})"
+    for name, got, want in zip(("dq (fp32 sum)", "dk", "dv"), turns, in_order):
+        assert torch.equal(got, want), f"{name}: differs from the key-tile-order run ({ctx})"
+
+
+@SIM
 def test_hopper_backward_refuses_bad_input_by_name():
     q, k, v, dout = make_inputs(1, 8, 8, 2, 1, 64, torch.bfloat16, 0)
     lse = torch.zeros(1, 2, 8)
@@ -86,6 +111,8 @@ def test_hopper_backward_refuses_bad_input_by_name():
     q2, k2, v2, dout2 = make_inputs(1, 8, 8, 1, 1, 192, torch.bfloat16, 0, dv=128)
     with pytest.raises(InputError, match="q: expected \\(Dqk, Dv\\) in"):
         hbwd.backward(q2, k2, v2, dout2, torch.zeros(1, 1, 8), dout2, causal=False, engine="sim")
+    with pytest.raises(InputError, match="deterministic: expected a bool"):
+        hbwd.backward(q, k, v, dout, lse, dout, causal=False, engine="sim", deterministic=1)
     with pytest.raises(InputError, match="engine: expected 'sim' or 'cuda'"):
         hbwd.backward(q, k, v, dout, lse, dout, causal=False, engine="reference")
 
@@ -95,7 +122,8 @@ def test_spec_names_sizes_and_refusals():
     assert spec.entry_name() == "fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal"
     # K, V, two Q/dO stages, dS^T, lse + delta, barriers: the kernel's static_assert checks the same sum
     assert spec.smem_bytes() == 2 * (64 * 256 + 2 * 64 * 256 + 64 * 64) + 512 + 40 <= MAX_DYNAMIC_SMEM
-    assert len(list(hbwd.standard_specs())) == 8
+    assert len(list(hbwd.standard_specs())) == 16
+    assert hbwd.choose_spec("fp16", 64, 64, False, True).entry_name() == "fmo_attn_bwd_sm90_fp16_d64_bm64_bn64_s2_deterministic"
     with pytest.raises(UnsupportedError, match="head_dim_v"):
         hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=192, head_dim_v=128, stages=2, causal=False).check()
     with pytest.raises(UnsupportedError, match="stages"):
@@ -107,7 +135,7 @@ def test_hopper_backward_builds_with_hgmma_and_tma():
     from fastmoe_ops import build
     from fastmoe_ops.ops import _all  # noqa: F401  (registers the specs)
     reports = build.build_all("sm_90a", "attn_bwd_sm90")
-    assert len(reports) == 8  # {bf16, fp16} x (64, 64), (128, 128) x causal
+    assert len(reports) == 16  # {bf16, fp16} x (64, 64), (128, 128) x causal x deterministic
     for r in reports:
         assert r.ok, r.error
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"

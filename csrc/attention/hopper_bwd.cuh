@@ -32,7 +32,9 @@
 // No setmaxnreg: two warpgroups at one CTA per SM leave 255 registers to every thread.
 // Not yet (issue 16): two consumer warpgroups (BN 128), overlap of the dQ atomics with the next
 // tile's MMAs, TMA for lse / delta (their rows are not 16-byte aligned for every Sq: the consumer
-// reads them from global memory), a deterministic mode, MLA head dims, persistent CTAs.
+// reads them from global memory), MLA head dims, persistent CTAs.
+// DETERMINISTIC: the dQ adds of the key tiles go in key-tile order (DqTurn), so dq is the same
+// bit for bit from run to run; the tiles then wait on one another.
 #pragma once
 
 #include "csrc/attention/bwd.cuh"
@@ -44,6 +46,7 @@ namespace fmo {
 struct AttnHopperBwdParams {
     AttnParams a;               // o, lse, dout, delta, dk, dv used; dq unused (dq_accum instead)
     float* dq_accum;            // [rows_q, Hq, DQK] fp32, zeroed by the launcher: sum of scale dS K
+    int32_t* dq_semaphore;      // deterministic: [batch, Hq, ceil(max_sq / BM)], zeroed: key tiles done
     ptx::TmaDescriptor q_map;   // q as [B | 1, S | total, Hq * DQK], box (64, BM, 1), 128B swizzle
     ptx::TmaDescriptor k_map;   // k as [.., Hkv * DQK], box (64, BN, 1)
     ptx::TmaDescriptor v_map;   // v as [.., Hkv * DV], box (64, BN, 1)
@@ -214,7 +217,30 @@ FMO_DEVICE void load_rows(const AttnParams& p, const HopperBwdSmem<Shape>& sm, c
         sm.delta()[col] = valid ? p.delta[idx] : 0.0f;
 }
 
-template <typename T, class Shape, bool CAUSAL>
+// Deterministic mode: the key tiles of a (sequence, KV head) add into a query tile's dQ rows in
+// key-tile order. The tiles that touch query tile m are 0 .. n_max(m) (causal: a later key tile
+// starts at a later query tile, so the set has no holes), so key tile n waits until the tile's
+// semaphore reads n, adds, and sets it to n + 1. Tile n only waits for lower tiles, which a GPU
+// starts first (grid x runs fastest), so the chain always ends at tile 0, which never waits.
+struct DqTurn {
+    int32_t* sem;  // null: atomics in any order
+    int n_block;   // this CTA's key tile
+    FMO_DEVICE void wait() const {
+        if (sem != nullptr)
+            while (ptx::ld_acquire(sem) != n_block) {
+            }  // every thread acquires: its adds come after the previous tile's
+    }
+    FMO_DEVICE void pass() const {
+        if (sem == nullptr) return;
+        ptx::bar_sync(kDsBarrier, 128);  // every consumer thread's adds issued
+        if (threadIdx.x % 128 == 0) {
+            ptx::fence_acq_rel();  // the warpgroup's adds (ordered before by the barrier), then the flag
+            ptx::st_release(sem, n_block + 1);
+        }
+    }
+};
+
+template <typename T, class Shape, bool CAUSAL, bool DETERMINISTIC>
 FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Shape>& sm, const SeqView& s,
                             const QueryTiles& qt, int hk, int n0) {
     const AttnParams& p = P.a;
@@ -271,6 +297,11 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
         float dq[kPanel / 8][4];
         float(&dqf)[kPanel / 2] = reinterpret_cast<float(&)[kPanel / 2]>(dq);
         float* dq_rows = P.dq_accum + (s.q_start + m0) * p.q_row_stride + int64_t(h) * Shape::DQK;
+        const int m_blocks = int((p.seqlen_q + Shape::BM - 1) / Shape::BM);
+        const DqTurn turn{DETERMINISTIC ? P.dq_semaphore + (int64_t(blockIdx.z) * p.heads_q + h) * m_blocks + m0 / Shape::BM
+                                        : nullptr,
+                          n0 / Shape::BN};
+        turn.wait();
 #pragma unroll 1
         for (int pc = 0; pc < Shape::DQK / kPanel; ++pc) {
             ptx::wgmma_fence();  // the previous panel's reads of dq before the MMAs overwrite it
@@ -291,6 +322,7 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
                                      dq[ni][2 * hh + c] * p.softmax_scale);
             }
         }
+        turn.pass();
     }
     ptx::wgmma_fence_operands(dkf);
     ptx::wgmma_fence_operands(dvf);
@@ -301,11 +333,14 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
 }
 
 // grid (ceil(max_sk / BN), Hkv, batch), 256 threads.
-template <typename T, int DQK, int DV, int STAGES, bool CAUSAL>
+// REVERSE_GRID (tests only): CTA x takes key tile gridDim.x - 1 - x, so the simulator starts the
+// last key tiles first and dQ's adds arrive out of key-tile order unless DETERMINISTIC orders them.
+template <typename T, int DQK, int DV, int STAGES, bool CAUSAL, bool DETERMINISTIC, bool REVERSE_GRID = false>
 FMO_DEVICE void attn_bwd_hopper(const AttnHopperBwdParams& P) {
     using Shape = HopperBwdShape<DQK, DV, STAGES>;
     const AttnParams& p = P.a;
-    const int n0 = int(blockIdx.x) * Shape::BN, hk = int(blockIdx.y);
+    const int n_block = REVERSE_GRID ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x);
+    const int n0 = n_block * Shape::BN, hk = int(blockIdx.y);
     const SeqView s = sequence(p, blockIdx.z);
     if (n0 >= s.sk) return;  // varlen: this sequence has fewer keys than max_seqlen_k (every thread)
     const QueryTiles qt(p, s, n0, Shape::BM, CAUSAL);
@@ -321,7 +356,7 @@ FMO_DEVICE void attn_bwd_hopper(const AttnHopperBwdParams& P) {
         produce_bwd<Shape>(P, sm, s, qt, hk, n0, blockIdx.z);
         return;
     }
-    consume_bwd<T, Shape, CAUSAL>(P, sm, s, qt, hk, n0);
+    consume_bwd<T, Shape, CAUSAL, DETERMINISTIC>(P, sm, s, qt, hk, n0);
 }
 
 }  // namespace attn

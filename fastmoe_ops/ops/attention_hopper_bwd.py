@@ -8,8 +8,9 @@ q, k, v (GQA: dk, dv summed over the query heads of a KV head). The steps:
   delta = rowsum(dout * o)   the mma.sync backward's pre-pass (attention.py's "bwd_delta" spec)
   dq_accum = 0 (fp32 [rows_q, Hq, D]); the sm_90a kernel: dk, dv, dq_accum += scale dS K
   dq = dq_accum as the input dtype
-dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit reproducible (the
-mma.sync backward is; a deterministic mode is not there yet). First version: head dims (64, 64)
+dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit reproducible, unless
+deterministic=True (the key tiles add in key-tile order, through a semaphore per query tile; the
+mma.sync backward is deterministic by its separate dQ pass). First version: head dims (64, 64)
 and (128, 128); not wired into fmo.flash_attn's backward (attention.py chooses the kernels).
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ STAGES = 2  # Q/dO ring depth: one tile computed while the next lands
 class AttnHopperBwdParams(Params):
     """Mirror of fmo::AttnHopperBwdParams."""
     cpp_name = "fmo::AttnHopperBwdParams"
-    _fields_ = aligned_fields([("a", AttnParams), ("dq_accum", ctypes.c_void_p), ("q_map", TMA_DESCRIPTOR),
+    _fields_ = aligned_fields([("a", AttnParams), ("dq_accum", ctypes.c_void_p), ("dq_semaphore", ctypes.c_void_p),
+                               ("q_map", TMA_DESCRIPTOR),
                                ("k_map", TMA_DESCRIPTOR), ("v_map", TMA_DESCRIPTOR), ("do_map", TMA_DESCRIPTOR)])
 
 
@@ -47,6 +49,8 @@ class AttnHopperBwdSpec(KernelSpec):
     head_dim_v: int  # Dv
     stages: int      # Q/dO ring depth
     causal: bool
+    deterministic: bool = False  # dQ's adds in key-tile order (reproducible; tiles wait on one another)
+    reverse_grid: bool = False   # tests only: CTAs take the key tiles last to first (dQ's adds out of order)
 
     op: ClassVar[str] = "attn_bwd_sm90"
     header: ClassVar[str] = "csrc/attention/hopper_bwd.cuh"
@@ -57,7 +61,8 @@ class AttnHopperBwdSpec(KernelSpec):
         """e.g. fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal."""
         d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
         return (f"fmo_{self.op}_{self.dtype}_{d}_bm{BLOCK_M}_bn{BLOCK_N}_s{self.stages}"
-                + ("_causal" if self.causal else ""))
+                + ("_causal" if self.causal else "") + ("_deterministic" if self.deterministic else "")
+                + ("_reverse_grid" if self.reverse_grid else ""))
 
     def check(self) -> None:
         super().check()
@@ -85,20 +90,24 @@ class AttnHopperBwdSpec(KernelSpec):
         return (f'static_assert({shape}::kSmemBytes == {self.smem_bytes()}, "{self.entry_name()}: the launcher\'s '
                 f'shared memory size differs from the kernel\'s"); '
                 f"fmo::attn::attn_bwd_hopper<{CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.head_dim_v}, "
-                f"{self.stages}, {'true' if self.causal else 'false'}>(p)")
+                f"{self.stages}, {'true' if self.causal else 'false'}, {'true' if self.deterministic else 'false'}, "
+                f"{'true' if self.reverse_grid else 'false'}>(p)")
 
 
-def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AttnHopperBwdSpec:
-    return AttnHopperBwdSpec(dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, stages=STAGES, causal=causal)
+def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, deterministic: bool = False,
+                reverse_grid: bool = False) -> AttnHopperBwdSpec:
+    return AttnHopperBwdSpec(dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, stages=STAGES, causal=causal,
+                             deterministic=deterministic, reverse_grid=reverse_grid)
 
 
 @register_op("attn_bwd_sm90")
 def standard_specs():
-    """Every variant: {bf16, fp16} x (Dqk, Dv) x causal or not."""
+    """Every variant: {bf16, fp16} x (Dqk, Dv) x causal or not x deterministic or not."""
     for dtype in ("bf16", "fp16"):
         for dqk, dv in HEAD_DIM_PAIRS:
             for causal in (False, True):
-                yield choose_spec(dtype, dqk, dv, causal)
+                for deterministic in (False, True):
+                    yield choose_spec(dtype, dqk, dv, causal, deterministic)
 
 
 def _map(t: torch.Tensor, batch: int | None, box_rows: int, engine: str):
@@ -121,11 +130,12 @@ def _check_grads(q, o, lse, dout, pb) -> None:
 
 
 def backward(q, k, v, o, lse, dout, *, causal: bool, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q=None, max_seqlen_k=None, engine: str | None = None):
+             max_seqlen_q=None, max_seqlen_k=None, deterministic: bool = False, engine: str | None = None):
     """(dq, dk, dv) shaped like q, k, v on a kernel engine ('sim' or 'cuda'; None: by q's device).
 
     q: [B, Sq, Hq, D] (varlen [total_q, Hq, D]), k, v: [B, Sk, Hkv, D], o, dout like the forward's
-    out, lse [B, Hq, Sq] (varlen [Hq, total_q]) fp32; D 64 or 128 (Dv = D)."""
+    out, lse [B, Hq, Sq] (varlen [Hq, total_q]) fp32; D 64 or 128 (Dv = D). deterministic: dQ's fp32
+    sums in a fixed order (bit-for-bit reproducible; the key tiles of a head then wait on one another)."""
     varlen = cu_seqlens_q is not None
     attention.validate(q, k, v, varlen=varlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
@@ -133,30 +143,45 @@ def backward(q, k, v, o, lse, dout, *, causal: bool, softmax_scale=None, cu_seql
     expect(pair in HEAD_DIM_PAIRS, "q", f"(Dqk, Dv) in {HEAD_DIM_PAIRS} (the sm_90a backward's tiles)", pair)
     engine = engine or ("cuda" if q.is_cuda else "sim")
     expect(engine in ("sim", "cuda"), "engine", "'sim' or 'cuda'", engine)
+    expect(isinstance(deterministic, bool), "deterministic", "a bool", deterministic)
     pb = attention.problem(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
                            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     _check_grads(q, o, lse, dout, pb)
-    dq, dk, dv = _run(pb, attention._rows(dout), attention._rows(o), lse.contiguous(), engine)
+    dq, dk, dv = backward_problem(pb, attention._rows(dout), attention._rows(o), lse.contiguous(), engine,
+                                  deterministic)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-def _run(pb, dout, out, lse, engine: str):
-    """pb: attention.Problem; dout, out [rows_q, Hq, Dv] -> (dq, dk, dv) as [rows, H, D]."""
+def backward_problem(pb, dout, out, lse, engine: str, deterministic: bool = False):
+    """pb: attention.Problem (validated; head dims in HEAD_DIM_PAIRS); dout, out [rows_q, Hq, Dv]
+    contiguous, lse contiguous -> (dq, dk, dv) as [rows, H, D]: attention.backward's contract."""
+    dq_accum, dk, dv = accumulate(pb, dout, out, lse, engine, deterministic)
+    return dq_accum.to(pb.q.dtype), dk, dv  # dQ's fp32 sum to the output dtype (a torch cast)
+
+
+def accumulate(pb, dout, out, lse, engine: str, deterministic: bool = False, reverse_grid: bool = False):
+    """backward_problem's launches: (dq as its fp32 sum, dk, dv). reverse_grid: tests only
+    (AttnHopperBwdSpec); the fp32 sum shows the order of the adds, which rounding to bf16 hides."""
     hq, hkv = pb.q.shape[1], pb.k.shape[1]
     dq_accum = torch.zeros(pb.q.shape, dtype=torch.float32, device=pb.q.device)
     dk = torch.empty_like(pb.k)
     dv = torch.empty_like(pb.v)
     if pb.batch == 0 or pb.k.shape[0] == 0 or pb.seqlen_k == 0 or pb.q.shape[0] == 0:
-        return dq_accum.to(pb.q.dtype), dk.zero_(), dv.zero_()  # no keys or no queries: every gradient 0
+        return dq_accum, dk.zero_(), dv.zero_()  # no keys or no queries: every gradient 0
     delta = torch.empty_like(lse)
     grads = dict(o=out, lse=lse, dout=dout, delta=delta)
     tensors = (out, lse, dout, delta)
     # the mma.sync backward's delta pre-pass
     pb.plan("bwd_delta", -(-pb.q.shape[0] * hq // attention.DELTA_WARPS), tensors, **grads).run(engine)
-    spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal)
+    spec = choose_spec(pb.dtype, pb.q.shape[2], pb.v.shape[2], pb.causal, deterministic, reverse_grid)
     P = AttnHopperBwdParams()
     P.a = pb.params(dk=dk, dv=dv, **grads)
     P.dq_accum = dq_accum.data_ptr()
+    tensors += (dq_accum, dk, dv)
+    if deterministic:  # per (sequence, query head, query tile): how many key tiles have added their dQ
+        semaphore = torch.zeros(pb.batch, hq, -(-pb.seqlen_q // BLOCK_M), dtype=torch.int32, device=pb.q.device)
+        P.dq_semaphore = semaphore.data_ptr()
+        tensors += (semaphore,)
     batch = None if pb.cu_q is not None else pb.batch
     P.q_map = _map(pb.q, batch, BLOCK_M, engine)
     P.do_map = _map(dout, batch, BLOCK_M, engine)
@@ -165,5 +190,5 @@ def _run(pb, dout, out, lse, engine: str):
     config = LaunchConfig.make(grid=(-(-pb.seqlen_k // BLOCK_N), hkv, pb.batch), block=spec.block_threads(),
                                shared_mem=spec.smem_bytes())
     cu = tuple(t for t in (pb.cu_q, pb.cu_k) if t is not None)
-    launch(spec, config, P, engine=engine, tensors=(pb.q, pb.k, pb.v, *cu, *tensors, dq_accum, dk, dv))
-    return dq_accum.to(pb.q.dtype), dk, dv
+    launch(spec, config, P, engine=engine, tensors=(pb.q, pb.k, pb.v, *cu, *tensors))
+    return dq_accum, dk, dv
