@@ -12,7 +12,7 @@ import fastmoe_ops as fmo
 from fastmoe_ops.moe import host
 from fastmoe_ops.moe.transports import mpi as mpi_transport
 
-import test_moe_dispatch as dispatch_tests
+import moe_dispatch_util as dispatch_checks
 from mpi_util import all_agree, comm, expect_same_error, need_ranks  # noqa: F401 (comm: a fixture)
 
 
@@ -61,7 +61,7 @@ def test_bad_setting_refused_on_every_rank(comm, monkeypatch):
                       fmo.InputError, f"FMO_MPI_CUDA_AWARE: expected one of ['auto', '0', '1'], got 'yes' on rank {last}")
 
 
-@pytest.mark.parametrize("engine", dispatch_tests.ENGINES)
+@pytest.mark.parametrize("engine", dispatch_checks.ENGINES)
 def test_device_buffers_path_bitexact(comm, engine, monkeypatch):
     """The staged path with device buffers, forced on CPU tensors: every dispatch test case,
     FP8 pairs and autograd bit for bit against the oracle; MPI moved the rows (Ialltoallv
@@ -82,10 +82,10 @@ def test_device_buffers_path_bitexact(comm, engine, monkeypatch):
         return real_ialltoallv(self, *a, **kw)
     monkeypatch.setattr(host.HostTransport, "work", work)
     monkeypatch.setattr(fmo.comm.Group, "ialltoallv", ialltoallv)
-    for case in dispatch_tests.CASES:
-        dispatch_tests.test_dispatch_combine_bitexact(comm, engine, case)
-    dispatch_tests.test_fp8_pairs_and_capacity(comm, engine)
-    dispatch_tests.test_autograd_against_dense_float64(comm, engine)
+    for case in dispatch_checks.CASES:
+        dispatch_checks.check_dispatch_combine_bitexact(comm, engine, case)
+    dispatch_checks.check_fp8_pairs_and_capacity(comm, engine)
+    dispatch_checks.check_autograd_against_dense_float64(comm, engine)
     all_agree(comm, seen["ialltoallv"] > 0 and seen["pinned work buffers"] == 0 and seen["device_buffers"],
               f"expected MPI on the device rows, no pinned staging: {seen}")
 
