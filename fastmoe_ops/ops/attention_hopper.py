@@ -36,6 +36,24 @@ TILES = {(64, 64): (2, 128, 2), (128, 128): (2, 128, 2), (192, 128): (2, 128, 2)
 HEAD_DIM_PAIRS = tuple(TILES)
 
 
+def head_dims_tag(head_dim: int, head_dim_v: int) -> str:
+    """The head dims in an sm_90a attention entry name: d128, or d192v128 where they differ."""
+    return f"d{head_dim}" + (f"v{head_dim_v}" if head_dim_v != head_dim else "")
+
+
+def check_sm90_spec(spec: KernelSpec, head_dim_pairs) -> None:
+    """The refusals the sm_90a attention specs (forward and backward) share: dtype, head dims
+    among the kernel's tiles, and a 2-4 stage ring that fits shared memory."""
+    def refuse(msg):
+        raise UnsupportedError(f"{spec.op} {spec}: {msg}")
+    if spec.dtype not in ("bf16", "fp16"):
+        refuse("dtype must be bf16 or fp16")
+    if (spec.head_dim, spec.head_dim_v) not in head_dim_pairs:
+        refuse(f"(head_dim, head_dim_v) must be one of {head_dim_pairs}")
+    if not 2 <= spec.stages <= 4 or spec.smem_bytes() > MAX_DYNAMIC_SMEM:
+        refuse(f"stages must be 2..4 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+
+
 class AttnHopperParams(Params):
     """Mirror of fmo::AttnHopperParams: the mma.sync kernel's fields, then q's, k's and v's maps."""
     cpp_name = "fmo::AttnHopperParams"
@@ -66,26 +84,18 @@ class AttnHopperSpec(KernelSpec):
 
     def entry_name(self) -> str:
         """e.g. fmo_attn_fwd_sm90_bf16_d128_bm128_bn128_s2_causal."""
-        d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+        d = head_dims_tag(self.head_dim, self.head_dim_v)
         return (f"fmo_{self.op}_{self.dtype}_{d}_bm{self.block_m}_bn{self.block_n}_s{self.stages}"
                 + ("_causal" if self.causal else "") + ("_packgqa" if self.pack_gqa else "")
                 + ("_unsafe_early_release" if self.unsafe_early_release else ""))
 
     def check(self) -> None:
         super().check()
-
-        def refuse(msg):
-            raise UnsupportedError(f"{self.op} {self}: {msg}")
-        if self.dtype not in ("bf16", "fp16"):
-            refuse("dtype must be bf16 or fp16")
-        if (self.head_dim, self.head_dim_v) not in HEAD_DIM_PAIRS:
-            refuse(f"(head_dim, head_dim_v) must be one of {HEAD_DIM_PAIRS}")
         if self.consumers not in (1, 2):
-            refuse("consumers must be 1 or 2 warpgroups")
+            raise UnsupportedError(f"{self.op} {self}: consumers must be 1 or 2 warpgroups")
         if self.block_n not in (64, 128, 192, 256):
-            refuse("block_n must be a wgmma N of ptx/wgmma_bf16.cuh (64, 128, 192, 256)")
-        if not 2 <= self.stages <= 4 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
-            refuse(f"stages must be 2..4 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+            raise UnsupportedError(f"{self.op} {self}: block_n must be a wgmma N of ptx/wgmma_bf16.cuh (64, 128, 192, 256)")
+        check_sm90_spec(self, HEAD_DIM_PAIRS)
 
     def block_threads(self) -> int:
         return 128 * (1 + self.consumers)  # the producer warpgroup + the consumers

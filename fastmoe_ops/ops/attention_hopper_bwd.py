@@ -21,12 +21,13 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import UnsupportedError, expect
-from ..runtime.launch import MAX_DYNAMIC_SMEM, LaunchConfig, launch
+from ..errors import expect
+from ..runtime.launch import LaunchConfig, launch
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
 from . import attention
 from .attention import AttnParams
+from .attention_hopper import check_sm90_spec, head_dims_tag
 
 PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
 BLOCK_M = BLOCK_N = 64  # query rows per ring stage, keys per CTA (one consumer warpgroup's 64 rows)
@@ -59,22 +60,14 @@ class AttnHopperBwdSpec(KernelSpec):
 
     def entry_name(self) -> str:
         """e.g. fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal."""
-        d = f"d{self.head_dim}" + (f"v{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+        d = head_dims_tag(self.head_dim, self.head_dim_v)
         return (f"fmo_{self.op}_{self.dtype}_{d}_bm{BLOCK_M}_bn{BLOCK_N}_s{self.stages}"
                 + ("_causal" if self.causal else "") + ("_deterministic" if self.deterministic else "")
                 + ("_reverse_grid" if self.reverse_grid else ""))
 
     def check(self) -> None:
         super().check()
-
-        def refuse(msg):
-            raise UnsupportedError(f"{self.op} {self}: {msg}")
-        if self.dtype not in ("bf16", "fp16"):
-            refuse("dtype must be bf16 or fp16")
-        if (self.head_dim, self.head_dim_v) not in HEAD_DIM_PAIRS:
-            refuse(f"(head_dim, head_dim_v) must be one of {HEAD_DIM_PAIRS}")
-        if not 2 <= self.stages <= 4 or self.smem_bytes() > MAX_DYNAMIC_SMEM:
-            refuse(f"stages must be 2..4 and fit {MAX_DYNAMIC_SMEM} bytes of shared memory")
+        check_sm90_spec(self, HEAD_DIM_PAIRS)
 
     def block_threads(self) -> int:
         return 256  # the producer warpgroup + one consumer warpgroup
