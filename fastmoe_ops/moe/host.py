@@ -168,10 +168,12 @@ class HostTransport:
         return host
 
     def _device_ready(self, t: torch.Tensor) -> None:
-        """Before MPI reads device rows: the kernels that wrote them have finished (MPI does
-        not order itself after a CUDA stream)."""
+        """Before MPI reads device rows: the kernels that wrote them (on the current stream)
+        have finished, since MPI does not order itself after a CUDA stream. The stream, not the
+        device: a device-wide sync would also wait for compute on other streams, which the
+        overlapped MoE step runs beside communication."""
         if t.is_cuda:
-            torch.cuda.synchronize(t.device)
+            torch.cuda.current_stream(t.device).synchronize()
 
     def dispatch_rows(self, srcs, send_src: torch.Tensor, send_counts, recv_counts, outs, what: str,
                       staged: bool) -> None:
