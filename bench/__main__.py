@@ -11,6 +11,7 @@ simulator throughputs, not GPU speeds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fastmoe_ops.timing import time_fn
 from . import bench_attention, bench_fp8, bench_moe, bench_moe_kernels, bench_sim, overhead_bench
 from .harness import Row, format_table, plot, write_json
 from .report import save_results
-from .stats import compare, steady_timing_process
+from .stats import compare, spread_over_run, steady_timing_process
 
 # "host": host time per call of every public op beside torch.abs (bench/overhead_bench.py)
 AREAS = {"fp8": bench_fp8, "attention": bench_attention, "moe": bench_moe_kernels, "sim": bench_sim, "host": overhead_bench}
@@ -115,10 +116,14 @@ def main(argv=None) -> int:
     ceilings = {"copy_gbps": copy, "bf16_matmul_tflops": matmul_tflops(device)}
     if ceilings["bf16_matmul_tflops"]:
         print(f"bf16 matmul 8192^3 (measured now): {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s")
-    rows = [self_check(device, args.quick)]
-    jobs = [(name, module, engine) for name, module in AREAS.items() if not args.only or name in args.only for engine in engines]
-    for name, module, engine in _progress(jobs):
-        rows += module.run(device, engine, args.quick, copy)
+    # On a CPU every row is checked and registered first, then timed in rounds (spread_over_run)
+    spread = contextlib.nullcontext() if device.type == "cuda" else spread_over_run()
+    with spread:
+        rows = [self_check(device, args.quick)]
+        jobs = [(name, module, engine) for name, module in AREAS.items() if not args.only or name in args.only
+                for engine in engines]
+        for name, module, engine in _progress(jobs):
+            rows += module.run(device, engine, args.quick, copy)
     print(format_table(rows))
     overhead = host_overhead_us()
     if overhead is not None:

@@ -34,8 +34,21 @@ class Row:
 
     @classmethod
     def compared(cls, op: str, shape: str, engine: str, c, **kw) -> "Row":
-        """A row from a bench.stats.Comparison (medians, intervals, the per-pair ratio)."""
-        return cls(op, shape, engine, ours_s=c.ours_s, baseline_s=c.base_s, stats=c.as_dict(), **kw)
+        """A row from a bench.stats.Comparison (medians, intervals, the per-pair ratio); from a
+        PendingComparison (bench.stats.spread_over_run), a row completed when it is timed."""
+        from .stats import PendingComparison
+
+        if isinstance(c, PendingComparison):
+            row = cls(op, shape, engine, ours_s=math.nan, baseline_s=math.nan, **kw)
+            c.rows.append(row)
+            return row
+        row = cls(op, shape, engine, ours_s=0.0, baseline_s=0.0, **kw)
+        row.take(c)
+        return row
+
+    def take(self, c) -> None:
+        """Times and statistics from a bench.stats.Comparison."""
+        self.ours_s, self.baseline_s, self.stats = c.ours_s, c.base_s, c.as_dict()
 
     @property
     def speedup(self) -> float:

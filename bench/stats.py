@@ -11,6 +11,15 @@ median (relative half-width) or `max_seconds` of timing have passed, after warm-
 On CUDA each timed run starts on a flushed L2 (fastmoe_ops.timing.L2_FLUSH_BYTES overwritten
 outside the timed region), timed with events.
 
+Slow noise: on a CPU the noise is not independent from pair to pair. A neighbour's load on the
+shared caches and memory lasts about a second, so consecutive pairs share it: one process timing
+one row (gather_reduce N512, sim) in 4-second windows gave window ratios of 0.31-0.34, each
+stating +-3%, and its 0.8-second blocks read 0.26-0.37. An interval from order statistics alone
+(pairs assumed independent) was then too narrow, and two runs disagreed on such rows. So the
+interval is also at least the batch-means one: the pairs cut into consecutive time blocks, the
+t interval of the blocks' median ratios (`block_interval`); and on a CPU a row is timed for at
+least MIN_SPAN_CPU_S, so its blocks see more than one state of the machine.
+
 Resolution: the interval of one run only sees the noise inside that run. Between runs the
 machine itself changes (a 2-vCPU VM's neighbours, caches, frequency): two CPU runs of the main
 job minutes apart gave intervals of +-1-2% whose medians were 3-5% apart (bench/README.md).
@@ -19,6 +28,7 @@ below it is not one this harness can claim, and two runs agree within their stat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -32,6 +42,11 @@ from fastmoe_ops.timing import L2_FLUSH_BYTES
 
 Z95 = 1.96
 MIN_PAIRS = 8   # the order-statistic interval needs a few samples on each side of the median
+MIN_SPAN_CPU_S = 2.0   # the shortest timing of one CPU row: several of the slow noise's ~1 s states
+PAIRS_PER_BLOCK = 4    # batch means: a block's median needs a few pairs
+MAX_BLOCKS = 8
+# Student's t, two-sided 95%, by degrees of freedom (blocks - 1)
+_T95 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365}
 RESOLUTION = 0.03  # smallest relative half-width ever stated (see the module docstring)
 
 
@@ -100,6 +115,36 @@ def median_ci(samples: list[float], z: float = Z95) -> tuple[float, float, float
     return statistics.median(xs), xs[lo], xs[hi]
 
 
+def block_interval(ratios: list[float], blocks: list[slice] | None = None) -> tuple[float, float] | None:
+    """(low, high) of the median ratio by batch means, or None with fewer than 3 blocks: the
+    ratios (in time order) cut into consecutive blocks of at least PAIRS_PER_BLOCK (or the given
+    ones: spread_over_run's rounds), each block's median, and the overall median
+    -+ t95 * sd(block medians) / sqrt(blocks). Independent pairs give about the order-statistic
+    interval; noise that holds for many pairs spreads the blocks apart and widens it (the order
+    statistics assume every pair independent)."""
+    if blocks is None:
+        count, n = min(MAX_BLOCKS, len(ratios) // PAIRS_PER_BLOCK), len(ratios)
+        blocks = [slice(i * n // count, (i + 1) * n // count) for i in range(count)]
+    medians = [statistics.median(ratios[blk]) for blk in blocks if ratios[blk]]
+    if len(medians) < 3:
+        return None
+    t95 = _T95.get(len(medians) - 1, Z95 if len(medians) > 30 else 2.3)   # 2.3: df 8-30, a little wide
+    half = t95 * statistics.stdev(medians) / math.sqrt(len(medians))
+    center = statistics.median(ratios)
+    return center - half, center + half
+
+
+def ratio_interval(a: list[float], b: list[float], blocks: list[slice] | None = None) -> tuple[float, float, float]:
+    """(median, low, high) of the per-pair ratio b/a: the wider of the order-statistic interval
+    and the batch-means one (block_interval)."""
+    ratios = [y / x for x, y in zip(a, b)]
+    r, lo, hi = median_ci(ratios)
+    blocks = block_interval(ratios, blocks)
+    if blocks is not None:
+        lo, hi = min(lo, blocks[0]), max(hi, blocks[1])
+    return r, lo, hi
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One row's statistics: times of ours and the baseline, and their per-pair ratio."""
@@ -159,42 +204,137 @@ class _Timer:
 
 
 def compare(ours: Callable[[], object], baseline: Callable[[], object], *, device: torch.device,
-            rel_ci: float = 0.05, max_seconds: float = 6.0, warmup: int = 2, max_pairs: int = 400) -> Comparison:
+            rel_ci: float = 0.05, max_seconds: float = 6.0, warmup: int = 2, max_pairs: int = 400,
+            min_seconds: float | None = None) -> "Comparison | PendingComparison":
     """Time ours and baseline interleaved until the ratio's 95% interval is within rel_ci of the
-    median (or max_seconds pass, or max_pairs). The order within a pair alternates too (A B, B A)
-    so neither side always runs second on a warm cache."""
+    median (or max_seconds pass, or max_pairs), but for at least min_seconds (default: on a CPU
+    MIN_SPAN_CPU_S, capped at max_seconds; on CUDA none). The order within a pair alternates too
+    (A B, B A) so neither side always runs second on a warm cache. On a CPU inside
+    spread_over_run: a PendingComparison, timed when the run's rows are all registered."""
     timer = _Timer(device)
     for _ in range(warmup):
         ours()
         baseline()
-    deadline = time.perf_counter() + max_seconds
+    if min_seconds is None:
+        min_seconds = 0.0 if device.type == "cuda" else MIN_SPAN_CPU_S
+    if _spread is not None and device.type != "cuda":
+        pending = PendingComparison(timer, ours, baseline, rel_ci, max_seconds, min(min_seconds, max_seconds), max_pairs)
+        _spread.append(pending)
+        return pending
+    start = time.perf_counter()
     return _interleaved(timer, ours, baseline, rel_ci=rel_ci, max_pairs=max_pairs,
-                        out_of_time=lambda: time.perf_counter() > deadline)
+                        out_of_time=lambda: time.perf_counter() - start > max_seconds,
+                        long_enough=lambda: time.perf_counter() - start >= min(min_seconds, max_seconds))
 
 
 def _interleaved(timed: Callable[[Callable[[], object]], float], ours: Callable[[], object],
                  baseline: Callable[[], object], *, rel_ci: float, max_pairs: int,
-                 out_of_time: Callable[[], bool],
+                 out_of_time: Callable[[], bool], long_enough: Callable[[], bool] = lambda: True,
                  agree: Callable[[float, float], tuple[float, float]] = lambda ta, tb: (ta, tb)) -> Comparison:
-    """The pairs loop both comparisons share: A B, then B A, until the ratio's interval is within
-    rel_ci of its median, out_of_time() says stop, or max_pairs. `agree` makes every rank hold the
-    same samples under MPI (so every rank takes the same decision to stop)."""
+    """The pairs loop every comparison shares (_pairs), summarized."""
+    return summarize(*_pairs(timed, ours, baseline, rel_ci=rel_ci, max_pairs=max_pairs, out_of_time=out_of_time,
+                             long_enough=long_enough, agree=agree))
+
+
+def _pairs(timed, ours, baseline, *, rel_ci: float, max_pairs: int, out_of_time: Callable[[], bool],
+           long_enough: Callable[[], bool] = lambda: True,
+           agree: Callable[[float, float], tuple[float, float]] = lambda ta, tb: (ta, tb)) -> tuple[list, list]:
+    """(ours' times, baseline's times): A B, then B A, until the ratio's interval is within rel_ci
+    of its median and long_enough() (the minimum span), out_of_time() says stop, or max_pairs.
+    `agree` makes every rank hold the same samples under MPI (so every rank takes the same
+    decision to stop)."""
     a, b = [], []
-    while len(a) < max_pairs:
-        if len(a) % 2:
+    run, stride = 0, 1   # pairs run; every stride-th couple (A B + B A) of them is kept
+    while True:
+        if run % 2:
             tb = timed(baseline)
             ta = timed(ours)
         else:
             ta = timed(ours)
             tb = timed(baseline)
         ta, tb = agree(ta, tb)
-        a.append(ta)
-        b.append(tb)
-        if len(a) >= MIN_PAIRS:
-            r, lo, hi = median_ci([y / x for x, y in zip(a, b)])
-            if (hi - lo) / 2 <= rel_ci * r or out_of_time():
+        if (run // 2) % stride == 0:
+            a.append(ta)
+            b.append(tb)
+        run += 1
+        if len(a) >= max_pairs:
+            if long_enough() or out_of_time():
                 break
-    return summarize(a, b)
+            # Fast calls fill max_pairs before the minimum span: keep every other couple (both
+            # orders stay equal in number) and from now on every 2*stride-th, so the samples
+            # kept are spread evenly over the whole span.
+            a = [t for i, t in enumerate(a) if (i // 2) % 2 == 0]
+            b = [t for i, t in enumerate(b) if (i // 2) % 2 == 0]
+            stride *= 2
+        elif len(a) >= MIN_PAIRS and run % (2 * stride) == 0:
+            r, lo, hi = ratio_interval(a, b)
+            if ((hi - lo) / 2 <= rel_ci * r and long_enough()) or out_of_time():
+                break
+    return a, b
+
+
+ROUNDS = 3   # spread_over_run: the slices each CPU row is timed in, one per pass over all rows
+_spread: list | None = None   # the comparisons spread_over_run will time; None: compare times at once
+
+
+class PendingComparison:
+    """A CPU comparison registered by compare() inside spread_over_run and timed later, in ROUNDS
+    slices: one per pass over every registered row, so each row's samples come from moments
+    spread over the whole run. Why: the slow noise lasts tens of seconds too. The same row
+    (gather_reduce N512, sim) timed in one process in consecutive 2-6 s windows read
+    0.253 [0.240, 0.265] and, 10 s later, 0.326 [0.289, 0.363]. Two runs that time a row once
+    each, minutes apart, compare two such moments, and any interval from one window misses the
+    other. The batch-means blocks are each slice's two halves, so the stated interval holds the
+    moments between the rounds. Row.compared registers its Row here, and finish() completes it."""
+
+    def __init__(self, timer, ours, baseline, rel_ci: float, max_seconds: float, min_seconds: float, max_pairs: int):
+        self.timer, self.ours, self.baseline = timer, ours, baseline
+        self.rel_ci, self.max_seconds, self.min_seconds, self.max_pairs = rel_ci, max_seconds, min_seconds, max_pairs
+        self.a, self.b, self.blocks = [], [], []
+        self.rows = []   # Rows that Row.compared built from this, completed by finish()
+        self.result: Comparison | None = None
+
+    def time_slice(self, rounds: int) -> None:
+        """One slice: the budgets divided by the rounds; its two halves are two blocks."""
+        start = time.perf_counter()
+        a, b = _pairs(self.timer, self.ours, self.baseline, rel_ci=self.rel_ci, max_pairs=self.max_pairs,
+                      out_of_time=lambda: time.perf_counter() - start > self.max_seconds / rounds,
+                      long_enough=lambda: time.perf_counter() - start >= self.min_seconds / rounds)
+        n, half = len(self.a), len(a) // 4 * 2   # an even half: as many A B pairs as B A in each
+        self.blocks += [slice(n, n + half), slice(n + half, n + len(a))]
+        self.a += a
+        self.b += b
+
+    def finish(self) -> Comparison:
+        self.result = summarize(self.a, self.b, self.blocks)
+        for row in self.rows:
+            row.take(self.result)
+        self.ours = self.baseline = None   # the closures hold the row's tensors
+        return self.result
+
+
+@contextlib.contextmanager
+def spread_over_run(rounds: int = ROUNDS, report: Callable[[str], None] = print):
+    """Inside: compare() on a CPU registers its comparison (PendingComparison) instead of timing
+    it. On leaving: `rounds` passes over every registered comparison, each timing one slice of
+    each, then every comparison (and its rows) is completed. CUDA comparisons are timed at once
+    (their noise was not measured to need it). The registered closures, and their tensors, live
+    until then: CPU shapes are small."""
+    global _spread
+    if _spread is not None:
+        raise RuntimeError("spread_over_run: already inside one")
+    _spread = []
+    try:
+        yield
+        pending = _spread
+    finally:
+        _spread = None
+    for r in range(rounds):
+        report(f"timing round {r + 1}/{rounds}: {len(pending)} comparisons")
+        for p in pending:
+            p.time_slice(rounds)
+    for p in pending:
+        p.finish()
 
 
 def compare_across_ranks(comm, ours: Callable[[], object], baseline: Callable[[], object], *, device: torch.device,
@@ -218,17 +358,19 @@ def compare_across_ranks(comm, ours: Callable[[], object], baseline: Callable[[]
         baseline()
     sync()
     start = time.perf_counter()
-    # Ranks hold identical samples, so they short-circuit alike and the allreduce in
-    # out_of_time is reached by all of them or by none.
+    min_seconds = 0.0 if device.type == "cuda" else min(MIN_SPAN_CPU_S, max_seconds)
+    # Ranks hold identical samples, so they short-circuit alike and the allreduces in
+    # long_enough and out_of_time are reached by all of them or by none.
     return _interleaved(timed, ours, baseline, rel_ci=rel_ci, max_pairs=max_pairs,
                         out_of_time=lambda: comm.allreduce(time.perf_counter() - start > max_seconds, op=MPI.LOR),
+                        long_enough=lambda: comm.allreduce(time.perf_counter() - start >= min_seconds, op=MPI.LAND),
                         agree=lambda ta, tb: (comm.allreduce(ta, op=MPI.MAX), comm.allreduce(tb, op=MPI.MAX)))
 
 
-def summarize(a: list[float], b: list[float]) -> Comparison:
-    """The Comparison of paired samples a (ours) and b (baseline)."""
+def summarize(a: list[float], b: list[float], blocks: list[slice] | None = None) -> Comparison:
+    """The Comparison of paired samples a (ours) and b (baseline); blocks: as block_interval."""
     oa, ob = median_ci(a), median_ci(b)
-    ratio, lo, hi = median_ci([y / x for x, y in zip(a, b)])
+    ratio, lo, hi = ratio_interval(a, b, blocks)
     r = (ratio, min(lo, ratio * (1 - RESOLUTION)), max(hi, ratio * (1 + RESOLUTION)))
     xs = sorted(a)
     p10, p90 = xs[int(0.1 * (len(xs) - 1))], xs[int(0.9 * (len(xs) - 1))]

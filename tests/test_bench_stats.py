@@ -76,6 +76,64 @@ def test_stated_interval_is_never_narrower_than_the_resolution():
     assert wide.ratio_hi - wide.ratio_lo > 2 * stats.RESOLUTION   # a wider statistical interval is kept
 
 
+def test_slow_noise_widens_the_interval_beyond_the_order_statistics():
+    """Ratios that hold for many pairs at a time (a neighbour's load lasting a second): the
+    order statistics see many nearly equal samples and claim a tight interval; the batch-means
+    interval sees the blocks disagree and covers the states the machine went through."""
+    levels = [0.9, 1.0, 1.1, 1.0, 0.94, 1.06]             # six slow states, 10 pairs each
+    ratios = [level * (1 + 0.001 * (i % 3)) for level in levels for i in range(10)]
+    r, lo, hi = stats.median_ci(ratios)
+    assert hi - lo < 0.01                                  # the order statistics alone: too narrow
+    blo, bhi = stats.block_interval(ratios)
+    assert blo < 0.95 and bhi > 1.05                       # the blocks spread it to about -+5%
+    c = stats.summarize([1.0] * len(ratios), ratios)
+    assert (c.ratio_lo, c.ratio_hi) == (pytest.approx(min(lo, blo)), pytest.approx(max(hi, bhi)))
+
+
+def test_independent_noise_keeps_about_the_order_statistic_interval():
+    g = torch.Generator().manual_seed(3)
+    ratios = (1.0 + 0.05 * torch.randn(400, generator=g, dtype=torch.float64)).tolist()
+    _, lo, hi = stats.median_ci(ratios)
+    blo, bhi = stats.block_interval(ratios)
+    assert (bhi - blo) < 2.0 * (hi - lo)
+
+
+def test_few_pairs_have_no_block_interval():
+    assert stats.block_interval([1.0] * (3 * stats.PAIRS_PER_BLOCK - 1)) is None
+    assert stats.block_interval([1.0] * (3 * stats.PAIRS_PER_BLOCK)) == (1.0, 1.0)
+
+
+def test_a_tight_interval_waits_for_the_minimum_span():
+    timed, _ = scripted({"ours": itertools.repeat(2.0), "base": itertools.repeat(1.0)})
+    checks = iter([False] * 5 + [True] * 100)
+    c = stats._interleaved(timed, ours, base, rel_ci=0.05, max_pairs=400, out_of_time=lambda: False,
+                           long_enough=lambda: next(checks))
+    assert c.pairs == stats.MIN_PAIRS + 2 * 5              # checked after each couple (A B, B A): 8, 10, ... 18
+
+
+def test_cpu_rows_are_timed_for_at_least_the_minimum_span(monkeypatch):
+    monkeypatch.setattr(stats, "MIN_SPAN_CPU_S", 0.2)
+    import time
+    x = torch.randn(4096, dtype=torch.float64)
+    t0 = time.perf_counter()
+    c = stats.compare(lambda: x.sum(), lambda: x.sum(), device=torch.device("cpu"), max_seconds=5.0, max_pairs=16)
+    assert time.perf_counter() - t0 >= 0.2
+    assert c.pairs <= 16
+
+
+def test_fast_calls_keep_evenly_spread_pairs_past_max_pairs():
+    """max_pairs reached before the minimum span: every other couple is dropped and later only
+    every 2nd (then 4th...) couple is kept, A B and B A alike."""
+    clock = itertools.count()
+    timed, order = scripted({"ours": (float(next(clock) + 1) for _ in itertools.count()),
+                             "base": itertools.repeat(1.0)})
+    spans = iter([False] * 3 + [True] * 100)
+    c = stats._interleaved(timed, ours, base, rel_ci=0.0, max_pairs=16, out_of_time=lambda: False,
+                           long_enough=lambda: next(spans))
+    assert c.pairs == 16
+    assert len(order) > 2 * 16 * 4                         # three thinnings: 8x the pairs run
+
+
 def test_per_call_divides_the_times_and_keeps_the_ratio():
     c = stats.summarize([2.0, 2.2, 1.8] * 4, [1.0, 1.1, 0.9] * 4)
     p = c.per_call(100)
@@ -115,6 +173,7 @@ def test_benchmark_processes_keep_freed_memory():
         import resource, sys, torch
         from bench import stats
         print(int(stats.keep_freed_memory()))
+        torch.set_num_threads(1)   # one heap: a worker thread's first use maps its own arena once
         for nbytes in (512 << 10, 2 << 20, 8 << 20):
             for _ in range(3):
                 torch.empty(nbytes, dtype=torch.uint8).fill_(1)
@@ -128,4 +187,53 @@ def test_benchmark_processes_keep_freed_memory():
     if out[0] == "0":
         pytest.skip("not glibc: malloc's thresholds are not ours to fix")
     faults_per_block = [float(v) for v in out[1:]]
-    assert all(f < 1.0 for f in faults_per_block), faults_per_block   # 4 KiB pages: 128-2048 if mapped anew
+    # 4 KiB pages: 128-2048 per block if every block were mapped anew; a one-off fresh page
+    # (a heap grown once by something else) stays far below a tenth of a block per call
+    assert all(f < 0.1 * pages for f, pages in zip(faults_per_block, (128, 512, 2048))), faults_per_block
+
+
+def test_spread_over_run_times_every_row_in_rounds_and_completes_its_rows():
+    from bench.harness import Row
+
+    x = torch.randn(2048, dtype=torch.float64)
+    seen = []
+
+    def ours():
+        seen.append("ours")
+        return x.sum()
+
+    with stats.spread_over_run(rounds=3, report=lambda msg: None):
+        c = stats.compare(ours, lambda: x.sum(), device=torch.device("cpu"), max_seconds=0.3, min_seconds=0.0)
+        row = Row.compared("op", "shape", "sim", c, baseline="x.sum")
+        assert isinstance(c, stats.PendingComparison) and math.isnan(row.ours_s)
+        warm = len(seen)                                   # the warm-ups only, so far
+    assert len(c.blocks) == 6 and c.blocks[-1].stop == len(c.a)   # two blocks per round
+    assert len(seen) - warm >= 3 * 2 * stats.MIN_PAIRS      # each timed pair runs ours twice (warm + timed)
+    assert row.ours_s > 0 and row.stats["pairs"] == len(c.a) and row.stats["ratio"] == c.result.ratio
+
+
+def test_rounds_that_see_different_machines_widen_the_interval():
+    """Three rounds at three machine states (the baseline 10% slower, then 10% faster): each
+    round alone is steady, so only the blocks across rounds can show the spread."""
+    levels = iter([1.0] * stats.MIN_PAIRS + [1.1] * stats.MIN_PAIRS + [0.9] * stats.MIN_PAIRS)
+    pending = stats.PendingComparison(lambda fn: 1.0 if fn is ours else next(levels), ours, base, rel_ci=0.5,
+                                      max_seconds=0.0, min_seconds=0.0, max_pairs=400)
+    for _ in range(3):
+        pending.time_slice(3)
+    c = pending.finish()
+    assert c.pairs == 3 * stats.MIN_PAIRS
+    assert c.ratio == 1.0 and c.ratio_lo < 0.93 and c.ratio_hi > 1.07
+    one_round = stats.summarize([1.0] * 8, [1.0] * 8)
+    assert one_round.ratio_hi - one_round.ratio_lo == pytest.approx(2 * stats.RESOLUTION)
+
+
+def test_spread_over_run_refuses_nesting_and_times_nothing_after_an_error():
+    with pytest.raises(ValueError):
+        with stats.spread_over_run(report=lambda msg: None):
+            c = stats.compare(lambda: None, lambda: None, device=torch.device("cpu"), warmup=0)
+            raise ValueError("a row's check failed")
+    assert c.result is None and stats._spread is None
+    with stats.spread_over_run(report=lambda msg: None):
+        with pytest.raises(RuntimeError, match="already inside"):
+            with stats.spread_over_run():
+                pass
