@@ -4,9 +4,10 @@ within twice the error of PyTorch's same-dtype computation plus rounding, lse wi
 float64 and -inf exactly where the row sees no key. NaN never; outputs are poisoned before
 every run.
 
-Forward: where the simulator (which models sm_90a) takes the Hopper kernel (hopper_fwd.cuh, D 64
-and 128), check_case runs the mma.sync forward too; tests/test_attention_hopper.py has the
-Hopper kernel's own cases.
+Forward and backward: where the simulator (which models sm_90a) takes the Hopper kernel
+(hopper_fwd.cuh, hopper_bwd.cuh: D 64 and 128), check_case runs the mma.sync kernel too (what
+other archs and MLA's head dims run); tests/test_attention_hopper.py and
+test_attention_hopper_bwd.py have the Hopper kernels' own cases.
 
 The default run is a representative subset (~1-2 minutes on 2 cores); the full grid of
 the issue (B {1, 2} x S {1, 17, 128, 257} x D {64, 128} x Hq/Hkv x causal x dtype) is
@@ -23,7 +24,9 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.ops import attention as launcher
 from fastmoe_ops.ops import attention_hopper as hopper
+from fastmoe_ops.ops import attention_hopper_bwd as hbwd
 from fastmoe_ops.reference import attention as ref
+from fastmoe_ops.runtime import launch as runtime_launch
 
 from attention_util import (assert_lse, assert_uniform_mean, assert_within_rule, make_inputs, oracle_and_pytorch,
                             uniform_inputs)
@@ -44,10 +47,11 @@ def check_case(b, sq, sk, hq, hkv, d, causal, dtype, seed=0, backward=True, dv=N
         out = out.reshape(o_out.shape)
         assert_within_rule("out", out, o_out, p_out, dtype, f"{ctx} {kernel or 'default'} forward")
         assert_lse(lse, o_lse.double(), f"{ctx} {kernel or 'default'} forward")
-    if backward:
-        dq, dk, dv = launcher.backward(pb, dout, out, lse, "sim")
-        for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
-            assert_within_rule(name, got.reshape(want.shape), want, pt, dtype, ctx)
+    if backward:  # both backward kernels, likewise
+        for kernel in ["mma_sync", None] if hbwd.resolve_kernel(pb, "sim", None) == "wgmma" else [None]:
+            dq, dk, dv = launcher.backward(pb, dout, out, lse, "sim", kernel)
+            for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
+                assert_within_rule(name, got.reshape(want.shape), want, pt, dtype, f"{ctx} {kernel or 'default'} backward")
 
 
 @SIM
@@ -115,26 +119,71 @@ def test_varlen_with_empty_sequences(d, dtype, causal):
     assert lse.shape == (hq, total_q)
     assert_within_rule("out", out.detach(), o_out, p_out, dtype, ctx)
     assert_lse(lse, o_lse.double(), ctx)
-    for name, got, want, pt in (("dq", qg.grad, o_dq, p_dq), ("dk", kg.grad, o_dk, p_dk), ("dv", vg.grad, o_dv, p_dv)):
-        assert_within_rule(name, got, want, pt, dtype, ctx)
-    assert torch.all(kg.grad[133:150] == 0) and torch.all(out[145:145] == 0)  # keys no query sees: zero gradient
+    pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          max_seqlen_q=128, max_seqlen_k=128)
+    forced = launcher.backward(pb, dout, out.detach(), lse, "sim", "mma_sync")  # the public call took the wgmma one
+    for kernel, (dq, dk, dv) in (("default", (qg.grad, kg.grad, vg.grad)), ("mma_sync", forced)):
+        for name, got, want, pt in (("dq", dq, o_dq, p_dq), ("dk", dk, o_dk, p_dk), ("dv", dv, o_dv, p_dv)):
+            assert_within_rule(name, got.reshape(want.shape), want, pt, dtype, f"{ctx} {kernel} backward")
+        assert torch.all(dk[133:150] == 0), kernel  # keys no query sees: zero gradient
 
 
 @SIM
 def test_public_function_autograd_and_determinism():
-    """fmo.flash_attn on the simulator: autograd end to end, and the backward (no atomics)
-    is bit-for-bit reproducible."""
+    """fmo.flash_attn on the simulator: autograd end to end against float64 (the wgmma backward),
+    and the mma.sync backward (dQ in its own pass, no atomics) is bit-for-bit reproducible."""
     q, k, v, dout = make_inputs(2, 33, 40, 4, 2, 64, torch.bfloat16, 3)
-    grads = []
-    for _ in range(2):
-        with fmo.use_backend("sim"):
-            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-            out, lse = fmo.flash_attn(qg, kg, vg, causal=True, softmax_scale=0.1, return_lse=True)
-            out.backward(dout)
-        grads.append((out, qg.grad, kg.grad, vg.grad))
-    for a, b_ in zip(*grads):
-        assert torch.equal(a, b_)
+    (_, _, o_dq, o_dk, o_dv), (_, _, p_dq, p_dk, p_dv) = oracle_and_pytorch(q, k, v, dout, True)
+    with fmo.use_backend("sim"):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out, lse = fmo.flash_attn(qg, kg, vg, causal=True, return_lse=True)
+        out.backward(dout)
+    for name, got, want, pt in (("dq", qg.grad, o_dq, p_dq), ("dk", kg.grad, o_dk, p_dk), ("dv", vg.grad, o_dv, p_dv)):
+        assert_within_rule(name, got, want, pt, torch.bfloat16, "flash_attn autograd")
     assert lse.shape == (2, 4, 33) and lse.dtype == torch.float32
+    pb = launcher.problem(q, k, v, causal=True, softmax_scale=None)
+    runs = [launcher.backward(pb, dout, out.detach(), lse, "sim", "mma_sync") for _ in range(2)]
+    for name, a, b_ in zip(("dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b_), f"mma_sync {name} differs between two runs"
+
+
+def _count_launches(monkeypatch) -> list:
+    """Records the spec of every kernel launch of the attention launchers (Plan.run: runtime.launch's)."""
+    launches = []
+    for mod in (launcher, hopper, hbwd, runtime_launch):
+        real = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda *a, _real=real, **kw: launches.append(a[0]) or _real(*a, **kw))
+    return launches
+
+
+def test_backward_kernel_choice():
+    """A pure function of the arch and shapes: wgmma on sm_90a for its head dims with keys."""
+    assert hbwd.backward_kernel("sm_90a", 64, 64, 1) == hbwd.backward_kernel("sm_90a", 128, 128, 9) == "wgmma"
+    assert hbwd.backward_kernel("sm_90a", 192, 128, 9) == "mma_sync"  # MLA: no sm_90a backward tiles
+    assert hbwd.backward_kernel("sm_90a", 64, 64, 0) == "mma_sync"    # no keys: no tensor map
+    assert hbwd.backward_kernel("sm_80", 64, 64, 9) == hbwd.backward_kernel("sm_89", 128, 128, 9) == "mma_sync"
+
+
+@SIM
+def test_public_backward_runs_the_chosen_kernel_and_forcing_is_checked(monkeypatch):
+    """fmo.flash_attn's backward on the simulator (sm_90a) launches the wgmma kernel for D 64 and the
+    mma.sync passes for MLA's (192, 128); a forced kernel is checked by name before any launch."""
+    launches = _count_launches(monkeypatch)
+    for d, dv, want in ((64, None, ["bwd_delta", "attn_bwd_sm90"]), (192, 128, ["bwd_delta", "bwd_dq", "bwd_dkdv"])):
+        q, k, v, dout = make_inputs(1, 9, 12, 2, 1, d, torch.bfloat16, 4, dv=dv)
+        with fmo.use_backend("sim"):
+            qg = q.clone().requires_grad_(True)
+            out, lse = fmo.flash_attn(qg, k, v, causal=True, return_lse=True)
+            launches.clear()
+            out.backward(dout)
+        assert [getattr(s, "kernel", s.op) for s in launches] == want, (d, launches)
+    pb = launcher.problem(q, k, v, causal=True, softmax_scale=None)
+    launches.clear()
+    with pytest.raises(fmo.InputError, match=r"^kernel: expected 'mma_sync' or None for head dims \(192, 128\)"):
+        launcher.backward(pb, dout, out.detach(), lse, "sim", "wgmma")
+    with pytest.raises(fmo.InputError, match=r"^kernel: expected one of \('wgmma', 'mma_sync'\)"):
+        launcher.backward(pb, dout, out.detach(), lse, "sim", "fast")
+    assert launches == []
 
 
 @SIM
@@ -210,6 +259,10 @@ def test_empty_shapes(b, sq, sk):
     assert out.shape == (b, sq, 2, 64) and lse.shape == (b, 2, sq)
     assert bool((out == 0).all()) and bool((lse == -math.inf).all())
     assert all(bool((t.grad == 0).all()) for t in (q, k, v))
+    # the mma.sync backward forced: the same zeros (the default takes the wgmma one where keys exist)
+    pb = launcher.problem(q.detach(), k.detach(), v.detach(), causal=True, softmax_scale=None)
+    grads = launcher.backward(pb, torch.ones_like(out), out.detach(), lse, "sim", "mma_sync")
+    assert all(g.shape == t.reshape(g.shape).shape and bool((g == 0).all()) for g, t in zip(grads, (q, k, v)))
 
 
 @SIM

@@ -14,7 +14,8 @@ Two forward kernels: the sm_90a one (csrc/attention/hopper_fwd.cuh, TMA + wgmma,
 its spec and maps in attention_hopper.py) and the mma.sync one (fwd.cuh) for other archs and the
 head dims the first has no tiles for; attention_hopper.forward_kernel (a pure function of the
 arch and the head dims) is the one place that chooses. Both take AttnParams and share the
-validation, Problem and the backward passes.
+validation and Problem. Two backwards likewise: the sm_90a one (attention_hopper_bwd.py, D 64 and
+128) and the mma.sync passes here (delta, dQ, dK/dV) elsewhere; attention_hopper_bwd.backward_kernel chooses.
 Dqk != Dv: the spec and every template carry head_dim and head_dim_v separately; a new pair is
 one HEAD_DIM_PAIRS entry plus its TILES.
 """
@@ -384,11 +385,16 @@ def forward(pb: Problem, engine: str, kernel: str | None = None) -> tuple[torch.
     return forward_launch(pb, kernel).run(pb.q, pb.k, pb.v, engine, pb.cu_q, pb.cu_k)
 
 
-def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str):
-    """(dq, dk, dv) as [rows, H, D] on a kernel engine: delta, then dQ, then dK/dV."""
+def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str,
+             kernel: str | None = None, deterministic: bool = False):
+    """(dq, dk, dv) as [rows, H, D] on a kernel engine. kernel: 'wgmma' (attention_hopper_bwd) or
+    'mma_sync' (delta, then dQ, then dK/dV); None: attention_hopper_bwd.backward_kernel's choice (tests
+    force either). deterministic: the wgmma kernel's dQ adds in key-tile order (mma.sync: always)."""
     dout = _rows(dout)
     out = _rows(out)
     lse = lse.contiguous()
+    if hopper_bwd.resolve_kernel(pb, engine, kernel) == "wgmma":
+        return hopper_bwd.backward_problem(pb, dout, out, lse, engine, deterministic)
     dq = torch.empty_like(pb.q)
     dk = torch.empty_like(pb.k)
     dv = torch.empty_like(pb.v)
@@ -479,8 +485,10 @@ def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
-                       cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    """(dq, dk, dv) shaped like q, k, v; GQA: dk/dv summed over the query heads of a key head."""
+                       cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, deterministic: bool = False):
+    """(dq, dk, dv) shaped like q, k, v; GQA: dk/dv summed over the query heads of a key head.
+    deterministic: bit-for-bit reproducible dq (backward's; the reference engine always is)."""
+    expect(isinstance(deterministic, bool), "deterministic", "a bool", deterministic)
     expect(isinstance(dout, torch.Tensor) and dout.shape == out.shape and dout.dtype == out.dtype, "dout",
            f"a {out.dtype} tensor of shape {tuple(out.shape)} (like out)",
            lambda: f"{_dtype_name(dout)} {tuple(getattr(dout, 'shape', ()))}")
@@ -494,11 +502,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=N
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     pb = problem(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    dq, dk, dv = backward(pb, dout, out, lse, engine)
+    dq, dk, dv = backward(pb, dout, out, lse, engine, deterministic=deterministic)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 from . import attention_hopper as hopper  # noqa: E402  (it imports AttnParams from here)
+from . import attention_hopper_bwd as hopper_bwd  # noqa: E402  (it imports this module)
 
 # Every (Dqk, Dv) some forward kernel has tiles for: the mma.sync one's and the sm_90a one's (D 256).
 FORWARD_HEAD_DIM_PAIRS = HEAD_DIM_PAIRS + tuple(pair for pair in hopper.HEAD_DIM_PAIRS if pair not in HEAD_DIM_PAIRS)

@@ -10,8 +10,9 @@ q, k, v (GQA: dk, dv summed over the query heads of a KV head). The steps:
   dq = dq_accum as the input dtype
 dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit reproducible, unless
 deterministic=True (the key tiles add in key-tile order, through a semaphore per query tile; the
-mma.sync backward is deterministic by its separate dQ pass). First version: head dims (64, 64)
-and (128, 128); not wired into fmo.flash_attn's backward (attention.py chooses the kernels).
+mma.sync backward is deterministic by its separate dQ pass). Head dims (64, 64) and (128, 128).
+fmo.flash_attn's backward runs it where backward_kernel chooses it (sm_90a, the simulator too,
+with at least one key row): attention.backward calls backward_problem then.
 """
 from __future__ import annotations
 
@@ -27,12 +28,37 @@ from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
 from . import attention
 from .attention import AttnParams
-from .attention_hopper import check_sm90_spec, head_dims_tag
+from .attention_hopper import arch_of, check_sm90_spec, head_dims_tag
 
 PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
 BLOCK_M = BLOCK_N = 64  # query rows per ring stage, keys per CTA (one consumer warpgroup's 64 rows)
 HEAD_DIM_PAIRS = ((64, 64), (128, 128))
 STAGES = 2  # Q/dO ring depth: one tile computed while the next lands
+BACKWARD_KERNELS = ("wgmma", "mma_sync")
+
+
+def backward_kernel(arch: str, head_dim: int, head_dim_v: int, rows_k: int) -> str:
+    """The backward kernel of a problem: 'wgmma' (hopper_bwd.cuh) on sm_90a for the head dims it has
+    tiles for and at least one key row (a tensor map needs every dimension >= 1); 'mma_sync'
+    (attention.py's bwd_dq and bwd_dkdv passes) otherwise (sm_80/sm_89 and others, MLA's (192, 128),
+    no keys). A pure function of the arch and the shapes, as attention_hopper.forward_kernel: the
+    same on every rank."""
+    return "wgmma" if arch == "sm_90a" and (head_dim, head_dim_v) in HEAD_DIM_PAIRS and rows_k > 0 else "mma_sync"
+
+
+def resolve_kernel(pb, engine: str, kernel: str | None) -> str:
+    """attention.backward's kernel for pb (attention.Problem) on a kernel engine: None: backward_kernel's
+    choice for the engine's arch; 'wgmma' or 'mma_sync' (tests force either) checked: the wgmma one
+    only where backward_kernel would take it on sm_90a."""
+    dims, rows_k = (pb.q.shape[2], pb.v.shape[2]), pb.k.shape[0]
+    if kernel is None:
+        return backward_kernel(arch_of(engine, pb.q.device), *dims, rows_k)
+    expect(kernel in BACKWARD_KERNELS, "kernel", f"one of {BACKWARD_KERNELS} (or None: by device)", kernel)
+    if kernel == "wgmma":
+        expect(backward_kernel("sm_90a", *dims, rows_k) == "wgmma", "kernel",
+               f"'mma_sync' or None for head dims {dims} with {rows_k} key rows (the wgmma backward has tiles "
+               f"for {HEAD_DIM_PAIRS} and needs keys)", kernel)
+    return kernel
 
 
 class AttnHopperBwdParams(Params):
