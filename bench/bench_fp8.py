@@ -75,7 +75,7 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
     rows = []
     shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
     gen = torch.Generator(device=device).manual_seed(0)
-    for m, k in shapes:
+    def one(m, k):  # a call per shape: its closures keep this shape's tensors (timed later: spread_over_run)
         x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
 
         def ours():
@@ -92,6 +92,8 @@ def run_quant(device: torch.device, engine: str, quick: bool, copy_gbps: float) 
         rows.append(Row.compared("fp8_quant_token_group", f"{m}x{k} bf16", engine, c,
                                  baseline="torch ops (reference)", bytes_moved=quant_bytes(m, k, 2),
                         ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    for m, k in shapes:
+        one(m, k)
     return rows
 
 
@@ -103,7 +105,7 @@ def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps
     cases = (("fp8_quant_block", fmo.fp8.quantize_per_block, ref.quantize_per_block),
              ("fp8_quant_token_group_transposed", fmo.fp8.quantize_per_token_group_transposed,
               ref.quantize_per_token_group_transposed))
-    for m, k in shapes:
+    def one(m, k):  # a call per shape: its closures keep this shape's tensors (timed later: spread_over_run)
         x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
         for op, fn, reffn in cases:
             def ours(fn=fn):
@@ -121,6 +123,8 @@ def run_quant_backward(device: torch.device, engine: str, quick: bool, copy_gbps
             rows.append(Row.compared(op, f"{m}x{k} bf16", engine, c,
                                      baseline="torch ops (reference)", bytes_moved=moved,
                             ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    for m, k in shapes:
+        one(m, k)
     return rows
 
 
@@ -147,7 +151,7 @@ def run_swiglu_quant(device: torch.device, engine: str, quick: bool, copy_gbps: 
     rows = []
     shapes = (GPU_SHAPES[:2] if quick else GPU_SHAPES) if device.type == "cuda" else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
     gen = torch.Generator(device=device).manual_seed(2)
-    for m, inter in shapes:
+    def one(m, inter):  # a call per shape: its closures keep this shape's tensors (timed later: spread_over_run)
         h = torch.randn(m, 2 * inter, generator=gen, device=device).to(torch.bfloat16)
 
         def ours():
@@ -165,6 +169,8 @@ def run_swiglu_quant(device: torch.device, engine: str, quick: bool, copy_gbps: 
         rows.append(Row.compared("fp8_swiglu_quant", f"{m}x{2 * inter} bf16", engine, c,
                                  baseline="silu*up, then quantise (torch ops)", bytes_moved=moved,
                                  ceiling="device copy" if device.type == "cuda" else "", ceiling_rate=copy_gbps * 1e9))
+    for m, inter in shapes:
+        one(m, inter)
     return rows
 
 
@@ -220,7 +226,7 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
     if quick:
         shapes = shapes[:2] if gpu else shapes[:1]
     ctx = (lambda: torch.no_grad()) if gpu else (lambda: fmo.use_backend(engine))
-    for m, n, k in shapes:
+    def one(m, n, k):  # a call per shape: its closures keep this shape's tensors (timed later: spread_over_run)
         x, w, (xq, xs), (wq, ws) = _gemm_operands(m, n, k, device, gen)
 
         def ours():
@@ -256,6 +262,8 @@ def run_gemm(device: torch.device, engine: str, quick: bool, ceiling_flops: floa
                         ceiling_rate=ceiling_flops, extra=extra))
         if gpu and extra.get("kernel") == "wgmma":
             rows.append(epilogue_row)
+    for m, n, k in shapes:
+        one(m, n, k)
     rows += _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx)
     if gpu:
         rows.append(_budget_row(device, engine, reps, ctx, ceiling_flops, gen))
@@ -350,7 +358,7 @@ def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[R
     rows = []
     gpu = device.type == "cuda"
     shapes = GPU_GROUPED if gpu else CPU_GROUPED
-    for layout, g, per, n, k in (shapes[:1] if quick else shapes):
+    def one(layout, g, per, n, k):  # a call per shape: its closures keep this shape's tensors (timed later: spread_over_run)
         w = (torch.randn(g, n, k, generator=gen, device=device) * 0.05).to(torch.bfloat16)
         q = [ref.quantize_per_block(w[i]) for i in range(g)]
         wq3, ws3 = torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
@@ -378,10 +386,12 @@ def _run_grouped(device, engine, quick, ceiling_flops, gen, reps, ctx) -> list[R
             c = compare(ours, lambda: torch.bmm(a, b.transpose(1, 2)), device=device, max_seconds=3.0 if quick else 5.0)
             rows.append(Row.compared(f"fp8_grouped_{layout}", f"{g}x{per}x{n}x{k}", engine, c,
                                      baseline="torch.bmm fp32 (dequantised)", flops=2.0 * g * per * n * k, extra=extra))
-            continue
+            return
         # GPU: the fastest of several torch alternatives (each timed in _torch_alternatives) is the baseline
         t = time_fn(ours, device=device, reps=reps)
         rows.append(Row(op=f"fp8_grouped_{layout}", shape=f"{g}x{per}x{n}x{k}", engine=engine, ours_s=t.median_s,
                         baseline=baseline, baseline_s=t_base, flops=2.0 * g * per * n * k,
                         ceiling="_scaled_mm 8192^3", ceiling_rate=ceiling_flops, extra=extra))
+    for layout, g, per, n, k in (shapes[:1] if quick else shapes):
+        one(layout, g, per, n, k)
     return rows

@@ -293,9 +293,22 @@ class PendingComparison:
         self.a, self.b, self.blocks = [], [], []
         self.rows = []   # Rows that Row.compared built from this, completed by finish()
         self.result: Comparison | None = None
+        self.bound = _bound_values(ours) + _bound_values(baseline)
+
+    def _check_bindings(self) -> None:
+        """Refuse closures whose variables were rebound since compare(): a loop that builds its
+        closures in its own body rebinds them for the next shape, and a deferred timing would
+        then time the last shape under every earlier row's name (build each shape's closures in
+        a function call instead, as the bench modules do)."""
+        now = _bound_values(self.ours) + _bound_values(self.baseline)
+        if len(now) != len(self.bound) or any(a is not b for a, b in zip(now, self.bound)):
+            raise RuntimeError(f"bench.stats.spread_over_run: a variable the closures of {self.ours!r} / "
+                               f"{self.baseline!r} read was rebound after compare(); build each row's closures in "
+                               "its own function call")
 
     def time_slice(self, rounds: int) -> None:
         """One slice: the budgets divided by the rounds; its two halves are two blocks."""
+        self._check_bindings()
         start = time.perf_counter()
         a, b = _pairs(self.timer, self.ours, self.baseline, rel_ci=self.rel_ci, max_pairs=self.max_pairs,
                       out_of_time=lambda: time.perf_counter() - start > self.max_seconds / rounds,
@@ -311,6 +324,22 @@ class PendingComparison:
             row.take(self.result)
         self.ours = self.baseline = None   # the closures hold the row's tensors
         return self.result
+
+
+def _bound_values(fn, depth: int = 3) -> tuple:
+    """The objects fn's closure cells hold, and theirs for the functions among them (a lambda
+    calling a closure), `depth` levels down. Kept (not their ids), so none is freed and its
+    id reused by the object a loop rebinds the cell to."""
+    out = ()
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:   # a cell not yet filled
+            value = None
+        out += (value,)
+        if depth and callable(value) and getattr(value, "__closure__", None):
+            out += _bound_values(value, depth - 1)
+    return out
 
 
 @contextlib.contextmanager

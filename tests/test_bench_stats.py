@@ -237,3 +237,13 @@ def test_spread_over_run_refuses_nesting_and_times_nothing_after_an_error():
         with pytest.raises(RuntimeError, match="already inside"):
             with stats.spread_over_run():
                 pass
+
+
+def test_spread_over_run_refuses_closures_rebound_by_a_loop():
+    """The classic late binding: closures made in a loop body read the loop's variables, so
+    timed after the loop they would all time its last shape. Refused by name, not timed."""
+    with pytest.raises(RuntimeError, match="rebound after compare"):
+        with stats.spread_over_run(report=lambda msg: None):
+            for n in (1024, 4096):
+                x = torch.randn(n, dtype=torch.float64)
+                stats.compare(lambda: x.sum(), lambda: x.sum(), device=torch.device("cpu"), warmup=0)
