@@ -156,6 +156,38 @@ def _count_launches(monkeypatch) -> list:
     return launches
 
 
+@SIM
+def test_public_deterministic_flag_reaches_the_backward(monkeypatch):
+    """flash_attn / flash_attn_varlen(deterministic=True) launch the wgmma backward's deterministic
+    variant (dQ's adds in key-tile order), and two dense runs give the same bits; a non-bool is
+    refused by name."""
+    launches = _count_launches(monkeypatch)
+    q, k, v, dout = make_inputs(2, 33, 140, 4, 2, 64, torch.bfloat16, 3)  # 3 key tiles add into each dQ row
+    runs = []
+    for _ in range(2):
+        with fmo.use_backend("sim"):
+            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+            out = fmo.flash_attn(qg, kg, vg, causal=True, deterministic=True)
+            launches.clear()
+            out.backward(dout)
+        assert [s.deterministic for s in launches if s.op == "attn_bwd_sm90"] == [True], launches
+        runs.append((qg.grad, kg.grad, vg.grad))
+    for name, a, b_ in zip(("dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b_), f"deterministic {name} differs between two runs"
+    cu = torch.tensor([0, 20, 66], dtype=torch.int32)
+    qv, kv, vv, doutv = make_inputs(1, 66, 66, 2, 1, 128, torch.float16, 8, varlen_cu=True)
+    with fmo.use_backend("sim"):
+        qg = qv.clone().requires_grad_(True)
+        out = fmo.flash_attn_varlen(qg, kv, vv, cu, cu, 46, 46, deterministic=True)
+        launches.clear()
+        out.backward(doutv)
+    assert [s.deterministic for s in launches if s.op == "attn_bwd_sm90"] == [True], launches
+    with pytest.raises(fmo.InputError, match=r"^deterministic: expected a bool"):
+        fmo.flash_attn(q, k, v, deterministic=1)
+    with pytest.raises(fmo.InputError, match=r"^deterministic: expected a bool"):
+        fmo.flash_attn_varlen(qv, kv, vv, cu, cu, 46, 46, deterministic="yes")
+
+
 def test_backward_kernel_choice():
     """A pure function of the arch and shapes: wgmma on sm_90a for its head dims with keys."""
     assert hbwd.backward_kernel("sm_90a", 64, 64, 1) == hbwd.backward_kernel("sm_90a", 128, 128, 9) == "wgmma"

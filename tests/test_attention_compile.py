@@ -45,6 +45,31 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_deterministic_reaches_the_backward_under_compile(varlen, monkeypatch):
+    """flash_attn(deterministic=True) traced by torch.compile (fullgraph): the flag travels through
+    the forward op's inputs and setup_context to the backward op, as in eager (False by default)."""
+    from fastmoe_ops.ops import attention as launcher
+    seen = []
+    real = launcher.attention_backward
+    monkeypatch.setattr(launcher, "attention_backward",
+                        lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 6, 2, 64, generator=g).bfloat16().requires_grad_(True) for _ in range(3))
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+
+    def f(q, k, v, deterministic):
+        if varlen:
+            return fmo.flash_attn_varlen(q[0], k[0], v[0], cu, cu, 4, 4, causal=True, deterministic=deterministic)
+        return fmo.flash_attn(q, k, v, causal=True, deterministic=deterministic)
+
+    with fmo.use_backend("reference"):
+        for deterministic in (True, False):
+            torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, deterministic).float().sum().backward()
+            f(q, k, v, deterministic).float().sum().backward()  # eager
+    assert seen == [True, True, False, False]
+
+
 def test_opcheck_custom_ops():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 5, 2, 64, generator=g).bfloat16()
@@ -54,6 +79,8 @@ def test_opcheck_custom_ops():
         torch.library.opcheck(torch.ops.fmo.flash_attn_fwd, (q, k, v, True, 0.125))
         out, lse = torch.ops.fmo.flash_attn_fwd(q, k, v, True, 0.125)
         torch.library.opcheck(torch.ops.fmo.flash_attn_bwd, (torch.ones_like(out), q, k, v, out, lse, True, 0.125))
+        torch.library.opcheck(torch.ops.fmo.flash_attn_fwd, (q, k, v, True, 0.125, True))  # deterministic
+        torch.library.opcheck(torch.ops.fmo.flash_attn_bwd, (torch.ones_like(out), q, k, v, out, lse, True, 0.125, True))
         cu = torch.tensor([0, 2, 5], dtype=torch.int32)
         cuk = torch.tensor([0, 0, 7], dtype=torch.int32)
         torch.library.opcheck(torch.ops.fmo.flash_attn_varlen_fwd, (q[0], k[0], v[0], cu, cuk, 3, 7, False, 0.125))
