@@ -205,7 +205,7 @@ def validate(q, k, v, *, varlen: bool, cu_seqlens_q=None, cu_seqlens_k=None, max
         expect(t.shape[-1] == 0 or t.stride(-1) == 1, name, "a contiguous last dimension (stride 1)", lambda: f"strides {t.stride()}")
     hq, hkv = q.shape[-2], k.shape[-2]
     expect(v.shape[-2] == hkv, "v", f"{hkv} heads (like k)", v.shape[-2])
-    expect(hkv > 0 and hq % hkv == 0, "q", f"a number of heads divisible by k's {hkv} (GQA/MQA)", hq)
+    expect(hkv > 0 and hq > 0 and hq % hkv == 0, "q", f"a positive number of heads divisible by k's {hkv} (GQA/MQA)", hq)
     expect(v.shape[:-2] == k.shape[:-2], "v", f"leading dims {tuple(k.shape[:-2])} (like k)", tuple(v.shape[:-2]))
     if not varlen:
         expect(k.shape[0] == q.shape[0], "k", f"batch {q.shape[0]} (like q)", k.shape[0])
