@@ -14,8 +14,9 @@ Two forward kernels: the sm_90a one (csrc/attention/hopper_fwd.cuh, TMA + wgmma,
 its spec and maps in attention_hopper.py) and the mma.sync one (fwd.cuh) for other archs and the
 head dims the first has no tiles for; attention_hopper.forward_kernel (a pure function of the
 arch and the head dims) is the one place that chooses. Both take AttnParams and share the
-validation and Problem. Two backwards likewise: the sm_90a one (attention_hopper_bwd.py, D 64 and
-128) and the mma.sync passes here (delta, dQ, dK/dV) elsewhere; attention_hopper_bwd.backward_kernel chooses.
+validation and Problem. Two backwards likewise: the sm_90a one (attention_hopper_bwd.py) and the
+mma.sync passes (delta, dQ, dK/dV; their specs here) elsewhere; attention_hopper_bwd.backward_kernel
+chooses and its problem_backward (re-exported here as backward) launches either.
 Dqk != Dv: the spec and every template carry head_dim and head_dim_v separately; a new pair is
 one HEAD_DIM_PAIRS entry plus its TILES.
 """
@@ -385,37 +386,6 @@ def forward(pb: Problem, engine: str, kernel: str | None = None) -> tuple[torch.
     return forward_launch(pb, kernel).run(pb.q, pb.k, pb.v, engine, pb.cu_q, pb.cu_k)
 
 
-def backward(pb: Problem, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str,
-             kernel: str | None = None, deterministic: bool = False):
-    """(dq, dk, dv) as [rows, H, D] on a kernel engine. kernel: 'wgmma' (attention_hopper_bwd) or
-    'mma_sync' (delta, then dQ, then dK/dV); None: attention_hopper_bwd.backward_kernel's choice (tests
-    force either). deterministic: the wgmma kernel's dQ adds in key-tile order (mma.sync: always)."""
-    dout = _rows(dout)
-    out = _rows(out)
-    lse = lse.contiguous()
-    if hopper_bwd.resolve_kernel(pb, engine, kernel) == "wgmma":
-        return hopper_bwd.backward_problem(pb, dout, out, lse, engine, deterministic)
-    dq = torch.empty_like(pb.q)
-    dk = torch.empty_like(pb.k)
-    dv = torch.empty_like(pb.v)
-    hq, hkv, d = pb.q.shape[1], pb.k.shape[1], pb.q.shape[2]
-    if pb.batch == 0:
-        return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    grads = dict(o=out, lse=lse, dout=dout, delta=delta)
-    tensors = (out, lse, dout, delta)
-    if pb.q.shape[0] * hq > 0:
-        pb.plan("bwd_delta", _grid(pb.q.shape[0] * hq, DELTA_WARPS), tensors, **grads).run(engine)
-    if pb.q.shape[0] > 0 and pb.seqlen_q > 0:
-        bm = TILES[("bwd_dq", d)][0]
-        pb.plan("bwd_dq", (_grid(pb.seqlen_q, bm), hq, pb.batch), tensors + (dq,), dq=dq, **grads).run(engine)
-    if pb.k.shape[0] > 0 and pb.seqlen_k > 0:
-        bn = TILES[("bwd_dkdv", d)][1]
-        pb.plan("bwd_dkdv", (_grid(pb.seqlen_k, bn), hkv, pb.batch), tensors + (dk, dv), dk=dk, dv=dv,
-                **grads).run(engine)
-    return dq, dk, dv
-
-
 # ------------------------------------------------------------------------ entry points
 
 
@@ -502,12 +472,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, softmax_scale=N
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     pb = problem(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    dq, dk, dv = backward(pb, dout, out, lse, engine, deterministic=deterministic)
+    dq, dk, dv = hopper_bwd.problem_backward(pb, dout, out, lse, engine, deterministic=deterministic)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 from . import attention_hopper as hopper  # noqa: E402  (it imports AttnParams from here)
 from . import attention_hopper_bwd as hopper_bwd  # noqa: E402  (it imports this module)
+from .attention_hopper_bwd import problem_backward as backward  # noqa: E402,F401  (the backward's routing)
 
 # Every (Dqk, Dv) some forward kernel has tiles for: the mma.sync one's and the sm_90a one's (D 256).
 FORWARD_HEAD_DIM_PAIRS = HEAD_DIM_PAIRS + tuple(pair for pair in hopper.HEAD_DIM_PAIRS if pair not in HEAD_DIM_PAIRS)

@@ -12,7 +12,7 @@ dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit rep
 deterministic=True (the key tiles add in key-tile order, through a semaphore per query tile; the
 mma.sync backward is deterministic by its separate dQ pass). Head dims (64, 64) and (128, 128).
 fmo.flash_attn's backward runs it where backward_kernel chooses it (sm_90a, the simulator too,
-with at least one key row): attention.backward calls backward_problem then.
+with at least one key row): problem_backward (attention.backward) routes the backward.
 """
 from __future__ import annotations
 
@@ -59,6 +59,38 @@ def resolve_kernel(pb, engine: str, kernel: str | None) -> str:
                f"'mma_sync' or None for head dims {dims} with {rows_k} key rows (the wgmma backward has tiles "
                f"for {HEAD_DIM_PAIRS} and needs keys)", kernel)
     return kernel
+
+
+def problem_backward(pb, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, engine: str,
+                     kernel: str | None = None, deterministic: bool = False):
+    """(dq, dk, dv) as [rows, H, D] on a kernel engine for pb (attention.Problem; attention.backward
+    is this). kernel: 'wgmma' (backward_problem) or 'mma_sync' (attention.py's bwd_delta, then bwd_dq,
+    then bwd_dkdv); None: backward_kernel's choice (tests force either). deterministic: the wgmma
+    kernel's dQ adds in key-tile order (mma.sync: always)."""
+    dout = attention._rows(dout)
+    out = attention._rows(out)
+    lse = lse.contiguous()
+    if resolve_kernel(pb, engine, kernel) == "wgmma":
+        return backward_problem(pb, dout, out, lse, engine, deterministic)
+    dq = torch.empty_like(pb.q)
+    dk = torch.empty_like(pb.k)
+    dv = torch.empty_like(pb.v)
+    hq, hkv, d = pb.q.shape[1], pb.k.shape[1], pb.q.shape[2]
+    if pb.batch == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    grads = dict(o=out, lse=lse, dout=dout, delta=delta)
+    tensors = (out, lse, dout, delta)
+    if pb.q.shape[0] * hq > 0:
+        pb.plan("bwd_delta", -(-pb.q.shape[0] * hq // attention.DELTA_WARPS), tensors, **grads).run(engine)
+    if pb.q.shape[0] > 0 and pb.seqlen_q > 0:
+        bm = attention.TILES[("bwd_dq", d)][0]
+        pb.plan("bwd_dq", (-(-pb.seqlen_q // bm), hq, pb.batch), tensors + (dq,), dq=dq, **grads).run(engine)
+    if pb.k.shape[0] > 0 and pb.seqlen_k > 0:
+        bn = attention.TILES[("bwd_dkdv", d)][1]
+        pb.plan("bwd_dkdv", (-(-pb.seqlen_k // bn), hkv, pb.batch), tensors + (dk, dv), dk=dk, dv=dv,
+                **grads).run(engine)
+    return dq, dk, dv
 
 
 class AttnHopperBwdParams(Params):
@@ -173,7 +205,7 @@ def backward(q, k, v, o, lse, dout, *, causal: bool, softmax_scale=None, cu_seql
 
 def backward_problem(pb, dout, out, lse, engine: str, deterministic: bool = False):
     """pb: attention.Problem (validated; head dims in HEAD_DIM_PAIRS); dout, out [rows_q, Hq, Dv]
-    contiguous, lse contiguous -> (dq, dk, dv) as [rows, H, D]: attention.backward's contract."""
+    contiguous, lse contiguous -> (dq, dk, dv) as [rows, H, D]: problem_backward's contract."""
     dq_accum, dk, dv = accumulate(pb, dout, out, lse, engine, deterministic)
     return dq_accum.to(pb.q.dtype), dk, dv  # dQ's fp32 sum to the output dtype (a torch cast)
 
