@@ -64,10 +64,18 @@ struct SplitValue {
   int exponent;
 };
 FMO_SIM_EMU SplitValue split_value(float v, OperandFormat f) {
-  int e;
-  std::frexp(v, &e);  // |v| = m 2^e, m in [0.5, 1)
-  const int exponent = e - 1 > f.min_exponent ? e - 1 : f.min_exponent;
-  return SplitValue{static_cast<int64_t>(std::ldexp(static_cast<double>(v), f.fraction_bits - exponent)), exponent};
+  // Read straight from the fp32 bits (frexp / ldexp were a third of the simulator's time in
+  // attention tests): |v| = m 2^p with m an integer of at most 24 bits.
+  const uint32_t bits = bit_cast<uint32_t>(v);
+  const uint32_t biased = (bits >> 23) & 0xffu, fraction = bits & 0x7fffffu;
+  const int64_t m = biased ? static_cast<int64_t>(fraction | 0x800000u) : static_cast<int64_t>(fraction);
+  const int p = (biased ? static_cast<int>(biased) : 1) - 150;
+  const int floor_log2 = p + 63 - __builtin_clzll(static_cast<uint64_t>(m));  // v != 0: callers skip zeros
+  const int exponent = floor_log2 > f.min_exponent ? floor_log2 : f.min_exponent;
+  // v 2^(fraction_bits - exponent) truncated toward zero (exact for a value of format f).
+  const int shift = p + f.fraction_bits - exponent;
+  const int64_t magnitude = shift >= 0 ? m << shift : (-shift >= 64 ? 0 : m >> -shift);
+  return SplitValue{bits >> 31 ? -magnitude : magnitude, exponent};
 }
 
 // |x| truncated to a multiple of 2^shift_right (shift_right may be negative: exact left shift).
@@ -76,12 +84,31 @@ FMO_SIM_EMU uint64_t shift_toward_zero(uint64_t magnitude, int shift_right) {
   return shift_right >= 64 ? 0 : magnitude >> shift_right;
 }
 
-// c + sum_{k < n} a[k] * b[k] under `rule` (top of file). a, b hold exact values of `in`.
-FMO_SIM_EMU float fused_dot_add(const float* a, const float* b, int n, float c, OperandFormat in, DotAddRule rule) {
+// Up to 32 operand values split once (split_value) for every dot-add that reads them: an
+// emulated wgmma reads each row of A and column of B in many dot-adds (32 rows x N columns).
+struct SplitVector {
+  int64_t significand[32];  // 0 for a zero (no term)
+  int exponent[32];
+  bool finite;  // every value finite (else the dot-add takes the IEEE path on the floats)
+};
+FMO_SIM_EMU void split_vector(const float* v, int n, OperandFormat f, SplitVector& out) {
+  out.finite = true;
+  for (int k = 0; k < n; ++k) {
+    if (!std::isfinite(v[k])) {
+      out.finite = false;
+      return;
+    }
+    const SplitValue s = v[k] == 0.0f ? SplitValue{0, 0} : split_value(v[k], f);
+    out.significand[k] = s.significand, out.exponent[k] = s.exponent;
+  }
+}
+
+// c + sum_{k < n} a[k] * b[k] under `rule` (top of file), n <= 32, with sa / sb = split_vector
+// of a / b in the format `in` (a and b hold exact values of it).
+FMO_SIM_EMU float fused_dot_add(const float* a, const SplitVector& sa, const float* b, const SplitVector& sb, int n,
+                                float c, OperandFormat in, DotAddRule rule) {
   constexpr int kMaxTerms = 33;
-  bool finite = std::isfinite(c);
-  for (int k = 0; k < n; ++k) finite = finite && std::isfinite(a[k]) && std::isfinite(b[k]);
-  if (!finite) {  // IEEE on the exact terms decides NaN or the infinity
+  if (!(sa.finite && sb.finite && std::isfinite(c))) {  // IEEE on the exact terms decides NaN or the infinity
     double s = c;
     for (int k = 0; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(b[k]);
     return std::isnan(s) ? bit_cast<float>(0x7fffffffu) : static_cast<float>(s);
@@ -95,11 +122,11 @@ FMO_SIM_EMU float fused_dot_add(const float* a, const float* b, int n, float c, 
     sig[terms] = s.significand, lsb[terms] = s.exponent - kF32Format.fraction_bits, align[terms++] = s.exponent;
   }
   for (int k = 0; k < n; ++k) {
-    if (a[k] == 0.0f || b[k] == 0.0f) continue;
-    const SplitValue x = split_value(a[k], in), y = split_value(b[k], in);
-    sig[terms] = x.significand * y.significand;
-    lsb[terms] = x.exponent + y.exponent - 2 * in.fraction_bits;
-    align[terms++] = x.exponent + y.exponent;
+    if (sa.significand[k] == 0 || sb.significand[k] == 0) continue;
+    const int exponent = sa.exponent[k] + sb.exponent[k];
+    sig[terms] = sa.significand[k] * sb.significand[k];
+    lsb[terms] = exponent - 2 * in.fraction_bits;
+    align[terms++] = exponent;
   }
   if (terms == 0) return 0.0f;
   int emax = align[0];
@@ -119,8 +146,20 @@ FMO_SIM_EMU float fused_dot_add(const float* a, const float* b, int n, float c, 
   const int out_quantum = (lead > -126 ? lead : -126) - rule.out_fraction_bits;
   const uint64_t kept = shift_toward_zero(mag, out_quantum - quantum);
   if (kept == 0) return 0.0f;
-  const float r = static_cast<float>(std::ldexp(static_cast<double>(kept), out_quantum));  // <= 24 bits: exact
+  // kept (<= 24 bits) times 2^out_quantum, out_quantum in [-149, 114]: both factors and the
+  // product are exact fp32 values (2^out_quantum subnormal below -126).
+  const float unit = out_quantum >= -126 ? bit_cast<float>(static_cast<uint32_t>(out_quantum + 127) << 23)
+                                         : bit_cast<float>(1u << (out_quantum + 149));
+  const float r = static_cast<float>(kept) * unit;
   return sum < 0 ? -r : r;
+}
+
+// The same for one pair of vectors read once.
+FMO_SIM_EMU float fused_dot_add(const float* a, const float* b, int n, float c, OperandFormat in, DotAddRule rule) {
+  SplitVector sa, sb;
+  split_vector(a, n, in, sa);
+  split_vector(b, n, in, sb);
+  return fused_dot_add(a, sa, b, sb, n, c, in, rule);
 }
 
 }  // namespace sim_detail

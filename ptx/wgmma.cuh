@@ -229,12 +229,16 @@ FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
   float arow[2][32], bcol[32];
   read_kmajor_row(base, da, 16 * w + g, arow[0]);
   read_kmajor_row(base, da, 16 * w + g + 8, arow[1]);
+  SplitVector arow_split[2], bcol_split;
+  for (int h = 0; h < 2; ++h) split_vector(arow[h], 32, kE4M3Format, arow_split[h]);
   for (int j = 0; j < op.n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
       read_kmajor_row(base, db, 8 * j + 2 * q + c, bcol);
+      split_vector(bcol, 32, kE4M3Format, bcol_split);
       for (int h = 0; h < 2; ++h) {
         float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        *dst = fused_dot_add(arow[h], bcol, 32, op.scale_d ? *dst : 0.0f, kE4M3Format, kQgmmaRule);
+        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 32, op.scale_d ? *dst : 0.0f, kE4M3Format,
+                             kQgmmaRule);
       }
     }
 }

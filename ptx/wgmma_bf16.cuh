@@ -138,12 +138,15 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
   }
   if (db.base_offset != 0) fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", db.base_offset);
   const OperandFormat fmt = op.f16 ? kF16Format : kBF16Format;
+  SplitVector arow_split[2], bcol_split;
+  for (int h = 0; h < 2; ++h) split_vector(arow[h], 16, fmt, arow_split[h]);
   for (int j = 0; j < op.n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
       read_operand16(base, db, op.trans_b, 8 * j + 2 * q + c, op.f16, bcol);
+      split_vector(bcol, 16, fmt, bcol_split);
       for (int h = 0; h < 2; ++h) {
         float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        *dst = fused_dot_add(arow[h], bcol, 16, op.scale_d ? *dst : 0.0f, fmt, kHmmaRule);
+        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 16, op.scale_d ? *dst : 0.0f, fmt, kHmmaRule);
       }
     }
 }
