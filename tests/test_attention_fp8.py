@@ -1,15 +1,21 @@
-"""FP8 (e4m3) attention forward: the API's validation, the refusal while no kernel exists
-(fastmoe_ops/ops/attention_fp8.py says why), and the float64 oracle
-(fastmoe_ops.reference.attention.attention_fp8) against an independent computation, with the
-accuracy FP8 inputs cost stated on random and outlier-heavy inputs against a rigorous bound.
+"""FP8 (e4m3) attention forward: the API's validation, the float64 oracle
+(fastmoe_ops.reference.attention.attention_fp8) against an independent computation, and the sm_90a
+kernel (csrc/attention/hopper_fwd_fp8.cuh) on the simulator against that oracle.
 
-Accuracy (float64 attention of the unquantised inputs as truth; B 2, Sq 64, Sk 96, Hq 4, Hkv 2,
-D 128, per-(batch, head) scales amax / 448; printed by test_fp8_accuracy_stated with `pytest -s`),
-max |out error| / max |v|: random 3.9e-2 (bf16 inputs, same math: 2.2e-3); outlier-heavy (4
-channels x30) 4.6e-2 (bf16: 3.8e-3). That is the FP8 format's cost (3 mantissa bits), not a
-kernel's: no FP8 kernel exists yet. The test holds each row under the bound derived from the
-e4m3 rounding actually made (it uses 1-2% of it: the bound is loose, the oracle's exactness is
-checked by test_oracle_is_dequantised_float64_attention).
+Oracle accuracy (float64 attention of the unquantised inputs as truth; B 2, Sq 64, Sk 96, Hq 4,
+Hkv 2, D 128, per-(batch, head) scales amax / 448; printed by test_fp8_accuracy_stated with
+`pytest -s`), max |out error| / max |v|: random 3.9e-2 (bf16 inputs, same math: 2.2e-3);
+outlier-heavy (4 channels x30) 4.6e-2 (bf16: 3.8e-3): the FP8 format's cost (3 mantissa bits).
+
+Kernel: against the oracle on the same codes, under a tolerance derived from its arithmetic
+(kernel_tolerance: QGMMA's per-k32-step rule on S and on P V, P rounded to e4m3), with NaN-poisoned
+outputs; D 128 and 64, GQA/MQA, causal bottom-right, Sq != Sk, ragged lengths, several key tiles,
+random and outlier-heavy inputs; a V^T without the key permutation fails. Stated against the bf16
+sm_90a kernel (test_accuracy_stated_against_the_bf16_kernel, B 1, Sq 64, Sk 128, Hq 2, Hkv 1,
+D 128; `pytest -s` prints it): max |err| / max |v~| against float64 of the dequantised inputs,
+random: FP8 kernel 6.6e-3, bf16 kernel (on those inputs in bf16) 3.9e-3; outlier-heavy: 1.4e-2
+and 9.0e-3. Against the unquantised inputs both are ~4e-2 (random) and ~7e-2 (outliers): e4m3
+inputs dominate, the kernel adds little.
 """
 from __future__ import annotations
 
@@ -75,14 +81,6 @@ def test_reference_engine_output_is_bf16_oracle():
     assert torch.equal(out, want.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("engine", ["sim"])
-def test_kernel_engines_refuse_rather_than_dequantise(engine):
-    q, k, v = inputs(3)
-    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
-    with fmo.use_backend(engine), pytest.raises(UnsupportedError, match="no FP8 attention kernel yet"):
-        fmo.flash_attn(q8, k8, v8, descale_q=dq, descale_k=dk, descale_v=dv)
-
-
 def _bad(arg, **change):
     q, k, v = inputs(4, b=1, sq=16, sk=16)
     (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
@@ -134,3 +132,143 @@ def test_fp8_accuracy_stated(outliers):
     rel = lambda x: ((x - truth).abs().max() / v.abs().max()).item()  # noqa: E731
     print(f"\nfp8 forward oracle ({'outlier-heavy' if outliers else 'random'}): max|err|/max|v| = {rel(out):.2e}; "
           f"bf16 inputs (float64 math): {rel(bf16_in):.2e}; bound used up to {(err / bound).max().item():.2f}")
+
+
+# ---- the sm_90a FP8 kernel (csrc/attention/hopper_fwd_fp8.cuh) on the simulator ----------------------
+
+from fastmoe_ops.ops import attention_hopper_fp8 as fp8_kernel  # noqa: E402
+
+QGMMA_STEP = 34 * 2.0 ** -13  # one k32 step (kQgmmaRule): each of the 33 terms (32 products, the accumulator)
+#                               truncated 13 bits below the largest term M, the result to 13 fraction bits:
+#                               at most 34 units of 2^(e(M) - 13) <= 34 2^-13 M
+P_ROUNDING = 2.0 ** -4     # P * 256 rounded to e4m3 (3 mantissa bits, round to nearest): relative 2^-4
+
+
+def run_kernel(q8, k8, v8, dq, dk, dv, *, causal, broken_permutation=False):
+    """The kernel on the simulator with NaN-poisoned outputs (an element it never writes fails)."""
+    b, sq, hq, d = q8.shape
+    out = torch.full((b, sq, hq, d), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((b, hq, sq), float("nan"))
+    with fmo.use_backend("sim"):
+        return fp8_kernel.forward(q8, k8, v8, dq, dk, dv, causal=causal, softmax_scale=None, engine="sim",
+                                  broken_permutation=broken_permutation, out=out, lse=lse)
+
+
+def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
+    """|out - oracle| per element, from the kernel's arithmetic (the oracle is float64 on the same
+    dequantised codes): S = Q K^T by D / 32 QGMMA steps, step s off by QGMMA_STEP of its largest term
+    M_s = max(|partial sum before s|, max over its 32 d of |q~ k~|) (so softmax weights move by a
+    factor within exp(+-2 delta)); P rounded to e4m3 (P_ROUNDING of each weight, plus e4m3's
+    subnormal spacing 2^-9 / 256 absolute, per key); O += P V by ceil(Sk / 32) QGMMA steps, each off
+    by QGMMA_STEP of max |v~| (accumulator and terms are at most 256 l max |v~|); bf16 output rounding
+    2^-8 relative. Returns (out tolerance [B, Sq, Hq, D], lse tolerance [B, Hq, Sq])."""
+    b, sq, hq, d = q8.shape
+    sk, hkv = k8.shape[1], k8.shape[2]
+    g = hq // hkv
+    deq = lambda c, s: c.double() * s.double()[:, None, :, None]  # noqa: E731
+    qt, kt, vt = deq(q8, dq), deq(k8, dk).repeat_interleave(g, 2), deq(v8, dv).abs()
+    prod = torch.einsum("bihd,bjhd->bhijd", qt, kt).reshape(b, hq, sq, sk, d // 32, 32)  # every product
+    step_sum = prod.sum(-1)
+    before = step_sum.cumsum(-1) - step_sum                                              # the accumulator
+    m = torch.maximum(prod.abs().amax(-1), torch.maximum(before.abs(), (before + step_sum).abs()))
+    delta = (QGMMA_STEP * d ** -0.5 * m.sum(-1)).amax(-1)                               # [B, Hq, Sq]
+    vmax = vt.amax(dim=(1, 3)).repeat_interleave(g, dim=1)[:, :, None]                  # [B, Hq, 1]
+    per_row = (torch.expm1(2 * delta) + P_ROUNDING + sk * 2.0 ** -18 + math.ceil(sk / 32) * QGMMA_STEP) * vmax
+    tol = per_row.permute(0, 2, 1)[..., None] + want.abs() * 2.0 ** -8 + 1e-6    # [B, Sq, Hq, 1] + [..., D]
+    return tol, delta + 1e-5  # lse: log-sum-exp moves by at most the largest score error (+ fp32 log / exp2)
+
+
+def check_kernel(out, lse, want, wlse, tols, what):
+    tol, lse_tol = tols
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    err = (out.double() - want).abs()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{what}: NaN (an unwritten element?)"
+    bad = err > tol
+    if bad.any():
+        i = tuple(int(x) for x in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} elements over tolerance; first {i}: got {out[i].item()}, "
+                             f"want {want[i].item()}, tol {tol[i].item():.3g}; max err/tol {(err / tol).max():.3f}")
+    finite = torch.isfinite(wlse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{what}: lse -inf pattern differs"
+    lerr = (lse.double() - wlse.double()).abs()
+    assert (lerr[finite] <= lse_tol[finite]).all(), f"{what}: lse error / tolerance {(lerr / lse_tol)[finite].max()}"
+    return (err / tol).max().item()
+
+
+KERNEL_CASES = {  # name: (inputs kwargs, causal)
+    "d128_gqa": (dict(b=2, sq=64, sk=96, hq=4, hkv=2), False),
+    "d128_gqa_causal": (dict(b=2, sq=64, sk=96, hq=4, hkv=2), True),
+    "d128_sq_gt_sk_causal_ragged": (dict(b=1, sq=150, sk=70, hq=2, hkv=1), True),  # rows with no key: 0, -inf
+    "d64_three_key_tiles_ragged": (dict(b=1, sq=33, sk=300, hq=2, hkv=2, d=64, dv=64), False),  # the ring wraps
+    "d64_mqa_causal": (dict(b=1, sq=47, sk=300, hq=3, hkv=1, d=64, dv=64), True),
+}
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["random", "outliers"])
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_matches_oracle_on_sim(name, outliers):
+    kw, causal = KERNEL_CASES[name]
+    seed = 20 + list(KERNEL_CASES).index(name) + 100 * outliers
+    q, k, v = inputs(seed, outliers=outliers, **kw)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    out, lse = run_kernel(q8, k8, v8, dq, dk, dv, causal=causal)
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, causal=causal)
+    used = check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), f"{name} seed {seed}")
+    print(f"\n{name} ({'outliers' if outliers else 'random'}): max err / tolerance {used:.3f}")
+
+
+def test_broken_key_permutation_fails():
+    """V^T without the key permutation P's registers need (hopper_fwd_fp8.cuh): far outside the tolerance."""
+    q, k, v = inputs(30, b=1, sq=64, sk=96, hq=2, hkv=1)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv)
+    tol = kernel_tolerance(q8, k8, v8, dq, dk, dv, want)
+    out, lse = run_kernel(q8, k8, v8, dq, dk, dv, causal=False)  # the tolerance is tight enough to see it
+    check_kernel(out, lse, want, wlse, tol, "correct permutation")
+    out, lse = run_kernel(q8, k8, v8, dq, dk, dv, causal=False, broken_permutation=True)
+    with pytest.raises(AssertionError, match="over tolerance"):
+        check_kernel(out, lse, want, wlse, tol, "broken permutation")
+
+
+def test_public_api_runs_the_kernel_on_sim():
+    q, k, v = inputs(31, b=1, sq=40, sk=50, hq=4, hkv=2)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    with fmo.use_backend("sim"):
+        out, lse = fmo.flash_attn(q8, k8, v8, causal=True, return_lse=True, descale_q=dq, descale_k=dk, descale_v=dv)
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, causal=True)
+    assert out.shape == (1, 40, 4, 128) and lse.shape == (1, 4, 40)
+    check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), "public API")
+
+
+def test_kernel_engines_refuse_mla_head_dims_by_name():
+    q, k, v = inputs(32, b=1, sq=16, sk=16, d=192)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    with fmo.use_backend("sim"), pytest.raises(InputError, match=r"^v\b.*FP8 kernel"):
+        fmo.flash_attn(q8, k8, v8, descale_q=dq, descale_k=dk, descale_v=dv)
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["random", "outliers"])
+def test_accuracy_stated_against_the_bf16_kernel(outliers):
+    """The FP8 kernel's own error (against float64 on its dequantised inputs) beside the bf16 sm_90a
+    kernel's on the same dequantised inputs in bf16, both on the simulator; and both against float64
+    of the unquantised inputs (what FP8 costs in all). Stated bound: the FP8 kernel's error is under
+    kernel_tolerance and at most 1.5 P_ROUNDING max |v~| (P in e4m3 dominates); the bf16 kernel's at most
+    2^-6 max |v~| (bf16 inputs and P)."""
+    q, k, v = inputs(40 + outliers, outliers=outliers, b=1, sq=64, sk=128, hq=2, hkv=1)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    deq = lambda c, s: c.double() * s.double()[:, None, :, None]  # noqa: E731
+    qt, kt, vt = deq(q8, dq), deq(k8, dk), deq(v8, dv)
+    truth_deq, _ = attention(qt, kt, vt, compute_dtype=torch.float64)
+    truth, _ = attention(q, k, v, compute_dtype=torch.float64)
+    out8, lse8 = run_kernel(q8, k8, v8, dq, dk, dv, causal=False)
+    with fmo.use_backend("sim"):
+        out16 = fmo.flash_attn(qt.bfloat16(), kt.bfloat16(), vt.bfloat16()).double()
+    vmax = vt.abs().max().item()
+    e8, e16 = (out8.double() - truth_deq).abs().max().item() / vmax, (out16 - truth_deq).abs().max().item() / vmax
+    t8, t16 = (out8.double() - truth).abs().max().item() / vmax, (out16 - truth).abs().max().item() / vmax
+    print(f"\n{'outlier-heavy' if outliers else 'random'}: max|err|/max|v~| vs float64 of the dequantised inputs: "
+          f"fp8 kernel {e8:.2e}, bf16 sm_90a kernel {e16:.2e}; vs float64 of the unquantised inputs: fp8 kernel "
+          f"{t8:.2e}, bf16 kernel on the dequantised inputs {t16:.2e}")
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv)
+    check_kernel(out8, lse8, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), "fp8 kernel")
+    assert e8 <= 1.5 * P_ROUNDING and e16 <= 2.0 ** -6, (e8, e16)

@@ -7,3 +7,4 @@ from . import moe_ipc, moe_layout, moe_low_latency, moe_permute  # noqa: F401
 from . import fp8_gemm_grouped  # noqa: F401
 from . import attention  # noqa: F401
 from . import attention_hopper_bwd  # noqa: F401
+from . import attention_hopper_fp8  # noqa: F401

@@ -13,11 +13,13 @@ descale_v into the output once, so no rescaling happens inside the KV loop; a pe
 block) scale on K would need S rescaled per tile (and on V, O rescaled per tile) and is not
 offered until a benchmark shows per-head scales lose accuracy that matters.
 
-Kernel: none yet. The sm_90a FP8 kernel (QGMMA, V transposed in shared memory) and the
-simulator path are issue 16's later steps; until one exists every engine but "reference"
-refuses after validating the input, rather than dequantising to bf16 silently (which would
-look like an FP8 kernel and run at bf16's speed). The oracle is
-fastmoe_ops.reference.attention.attention_fp8 (float64)."""
+Kernel: csrc/attention/hopper_fwd_fp8.cuh (launcher ops/attention_hopper_fp8.py) on sm_90a and the
+simulator: QGMMA for S = Q K^T and O += P V (P rounded to e4m3 in registers, times 256), V transposed
+in shared memory by three warps of the producer warpgroup into wgmma's K-major layout with the keys
+permuted to P's register order; D 64 and 128 (MLA's (192, 128) is refused on kernel engines);
+dense batches, causal bottom-right, GQA. Other archs refuse after validating, rather than
+dequantising to bf16 silently (which would look like an FP8 kernel and run at bf16's speed). The
+oracle is fastmoe_ops.reference.attention.attention_fp8 (float64)."""
 from __future__ import annotations
 
 import math
@@ -64,10 +66,19 @@ def attention_forward_fp8(q, k, v, descale_q, descale_k, descale_v, *, causal: b
            and softmax_scale > 0, "softmax_scale", "None or a finite number > 0", softmax_scale)
     engine = backends.engine_for(q=q, k=k, v=v)
     if engine != "reference":
-        raise UnsupportedError(
-            f"flash_attn with float8_e4m3fn inputs on engine {engine!r}: no FP8 attention kernel yet (issue 16: the "
-            "sm_90a QGMMA kernel is not built); refusing rather than dequantising to bf16 behind the caller's back. "
-            "Dequantise explicitly and call the bf16 kernel, or use engine 'reference' for the float64 oracle")
+        from . import attention_hopper_fp8 as kernel
+        from .attention_hopper import arch_of
+
+        arch = arch_of(engine, q.device)
+        if arch != "sm_90a":
+            raise UnsupportedError(
+                f"flash_attn with float8_e4m3fn inputs on {arch} (engine {engine!r}): the FP8 attention kernel is "
+                "sm_90a only (QGMMA, TMA); refusing rather than dequantising to bf16 behind the caller's back. "
+                "Dequantise explicitly and call the bf16 kernel, or use engine 'reference' for the float64 oracle")
+        expect(q.shape[3] in kernel.HEAD_DIMS, "v", f"head dims (q/k, v) in {[(d, d) for d in kernel.HEAD_DIMS]} for the "
+               f"FP8 kernel on engine {engine!r} (MLA's (192, 128): engine 'reference' only)", (q.shape[3], v.shape[3]))
+        return kernel.forward(q, k, v, descale_q, descale_k, descale_v, causal=causal, softmax_scale=softmax_scale,
+                              engine=engine)
     from ..reference.attention import attention_fp8
 
     out, lse = attention_fp8(q, k, v, descale_q, descale_k, descale_v, causal=causal, softmax_scale=softmax_scale)

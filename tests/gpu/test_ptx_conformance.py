@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from gpu_util import WHY_NO_CUDA
-from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, tma, wgmma
+from ptx_cases import barrier, cp_async, ld_st, ldmatrix, mma, tma, wgmma, wgmma_e4m3_rs
 from ptx_cases.case import assert_equal_bits
 from ptx_cases.runners import CudaRunner, SimRunner
 
@@ -38,9 +38,10 @@ FAMILIES = {
     "ld_st": ld_st,
     "barrier": barrier,
     "wgmma": wgmma,  # sm_90a only
+    "wgmma_e4m3_rs": wgmma_e4m3_rs,  # sm_90a only: the FP8 attention's O += P V (A = P in registers)
     "tma": tma,  # sm_90: TMA loads/stores/reduce-add (maps encoded per engine), mbarrier, elect, stmatrix
 }
-SM90A_ONLY = {"wgmma", "tma"}
+SM90A_ONLY = {"wgmma", "wgmma_e4m3_rs", "tma"}
 SEED = 1234
 
 
