@@ -75,8 +75,9 @@ def attention_forward_fp8(q, k, v, descale_q, descale_k, descale_v, *, causal: b
                 f"flash_attn with float8_e4m3fn inputs on {arch} (engine {engine!r}): the FP8 attention kernel is "
                 "sm_90a only (QGMMA, TMA); refusing rather than dequantising to bf16 behind the caller's back. "
                 "Dequantise explicitly and call the bf16 kernel, or use engine 'reference' for the float64 oracle")
-        expect(q.shape[3] in kernel.HEAD_DIMS, "v", f"head dims (q/k, v) in {[(d, d) for d in kernel.HEAD_DIMS]} for the "
-               f"FP8 kernel on engine {engine!r} (MLA's (192, 128): engine 'reference' only)", (q.shape[3], v.shape[3]))
+        expect(q.shape[3] in kernel.HEAD_DIMS, "v", f"head dims (q/k, v) in {[(d, d) for d in kernel.HEAD_DIMS]} "
+               f"for the FP8 kernel on engine {engine!r} (MLA's (192, 128): engine 'reference' only)",
+               (q.shape[3], v.shape[3]))
         return kernel.forward(q, k, v, descale_q, descale_k, descale_v, causal=causal, softmax_scale=softmax_scale,
                               engine=engine)
     from ..reference.attention import attention_fp8
