@@ -124,29 +124,33 @@ def batch_of(fn, calls: int, device):
 def measure(device, engine: str, calls: int = 2000, only=None, max_seconds: float = 2.0):
     """[(op, shape, Comparison per call)] for every case: batches of ours and of torch.abs
     interleaved by bench.stats.compare (same process, same moment: machine noise hits both),
-    timed on the host clock (what is measured is host time, so never CUDA events)."""
+    timed on the host clock (what is measured is host time, so never CUDA events). Inside
+    bench.stats.spread_over_run (as main() runs it) each is a PendingComparison, timed in rounds
+    over every op when the context closes: so each closure enters its engine itself."""
     from bench.stats import compare
 
-    out = []
-    ctx = contextlib.nullcontext() if engine == "cuda" else fmo.use_backend(engine)
+    def engine_ctx():
+        return contextlib.nullcontext() if engine == "cuda" else fmo.use_backend(engine)
+
     skip = sim_kernels_skipped if engine == "sim" else contextlib.nullcontext
-    with ctx:
-        items = cases(device)
-        for name, (shape, ours, theirs) in items.items():
-            if only and name not in only:
-                continue
+
+    def one(name, shape, ours, theirs):   # a function per op: each row's closures keep their own op
+        with engine_ctx():
             ours()  # compile and load outside the timing (the simulator runs it once, for real)
-            n = calls if engine != "reference" or name.startswith("fp8.quant") else max(calls // 10, 50)
-            ours_batch, theirs_batch = batch_of(ours, n, device), batch_of(theirs, n, device)
+        n = calls if engine != "reference" or name.startswith("fp8.quant") else max(calls // 10, 50)
+        ours_batch, theirs_batch = batch_of(ours, n, device), batch_of(theirs, n, device)
 
-            def ours_skipping_kernels():
-                with skip():
-                    ours_batch()
+        def ours_skipping_kernels():
+            with engine_ctx(), skip():
+                ours_batch()
 
-            c = compare(ours_skipping_kernels, theirs_batch, device=torch.device("cpu"), max_seconds=max_seconds,
-                        warmup=1)
-            out.append((name, shape, c.per_call(n)))
-    return out
+        c = compare(ours_skipping_kernels, theirs_batch, device=torch.device("cpu"), max_seconds=max_seconds,
+                    warmup=1)
+        return name, shape, c.per_call(n)
+
+    with engine_ctx():
+        items = cases(device)
+    return [one(name, shape, ours, theirs) for name, (shape, ours, theirs) in items.items() if not only or name in only]
 
 
 def rows(device, engine: str, calls: int = 2000, max_seconds: float = 2.0):
@@ -166,20 +170,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=2.0, help="timing budget per op (bench.stats.compare)")
     p.add_argument("--json", type=Path, help="also write the rows here (a list of harness Row fields)")
     args = p.parse_args(argv)
-    from bench.stats import steady_timing_process
+    from bench.stats import spread_over_run, steady_timing_process
 
     steady_timing_process(across_ranks=False)
     on_gpu = torch.cuda.is_available() and "cuda" in fmo.available_backends()
     engines = args.engine or (["cuda"] if on_gpu else [e for e in ("sim", "reference") if e in fmo.available_backends()])
-    print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")
     out = []
-    for engine in engines:
-        device = torch.device("cuda" if engine == "cuda" else "cpu")
-        for r in rows(device, engine, args.calls, args.max_seconds):
-            out.append(r)
-            name, shape = r.shape.split(" ", 1)
-            print(f"{name:<42} {shape:<26} {engine:<10} {r.ours_s * 1e6:>7.2f}us {r.baseline_s * 1e6:>8.2f}us "
-                  f"{r.ours_s / r.baseline_s:>10.2f}")
+    # Every op of every engine registered, then timed in rounds over all of them (the slow noise
+    # of a CPU lasts seconds to tens of seconds: one 2 s window per op left two runs apart).
+    with spread_over_run(report=lambda msg: None):
+        for engine in engines:
+            out += rows(torch.device("cuda" if engine == "cuda" else "cpu"), engine, args.calls, args.max_seconds)
+    print(f"{'op':<42} {'shape':<26} {'engine':<10} {'ours':>9} {'torch.abs':>10} {'ours/torch':>10}")
+    for r in out:
+        name, shape = r.shape.split(" ", 1)
+        print(f"{name:<42} {shape:<26} {r.engine:<10} {r.ours_s * 1e6:>7.2f}us {r.baseline_s * 1e6:>8.2f}us "
+              f"{r.ours_s / r.baseline_s:>10.2f}")
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in out], indent=1))
     return 0

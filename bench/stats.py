@@ -273,7 +273,7 @@ def _pairs(timed, ours, baseline, *, rel_ci: float, max_pairs: int, out_of_time:
     return a, b
 
 
-ROUNDS = 3   # spread_over_run: the slices each CPU row is timed in, one per pass over all rows
+ROUNDS = 4   # spread_over_run: the slices each CPU row is timed in, one per pass over all rows
 _spread: list | None = None   # the comparisons spread_over_run will time; None: compare times at once
 
 
@@ -284,13 +284,18 @@ class PendingComparison:
     (gather_reduce N512, sim) timed in one process in consecutive 2-6 s windows read
     0.253 [0.240, 0.265] and, 10 s later, 0.326 [0.289, 0.363]. Two runs that time a row once
     each, minutes apart, compare two such moments, and any interval from one window misses the
-    other. The batch-means blocks are each slice's two halves, so the stated interval holds the
-    moments between the rounds. Row.compared registers its Row here, and finish() completes it."""
+    other; the stated interval holds the moments between the rounds. Row.compared registers its Row here, and finish() completes it.
+
+    The batch-means blocks are the slices, one per round: two halves of one slice share its
+    moment, and counting them as two blocks stated the interval sqrt(2) too narrow (with t of
+    too many degrees of freedom); moe_gather_reduce N1024 (sim) then read 1.35 [1.26, 1.44] in
+    one run and 1.55 [1.48, 1.63] in the next."""
 
     def __init__(self, timer, ours, baseline, rel_ci: float, max_seconds: float, min_seconds: float, max_pairs: int):
         self.timer, self.ours, self.baseline = timer, ours, baseline
         self.rel_ci, self.max_seconds, self.min_seconds, self.max_pairs = rel_ci, max_seconds, min_seconds, max_pairs
         self.a, self.b, self.blocks = [], [], []
+        self.calls = 1   # per_call: every timed sample runs this many calls
         self.rows = []   # Rows that Row.compared built from this, completed by finish()
         self.result: Comparison | None = None
         self.bound = _bound_values(ours) + _bound_values(baseline)
@@ -307,19 +312,23 @@ class PendingComparison:
                                "its own function call")
 
     def time_slice(self, rounds: int) -> None:
-        """One slice: the budgets divided by the rounds; its two halves are two blocks."""
+        """One slice: the budgets divided by the rounds; one block."""
         self._check_bindings()
         start = time.perf_counter()
         a, b = _pairs(self.timer, self.ours, self.baseline, rel_ci=self.rel_ci, max_pairs=self.max_pairs,
                       out_of_time=lambda: time.perf_counter() - start > self.max_seconds / rounds,
                       long_enough=lambda: time.perf_counter() - start >= self.min_seconds / rounds)
-        n, half = len(self.a), len(a) // 4 * 2   # an even half: as many A B pairs as B A in each
-        self.blocks += [slice(n, n + half), slice(n + half, n + len(a))]
+        self.blocks.append(slice(len(self.a), len(self.a) + len(a)))
         self.a += a
         self.b += b
 
+    def per_call(self, calls: int) -> "PendingComparison":
+        """As Comparison.per_call, applied when the comparison is completed."""
+        self.calls *= calls
+        return self
+
     def finish(self) -> Comparison:
-        self.result = summarize(self.a, self.b, self.blocks)
+        self.result = summarize(self.a, self.b, self.blocks).per_call(self.calls)
         for row in self.rows:
             row.take(self.result)
         self.ours = self.baseline = None   # the closures hold the row's tensors

@@ -207,24 +207,51 @@ def test_spread_over_run_times_every_row_in_rounds_and_completes_its_rows():
         row = Row.compared("op", "shape", "sim", c, baseline="x.sum")
         assert isinstance(c, stats.PendingComparison) and math.isnan(row.ours_s)
         warm = len(seen)                                   # the warm-ups only, so far
-    assert len(c.blocks) == 6 and c.blocks[-1].stop == len(c.a)   # two blocks per round
+    assert len(c.blocks) == 3 and c.blocks[-1].stop == len(c.a)   # one block per round
     assert len(seen) - warm >= 3 * 2 * stats.MIN_PAIRS      # each timed pair runs ours twice (warm + timed)
     assert row.ours_s > 0 and row.stats["pairs"] == len(c.a) and row.stats["ratio"] == c.result.ratio
 
 
-def test_rounds_that_see_different_machines_widen_the_interval():
-    """Three rounds at three machine states (the baseline 10% slower, then 10% faster): each
-    round alone is steady, so only the blocks across rounds can show the spread."""
-    levels = iter([1.0] * stats.MIN_PAIRS + [1.1] * stats.MIN_PAIRS + [0.9] * stats.MIN_PAIRS)
+def _three_rounds(levels_per_round, calls=1):
+    """A PendingComparison timed in three rounds by a fake timer: ours always 1.0 s, the
+    baseline at the given level in each round (each round alone steady)."""
+    levels = iter([lv for lv in levels_per_round for _ in range(stats.MIN_PAIRS)])
+
+    def ours():
+        pass
+
+    def base():
+        pass
+
     pending = stats.PendingComparison(lambda fn: 1.0 if fn is ours else next(levels), ours, base, rel_ci=0.5,
-                                      max_seconds=0.0, min_seconds=0.0, max_pairs=400)
+                                      max_seconds=0.0, min_seconds=0.0, max_pairs=400).per_call(calls)
     for _ in range(3):
         pending.time_slice(3)
-    c = pending.finish()
-    assert c.pairs == 3 * stats.MIN_PAIRS
-    assert c.ratio == 1.0 and c.ratio_lo < 0.93 and c.ratio_hi > 1.07
-    one_round = stats.summarize([1.0] * 8, [1.0] * 8)
-    assert one_round.ratio_hi - one_round.ratio_lo == pytest.approx(2 * stats.RESOLUTION)
+    return pending, pending.finish()
+
+
+def test_rounds_that_see_different_machines_widen_the_interval():
+    """Three rounds at three machine states (the baseline 10% slower, then 10% faster): each
+    round alone is steady, so only the blocks across rounds can show the spread; with the
+    rounds as the blocks (t with 2 degrees of freedom: 4.303 x 0.1 / sqrt(3) = 0.248)."""
+    pending, c = _three_rounds([1.0, 1.1, 0.9])
+    assert c.pairs == 3 * stats.MIN_PAIRS and len(pending.blocks) == 3
+    assert c.ratio == 1.0 and c.ratio_lo == pytest.approx(1 - 0.2485, abs=1e-3) and c.ratio_hi == pytest.approx(1.2485, abs=1e-3)
+    # Halves of each round counted as blocks (the old rule) claimed a narrower interval from the
+    # same samples: the halves of one round share its moment.
+    halves = [slice(i * 4, i * 4 + 4) for i in range(6)]
+    narrow = stats.summarize(pending.a, pending.b, halves)
+    assert narrow.ratio_hi - narrow.ratio_lo < 0.6 * (c.ratio_hi - c.ratio_lo)
+    # The same three rounds at one machine state: only the resolution floor remains.
+    _, steady = _three_rounds([1.0, 1.0, 1.0])
+    assert steady.ratio_lo == pytest.approx(1 - stats.RESOLUTION) and steady.ratio_hi == pytest.approx(1 + stats.RESOLUTION)
+
+
+def test_pending_per_call_divides_the_times_not_the_ratio():
+    _, c = _three_rounds([1.0, 1.1, 0.9], calls=500)
+    _, one = _three_rounds([1.0, 1.1, 0.9])
+    assert c.ours_s == pytest.approx(one.ours_s / 500) and c.base_s == pytest.approx(one.base_s / 500)
+    assert (c.ratio, c.ratio_lo, c.ratio_hi) == (one.ratio, one.ratio_lo, one.ratio_hi)
 
 
 def test_spread_over_run_refuses_nesting_and_times_nothing_after_an_error():
