@@ -5,8 +5,8 @@ float64 and -inf exactly where the row sees no key. NaN never; outputs are poiso
 every run.
 
 Forward and backward: where the simulator (which models sm_90a) takes the Hopper kernel
-(hopper_fwd.cuh, hopper_bwd.cuh: D 64 and 128), check_case runs the mma.sync kernel too (what
-other archs and MLA's head dims run); tests/test_attention_hopper.py and
+(hopper_fwd.cuh, hopper_bwd.cuh: D 64, 128 and MLA's 192/128), check_case runs the mma.sync
+kernel too (what other archs run); tests/test_attention_hopper.py and
 test_attention_hopper_bwd.py have the Hopper kernels' own cases.
 
 The default run is a representative subset (~1-2 minutes on 2 cores); the full grid of
@@ -89,9 +89,13 @@ def test_kernels_vs_float64(case):
 
 @SIM
 @pytest.mark.parametrize("causal", [False, True])
-def test_mla_head_dims(causal):
-    """MLA prefill: q/k head dim 192 (128 nope + 64 rope), v head dim 128; Sq != Sk, GQA."""
+def test_mla_head_dims(causal, monkeypatch):
+    """MLA prefill: q/k head dim 192 (128 nope + 64 rope), v head dim 128; Sq != Sk, GQA. Both
+    backwards: the mma.sync passes (forced) and the default, the sm_90a wgmma kernel."""
+    launches = _count_launches(monkeypatch)
     check_case(1, 40, 75, 4, 2, 192, causal, torch.bfloat16, seed=21, dv=128)
+    names = [getattr(s, "kernel", s.op) for s in launches]
+    assert names[-5:] == ["bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_delta", "attn_bwd_sm90"], names
 
 
 @SIM
@@ -197,17 +201,19 @@ def test_public_deterministic_flag_reaches_the_backward(monkeypatch):
 def test_backward_kernel_choice():
     """A pure function of the arch and shapes: wgmma on sm_90a for its head dims with keys."""
     assert hbwd.backward_kernel("sm_90a", 64, 64, 1) == hbwd.backward_kernel("sm_90a", 128, 128, 9) == "wgmma"
-    assert hbwd.backward_kernel("sm_90a", 192, 128, 9) == "mma_sync"  # MLA: no sm_90a backward tiles
+    assert hbwd.backward_kernel("sm_90a", 192, 128, 9) == "wgmma"     # MLA prefill
+    assert hbwd.backward_kernel("sm_90a", 256, 256, 9) == "mma_sync"  # no backward tiles (refused before)
     assert hbwd.backward_kernel("sm_90a", 64, 64, 0) == "mma_sync"    # no keys: no tensor map
     assert hbwd.backward_kernel("sm_80", 64, 64, 9) == hbwd.backward_kernel("sm_89", 128, 128, 9) == "mma_sync"
 
 
 @SIM
 def test_public_backward_runs_the_chosen_kernel_and_forcing_is_checked(monkeypatch):
-    """fmo.flash_attn's backward on the simulator (sm_90a) launches the wgmma kernel for D 64 and the
-    mma.sync passes for MLA's (192, 128); a forced kernel is checked by name before any launch."""
+    """fmo.flash_attn's backward on the simulator (sm_90a) launches the wgmma kernel for D 64 and
+    MLA's (192, 128) alike; a forced kernel is checked by name before any launch (a forced 'wgmma'
+    with no keys: no tensor map)."""
     launches = _count_launches(monkeypatch)
-    for d, dv, want in ((64, None, ["bwd_delta", "attn_bwd_sm90"]), (192, 128, ["bwd_delta", "bwd_dq", "bwd_dkdv"])):
+    for d, dv, want in ((64, None, ["bwd_delta", "attn_bwd_sm90"]), (192, 128, ["bwd_delta", "attn_bwd_sm90"])):
         q, k, v, dout = make_inputs(1, 9, 12, 2, 1, d, torch.bfloat16, 4, dv=dv)
         with fmo.use_backend("sim"):
             qg = q.clone().requires_grad_(True)
@@ -217,19 +223,23 @@ def test_public_backward_runs_the_chosen_kernel_and_forcing_is_checked(monkeypat
         assert [getattr(s, "kernel", s.op) for s in launches] == want, (d, launches)
     pb = launcher.problem(q, k, v, causal=True, softmax_scale=None)
     launches.clear()
-    with pytest.raises(fmo.InputError, match=r"^kernel: expected 'mma_sync' or None for head dims \(192, 128\)"):
-        launcher.backward(pb, dout, out.detach(), lse, "sim", "wgmma")
+    k0, v0 = k[:, :0], v[:, :0]  # no keys: no tensor map, so no wgmma backward
+    pb0 = launcher.problem(q, k0, v0, causal=True, softmax_scale=None)
+    with pytest.raises(fmo.InputError, match=r"^kernel: expected 'mma_sync' or None for head dims \(192, 128\) with 0 key"):
+        launcher.backward(pb0, dout, out.detach(), lse, "sim", "wgmma")
     with pytest.raises(fmo.InputError, match=r"^kernel: expected one of \('wgmma', 'mma_sync'\)"):
         launcher.backward(pb, dout, out.detach(), lse, "sim", "fast")
     assert launches == []
 
 
 @SIM
-def test_memcheck_and_racecheck(monkeypatch):
-    """Every global access inside the launch's tensors, no shared-memory races (fwd + bwd)."""
+@pytest.mark.parametrize("d, dv", [(64, None), (192, 128)], ids=["d64", "mla"])
+def test_memcheck_and_racecheck(d, dv, monkeypatch):
+    """Every global access inside the launch's tensors, no shared-memory races (fwd + bwd; MLA: the
+    wgmma backward's dK panel in shared memory too)."""
     monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
     monkeypatch.setenv("FMO_SIM_RACECHECK", "1")
-    check_case(2, 20, 70, 2, 1, 64, True, torch.bfloat16, seed=5)
+    check_case(2, 20, 70, 2, 1, d, True, torch.bfloat16, seed=5, dv=dv)
 
 
 def test_reference_engine_matches_oracle():

@@ -9,7 +9,10 @@ kernel leaves unwritten fails), dq from an fp32 buffer every contributing CTA ad
 key tile's share shows as a wrong value). Cases: D 64 and 128, causal and not, Sq > Sk (rows that
 see no key), Sq < Sk (several key tiles add into one dQ row), ragged tiles, GQA (dk / dv summed
 over the group), two dense batches (TMA boxes zero-filled at a batch's end), varlen with empty
-sequences; the deterministic mode (its fp32 dQ sum equal bit for bit to a key-tile-order run while the CTAs run last tile first). Then the refusals and the sm_90a build (0 spills, HGMMA, UTMALDG). ~30 s on 2 cores.
+sequences; MLA's (192, 128) (dK's columns 128..191 accumulated in shared memory: causal and not,
+GQA, Sq != Sk, ragged, varlen, deterministic); the deterministic mode (its fp32 dQ sum equal bit for
+bit to a key-tile-order run while the CTAs run last tile first). Then the refusals and the sm_90a
+build (0 spills, HGMMA, UTMALDG). ~1 min on 2 cores.
 """
 from __future__ import annotations
 
@@ -62,6 +65,37 @@ def test_hopper_backward_vs_float64(case):
     check_grads(q, k, v, dout, causal, f"B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal} {dtype} seed=3")
 
 
+# MLA prefill (q/k 192, v 128): (B, Sq, Sk, Hq, Hkv, causal, dtype). dK's last 64 columns are the
+# shared-memory panel (HopperBwdShape::DK_SMEM_PANELS): a wrong add or store there shows in dk.
+MLA_CASES = [
+    (1, 70, 130, 2, 1, True, torch.bfloat16),     # Sq < Sk: three key tiles add into each dQ row; GQA 2
+    (1, 130, 100, 2, 2, True, torch.float16),     # Sq > Sk: rows that see no key; the ring wraps
+    (2, 77, 65, 4, 2, False, torch.bfloat16),     # GQA, two batches, ragged tiles both ways
+]
+
+
+@SIM
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "b{}_sq{}_sk{}_h{}-{}_{}_{}".format(*c[:5], "causal" if c[5] else "full", str(c[6])[6:]))
+def test_hopper_backward_mla_vs_float64(case):
+    b, sq, sk, hq, hkv, causal, dtype = case
+    q, k, v, dout = make_inputs(b, sq, sk, hq, hkv, 192, dtype, seed=11, dv=128)
+    check_grads(q, k, v, dout, causal, f"MLA B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} Dqk=192 Dv=128 causal={causal} {dtype} seed=11")
+
+
+@SIM
+def test_hopper_backward_mla_varlen_deterministic():
+    """MLA, varlen with an empty query sequence and one without keys, deterministic=True: within the
+    rule, and a second run gives the same dq, dk, dv bit for bit."""
+    cu_q = torch.tensor([0, 0, 17, 90, 95], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 75, 75], dtype=torch.int32)
+    q, k, v, dout = make_inputs(1, 95, 75, 2, 1, 192, torch.bfloat16, 13, varlen_cu=True, dv=128)
+    first = check_grads(q, k, v, dout, True, "MLA varlen deterministic seed=13", (cu_q, cu_k), 80, deterministic=True)
+    again = hbwd.backward(q, k, v, first[3], first[4], dout, causal=True, engine="sim", deterministic=True,
+                          cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=80, max_seqlen_k=80)
+    for name, a, b in zip(("dq", "dk", "dv"), first, again):
+        assert torch.equal(a, b), f"MLA varlen deterministic: {name} differs between two runs"
+
+
 @SIM
 @pytest.mark.parametrize("causal", [True, False])
 def test_hopper_backward_varlen_with_empty_sequences(causal):
@@ -108,7 +142,7 @@ def test_hopper_backward_refuses_bad_input_by_name():
         hbwd.backward(q, k, v, dout, lse, dout.half(), causal=False, engine="sim")
     with pytest.raises(InputError, match="o: expected .* shape \\(1, 8, 2, 64\\)"):
         hbwd.backward(q, k, v, dout[:, :4], lse, dout, causal=False, engine="sim")
-    q2, k2, v2, dout2 = make_inputs(1, 8, 8, 1, 1, 192, torch.bfloat16, 0, dv=128)
+    q2, k2, v2, dout2 = make_inputs(1, 8, 8, 1, 1, 256, torch.bfloat16, 0)
     with pytest.raises(InputError, match="q: expected \\(Dqk, Dv\\) in"):
         hbwd.backward(q2, k2, v2, dout2, torch.zeros(1, 1, 8), dout2, causal=False, engine="sim")
     with pytest.raises(InputError, match="deterministic: expected a bool"):
@@ -122,10 +156,14 @@ def test_spec_names_sizes_and_refusals():
     assert spec.entry_name() == "fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal"
     # K, V, two Q/dO stages, dS^T, lse + delta, barriers: the kernel's static_assert checks the same sum
     assert spec.smem_bytes() == 2 * (64 * 256 + 2 * 64 * 256 + 64 * 64) + 512 + 40 <= MAX_DYNAMIC_SMEM
-    assert len(list(hbwd.standard_specs())) == 16
+    # MLA: K 192 + V 128 columns, the ring likewise, dS^T, dK's fp32 columns 128..191, lse + delta, barriers
+    mla = hbwd.choose_spec("bf16", 192, 128, False)
+    assert mla.entry_name() == "fmo_attn_bwd_sm90_bf16_d192v128_bm64_bn64_s2"
+    assert mla.smem_bytes() == 2 * (64 * 320 + 2 * 64 * 320 + 64 * 64) + 4 * 64 * 64 + 512 + 40 <= MAX_DYNAMIC_SMEM
+    assert len(list(hbwd.standard_specs())) == 24
     assert hbwd.choose_spec("fp16", 64, 64, False, True).entry_name() == "fmo_attn_bwd_sm90_fp16_d64_bm64_bn64_s2_deterministic"
     with pytest.raises(UnsupportedError, match="head_dim_v"):
-        hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=192, head_dim_v=128, stages=2, causal=False).check()
+        hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=256, head_dim_v=256, stages=2, causal=False).check()
     with pytest.raises(UnsupportedError, match="stages"):
         hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=64, head_dim_v=64, stages=1, causal=False).check()
 
@@ -135,7 +173,7 @@ def test_hopper_backward_builds_with_hgmma_and_tma():
     from fastmoe_ops import build
     from fastmoe_ops.ops import _all  # noqa: F401  (registers the specs)
     reports = build.build_all("sm_90a", "attn_bwd_sm90")
-    assert len(reports) == 16  # {bf16, fp16} x (64, 64), (128, 128) x causal x deterministic
+    assert len(reports) == 24  # {bf16, fp16} x (64, 64), (128, 128), (192, 128) x causal x deterministic
     for r in reports:
         assert r.ok, r.error
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"

@@ -20,19 +20,37 @@
 //                    RS A fragment is the accumulator map, as in the forward's P V), dO read
 //                    MN-major as TMA stored it
 //                  dK += dS^T Q: wgmma SS, A = the staged dS^T (K-major), Q read MN-major
+//                    (columns past DK_REG, MLA's 128..191: a panel MMA, added to shared memory)
 //                  per 64-column panel of DQK: dQ = dS K, wgmma SS with A = dS read MN-major out
 //                    of the staged dS^T and B = K read MN-major; retired, its fp32 values (times
 //                    the softmax scale) red.global.add-ed into dq_accum
 //                  arrive empty[s] (every MMA reading Q and dO retired)
 //                then dK (times the scale) and dV stored as T.
 //   smem  K [BN][DQK], V [BN][DV], STAGES x { Q [BM][DQK], dO [BM][DV] }, dS^T [BN][BM],
-//         barriers. Tiles of D columns are D / 64 panels [rows][64] of 128-byte swizzled rows
+//         dK's fp32 panels past DK_REG [(DQK - DK_REG) / 64][32][128 threads], lse / delta [BM],
+//         barriers (MLA (192, 128), STAGES 2: 24 + 16 + 2 x 40 + 8 + 16 KiB + 552 B = 144.5 KiB).
+//         Tiles of D columns are D / 64 panels [rows][64] of 128-byte swizzled rows
 //         (hopper_fwd.cuh's layout: K-major B128 along D, MN-major B128 along the rows).
 //
+// Register budget (fp32 values per consumer thread; a 64-row wgmma accumulator of N columns is
+// N / 2 per thread): dK DQK / 2 + dV DV / 2 + S^T 32 + dP^T 32 live together while S^T and dP^T
+// are computed and turned into P^T / dS^T, plus ~20 for addresses, indices and the ring state.
+// D 128: 64 + 64 + 64 = 192 (ptxas: 251-254 of 255, 0 spills). MLA (192, 128) so: 96 + 64 + 64
+// = 224, which spilled (254 registers, 8-16 spill stores). Options: (a) more consumer warpgroups
+// cannot split the 64 key rows (a wgmma's M is 64 rows: each warpgroup still holds its own dK
+// 64 x 192), only dK's columns, with S^T / dP^T computed twice or passed through shared memory;
+// (b) BN 32 per warpgroup: no M-32 wgmma, half of every accumulator idle; (c) dK in panels:
+// columns 0..DK_REG-1 (128) in registers, the rest (64) as fp32 in shared memory, each tile's
+// panel MMA into the dQ panel's 32 registers (free then) and added by each thread into its own
+// 32 slots (thread-private: no barrier), 16 KiB. Taken: (c), the peak is D 128's 192 again
+// (254 registers, 0 spills); it costs one more 64-column MMA (K 64, waited at once) and 32
+// shared-memory read-adds per thread per query tile.
 // No setmaxnreg: two warpgroups at one CTA per SM leave 255 registers to every thread.
-// Not yet (issue 16): two consumer warpgroups (BN 128), overlap of the dQ atomics with the next
-// tile's MMAs, TMA for lse / delta (their rows are not 16-byte aligned for every Sq: the consumer
-// reads them from global memory), MLA head dims, persistent CTAs.
+// Not yet (issue 16): two consumer warpgroups (BN 128; with setmaxnreg, producer 24: 2 x 128 x 240
+// + 128 x 24 <= 64 K registers), overlap of the dQ atomics with the next tile's MMAs, TMA for
+// lse / delta (their rows are not 16-byte aligned for every Sq: the consumer reads them from
+// global memory), persistent CTAs; MLA: the dK panel's MMA and read-adds overlapped with the dQ
+// panels' (now waited one after another), and a GPU timing.
 // DETERMINISTIC: the dQ adds of the key tiles go in key-tile order (DqTurn), so dq is the same
 // bit for bit from run to run; the tiles then wait on one another.
 #pragma once
@@ -62,14 +80,17 @@ struct HopperBwdShape {
     static constexpr int kThreads = 256;
     static constexpr int kKBytes = BN * DQK * 2, kVBytes = BN * DV * 2;
     static constexpr int kQBytes = BM * DQK * 2, kDoBytes = BM * DV * 2, kStageBytes = kQBytes + kDoBytes;
+    // dK columns in registers (the budget above: at most 128), the rest as fp32 panels in shared memory
+    static constexpr int DK_REG = DQK < 128 ? DQK : 128, DK_SMEM_PANELS = (DQK - DK_REG) / kPanel;
     static constexpr int kDsOffset = kKBytes + kVBytes + STAGES * kStageBytes;
-    static constexpr int kRowsOffset = kDsOffset + BN * BM * 2;  // lse log2 [BM], delta [BM] fp32
+    static constexpr int kDkOffset = kDsOffset + BN * BM * 2;  // DK_SMEM_PANELS x [kPanel / 2][128 threads] fp32
+    static constexpr int kRowsOffset = kDkOffset + DK_SMEM_PANELS * BN * kPanel * 4;  // lse log2 [BM], delta [BM] fp32
     static constexpr int kBarrierOffset = kRowsOffset + 2 * BM * 4;
     static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 2 * STAGES);
     static_assert(BM == kPanel, "dS^T rows are one 128-byte swizzled panel: BM = 64 query columns");
     static_assert(DQK % kPanel == 0 && DV % kPanel == 0, "whole 64-column panels");
-    static_assert(DQK == 64 || DQK == 128, "DQK: 64 or 128 (a wgmma N size; MLA not yet)");
-    static_assert(DV == 64 || DV == 128, "DV: 64 or 128 (a wgmma N size; MLA not yet)");
+    static_assert(DQK == 64 || DQK == 128 || DQK == 192, "DQK: 64, 128 or 192 (MLA; the register budget above)");
+    static_assert(DV == 64 || DV == 128, "DV: 64 or 128 (the register budget above)");
 };
 
 template <class Shape>
@@ -80,6 +101,8 @@ struct HopperBwdSmem {
     FMO_DEVICE uint8_t* q(int s) const { return base + Shape::kKBytes + Shape::kVBytes + s * Shape::kStageBytes; }
     FMO_DEVICE uint8_t* dout(int s) const { return q(s) + Shape::kQBytes; }
     FMO_DEVICE uint8_t* ds() const { return base + Shape::kDsOffset; }
+    // dK panel DK_REG / 64 + pe: consumer thread i's 32 accumulator values at [pe][j][i] (thread-private)
+    FMO_DEVICE float* dk_panels() const { return reinterpret_cast<float*>(base + Shape::kDkOffset); }
     FMO_DEVICE float* lse2() const { return reinterpret_cast<float*>(base + Shape::kRowsOffset); }
     FMO_DEVICE float* delta() const { return lse2() + Shape::BM; }
     // kv_full: K and V landed (once per CTA). full[s]: stage s's Q and dO landed. empty[s]: every
@@ -158,16 +181,18 @@ FMO_DEVICE void issue_tn(float (&acc)[N / 2], const uint32_t (&a)[Shape::BM / 16
     }
 }
 
-// dK[64 keys, DQK] += dS^T[keys, BM] Q[BM, DQK]: A = the staged dS^T, K-major (queries along its
+// dK[64 keys, N] += dS^T[keys, BM] Q[BM, N]: A = the staged dS^T, K-major (queries along its
 // 128-byte rows); B = Q read MN-major (issue_tn's B). Staged, dS^T's registers are free before
 // the MMAs run (as an RS operand they would stay live until the wait: D 128 spilled).
-template <typename T, class Shape>
-FMO_DEVICE void issue_ds_q(float (&acc)[Shape::DQK / 2], const uint8_t* ds, const uint8_t* q) {
+// N columns of dK from Q's panel pc0 on; accumulate: add to acc (else the first k-step overwrites it).
+template <typename T, class Shape, int N>
+FMO_DEVICE void issue_ds_q(float (&acc)[N / 2], const uint8_t* ds, const uint8_t* q, int pc0, bool accumulate) {
 #pragma unroll
     for (int kk = 0; kk < Shape::BM / 16; ++kk) {
         const uint64_t da = ptx::make_smem_desc(ds + 32 * kk, 16, 1024, ptx::Swizzle::b128);
-        const uint64_t db = ptx::make_smem_desc(q + kk * 16 * 128, Shape::BM * 128, 1024, ptx::Swizzle::b128);
-        ptx::wgmma_m64nNk16_ss<Shape::DQK, WgmmaType<T>::value, 0, 1>(acc, da, db, 1);
+        const uint64_t db =
+            ptx::make_smem_desc(q + pc0 * Shape::BM * 128 + kk * 16 * 128, Shape::BM * 128, 1024, ptx::Swizzle::b128);
+        ptx::wgmma_m64nNk16_ss<N, WgmmaType<T>::value, 0, 1>(acc, da, db, accumulate || kk > 0 ? 1 : 0);
     }
 }
 
@@ -246,10 +271,14 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
     const AttnParams& p = P.a;
     constexpr int MT = Shape::MT;
     const int warp = (int(threadIdx.x) / 32) % 4, g = int(threadIdx.x) % 32 / 4, t = int(threadIdx.x) % 4;
-    float dk[Shape::DQK / 8][4], dv[Shape::DV / 8][4];
+    constexpr int DKR = Shape::DK_REG;
+    float dk[DKR / 8][4], dv[Shape::DV / 8][4];
     zero(dk);
     zero(dv);
-    float(&dkf)[Shape::DQK / 2] = reinterpret_cast<float(&)[Shape::DQK / 2]>(dk);
+    float(&dkf)[DKR / 2] = reinterpret_cast<float(&)[DKR / 2]>(dk);
+    float* dk_mine = sm.dk_panels() + threadIdx.x % 128;  // this thread's slots of the fp32 dK panels
+#pragma unroll 1
+    for (int j = 0; j < Shape::DK_SMEM_PANELS * kPanel / 2; ++j) dk_mine[128 * j] = 0.0f;
     float(&dvf)[Shape::DV / 2] = reinterpret_cast<float(&)[Shape::DV / 2]>(dv);
     if (qt.count() > 0) ptx::mbarrier_wait_parity(sm.kv_full(), 0);
     PipelineState ps;
@@ -292,10 +321,20 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
         ptx::bar_sync(kDsBarrier, 128);  // the whole dS^T written before any warp's MMA reads it
         ptx::wgmma_fence();  // pa written before the MMAs read it
         issue_tn<T, Shape, Shape::DV>(dvf, pa, sm.dout(ps.stage));
-        issue_ds_q<T, Shape>(dkf, sm.ds(), sm.q(ps.stage));
+        issue_ds_q<T, Shape, DKR>(dkf, sm.ds(), sm.q(ps.stage), 0, true);
         ptx::wgmma_commit();
-        float dq[kPanel / 8][4];
+        float dq[kPanel / 8][4];  // a 64-column panel's accumulator: dK's shared-memory panels, then dQ's
         float(&dqf)[kPanel / 2] = reinterpret_cast<float(&)[kPanel / 2]>(dq);
+#pragma unroll 1
+        for (int pe = 0; pe < Shape::DK_SMEM_PANELS; ++pe) {  // dK's columns past DK_REG (MLA: 128..191)
+            ptx::wgmma_fence();  // the previous panel's reads of dq before the MMAs overwrite it
+            issue_ds_q<T, Shape, kPanel>(dqf, sm.ds(), sm.q(ps.stage), DKR / kPanel + pe, false);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();  // also retires dV / dK's group
+            ptx::wgmma_fence_operands(dqf);
+#pragma unroll
+            for (int j = 0; j < kPanel / 2; ++j) dk_mine[128 * (pe * kPanel / 2 + j)] += dqf[j];
+        }
         float* dq_rows = P.dq_accum + (s.q_start + m0) * p.q_row_stride + int64_t(h) * Shape::DQK;
         const int m_blocks = int((p.seqlen_q + Shape::BM - 1) / Shape::BM);
         const DqTurn turn{DETERMINISTIC ? P.dq_semaphore + (int64_t(blockIdx.z) * p.heads_q + h) * m_blocks + m0 / Shape::BM
@@ -310,6 +349,7 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
             ptx::wgmma_wait<0>();  // also retires dV / dK's group: pa, da and stage s are free
             ptx::wgmma_fence_operands(dqf);
             if (pc == 0) arrive_per_warp(sm.empty(ps.stage));  // this warp's MMAs reading Q and dO retired
+                                                               // (dK's panels above read Q too: retired)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int r = 16 * warp + g + 8 * hh;  // dQ's row: a query of the tile
@@ -329,6 +369,13 @@ FMO_DEVICE void consume_bwd(const AttnHopperBwdParams& P, const HopperBwdSmem<Sh
     T* dkp = static_cast<T*>(p.dk) + (s.k_start + n0) * p.k_row_stride + int64_t(hk) * Shape::DQK;
     T* dvp = static_cast<T*>(p.dv) + (s.k_start + n0) * p.v_row_stride + int64_t(hk) * Shape::DV;
     store_rows<T>(dkp, p.k_row_stride, 16 * warp, s.sk - n0, dk, p.softmax_scale);
+#pragma unroll 1
+    for (int pe = 0; pe < Shape::DK_SMEM_PANELS; ++pe) {
+        float panel[kPanel / 8][4];
+#pragma unroll
+        for (int j = 0; j < kPanel / 2; ++j) panel[j / 4][j % 4] = dk_mine[128 * (pe * kPanel / 2 + j)];
+        store_rows<T>(dkp + DKR + pe * kPanel, p.k_row_stride, 16 * warp, s.sk - n0, panel, p.softmax_scale);
+    }
     store_rows<T>(dvp, p.v_row_stride, 16 * warp, s.sk - n0, dv, 1.0f);
 }
 

@@ -10,7 +10,8 @@ q, k, v (GQA: dk, dv summed over the query heads of a KV head). The steps:
   dq = dq_accum as the input dtype
 dQ's fp32 sum runs in whatever order the CTAs' atomics land: not bit-for-bit reproducible, unless
 deterministic=True (the key tiles add in key-tile order, through a semaphore per query tile; the
-mma.sync backward is deterministic by its separate dQ pass). Head dims (64, 64) and (128, 128).
+mma.sync backward is deterministic by its separate dQ pass). Head dims (64, 64), (128, 128) and
+MLA's (192, 128) (dK's columns past DK_REG accumulate in shared memory: the kernel's register budget).
 fmo.flash_attn's backward runs it where backward_kernel chooses it (sm_90a, the simulator too,
 with at least one key row): problem_backward (attention.backward) routes the backward.
 """
@@ -32,16 +33,17 @@ from .attention_hopper import arch_of, check_sm90_spec, head_dims_tag
 
 PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
 BLOCK_M = BLOCK_N = 64  # query rows per ring stage, keys per CTA (one consumer warpgroup's 64 rows)
-HEAD_DIM_PAIRS = ((64, 64), (128, 128))
+HEAD_DIM_PAIRS = ((64, 64), (128, 128), (192, 128))
+DK_REG = 128  # dK columns accumulated in registers; the rest (MLA's 128..191) in shared memory, fp32
 STAGES = 2  # Q/dO ring depth: one tile computed while the next lands
 BACKWARD_KERNELS = ("wgmma", "mma_sync")
 
 
 def backward_kernel(arch: str, head_dim: int, head_dim_v: int, rows_k: int) -> str:
     """The backward kernel of a problem: 'wgmma' (hopper_bwd.cuh) on sm_90a for the head dims it has
-    tiles for and at least one key row (a tensor map needs every dimension >= 1); 'mma_sync'
-    (attention.py's bwd_dq and bwd_dkdv passes) otherwise (sm_80/sm_89 and others, MLA's (192, 128),
-    no keys). A pure function of the arch and the shapes, as attention_hopper.forward_kernel: the
+    tiles for (MLA's (192, 128) included) and at least one key row (a tensor map needs every
+    dimension >= 1); 'mma_sync' (attention.py's bwd_dq and bwd_dkdv passes) otherwise (sm_80/sm_89
+    and others, no keys). A pure function of the arch and the shapes, as attention_hopper.forward_kernel: the
     same on every rank."""
     return "wgmma" if arch == "sm_90a" and (head_dim, head_dim_v) in HEAD_DIM_PAIRS and rows_k > 0 else "mma_sync"
 
@@ -133,7 +135,8 @@ class AttnHopperBwdSpec(KernelSpec):
     def smem_bytes(self) -> int:  # mirrors HopperBwdShape::kSmemBytes
         dqk, dv = self.head_dim, self.head_dim_v
         return 2 * (BLOCK_N * (dqk + dv) + self.stages * BLOCK_M * (dqk + dv) + BLOCK_N * BLOCK_M) \
-            + 2 * BLOCK_M * 4 + 8 * (1 + 2 * self.stages)  # ..., dS^T, lse and delta, barriers
+            + 4 * BLOCK_N * (dqk - min(dqk, DK_REG)) + 2 * BLOCK_M * 4 + 8 * (1 + 2 * self.stages)
+        # K, V, the Q/dO ring, dS^T; dK's fp32 columns past DK_REG; lse and delta; barriers
 
     def device_call(self) -> str:
         """The kernel call after a static_assert that smem_bytes() is the kernel's own size."""
@@ -185,8 +188,9 @@ def backward(q, k, v, o, lse, dout, *, causal: bool, softmax_scale=None, cu_seql
     """(dq, dk, dv) shaped like q, k, v on a kernel engine ('sim' or 'cuda'; None: by q's device).
 
     q: [B, Sq, Hq, D] (varlen [total_q, Hq, D]), k, v: [B, Sk, Hkv, D], o, dout like the forward's
-    out, lse [B, Hq, Sq] (varlen [Hq, total_q]) fp32; D 64 or 128 (Dv = D). deterministic: dQ's fp32
-    sums in a fixed order (bit-for-bit reproducible; the key tiles of a head then wait on one another)."""
+    out, lse [B, Hq, Sq] (varlen [Hq, total_q]) fp32; D 64 or 128 (Dv = D), or MLA's q/k 192 with v
+    128. deterministic: dQ's fp32 sums in a fixed order (bit-for-bit reproducible; the key tiles of
+    a head then wait on one another)."""
     varlen = cu_seqlens_q is not None
     attention.validate(q, k, v, varlen=varlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale)
