@@ -26,7 +26,7 @@ import torch
 
 import fastmoe_ops as fmo
 from fastmoe_ops.errors import InputError, UnsupportedError
-from fastmoe_ops.reference.attention import attention, attention_fp8
+from fastmoe_ops.reference.attention import attention, attention_fp8, expand_kv_descale
 
 E4M3 = torch.float8_e4m3fn
 
@@ -36,6 +36,17 @@ def quantise(x: torch.Tensor):
     amax = x.abs().amax(dim=(1, 3)).clamp_min(1e-30)
     descale = (amax / 448.0).float()
     codes = (x / descale.double()[:, None, :, None]).to(E4M3)
+    return codes, descale
+
+
+def quantise_blocks(x: torch.Tensor, block: int = 128):
+    """Per-(batch, head, block of `block` keys) e4m3 codes of x [B, S, H, D]: (codes, descale [B, H, nb])."""
+    b, sk, h, d = x.shape
+    nb = -(-sk // block)
+    pad = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nb * block - sk))
+    amax = pad.abs().reshape(b, nb, block, h, d).amax(dim=(2, 4)).transpose(1, 2).clamp_min(1e-30)  # [B, H, nb]
+    descale = (amax / 448.0).float()
+    codes = (x / expand_kv_descale(descale, sk)).to(E4M3)
     return codes, descale
 
 
@@ -99,6 +110,8 @@ def test_validation_names_the_argument():
     _bad("descale_q", descale_q=torch.ones(1, 4, dtype=torch.float64))         # not fp32
     _bad("descale_q", descale_q=torch.tensor([[1.0, float("nan"), 1.0, 1.0]]))  # NaN
     _bad("descale_k", descale_k=torch.zeros(1, 2))                             # zero
+    _bad("descale_k", descale_k=torch.ones(1, 2, 2))                           # 2 key blocks for Sk 16
+    _bad("descale_q", descale_q=torch.ones(1, 4, 1))                           # q: per head only
     _bad("v", v=quantise(v[..., :64])[0])                                      # head dims (128, 64)
     _bad("softmax_scale", softmax_scale=float("nan"))
 
@@ -159,21 +172,26 @@ def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
     dequantised codes): S = Q K^T by D / 32 QGMMA steps, step s off by QGMMA_STEP of its largest term
     M_s = max(|partial sum before s|, max over its 32 d of |q~ k~|) (so softmax weights move by a
     factor within exp(+-2 delta)); P rounded to e4m3 (P_ROUNDING of each weight, plus e4m3's
-    subnormal spacing 2^-9 / 256 absolute, per key); O += P V by ceil(Sk / 32) QGMMA steps, each off
-    by QGMMA_STEP of max |v~| (accumulator and terms are at most 256 l max |v~|); bf16 output rounding
-    2^-8 relative. Returns (out tolerance [B, Sq, Hq, D], lse tolerance [B, Hq, Sq])."""
+    subnormal spacing 2^-9 / 256 absolute of P dv_j / dv_max, per key: Sk 2^-18 dv_max max |v8|);
+    O += P V by ceil(Sk / 32) QGMMA steps, each off by QGMMA_STEP of max |v~| (accumulator and terms
+    are at most 256 l max |v~|); bf16 output rounding 2^-8 relative. A worst-case bound: where scores
+    are large (outliers, K block ramps) the S term makes it loose, so each mutation (wrong block scale,
+    broken permutation) is checked to fail on a case where it stays tight. Returns (out tolerance [B, Sq, Hq, D], lse tolerance [B, Hq, Sq])."""
     b, sq, hq, d = q8.shape
     sk, hkv = k8.shape[1], k8.shape[2]
     g = hq // hkv
-    deq = lambda c, s: c.double() * s.double()[:, None, :, None]  # noqa: E731
-    qt, kt, vt = deq(q8, dq), deq(k8, dk).repeat_interleave(g, 2), deq(v8, dv).abs()
+    qt = q8.double() * dq.double()[:, None, :, None]
+    kt = (k8.double() * expand_kv_descale(dk, sk)).repeat_interleave(g, 2)
+    vt = (v8.double() * expand_kv_descale(dv, sk)).abs()
+    v_codes = v8.double().abs().amax(dim=(1, 3)) * dv.double().reshape(b, hkv, -1).amax(-1)  # dv_max max|v8| [B, Hkv]
     prod = torch.einsum("bihd,bjhd->bhijd", qt, kt).reshape(b, hq, sq, sk, d // 32, 32)  # every product
     step_sum = prod.sum(-1)
     before = step_sum.cumsum(-1) - step_sum                                              # the accumulator
     m = torch.maximum(prod.abs().amax(-1), torch.maximum(before.abs(), (before + step_sum).abs()))
     delta = (QGMMA_STEP * d ** -0.5 * m.sum(-1)).amax(-1)                               # [B, Hq, Sq]
     vmax = vt.amax(dim=(1, 3)).repeat_interleave(g, dim=1)[:, :, None]                  # [B, Hq, 1]
-    per_row = (torch.expm1(2 * delta) + P_ROUNDING + sk * 2.0 ** -18 + math.ceil(sk / 32) * QGMMA_STEP) * vmax
+    vcodes = v_codes.repeat_interleave(g, dim=1)[:, :, None]
+    per_row = (torch.expm1(2 * delta) + P_ROUNDING + math.ceil(sk / 32) * QGMMA_STEP) * vmax + sk * 2.0 ** -18 * vcodes
     tol = per_row.permute(0, 2, 1)[..., None] + want.abs() * 2.0 ** -8 + 1e-6    # [B, Sq, Hq, 1] + [..., D]
     return tol, delta + 1e-5  # lse: log-sum-exp moves by at most the largest score error (+ fp32 log / exp2)
 
@@ -215,6 +233,30 @@ def test_kernel_matches_oracle_on_sim(name, outliers):
     want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, causal=causal)
     used = check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), f"{name} seed {seed}")
     print(f"\n{name} ({'outliers' if outliers else 'random'}): max err / tolerance {used:.3f}")
+
+
+BLOCK_SCALE_CASES = {"d128_gqa_three_blocks_causal": (dict(b=1, sq=64, sk=260, hq=2, hkv=1), True),
+                     "d64_three_key_tiles_ragged": (KERNEL_CASES["d64_three_key_tiles_ragged"][0], False)}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_SCALE_CASES))
+def test_kernel_per_block_kv_scales(name):
+    """descale_k / descale_v per (batch, head, block of 128 keys), the blocks' magnitudes 1/16..8 apart
+    (so a block scale applied to the wrong tile shows), against the oracle with the same scales; and
+    one of the two per head, the other per block."""
+    kw, causal = BLOCK_SCALE_CASES[name]
+    q, k, v = inputs(60, **kw)
+    sk = k.shape[1]
+    ramp = torch.tensor([1.0, 8.0, 1 / 16])[torch.arange(sk) // 128 % 3].double()[None, :, None, None]
+    k, v = k * ramp.flip(1) ** 0.5, v * ramp
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise_blocks(k), quantise_blocks(v)
+    assert dk.shape == dv.shape == (kw["b"], kw["hkv"], -(-sk // 128))
+    for kq, vq in (((k8, dk), (v8, dv)), (quantise(k), (v8, dv)), ((k8, dk), quantise(v))):
+        out, lse = run_kernel(q8, *kq[:1], *vq[:1], dq, kq[1], vq[1], causal=causal)
+        want, wlse = attention_fp8(q8, kq[0], vq[0], dq, kq[1], vq[1], causal=causal)
+        used = check_kernel(out, lse, want, wlse, kernel_tolerance(q8, kq[0], vq[0], dq, kq[1], vq[1], want),
+                            f"{name} block scales k {tuple(kq[1].shape)} v {tuple(vq[1].shape)}")
+        print(f"\n{name} block scales k {tuple(kq[1].shape)} v {tuple(vq[1].shape)}: max err / tolerance {used:.3f}")
 
 
 def test_broken_key_permutation_fails():

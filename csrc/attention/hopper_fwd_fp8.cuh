@@ -2,8 +2,8 @@
 //
 //   o[i, h] = sum_j softmax_j(scale dq dk q8[i, h] . k8[j, hk]) dv v8[j, hk]     (out bf16)
 //   lse[h, i] as hopper_fwd.cuh (natural log of the dequantised, scaled scores)
-// dq = descale_q[b, h], dk / dv = descale_k / descale_v[b, hk]: one fp32 scale per (batch, head)
-// (fastmoe_ops/ops/attention_fp8.py). Dense batches only; causal bottom-right; GQA by head index.
+// dq = descale_q[b, h]; dk / dv = descale_k / descale_v[b, hk] or, per block of 128 keys (one key
+// tile), [b, hk, j] (fastmoe_ops/ops/attention_fp8.py). Dense batches only; causal bottom-right; GQA.
 //
 //   CTA  persistent over WorkTiles (hopper_fwd.cuh; never GQA-packed here)
 //   warpgroup 0    warp 0, one elected lane: producer, TMA-loads Q (q_full / q_empty) and every
@@ -12,11 +12,11 @@
 //                  below), fence.proxy.async, arrive vt_full[s] and empty[s] (their V[s] reads done)
 //   warpgroup 1+c  consumer c (rows 64 c .. 64 c + 63), per key tile:
 //                    wait full_k[s]; S = Q K^T: D / 32 x wgmma m64nBNk32 SS e4m3 (both K-major)
-//                    mask, online softmax (softmax.cuh) with scale * dq * dk folded into scale_log2
-//                      once per (batch, head); P * kPScale rounded to e4m3 in registers (pack_p8)
+//                    mask, online softmax (softmax.cuh) with scale * dq * dk_j folded into scale_log2
+//                      (once per tile); P * kPScale * dv_j / dv_max rounded to e4m3 in registers (pack_p8)
 //                    wait vt_full[s]; O += P Vt: BN / 32 x wgmma m64nDk32 RS e4m3 (A = P's registers)
 //                    wait, arrive empty[s] (one lane per warp)
-//                  epilogue: o * dv / kPScale, then hopper_fwd.cuh's fwd_epilogue (o / l, lse).
+//                  epilogue: o * dv_max / kPScale, then hopper_fwd.cuh's fwd_epilogue (o / l, lse).
 //   smem  Q [BM][D], then STAGES x { K [BN][D], V [BN][D], Vt [D][BN] } e4m3, then the barriers.
 //         Q, K, V rows are D bytes: one TMA box per tile with the D-byte swizzle (D 128: 128B,
 //         D 64: 64B) = wgmma's K-major layout of that swizzle (SBO = 8 rows, k-step j at +32 j).
@@ -46,9 +46,13 @@
 //
 // Scales: P is multiplied by kPScale = 256 before rounding (P <= 1, so P * 256 <= 448, e4m3's max:
 // small probabilities keep 3 mantissa bits down to 2^-14 instead of going subnormal at 2^-6); l
-// sums the unrounded fp32 P, so o / l is off by P's rounding only (relative 2^-4 per term).
-// Not yet: per-(head, block) descales; intra-warpgroup overlap of softmax and P V (hopper_fwd.cuh
-// has it); ping-pong between the consumer warpgroups.
+// sums the unrounded fp32 P, so o / l is off by P's rounding only (relative 2^-4 per term). Per-block
+// V scales: tile j's P is also multiplied by dv_j / dv_max <= 1 (the sum over j of P_j dv_j V8_j is
+// dv_max sum_j (P_j dv_j / dv_max) V8_j), so blocks with scales far below the largest lose P's
+// precision into e4m3's subnormals; per-block K scales change only the tile's softmax scale (the
+// running max is kept in the scaled log2 domain, so tiles with different scales combine exactly).
+// Not yet: intra-warpgroup overlap of softmax and P V (hopper_fwd.cuh has it); ping-pong between
+// the consumer warpgroups.
 #pragma once
 
 #include "csrc/attention/hopper_fwd.cuh"
@@ -62,8 +66,10 @@ struct AttnFp8Params {
     ptx::TmaDescriptor k_map;  // k8 as [B, Sk, Hkv * D], box (D, BN, 1)
     ptx::TmaDescriptor v_map;  // v8 likewise
     const float* descale_q;    // [B, Hq]
-    const float* descale_k;    // [B, Hkv]
-    const float* descale_v;    // [B, Hkv]
+    const float* descale_k;    // [B, Hkv, k_scale_blocks]: per (batch, head) when k_scale_blocks = 1,
+    const float* descale_v;    // [B, Hkv, v_scale_blocks]  else per block of 128 keys (= key tile j)
+    int32_t k_scale_blocks;
+    int32_t v_scale_blocks;
 };
 
 namespace attn {
@@ -175,10 +181,10 @@ FMO_DEVICE void transpose_fp8(const HopperFp8Smem<Shape>& sm, int n_tiles, Pipel
     }
 }
 
-// P (fp32 probabilities in S's registers) * kPScale as e4m3 A fragments, in S's register order.
+// P (fp32 probabilities in S's registers) * factor as e4m3 A fragments, in S's register order.
 template <class Shape>
-FMO_DEVICE void pack_p8(uint32_t (&pa)[Shape::BN / 32][4], const float (&sc)[Shape::NT][4]) {
-    auto e4m3 = [](float x) { return uint32_t(__nv_cvt_float_to_fp8(x * kPScale, __NV_SATFINITE, __NV_E4M3)); };
+FMO_DEVICE void pack_p8(uint32_t (&pa)[Shape::BN / 32][4], const float (&sc)[Shape::NT][4], float factor) {
+    auto e4m3 = [factor](float x) { return uint32_t(__nv_cvt_float_to_fp8(x * factor, __NV_SATFINITE, __NV_E4M3)); };
 #pragma unroll
     for (int kk = 0; kk < Shape::BN / 32; ++kk)
 #pragma unroll
@@ -220,8 +226,13 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
     const int row0 = m0 + wg * 64 + warp * 16;
     int qi[2];
     consecutive_rows(qi, row0);
-    // descale_q * descale_k folded into the softmax scale once per (batch, head)
-    const float scale_log2 = p.scale_log2 * P.descale_q[b * p.heads_q + h] * P.descale_k[b * p.heads_kv + hk];
+    // descale_q and the softmax scale, times the tile's descale_k below; descale_v's largest block
+    static_assert(Shape::BN == 128, "a key tile is one 128-key scale block (fastmoe_ops/ops/attention_fp8.py)");
+    const float base_log2 = p.scale_log2 * P.descale_q[b * p.heads_q + h];
+    const float* dk = P.descale_k + (int64_t(b) * p.heads_kv + hk) * P.k_scale_blocks;
+    const float* dv = P.descale_v + (int64_t(b) * p.heads_kv + hk) * P.v_scale_blocks;
+    float dv_max = 0.0f;
+    for (int i = 0; i < P.v_scale_blocks; ++i) dv_max = fmaxf(dv_max, dv[i]);
     float o[Shape::DT][4];
     zero(o);
     float(&of)[Shape::D / 2] = reinterpret_cast<float(&)[Shape::D / 2]>(o);
@@ -241,9 +252,9 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
         if (n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq))
             mask_rows(sc, CAUSAL, qi, n0, s.sq, s.sk);
         float alpha[2];
-        softmax.scores(sc, scale_log2, alpha);
+        softmax.scores(sc, base_log2 * dk[P.k_scale_blocks > 1 ? j : 0], alpha);
         OnlineSoftmax::rescale(o, alpha);
-        pack_p8<Shape>(pa, sc);
+        pack_p8<Shape>(pa, sc, kPScale * (dv[P.v_scale_blocks > 1 ? j : 0] / dv_max));
         ptx::mbarrier_wait_parity(sm.vt_full(ps.stage), ps.phase);  // Vt of tile j written and fenced
         ptx::wgmma_fence_operands(of);
         ptx::wgmma_fence();  // o's rescaling and P's packing (register writes) before the MMAs read them
@@ -253,7 +264,7 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
         arrive_per_warp(sm.empty(ps.stage));  // this warp's MMAs reading stage s retired
     }
     if (n_tiles == 0) arrive_per_warp(sm.q_empty());  // no MMA read Q (it landed)
-    const float o_scale = P.descale_v[b * p.heads_kv + hk] / kPScale;  // descale_v, and P's 256 back out
+    const float o_scale = dv_max / kPScale;  // descale_v (its largest block), and P's 256 back out
 #pragma unroll
     for (int di = 0; di < Shape::DT; ++di)
 #pragma unroll

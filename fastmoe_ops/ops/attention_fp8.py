@@ -3,15 +3,17 @@
     out = fmo.flash_attn(q8, k8, v8, causal=..., descale_q=dq, descale_k=dk, descale_v=dv)
 
 q8: [B, Sq, Hq, D], k8 / v8: [B, Sk, Hkv, D] torch.float8_e4m3fn (D as the bf16 kernel: 64, 128,
-or q/k 192 with v 128); descale_q: [B, Hq] fp32, descale_k / descale_v: [B, Hkv] fp32, finite
-and > 0: the real value of q8[b, :, h, :] is its e4m3 value times descale_q[b, h] (likewise k, v
-with the KV head). out: [B, Sq, Hq, Dv] bf16.
+or q/k 192 with v 128); descale_q: [B, Hq] fp32; descale_k / descale_v: [B, Hkv] fp32 (per (batch,
+head)) or [B, Hkv, ceil(Sk / 128)] (per (batch, head, block of 128 keys)), each independently;
+finite and > 0: the real value of q8[b, :, h, :] is its e4m3 value times descale_q[b, h] (likewise
+k, v with the KV head, and with key j's block j // 128 where given). out: [B, Sq, Hq, Dv] bf16.
 
-Scale granularity, decided: one scale per (batch, head), FlashAttention-3's convention. The
-kernel folds descale_q * descale_k into the softmax scale once per (batch, head) and
-descale_v into the output once, so no rescaling happens inside the KV loop; a per-(head,
-block) scale on K would need S rescaled per tile (and on V, O rescaled per tile) and is not
-offered until a benchmark shows per-head scales lose accuracy that matters.
+Scales in the kernel: descale_q * descale_k (of the key tile: a tile is one 128-key block) is
+folded into the softmax scale per key tile, so a block scale on K costs one multiply per tile;
+V's block scale dv_j enters P: the tile's probabilities are multiplied by dv_j / max_j dv_j before
+their e4m3 rounding (the row sum l stays the unscaled one), and max_j dv_j is applied in the
+epilogue. Per-(batch, head) scales are the one-block case of the same code (FlashAttention-3's
+convention).
 
 Kernel: csrc/attention/hopper_fwd_fp8.cuh (launcher ops/attention_hopper_fp8.py) on sm_90a and the
 simulator: QGMMA for S = Q K^T and O += P V (P rounded to e4m3 in registers, times 256), V transposed
@@ -30,6 +32,7 @@ from .. import backends
 from ..errors import UnsupportedError, expect
 
 E4M3 = torch.float8_e4m3fn
+SCALE_BLOCK = 128  # keys per K / V scale block (reference.attention.FP8_SCALE_BLOCK; the kernel's key tile)
 
 
 def validate(q, k, v, descale_q, descale_k, descale_v) -> None:
@@ -48,10 +51,15 @@ def validate(q, k, v, descale_q, descale_k, descale_v) -> None:
     expect(k.shape[3] == dqk, "k", f"q's head dim {dqk}", k.shape[3])
     expect((dqk, v.shape[3]) in ((64, 64), (128, 128), (192, 128)), "v",
            "head dims (q/k, v) in (64, 64), (128, 128), (192, 128)", (dqk, v.shape[3]))
+    blocks = -(-k.shape[1] // SCALE_BLOCK)
     for name, s, heads in (("descale_q", descale_q, hq), ("descale_k", descale_k, hkv), ("descale_v", descale_v, hkv)):
-        expect(isinstance(s, torch.Tensor), name, f"a float32 tensor [B, H] = [{b}, {heads}] (e4m3 input needs its scales)",
+        shapes = [(b, heads)] + ([(b, heads, blocks)] if name != "descale_q" else [])
+        want = " or ".join(f"[{', '.join(map(str, sh))}]" for sh in shapes)
+        expect(isinstance(s, torch.Tensor), name, f"a float32 tensor {want} (e4m3 input needs its scales)",
                lambda: type(s).__name__)
-        expect(s.dtype == torch.float32 and tuple(s.shape) == (b, heads), name, f"a float32 tensor [{b}, {heads}]",
+        expect(s.dtype == torch.float32 and tuple(s.shape) in shapes, name,
+               f"a float32 tensor {want}" + (f" (per head, or per head and block of {SCALE_BLOCK} keys)"
+                                             if name != "descale_q" else ""),
                lambda: f"{s.dtype} {tuple(s.shape)}")
         expect(s.device == q.device, name, f"a tensor on {q.device} (like q)", s.device)
         expect(bool(torch.isfinite(s).all() and (s > 0).all()), name, "finite values > 0",

@@ -3,7 +3,7 @@ mbarrier ring, a producer warp, three warps transposing V in shared memory, cons
 of QGMMA). Validation and the public entry are attention_fp8.py's; this module only launches.
 
     q8: [B, Sq, Hq, D], k8 / v8: [B, Sk, Hkv, D] e4m3, D 64 or 128
-    descale_q: [B, Hq], descale_k / descale_v: [B, Hkv] fp32
+    descale_q: [B, Hq], descale_k / descale_v: [B, Hkv] or [B, Hkv, ceil(Sk / 128)] fp32
     -> out [B, Sq, Hq, D] bf16, lse [B, Hq, Sq] fp32
 
 Tensor maps: q, k, v as [B, S, H * D] (dense only), boxes of (D columns, tile rows, 1) with the
@@ -36,7 +36,8 @@ class AttnFp8Params(Params):
     cpp_name = "fmo::AttnFp8Params"
     _fields_ = aligned_fields([("a", AttnParams), ("q_map", TMA_DESCRIPTOR), ("k_map", TMA_DESCRIPTOR),
                                ("v_map", TMA_DESCRIPTOR), ("descale_q", ctypes.c_void_p),
-                               ("descale_k", ctypes.c_void_p), ("descale_v", ctypes.c_void_p)])
+                               ("descale_k", ctypes.c_void_p), ("descale_v", ctypes.c_void_p),
+                               ("k_scale_blocks", ctypes.c_int32), ("v_scale_blocks", ctypes.c_int32)])
 
 
 @dataclass(frozen=True)
@@ -129,5 +130,6 @@ def forward(q, k, v, descale_q, descale_k, descale_v, *, causal: bool, softmax_s
         view = t.reshape(b, -1, t.shape[1] * t.shape[2])
         setattr(P, name, descriptor(encode_tiled(view, (d, rows, 1), swizzle=d, engine=engine)))
     P.descale_q, P.descale_k, P.descale_v = (s.data_ptr() for s in scales)
+    P.k_scale_blocks, P.v_scale_blocks = (s.shape[2] if s.dim() == 3 else 1 for s in scales[1:])
     launch(spec, config, P, engine=engine, tensors=(pb.q, pb.k, pb.v, out, lse, *scales))
     return out, lse

@@ -117,12 +117,27 @@ def attention_backward(dout, q, k, v, *, causal: bool, softmax_scale: float, com
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def expand_kv_descale(descale: torch.Tensor, sk: int) -> torch.Tensor:
+    """A K/V descale as a float64 factor [B, Sk, Hkv, 1]: per (batch, head) [B, Hkv], or per (batch, head,
+    block of FP8_SCALE_BLOCK keys) [B, Hkv, ceil(Sk / FP8_SCALE_BLOCK)]."""
+    s = descale.double()
+    if s.dim() == 3:
+        s = s.repeat_interleave(FP8_SCALE_BLOCK, dim=2)[:, :, :sk].transpose(1, 2)  # [B, Sk, Hkv]
+    else:
+        s = s[:, None, :].expand(-1, sk, -1)
+    return s[..., None]
+
+
+FP8_SCALE_BLOCK = 128  # keys per K / V scale block (the FP8 kernel's key tile)
+
+
 def attention_fp8(q, k, v, descale_q, descale_k, descale_v, *, causal: bool = False,
                   softmax_scale: float | None = None):
     """The FP8 forward's oracle, in float64: e4m3 q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D] times
-    their per-(batch, head) descales (descale_q [B, Hq], descale_k / descale_v [B, Hkv]), then
-    `attention` in float64. (out float64, lse fp32); softmax_scale defaults to 1/sqrt(D)."""
+    their descales (descale_q [B, Hq]; descale_k / descale_v [B, Hkv] per (batch, head) or
+    [B, Hkv, ceil(Sk / 128)] per (batch, head, block of 128 keys)), then `attention` in float64.
+    (out float64, lse fp32); softmax_scale defaults to 1/sqrt(D)."""
     qd = q.double() * descale_q.double()[:, None, :, None]
-    kd = k.double() * descale_k.double()[:, None, :, None]
-    vd = v.double() * descale_v.double()[:, None, :, None]
+    kd = k.double() * expand_kv_descale(descale_k, k.shape[1])
+    vd = v.double() * expand_kv_descale(descale_v, v.shape[1])
     return attention(qd, kd, vd, causal=causal, softmax_scale=softmax_scale, compute_dtype=torch.float64)
