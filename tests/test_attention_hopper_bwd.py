@@ -109,16 +109,17 @@ def test_hopper_backward_varlen_with_empty_sequences(causal):
 
 
 @SIM
-@pytest.mark.parametrize("causal", [True, False])
-def test_hopper_backward_deterministic(causal, monkeypatch):
+@pytest.mark.parametrize("causal, d, dv", [(True, 64, None), (False, 64, None), (True, 192, 128)],
+                         ids=["causal", "full", "mla_causal"])
+def test_hopper_backward_deterministic(causal, d, dv, monkeypatch):
     """deterministic=True: the key tiles add into dQ's fp32 sum in key-tile order, whatever order
     the CTAs run in. The test-only reverse_grid variant starts the last key tile first; one CTA at
     a time (FMO_SIM_WORKERS=1) in grid order is key-tile order. The fp32 sums (rounding to bf16
     hides the order) of the reversed deterministic run and the in-order run must be equal bit for
     bit, and the reversed run without the turns must differ (else this test could not see a
     broken order)."""
-    ctx = f"deterministic causal={causal} seed=5"
-    q, k, v, dout = make_inputs(1, 100, 256, 2, 1, 64, torch.bfloat16, 5)  # 4 key tiles add into each dQ row
+    ctx = f"deterministic causal={causal} D={d} Dv={dv or d} seed=5"
+    q, k, v, dout = make_inputs(1, 100, 256, 2, 1, d, torch.bfloat16, 5, dv=dv)  # 4 key tiles add into each dQ row
     check_grads(q, k, v, dout, causal, ctx, deterministic=True)
     pb = launcher.problem(q, k, v, causal=causal, softmax_scale=None)
     out, lse = launcher.forward(pb, "sim")
