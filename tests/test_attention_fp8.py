@@ -20,6 +20,7 @@ inputs dominate, the kernel adds little.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,14 +158,14 @@ QGMMA_STEP = 34 * 2.0 ** -13  # one k32 step (kQgmmaRule): each of the 33 terms 
 P_ROUNDING = 2.0 ** -4     # P * 256 rounded to e4m3 (3 mantissa bits, round to nearest): relative 2^-4
 
 
-def run_kernel(q8, k8, v8, dq, dk, dv, *, causal, broken_permutation=False):
+def run_kernel(q8, k8, v8, dq, dk, dv, *, causal, broken_permutation=False, compute_sms=None):
     """The kernel on the simulator with NaN-poisoned outputs (an element it never writes fails)."""
     b, sq, hq, d = q8.shape
     out = torch.full((b, sq, hq, d), float("nan"), dtype=torch.bfloat16)
     lse = torch.full((b, hq, sq), float("nan"))
     with fmo.use_backend("sim"):
         return fp8_kernel.forward(q8, k8, v8, dq, dk, dv, causal=causal, softmax_scale=None, engine="sim",
-                                  broken_permutation=broken_permutation, out=out, lse=lse)
+                                  broken_permutation=broken_permutation, out=out, lse=lse, compute_sms=compute_sms)
 
 
 def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
@@ -257,6 +258,40 @@ def test_kernel_per_block_kv_scales(name):
         used = check_kernel(out, lse, want, wlse, kernel_tolerance(q8, kq[0], vq[0], dq, kq[1], vq[1], want),
                             f"{name} block scales k {tuple(kq[1].shape)} v {tuple(vq[1].shape)}")
         print(f"\n{name} block scales k {tuple(kq[1].shape)} v {tuple(vq[1].shape)}: max err / tolerance {used:.3f}")
+
+
+@pytest.mark.parametrize("sms", [1, 3])
+def test_persistent_ctas_walk_several_work_tiles(sms, monkeypatch):
+    """1 or 3 CTAs over 8 work tiles (B 2 x Hq 4), causal, 3 key tiles each: the ring's stage and phase,
+    q_full / q_empty and vt_full carry from one work tile to the next in every role; memcheck on."""
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    q, k, v = inputs(70 + sms, b=2, sq=64, sk=300, hq=4, hkv=2)
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise_blocks(k), quantise_blocks(v)
+    out, lse = run_kernel(q8, k8, v8, dq, dk, dv, causal=True, compute_sms=sms)
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, causal=True)
+    check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), f"{sms} CTAs")
+
+
+def test_key_permutation_derivation():
+    """hopper_fwd_fp8.cuh's p_key_of_k from the two fragment maps: byte b of thread t4's A register
+    r = b // 4 holds k = 4 t4 + b % 4 + 16 (b // 8) (ISA, e4m3 A of m64nNk32); pack_p8 fills it with S's
+    n8 block 2 (r // 2) + (b % 4) // 2, element (b % 4) % 2 of the thread's two columns, i.e. key
+    8 block + 2 t4 + b % 2. Every k of the 32 is covered once (per row), and the closed form matches
+    the kernel's text."""
+    key_of_k = {}
+    for t4 in range(4):
+        for b in (0, 1, 2, 3, 8, 9, 10, 11):  # row g's bytes (registers 0 and 2; 1 and 3: row g + 8, alike)
+            r = b // 4
+            k = 4 * t4 + b % 4 + 16 * (b // 8)
+            key = 8 * (2 * (r // 2) + (b % 4) // 2) + 2 * t4 + b % 2
+            assert k not in key_of_k
+            key_of_k[k] = key
+    assert sorted(key_of_k) == list(range(32)) and sorted(key_of_k.values()) == list(range(32))
+    closed = [16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2 for k in range(32)]
+    assert [key_of_k[k] for k in range(32)] == closed
+    assert closed[:16] == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+    src = (Path(__file__).resolve().parents[1] / "csrc/attention/hopper_fwd_fp8.cuh").read_text()
+    assert "return 16 * (k / 16) + 8 * ((k % 4) / 2) + 2 * ((k % 16) / 4) + k % 2;" in src
 
 
 def test_broken_key_permutation_fails():

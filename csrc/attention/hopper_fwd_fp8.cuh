@@ -9,7 +9,8 @@
 //   warpgroup 0    warp 0, one elected lane: producer, TMA-loads Q (q_full / q_empty) and every
 //                  key tile's K and V into the ring (full_k[s], full_v[s]; refills after empty[s])
 //                  warps 1-3: transposers: wait full_v[s], write V[s]^T into Vt[s] (keys permuted,
-//                  below), fence.proxy.async, arrive vt_full[s] and empty[s] (their V[s] reads done)
+//                  below), fence.proxy.async, arrive vt_full[s] (every thread) and empty[s] (one
+//                  lane per warp: the warp's V[s] reads are done)
 //   warpgroup 1+c  consumer c (rows 64 c .. 64 c + 63), per key tile:
 //                    wait full_k[s]; S = Q K^T: D / 32 x wgmma m64nBNk32 SS e4m3 (both K-major)
 //                    mask, online softmax (softmax.cuh) with scale * dq * dk_j folded into scale_log2
@@ -104,7 +105,7 @@ struct HopperFp8Smem {
     FMO_DEVICE uint8_t* vt(int s) const { return v(s) + Shape::kVBytes; }
     FMO_DEVICE uint64_t* full_k(int s) const { return reinterpret_cast<uint64_t*>(base + Shape::kBarrierOffset) + s; }
     FMO_DEVICE uint64_t* full_v(int s) const { return full_k(Shape::STAGES) + s; }
-    // vt_full[s]: the transposer warps wrote Vt[s] and fenced it to the async proxy.
+    // vt_full[s]: the transposer threads (each arrives) wrote Vt[s] and fenced it to the async proxy.
     FMO_DEVICE uint64_t* vt_full(int s) const { return full_k(2 * Shape::STAGES) + s; }
     // empty[s]: every consumer warp's MMAs reading stage s retired and the transposers read V[s].
     FMO_DEVICE uint64_t* empty(int s) const { return full_k(3 * Shape::STAGES) + s; }
@@ -115,7 +116,7 @@ struct HopperFp8Smem {
         for (int s = 0; s < Shape::STAGES; ++s) {
             ptx::mbarrier_init(full_k(s), 1);
             ptx::mbarrier_init(full_v(s), 1);
-            ptx::mbarrier_init(vt_full(s), kTransposeWarps);
+            ptx::mbarrier_init(vt_full(s), 32 * kTransposeWarps);  // every transposer thread, after its fence
             ptx::mbarrier_init(empty(s), 4 * Shape::NC + kTransposeWarps);
         }
         ptx::mbarrier_init(q_full(), 1);
@@ -173,11 +174,8 @@ FMO_DEVICE void transpose_fp8(const HopperFp8Smem<Shape>& sm, int n_tiles, Pipel
             *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d, kp)) = word;
         }
         ptx::fence_proxy_async();  // this thread's Vt[s] stores, to the async proxy (wgmma reads Vt[s])
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) {
-            ptx::mbarrier_arrive(sm.vt_full(ps.stage));
-            ptx::mbarrier_arrive(sm.empty(ps.stage));  // this warp's reads of V[s] are done
-        }
+        ptx::mbarrier_arrive(sm.vt_full(ps.stage));  // each writer releases its own stores
+        arrive_per_warp(sm.empty(ps.stage));         // this warp's reads of V[s] are done
     }
 }
 
