@@ -176,8 +176,9 @@ def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
     subnormal spacing 2^-9 / 256 absolute of P dv_j / dv_max, per key: Sk 2^-18 dv_max max |v8|);
     O += P V by ceil(Sk / 32) QGMMA steps, each off by QGMMA_STEP of max |v~| (accumulator and terms
     are at most 256 l max |v~|); bf16 output rounding 2^-8 relative. A worst-case bound: where scores
-    are large (outliers, K block ramps) the S term makes it loose, so each mutation (wrong block scale,
-    broken permutation) is checked to fail on a case where it stays tight. Returns (out tolerance [B, Sq, Hq, D], lse tolerance [B, Hq, Sq])."""
+    are large (outliers, K block ramps) the S term makes it loose, so mutations are checked on cases
+    where it stays tight (the broken permutation here; a block-scale index pinned to 0 fails the D 64
+    block-scale case). Returns (out tolerance [B, Sq, Hq, D], lse tolerance [B, Hq, Sq])."""
     b, sq, hq, d = q8.shape
     sk, hkv = k8.shape[1], k8.shape[2]
     g = hq // hkv
