@@ -152,26 +152,33 @@ FMO_DEVICE void produce_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
     }
 }
 
-// The transposer warps (96 threads), one work tile: Vt[s][d][32 kk + k] = V[s][32 kk + perm(k)][d],
-// 4 keys (one 32-bit store) per step.
+// The transposer warps (96 threads), one work tile: Vt[s][d][32 kk + k] = V[s][32 kk + perm(k)][d].
+// A unit is a 4 x 4 byte block: 4 keys (one 32-bit store of Vt per d) x 4 d (one 32-bit load of V
+// per key), transposed in registers by byte permutes: 4 loads and 4 stores move 16 bytes.
 template <class Shape, bool BROKEN_PERMUTATION>
 FMO_DEVICE void transpose_fp8(const HopperFp8Smem<Shape>& sm, int n_tiles, PipelineState& ps) {
     const int t = int(threadIdx.x) - 32;  // 0 .. 95
-    constexpr int kWords = Shape::D * Shape::BN / 4;
+    constexpr int kKeyGroups = Shape::BN / 4, kUnits = (Shape::D / 4) * kKeyGroups;
     for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
         ptx::mbarrier_wait_parity(sm.full_v(ps.stage), ps.phase);  // V[s] landed (so Vt[s]'s last readers retired)
         const uint8_t* v = sm.v(ps.stage);
         uint8_t* vt = sm.vt(ps.stage);
-        for (int w = t; w < kWords; w += 32 * kTransposeWarps) {
-            const int d = w / (Shape::BN / 4), kp = 4 * (w % (Shape::BN / 4));
-            uint32_t word = 0;
+        for (int u = t; u < kUnits; u += 32 * kTransposeWarps) {
+            const int d = 4 * (u / kKeyGroups), kp = 4 * (u % kKeyGroups);  // consecutive threads: consecutive keys
+            uint32_t w[4];  // w[i]: bytes d .. d + 3 of the key at Vt position kp + i
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int k = kp + i;
                 const int key = BROKEN_PERMUTATION ? k : 32 * (k / 32) + p_key_of_k(k % 32);
-                word |= uint32_t(v[swizzled<Shape::D>(key, d)]) << (8 * i);
+                w[i] = *reinterpret_cast<const uint32_t*>(v + swizzled<Shape::D>(key, d));
             }
-            *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d, kp)) = word;
+            const uint32_t lo01 = __byte_perm(w[0], w[1], 0x5140), hi01 = __byte_perm(w[0], w[1], 0x7362);
+            const uint32_t lo23 = __byte_perm(w[2], w[3], 0x5140), hi23 = __byte_perm(w[2], w[3], 0x7362);
+            // byte c of w[i] -> byte i of row d + c
+            *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d + 0, kp)) = __byte_perm(lo01, lo23, 0x5410);
+            *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d + 1, kp)) = __byte_perm(lo01, lo23, 0x7632);
+            *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d + 2, kp)) = __byte_perm(hi01, hi23, 0x5410);
+            *reinterpret_cast<uint32_t*>(vt + swizzled<Shape::BN>(d + 3, kp)) = __byte_perm(hi01, hi23, 0x7632);
         }
         ptx::fence_proxy_async();  // this thread's Vt[s] stores, to the async proxy (wgmma reads Vt[s])
         ptx::mbarrier_arrive(sm.vt_full(ps.stage));  // each writer releases its own stores
