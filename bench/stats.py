@@ -119,19 +119,21 @@ def block_interval(ratios: list[float], blocks: list[slice] | None = None) -> tu
     """(low, high) of the median ratio by batch means, or None with fewer than 3 blocks: the
     ratios (in time order) cut into consecutive blocks of at least PAIRS_PER_BLOCK (or the given
     ones: spread_over_run's rounds), each block's median, and the overall median
-    -+ t95 * sd(block medians) / sqrt(blocks). Independent pairs give about the order-statistic
-    interval; noise that holds for many pairs spreads the blocks apart and widens it (the order
-    statistics assume every pair independent)."""
+    times exp(-+ t95 * sd(log block medians) / sqrt(blocks)). Independent pairs give about the
+    order-statistic interval; noise that holds for many pairs spreads the blocks apart and widens
+    it (the order statistics assume every pair independent). In logs because a ratio is
+    multiplicative: blocks 10x apart (a CPU baseline that jumped from 0.1 to 8 ms) gave a linear
+    interval below zero."""
     if blocks is None:
         count, n = min(MAX_BLOCKS, len(ratios) // PAIRS_PER_BLOCK), len(ratios)
         blocks = [slice(i * n // count, (i + 1) * n // count) for i in range(count)]
-    medians = [statistics.median(ratios[blk]) for blk in blocks if ratios[blk]]
-    if len(medians) < 3:
+    logs = [math.log(statistics.median(ratios[blk])) for blk in blocks if ratios[blk]]
+    if len(logs) < 3:
         return None
-    t95 = _T95.get(len(medians) - 1, Z95 if len(medians) > 30 else 2.3)   # 2.3: df 8-30, a little wide
-    half = t95 * statistics.stdev(medians) / math.sqrt(len(medians))
+    t95 = _T95.get(len(logs) - 1, Z95 if len(logs) > 30 else 2.3)   # 2.3: df 8-30, a little wide
+    half = t95 * statistics.stdev(logs) / math.sqrt(len(logs))
     center = statistics.median(ratios)
-    return center - half, center + half
+    return center * math.exp(-half), center * math.exp(half)
 
 
 def ratio_interval(a: list[float], b: list[float], blocks: list[slice] | None = None) -> tuple[float, float, float]:

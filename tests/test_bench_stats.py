@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -96,6 +97,13 @@ def test_independent_noise_keeps_about_the_order_statistic_interval():
     _, lo, hi = stats.median_ci(ratios)
     blo, bhi = stats.block_interval(ratios)
     assert (bhi - blo) < 2.0 * (hi - lo)
+
+
+def test_block_interval_of_blocks_far_apart_stays_positive():
+    """Blocks 10x apart (a CPU baseline that jumped from 0.1 ms to 8 ms mid-row): the interval is
+    wide but a ratio's, never below zero."""
+    lo, hi = stats.block_interval([1.0] * 8 + [10.0] * 4 + [0.1] * 4)
+    assert 0 < lo < 0.2 and hi > 5
 
 
 def test_few_pairs_have_no_block_interval():
@@ -233,10 +241,11 @@ def _three_rounds(levels_per_round, calls=1):
 def test_rounds_that_see_different_machines_widen_the_interval():
     """Three rounds at three machine states (the baseline 10% slower, then 10% faster): each
     round alone is steady, so only the blocks across rounds can show the spread; with the
-    rounds as the blocks (t with 2 degrees of freedom: 4.303 x 0.1 / sqrt(3) = 0.248)."""
+    rounds as the blocks: t with 2 degrees of freedom over the logs of the rounds' ratios."""
     pending, c = _three_rounds([1.0, 1.1, 0.9])
     assert c.pairs == 3 * stats.MIN_PAIRS and len(pending.blocks) == 3
-    assert c.ratio == 1.0 and c.ratio_lo == pytest.approx(1 - 0.2485, abs=1e-3) and c.ratio_hi == pytest.approx(1.2485, abs=1e-3)
+    half = 4.303 * statistics.stdev([0.0, math.log(1.1), math.log(0.9)]) / math.sqrt(3)   # 0.249
+    assert c.ratio == 1.0 and c.ratio_lo == pytest.approx(math.exp(-half)) and c.ratio_hi == pytest.approx(math.exp(half))
     # Halves of each round counted as blocks (the old rule) claimed a narrower interval from the
     # same samples: the halves of one round share its moment.
     halves = [slice(i * 4, i * 4 + 4) for i in range(6)]
