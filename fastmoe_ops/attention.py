@@ -13,8 +13,8 @@ engine); softmax_scale defaults to 1/sqrt(q's D).
 out: like q; lse: fp32 natural log, dense [B, Hq, Sq], varlen [Hq, total_q]. Causal masks
 align to the bottom right (query i sees key j <= i + Sk - Sq); a row that sees no key gives
 zeros and lse = -inf. Differentiable in q, k, v (lse is not: its gradient is ignored).
-Backward: on sm_90a (and the simulator, which models it) the wgmma kernel for D 64 and 128
-(ops/attention_hopper_bwd.py), whose dQ is an fp32 sum of atomic adds in whatever order the key
+Backward: on sm_90a (and the simulator, which models it) the wgmma kernel for D 64, 128 and
+MLA's 192/128 (ops/attention_hopper_bwd.py), whose dQ is an fp32 sum of atomic adds in whatever order the key
 tiles finish, so dq may differ in its last bits between runs; deterministic=True orders those
 adds (as FlashAttention-3's flag; the key tiles then wait on one another). Elsewhere the mma.sync
 passes (dQ in its own pass: deterministic anyway), as is the reference engine.
@@ -101,8 +101,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_sc
     q: [B, Sq, Hq, D], k, v: [B, Sk, Hkv, D] bf16/fp16 -> out [B, Sq, Hq, D]
     (and lse [B, Hq, Sq] fp32 with return_lse). deterministic: bit-for-bit reproducible
     gradients (the sm_90a backward's dQ adds in a fixed order; see the module). FP8 forward (no autograd): q, k, v
-    float8_e4m3fn with descale_q [B, Hq], descale_k / descale_v [B, Hkv] fp32 -> out bf16
-    (ops/attention_fp8.py: no kernel yet, refused outside the reference engine)."""
+    float8_e4m3fn with descale_q [B, Hq], descale_k / descale_v [B, Hkv] or per block of 128 keys
+    [B, Hkv, ceil(Sk / 128)] fp32 -> out bf16 (ops/attention_fp8.py: the sm_90a QGMMA kernel on
+    sm_90a and the simulator, D 64 and 128; the float64 oracle on the reference engine)."""
     expect(isinstance(causal, bool), "causal", "a bool", causal)
     expect(isinstance(deterministic, bool), "deterministic", "a bool", deterministic)
     if getattr(q, "dtype", None) == attention_fp8.E4M3 or any(s is not None for s in (descale_q, descale_k, descale_v)):
