@@ -17,6 +17,7 @@
 //                      (once per tile); P * kPScale * dv_j / dv_max rounded to e4m3 in registers (pack_p8)
 //                    wait vt_full[s]; O += P Vt: BN / 32 x wgmma m64nDk32 RS e4m3 (A = P's registers)
 //                    wait, arrive empty[s] (one lane per warp)
+//                  with tile j's softmax overlapping tile j - 1's P V (consume_fp8 below)
 //                  epilogue: o * dv_max / kPScale, then hopper_fwd.cuh's fwd_epilogue (o / l, lse).
 //   smem  Q [BM][D], then STAGES x { K [BN][D], V [BN][D], Vt [D][BN] } e4m3, then the barriers.
 //         Q, K, V rows are D bytes: one TMA box per tile with the D-byte swizzle (D 128: 128B,
@@ -52,8 +53,7 @@
 // dv_max sum_j (P_j dv_j / dv_max) V8_j), so blocks with scales far below the largest lose P's
 // precision into e4m3's subnormals; per-block K scales change only the tile's softmax scale (the
 // running max is kept in the scaled log2 domain, so tiles with different scales combine exactly).
-// Not yet: intra-warpgroup overlap of softmax and P V (hopper_fwd.cuh has it); ping-pong between
-// the consumer warpgroups.
+// Not yet: ping-pong between the consumer warpgroups (hopper_fwd.cuh's Turns).
 #pragma once
 
 #include "csrc/attention/hopper_fwd.cuh"
@@ -245,28 +245,64 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
     float(&sf)[Shape::BN / 2] = reinterpret_cast<float(&)[Shape::BN / 2]>(sc);
     uint32_t pa[Shape::BN / 32][4];
     OnlineSoftmax softmax;
+    // Tile j's scores -> probabilities (masking only tiles crossing the diagonal or the keys' end)
+    // with its K block's scale; alpha: what o must be multiplied by.
+    auto softmax_tile = [&](int j, float (&alpha)[2]) {
+        const int n0 = j * Shape::BN;
+        if (n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq))
+            mask_rows(sc, CAUSAL, qi, n0, s.sq, s.sk);
+        softmax.scores(sc, base_log2 * dk[P.k_scale_blocks > 1 ? j : 0], alpha);
+    };
+    auto p_factor = [&](int j) { return kPScale * (dv[P.v_scale_blocks > 1 ? j : 0] / dv_max); };
     ptx::mbarrier_wait_parity(sm.q_full(), q_phase);
-    for (int j = 0; j < n_tiles; ++j, ps.advance(Shape::STAGES)) {
-        ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);  // K of tile j landed
+    // Tile j's softmax overlaps tile j - 1's P V (as hopper_fwd.cuh's consume()):
+    //   j = 0    S = Q K_0, wait; softmax -> P_0 (e4m3 registers)
+    //   j = 1..  wait full_k[j], vt_full[j - 1]; S = Q K_j (group 1), O += P_{j-1} Vt_{j-1} (group 2)
+    //            wait_group 1: S retired; mask, softmax -> alpha_j, P (fp32, in S's registers)
+    //            wait_group 0: O retired; release stage j - 1; O *= alpha_j; pack P_j
+    //   end      O += P_last Vt_last, wait; release the last stage
+    // P_{j-1}'s registers (pa) stay untouched until the wait that retires the MMAs reading them.
+    PipelineState prev;
+    if (n_tiles > 0) {
+        float alpha[2];  // o is 0: nothing to rescale
+        ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);  // K of tile 0 landed
         ptx::wgmma_fence();
         issue_qk_fp8<Shape>(sf, sm.q(), sm.k(ps.stage), wg);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(sf);
-        if (j == n_tiles - 1) arrive_per_warp(sm.q_empty());  // the tile's last MMA reading Q retired
-        const int n0 = j * Shape::BN;
-        if (n0 + Shape::BN > s.sk || (CAUSAL && n0 + Shape::BN - 1 > row0 + s.sk - s.sq))
-            mask_rows(sc, CAUSAL, qi, n0, s.sq, s.sk);
-        float alpha[2];
-        softmax.scores(sc, base_log2 * dk[P.k_scale_blocks > 1 ? j : 0], alpha);
-        OnlineSoftmax::rescale(o, alpha);
-        pack_p8<Shape>(pa, sc, kPScale * (dv[P.v_scale_blocks > 1 ? j : 0] / dv_max));
-        ptx::mbarrier_wait_parity(sm.vt_full(ps.stage), ps.phase);  // Vt of tile j written and fenced
+        if (n_tiles == 1) arrive_per_warp(sm.q_empty());  // the tile's only MMA reading Q retired
+        softmax_tile(0, alpha);
+        pack_p8<Shape>(pa, sc, p_factor(0));
+    }
+    for (int j = 1; j < n_tiles; ++j) {
+        prev = ps;
+        ps.advance(Shape::STAGES);
+        ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);       // K of tile j landed
+        ptx::mbarrier_wait_parity(sm.vt_full(prev.stage), prev.phase);  // Vt of tile j - 1 written and fenced
         ptx::wgmma_fence_operands(of);
-        ptx::wgmma_fence();  // o's rescaling and P's packing (register writes) before the MMAs read them
+        ptx::wgmma_fence();  // o's rescaling, P's packing and s's reads (register accesses) before the MMAs
+        issue_qk_fp8<Shape>(sf, sm.q(), sm.k(ps.stage), wg);
+        issue_pv_fp8<Shape>(of, pa, sm.vt(prev.stage));
+        ptx::wgmma_wait<1>();  // S = Q K_j retired; P_{j-1} Vt_{j-1} may still run
+        ptx::wgmma_fence_operands(sf);
+        if (j == n_tiles - 1) arrive_per_warp(sm.q_empty());  // the tile's last MMA reading Q retired
+        float alpha[2];
+        softmax_tile(j, alpha);
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operands(of);
+        arrive_per_warp(sm.empty(prev.stage));  // this warp's MMAs reading stage j - 1 retired
+        OnlineSoftmax::rescale(o, alpha);
+        pack_p8<Shape>(pa, sc, p_factor(j));
+    }
+    if (n_tiles > 0) {
+        ptx::mbarrier_wait_parity(sm.vt_full(ps.stage), ps.phase);  // Vt of the last tile
+        ptx::wgmma_fence_operands(of);
+        ptx::wgmma_fence();
         issue_pv_fp8<Shape>(of, pa, sm.vt(ps.stage));
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(of);
-        arrive_per_warp(sm.empty(ps.stage));  // this warp's MMAs reading stage s retired
+        arrive_per_warp(sm.empty(ps.stage));
+        ps.advance(Shape::STAGES);  // the next work tile's first stage
     }
     if (n_tiles == 0) arrive_per_warp(sm.q_empty());  // no MMA read Q (it landed)
     const float o_scale = dv_max / kPScale;  // descale_v (its largest block), and P's 256 back out
