@@ -28,11 +28,12 @@
 //
 // Why V is transposed: 8-bit wgmma takes only K-major operands, and for O += P V the K dimension
 // is the keys, so B must hold each output column d's keys contiguously: V^T. TMA lands V as
-// stored ([keys][d]); the transposer warps rewrite it. The ring's empty[s] counts their arrival
-// too (4 NC consumer warps + 3 transposer warps), so the producer never refills V[s] before it
-// was read; Vt[s] is rewritten only after the next full_v[s], which follows that empty[s], which
-// follows the consumers' P Vt MMAs on Vt[s] retiring: no separate vt_empty barrier is needed.
-//
+// stored ([keys][d]); the transposer warps rewrite it. V[s] is never refilled before the transpose
+// read it: the refill waits for empty[s], whose consumer arrivals follow their P Vt MMAs on Vt[s],
+// which waited for vt_full[s], i.e. for the transpose; the transposers arrive on empty[s] as well
+// (4 NC consumer warps + 3 transposer warps), so the guard holds on its own, not only through that
+// chain. Vt[s] is rewritten only after the next full_v[s], which follows that empty[s]: no separate
+// vt_empty barrier is needed.
 // The key permutation (FA3's trick to avoid a register shuffle). Within one k32 step (32 keys):
 //   S's f32 accumulator: thread (g, t4) holds, for row g, key 8 n + 2 t4 + e (n8 block n = 0..3,
 //     e = 0, 1) in register 4 n + e (row g + 8: 4 n + 2 + e): keys {2t4, 2t4+1, 8+2t4, 9+2t4,
@@ -53,7 +54,7 @@
 // dv_max sum_j (P_j dv_j / dv_max) V8_j), so blocks with scales far below the largest lose P's
 // precision into e4m3's subnormals; per-block K scales change only the tile's softmax scale (the
 // running max is kept in the scaled log2 domain, so tiles with different scales combine exactly).
-// Not yet: ping-pong between the consumer warpgroups (hopper_fwd.cuh's Turns).
+// The two consumer warpgroups ping-pong their MMA issues (hopper_fwd.cuh's Turns, named barriers 1, 2).
 #pragma once
 
 #include "csrc/attention/hopper_fwd.cuh"
@@ -262,12 +263,18 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
     //            wait_group 0: O retired; release stage j - 1; O *= alpha_j; pack P_j
     //   end      O += P_last Vt_last, wait; release the last stage
     // P_{j-1}'s registers (pa) stay untouched until the wait that retires the MMAs reading them.
+    // The two consumer warpgroups take turns issuing (hopper_fwd.cuh's Turns: one's softmax under the
+    // other's GEMMs); both issue n_tiles + 1 times.
+    const Turns<Shape::NC> turns{wg};
+    turns.open(n_tiles);
     PipelineState prev;
     if (n_tiles > 0) {
         float alpha[2];  // o is 0: nothing to rescale
         ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);  // K of tile 0 landed
+        turns.wait();
         ptx::wgmma_fence();
         issue_qk_fp8<Shape>(sf, sm.q(), sm.k(ps.stage), wg);
+        turns.pass(false);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(sf);
         if (n_tiles == 1) arrive_per_warp(sm.q_empty());  // the tile's only MMA reading Q retired
@@ -280,9 +287,11 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
         ptx::mbarrier_wait_parity(sm.full_k(ps.stage), ps.phase);       // K of tile j landed
         ptx::mbarrier_wait_parity(sm.vt_full(prev.stage), prev.phase);  // Vt of tile j - 1 written and fenced
         ptx::wgmma_fence_operands(of);
+        turns.wait();
         ptx::wgmma_fence();  // o's rescaling, P's packing and s's reads (register accesses) before the MMAs
         issue_qk_fp8<Shape>(sf, sm.q(), sm.k(ps.stage), wg);
         issue_pv_fp8<Shape>(of, pa, sm.vt(prev.stage));
+        turns.pass(false);
         ptx::wgmma_wait<1>();  // S = Q K_j retired; P_{j-1} Vt_{j-1} may still run
         ptx::wgmma_fence_operands(sf);
         if (j == n_tiles - 1) arrive_per_warp(sm.q_empty());  // the tile's last MMA reading Q retired
@@ -297,8 +306,10 @@ FMO_DEVICE void consume_fp8(const AttnFp8Params& P, const HopperFp8Smem<Shape>& 
     if (n_tiles > 0) {
         ptx::mbarrier_wait_parity(sm.vt_full(ps.stage), ps.phase);  // Vt of the last tile
         ptx::wgmma_fence_operands(of);
+        turns.wait();
         ptx::wgmma_fence();
         issue_pv_fp8<Shape>(of, pa, sm.vt(ps.stage));
+        turns.pass(true);
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operands(of);
         arrive_per_warp(sm.empty(ps.stage));
