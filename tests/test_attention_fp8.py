@@ -168,7 +168,7 @@ def run_kernel(q8, k8, v8, dq, dk, dv, *, causal, broken_permutation=False, comp
                                   broken_permutation=broken_permutation, out=out, lse=lse, compute_sms=compute_sms)
 
 
-def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
+def kernel_tolerance(q8, k8, v8, dq, dk, dv, want, softmax_scale=None):
     """|out - oracle| per element, from the kernel's arithmetic (the oracle is float64 on the same
     dequantised codes): S = Q K^T by D / 32 QGMMA steps, step s off by QGMMA_STEP of its largest term
     M_s = max(|partial sum before s|, max over its 32 d of |q~ k~|) (so softmax weights move by a
@@ -190,7 +190,8 @@ def kernel_tolerance(q8, k8, v8, dq, dk, dv, want):
     step_sum = prod.sum(-1)
     before = step_sum.cumsum(-1) - step_sum                                              # the accumulator
     m = torch.maximum(prod.abs().amax(-1), torch.maximum(before.abs(), (before + step_sum).abs()))
-    delta = (QGMMA_STEP * d ** -0.5 * m.sum(-1)).amax(-1)                               # [B, Hq, Sq]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    delta = (QGMMA_STEP * scale * m.sum(-1)).amax(-1)                               # [B, Hq, Sq]
     vmax = vt.amax(dim=(1, 3)).repeat_interleave(g, dim=1)[:, :, None]                  # [B, Hq, 1]
     vcodes = v_codes.repeat_interleave(g, dim=1)[:, :, None]
     per_row = (torch.expm1(2 * delta) + P_ROUNDING + math.ceil(sk / 32) * QGMMA_STEP) * vmax + sk * 2.0 ** -18 * vcodes
@@ -316,6 +317,12 @@ def test_public_api_runs_the_kernel_on_sim():
     want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, causal=True)
     assert out.shape == (1, 40, 4, 128) and lse.shape == (1, 4, 40)
     check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want), "public API")
+    with fmo.use_backend("sim"):  # an explicit softmax_scale (of the dequantised q k^T), 1.5x the default
+        out, lse = fmo.flash_attn(q8, k8, v8, return_lse=True, softmax_scale=1.5 / math.sqrt(128), descale_q=dq,
+                                  descale_k=dk, descale_v=dv)
+    want, wlse = attention_fp8(q8, k8, v8, dq, dk, dv, softmax_scale=1.5 / math.sqrt(128))
+    check_kernel(out, lse, want, wlse, kernel_tolerance(q8, k8, v8, dq, dk, dv, want, 1.5 / math.sqrt(128)),
+                 "public API, softmax_scale")
 
 
 def test_kernel_engines_refuse_mla_head_dims_by_name():
