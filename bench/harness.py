@@ -200,9 +200,16 @@ def family(op: str) -> str:
 
 
 def _variant(r: Row) -> str:
-    """What separates series inside one (op, engine): causal masks, transports, modes."""
+    """What separates series inside one (op, engine): causal masks, transports, modes, and
+    attention's head layouts (GQA "H32/8", MLA's head dims "D192/128": a different problem,
+    not a bigger one of the same series)."""
     parts = [r.op]
-    if "causal" in r.shape.split():
+    words = r.shape.split()
+    if any(w.startswith("H") and "/" in w for w in words):
+        parts.append("GQA")
+    if any(w.startswith("D") and "/" in w for w in words):
+        parts.append("MLA")
+    if "causal" in words:
         parts.append("causal")
     return " ".join(parts)
 
