@@ -13,8 +13,6 @@ while a CUDA graph is captured (ops/attention.py); grouped_gemm_contiguous(debug
 m_indices."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -23,43 +21,10 @@ from fastmoe_ops.ops import attention as attn_launcher
 from fastmoe_ops.reference import fp8 as ref
 
 from attention_util import make_inputs
+from host_sync_util import HostRead, guarded, no_host_reads
 from fp8_gemm_util import contiguous_layout, expert_weights, quantised_operands
 
 pytestmark = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
-
-HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu")
-
-
-class HostRead(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Every Tensor method that reads its values on the host raises HostRead inside."""
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise HostRead(f"Tensor.{name}() inside the op: on a GPU a host synchronisation")
-        return method
-
-    try:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-def guarded(fn, *args, **kwargs):
-    """fn once unguarded (compiles the kernels: the compiler's own work is not the hot
-    path), then guarded: the warm call, what a captured graph or a decode loop repeats."""
-    fn(*args, **kwargs)
-    with no_host_reads():
-        return fn(*args, **kwargs)
-
 
 def test_the_guard_catches_each_read():
     t = torch.ones(2)

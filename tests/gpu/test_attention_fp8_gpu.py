@@ -17,7 +17,7 @@ from fastmoe_ops.ops import attention_hopper_fp8 as fp8_kernel
 from fastmoe_ops.reference.attention import attention_fp8
 
 from gpu_util import DEV, needs_cuda, poison_cuda_allocations  # noqa: F401 (autouse fixture)
-from test_attention_fp8 import check_kernel, inputs, kernel_tolerance, quantise, quantise_blocks, run_kernel
+from attention_fp8_util import check_kernel, inputs, kernel_tolerance, quantise, quantise_blocks, run_kernel
 
 pytestmark = needs_cuda
 
