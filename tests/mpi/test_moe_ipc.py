@@ -5,8 +5,10 @@ completion counters never reset), FP8 pairs, the grid equal to the communication
 budget, and a run under the simulator's memory checker."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import traceback
 
 import pytest
 import torch
@@ -258,3 +260,61 @@ def test_ipc_bad_input_and_missing_rank(comm, monkeypatch):
                 ok, detail = f"rank(s) [{world - 1}]" in str(e) and time.monotonic() - t0 < 10, str(e)
     all_agree(comm, ok, detail)
     buf.destroy()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "issue 17, open: Buffer.dispatch agrees counts and validation errors across ranks in a host "
+    "handshake (fastmoe_ops/moe/buffer.py exchange_dispatch: topk_idx's range read in "
+    "moe/validate.dispatch_error, then the count matrix over MPI), even with num_worst_tokens on "
+    "ipc; a capturable static path needs that exchange on the device (the low-latency path has it)"))
+def test_ipc_static_path_reads_nothing_on_the_host(comm):
+    """Issue 17 (CUDA graphs): the ipc transport with num_worst_tokens, dispatch then combine and
+    the whole MoELayer forward + backward, with every host read of a tensor made to raise
+    (tests/host_sync_util.py): the static path a captured decode step replays. The sim engine
+    runs the launchers the cuda engine runs (only the final launch differs). Warm calls: the
+    first call of each compiles its kernels. Checked against the oracle after the guarded call.
+    Fails today (strict xfail: it must start passing when the exchange moves to the device)."""
+    from host_sync_util import HostRead, no_host_reads
+
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, k = 256, 2
+    experts = experts_for(world, k)
+    tokens = [7 + 2 * r for r in range(world)]
+    cap = sum(tokens)
+
+    def body():
+        buf = ipc_buffer(comm, hidden, experts, num_worst_tokens=cap)
+        layer = None
+        try:
+            with fmo.use_backend("sim"):
+                for call in range(2):      # call 0 compiles; call 1 is guarded
+                    xs, idxs, ws = inputs(world, 70 + call, tokens, k, experts, hidden, torch.bfloat16, minus_one=0.1)
+                    want = ref.dispatch(xs, idxs, ws, experts)
+                    guard = no_host_reads() if call else contextlib.nullcontext()
+                    with guard:
+                        recv_x, recv_idx, recv_w, _, handle = buf.dispatch(xs[rank], idxs[rank], ws[rank])
+                        out = buf.combine(recv_x, handle)
+                    n = want[rank]["x"].shape[0]
+                    assert recv_x.shape == (cap, hidden)
+                    bitwise(recv_x[:n], want[rank]["x"], f"static ipc recv_x (call {call})")
+                    ys = [want[r]["x"] for r in range(world)]
+                    bitwise(out, ref.combine(ys, [w["src"] for w in want], tokens)[rank], f"static ipc combine ({call})")
+                torch.manual_seed(5)
+                layer = fmo.nn.MoELayer(128, 128, 2 * world, 2, group=fmo.comm.Group(comm), transport="ipc",
+                                        max_tokens_per_rank=16, num_worst_tokens=16 * world, dtype=torch.bfloat16)
+                x = torch.randn(9, 128).to(torch.bfloat16).requires_grad_()
+                for call in range(2):
+                    guard = no_host_reads() if call else contextlib.nullcontext()
+                    with guard:
+                        layer(x).float().square().sum().backward()
+                assert x.grad is not None and not x.grad.isnan().any()
+        except HostRead:
+            raise AssertionError(f"rank {rank}: a host read on the static ipc path:\n{traceback.format_exc(limit=-4)}") from None
+        finally:
+            buf.destroy()
+            if layer is not None:
+                layer.destroy()
+        return "ok"
+
+    run_all(comm, body)
