@@ -157,6 +157,12 @@ FMO_SIM_EMU void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32
     }
   }
   float out[4];
+  SplitVector arow_split[2], bcol_split[2];   // each row and column split once for its two dot-adds
+  if constexpr (!Tr::k32)
+    for (int j = 0; j < 2; ++j) {
+      split_vector(arow[j], K, Tr::format, arow_split[j]);
+      split_vector(bcol[j], K, Tr::format, bcol_split[j]);
+    }
   for (int i = 0; i < 4; ++i) {  // c_i: row g + 8 * (i >= 2), col 2t + (i % 2)
     const float* ar = arow[i >= 2];
     const float* bc = bcol[i % 2];
@@ -173,7 +179,7 @@ FMO_SIM_EMU void mma_emulate(float (&d)[4], const uint32_t (&a)[4], const uint32
       }
       out[i] = c[i] + part;
     } else {
-      out[i] = fused_dot_add(ar, bc, K, c[i], Tr::format, kHmmaRule);
+      out[i] = fused_dot_add(ar, arow_split[i >= 2], bc, bcol_split[i % 2], K, c[i], Tr::format, kHmmaRule);
     }
   }
   std::memcpy(d, out, sizeof(out));  // d may alias c
