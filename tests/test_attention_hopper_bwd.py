@@ -1,6 +1,7 @@
-"""The sm_90a attention backward (csrc/attention/hopper_bwd.cuh: producer warp with TMA, one wgmma
-consumer warpgroup, dQ by fp32 red.global.add) on the simulator, which models sm_90a (TMA lands
-only when polled and poisons its destination until then, wgmma runs at its wait).
+"""The sm_90a attention backward (csrc/attention/hopper_bwd.cuh: producer warp with TMA, two wgmma
+consumer warpgroups of 64 keys each (BN 128), dQ by fp32 red.global.add) on the simulator, which
+models sm_90a (TMA lands only when polled and poisons its destination until then, wgmma runs at
+its wait).
 
 dq, dk, dv against the float64 oracle's gradients by FlashAttention's rule (tests/attention_util.py:
 within twice PyTorch's same-dtype error plus rounding; NaN never passes); the forward that makes
@@ -9,9 +10,11 @@ kernel leaves unwritten fails), dq from an fp32 buffer every contributing CTA ad
 key tile's share shows as a wrong value). Cases: D 64 and 128, causal and not, Sq > Sk (rows that
 see no key), Sq < Sk (several key tiles add into one dQ row), ragged tiles, GQA (dk / dv summed
 over the group), two dense batches (TMA boxes zero-filled at a batch's end), varlen with empty
-sequences; MLA's (192, 128) (dK's columns 128..191 accumulated in shared memory: causal and not,
-GQA, Sq != Sk, ragged, varlen, deterministic); the deterministic mode (its fp32 dQ sum equal bit for
-bit to a key-tile-order run while the CTAs run last tile first). Then the refusals and the sm_90a
+sequences; Sk past 64 but not a multiple of 128 (the second warpgroup partly or wholly past Sk) and
+Sk <= 64 (the second warpgroup has no keys: it still arrives on every barrier, stores nothing);
+MLA's (192, 128) (one consumer warpgroup; dK's columns 128..191 accumulated in shared memory:
+causal and not, GQA, Sq != Sk, ragged, varlen, deterministic); the deterministic mode (its fp32 dQ sum equal bit for bit
+to a key-tile-order run while the CTAs run last tile first). Then the refusals and the sm_90a
 build (0 spills, HGMMA, UTMALDG). ~1 min on 2 cores.
 """
 from __future__ import annotations
@@ -47,13 +50,18 @@ def check_grads(q, k, v, dout, causal, ctx, varlen=None, max_seqlen=None, determ
     return dq, dk, dv, out, lse
 
 
-# (B, Sq, Sk, Hq, Hkv, D, causal, dtype): BM = 64 query rows per ring stage, BN = 64 keys per CTA.
+# (B, Sq, Sk, Hq, Hkv, D, causal, dtype): BM = 64 query rows per ring stage, BN = 128 keys per CTA
+# (two consumer warpgroups of 64).
 CASES = [
     (1, 64, 64, 1, 1, 64, False, torch.bfloat16),     # one tile each way
     (1, 130, 100, 2, 1, 64, True, torch.bfloat16),    # Sq > Sk: rows that see no key (lse -inf, dq 0); GQA 2
     (1, 70, 130, 2, 2, 128, True, torch.float16),     # Sq < Sk: three key tiles add into each dQ row
     (2, 100, 77, 4, 2, 128, False, torch.bfloat16),   # GQA, two batches: boxes zero-filled at a batch's end
     (1, 129, 65, 1, 1, 128, False, torch.float16),    # ragged query tiles (3 stages' worth: the ring wraps)
+    (1, 90, 200, 2, 1, 64, True, torch.bfloat16),     # Sk 200: CTA 1's second warpgroup keys 192..199 only
+    (1, 100, 150, 1, 1, 128, False, torch.float16),   # Sk 150: CTA 1's second warpgroup wholly past Sk
+    (2, 80, 50, 2, 2, 128, True, torch.bfloat16),     # Sk <= 64: the second warpgroup has no keys
+    (1, 40, 64, 1, 1, 64, False, torch.float16),      # Sk = 64 exactly: the second warpgroup has no keys
 ]
 
 
@@ -154,19 +162,42 @@ def test_hopper_backward_refuses_bad_input_by_name():
 
 def test_spec_names_sizes_and_refusals():
     spec = hbwd.choose_spec("bf16", 128, 128, True)
-    assert spec.entry_name() == "fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal"
-    # K, V, two Q/dO stages, dS^T, lse + delta, barriers: the kernel's static_assert checks the same sum
-    assert spec.smem_bytes() == 2 * (64 * 256 + 2 * 64 * 256 + 64 * 64) + 512 + 40 <= MAX_DYNAMIC_SMEM
-    # MLA: K 192 + V 128 columns, the ring likewise, dS^T, dK's fp32 columns 128..191, lse + delta, barriers
+    assert spec.entry_name() == "fmo_attn_bwd_sm90_bf16_d128_bm64_bn128_s2_causal"
+    assert spec.warpgroups == 2 and spec.block_threads() == 384
+    # K, V (128 keys), two Q/dO stages; per warpgroup dS^T, lse + delta; barriers: the kernel's static_assert
+    # checks the same sum
+    assert spec.smem_bytes() == 2 * (128 * 256 + 2 * 64 * 256) + 2 * (2 * 64 * 64 + 512) + 40 <= MAX_DYNAMIC_SMEM
+    # MLA (one warpgroup: consumer_warpgroups): K 192 + V 128 columns, the ring likewise, dS^T, dK's fp32
+    # columns 128..191, lse + delta, barriers
     mla = hbwd.choose_spec("bf16", 192, 128, False)
-    assert mla.entry_name() == "fmo_attn_bwd_sm90_bf16_d192v128_bm64_bn64_s2"
+    assert mla.entry_name() == "fmo_attn_bwd_sm90_bf16_d192v128_bm64_bn64_s2" and mla.block_threads() == 256
     assert mla.smem_bytes() == 2 * (64 * 320 + 2 * 64 * 320 + 64 * 64) + 4 * 64 * 64 + 512 + 40 <= MAX_DYNAMIC_SMEM
+    two = hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=192, head_dim_v=128, stages=2, causal=False, warpgroups=2)
+    assert two.entry_name() == "fmo_attn_bwd_sm90_bf16_d192v128_bm64_bn128_s2" and two.block_threads() == 384
+    assert two.smem_bytes() == 2 * (128 * 320 + 2 * 64 * 320) + 2 * (2 * 64 * 64 + 4 * 64 * 64 + 512) + 40
+    assert two.smem_bytes() <= hbwd.SMEM_LIMIT <= MAX_DYNAMIC_SMEM
     assert len(list(hbwd.standard_specs())) == 24
-    assert hbwd.choose_spec("fp16", 64, 64, False, True).entry_name() == "fmo_attn_bwd_sm90_fp16_d64_bm64_bn64_s2_deterministic"
+    det = hbwd.choose_spec("fp16", 64, 64, False, True)
+    assert det.entry_name() == "fmo_attn_bwd_sm90_fp16_d64_bm64_bn128_s2_deterministic"
+    with pytest.raises(UnsupportedError, match="warpgroups"):
+        hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=64, head_dim_v=64, stages=2, causal=False, warpgroups=3).check()
     with pytest.raises(UnsupportedError, match="head_dim_v"):
         hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=256, head_dim_v=256, stages=2, causal=False).check()
     with pytest.raises(UnsupportedError, match="stages"):
         hbwd.AttnHopperBwdSpec(dtype="bf16", head_dim=64, head_dim_v=64, stages=1, causal=False).check()
+
+
+def test_consumer_warpgroups_is_a_pure_choice():
+    """Two consumer warpgroups (BN 128) for D 64 and 128; one for MLA (192, 128), whose shared memory
+    would fit two (214056 bytes) but whose registers do not (240 per consumer thread: a spill); one
+    where two would not fit shared memory (a 5-stage D 128 ring)."""
+    for dqk, dv in ((64, 64), (128, 128)):
+        assert hbwd.consumer_warpgroups(dqk, dv) == 2, (dqk, dv)
+        assert hbwd.choose_spec("bf16", dqk, dv, False).warpgroups == 2
+    assert hbwd.consumer_warpgroups(192, 128) == 1 and hbwd.choose_spec("fp16", 192, 128, True).warpgroups == 1
+    assert hbwd.smem_bytes(192, 128, 2, 2) == 214056 <= hbwd.SMEM_LIMIT
+    assert hbwd.consumer_warpgroups(128, 128, stages=5) == 1
+    assert hbwd.smem_bytes(128, 128, 5, 1) <= hbwd.SMEM_LIMIT < hbwd.smem_bytes(128, 128, 5, 2)
 
 
 @pytest.mark.skipif(compiler.nvcc_path() is None, reason="nvcc not installed")
@@ -178,7 +209,9 @@ def test_hopper_backward_builds_with_hgmma_and_tma():
     for r in reports:
         assert r.ok, r.error
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_frame == 0, f"{r.name} spills: {r}"
-        assert 0 < r.registers <= 255
+        # two consumer warpgroups: 384 threads launch with 168 registers (setmaxnreg moves them); one: 256 threads
+        assert 0 < r.registers <= (168 if "_bn128_" in r.name else 255), f"{r.name}: {r}"
         if compiler.find_cuobjdump() is not None:
             assert r.sass["HGMMA"] > 0 and r.sass["UTMALDG"] > 0, f"{r.name}: {r.sass}"
+            assert r.sass["USETMAXREG"] == (2 if "_bn128_" in r.name else 0), f"{r.name}: setmaxnreg dec + inc"
             assert r.sass["HMMA"] == 0 and r.sass["LDGSTS"] == 0, f"{r.name}: no mma.sync / cp.async: {r.sass}"

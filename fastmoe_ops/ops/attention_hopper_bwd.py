@@ -1,6 +1,7 @@
 """Launcher of the sm_90a attention backward (csrc/attention/hopper_bwd.cuh: a producer warp
-TMA-loading K/V once and streaming Q/dO tiles through an mbarrier ring, one consumer warpgroup of
-wgmma accumulating dK/dV per key tile and adding dQ into an fp32 buffer with red.global.add).
+TMA-loading K/V once and streaming Q/dO tiles through an mbarrier ring, two consumer warpgroups of
+wgmma (64 keys each: BN 128, consumer_warpgroups) accumulating dK/dV per key tile and adding dQ
+into an fp32 buffer with red.global.add).
 
 Inputs as attention.attention_backward's (dense [B, S, H, D] or varlen [total, H, D] with
 cu_seqlens; lse [B, Hq, Sq] or [Hq, total_q] fp32 from the forward), outputs dq, dk, dv shaped like
@@ -23,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import expect
+from ..errors import UnsupportedError, expect
 from ..runtime.launch import LaunchConfig, launch
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, register_op
 from ..runtime.tensor_map import TMA_DESCRIPTOR, aligned_fields, descriptor, encode_tiled
@@ -32,10 +33,32 @@ from .attention import AttnParams
 from .attention_hopper import arch_of, check_sm90_spec, head_dims_tag
 
 PANEL = 64  # columns per TMA box: one 128-byte swizzled row of 16-bit elements
-BLOCK_M = BLOCK_N = 64  # query rows per ring stage, keys per CTA (one consumer warpgroup's 64 rows)
+BLOCK_M = 64  # query rows per ring stage
+WARPGROUP_N = 64  # keys per consumer warpgroup (a wgmma's M); a CTA's BN = WARPGROUP_N x consumer_warpgroups
 HEAD_DIM_PAIRS = ((64, 64), (128, 128), (192, 128))
 DK_REG = 128  # dK columns accumulated in registers; the rest (MLA's 128..191) in shared memory, fp32
 STAGES = 2  # Q/dO ring depth: one tile computed while the next lands
+SMEM_LIMIT = 227 * 1024  # sm_90's dynamic shared memory per CTA
+
+
+def smem_bytes(head_dim: int, head_dim_v: int, stages: int, warpgroups: int) -> int:
+    """HopperBwdShape::kSmemBytes: K, V [BN rows], the Q/dO ring [BM rows]; per consumer warpgroup
+    dS^T, dK's fp32 columns past DK_REG and lse + delta; the barriers."""
+    bn = WARPGROUP_N * warpgroups
+    return (2 * (bn * (head_dim + head_dim_v) + stages * BLOCK_M * (head_dim + head_dim_v))
+            + warpgroups * (2 * WARPGROUP_N * BLOCK_M + 4 * WARPGROUP_N * (head_dim - min(head_dim, DK_REG))
+                            + 2 * BLOCK_M * 4) + 8 * (1 + 2 * stages))
+
+
+def consumer_warpgroups(head_dim: int, head_dim_v: int, stages: int = STAGES) -> int:
+    """Consumer warpgroups per CTA (each owns 64 keys): 2 (BN 128: half the Q/dO loads and dQ adds per
+    key; setmaxnreg gives each consumer thread 240 registers) where the shared memory fits and dK has no
+    shared-memory panels, else 1 (255 registers at launch). MLA (192, 128) stays on one: its shared
+    memory fits two (214056 bytes) but its registers do not (the causal deterministic variant spilled
+    8 bytes at 240; the others 0). A pure function of the shapes."""
+    if head_dim > DK_REG or smem_bytes(head_dim, head_dim_v, stages, 2) > SMEM_LIMIT:
+        return 1
+    return 2
 BACKWARD_KERNELS = ("wgmma", "mma_sync")
 
 
@@ -110,6 +133,7 @@ class AttnHopperBwdSpec(KernelSpec):
     head_dim_v: int  # Dv
     stages: int      # Q/dO ring depth
     causal: bool
+    warpgroups: int = 1          # consumer warpgroups (64 keys each): consumer_warpgroups' choice
     deterministic: bool = False  # dQ's adds in key-tile order (reproducible; tiles wait on one another)
     reverse_grid: bool = False   # tests only: CTAs take the key tiles last to first (dQ's adds out of order)
 
@@ -119,39 +143,45 @@ class AttnHopperBwdSpec(KernelSpec):
     archs: ClassVar[tuple[str, ...]] = ("sm_90a",)  # wgmma, TMA
 
     def entry_name(self) -> str:
-        """e.g. fmo_attn_bwd_sm90_bf16_d128_bm64_bn64_s2_causal."""
+        """e.g. fmo_attn_bwd_sm90_bf16_d128_bm64_bn128_s2_causal."""
         d = head_dims_tag(self.head_dim, self.head_dim_v)
-        return (f"fmo_{self.op}_{self.dtype}_{d}_bm{BLOCK_M}_bn{BLOCK_N}_s{self.stages}"
+        return (f"fmo_{self.op}_{self.dtype}_{d}_bm{BLOCK_M}_bn{self.block_n()}_s{self.stages}"
                 + ("_causal" if self.causal else "") + ("_deterministic" if self.deterministic else "")
                 + ("_reverse_grid" if self.reverse_grid else ""))
 
     def check(self) -> None:
         super().check()
         check_sm90_spec(self, HEAD_DIM_PAIRS)
+        if self.warpgroups not in (1, 2):
+            raise UnsupportedError(f"{self.op} {self}: warpgroups must be 1 or 2 (64 consumer keys each)")
+        if self.smem_bytes() > SMEM_LIMIT:
+            raise UnsupportedError(f"{self.op} {self}: {self.smem_bytes()} bytes of shared memory with "
+                                   f"{self.warpgroups} warpgroups, over {SMEM_LIMIT}")
+
+    def block_n(self) -> int:
+        return WARPGROUP_N * self.warpgroups  # keys per CTA
 
     def block_threads(self) -> int:
-        return 256  # the producer warpgroup + one consumer warpgroup
+        return 128 * (1 + self.warpgroups)  # the producer warpgroup + the consumer warpgroups
 
     def smem_bytes(self) -> int:  # mirrors HopperBwdShape::kSmemBytes
-        dqk, dv = self.head_dim, self.head_dim_v
-        return 2 * (BLOCK_N * (dqk + dv) + self.stages * BLOCK_M * (dqk + dv) + BLOCK_N * BLOCK_M) \
-            + 4 * BLOCK_N * (dqk - min(dqk, DK_REG)) + 2 * BLOCK_M * 4 + 8 * (1 + 2 * self.stages)
-        # K, V, the Q/dO ring, dS^T; dK's fp32 columns past DK_REG; lse and delta; barriers
+        return smem_bytes(self.head_dim, self.head_dim_v, self.stages, self.warpgroups)
 
     def device_call(self) -> str:
         """The kernel call after a static_assert that smem_bytes() is the kernel's own size."""
-        shape = f"fmo::attn::HopperBwdShape<{self.head_dim}, {self.head_dim_v}, {self.stages}>"
+        shape = f"fmo::attn::HopperBwdShape<{self.head_dim}, {self.head_dim_v}, {self.stages}, {self.warpgroups}>"
         return (f'static_assert({shape}::kSmemBytes == {self.smem_bytes()}, "{self.entry_name()}: the launcher\'s '
                 f'shared memory size differs from the kernel\'s"); '
                 f"fmo::attn::attn_bwd_hopper<{CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.head_dim_v}, "
-                f"{self.stages}, {'true' if self.causal else 'false'}, {'true' if self.deterministic else 'false'}, "
+                f"{self.stages}, {self.warpgroups}, {'true' if self.causal else 'false'}, {'true' if self.deterministic else 'false'}, "
                 f"{'true' if self.reverse_grid else 'false'}>(p)")
 
 
 def choose_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, deterministic: bool = False,
                 reverse_grid: bool = False) -> AttnHopperBwdSpec:
     return AttnHopperBwdSpec(dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v, stages=STAGES, causal=causal,
-                             deterministic=deterministic, reverse_grid=reverse_grid)
+                             warpgroups=consumer_warpgroups(head_dim, head_dim_v), deterministic=deterministic,
+                             reverse_grid=reverse_grid)
 
 
 @register_op("attn_bwd_sm90")
@@ -240,9 +270,9 @@ def accumulate(pb, dout, out, lse, engine: str, deterministic: bool = False, rev
     batch = None if pb.cu_q is not None else pb.batch
     P.q_map = _map(pb.q, batch, BLOCK_M, engine)
     P.do_map = _map(dout, batch, BLOCK_M, engine)
-    P.k_map = _map(pb.k, batch, BLOCK_N, engine)
-    P.v_map = _map(pb.v, batch, BLOCK_N, engine)
-    config = LaunchConfig.make(grid=(-(-pb.seqlen_k // BLOCK_N), hkv, pb.batch), block=spec.block_threads(),
+    P.k_map = _map(pb.k, batch, spec.block_n(), engine)
+    P.v_map = _map(pb.v, batch, spec.block_n(), engine)
+    config = LaunchConfig.make(grid=(-(-pb.seqlen_k // spec.block_n()), hkv, pb.batch), block=spec.block_threads(),
                                shared_mem=spec.smem_bytes())
     cu = tuple(t for t in (pb.cu_q, pb.cu_k) if t is not None)
     launch(spec, config, P, engine=engine, tensors=(pb.q, pb.k, pb.v, *cu, *tensors))
