@@ -106,9 +106,10 @@ def test_kernels_vs_float64_full_grid(request, b, s, d, heads, causal, dtype):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the full grid runs with -m slow")
     # The default (sm_90a) kernels on every case; the mma.sync ones (the sm_80/sm_89 path, also
-    # in every fast case above) on the fp16 half of the grid: all four kernels on every case
-    # took the simulator about 24 minutes, over CI's budget.
-    both = dtype == torch.float16
+    # in every fast case above, S 257 included) on the fp16 half of the grid up to S 128: all
+    # four kernels on every case took the simulator about 24 minutes, and the fp16 half with
+    # S 257 kept CI near 30.
+    both = dtype == torch.float16 and s <= 128
     check_case(b, s, s, *heads, d, causal, dtype, seed=b * 1000 + s, both_kernels=both)
     check_case(b, s, max(1, s // 2 + 3), *heads, d, causal, dtype, seed=b * 1000 + s + 1, both_kernels=both)  # Sq != Sk
 
