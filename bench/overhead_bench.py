@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from fastmoe_ops.reference import fp8 as ref
 from fastmoe_ops.runtime import launch
 
 BASELINE = "torch.abs (same input)"
+SAMPLE_S = 0.02    # the longest timed sample (a batch of calls) aimed at
+PROBE_CALLS = 10   # calls timed once to size the batches
 
 
 def _bf16(*shape, device):
@@ -137,12 +140,19 @@ def measure(device, engine: str, calls: int = 2000, only=None, max_seconds: floa
     def one(name, shape, ours, theirs):   # a function per op: each row's closures keep their own op
         with engine_ctx():
             ours()  # compile and load outside the timing (the simulator runs it once, for real)
-        n = calls if engine != "reference" or name.startswith("fp8.quant") else max(calls // 10, 50)
-        ours_batch, theirs_batch = batch_of(ours, n, device), batch_of(theirs, n, device)
-
         def ours_skipping_kernels():
             with engine_ctx(), skip():
                 ours_batch()
+
+        # Calls per sample: up to `calls`, but a sample of about SAMPLE_S at most, so every
+        # round's slice still holds its MIN_PAIRS pairs in time (the MoE layer's host path is
+        # ~0.7 ms a call: 2000 calls a sample made its four slices alone last 90 s).
+        ours_batch = batch_of(ours, PROBE_CALLS, device)
+        start = time.perf_counter()
+        ours_skipping_kernels()
+        per_call = (time.perf_counter() - start) / PROBE_CALLS
+        n = max(PROBE_CALLS, min(calls, int(SAMPLE_S / max(per_call, 1e-9))))
+        ours_batch, theirs_batch = batch_of(ours, n, device), batch_of(theirs, n, device)
 
         c = compare(ours_skipping_kernels, theirs_batch, device=torch.device("cpu"), max_seconds=max_seconds,
                     warmup=1)
@@ -199,7 +209,7 @@ def run(device, engine: str, quick: bool, ceiling: float = 0.0):
     return rows_in_subprocess([engine], calls=500 if quick else 2000)
 
 
-def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 120.0, max_seconds: float = 2.0):
+def rows_in_subprocess(engines, calls: int = 2000, timeout_s: float = 300.0, max_seconds: float = 2.0):
     """rows() for each engine, measured in a fresh process (inside a process that holds every
     benchmark's tensors and threads, host times read about 1.5x higher) -> harness Rows."""
     import subprocess
