@@ -236,15 +236,18 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
         if len(sel) == len(keys):
             continue   # one point per series draws no curve: such rows are in ratios.png only
         unit, size_of = (1e12, lambda r: r.flops) if use_flops else (1e9, lambda r: r.bytes_moved)
-        fig, ax = plt.subplots(figsize=(12, 5.5))
+        # One legend entry per series (its baseline named in it): two per series overflowed the
+        # figure at attention's 16 series; 20 distinct colours, then markers tell them apart.
+        fig, ax = plt.subplots(figsize=(12, max(5.5, 0.17 * len(keys) + 1.0)))
+        palette = plt.get_cmap("tab20")
         for i, key in enumerate(keys):
             series = sorted((r for r in sel if (r.engine, _variant(r)) == key), key=size_of)
             xs = [size_of(r) for r in series]
-            color = f"C{i % 10}"
-            ax.plot(xs, [x / r.ours_s / unit for x, r in zip(xs, series)], "o-", color=color,
-                    label=f"ours: {key[1]} [{key[0]}]")
-            ax.plot(xs, [x / r.baseline_s / unit for x, r in zip(xs, series)], "s--", color=color, alpha=0.5,
-                    label=f"{series[0].baseline}: {key[1]} [{key[0]}]")
+            color, marker = palette(i % 20), "o^vD"[i // 20 % 4]
+            ax.plot(xs, [x / r.ours_s / unit for x, r in zip(xs, series)], marker=marker, linestyle="-", color=color,
+                    label=f"{key[1]} [{key[0]}] (dashed: {series[0].baseline})")
+            ax.plot(xs, [x / r.baseline_s / unit for x, r in zip(xs, series)], marker="s", linestyle="--", color=color,
+                    alpha=0.5, label="_nolegend_")
             for x, r in zip(xs, series):
                 ax.annotate(r.shape.replace(" causal", ""), (x, x / r.ours_s / unit), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
