@@ -140,7 +140,8 @@ def measure(device, engine: str, calls: int = 2000, only=None, max_seconds: floa
     def one(name, shape, ours, theirs):   # a function per op: each row's closures keep their own op
         with engine_ctx():
             ours()  # compile and load outside the timing (the simulator runs it once, for real)
-        def ours_skipping_kernels():
+
+        def ours_skipping_kernels():   # reads ours_batch when called: the probe's, then the sized one
             with engine_ctx(), skip():
                 ours_batch()
 
