@@ -62,6 +62,16 @@ struct MoeIpcParams {
     int64_t combine_region;
     int64_t expected;                    // counter value that completes this call
     int64_t hidden;                      // combine: elements per row; dispatch_fp8: of x
+    // Static mode only (csrc/moe/ipc_static.cuh: counts exchanged on the device):
+    const int64_t* topk_idx;             // dispatch: [tokens, topk], range-checked on the device (or null)
+    const int64_t* send_counts;          // dispatch: [ranks] rows this rank sends each destination
+    int64_t* matrix;                     // [ranks, ranks] rows src -> dst: dispatch writes it, combine reads it
+    int64_t topk;
+    int64_t num_experts;
+    int64_t num_worst;                   // dispatch: rows of every output (padding past the received ones)
+    int64_t fill_stream;                 // dispatch: the stream whose padding rows are all-ones bytes (ids -1), or -1
+    int64_t static_region;               // byte offset of the static-mode words in each buffer
+    int64_t timeout_ns;                  // waits give up after this long (FMO_COMM_TIMEOUT)
     float min_amax;                      // dispatch_fp8: eps of the quantisation contract
     int32_t reserved;                    // keeps the struct's size a multiple of 8
 };
@@ -96,10 +106,11 @@ __device__ __forceinline__ void signal_and_wait(const MoeIpcParams& p, int which
 }
 
 // Token t's packed row in slot `rank` of destination r's dispatch region, or null when t
-// does not go to r.
+// does not go to r, or would land past the slot (static mode: an overflow the kernel reports
+// instead of the host refusing it first; never a write outside the buffer).
 __device__ __forceinline__ char* dispatch_row(const MoeIpcParams& p, int64_t t, int64_t r) {
     const int64_t pos = p.send_pos[t * p.ranks + r];
-    return pos < 0 ? nullptr
+    return pos < 0 || pos >= p.slot_rows ? nullptr
                    : static_cast<char*>(p.peers[r]) + p.dispatch_region + (p.rank * p.slot_rows + pos) * p.row_stride;
 }
 

@@ -1,8 +1,11 @@
 """`Buffer`: expert-parallel dispatch and combine across the ranks of a `Group`.
 
 Every call starts with one metadata handshake (validation, counts, FMO_COMM_TIMEOUT): one
-small per-peer MPI exchange. Then the payload rows move by the transport the Buffer picked
-at construction (fastmoe_ops.moe.transports, one protocol):
+small per-peer MPI exchange; except on the static path (transport='ipc' with
+num_worst_tokens: fastmoe_ops.moe.static), whose kernels exchange the counts on the device
+and report data-dependent errors from it (Buffer.check() on CUDA). Then the payload rows
+move by the transport the Buffer picked at construction (fastmoe_ops.moe.transports, one
+protocol):
   host (default): `mpi`, MPI transfers of host buffers: CPU tensors packed and summed on
        the CPU; CUDA tensors packed and summed by the kernels on their device and staged
        through pinned host buffers around MPI (or given to it as device buffers where
@@ -37,9 +40,10 @@ import torch
 
 from ..comm import Group
 from ..errors import CommError, InputError
-from . import autograd, host, kernels
+from . import autograd, host, kernels, static
 from .handshake import COMBINE, DISPATCH, DISPATCH_BACKWARD, handshake
 from .low_latency import LowLatency
+from .static import StaticHandle
 from .transports.ipc import IpcTransport, mapping_for
 from .transports.mpi import MpiTransport, mpi_reads_device_memory
 from .validate import SCALE_GROUP, combine_input, dispatch_error, ipc_device, same
@@ -75,7 +79,10 @@ class Buffer:
 
     num_worst_tokens > 0 fixes the received row count (static shapes): recv tensors have
     that many rows (padding rows: zeros, topk_idx -1) and a dispatch that would receive
-    more raises InputError on every rank. Collective: every rank constructs it alike.
+    more raises InputError on every rank (with transport='ipc', tensors its kernels move:
+    the static path, no host synchronisation; errors found on the device, raised at once on
+    `sim`, by check() on CUDA: see fastmoe_ops.moe.static). Collective: every rank
+    constructs it alike.
     transport='ipc' (ranks of one node) maps every rank's buffer in every rank: sized for
     max_tokens_per_rank tokens sent from one rank to another, k <= max_topk; `device` says
     where those buffers live: a CUDA device (CUDA IPC, for tensors on it), or the CPU (POSIX
@@ -180,6 +187,18 @@ class Buffer:
         """Raise CommTimeoutError if a low-latency kernel gave up waiting (synchronises)."""
         self._low_latency("low_latency_check").check()
 
+    def check(self) -> None:
+        """Raise what the static path's kernels found (fastmoe_ops.moe.static): InputError
+        for out-of-range topk_idx or a max_tokens_per_rank / num_worst_tokens overflow on any
+        rank, CommTimeoutError for a peer that never came. Synchronises the device on CUDA
+        (the `sim` engine raises from the call itself). Nothing to report elsewhere."""
+        self._check_alive("check")
+        if self._transport is self._mpi:
+            return
+        if self._transport.device.type == "cuda":
+            torch.cuda.synchronize(self._transport.device)
+        self._transport.raise_static_errors("static dispatch/combine")
+
     def _low_latency(self, what: str) -> LowLatency:
         self._check_alive(what)
         if self._ll is None:
@@ -209,6 +228,8 @@ class Buffer:
     def exchange_dispatch(self, x, topk_idx, topk_weights, use_fp8: bool = False):
         """dispatch without autograd (what autograd.DispatchFn records): same arguments
         and results."""
+        if static.serves(self, x):
+            return static.dispatch(self, x, topk_idx, topk_weights, use_fp8)
         fp8 = isinstance(x, (tuple, list))
         error = dispatch_error(x, topk_idx, topk_weights, fp8, use_fp8, self.hidden, self.num_experts)
         xq = x[0] if fp8 else x
@@ -261,13 +282,15 @@ class Buffer:
         """Combine's backward (no autograd): g [T, H] -> [rows, H], each received row the
         source token's g."""
         self._check_handle(handle, "combine backward")
+        if isinstance(handle, StaticHandle):
+            return static.combine_backward(self, g, handle)
         self._handshake(DISPATCH_BACKWARD, g.shape[1], g.dtype, 0, False, None, np.zeros(self.num_ranks, np.int64),
                         self._mpi)
         return self._mpi.dispatch_rows(g, handle)
 
     # ------------------------------------------------------------------ combine
     def _check_handle(self, handle, what: str) -> None:
-        if not isinstance(handle, Handle):
+        if not isinstance(handle, (Handle, StaticHandle)):
             raise InputError(f"handle: expected the Handle from this Buffer's dispatch, got {type(handle).__name__}")
         if handle.buffer_id != self.id:
             raise InputError(f"handle: expected a Handle from this Buffer (id {self.id}), got one from Buffer {handle.buffer_id}")
@@ -277,6 +300,10 @@ class Buffer:
         width (the topk-weight gradients), else the Buffer's hidden size."""
         error = None
         width = self.hidden if not any_width else (y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else 0)
+        if isinstance(handle, StaticHandle):   # local checks only: ranks with alike inputs refuse alike
+            self._check_handle(handle, "combine")
+            combine_input(y, handle, width)
+            return static.combine(self, y, handle)
         try:
             self._check_handle(handle, "combine")   # refused in the handshake: no rank left waiting
             combine_input(y, handle, width)

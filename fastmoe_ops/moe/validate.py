@@ -34,8 +34,11 @@ def tensor_2d(name: str, t, dtypes, device: torch.device | None = None) -> None:
         raise InputError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def dispatch_error(x, topk_idx, topk_weights, fp8: bool, use_fp8, hidden: int, num_experts: int) -> str | None:
-    """Why this rank refuses dispatch's arguments (None: accepted). fp8: x is a pair (xq, xs)."""
+def dispatch_error(x, topk_idx, topk_weights, fp8: bool, use_fp8, hidden: int, num_experts: int,
+                   check_range: bool = True) -> str | None:
+    """Why this rank refuses dispatch's arguments (None: accepted). fp8: x is a pair (xq, xs).
+    check_range=False: no host read of topk_idx's values (the static path's kernels check
+    the range on the device: fastmoe_ops.moe.static)."""
     try:
         if use_fp8.__class__ is not bool or (use_fp8 and fp8):
             raise InputError(f"use_fp8: expected a bool, False when x is already an FP8 pair, got {use_fp8!r}")
@@ -59,7 +62,7 @@ def dispatch_error(x, topk_idx, topk_weights, fp8: bool, use_fp8, hidden: int, n
         t, k = topk_idx.shape
         if t != x.shape[0] or k < 1:
             raise InputError(f"topk_idx: expected shape ({x.shape[0]}, k >= 1), got {tuple(topk_idx.shape)}")
-        lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist() if t else (0, 0)   # one host read
+        lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist() if t and check_range else (0, 0)   # one host read
         if lo < -1 or hi >= num_experts:
             bad = topk_idx[(topk_idx < -1) | (topk_idx >= num_experts)][0].item()
             raise InputError(f"topk_idx: expected expert ids in [-1, {num_experts}), got {bad}")

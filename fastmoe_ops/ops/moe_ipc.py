@@ -1,4 +1,5 @@
-"""Launchers of the intra-node MoE transport kernels (csrc/moe/ipc.cuh).
+"""Launchers of the intra-node MoE transport kernels (csrc/moe/ipc.cuh; with static=True
+their static-shape forms, csrc/moe/ipc_static.cuh: counts exchanged on the device).
 
 Both launch exactly `sm_budget().comm_sms` persistent CTAs inside
 `communication_in_flight()`, so compute kernels size their grids around them.
@@ -53,6 +54,15 @@ class MoeIpcParams(Params):
         ("combine_region", ctypes.c_int64),
         ("expected", ctypes.c_int64),
         ("hidden", ctypes.c_int64),
+        ("topk_idx", ctypes.c_void_p),
+        ("send_counts", ctypes.c_void_p),
+        ("matrix", ctypes.c_void_p),
+        ("topk", ctypes.c_int64),
+        ("num_experts", ctypes.c_int64),
+        ("num_worst", ctypes.c_int64),
+        ("fill_stream", ctypes.c_int64),
+        ("static_region", ctypes.c_int64),
+        ("timeout_ns", ctypes.c_int64),
         ("min_amax", ctypes.c_float),
         ("reserved", ctypes.c_int32),
     ]
@@ -61,9 +71,10 @@ class MoeIpcParams(Params):
 @dataclass(frozen=True)
 class MoeIpcDispatchSpec(KernelSpec):
     chunk_bytes: int       # bytes per access (16 when every row, offset and pointer allows)
+    static: bool = False   # counts exchanged on the device, num_worst rows out (ipc_static.cuh)
 
     op: ClassVar[str] = "moe_ipc_dispatch"
-    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    header: ClassVar[str] = "csrc/moe/ipc_static.cuh"   # (includes ipc.cuh)
     params: ClassVar[type[Params]] = MoeIpcParams
 
     def check(self) -> None:
@@ -75,6 +86,8 @@ class MoeIpcDispatchSpec(KernelSpec):
         return BLOCK_THREADS
 
     def device_call(self) -> str:
+        if self.static:
+            return f"fmo::moe_ipc_static_dispatch<{_CHUNKS[self.chunk_bytes]}, {BLOCK_THREADS}, false>(p)"
         return f"fmo::moe_ipc_dispatch<{_CHUNKS[self.chunk_bytes]}, {BLOCK_THREADS}>(p)"
 
 
@@ -86,9 +99,10 @@ class MoeIpcDispatchFp8Spec(KernelSpec):
     dtype: str             # x: bf16 | fp16 | fp32
     vec_width: int         # elements of x per load: 16 bytes when rows and x allow, else 1
     chunk_bytes: int       # bytes per access of the other streams' copies
+    static: bool = False   # counts exchanged on the device, num_worst rows out (ipc_static.cuh)
 
     op: ClassVar[str] = "moe_ipc_dispatch_fp8"
-    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    header: ClassVar[str] = "csrc/moe/ipc_static.cuh"   # (includes ipc.cuh)
     params: ClassVar[type[Params]] = MoeIpcParams
 
     def check(self) -> None:
@@ -102,6 +116,9 @@ class MoeIpcDispatchFp8Spec(KernelSpec):
         return BLOCK_THREADS
 
     def device_call(self) -> str:
+        if self.static:
+            return (f"fmo::moe_ipc_static_dispatch<{_CHUNKS[self.chunk_bytes]}, {BLOCK_THREADS}, true, "
+                    f"{CUDA_TYPE[self.dtype]}, {self.vec_width}>(p)")
         return (f"fmo::moe_ipc_dispatch_fp8<{CUDA_TYPE[self.dtype]}, {self.vec_width}, {_CHUNKS[self.chunk_bytes]}, "
                 f"{BLOCK_THREADS}>(p)")
 
@@ -111,9 +128,10 @@ class MoeIpcCombineSpec(KernelSpec):
     dtype: str             # bf16 | fp16 | fp32
     chunk_bytes: int       # bytes per access of the send phase
     vec_width: int         # elements per access of the reduce phase
+    static: bool = False   # the dispatch's counts read on the device (ipc_static.cuh)
 
     op: ClassVar[str] = "moe_ipc_combine"
-    header: ClassVar[str] = "csrc/moe/ipc.cuh"
+    header: ClassVar[str] = "csrc/moe/ipc_static.cuh"   # (includes ipc.cuh)
     params: ClassVar[type[Params]] = MoeIpcParams
 
     def check(self) -> None:
@@ -127,26 +145,29 @@ class MoeIpcCombineSpec(KernelSpec):
         return BLOCK_THREADS
 
     def device_call(self) -> str:
-        return (f"fmo::moe_ipc_combine<{CUDA_TYPE[self.dtype]}, {_CHUNKS[self.chunk_bytes]}, {self.vec_width}, "
-                f"{BLOCK_THREADS}>(p)")
+        name = "moe_ipc_static_combine" if self.static else "moe_ipc_combine"
+        return f"fmo::{name}<{CUDA_TYPE[self.dtype]}, {_CHUNKS[self.chunk_bytes]}, {self.vec_width}, {BLOCK_THREADS}>(p)"
 
 
 @register_op("moe_ipc_dispatch")
 def dispatch_specs():
     for chunk in (4, 16):
-        yield MoeIpcDispatchSpec(chunk_bytes=chunk)
+        for static in (False, True):
+            yield MoeIpcDispatchSpec(chunk_bytes=chunk, static=static)
 
 
 @register_op("moe_ipc_dispatch_fp8")
 def dispatch_fp8_specs():
     for dtype, vec in (("bf16", 8), ("fp16", 8), ("fp32", 4)):
-        yield MoeIpcDispatchFp8Spec(dtype=dtype, vec_width=vec, chunk_bytes=16)
+        for static in (False, True):
+            yield MoeIpcDispatchFp8Spec(dtype=dtype, vec_width=vec, chunk_bytes=16, static=static)
 
 
 @register_op("moe_ipc_combine")
 def combine_specs():
     for dtype, vec in (("bf16", 8), ("fp16", 8), ("fp32", 4)):   # every dtype combine accepts
-        yield MoeIpcCombineSpec(dtype=dtype, chunk_bytes=16, vec_width=vec)
+        for static in (False, True):
+            yield MoeIpcCombineSpec(dtype=dtype, chunk_bytes=16, vec_width=vec, static=static)
 
 
 def chunk_bytes(*values: int) -> int:

@@ -8,68 +8,16 @@ The CPU side of the same property (no host read in the launcher code):
 tests/test_host_syncs.py. Skipped without a CUDA device and CuPy."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import fastmoe_ops as fmo
 from fastmoe_ops.reference import fp8 as ref
 
-from conftest import assert_bitwise_equal, poison_
 from fp8_gemm_util import contiguous_layout, expert_weights, quantised_operands
-from gpu_util import DEV, needs_cuda
+from gpu_util import DEV, capture_replay_check, needs_cuda
 
 pytestmark = needs_cuda
-
-
-@contextlib.contextmanager
-def sync_debug_error():
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def as_list(out):
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def bits(t):
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
-def capture_replay_check(what, fn, inputs, fresh, seed, *, eager_reads_host=False):
-    """Warm fn up on a side stream, capture it over `inputs` (static buffers), copy `fresh`
-    into them, poison the captured outputs, replay, and compare with fn(*fresh) run eagerly.
-    The warm-up runs in sync-debug mode too unless the op's eager call reads the host by
-    design (eager_reads_host: varlen's offset check, skipped under capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), (contextlib.nullcontext() if eager_reads_host else sync_debug_error()):
-        for _ in range(2):  # compiles and loads the kernels outside the capture
-            fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), sync_debug_error():   # the graph's own set-up synchronises first
-        outs = as_list(fn(*inputs))
-    for static, new in zip(inputs, fresh):
-        if isinstance(static, torch.Tensor):
-            static.copy_(new)
-    for o in outs:
-        poison_(o)
-    with sync_debug_error():
-        graph.replay()
-        graph.replay()  # twice: a replay must not depend on state the first one left
-    torch.cuda.synchronize()
-    got_all = [o.clone() for o in outs]   # before the eager call: an out= buffer is shared with it
-    want = as_list(fn(*fresh))
-    torch.cuda.synchronize()
-    assert len(got_all) == len(want), what
-    for i, (got, w) in enumerate(zip(got_all, want)):
-        assert_bitwise_equal(bits(got).cpu(), bits(w).cpu(), f"{what}: replayed output {i}", seed)
 
 
 def bf16(shape, seed, scale=1.0):
@@ -147,7 +95,8 @@ def test_attention_varlen_captures_without_reading_the_offsets():
 
 def test_static_shape_moe_layer_forward_captures_and_replays():
     """Single rank, num_worst_tokens: routing, masked experts and the weighted sum in one graph
-    (the multi-rank ipc transport with num_worst_tokens: tests/gpu/test_moe_gpu.py's domain)."""
+    (the multi-rank ipc transport with num_worst_tokens: tests/gpu/test_moe_gpu.py's domain,
+    test_ipc_static_path_captured_in_a_cuda_graph)."""
     torch.manual_seed(25)
     layer = fmo.nn.MoELayer(256, 256, 8, 2, num_worst_tokens=64, dtype=torch.bfloat16, device=DEV)
     capture_replay_check("MoELayer(num_worst_tokens) forward", lambda x: layer(x), [bf16((48, 256), 26)],

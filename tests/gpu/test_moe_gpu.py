@@ -231,3 +231,47 @@ def test_permute_unpermute_cuda_equals_cpu(dtype, rows, fp8):
             assert err < 1e-5 and not a.isnan().any(), f"{what}: relative error {err:.2e}"
         else:
             bitwise(a.cpu(), b, what)
+
+
+def test_ipc_static_path_captured_in_a_cuda_graph(comm):
+    """Issue 17: transport='ipc' with num_worst_tokens (the static path, fastmoe_ops.moe.static:
+    counts exchanged on the device) captured by torch.cuda.graph under
+    torch.cuda.set_sync_debug_mode("error"), dispatch then combine; replays on new inputs
+    (every rank replays alike: the kernels' counter targets come from a device word) equal
+    an eager call bit for bit, and the eager call the oracle (valid rows; padding rows zero,
+    topk_idx -1, weight 0). Buffer.check() reports nothing afterwards."""
+    from gpu_util import capture_replay_check
+
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, k = 256, 2
+    experts = experts_for(world, k)
+    tokens = [7 + 2 * r for r in range(world)]
+    cap = sum(tokens)
+    sets = [inputs(world, 60 + i, tokens, k, experts, hidden, torch.bfloat16, minus_one=0.1) for i in range(2)]
+
+    def body():
+        buf = fmo.moe.Buffer(fmo.comm.Group(comm), hidden=hidden, num_experts=experts, num_worst_tokens=cap,
+                             transport="ipc", max_tokens_per_rank=32, max_topk=k, device=DEV)
+
+        def step(x, idx, w):
+            recv_x, recv_idx, recv_w, tpe, handle = buf.dispatch(x, idx, w)
+            return recv_x, recv_idx, recv_w, tpe, buf.combine(recv_x * 2, handle)
+
+        static_in, fresh = ([t.to(DEV) for t in (xs[rank], idxs[rank], ws[rank])] for xs, idxs, ws in sets)
+        capture_replay_check("ipc num_worst_tokens dispatch + combine", step, static_in, fresh, 60)
+        xs, idxs, ws = sets[1]
+        want = ref.dispatch(xs, idxs, ws, experts)
+        recv_x, recv_idx, recv_w, tpe, out = (t.cpu() for t in step(*fresh))
+        buf.check()
+        n = want[rank]["x"].shape[0]
+        bitwise(recv_x[:n], want[rank]["x"], "static ipc recv_x")
+        bitwise(recv_idx[:n], want[rank]["topk_idx"], "static ipc recv_topk_idx")
+        bitwise(recv_w[:n], want[rank]["topk_weights"], "static ipc recv_topk_weights")
+        assert bool((recv_x[n:] == 0).all()) and bool((recv_idx[n:] == -1).all()) and bool((recv_w[n:] == 0).all())
+        assert tpe.tolist() == want[rank]["tokens_per_expert"].tolist()
+        ys = [(want[r]["x"].double() * 2).to(torch.bfloat16) for r in range(world)]
+        bitwise(out, ref.combine(ys, [w["src"] for w in want], tokens)[rank], "static ipc combine")
+        buf.destroy()
+        return "ok"
+
+    run_all(comm, body)

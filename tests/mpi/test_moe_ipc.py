@@ -262,18 +262,13 @@ def test_ipc_bad_input_and_missing_rank(comm, monkeypatch):
     buf.destroy()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 17, open: Buffer.dispatch agrees counts and validation errors across ranks in a host "
-    "handshake (fastmoe_ops/moe/buffer.py exchange_dispatch: topk_idx's range read in "
-    "moe/validate.dispatch_error, then the count matrix over MPI), even with num_worst_tokens on "
-    "ipc; a capturable static path needs that exchange on the device (the low-latency path has it)"))
 def test_ipc_static_path_reads_nothing_on_the_host(comm):
     """Issue 17 (CUDA graphs): the ipc transport with num_worst_tokens, dispatch then combine and
     the whole MoELayer forward + backward, with every host read of a tensor made to raise
     (tests/host_sync_util.py): the static path a captured decode step replays. The sim engine
     runs the launchers the cuda engine runs (only the final launch differs). Warm calls: the
-    first call of each compiles its kernels. Checked against the oracle after the guarded call.
-    Fails today (strict xfail: it must start passing when the exchange moves to the device)."""
+    first call of each compiles its kernels. Checked against the oracle after the guarded call
+    (padding rows too: zeros, topk_idx -1, weight 0)."""
     from host_sync_util import HostRead, no_host_reads
 
     need_ranks(comm, 2)
@@ -298,6 +293,10 @@ def test_ipc_static_path_reads_nothing_on_the_host(comm):
                     n = want[rank]["x"].shape[0]
                     assert recv_x.shape == (cap, hidden)
                     bitwise(recv_x[:n], want[rank]["x"], f"static ipc recv_x (call {call})")
+                    bitwise(recv_idx[:n], want[rank]["topk_idx"], f"static ipc recv_topk_idx (call {call})")
+                    bitwise(recv_w[:n], want[rank]["topk_weights"], f"static ipc recv_topk_weights (call {call})")
+                    assert bool((recv_x[n:] == 0).all()) and bool((recv_idx[n:] == -1).all()) and bool((recv_w[n:] == 0).all()), \
+                        f"static ipc padding rows {n}..{cap} (call {call})"
                     ys = [want[r]["x"] for r in range(world)]
                     bitwise(out, ref.combine(ys, [w["src"] for w in want], tokens)[rank], f"static ipc combine ({call})")
                 torch.manual_seed(5)
@@ -315,6 +314,107 @@ def test_ipc_static_path_reads_nothing_on_the_host(comm):
             buf.destroy()
             if layer is not None:
                 layer.destroy()
+        return "ok"
+
+    run_all(comm, body)
+
+
+def test_ipc_static_path_reports_bad_data_from_the_device(comm, monkeypatch):
+    """The static path checks nothing data-dependent on the host: out-of-range expert ids (on
+    one rank, above and below), a rank receiving more than num_worst_tokens and a rank sending
+    one peer more than max_tokens_per_rank are found by the kernels and raised on every rank
+    alike, naming the argument and the rank (the `sim` engine: by the call itself), with the
+    dispatch's outputs all padding; the Buffer stays usable (a good call after each is
+    bit-exact). A rank that never calls makes the others raise CommTimeoutError naming it.
+    No rank hangs: every refusal is gathered from every rank (and the run is under a timeout)."""
+    need_ranks(comm, 2)
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, experts, k = 32, 2 * world, 2
+    buf = ipc_buffer(comm, hidden, experts, max_tokens=4, num_worst_tokens=3 * world)
+    last = world - 1
+    to_rank0 = torch.zeros(3, 1, dtype=torch.int64)            # every rank: 3 tokens to rank 0
+
+    def refused(idx, tokens, fragment):
+        x = torch.randn(tokens, hidden)
+        expect_same_error(comm, lambda: buf.dispatch(x, idx, None), fmo.InputError, fragment)
+
+    def good_call(seed):
+        tokens = [2 + r for r in range(world)]
+        xs, idxs, ws = inputs(world, seed, tokens, k, experts, hidden, torch.float32, minus_one=0.2)
+        want = ref.dispatch(xs, idxs, ws, experts)
+        recv_x, recv_idx, recv_w, _, handle = buf.dispatch(xs[rank], idxs[rank], ws[rank])
+        n = want[rank]["x"].shape[0]
+        bitwise(recv_x[:n], want[rank]["x"], f"static recv_x after a refusal (seed {seed})")
+        bitwise(recv_idx[:n], want[rank]["topk_idx"], f"static recv_topk_idx after a refusal (seed {seed})")
+        out = buf.combine(recv_x, handle)
+        bitwise(out, ref.combine([w["x"] for w in want], [w["src"] for w in want], tokens)[rank], "static combine after a refusal")
+        return "ok"
+
+    with fmo.use_backend("sim"):
+        for bad_id in (experts, -2):
+            idx = torch.full((2, k), bad_id, dtype=torch.int64) if rank == last else torch.zeros(2, k, dtype=torch.int64)
+            refused(idx, 2, f"topk_idx: expected expert ids in [-1, {experts}) on every rank, got others on rank(s) [{last}]")
+            run_all(comm, lambda: good_call(80 + bad_id))
+        # 3 tokens from every rank to rank 0: 3 * world > 3 * world - 1 only with an extra one on rank 0.
+        extra = torch.cat([to_rank0, torch.zeros(1, 1, dtype=torch.int64)]) if rank == 0 else to_rank0
+        refused(extra, extra.shape[0], f"num_worst_tokens: rank(s) [0] would receive more than num_worst_tokens={3 * world}")
+        run_all(comm, lambda: good_call(90))
+        five = torch.zeros(5, 1, dtype=torch.int64) if rank == last else torch.zeros(1, 1, dtype=torch.int64)
+        refused(five, five.shape[0], f"max_tokens_per_rank: rank(s) [{last}] would send more than max_tokens_per_rank=4")
+        run_all(comm, lambda: good_call(91))
+        # As on CUDA (the call returns, the error waits in the status word for check()): the
+        # refused dispatch's outputs, and those of a good one while the error is unread, are
+        # padding only; check() then raises the error on every rank, and the Buffer goes on.
+        monkeypatch.setattr(buf._transport, "raise_static_errors", lambda what: None)
+        bad = torch.full((2, 1), experts if rank == 0 else 0, dtype=torch.int64)
+        for idx in (bad, torch.zeros(2, 1, dtype=torch.int64)):
+            recv_x, recv_idx, _, _, _ = buf.dispatch(torch.randn(2, hidden) + 1, idx, None)
+            all_agree(comm, bool((recv_x == 0).all()) and bool((recv_idx == -1).all()),
+                      f"outputs of a dispatch with an unread error: {recv_x.abs().sum()} {recv_idx.unique().tolist()}")
+        monkeypatch.undo()
+        expect_same_error(comm, buf.check, fmo.InputError, "topk_idx: expected expert ids in [-1, ")
+        run_all(comm, lambda: good_call(92))
+        monkeypatch.setenv("FMO_COMM_TIMEOUT", "0.5")
+        if rank == last:
+            ok, detail = True, "skipped"
+        else:
+            t0 = time.monotonic()
+            try:
+                buf.dispatch(torch.randn(2, hidden), torch.zeros(2, 1, dtype=torch.int64), None)
+                ok, detail = False, "dispatch returned"
+            except fmo.CommTimeoutError as e:
+                ok, detail = f"rank(s) [{last}]" in str(e) and time.monotonic() - t0 < 10, str(e)
+    all_agree(comm, ok, detail)
+    buf.destroy()
+
+
+def test_ipc_static_path_under_memcheck(comm, monkeypatch):
+    """The static kernels under the simulator's memory checker: a dispatch with padding rows
+    and its combine, bit-exact, then a dispatch sending rank 0 more than max_tokens_per_rank
+    rows: the rows past the slot are never written (refused, never out of bounds)."""
+    need_ranks(comm, 2)
+    monkeypatch.setenv("FMO_SIM_MEMCHECK", "1")
+    world, rank = comm.Get_size(), comm.Get_rank()
+    hidden, experts, k = 48, 2 * world, 2
+    tokens = [3 + r for r in range(world)]
+    xs, idxs, ws = inputs(world, 13, tokens, k, experts, hidden, torch.float32, minus_one=0.2)
+    want = ref.dispatch(xs, idxs, ws, experts)
+
+    def body():
+        buf = ipc_buffer(comm, hidden, experts, max_tokens=8, max_topk=k, num_worst_tokens=sum(tokens) + 2)
+        try:
+            with fmo.use_backend("sim"):
+                recv_x, recv_idx, _, _, handle = buf.dispatch(xs[rank], idxs[rank], ws[rank])
+                n = want[rank]["x"].shape[0]
+                bitwise(recv_x[:n], want[rank]["x"], "static recv_x under memcheck")
+                bitwise(recv_idx[:n], want[rank]["topk_idx"], "static recv_topk_idx under memcheck")
+                out = buf.combine(recv_x, handle)
+                bitwise(out, ref.combine([w["x"] for w in want], [w["src"] for w in want], tokens)[rank],
+                        "static combine under memcheck")
+                with pytest.raises(fmo.InputError, match="max_tokens_per_rank=8"):
+                    buf.dispatch(torch.randn(9, hidden), torch.zeros(9, 1, dtype=torch.int64), None)
+        finally:
+            buf.destroy()
         return "ok"
 
     run_all(comm, body)

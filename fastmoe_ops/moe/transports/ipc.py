@@ -6,14 +6,17 @@ Mapping (one small interface, two implementations; the bootstrap is shared):
                   opened by peers with cudaIpcOpenMemHandle (runtime/cuda_driver.py);
   ShmMapping:     the simulator's stand-in, POSIX shared memory (`fastmoe_ops.comm.shm`).
 Handles are exchanged over the Group once, in the Buffer's constructor, and closed in
-destroy(). Buffer layout (bytes): [2R int64 counters | dispatch region: R slots x slot_rows
+destroy(). Buffer layout (bytes): [2R int64 counters | static-mode words (static_dispatch,
+static_combine: csrc/moe/ipc_static.cuh draws them) | dispatch region: R slots x slot_rows
 packed rows | combine region: R * slot_rows rows of hidden fp32-sized elements].
 
 On a GPU the kernels run on the transport's own stream (ordered after the caller's current
 stream, which then waits for it). Reuse between calls is safe without extra flags: every
 dispatch/combine starts by waiting for this rank's previous transport kernel, then runs the
 Buffer's host handshake, which completes only once every peer has done the same, i.e. once
-no kernel of the previous call still reads a region the next one writes.
+no kernel of the previous call still reads a region the next one writes. The static forms
+(num_worst_tokens) have no handshake: their kernels wait for every peer's arrival on the
+device instead (ipc_static.cuh), and report errors in status words (`raise_static_errors`).
 """
 from __future__ import annotations
 
@@ -22,15 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import backends
+from ... import backends, env
 from ...comm import Group, shm
-from ...errors import InputError, UnsupportedError
+from ...errors import CommTimeoutError, InputError, UnsupportedError
 from ...ops import moe_ipc
 from ...runtime import cuda_driver
 from .. import host
 from ..validate import SCALE_GROUP
 
 SCALE_EPS = 1e-12   # quantising dispatch: quantize_per_token_group's default eps
+STATUS_WORDS = 4    # ipc_static.cuh: lost, bad topk_idx, max_tokens_per_rank and num_worst_tokens overflows
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)   # what the kernels move
 
 
@@ -135,7 +139,11 @@ class IpcTransport:
         r = group.size
         # Widest packed row: fp32 x, or FP8 x + scales (narrower), then ids and weights.
         self.max_row = _align(hidden * 4, 16) + _align(4 * -(-hidden // SCALE_GROUP), 16) + _align(max_topk * 12, 16)
-        self.dispatch_region = _align(2 * r * 8)
+        self.static_region = 2 * r * 8
+        # ready [R], data [R], seq (u64) | status [STATUS_WORDS] u32 | matrix [R, R] i64
+        self.status_offset = self.static_region + (2 * r + 1) * 8
+        self.matrix_offset = self.status_offset + 4 * STATUS_WORDS
+        self.dispatch_region = _align(self.matrix_offset + r * r * 8)
         self.combine_region = self.dispatch_region + _align(r * slot_rows * self.max_row)
         nbytes = self.combine_region + _align(r * slot_rows * hidden * 4)
         self.mapping, self.device, self.engine = mapping, mapping.device, mapping.engine
@@ -143,6 +151,13 @@ class IpcTransport:
         self.expected = [0, 0]                       # counter targets: dispatch, combine
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.done = None                             # event: this rank's last transport kernel
+        self.failed: str | None = None               # a static kernel's wait gave up: unusable
+        # The status words as host memory where the buffer is (shared memory on `sim`): read
+        # after each synchronous kernel without a tensor read.
+        status = self.mine[self.status_offset:self.status_offset + 4 * STATUS_WORDS].view(torch.int32)
+        self._status_host = status.numpy() if self.device.type == "cpu" else None
+        self._status = status
+        self.static_limits = (0, 0)                  # (num_experts, num_worst) of the last static dispatch
 
     def serves(self, tensor) -> bool:
         """Tensors on the mapping's device, of a dtype the kernels move, whose engine is the
@@ -182,11 +197,16 @@ class IpcTransport:
         caller.wait_stream(self.stream)
         self.done = self.stream.record_event()
 
-    def _params(self, tokens: int, rank: int, grid: int, which: int) -> moe_ipc.MoeIpcParams:
-        self.expected[which] += grid
+    def _params(self, tokens: int, rank: int, grid: int, which: int | None) -> moe_ipc.MoeIpcParams:
+        """which: the dynamic counters (0 dispatch, 1 combine) whose host target advances, or
+        None for a static kernel (its targets derive from a device word)."""
+        if which is not None:
+            self.expected[which] += grid
         p = moe_ipc.MoeIpcParams(tokens=tokens, rank=rank, ranks=self.group.size, slot_rows=self.slot_rows,
                                  dispatch_region=self.dispatch_region, combine_region=self.combine_region,
-                                 expected=self.expected[which], hidden=self.hidden)
+                                 expected=self.expected[which] if which is not None else 0, hidden=self.hidden,
+                                 static_region=self.static_region, fill_stream=-1,
+                                 timeout_ns=int(env.number("FMO_COMM_TIMEOUT") * 1e9))
         for i, t in enumerate(self.peers):
             p.peers[i] = t.data_ptr()
         return p
@@ -195,19 +215,64 @@ class IpcTransport:
         """payloads: [T, ...] tensors; recvs: [rows, ...] receive tensors; layout.pos [T, R]:
         each token's row within the destination's slot; counts [R, R] (src -> dst).
         quantize: payloads[1] is None and the kernel quantises payloads[0] on the way out."""
+        if int(counts.max(initial=0)) > self.slot_rows:
+            raise InputError(f"dispatch: a rank would send {int(counts.max())} tokens to one peer, more than "
+                             f"max_tokens_per_rank={self.slot_rows} (Buffer(transport='ipc'))")
         streams = [p.contiguous() if p is not None else None for p in payloads]
-        self._dispatch(streams, recvs, layout.pos, counts, moe_ipc.comm_grid(), quantize)
+        p, spec, tensors = self._dispatch(streams, recvs, layout.pos, quantize, None)
+        rank = self.group.rank
+        for s in range(self.group.size):
+            p.recv_counts[s] = int(counts[s, rank])
+        self._run(spec, p, tensors, "dispatch")
+
+    def static_dispatch(self, payloads, recvs, send_pos, send_counts, matrix, *, topk_idx=None, num_experts: int = 0,
+                        fill_stream: int = -1, quantize: bool = False) -> None:
+        """dispatch with every count on the device (csrc/moe/ipc_static.cuh): send_pos [T, R]
+        and send_counts [R] int64 this rank's layout; recvs [num_worst, ...] all written
+        (padding past the received rows: zero bytes, all-ones in recvs[fill_stream]);
+        matrix [R, R] int64 receives every rank's counts (combine's input). topk_idx [T, k]:
+        range-checked on the device against num_experts. Errors: `raise_static_errors`."""
+        streams = [p.contiguous() if p is not None else None for p in payloads]
+        p, spec, tensors = self._dispatch(streams, recvs, send_pos, quantize, recvs[0].shape[0])
+        p.send_counts, p.matrix, p.fill_stream = send_counts.data_ptr(), matrix.data_ptr(), fill_stream
+        self.static_limits = (num_experts, recvs[0].shape[0])   # for the messages of raise_static_errors
+        tensors += (send_counts, matrix)
+        if topk_idx is not None:
+            topk_idx = topk_idx.contiguous()
+            p.topk_idx, p.topk, p.num_experts = topk_idx.data_ptr(), topk_idx.shape[1], num_experts
+            tensors += (topk_idx,)
+        self._run(spec, p, tensors, "dispatch")
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         out = torch.empty(handle.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
-        self._combine(y, out, handle.combine_index, handle.counts, moe_ipc.comm_grid())
+        p, spec, tensors = self._combine(y, out, handle.combine_index, False)
+        rank = self.group.rank
+        for s in range(self.group.size):
+            p.recv_counts[s] = int(handle.counts[s, rank])
+            p.back_offset[s] = int(handle.counts[s, :rank].sum())
+        self._run(spec, p, tensors, "combine")
         return out
 
-    def _dispatch(self, streams, outs, send_pos, matrix, grid: int, quantize: bool) -> None:
-        rank = self.group.rank
-        if int(matrix.max(initial=0)) > self.slot_rows:
-            raise InputError(f"dispatch: a rank would send {int(matrix.max())} tokens to one peer, more than "
-                             f"max_tokens_per_rank={self.slot_rows} (Buffer(transport='ipc'))")
+    def static_combine(self, y: torch.Tensor, num_tokens: int, combine_index: torch.Tensor,
+                       matrix: torch.Tensor) -> torch.Tensor:
+        """combine with the counts on the device: y [num_worst, W] (rows past the received
+        ones unread), matrix [R, R] the static dispatch's -> out [num_tokens, W]."""
+        out = torch.empty(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        p, spec, tensors = self._combine(y.contiguous(), out, combine_index, True)
+        p.matrix = matrix.data_ptr()
+        self._run(spec, p, (*tensors, matrix), "combine")
+        return out
+
+    def _run(self, spec, p, tensors, what: str) -> None:
+        with self._comm_stream(tensors):
+            moe_ipc.run(spec, p, moe_ipc.comm_grid(), engine=self.engine, tensors=(*tensors, *self.peers))
+        if getattr(spec, "static", False) and self._status_host is not None:   # `sim`: the kernel has finished
+            self.raise_static_errors(what)
+
+    def _dispatch(self, streams, outs, send_pos, quantize: bool, num_worst: int | None):
+        """The launch of a dispatch (dynamic: num_worst None): (params, spec, tensors)."""
+        if self.failed is not None:
+            raise CommTimeoutError(f"dispatch: this Buffer's ipc transport timed out earlier ({self.failed}); destroy it")
         seg = [o.shape[1:].numel() * o.element_size() for o in outs]    # bytes of each stream's received row
         offsets, at = [], 0
         for b in seg:
@@ -216,44 +281,68 @@ class IpcTransport:
         if at > self.max_row:
             raise InputError(f"dispatch: a packed row needs {at} bytes, the Buffer holds {self.max_row} "
                              f"(x wider than fp32 or k > max_topk={self.max_topk})")
-        p = self._params(send_pos.shape[0], rank, grid, 0)
-        p.send_pos, p.num_streams, p.row_stride = send_pos.data_ptr(), len(streams), at
+        static = num_worst is not None
+        p = self._params(send_pos.shape[0], self.group.rank, moe_ipc.comm_grid(), None if static else 0)
+        p.send_pos, p.num_streams, p.row_stride, p.num_worst = send_pos.data_ptr(), len(streams), at, num_worst or 0
         present = [s for s in streams if s is not None]
         for i, (s, o) in enumerate(zip(streams, outs)):
             p.out[i], p.seg_bytes[i], p.seg_offset[i] = o.data_ptr(), seg[i], offsets[i]
             if s is not None:
                 p.src[i], p.src_stride[i] = s.data_ptr(), s.shape[1:].numel() * s.element_size()
-        for s in range(self.group.size):
-            p.recv_counts[s] = int(matrix[s, rank])
         chunk = moe_ipc.chunk_bytes(*seg, at, self.dispatch_region, *(t.data_ptr() for t in (*present, *outs, self.mine)))
-        spec = moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk)
+        spec = moe_ipc.MoeIpcDispatchSpec(chunk_bytes=chunk, static=static)
         if quantize:   # the packed row of the FP8 pair (xq, xs), the kernel quantising x into it
             x = streams[0]
             vec = 16 // x.element_size()
             aligned = x.shape[1] % vec == 0 and x.data_ptr() % 16 == 0 and offsets[0] % 16 == 0 and at % 16 == 0
             p.hidden, p.min_amax = x.shape[1], SCALE_EPS
             spec = moe_ipc.MoeIpcDispatchFp8Spec(dtype=moe_ipc.dtype_name(x.dtype), vec_width=vec if aligned else 1,
-                                                 chunk_bytes=chunk)
-        tensors = (*present, *outs, send_pos)
-        with self._comm_stream(tensors):
-            moe_ipc.run(spec, p, grid, engine=self.engine, tensors=(*tensors, *self.peers))
+                                                 chunk_bytes=chunk, static=static)
+        return p, spec, (*present, *outs, send_pos)
 
-    def _combine(self, y, out, combine_index, matrix, grid: int) -> None:
-        """y [N, H] contiguous (received rows), out [T, H]; combine_index [T, R]."""
-        rank = self.group.rank
+    def _combine(self, y, out, combine_index, static: bool):
+        """The launch of a combine: y [N, H] contiguous (received rows), out [T, H];
+        combine_index [T, R]. Returns (params, spec, tensors)."""
+        if self.failed is not None:
+            raise CommTimeoutError(f"combine: this Buffer's ipc transport timed out earlier ({self.failed}); destroy it")
         row = y.shape[1] * y.element_size()
         if row > self.hidden * 4:
             raise InputError(f"combine: y rows of {row} bytes exceed the Buffer's {self.hidden * 4} (fp32 at most)")
-        p = self._params(out.shape[0], rank, grid, 1)
+        p = self._params(out.shape[0], self.group.rank, moe_ipc.comm_grid(), None if static else 1)
         p.hidden = y.shape[1]            # the rows' width (k for the topk-weight gradients)
         p.src[0], p.out[0], p.src_stride[0], p.seg_bytes[0], p.num_streams, p.row_stride = y.data_ptr(), out.data_ptr(), row, row, 1, row
         p.combine_index = combine_index.data_ptr()
-        for s in range(self.group.size):
-            p.recv_counts[s] = int(matrix[s, rank])
-            p.back_offset[s] = int(matrix[s, :rank].sum())
         vec = 16 // y.element_size()
         aligned = row % 16 == 0 and self.combine_region % 16 == 0 and out.data_ptr() % 16 == 0
         chunk = moe_ipc.chunk_bytes(row, self.combine_region, y.data_ptr(), self.mine.data_ptr())
-        spec = moe_ipc.MoeIpcCombineSpec(dtype=moe_ipc.dtype_name(y.dtype), chunk_bytes=chunk, vec_width=vec if aligned else 1)
-        with self._comm_stream((y, out, combine_index)):
-            moe_ipc.run(spec, p, grid, engine=self.engine, tensors=(y, out, combine_index, *self.peers))
+        spec = moe_ipc.MoeIpcCombineSpec(dtype=moe_ipc.dtype_name(y.dtype), chunk_bytes=chunk, vec_width=vec if aligned else 1,
+                                         static=static)
+        return p, spec, (y, out, combine_index)
+
+    # ------------------------------------------------------------------ static-mode errors
+    def raise_static_errors(self, what: str) -> None:
+        """Raise what the static kernels recorded in this rank's status words, then clear
+        them (input errors leave the Buffer usable; a timeout does not). Reads host memory
+        on `sim`; on CUDA the caller has synchronised (Buffer.check)."""
+        words = [int(w) for w in self._status_host] if self._status_host is not None else self._status.tolist()
+        if not any(words):
+            return
+        if self._status_host is not None:
+            self._status_host[:] = 0
+        else:
+            self._status.zero_()
+        lost, bad_idx, slot, worst = (sorted(r for r in range(self.group.size) if w >> r & 1) for w in words)
+        if lost:
+            self.failed = (f"{what}: timed out after FMO_COMM_TIMEOUT={env.number('FMO_COMM_TIMEOUT'):g} s waiting for "
+                           f"rank(s) {lost}")
+            raise CommTimeoutError(self.failed)
+        if bad_idx:
+            raise InputError(f"topk_idx: expected expert ids in [-1, {self.static_limits[0]}) on every rank, got others on rank(s) "
+                             f"{bad_idx} (found on the device; this dispatch received padding only)")
+        if slot:
+            raise InputError(f"max_tokens_per_rank: rank(s) {slot} would send more than max_tokens_per_rank="
+                             f"{self.slot_rows} tokens to one peer (Buffer(transport='ipc'); found on the device; this "
+                             f"dispatch received padding only)")
+        raise InputError(f"num_worst_tokens: rank(s) {worst} would receive more than num_worst_tokens={self.static_limits[1]} tokens "
+                         f"(found on the device; this dispatch received padding only)")
+
