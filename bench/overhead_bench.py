@@ -11,7 +11,11 @@ What is timed, per engine (decode-sized inputs: at MoE decode sizes every op is 
 - sim: the whole public call with the simulator's kernel execution skipped (its loaded
   function replaced by a no-op after the real lookup, and no memory-check ranges computed):
   validation, engine choice, output allocation, heuristics, Params, the function lookup:
-  what the cuda engine does on the host but reading the current stream and cuLaunchKernel. The outputs are then garbage: this times, it does not check.
+  what the cuda engine does on the host but reading the current stream and cuLaunchKernel.
+  A warm call takes the fast launch path (runtime/fast_launch.py) as it would on a GPU: its
+  signature looked up, outputs allocated and Params patched in C++, then the launch handed
+  to the simulator's hook, which is the no-op here (where the cuda engine calls
+  cuLaunchKernel). The outputs are then garbage: this times, it does not check.
   torch.abs runs its (CPU) kernel, so the ratio is pessimistic for us.
 - reference: the whole public call (PyTorch ops: several per FP8 op, so above 1 by nature).
 `python -m bench` adds these rows ("host_time_per_call", area "host") to its table, each
@@ -32,7 +36,7 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops.ops import fp8_quant
 from fastmoe_ops.reference import fp8 as ref
-from fastmoe_ops.runtime import launch
+from fastmoe_ops.runtime import fast_launch, launch
 
 BASELINE = "torch.abs (same input)"
 SAMPLE_S = 0.02    # the longest timed sample (a batch of calls) aimed at
@@ -104,12 +108,17 @@ def sim_kernels_skipped():
     launch.sim_function = sim_function
     launch.tensor_span = _no_span  # the simulator's memory-check ranges: sim-only bookkeeping
     try:
-        yield
+        with fast_launch.sim_launch_replaced(_no_launch):  # a fast-path hit's launch: a no-op too
+            yield
     finally:
         launch.sim_function, launch.tensor_span = real, real_span
 
 
 def _no_span(t):
+    return None
+
+
+def _no_launch(target, params, tensors):
     return None
 
 

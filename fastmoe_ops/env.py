@@ -26,6 +26,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FMO_PTXAS_VERBOSE", "0", "1: print ptxas' register/spill report for every compile (nvcc always records it beside the cubin)."),
     Variable("FMO_NVCC", "", "Path to nvcc for offline builds (default: `$CUDA_HOME/bin/nvcc`, then PATH)."),
     Variable("FMO_COMPILER", "auto", "Run-time compiler of the `cuda` engine: `auto` (NVRTC, then nvcc if NVRTC fails), `nvrtc`, or `nvcc` (the very cubins `python -m fastmoe_ops.build` reports on and caches; the one-shot GPU check uses it so the tests start from the build step's cache)."),
+    Variable("FMO_FAST_LAUNCH", "1", "0: every call of a public op takes the Python path; default: a warm call (same signature as an earlier one) is replayed by a small C++ extension (csrc/launcher/fast_launch.cpp, built into FMO_CACHE_DIR on the first call; the Python path serves, with a warning, where it cannot be built)."),
     Variable("FMO_SYNC_CHECK", "0", "1: synchronise after every CUDA launch so an asynchronous fault is raised naming its kernel (slow; debugging)."),
     Variable("FMO_COMM_SMS", "20", "SMs reserved for communication kernels (the default SM budget)."),
     Variable("FMO_COMM_TIMEOUT", "60", "Seconds a rank waits for a peer before raising CommTimeoutError."),

@@ -16,7 +16,7 @@ from fastmoe_ops import budget
 from fastmoe_ops.errors import InputError
 from fastmoe_ops.ops import attention, fp8_gemm, fp8_quant
 from fastmoe_ops.reference import fp8 as reference
-from fastmoe_ops.runtime import launch, tensor_map
+from fastmoe_ops.runtime import fast_launch, launch, tensor_map
 
 pytestmark = pytest.mark.skipif("sim" not in fmo.available_backends(), reason="simulator not built")
 
@@ -33,13 +33,16 @@ class _Recorder:
         self.launches.append((self.spec, grid))
 
 
-@pytest.fixture(autouse=True)
-def cold_plan_caches(monkeypatch):
+@pytest.fixture(autouse=True, params=["fast_launch", "python"])
+def cold_plan_caches(request, monkeypatch):
     """Every test starts with empty plan caches: what it counts must not depend on which
-    earlier test (in the same process) already planned the same signature."""
+    earlier test (in the same process) already planned the same signature. Each runs with
+    the C++ fast launch path (a hit there skips the Python cache too) and without it."""
+    monkeypatch.setenv("FMO_FAST_LAUNCH", "1" if request.param == "fast_launch" else "0")
     monkeypatch.setattr(fp8_quant, "_shape_plans", {})
     for cache in (fp8_gemm._plans, attention._dense, attention._varlen):
         cache.clear()
+    fast_launch.clear_all()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
+from ..runtime import fast_launch
 from ..runtime.launch import LaunchConfig, Plan
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op, vector_width
 
@@ -175,6 +176,17 @@ def prepare_quantize_per_token_group(x: torch.Tensor, group_size: int, pow2_scal
     return engine, Plan(sp.spec, sp.config, sp.make_params(x, xq, xs), (x, xq, xs)), xq, xs
 
 
+_FAST = fast_launch.table("fp8.quantize_per_token_group")
+
+
+def _quantize_per_token_group(x, group_size, pow2_scale, eps):
+    """The Python path: what a fast-launch miss runs (and records)."""
+    engine, plan, xq, xs = prepare_quantize_per_token_group(x, group_size, pow2_scale, eps)
+    if plan is not None:
+        plan.run(engine)
+    return xq, xs
+
+
 def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False, eps: float = 1e-12):
     """Quantise activations to e4m3 with one fp32 scale per 1 x group_size group.
 
@@ -184,7 +196,7 @@ def quantize_per_token_group(x: torch.Tensor, group_size: int = 128, *, pow2_sca
     csrc/quant/fp8_scale.cuh on every engine."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         return torch.ops.fmo.fp8_quant_token_group(x, group_size, pow2_scale, eps)
-    engine, plan, xq, xs = prepare_quantize_per_token_group(x, group_size, pow2_scale, eps)
-    if plan is not None:
-        plan.run(engine)
-    return xq, xs
+    hit = _FAST.call(x, group_size, pow2_scale, eps)  # a warm signature: replayed in C++
+    if hit is not None:
+        return hit
+    return _FAST.record(_quantize_per_token_group, x, group_size, pow2_scale, eps)

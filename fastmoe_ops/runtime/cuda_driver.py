@@ -195,6 +195,19 @@ class Kernel:
             raise LaunchError(f"{self.name}: cuLaunchKernel failed (CuPy {self._version}): {e}") from None
 
 
+def launch_kernel_address() -> int:
+    """The address of the driver's own cuLaunchKernel (libcuda, the library CuPy calls into):
+    the C++ fast launch path (runtime/fast_launch.py) calls it with the same CUfunction
+    handles `Kernel` holds, so that file links against no CUDA library."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        return ctypes.cast(lib.cuLaunchKernel, ctypes.c_void_p).value
+    except (OSError, AttributeError) as e:
+        raise LaunchError(f"cuLaunchKernel: libcuda.so.1 not loadable here: {e}") from None
+
+
 # -------------------------------------------------------------------------------- NVRTC
 
 

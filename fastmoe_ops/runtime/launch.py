@@ -16,6 +16,7 @@ import torch
 from .. import env
 from ..errors import BackendError, InputError, LaunchError
 from . import cuda_driver
+from .fast_launch import _recording as _fast_recording, note_launch
 from .compiler import compile_nvcc, compile_nvrtc, include_options
 from .sources import on_refresh
 from .spans import tensor_span
@@ -183,6 +184,8 @@ def launch(spec: KernelSpec, config: LaunchConfig, params: Params, *, engine: st
 
     `tensors` are every tensor the Params point into: the simulator's memory checker
     allows accesses inside them and nothing else; on CUDA they fix the device."""
+    if getattr(_fast_recording, "launches", None) is not None:  # a miss being recorded for the fast path
+        note_launch(spec, config, params, engine, tensors)
     if engine == "cuda":
         device = tensors[0].device
         fn = cuda_function(spec, device)
