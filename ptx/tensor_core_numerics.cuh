@@ -104,9 +104,12 @@ FMO_SIM_EMU void split_vector(const float* v, int n, OperandFormat f, SplitVecto
 }
 
 // c + sum_{k < n} a[k] * b[k] under `rule` (top of file), n <= 32, with sa / sb = split_vector
-// of a / b in the format `in` (a and b hold exact values of it).
-FMO_SIM_EMU float fused_dot_add(const float* a, const SplitVector& sa, const float* b, const SplitVector& sb, int n,
-                                float c, OperandFormat in, DotAddRule rule) {
+// of a / b in the format `in` (a and b hold exact values of it). SA / SB: SplitVector or any type
+// with the same fields (significand[], exponent[], finite) holding the same values, e.g. ptx/wgmma.cuh's
+// WgmmaBColumn (3 bytes a value: every operand format's significand and exponent fit).
+template <class SA, class SB>
+FMO_SIM_EMU float fused_dot_add(const float* a, const SA& sa, const float* b, const SB& sb, int n, float c,
+                                OperandFormat in, DotAddRule rule) {
   constexpr int kMaxTerms = 33;
   if (!(sa.finite && sb.finite && std::isfinite(c))) {  // IEEE on the exact terms decides NaN or the infinity
     double s = c;
@@ -123,8 +126,8 @@ FMO_SIM_EMU float fused_dot_add(const float* a, const SplitVector& sa, const flo
   }
   for (int k = 0; k < n; ++k) {
     if (sa.significand[k] == 0 || sb.significand[k] == 0) continue;
-    const int exponent = sa.exponent[k] + sb.exponent[k];
-    sig[terms] = sa.significand[k] * sb.significand[k];
+    const int exponent = int(sa.exponent[k]) + int(sb.exponent[k]);
+    sig[terms] = int64_t(sa.significand[k]) * int64_t(sb.significand[k]);
     lsb[terms] = exponent - 2 * in.fraction_bits;
     align[terms++] = exponent;
   }

@@ -140,6 +140,7 @@ struct WgmmaOp {
   // family and alive until the op retires; null: the e4m3 executor below.
   void (*exec)(const WgmmaOp&) = nullptr;
   const void* ext = nullptr;
+  uint64_t seq = 0;  // the thread's MMA number in this CTA (set at issue; the same across the warpgroup)
 };
 constexpr int kWgmmaMaxPending = 32;  // emulation limit on issued, not yet retired MMAs (attention: 20 with MLA dims)
 constexpr int kWgmmaMaxThreads = 512;    // 4 warpgroups
@@ -168,6 +169,101 @@ FMO_SIM_EMU WgmmaThread& wgmma_thread() {
     s.issued = 0;
   }
   return s;
+}
+
+// B operand split once per warpgroup. Every thread of a warpgroup reads all k of N / 4 of B's
+// columns, so each column was read, decoded and split 32 times per instruction (most of the
+// emulation's time). Now the first thread to retire a warpgroup's MMA #seq (every thread issues the
+// same sequence: wgmma_warpgroup_uniform) reads all N columns and keeps their splits in ring entry
+// seq % kWgmmaBEntries, with a snapshot of the bytes they came from (B's 2N 16-byte chunks); a later
+// thread uses them only if B's bytes in shared memory still equal the snapshot when it retires the
+// MMA (else it refills the entry), so each thread multiplies what shared memory holds at its own
+// wait_group, as before: a stage overwritten between two warps' waits still gives those warps
+// different (wrong) results. A split is a pure function of the bytes: the outputs are bit for bit
+// the uncached ones. A thread lagging a whole ring behind, or an operand over kWgmmaBMaxValues,
+// reads its columns itself. Checking builds (racecheck/memcheck) keep every thread's own reads.
+constexpr int kWgmmaBEntries = 32;       // = kWgmmaMaxPending: a whole queue retired by one wait
+constexpr int kWgmmaBMaxValues = 4096;   // N x k: 16-bit N <= 256, e4m3 N <= 128
+constexpr int kWgmmaBMaxChunks = 512;    // 2N
+struct WgmmaBEntry {
+  uint64_t tag;  // MMA number + 1; 0: empty
+  uint64_t desc;
+  int n, kind;   // columns; the caller's operand kind (format and major-ness)
+  uint32_t chunk_off[kWgmmaBMaxChunks];
+  uint64_t chunk[kWgmmaBMaxChunks][2];
+  int16_t significand[kWgmmaBMaxValues];  // column mn's k values from mn * k (split_vector's, narrowed)
+  int8_t exponent[kWgmmaBMaxValues];
+  bool finite[256];
+};
+struct WgmmaBCache {
+  uint32_t magic;
+  WgmmaBEntry e[kWgmmaBEntries];
+};
+// In the CTA's shared memory like g_wgmma (poisoned at each CTA start: a wrong magic means empty).
+static thread_local WgmmaBCache g_wgmma_b[kWgmmaMaxThreads / 128];
+
+// Column mn of a filled entry, viewed as a split vector of k values.
+struct WgmmaBColumn {
+  const int16_t* significand;
+  const int8_t* exponent;
+  bool finite;
+};
+FMO_SIM_EMU WgmmaBColumn wgmma_b_column(const WgmmaBEntry& e, int k, uint32_t mn) {
+  return WgmmaBColumn{e.significand + mn * k, e.exponent + mn * k, e.finite[mn]};
+}
+
+FMO_SIM_EMU bool wgmma_b_matches(const unsigned char* base, const WgmmaBEntry& e) {
+  const int chunks = 2 * e.n;
+  for (int i = 0; i < chunks; ++i) {
+    uint64_t now[2];
+    std::memcpy(now, base + e.chunk_off[i], 16);
+    if (((now[0] ^ e.chunk[i][0]) | (now[1] ^ e.chunk[i][1])) != 0) return false;
+  }
+  return true;
+}
+
+// The split columns of MMA #seq's B (descriptor `desc`, n columns of k values, `kind` naming the
+// caller's format and layout) as shared memory holds them now, or null (checking builds, too big,
+// or this thread a whole ring behind). read_column(mn, values) reads column mn (with the uncached
+// path's bounds checks); chunk_offset(i) is the shared offset of B's i-th 16-byte chunk, i < 2n
+// (together they cover every byte read).
+template <class ReadColumn, class ChunkOffset>
+FMO_SIM_EMU const WgmmaBEntry* wgmma_b_split(const unsigned char* base, uint64_t seq, uint64_t desc, int n, int kind,
+                                            int k, OperandFormat fmt, ReadColumn read_column,
+                                            ChunkOffset chunk_offset) {
+#if defined(FMO_SIM_CHECKING)
+  (void)base, (void)seq, (void)desc, (void)n, (void)kind, (void)k, (void)fmt, (void)read_column, (void)chunk_offset;
+  return nullptr;
+#else
+  if (n * k > kWgmmaBMaxValues) return nullptr;
+  WgmmaBCache& cache = g_wgmma_b[fmo_sim::cur()->linear_tid / 128];
+  if (cache.magic != kWgmmaMagic) {
+    cache.magic = kWgmmaMagic;
+    for (WgmmaBEntry& e : cache.e) e.tag = 0;
+  }
+  WgmmaBEntry& e = cache.e[seq % kWgmmaBEntries];
+  if (e.tag > seq + 1) return nullptr;  // reused by a later MMA
+  if (e.tag == seq + 1 && e.desc == desc && e.n == n && e.kind == kind && wgmma_b_matches(base, e)) return &e;
+  e.tag = 0;
+  for (int mn = 0; mn < n; ++mn) {
+    float v[32];
+    SplitVector split;
+    read_column(static_cast<uint32_t>(mn), v);
+    split_vector(v, k, fmt, split);
+    e.finite[mn] = split.finite;
+    if (!split.finite) continue;
+    for (int i = 0; i < k; ++i) {
+      e.significand[mn * k + i] = static_cast<int16_t>(split.significand[i]);
+      e.exponent[mn * k + i] = static_cast<int8_t>(split.exponent[i]);
+    }
+  }
+  for (int i = 0; i < 2 * n; ++i) {
+    e.chunk_off[i] = chunk_offset(i);
+    std::memcpy(e.chunk[i], base + e.chunk_off[i], 16);
+  }
+  e.desc = desc, e.n = n, e.kind = kind, e.tag = seq + 1;
+  return &e;
+#endif
 }
 
 // Warpgroup uniformity: the ISA requires the same descriptors (and instruction) from all four
@@ -218,6 +314,43 @@ FMO_SIM_EMU void wgmma_warp_uniform(const char* what, WgmmaUniform mine) {
                     fmo_sim::lane_id());
 }
 
+// D's N / 2 registers of this thread (fragment map at the top) from its rows of A (read and split)
+// and B K-major in shared memory (desc b): the SS and RS e4m3 forms. B's columns come split from
+// the warpgroup's cache (wgmma_b_split) while every value and the accumulator are finite; otherwise
+// the thread reads its column itself (the IEEE path of fused_dot_add needs the floats).
+FMO_SIM_EMU void wgmma_e4m3_rows_times_b(const unsigned char* base, const WgmmaDesc& db, uint64_t seq, uint64_t b,
+                                         const float (&arow)[2][32], const SplitVector (&arow_split)[2], float* d,
+                                         int n, int scale_d) {
+  const uint32_t q = fmo_sim::cur()->linear_tid % 4;
+  const WgmmaBEntry* cache = wgmma_b_split(
+      base, seq, b, n, /*kind=*/0, 32, kE4M3Format,
+      [&](uint32_t mn, float (&v)[32]) { read_kmajor_row(base, db, mn, v); },
+      [&](int i) { return kmajor_offset(db, static_cast<uint32_t>(i / 2), 16 * static_cast<uint32_t>(i % 2)); });
+  const bool a_finite = arow_split[0].finite && arow_split[1].finite;
+  float bcol[32];
+  SplitVector bcol_split;
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 2; ++c) {
+      const uint32_t col = 8 * j + 2 * q + c;
+      bool have_col = false;
+      for (int h = 0; h < 2; ++h) {
+        float* dst = d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
+        const float acc = scale_d ? *dst : 0.0f;
+        if (cache && a_finite && cache->finite[col] && std::isfinite(acc)) {  // all finite: b's floats unused
+          *dst = fused_dot_add(arow[h], arow_split[h], arow[h], wgmma_b_column(*cache, 32, col), 32, acc, kE4M3Format,
+                               kQgmmaRule);
+          continue;
+        }
+        if (!have_col) {
+          read_kmajor_row(base, db, col, bcol);
+          split_vector(bcol, 32, kE4M3Format, bcol_split);
+          have_col = true;
+        }
+        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 32, acc, kE4M3Format, kQgmmaRule);
+      }
+    }
+}
+
 FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
   const unsigned char* base = fmo_sim_dynamic_smem();
   const WgmmaDesc da = decode_desc(op.a), db = decode_desc(op.b);
@@ -225,22 +358,13 @@ FMO_SIM_EMU void wgmma_execute(const WgmmaOp& op) {
     fmo_sim::fail("wgmma: descriptor base offset %u/%u: only 0 (patterns at their natural alignment) is emulated",
                   da.base_offset, db.base_offset);
   const unsigned t = fmo_sim::cur()->linear_tid % 128;
-  const uint32_t w = t / 32, g = (t % 32) / 4, q = t % 4;
-  float arow[2][32], bcol[32];
+  const uint32_t w = t / 32, g = (t % 32) / 4;
+  float arow[2][32];
   read_kmajor_row(base, da, 16 * w + g, arow[0]);
   read_kmajor_row(base, da, 16 * w + g + 8, arow[1]);
-  SplitVector arow_split[2], bcol_split;
+  SplitVector arow_split[2];
   for (int h = 0; h < 2; ++h) split_vector(arow[h], 32, kE4M3Format, arow_split[h]);
-  for (int j = 0; j < op.n / 8; ++j)
-    for (int c = 0; c < 2; ++c) {
-      read_kmajor_row(base, db, 8 * j + 2 * q + c, bcol);
-      split_vector(bcol, 32, kE4M3Format, bcol_split);
-      for (int h = 0; h < 2; ++h) {
-        float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 32, op.scale_d ? *dst : 0.0f, kE4M3Format,
-                             kQgmmaRule);
-      }
-    }
+  wgmma_e4m3_rows_times_b(base, db, op.seq, op.b, arow, arow_split, op.d, op.n, op.scale_d);
 }
 
 // Queue one MMA of any family (op.exec null: e4m3) after the ISA's checks: operands uniform
@@ -255,8 +379,9 @@ FMO_SIM_EMU void wgmma_issue_op(const WgmmaOp& op) {
                   "requires the fence before the first MMA and after accumulator register accesses)");
   if (s.count == kWgmmaMaxPending)
     fmo_sim::fail("wgmma emulation: more than %d MMAs issued and not yet retired", kWgmmaMaxPending);
+  s.ops[s.count] = op;
+  s.ops[s.count++].seq = s.issued;
   wgmma_warpgroup_uniform(s.issued++, WgmmaLogEntry{0, a, b, N, scale_d});
-  s.ops[s.count++] = op;
 }
 
 template <int N>

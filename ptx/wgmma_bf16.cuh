@@ -120,7 +120,9 @@ FMO_SIM_EMU void read_operand16(const unsigned char* base, const WgmmaDesc& d, b
   }
 }
 
-FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
+// seq: the op's MMA number (WgmmaOp::seq), which names its B cache entry; a direct call (tests) may pass any:
+// an entry is used only when its bytes still match.
+FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op, uint64_t seq = 0) {
   const unsigned char* base = fmo_sim_dynamic_smem();
   const WgmmaDesc db = decode_desc(op.b);
   const unsigned t = fmo_sim::cur()->linear_tid % 128;
@@ -140,13 +142,38 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
   const OperandFormat fmt = op.f16 ? kF16Format : kBF16Format;
   SplitVector arow_split[2], bcol_split;
   for (int h = 0; h < 2; ++h) split_vector(arow[h], 16, fmt, arow_split[h]);
+  // B's columns split once per warpgroup (ptx/wgmma.cuh's wgmma_b_split; kinds 1..4: the format and
+  // B's major-ness). The chunks: K-major, column mn's two 16-byte halves; MN-major, 8 consecutive
+  // columns at one k (contiguous under every swizzle: it permutes whole 16-byte chunks).
+  const WgmmaBEntry* cache = wgmma_b_split(
+      base, seq, op.b, op.n, 1 + op.f16 + 2 * op.trans_b, 16, fmt,
+      [&](uint32_t mn, float (&v)[32]) {
+        float v16[16];
+        read_operand16(base, db, op.trans_b, mn, op.f16, v16);
+        std::memcpy(v, v16, sizeof v16);
+      },
+      [&](int i) {
+        const uint32_t u = static_cast<uint32_t>(i);
+        return op.trans_b ? mnmajor_offset16(db, 8 * (u / 16), u % 16) : kmajor_offset(db, u / 2, 16 * (u % 2));
+      });
+  const bool a_finite = arow_split[0].finite && arow_split[1].finite;
   for (int j = 0; j < op.n / 8; ++j)
     for (int c = 0; c < 2; ++c) {
-      read_operand16(base, db, op.trans_b, 8 * j + 2 * q + c, op.f16, bcol);
-      split_vector(bcol, 16, fmt, bcol_split);
+      const uint32_t col = 8 * j + 2 * q + c;
+      bool have_col = false;
       for (int h = 0; h < 2; ++h) {
         float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 16, op.scale_d ? *dst : 0.0f, fmt, kHmmaRule);
+        const float acc = op.scale_d ? *dst : 0.0f;
+        if (cache && a_finite && cache->finite[col] && std::isfinite(acc)) {  // all finite: b's floats unused
+          *dst = fused_dot_add(arow[h], arow_split[h], arow[h], wgmma_b_column(*cache, 16, col), 16, acc, fmt, kHmmaRule);
+          continue;
+        }
+        if (!have_col) {
+          read_operand16(base, db, op.trans_b, col, op.f16, bcol);
+          split_vector(bcol, 16, fmt, bcol_split);
+          have_col = true;
+        }
+        *dst = fused_dot_add(arow[h], arow_split[h], bcol, bcol_split, 16, acc, fmt, kHmmaRule);
       }
     }
 }
@@ -156,7 +183,7 @@ FMO_SIM_EMU void wgmma16_execute(const Wgmma16Op& op) {
 // at g_wgmma (ptx/wgmma.cuh).
 static thread_local Wgmma16Op g_wgmma16[kWgmmaMaxThreads][kWgmmaMaxPending];
 
-FMO_SIM_EMU void wgmma16_retire(const WgmmaOp& op) { wgmma16_execute(*static_cast<const Wgmma16Op*>(op.ext)); }
+FMO_SIM_EMU void wgmma16_retire(const WgmmaOp& op) { wgmma16_execute(*static_cast<const Wgmma16Op*>(op.ext), op.seq); }
 
 // Queues one 16-bit op: its payload into the thread's next ring slot, then the shared queue's
 // checks and push (op.a = 0 for RS: the warp-uniformity check then compares B, N and scale-d).

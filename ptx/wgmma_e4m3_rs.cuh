@@ -53,29 +53,24 @@ FMO_SIM_EMU void gather_a_rows_e4m3(const uint32_t (&a)[4], uint8_t (&rows)[2][3
       rows[rs_e4m3_row(b)][rs_e4m3_k(t4, b)] = uint8_t(all[4 * g + t4][b / 4] >> (8 * (b % 4)));
 }
 
-FMO_SIM_EMU void wgmma_e4m3_rs_execute(const WgmmaE4m3RsOp& op) {
+FMO_SIM_EMU void wgmma_e4m3_rs_execute(const WgmmaE4m3RsOp& op, uint64_t seq) {
   const unsigned char* base = fmo_sim_dynamic_smem();
   const WgmmaDesc db = decode_desc(op.b);
   if (db.base_offset != 0) fmo_sim::fail("wgmma: descriptor base offset %u: only 0 is emulated", db.base_offset);
-  const uint32_t q = fmo_sim::cur()->linear_tid % 4;
-  float arow[2][32], bcol[32];
-  for (int h = 0; h < 2; ++h)
+  float arow[2][32];
+  SplitVector arow_split[2];
+  for (int h = 0; h < 2; ++h) {
     for (int k = 0; k < 32; ++k) arow[h][k] = decode_e4m3(op.a_rows[h][k]);
-  for (int j = 0; j < op.n / 8; ++j)
-    for (int c = 0; c < 2; ++c) {
-      read_kmajor_row(base, db, 8 * j + 2 * q + c, bcol);
-      for (int h = 0; h < 2; ++h) {
-        float* dst = op.d + 4 * j + 2 * h + c;  // register i = 4j + 2h + c
-        *dst = fused_dot_add(arow[h], bcol, 32, op.scale_d ? *dst : 0.0f, kE4M3Format, kQgmmaRule);
-      }
-    }
+    split_vector(arow[h], 32, kE4M3Format, arow_split[h]);
+  }
+  wgmma_e4m3_rows_times_b(base, db, seq, op.b, arow, arow_split, op.d, op.n, op.scale_d);  // as the SS form
 }
 
 // Payload ring, as ptx/wgmma_bf16.cuh's (see there): one slot per pending op, by issue count.
 static thread_local WgmmaE4m3RsOp g_wgmma_e4m3_rs[kWgmmaMaxThreads][kWgmmaMaxPending];
 
 FMO_SIM_EMU void wgmma_e4m3_rs_retire(const WgmmaOp& op) {
-  wgmma_e4m3_rs_execute(*static_cast<const WgmmaE4m3RsOp*>(op.ext));
+  wgmma_e4m3_rs_execute(*static_cast<const WgmmaE4m3RsOp*>(op.ext), op.seq);
 }
 
 FMO_SIM_EMU void wgmma_e4m3_rs_issue(const WgmmaE4m3RsOp& op) {
