@@ -110,37 +110,57 @@ FMO_SIM_EMU void split_vector(const float* v, int n, OperandFormat f, SplitVecto
 template <class SA, class SB>
 FMO_SIM_EMU float fused_dot_add(const float* a, const SA& sa, const float* b, const SB& sb, int n, float c,
                                 OperandFormat in, DotAddRule rule) {
-  constexpr int kMaxTerms = 33;
   if (!(sa.finite && sb.finite && std::isfinite(c))) {  // IEEE on the exact terms decides NaN or the infinity
     double s = c;
     for (int k = 0; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(b[k]);
     return std::isnan(s) ? bit_cast<float>(0x7fffffffu) : static_cast<float>(s);
   }
-  // Terms as (significand, exponent of its last bit, alignment exponent).
-  int64_t sig[kMaxTerms];
-  int lsb[kMaxTerms], align[kMaxTerms];
-  int terms = 0;
-  if (c != 0.0f) {
-    const SplitValue s = split_value(c, kF32Format);
-    sig[terms] = s.significand, lsb[terms] = s.exponent - kF32Format.fraction_bits, align[terms++] = s.exponent;
-  }
+  // The products first, branch-free (this loop is most of an emulated MMA's time): p_k = sa_k sb_k
+  // exactly (a zero factor: p_k = 0, no term) and its alignment exponent e_k = ea_k + eb_k, the
+  // exponent of its last bit e_k - 2 f. Truncated to the window's quantum emax - W, |p_k| becomes
+  // |p_k| 2^(e_k - 2f - emax + W) toward zero = (|p_k| << L) >> (emax - e_k + 2f - W + L): with
+  // L = W - 2f >= 0 (every rule and format here) the right shift is emax - e_k >= 0, and |p_k| << L
+  // stays below 2^35 (|p_k| < 2^24), so a shift of 63 or more gives 0 as the exact truncation does.
+  constexpr int kNoTerm = -(1 << 20);  // the exponent of a zero product: never emax, shifts to 0
+  int64_t prod[32];
+  int pexp[32];
+  int emax = kNoTerm;
   for (int k = 0; k < n; ++k) {
-    if (sa.significand[k] == 0 || sb.significand[k] == 0) continue;
-    const int exponent = int(sa.exponent[k]) + int(sb.exponent[k]);
-    sig[terms] = int64_t(sa.significand[k]) * int64_t(sb.significand[k]);
-    lsb[terms] = exponent - 2 * in.fraction_bits;
-    align[terms++] = exponent;
+    const int64_t p = int64_t(sa.significand[k]) * int64_t(sb.significand[k]);
+    const int e = p != 0 ? int(sa.exponent[k]) + int(sb.exponent[k]) : kNoTerm;
+    prod[k] = p, pexp[k] = e;
+    emax = e > emax ? e : emax;
   }
-  if (terms == 0) return 0.0f;
-  int emax = align[0];
-  for (int i = 1; i < terms; ++i) emax = align[i] > emax ? align[i] : emax;
+  int64_t c_sig = 0;
+  int c_exp = 0;
+  if (c != 0.0f) {
+    const SplitValue sc = split_value(c, kF32Format);
+    c_sig = sc.significand, c_exp = sc.exponent;
+    emax = c_exp > emax ? c_exp : emax;
+  }
+  if (emax == kNoTerm) return 0.0f;  // no term at all
   const int quantum = emax - rule.window_bits;  // exponent of the window's last bit
+  const int lift = rule.window_bits - 2 * in.fraction_bits;  // L above
+  static_assert(kQgmmaRule.window_bits >= 2 * kE5M2Format.fraction_bits &&
+                    kQgmmaRule.window_bits >= 2 * kE4M3Format.fraction_bits &&
+                    kHmmaRule.window_bits >= 2 * kF16Format.fraction_bits &&
+                    kHmmaRule.window_bits >= 2 * kBF16Format.fraction_bits,
+                "fused_dot_add: the product path needs window_bits >= 2 * fraction_bits");
+  if (lift < 0) __builtin_trap();  // a new rule/format pair: see the static_assert
   // Each |term| < 2^(window + 3) quanta (a product's significand is below 4), 33 of them: the
   // sum fits an int64 for every window used here (<= 25 bits).
   int64_t sum = 0;
-  for (int i = 0; i < terms; ++i) {
-    const uint64_t mag = shift_toward_zero(static_cast<uint64_t>(sig[i] < 0 ? -sig[i] : sig[i]), quantum - lsb[i]);
-    sum += sig[i] < 0 ? -static_cast<int64_t>(mag) : static_cast<int64_t>(mag);
+  for (int k = 0; k < n; ++k) {
+    const int64_t p = prod[k];
+    const uint64_t mag = static_cast<uint64_t>(p < 0 ? -p : p) << lift;
+    const int d = emax - pexp[k];  // >= 0
+    const uint64_t kept = mag >> (d < 63 ? d : 63);
+    sum += p < 0 ? -static_cast<int64_t>(kept) : static_cast<int64_t>(kept);
+  }
+  if (c_sig != 0) {
+    const uint64_t mag = shift_toward_zero(static_cast<uint64_t>(c_sig < 0 ? -c_sig : c_sig),
+                                           quantum - (c_exp - kF32Format.fraction_bits));
+    sum += c_sig < 0 ? -static_cast<int64_t>(mag) : static_cast<int64_t>(mag);
   }
   if (sum == 0) return 0.0f;
   const uint64_t mag = static_cast<uint64_t>(sum < 0 ? -sum : sum);
