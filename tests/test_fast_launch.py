@@ -22,7 +22,7 @@ import torch
 import fastmoe_ops as fmo
 from fastmoe_ops import budget
 from fastmoe_ops.errors import InputError
-from fastmoe_ops.ops import fp8_quant
+from fastmoe_ops.ops import fp8_block_quant, fp8_quant
 from fastmoe_ops.runtime import fast_launch
 
 from conftest import assert_bitwise_equal
@@ -65,6 +65,12 @@ ROUTED = {
     "fp8.quantize_per_token_group[pow2, strided rows]": (
         lambda: fp8_quant._FAST, lambda s: (_bf16(5, 264, seed=s)[:, :256],),
         lambda x: fmo.fp8.quantize_per_token_group(x, 64, pow2_scale=True)),
+    "fp8.quantize_per_block": (
+        lambda: fp8_block_quant._FAST_BLOCK, lambda s: (_bf16(200, 256, seed=s),),
+        lambda w: fmo.fp8.quantize_per_block(w)),
+    "fp8.quantize_per_token_group_transposed": (
+        lambda: fp8_block_quant._FAST_TRANSPOSED, lambda s: (_bf16(40, 256, seed=s),),
+        lambda x: fmo.fp8.quantize_per_token_group_transposed(x)),
 }
 
 

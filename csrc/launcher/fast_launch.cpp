@@ -8,7 +8,7 @@
 // replays exactly that. The signature (key) is built from:
 //   - every argument: a plain torch.Tensor's dtype, sizes, strides, device, requires_grad
 //     and the 16-byte alignment of its data pointer; None; bool / int / float / str by
-//     exact type and value (128 and 128.0 and True are three keys);
+//     exact type and value (128 and 128.0 and True are three keys); a torch.dtype;
 //   - the state every launcher reads: every FMO_* variable of the environment (engine,
 //     SM budget, trace, sync and checker switches), the `use_backend` override and the
 //     SM-budget module's globals.
@@ -58,7 +58,7 @@ bool g_poison = false;  // tests: a hit's empty outputs start as 0xFF bytes (CPU
 int g_recording = 0;  // > 0 while Python records a miss: nested routed ops take their Python path
 constexpr size_t kMaxPlans = 4096;  // token counts vary per batch: bound it, a miss is cheap
 
-enum Tag : char { kTensor = 'T', kNone = 'N', kBool = 'B', kInt = 'I', kFloat = 'F', kStr = 'S' };
+enum Tag : char { kTensor = 'T', kNone = 'N', kBool = 'B', kInt = 'I', kFloat = 'F', kStr = 'S', kDtype = 'D' };
 
 struct Patch {
   int64_t offset;  // byte offset of the pointer field in Params
@@ -157,6 +157,9 @@ bool put_scalar(std::string& key, PyObject* o) {
   } else if (type == &PyFloat_Type) {
     key.push_back(kFloat);  // by bits: a plan exists only for values validation accepted
     put<double>(key, PyFloat_AS_DOUBLE(o));
+  } else if (THPDtype_Check(o)) {
+    key.push_back(kDtype);
+    put<int8_t>(key, static_cast<int8_t>(reinterpret_cast<THPDtype*>(o)->scalar_type));
   } else if (type == &PyUnicode_Type) {
     Py_ssize_t n = 0;
     const char* s = PyUnicode_AsUTF8AndSize(o, &n);

@@ -16,6 +16,7 @@ import torch
 from .. import backends
 from ..errors import UnsupportedError, expect
 from ..reference import fp8 as reference
+from ..runtime import fast_launch
 from ..runtime.launch import LaunchConfig, launch
 from ..runtime.plans import PlanCache
 from ..runtime.spec import CUDA_TYPE, KernelSpec, Params, check_element_type, check_vector_width, register_op
@@ -100,6 +101,14 @@ def quantize_per_block(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bo
     bit the contract of csrc/quant/fp8_scale.cuh on every engine."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         return torch.ops.fmo.fp8_quant_per_block(w, block_size, pow2_scale, eps)
+    hit = _FAST_BLOCK.call(w, block_size, pow2_scale, eps)  # a warm signature: replayed in C++
+    if hit is not None:
+        return hit
+    return _FAST_BLOCK.record(_quantize_per_block, w, block_size, pow2_scale, eps)
+
+
+def _quantize_per_block(w, block_size, pow2_scale, eps):
+    """The Python path: what a fast-launch miss runs (and records)."""
     plan = _plans.get(_plans.key(_options("block", w, block_size, pow2_scale, eps), (w,)),
                       lambda: _block_plan(w, block_size, pow2_scale, eps))
     if plan.engine == "reference":
@@ -158,6 +167,8 @@ def _options(kind, x, size, pow2_scale, eps) -> tuple:
 
 
 _plans = PlanCache()
+_FAST_BLOCK = fast_launch.table("fp8.quantize_per_block")
+_FAST_TRANSPOSED = fast_launch.table("fp8.quantize_per_token_group_transposed")
 
 
 # --------------------------------------------- transposed per-token-group (wgrad operands)
@@ -226,6 +237,14 @@ def quantize_per_token_group_transposed(x: torch.Tensor, group_size: int = 128, 
     The wgrad operands of FP8Linear (dW = dy^T x)."""
     if torch.compiler.is_compiling():  # traced as one opaque node: ops/fp8_library.py
         return torch.ops.fmo.fp8_quant_token_group_transposed(x, group_size, pow2_scale, eps)
+    hit = _FAST_TRANSPOSED.call(x, group_size, pow2_scale, eps)  # a warm signature: replayed in C++
+    if hit is not None:
+        return hit
+    return _FAST_TRANSPOSED.record(_quantize_per_token_group_transposed, x, group_size, pow2_scale, eps)
+
+
+def _quantize_per_token_group_transposed(x, group_size, pow2_scale, eps):
+    """The Python path: what a fast-launch miss runs (and records)."""
     plan = _plans.get(_plans.key(_options("transposed", x, group_size, pow2_scale, eps), (x,)),
                       lambda: _transposed_plan(x, group_size, pow2_scale, eps))
     if plan.engine == "reference":

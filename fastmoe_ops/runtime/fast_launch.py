@@ -199,8 +199,11 @@ def describe(t: Table, args: tuple, launches: list, result):
     outputs = (result,) if single else result
     if not isinstance(outputs, tuple) or not all(_fresh(o) for o in outputs):
         return None
-    if len({o.untyped_storage().data_ptr() for o in outputs if o.numel()}) != sum(1 for o in outputs if o.numel()):
+    storages = [o.untyped_storage().data_ptr() for o in outputs if o.numel()]
+    if len(set(storages)) != len(storages):
         return None
+    if any(a.__class__ is torch.Tensor and a.numel() and a.untyped_storage().data_ptr() in storages for a in args):
+        return None  # an output that is (in) an argument: written, not allocated
     tensors = [(False, i, a) for i, a in enumerate(args) if a.__class__ is torch.Tensor] + \
               [(True, j, o) for j, o in enumerate(outputs)]
     out_desc = [(list(o.shape), o.dtype, o.device, j in t.zeroed) for j, o in enumerate(outputs)]
